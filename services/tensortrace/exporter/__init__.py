@@ -1,0 +1,1 @@
+"""Node-local exporter: drains every shared-memory ring on the node into Kafka (docs/exporter.md)."""

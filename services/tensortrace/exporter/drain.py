@@ -1,0 +1,316 @@
+"""Draining one ring (one producer generation): frames -> Kafka messages -> release on ack.
+
+Release rule (at-least-once, docs/exporter.md): ring space is released only up to the first frame
+whose messages Kafka has not acknowledged, and never past the STEP frame that a not-yet-acknowledged
+slab (or the newest step, which later slabs may still name) needs: an exporter restarted after a
+crash re-reads from the tail and must find each slab's STEP frame before the slab. Frames released
+are counted in the ring header (`frames_consumed`), so accounting survives exporter restarts.
+
+>>> d = RingDrain(reader, cfg, metrics)
+>>> d.drain_pass(publisher)   # read frames, send messages
+>>> d.on_complete(unit, exc)  # called per message outcome; then d.release_acked()
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.envelopes import EnvelopeBatcher, summary_entry, tensor_entry
+from tensortrace.exporter.metrics import ExporterMetrics
+from tensortrace.ring.format import FrameKind, RingCorruptError, RingReader
+from tensortrace.ring.slabs import SlabError, slab_parts, summary_record
+from tensortrace.v1 import records_pb2 as pb
+from tensortrace.v1 import ring_pb2
+from tensortrace.wire import codec
+
+log = logging.getLogger("tensortrace.exporter")
+
+
+@dataclass
+class SendUnit:
+    """The frames of one drain pass and the messages built from them."""
+
+    start: int                 # ring position of the first frame
+    start_frames: int          # frames read (this attachment) before it
+    end: int = 0
+    end_frames: int = 0
+    hold: tuple[int, int] | None = None  # (position, frames before) of the oldest STEP frame its slabs need
+    pending: int = 0           # messages not yet acknowledged
+    failed: bool = False
+    records: int = 0
+    payload_bytes: int = 0
+    messages: int = 0
+    message_bytes: int = 0
+    oldest_capture_ns: int = 0
+    ring: "RingDrain" = field(default=None, repr=False)
+
+
+class RingDrain:
+    """State of one attached ring, keyed by (path, generation): never shared between generations."""
+
+    def __init__(self, reader: RingReader, cfg: ExporterConfig, metrics: ExporterMetrics, inode: tuple[int, int]):
+        self.reader = reader
+        self.cfg = cfg
+        self.metrics = metrics
+        self.inode = inode
+        h = reader.header
+        self.path = reader.path
+        self.name = os.path.basename(reader.path)
+        self.generation = h.generation
+        self.key = (self.path, self.generation)
+        self.producer = pb.Producer(node=h.identity.node, pod=h.identity.pod, pid=h.identity.pid,
+                                    tp_rank=h.identity.tp_rank, generation=h.generation)
+        self.state = "attached"       # attached | draining | detached | quarantined
+        self.reason = ""
+        self.detached_at = 0.0
+        self.producer_alive = True
+        self.steps: collections.OrderedDict[int, tuple[ring_pb2.RingStep, int, int]] = collections.OrderedDict()
+        self.latest_step: tuple[int, int] | None = None   # (position, frames before) of the newest STEP frame
+        self.units: collections.deque[SendUnit] = collections.deque()
+        self.read_pos = reader.tail
+        self.released_pos = reader.tail
+        self.frames_read = 0          # frames yielded since attach (or since the last rewind: from tail)
+        self.released_frames = 0
+        self.needs_rewind = False
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.records_out = self.bytes_out = self.messages_out = 0
+        self.records_in = self.bytes_in = 0
+        self._rate_snapshot = (time.monotonic(), 0, 0)
+        self.rates = (0.0, 0.0)
+        self.control_seq = 0
+        self.control_json = ""
+        self._producer_drops_seen = reader.producer_stats()["frames_dropped"]
+        self._corrupt_counted = 0
+        self._encoding = cfg.payload_encoding_code
+        m = metrics
+        self._m_records_in = m.records_in.labels(self.name)
+        self._m_bytes_in = m.bytes_in.labels(self.name)
+        self._m_frames_in = m.frames_in.labels(self.name)
+        self._m_records_out = m.records_out.labels(self.name, cfg.topic)
+        self._m_bytes_out = m.bytes_out.labels(self.name, cfg.topic)
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def readable(self) -> bool:
+        return self.state in ("attached", "draining") and not self.needs_rewind
+
+    def has_unread(self) -> bool:
+        return self.readable and self.reader.head > self.read_pos
+
+    def drain_pass(self, publisher) -> int:
+        """Read up to one pass of frames, send their messages. Returns frames read."""
+        cfg = self.cfg
+        unit = SendUnit(start=self.read_pos, start_frames=self.frames_read, ring=self)
+        batcher = EnvelopeBatcher(cfg.max_message_bytes)
+        export_ns = time.time_ns()
+        n = 0
+        corrupt = None
+        try:
+            for frame in self.reader.frames(cfg.max_pass_frames, cfg.max_pass_bytes):
+                n += 1
+                self._frame(frame, unit, batcher, export_ns)
+                self.frames_read += 1
+                self.read_pos = frame.end
+        except RingCorruptError as e:
+            corrupt = e
+        if n == 0 and corrupt is None:
+            return 0
+        unit.end, unit.end_frames = self.read_pos, self.frames_read
+        self._m_frames_in.inc(n)
+        self._m_records_in.inc(unit.records)
+        self._m_bytes_in.inc(unit.payload_bytes)
+        self.records_in += unit.records
+        self.bytes_in += unit.payload_bytes
+        if n:
+            self.units.append(unit)
+            for key, value, nrec in batcher.messages():
+                unit.pending += 1
+                unit.messages += 1
+                unit.message_bytes += len(value)
+                publisher.send(key, value, unit)
+        if corrupt is not None:
+            self.quarantine("corrupt_frame", str(corrupt))
+        return n
+
+    def _frame(self, frame, unit: SendUnit, batcher: EnvelopeBatcher, export_ns: int) -> None:
+        kind = frame.kind
+        if kind == FrameKind.SLAB:
+            try:
+                slab = ring_pb2.RingSlab.FromString(frame.meta)
+            except DecodeError:
+                self._drop("bad_meta", frame)
+                return
+            entry = self.steps.get(slab.step)
+            if entry is None:
+                self._drop("step_unknown", frame)
+                return
+            step, step_pos, step_frames = entry
+            try:
+                parts = slab_parts(step, slab, frame.payload, frame.seq, self.producer, export_ns)
+            except SlabError as e:
+                log.warning("%s: slab frame %d dropped: %s", self.path, frame.seq, e)
+                self._drop("bad_slab", frame)
+                return
+            if step_pos >= self.released_pos and (unit.hold is None or step_pos < unit.hold[0]):
+                unit.hold = (step_pos, step_frames)
+            capture = slab.capture_time_unix_nano or step.capture_time_unix_nano
+            if capture and (not unit.oldest_capture_ns or capture < unit.oldest_capture_ns):
+                unit.oldest_capture_ns = capture
+            enc = self._encoding
+            chunk = self.cfg.chunk_payload_bytes
+            for rec, rows in parts:
+                unit.records += 1
+                unit.payload_bytes += len(rows)
+                key = rec.request_id.encode()
+                if enc == pb.RAW:
+                    rec.encoding = pb.RAW
+                    payload = rows
+                else:
+                    rec.encoding = enc
+                    payload = codec.encode_payload(rows, enc, codec.element_size(rec.dtype))
+                if len(payload) <= chunk:
+                    batcher.add(key, tensor_entry(rec, payload))
+                else:
+                    total = len(payload)
+                    count = (total + chunk - 1) // chunk
+                    rec.chunk_count = count
+                    rec.payload_size = total
+                    for i in range(count):
+                        rec.chunk_index = i
+                        rec.chunk_offset = i * chunk
+                        batcher.add(key, tensor_entry(rec, payload[i * chunk:(i + 1) * chunk]))
+        elif kind == FrameKind.STEP:
+            try:
+                step = ring_pb2.RingStep.FromString(frame.meta)
+            except DecodeError:
+                self._drop("bad_meta", frame)
+                return
+            self.steps[step.step] = (step, frame.position, self.frames_read)
+            self.steps.move_to_end(step.step)
+            while len(self.steps) > self.cfg.max_steps_kept:
+                self.steps.popitem(last=False)
+            self.latest_step = (frame.position, self.frames_read)
+        elif kind == FrameKind.SUMMARY:
+            try:
+                summary = pb.RequestSummary.FromString(frame.meta)
+            except DecodeError:
+                self._drop("bad_meta", frame)
+                return
+            summary_record(summary, frame.seq, self.producer, export_ns)
+            unit.records += 1
+            batcher.add(summary.request_id.encode(), summary_entry(summary))
+        else:
+            self._drop("unknown_kind", frame)
+
+    def _drop(self, reason: str, frame) -> None:
+        self.dropped[reason] += 1
+        self.metrics.frames_dropped.labels(self.name, reason).inc()
+
+    # -- acknowledgements and release ------------------------------------------------------
+    def on_complete(self, unit: SendUnit, exc) -> None:
+        unit.pending -= 1
+        if exc is not None and not unit.failed:
+            unit.failed = True
+            if not self.needs_rewind:
+                log.warning("%s: delivery failed (%s: %s); will re-read the ring from its tail once in-flight sends finish",
+                            self.name, type(exc).__name__, exc)
+            self.needs_rewind = True
+
+    def release_acked(self, force_all: bool = False) -> None:
+        """Pop acknowledged units in order and release ring space (see the module's release rule)."""
+        units = self.units
+        while units and units[0].pending == 0 and not units[0].failed:
+            u = units.popleft()
+            self.records_out += u.records
+            self.bytes_out += u.payload_bytes
+            self.messages_out += u.messages
+            self._m_records_out.inc(u.records)
+            self._m_bytes_out.inc(u.payload_bytes)
+            self.metrics.messages_out.labels(self.cfg.topic).inc(u.messages)
+            self.metrics.message_bytes_out.labels(self.cfg.topic).inc(u.message_bytes)
+        if self.needs_rewind and not any(u.pending for u in units):
+            self._rewind()
+        if units:
+            limit = (units[0].start, units[0].start_frames)
+            for u in units:
+                if u.hold is not None and u.hold[0] < limit[0]:
+                    limit = u.hold
+        else:
+            limit = (self.read_pos, self.frames_read)
+        if not force_all and self.latest_step is not None and self.latest_step[0] < limit[0]:
+            # keep the newest STEP frame (later slabs may name it) unless that holds back too much
+            if limit[0] - self.latest_step[0] <= self.reader.capacity // 4:
+                limit = self.latest_step
+        if limit[0] > self.released_pos:
+            self.reader.release(limit[0])
+            self.reader.count_consumed(limit[1] - self.released_frames)
+            self.released_pos, self.released_frames = limit
+
+    def _rewind(self) -> None:
+        """After a failed delivery: forget what was read beyond the tail and read it again."""
+        self.units.clear()
+        self.reader.rewind()
+        self.read_pos = self.reader.tail
+        self.frames_read = self.released_frames
+        self.latest_step = None
+        self.needs_rewind = False
+        self.metrics.rewinds.labels(self.name).inc()
+        log.info("%s: re-reading from position %d (at-least-once: frames after it may be published twice)",
+                 self.name, self.read_pos)
+
+    def oldest_undelivered_ns(self) -> int:
+        oldest = 0
+        for u in self.units:
+            if u.oldest_capture_ns and (not oldest or u.oldest_capture_ns < oldest):
+                oldest = u.oldest_capture_ns
+        return oldest
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def quarantine(self, reason: str, detail: str) -> None:
+        if self.state == "quarantined":
+            return
+        self.state = "quarantined"
+        self.reason = f"{reason}: {detail}"
+        log.error("ring quarantined: %s (%s); its remaining frames are counted as dropped, other rings keep flowing",
+                  detail, reason)
+        self.metrics.rings_quarantined.labels(reason).inc()
+
+    def update_counters(self) -> None:
+        """Producer-side drops and corrupt-ring losses into metrics; fill; rates."""
+        stats = self.reader.producer_stats()
+        d = stats["frames_dropped"] - self._producer_drops_seen
+        if d > 0:
+            self.metrics.frames_dropped.labels(self.name, "producer_ring_full").inc(d)
+            self._producer_drops_seen = stats["frames_dropped"]
+        if self.state == "quarantined" and not self.units:
+            lost = max(0, stats["frames_committed"] - self.frames_released_total() - self._corrupt_counted)
+            if lost:
+                self.dropped["ring_corrupt"] += lost
+                self._corrupt_counted += lost
+                self.metrics.frames_dropped.labels(self.name, "ring_corrupt").inc(lost)
+        self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
+        now = time.monotonic()
+        t0, r0, b0 = self._rate_snapshot
+        if now - t0 >= 1.0:
+            self.rates = ((self.records_out - r0) / (now - t0), (self.bytes_out - b0) / (now - t0))
+            self._rate_snapshot = (now, self.records_out, self.bytes_out)
+
+    def frames_released_total(self) -> int:
+        """Frames released over the ring's life (all exporter incarnations): from the header."""
+        return self.reader._m.frames_consumed.get()
+
+    def drained(self) -> bool:
+        return not self.units and self.read_pos == self.reader.head
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+        except Exception as e:  # already closed / unmapped
+            log.debug("%s: close: %s", self.path, e)

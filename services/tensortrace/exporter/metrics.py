@@ -1,0 +1,107 @@
+"""Exporter metrics (Prometheus, on the exporter's own registry) and the health endpoints.
+
+Every metric is declared here and documented in docs/exporter.md.
+
+>>> m = ExporterMetrics()
+>>> server = HealthServer(m, "127.0.0.1", 0, ready=lambda: True, live=lambda: True).start()
+>>> server.port   # GET /metrics, /healthz, /readyz
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+P = "tensortrace_exporter_"
+
+
+class ExporterMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.records_in = Counter(P + "records_in", "TensorRecords and summaries built from ring frames", ["ring"], registry=r)
+        self.bytes_in = Counter(P + "bytes_in", "Payload bytes read from rings", ["ring"], registry=r)
+        self.frames_in = Counter(P + "frames_in", "Frames read from rings (PAD excluded)", ["ring"], registry=r)
+        self.records_out = Counter(P + "records_out", "Records acknowledged by Kafka", ["ring", "topic"], registry=r)
+        self.bytes_out = Counter(P + "bytes_out", "Payload bytes acknowledged by Kafka", ["ring", "topic"], registry=r)
+        self.messages_out = Counter(P + "messages_out", "Kafka messages acknowledged", ["topic"], registry=r)
+        self.message_bytes_out = Counter(P + "message_bytes_out", "Kafka message value bytes acknowledged", ["topic"], registry=r)
+        self.frames_dropped = Counter(P + "frames_dropped", "Frames dropped, by where and why (producer_* = counted by the agent in the ring header)", ["ring", "reason"], registry=r)
+        self.ring_fill = Gauge(P + "ring_fill_ratio", "Fraction of a ring's data area not yet released", ["ring"], registry=r)
+        self.rings_attached = Gauge(P + "rings_attached", "Rings being drained", registry=r)
+        self.rings_quarantined = Counter(P + "rings_quarantined", "Rings quarantined (unreadable or corrupt)", ["reason"], registry=r)
+        self.rings_refused = Counter(P + "rings_refused", "Ring files refused (permissions, owner, not a regular file)", ["reason"], registry=r)
+        self.rings_removed = Counter(P + "rings_removed", "Drained rings of gone producers deleted after the grace period", registry=r)
+        self.kafka_errors = Counter(P + "kafka_errors", "Kafka send failures, by error type", ["error"], registry=r)
+        self.kafka_connected = Gauge(P + "kafka_connected", "1 when a Kafka producer is connected", registry=r)
+        self.send_latency = Histogram(P + "kafka_send_latency_seconds", "Time from send to acknowledgement",
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+                                      registry=r)
+        self.inflight_bytes = Gauge(P + "inflight_bytes", "Message bytes sent and not yet acknowledged", registry=r)
+        self.inflight_messages = Gauge(P + "inflight_messages", "Messages sent and not yet acknowledged", registry=r)
+        self.oldest_undelivered_age = Gauge(P + "oldest_undelivered_age_seconds",
+                                            "Age (since capture) of the oldest record read but not yet acknowledged", registry=r)
+        self.backpressure = Counter(P + "backpressure_passes", "Drain passes skipped because the in-flight buffer was full", registry=r)
+        self.rewinds = Counter(P + "ring_rewinds", "Rings re-read from their tail after a failed delivery", ["ring"], registry=r)
+
+    def forget_ring(self, ring: str) -> None:
+        """Drop the label sets of a removed ring (bounded cardinality)."""
+        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds):
+            try:
+                metric.remove(ring)
+            except KeyError:
+                pass
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """GET /metrics (Prometheus text), /healthz (liveness), /readyz (readiness: Kafka connected)."""
+
+    def __init__(self, metrics: ExporterMetrics, host: str, port: int,
+                 ready: Callable[[], bool], live: Callable[[], bool]):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = outer.live()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
+                elif path == "/readyz":
+                    ok = outer.ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not connected to Kafka\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz, /readyz\n")
+
+            def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # quiet: scrapes are not news
+                pass
+
+        self.metrics = metrics
+        self.ready = ready
+        self.live = live
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="exporter-metrics", daemon=True)
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

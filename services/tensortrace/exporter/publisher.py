@@ -1,0 +1,199 @@
+"""Publishing to Kafka: kafka-python's KafkaProducer (idempotent, acks=all), bounded by our own
+in-flight limits, never blocking the caller on a full buffer.
+
+Completions (acknowledgements and failures) arrive on kafka-python's sender thread; they are
+queued and handled on the exporter's main thread by `completions()`, so all accounting happens in
+one thread.
+
+>>> pub = KafkaPublisher(cfg, metrics)
+>>> pub.connect()                  # False while the broker is unreachable; call again later
+>>> pub.send(b"r1", value, token)  # token comes back from completions() with the outcome
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.metrics import ExporterMetrics
+
+log = logging.getLogger("tensortrace.exporter")
+
+_COMPRESSION = {"zstd": "zstd", "lz4": "lz4", "gzip": "gzip", "none": None}
+
+
+class KafkaPublisher:
+    def __init__(self, cfg: ExporterConfig, metrics: ExporterMetrics):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.producer = None
+        self.inflight_bytes = 0
+        self.inflight_messages = 0
+        self.errors = 0
+        self._done: collections.deque = collections.deque()
+        self._sent_at: collections.deque = collections.deque()  # monotonic send times, oldest first (approx.)
+        self._last_connect_try = 0.0
+        self._last_failure = 0.0
+        self._last_success = 0.0
+        self._connect_error_logged = ""
+
+    # -- connection ------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.producer is not None
+
+    def ready(self) -> bool:
+        """Readiness: a producer is connected and deliveries are succeeding (not stalled)."""
+        if self.producer is None:
+            return False
+        if self._last_failure > self._last_success:
+            return False
+        oldest = self._sent_at[0] if self._sent_at else None
+        return oldest is None or time.monotonic() - oldest < max(10.0, self.cfg.linger_ms / 1000 * 4)
+
+    def connect(self, retry_interval_s: float = 2.0) -> bool:
+        """Create the producer (and the topic when `partitions` > 0). Never raises; retries are
+        rate-limited to one per `retry_interval_s`."""
+        if self.producer is not None:
+            return True
+        now = time.monotonic()
+        if now - self._last_connect_try < retry_interval_s:
+            return False
+        self._last_connect_try = now
+        from kafka import KafkaProducer
+        cfg = self.cfg
+        kwargs = dict(
+            bootstrap_servers=cfg.bootstrap_servers.split(","),
+            client_id=cfg.client_id,
+            acks=-1 if str(cfg.acks) in ("all", "-1") else int(cfg.acks),
+            compression_type=_COMPRESSION[cfg.compression],
+            batch_size=cfg.batch_size,
+            linger_ms=cfg.linger_ms,
+            max_request_size=max(cfg.max_message_bytes + 4096, 1_048_576),
+            request_timeout_ms=cfg.request_timeout_ms,
+            delivery_timeout_ms=cfg.delivery_timeout_ms,
+            max_block_ms=5000,
+            bootstrap_timeout_ms=3000,
+            retry_backoff_ms=200,
+            reconnect_backoff_ms=200,
+            reconnect_backoff_max_ms=2000,
+        )
+        if cfg.idempotent:
+            kwargs["enable_idempotence"] = True
+        else:
+            kwargs["enable_idempotence"] = False
+        try:
+            producer = KafkaProducer(**kwargs)
+        except Exception as e:  # NoBrokersAvailable, KafkaTimeoutError, ...
+            msg = f"{type(e).__name__}: {e}"
+            if msg != self._connect_error_logged:
+                log.warning("kafka: cannot connect to %s (%s); retrying every %.0fs while rings fill",
+                            cfg.bootstrap_servers, msg, retry_interval_s)
+                self._connect_error_logged = msg
+            self.metrics.kafka_errors.labels("connect").inc()
+            return False
+        try:
+            if cfg.partitions:
+                self._ensure_topic()
+            if producer.partitions_for(cfg.topic) is None:
+                raise RuntimeError(f"topic {cfg.topic} has no partitions")
+        except Exception as e:
+            log.warning("kafka: connected to %s but topic %s is not usable: %s: %s",
+                        cfg.bootstrap_servers, cfg.topic, type(e).__name__, e)
+            self.metrics.kafka_errors.labels("topic").inc()
+            producer.close(timeout=1)
+            return False
+        self.producer = producer
+        self._connect_error_logged = ""
+        self.metrics.kafka_connected.set(1)
+        log.info("kafka: connected to %s, topic %s (compression %s, idempotent %s)",
+                 cfg.bootstrap_servers, cfg.topic, cfg.compression, cfg.idempotent)
+        return True
+
+    def _ensure_topic(self) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+        admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
+                                 client_id=self.cfg.client_id + "-admin")
+        try:
+            admin.create_topics([NewTopic(self.cfg.topic, self.cfg.partitions, self.cfg.replication_factor)])
+            log.info("kafka: created topic %s with %d partitions", self.cfg.topic, self.cfg.partitions)
+        except TopicAlreadyExistsError:
+            pass
+        finally:
+            admin.close()
+
+    def reset(self) -> None:
+        """Drop a producer in a bad state; `connect()` makes a new one."""
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=0)
+            except Exception:
+                pass
+        self.producer = None
+        self.metrics.kafka_connected.set(0)
+
+    # -- sending ---------------------------------------------------------------------------
+    def has_room(self) -> bool:
+        cfg = self.cfg
+        return (self.inflight_bytes + cfg.max_message_bytes <= cfg.max_inflight_bytes
+                and self.inflight_messages < cfg.max_inflight_messages)
+
+    def send(self, key: bytes, value: bytes, token) -> None:
+        """Send one message; its outcome comes back from `completions()` with `token`."""
+        n = len(value)
+        t0 = time.monotonic()
+        self.inflight_bytes += n
+        self.inflight_messages += 1
+        self._sent_at.append(t0)
+        done = self._done
+        try:
+            fut = self.producer.send(self.cfg.topic, value=value, key=key)
+        except Exception as e:  # the producer could not take it (closed, metadata timeout)
+            done.append((token, n, t0, e))
+            return
+        fut.add_callback(lambda _md: done.append((token, n, t0, None)))
+        fut.add_errback(lambda exc: done.append((token, n, t0, exc)))
+
+    def completions(self):
+        """Yield (token, value bytes, send latency seconds, exception or None) for every finished send."""
+        done = self._done
+        now = time.monotonic()
+        observe = self.metrics.send_latency.observe
+        while done:
+            token, n, t0, exc = done.popleft()
+            self.inflight_bytes -= n
+            self.inflight_messages -= 1
+            if self._sent_at:
+                self._sent_at.popleft()
+            if exc is None:
+                self._last_success = now
+                observe(now - t0)
+            else:
+                self.errors += 1
+                self._last_failure = now
+                self.metrics.kafka_errors.labels(type(exc).__name__).inc()
+            yield token, n, now - t0, exc
+        self.metrics.inflight_bytes.set(self.inflight_bytes)
+        self.metrics.inflight_messages.set(self.inflight_messages)
+
+    def poll(self) -> None:
+        """Push lingering batches out (kafka-python's sender thread does the I/O)."""
+
+    def flush(self, timeout_s: float) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.flush(timeout=timeout_s)
+            except Exception as e:
+                log.warning("kafka: flush did not finish: %s: %s", type(e).__name__, e)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=timeout_s)
+            except Exception:
+                pass
+            self.producer = None
+        self.metrics.kafka_connected.set(0)

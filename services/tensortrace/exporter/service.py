@@ -1,0 +1,371 @@
+"""The exporter: watches a ring directory, drains every ring into Kafka, serves control + metrics.
+
+One main thread does all ring work (scan, read, build messages, handle acknowledgements, release);
+kafka-python's sender thread does the network I/O; the gRPC and HTTP servers run in their own
+threads and touch ring state only under `self.lock`.
+
+>>> exp = Exporter(ExporterConfig(ring_dir="/tmp/rings", bootstrap_servers="127.0.0.1:9092"))
+>>> exp.start()          # control + metrics endpoints
+>>> exp.run()            # until exp.stop() (or SIGTERM in main.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+
+from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.drain import RingDrain
+from tensortrace.exporter.metrics import ExporterMetrics, HealthServer
+from tensortrace.exporter.publisher import KafkaPublisher
+from tensortrace.ring.format import (RingError, RingFormatError, RingLockedError, RingReader,
+                                     ring_files)
+from tensortrace.v1 import control_pb2
+
+log = logging.getLogger("tensortrace.exporter")
+
+
+class Exporter:
+    def __init__(self, cfg: ExporterConfig, metrics: ExporterMetrics | None = None):
+        self.cfg = cfg.validate()
+        self.metrics = metrics or ExporterMetrics()
+        self.publisher = KafkaPublisher(cfg, self.metrics)
+        self.lock = threading.RLock()
+        self.rings: dict[tuple[str, int], RingDrain] = {}   # (path, generation) -> state
+        self.known: dict[tuple[int, int], str] = {}          # (dev, inode) -> why we do not (re)open it
+        self.refused: dict[tuple, str] = {}                  # (dev, ino, mode, uid, gid) -> reason
+        self.quarantined: dict[tuple[int, int], control_pb2.RingStatus] = {}
+        self.default_control = dict(cfg.default_control) if cfg.default_control else None
+        self.ring_controls: dict[str, dict] = {}             # ring name or pod -> control document
+        self._stop = threading.Event()
+        self._last_scan = 0.0
+        self._last_housekeeping = 0.0
+        self._heartbeat = time.monotonic()
+        self._started = time.monotonic()
+        self.health: HealthServer | None = None
+        self.control_server = None
+        self.control_port = -1
+        self.metrics_port = -1
+
+    # -- endpoints -------------------------------------------------------------------------
+    def start(self) -> "Exporter":
+        cfg = self.cfg
+        if cfg.metrics_port >= 0:
+            self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
+                                       ready=self.publisher.ready, live=self.live).start()
+            self.metrics_port = self.health.port
+        if cfg.control_port >= 0:
+            from tensortrace.exporter.control import serve_control
+            self.control_server, self.control_port = serve_control(self, cfg.control_host, cfg.control_port)
+        if cfg.status_file:
+            tmp = cfg.status_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), "control_port": self.control_port,
+                           "metrics_port": self.metrics_port}, f)
+            os.rename(tmp, cfg.status_file)
+        log.info("exporter: ring dir %s, topic %s, control port %d, metrics port %d",
+                 cfg.ring_dir, cfg.topic, self.control_port, self.metrics_port)
+        return self
+
+    def live(self) -> bool:
+        return time.monotonic() - self._heartbeat < 30.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    self._stop.wait(0.002)
+        finally:
+            self.shutdown()
+
+    def step(self) -> bool:
+        """One iteration: acks, scan, drain passes. True when it did work."""
+        now = time.monotonic()
+        self._heartbeat = now
+        worked = self._handle_completions()
+        if now - self._last_scan >= self.cfg.scan_interval_s:
+            self._last_scan = now
+            self.scan()
+        if now - self._last_housekeeping >= 0.5:
+            self._last_housekeeping = now
+            self._housekeeping()
+        if not self.publisher.connect():
+            return worked
+        pub = self.publisher
+        for ring in list(self.rings.values()):
+            if not ring.has_unread():
+                continue
+            if not pub.has_room():
+                self.metrics.backpressure.inc()
+                break
+            if ring.drain_pass(pub):
+                worked = True
+        return worked
+
+    def _handle_completions(self) -> bool:
+        touched = set()
+        for unit, _n, _lat, exc in self.publisher.completions():
+            unit.ring.on_complete(unit, exc)
+            touched.add(unit.ring)
+        for ring in touched:
+            ring.release_acked(force_all=ring.state == "quarantined")
+        return bool(touched)
+
+    # -- discovery -------------------------------------------------------------------------
+    def scan(self) -> None:
+        """Attach to new rings; detach drained rings of gone producers; remove them after grace."""
+        for path in ring_files(self.cfg.ring_dir):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident in self.known:
+                continue
+            reason = self._refusal(st)
+            if reason:
+                fp = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+                if fp not in self.refused:
+                    self.refused[fp] = reason
+                    log.error("ring refused: %s: %s", path, reason)
+                    self.metrics.rings_refused.labels(reason.split(":")[0]).inc()
+                continue
+            self._attach(path, st)
+        now = time.monotonic()
+        for ring in list(self.rings.values()):
+            self._check_lifecycle(ring, now)
+
+    def _refusal(self, st: os.stat_result) -> str:
+        cfg = self.cfg
+        if stat.S_ISLNK(st.st_mode):
+            return "not_regular: a symbolic link (rings must be regular files)"
+        if not stat.S_ISREG(st.st_mode):
+            return "not_regular: not a regular file"
+        if st.st_uid not in cfg.owner_uids:
+            return (f"owner: owned by uid {st.st_uid}; this exporter reads rings of uids "
+                    f"{','.join(map(str, cfg.owner_uids))} (--ring-owner-uids)")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o007:
+            return f"permissions: mode {mode:04o} gives other users access; rings must be 0600 (or 0660 with --ring-group)"
+        if mode & 0o070:
+            if cfg.ring_group is None:
+                return f"permissions: mode {mode:04o} gives group access but no --ring-group is configured; rings must be 0600"
+            if st.st_gid != cfg.ring_group:
+                return f"group: group-accessible (mode {mode:04o}) by gid {st.st_gid}, configured ring group is {cfg.ring_group}"
+        return ""
+
+    def _attach(self, path: str, st: os.stat_result) -> None:
+        ident = (st.st_dev, st.st_ino)
+        try:
+            reader = RingReader.open(path)
+        except RingLockedError as e:
+            if any(r.path == path for r in self.rings.values()):
+                return  # our reader of the previous generation still holds the lock; retry later
+            self.known[ident] = "locked"
+            log.error("ring skipped: %s (another exporter drains it)", e)
+            return
+        except RingFormatError as e:
+            self.known[ident] = "quarantined"
+            reason = "bad_version" if "version" in str(e) else "bad_magic" if "magic" in str(e) else "bad_header"
+            log.error("ring quarantined: %s (%s); other rings keep flowing", e, reason)
+            self.metrics.rings_quarantined.labels(reason).inc()
+            self.quarantined[ident] = control_pb2.RingStatus(
+                ring=os.path.basename(path), path=path, state="quarantined", reason=f"{reason}: {e}")
+            return
+        except (OSError, RingError) as e:
+            log.warning("ring %s: cannot open: %s", path, e)
+            return
+        fst = os.fstat(reader._m.fd)
+        if (fst.st_dev, fst.st_ino) != ident:
+            reader.close()  # replaced between listing and opening; the next scan sees the new file
+            return
+        ring = RingDrain(reader, self.cfg, self.metrics, ident)
+        with self.lock:
+            if ring.key in self.rings:  # same path and generation under a new inode: never mix
+                log.error("ring %s: generation %d already attached from another file; skipped", path, ring.generation)
+                reader.close()
+                self.known[ident] = "duplicate generation"
+                return
+            self.rings[ring.key] = ring
+            self.known[ident] = "attached"
+            self.metrics.rings_attached.set(sum(1 for r in self.rings.values() if r.state in ("attached", "draining")))
+        h = reader.header
+        log.info("ring attached: %s (pod %s, pid %d, rank %d, generation %d, %d frames pending)",
+                 path, h.identity.pod, h.identity.pid, h.identity.tp_rank, h.generation,
+                 reader.producer_stats()["frames_committed"] - reader._m.frames_consumed.get())
+        doc = self._control_for(ring)
+        if doc is not None:
+            self._write_control(ring, doc)
+
+    def _check_lifecycle(self, ring: RingDrain, now: float) -> None:
+        if ring.state in ("attached", "draining"):
+            gone = not ring.reader.producer_alive() or ring.reader.producer_closed()
+            ring.producer_alive = not gone
+            if gone:
+                ring.state = "draining"
+                if ring.drained():  # nothing can be added any more: release the held STEP too
+                    ring.release_acked(force_all=True)
+                    self._detach(ring, now, "producer gone, drained")
+        elif ring.state == "quarantined":
+            if not ring.units and ring.reader is not None and ring.detached_at == 0.0:
+                ring.update_counters()
+                ring.detached_at = now
+                with self.lock:
+                    ring.close()
+                    ring.reader_closed = True
+        elif ring.state == "detached":
+            if now - ring.detached_at >= self.cfg.cleanup_grace_s:
+                self._remove(ring)
+
+    def _detach(self, ring: RingDrain, now: float, why: str) -> None:
+        ring.update_counters()
+        with self.lock:
+            ring.state = "detached"
+            ring.detached_at = now
+            ring.final_stats = self._ring_status(ring)
+            ring.close()
+            self.metrics.rings_attached.set(sum(1 for r in self.rings.values() if r.state in ("attached", "draining")))
+        log.info("ring detached: %s (%s; %d records published)", ring.path, why, ring.records_out)
+
+    def _remove(self, ring: RingDrain) -> None:
+        with self.lock:
+            self.rings.pop(ring.key, None)
+        try:
+            st = os.lstat(ring.path)
+            if (st.st_dev, st.st_ino) == ring.inode:
+                os.unlink(ring.path)
+                if not any(r.path == ring.path for r in self.rings.values()):
+                    try:
+                        os.unlink(ring.path + ".consumer.lock")
+                    except FileNotFoundError:
+                        pass
+                self.metrics.rings_removed.inc()
+                log.info("ring removed: %s (producer gone, drained, grace %.0fs over)", ring.path, self.cfg.cleanup_grace_s)
+        except FileNotFoundError:
+            pass
+        self.known.pop(ring.inode, None)
+        self.metrics.forget_ring(ring.name)
+
+    def _housekeeping(self) -> None:
+        oldest = 0
+        for ring in list(self.rings.values()):
+            if ring.state in ("attached", "draining"):
+                ring.update_counters()
+                if not ring.units:
+                    ring.release_acked()
+                o = ring.oldest_undelivered_ns()
+                if o and (not oldest or o < oldest):
+                    oldest = o
+        self.metrics.oldest_undelivered_age.set(max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0)
+
+    # -- control ---------------------------------------------------------------------------
+    def _control_for(self, ring: RingDrain) -> dict | None:
+        pod = ring.producer.pod
+        return self.ring_controls.get(ring.name) or self.ring_controls.get(pod) or self.default_control
+
+    def _write_control(self, ring: RingDrain, doc: dict) -> int:
+        seq = ring.reader.write_control(doc)
+        ring.control_seq = seq
+        ring.control_json = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return seq
+
+    def set_capture(self, doc: dict, targets: list[str]) -> list[control_pb2.RingControlResult]:
+        """Write `doc` into the control block of the targeted rings (all when `targets` is empty)."""
+        results = []
+        with self.lock:
+            if not targets:
+                self.default_control = doc
+                self.ring_controls.clear()
+            else:
+                for t in targets:
+                    self.ring_controls[t] = doc
+            matched = set()
+            for ring in self.rings.values():
+                if ring.state not in ("attached", "draining"):
+                    continue
+                if targets and ring.name not in targets and ring.producer.pod not in targets:
+                    continue
+                matched.update({ring.name, ring.producer.pod})
+                try:
+                    seq = self._write_control(ring, doc)
+                    results.append(control_pb2.RingControlResult(ring=ring.name, control_seq=seq))
+                except (ValueError, OSError) as e:
+                    results.append(control_pb2.RingControlResult(ring=ring.name, error=str(e)))
+            for t in targets:
+                if t not in matched:
+                    results.append(control_pb2.RingControlResult(
+                        ring=t, error="no attached ring with this file name or pod; applied when it appears"))
+        log.info("control: %s -> %s", json.dumps(doc, sort_keys=True), ", ".join(targets) or "all rings")
+        return results
+
+    # -- status ----------------------------------------------------------------------------
+    def _ring_status(self, ring: RingDrain) -> control_pb2.RingStatus:
+        h = ring.reader.header
+        stats = ring.reader.producer_stats()
+        released = ring.frames_released_total()
+        return control_pb2.RingStatus(
+            ring=ring.name, path=ring.path, state=ring.state, reason=ring.reason,
+            pod=h.identity.pod, node=h.identity.node, model_id=h.identity.model_id,
+            pid=h.identity.pid, tp_rank=h.identity.tp_rank, generation=h.generation,
+            fill=ring.reader.fill(), capacity=h.capacity, producer_alive=ring.producer_alive,
+            frames_committed=stats["frames_committed"], frames_dropped_by_producer=stats["frames_dropped"],
+            frames_released=released,
+            frames_pending=max(0, stats["frames_committed"] - released),
+            frames_dropped_by_reason=dict(ring.dropped),
+            records_published=ring.records_out, bytes_published=ring.bytes_out,
+            messages_published=ring.messages_out,
+            records_per_second=ring.rates[0], bytes_per_second=ring.rates[1],
+            control_seq=ring.control_seq, control_json=ring.control_json,
+            oldest_undelivered_age_seconds=(max(0.0, (time.time_ns() - ring.oldest_undelivered_ns()) / 1e9)
+                                            if ring.oldest_undelivered_ns() else 0.0))
+
+    def status(self) -> control_pb2.ExporterStatus:
+        with self.lock:
+            rings = []
+            for ring in self.rings.values():
+                if getattr(ring, "final_stats", None) is not None:
+                    s = control_pb2.RingStatus()
+                    s.CopyFrom(ring.final_stats)
+                    s.state = ring.state
+                    s.frames_dropped_by_reason.clear()
+                    s.frames_dropped_by_reason.update(dict(ring.dropped))
+                    rings.append(s)
+                elif getattr(ring, "reader_closed", False):
+                    rings.append(control_pb2.RingStatus(
+                        ring=ring.name, path=ring.path, state=ring.state, reason=ring.reason,
+                        generation=ring.generation, frames_dropped_by_reason=dict(ring.dropped),
+                        records_published=ring.records_out, bytes_published=ring.bytes_out,
+                        messages_published=ring.messages_out))
+                else:
+                    rings.append(self._ring_status(ring))
+            rings.extend(self.quarantined.values())
+            return control_pb2.ExporterStatus(
+                kafka_connected=self.publisher.ready(), topic=self.cfg.topic, ring_dir=self.cfg.ring_dir,
+                rings=rings, inflight_messages=self.publisher.inflight_messages,
+                inflight_bytes=self.publisher.inflight_bytes, kafka_errors=self.publisher.errors,
+                default_control_json=json.dumps(self.default_control, sort_keys=True) if self.default_control else "",
+                uptime_seconds=time.monotonic() - self._started)
+
+    # -- shutdown --------------------------------------------------------------------------
+    def shutdown(self, flush_timeout_s: float = 10.0) -> None:
+        """Deliver what is in flight, release it, close everything."""
+        self.publisher.flush(flush_timeout_s)
+        self._handle_completions()
+        self.publisher.close()
+        with self.lock:
+            for ring in self.rings.values():
+                if ring.state in ("attached", "draining"):
+                    ring.close()
+            self.rings.clear()
+        if self.control_server is not None:
+            self.control_server.stop(grace=1)
+        if self.health is not None:
+            self.health.stop()
