@@ -324,6 +324,16 @@ class RingWriter:
         self.commit(end, len(payload))
         return True
 
+    def mark(self) -> tuple[int, int]:
+        """The reservation state, for rollback() when filling a reserved frame fails."""
+        return self._reserved, self._seq
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        """Forget every frame reserved since `mark` (none of them may be committed yet)."""
+        if mark[0] < self._m.head.get():
+            raise ValueError("cannot roll back past a committed frame")
+        self._reserved, self._seq = mark
+
     def count_drop(self, payload_len: int) -> None:
         self._m.frames_dropped.add(1)
         self._m.bytes_dropped.add(payload_len)

@@ -1,0 +1,305 @@
+"""Hugging Face Transformers backend: taps on unmodified model classes, layouts for `generate`.
+
+Taps are forward hooks / pre-hooks on the modules named by archs.py. Around every forward of the
+model a pre-hook builds the StepLayout from the batch `generate` runs:
+  - prefill: input [B, S] with left padding; request b owns rows b*S + pad_b .. b*S + S - 1,
+    positions 0 .. prompt_len_b - 1 (pad rows are never exported);
+  - decode: input [B, 1]; request b owns row b at position prompt_len_b + k - 1 (k-th decode step),
+    until it has produced EOS: the forward whose input is its EOS token, and every later one,
+    carries no rows of it (as if it had been served alone).
+Reading the decode input ids and the prompt mask are host reads; on CUDA they synchronise like
+`generate` itself does every step (the SGLang backend has no such read).
+
+>>> agent = CaptureAgent(AgentConfig(ring_dir=tmp, model_id="tiny-llama"))
+>>> backend = HFBackend(model, agent)          # agent.unplaced lists hooks it could not place
+>>> out, ctxs = backend.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+>>> ctxs[0].traceparent                          # the trace context of request 0
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from tensortrace.agent.backends.base import Backend, guarded_tap
+from tensortrace.agent.backends.hf.archs import ArchMap, arch_for, find_module
+from tensortrace.agent.catalog import HOOKS
+from tensortrace.agent.layout import Phase, RequestRows, StepLayout
+
+log = logging.getLogger("tensortrace.agent")
+
+
+def _token_rows(t):
+    """[B, S, ...] -> [B*S, ...] (a view for every tensor these taps see)."""
+    return t.flatten(0, 1) if t.dim() >= 2 else t
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _input_of(args, kwargs, name="hidden_states"):
+    if args:
+        return args[0]
+    if name in kwargs:
+        return kwargs[name]
+    return kwargs["input"]
+
+
+@dataclass
+class _Batch:
+    request_ids: list[str]
+    prompt_lens: list[int]
+    padded_len: int
+    eos: set
+    forwards: int = 0
+    finished: set = field(default_factory=set)
+
+
+class HFBackend(Backend):
+    name = "hf"
+
+    def __init__(self, model, agent, arch: ArchMap | None = None, attach: bool = True):
+        super().__init__(agent)
+        self.model = model
+        self.arch = arch or arch_for(model)
+        self._handles: list = []
+        self._batch: _Batch | None = None
+        self.unplaced: list[tuple[str, str]] = []
+        if attach:
+            self.attach()
+
+    # -- taps ----------------------------------------------------------------------------------
+    def attach(self) -> list[tuple[str, str]]:
+        if self._handles:
+            return self.unplaced
+        a, m = self.arch, self.model
+        unplaced: dict[str, list[str]] = {}
+
+        def missing(hook, why):
+            unplaced.setdefault(hook, []).append(why)
+
+        agent = self.agent
+        embed = find_module(m, a.embed)
+        if embed is None:
+            missing("token_ids", f"no module {a.embed}")
+            missing("embeddings", f"no module {a.embed}")
+        else:
+            self._pre(embed, lambda mod, args, kw: guarded_tap(
+                agent, "token_ids", -1, lambda: _token_rows(_input_of(args, kw, "input"))))
+            self._post(embed, lambda mod, args, kw, out: guarded_tap(
+                agent, "embeddings", -1, lambda: _token_rows(out)))
+        for hook, path in (("resid_final", a.final_norm), ("logits", a.lm_head)):
+            mod = find_module(m, path)
+            if mod is None:
+                missing(hook, f"no module {path}")
+            else:
+                self._post(mod, lambda mod_, args, kw, out, hook=hook: guarded_tap(
+                    agent, hook, -1, lambda: _token_rows(_first(out))))
+
+        layers = find_module(m, a.layers)
+        if layers is None:
+            for h, spec in HOOKS.items():
+                if spec.per_layer:
+                    missing(h, f"no decoder layer list {a.layers}")
+            layers = []
+        for L, layer in enumerate(layers):
+            self._attach_layer(L, layer, missing)
+
+        self.unplaced = [(h, "; ".join(_compress(reasons))) for h, reasons in unplaced.items()]
+        # The model-level hooks that build each step's layout.
+        self._handles.append(m.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._on_forward_end, always_call=True))
+        self.agent.report_placement(self.unplaced)
+        return self.unplaced
+
+    def _attach_layer(self, L: int, layer, missing) -> None:
+        a, agent = self.arch, self.agent
+        self._pre(layer, lambda mod, args, kw: guarded_tap(
+            agent, "resid_pre", L, lambda: _token_rows(_input_of(args, kw))))
+        norm = find_module(layer, a.post_attn_norm)
+        if norm is None:
+            missing("resid_mid", f"layer {L}: no module {a.post_attn_norm}")
+        else:
+            self._pre(norm, lambda mod, args, kw: guarded_tap(
+                agent, "resid_mid", L, lambda: _token_rows(_input_of(args, kw))))
+        attn = find_module(layer, a.attn)
+        if attn is None:
+            missing("attn_out", f"layer {L}: no module {a.attn}")
+        else:
+            self._post(attn, lambda mod, args, kw, out: guarded_tap(
+                agent, "attn_out", L, lambda: _token_rows(_first(out))))
+        if a.qkv_fused:
+            fused = find_module(layer, a.qkv_fused)
+            if fused is None:
+                for h in ("attn_q", "attn_k", "attn_v"):
+                    missing(h, f"layer {L}: no module {a.qkv_fused}")
+            else:
+                split = getattr(attn, "split_size", None)
+
+                def qkv_tap(mod, args, kw, out, split=split):
+                    for i, h in enumerate(("attn_q", "attn_k", "attn_v")):
+                        guarded_tap(agent, h, L, lambda i=i: _token_rows(out.split(split, dim=2)[i]))
+                self._post(fused, qkv_tap)
+        else:
+            for h, path in (("attn_q", a.q_proj), ("attn_k", a.k_proj), ("attn_v", a.v_proj)):
+                proj = find_module(layer, path)
+                if proj is None:
+                    missing(h, f"layer {L}: no module {path}")
+                else:
+                    self._post(proj, lambda mod, args, kw, out, h=h: guarded_tap(
+                        agent, h, L, lambda: _token_rows(out)))
+        mlp = find_module(layer, a.mlp)
+        if mlp is None:
+            for h in ("mlp_in", "mlp_out"):
+                missing(h, f"layer {L}: no module {a.mlp}")
+        else:
+            self._pre(mlp, lambda mod, args, kw: guarded_tap(
+                agent, "mlp_in", L, lambda: _token_rows(_input_of(args, kw))))
+            self._post(mlp, lambda mod, args, kw, out: guarded_tap(
+                agent, "mlp_out", L, lambda: _token_rows(_first(out))))
+        down = find_module(layer, a.down_proj)
+        if down is None:
+            missing("mlp_act", f"layer {L}: {type(mlp).__name__} has no {a.down_proj} module "
+                               "(MoE experts are fused parameters; no module carries the hidden activation)")
+        else:
+            self._pre(down, lambda mod, args, kw: guarded_tap(
+                agent, "mlp_act", L, lambda: _token_rows(_input_of(args, kw, "input"))))
+        router = find_module(layer, a.router)
+        if router is None:
+            for h in ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"):
+                missing(h, f"layer {L}: not a MoE layer (no router module {a.router})")
+        else:
+            li, wi, ii = a.router_tuple
+
+            def router_tap(mod, args, kw, out):
+                # The router sees the tokens flattened to [B*S, hidden]: rows are token rows already.
+                for h, idx in (("moe_router_logits", li), ("moe_topk_weights", wi), ("moe_topk_ids", ii)):
+                    guarded_tap(agent, h, L, lambda idx=idx: out[idx])
+            self._post(router, router_tap)
+
+    def _pre(self, module, fn):
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _post(self, module, fn):
+        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- layout --------------------------------------------------------------------------------
+    def _on_forward_start(self, module, args, kwargs):
+        batch = self._batch
+        if batch is None:
+            return
+        try:
+            layout = self._layout(batch, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - a layout we cannot build disables capture, not the model
+            self.agent.disable(e)
+            return
+        self.agent.begin_step(layout)
+
+    def _on_forward_end(self, module, args, output):
+        if self._batch is not None:
+            self._batch.forwards += 1
+            self.agent.end_step()
+
+    def _layout(self, batch: _Batch, args, kwargs) -> StepLayout:
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            raise ValueError("the HF backend needs input_ids (inputs_embeds is not supported)")
+        B, S = ids.shape
+        if B != len(batch.request_ids):
+            raise ValueError(f"forward batch {B} != {len(batch.request_ids)} requests")
+        spans = []
+        if batch.forwards == 0:
+            if S != batch.padded_len:
+                raise ValueError(f"prefill input has {S} tokens, the prompt batch {batch.padded_len}")
+            for b, rid in enumerate(batch.request_ids):
+                n = batch.prompt_lens[b]
+                if n:
+                    spans.append(RequestRows(rid, b * S + S - n, n, 0, Phase.PREFILL, b))
+        else:
+            if S != 1:
+                raise ValueError(f"decode input has {S} tokens per sequence; the HF backend expects 1")
+            last = ids[:, -1].tolist()
+            for b, rid in enumerate(batch.request_ids):
+                if b in batch.finished:
+                    continue
+                if last[b] in batch.eos:   # its EOS is this step's input: the request has ended
+                    batch.finished.add(b)
+                    continue
+                spans.append(RequestRows(rid, b, 1, batch.prompt_lens[b] + batch.forwards - 1, Phase.DECODE, b))
+        return StepLayout(tuple(spans), total_rows=B * S, num_sequences=B)
+
+    # -- generate --------------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, *, request_ids=None, traceparents=None,
+                 options=None, **generate_kwargs):
+        """model.generate with capture. Returns (generate's output, [RequestContext per row]).
+
+        `attention_mask` must be left padded; `request_ids`, `traceparents`, `options` are per row.
+        """
+        import torch
+
+        B, P = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.detach().to("cpu")
+        lens = [int(v) for v in mask.sum(1).tolist()]
+        for b in range(B):
+            pad = P - lens[b]
+            if bool(mask[b, :pad].any()) or not bool(mask[b, pad:].all()):
+                raise ValueError(f"row {b}: attention_mask is not left padded; the HF backend needs "
+                                 "padding_side='left'")
+        request_ids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in range(B)]
+        if len(request_ids) != B or len(set(request_ids)) != B:
+            raise ValueError("request_ids must be one distinct id per row")
+        eos = generate_kwargs.get("eos_token_id", getattr(self.model.generation_config, "eos_token_id", None))
+        eos_set = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        contexts = []
+        for b, rid in enumerate(request_ids):
+            contexts.append(self.agent.begin_request(
+                rid, traceparents[b] if traceparents else None, options[b] if options else None,
+                prompt_tokens=lens[b]))
+        self._batch = _Batch(request_ids, lens, P, eos_set)
+        out = None
+        try:
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            return out, contexts
+        finally:
+            self._batch = None
+            sequences = getattr(out, "sequences", out)
+            for b, rid in enumerate(request_ids):
+                if sequences is None:
+                    self.agent.end_request(rid, finish_reason="abort")
+                    continue
+                gen = sequences[b, P:].tolist()
+                stop = next((j for j, t in enumerate(gen) if t in eos_set), None)
+                if stop is None:
+                    self.agent.end_request(rid, finish_reason="length", generated_tokens=len(gen))
+                else:
+                    self.agent.end_request(rid, finish_reason="stop", generated_tokens=stop + 1)
+
+
+def _compress(reasons: list[str]) -> list[str]:
+    """Collapse per-layer reasons that differ only in the layer number: 'layers 0-3: ...'."""
+    by_text: dict[str, list[int]] = {}
+    other: list[str] = []
+    for r in reasons:
+        if r.startswith("layer ") and ": " in r:
+            head, text = r.split(": ", 1)
+            try:
+                by_text.setdefault(text, []).append(int(head.split()[1]))
+                continue
+            except ValueError:
+                pass
+        other.append(r)
+    out = list(other)
+    for text, ls in by_text.items():
+        out.append(f"layers {min(ls)}-{max(ls)}: {text}" if len(ls) > 1 else f"layer {ls[0]}: {text}")
+    return out

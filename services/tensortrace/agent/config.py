@@ -1,0 +1,68 @@
+"""Agent configuration: one dataclass, defaults in one place, validate() says what is wrong.
+
+>>> cfg = AgentConfig(ring_dir="/tmp/tt", model_id="llama-tiny", ring_capacity=8 << 20)
+>>> cfg.validate()
+>>> cfg.ring_path()   # '/tmp/tt/<pod>-<pid>-r0.ring'
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from tensortrace.ring.format import ALIGN
+
+OVERFLOW_POLICIES = ("drop_newest", "drop_request", "block")
+
+
+def _default_pod() -> str:
+    return os.environ.get("POD_NAME") or socket.gethostname()
+
+
+def _default_node() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+@dataclass
+class AgentConfig:
+    ring_dir: str = "/run/tensortrace"
+    ring_capacity: int = 256 << 20        # bytes of the ring's data area
+    model_id: str = ""
+    pod: str = field(default_factory=_default_pod)
+    node: str = field(default_factory=_default_node)
+    tp_rank: int = 0
+    tp_size: int = 1
+    overflow_policy: str = "drop_newest"  # drop_newest | drop_request | block
+    block_timeout_s: float = 5.0          # only for overflow_policy="block"
+    pending_summaries_max: int = 4096     # summaries kept while the ring is full, retried each step
+    device_staging_bytes: int = 256 << 20  # CUDA path: device-side staging ring
+    commit_queue_max: int = 65536         # CUDA path: copies in flight awaiting their event
+
+    def validate(self) -> None:
+        problems = []
+        if not self.ring_dir:
+            problems.append("ring_dir is empty")
+        if self.ring_capacity <= 0 or self.ring_capacity % ALIGN:
+            problems.append(f"ring_capacity {self.ring_capacity} must be a positive multiple of {ALIGN}")
+        if self.overflow_policy not in OVERFLOW_POLICIES:
+            problems.append(f"overflow_policy {self.overflow_policy!r} must be one of {', '.join(OVERFLOW_POLICIES)}")
+        if self.block_timeout_s < 0:
+            problems.append(f"block_timeout_s {self.block_timeout_s} must be >= 0")
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            problems.append(f"tp_rank {self.tp_rank} must be within [0, tp_size={self.tp_size})")
+        if self.pending_summaries_max < 0:
+            problems.append("pending_summaries_max must be >= 0")
+        if self.device_staging_bytes <= 0:
+            problems.append("device_staging_bytes must be positive")
+        if self.commit_queue_max < 1:
+            problems.append("commit_queue_max must be >= 1")
+        for name in ("pod", "model_id", "node"):
+            if "/" in getattr(self, name) and name == "pod":
+                problems.append(f"pod {self.pod!r} must not contain '/' (it names the ring file)")
+        if problems:
+            raise ValueError("invalid AgentConfig: " + "; ".join(problems))
+
+    def ring_path(self, pid: int | None = None) -> str:
+        pid = os.getpid() if pid is None else pid
+        return os.path.join(self.ring_dir, f"{self.pod}-{pid}-r{self.tp_rank}.ring")

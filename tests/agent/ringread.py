@@ -1,0 +1,62 @@
+"""Read back what an agent wrote: STEP/SLAB/SUMMARY frames -> per-request tensors, via the
+production split rule (tensortrace.ring.slabs), the way the exporter does."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from tensortrace.ring.format import FrameKind, RingReader
+from tensortrace.ring.slabs import split_slab, summary_record
+from tensortrace.v1 import records_pb2 as pb
+from tensortrace.v1 import ring_pb2
+from tensortrace.wire.codec import record_to_tensor
+
+
+@dataclass
+class ReadBack:
+    records: list = field(default_factory=list)        # TensorRecords
+    summaries: dict = field(default_factory=dict)      # request_id -> RequestSummary
+    steps: list = field(default_factory=list)          # RingStep
+
+    def by_request(self):
+        out = defaultdict(list)
+        for r in self.records:
+            out[r.request_id].append(r)
+        return out
+
+    def tensor(self, request_id: str, hook: str, layer: int = -1) -> tuple[torch.Tensor, list[int]]:
+        """All rows of (request, hook, layer) in position order, with their positions."""
+        recs = sorted((r for r in self.records if r.request_id == request_id and r.hook == hook and r.layer == layer),
+                      key=lambda r: r.token_start)
+        if not recs:
+            raise KeyError((request_id, hook, layer))
+        positions = [p for r in recs for p in range(r.token_start, r.token_end)]
+        return torch.cat([record_to_tensor(r) for r in recs]), positions
+
+
+def drain(reader: RingReader, into: ReadBack | None = None, release: bool = True) -> ReadBack:
+    out = into or ReadBack()
+    producer = pb.Producer(pod=reader.header.identity.pod, pid=reader.header.identity.pid,
+                           tp_rank=reader.header.identity.tp_rank, generation=reader.header.generation)
+    steps = getattr(reader, "_tt_steps", {})
+    last_end = None
+    for frame in reader.frames():
+        if frame.kind == FrameKind.STEP:
+            st = ring_pb2.RingStep.FromString(bytes(frame.meta))
+            steps[st.step] = st
+            out.steps.append(st)
+        elif frame.kind == FrameKind.SLAB:
+            slab = ring_pb2.RingSlab.FromString(bytes(frame.meta))
+            out.records += split_slab(steps[slab.step], slab, frame.payload, frame.seq, producer)
+        elif frame.kind == FrameKind.SUMMARY:
+            s = summary_record(pb.RequestSummary.FromString(bytes(frame.meta)), frame.seq, producer)
+            assert s.request_id not in out.summaries, f"two summaries for {s.request_id}"
+            out.summaries[s.request_id] = s
+        last_end = frame.end
+    reader._tt_steps = steps
+    if release and last_end is not None:
+        reader.release(last_end)
+    return out
