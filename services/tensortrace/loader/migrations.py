@@ -1,0 +1,132 @@
+"""Numbered ClickHouse schema migrations: the one source of truth for the storage schema.
+
+Each migration is (version, name, [statements]); statements are templates with `{db}` (database),
+`{ttl_days}` (retention) and `{payload_codec}` filled by `schema.apply_migrations`. A migration is
+applied once, in order, and recorded in `{db}.schema_migrations`. Never edit a migration that has
+shipped: add the next number. The layout and the reasons for it are in docs/storage.md.
+"""
+
+from __future__ import annotations
+
+# Enum values are the proto enum numbers (records.proto), so a row can be turned back into a record
+# without a lookup table, and names stay readable in SQL (`WHERE phase = 'decode'`).
+_PHASE = "Enum8('unspecified' = 0, 'prefill' = 1, 'decode' = 2)"
+_POSITIONS_KIND = "Enum8('unspecified' = 0, 'token_range' = 1, 'token_list' = 2, 'no_token_axis' = 3)"
+_ENCODING = "Enum8('unspecified' = 0, 'raw' = 1, 'zstd' = 2, 'shuffle_zstd' = 3, 'lz4' = 4)"
+# Timestamps: nanoseconds since the epoch. Delta then ZSTD: rows of one insert are near-monotonic.
+_TS = "DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1))"
+
+_ACTIVATIONS = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.activations (
+    trace_id            FixedString(16),
+    span_id             FixedString(8),
+    request_id          String CODEC(ZSTD(1)),
+    model               LowCardinality(String),
+    hook                LowCardinality(String),
+    layer               Int32,
+    tp_rank             UInt16,
+    tp_size             UInt16,
+    positions_kind      {_POSITIONS_KIND},
+    token_start         UInt32,
+    token_end           UInt32,
+    positions           Array(UInt32),
+    phase               {_PHASE},
+    step                UInt64 CODEC(Delta, ZSTD(1)),
+    dtype               LowCardinality(String),
+    shape               Array(Int64),
+    encoding            {_ENCODING},
+    raw_size            UInt64,
+    payload             String CODEC({{payload_codec}}),
+    capture_time        {_TS},
+    export_time         {_TS},
+    load_time           {_TS},
+    producer_node       LowCardinality(String),
+    producer_pod        LowCardinality(String),
+    producer_pid        UInt32,
+    producer_rank       UInt32,
+    producer_generation UInt64,
+    seq                 UInt64 CODEC(Delta, ZSTD(1)),
+    kafka_partition     UInt32,
+    kafka_offset        UInt64 CODEC(Delta, ZSTD(1)),
+    INDEX idx_request_id request_id TYPE bloom_filter(0.01) GRANULARITY 1,
+    PROJECTION by_hook_layer (
+        SELECT model, hook, layer, capture_time, trace_id, request_id, token_start, token_end, raw_size
+        ORDER BY model, hook, layer, capture_time
+    )
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toDate(capture_time)
+ORDER BY (trace_id, hook, layer, token_start, tp_rank, producer_pod, producer_pid, producer_generation, seq)
+TTL toDateTime(capture_time) + INTERVAL {{ttl_days}} DAY
+SETTINGS index_granularity = 1024,
+         index_granularity_bytes = 4194304,
+         non_replicated_deduplication_window = 1000,
+         deduplicate_merge_projection_mode = 'rebuild'
+"""
+
+_REQUESTS = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.requests (
+    trace_id            FixedString(16),
+    span_id             FixedString(8),
+    request_id          String,
+    model               LowCardinality(String),
+    records_captured    UInt64,
+    records_dropped     UInt64,
+    dropped_by_reason   Map(LowCardinality(String), UInt64),
+    bytes_captured      UInt64,
+    complete            Bool,
+    incomplete_reason   String,
+    prompt_tokens       UInt32,
+    generated_tokens    UInt32,
+    finish_reason       LowCardinality(String),
+    hooks               Array(LowCardinality(String)),
+    sampled             Bool,
+    start_time          {_TS},
+    end_time            {_TS},
+    export_time         {_TS},
+    load_time           {_TS},
+    producer_node       LowCardinality(String),
+    producer_pod        LowCardinality(String),
+    producer_pid        UInt32,
+    producer_rank       UInt32,
+    producer_generation UInt64,
+    seq                 UInt64,
+    kafka_partition     UInt32,
+    kafka_offset        UInt64,
+    INDEX idx_request_id request_id TYPE bloom_filter(0.01) GRANULARITY 1
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toDate(end_time)
+ORDER BY (trace_id, request_id, producer_pod, producer_pid, producer_generation, seq)
+TTL toDateTime(end_time) + INTERVAL {{ttl_days}} DAY
+SETTINGS non_replicated_deduplication_window = 1000
+"""
+
+# trace id -> (request ids, capture time bounds): the read path's first hop, like otel_traces'
+# trace_id_ts. It turns "find this trace" into a primary-key lookup in a tiny table, and its time
+# bounds let the activations query prune every partition but the request's own day(s).
+_ACTIVATION_TRACES = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.activation_traces (
+    trace_id     FixedString(16),
+    request_id   String,
+    model        LowCardinality(String),
+    first_capture SimpleAggregateFunction(min, DateTime64(9, 'UTC')),
+    last_capture  SimpleAggregateFunction(max, DateTime64(9, 'UTC')),
+    INDEX idx_request_id request_id TYPE bloom_filter(0.01) GRANULARITY 1
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toDate(first_capture)
+ORDER BY (trace_id, request_id, model)
+TTL toDateTime(last_capture) + INTERVAL {{ttl_days}} DAY
+"""
+
+_ACTIVATION_TRACES_MV = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.activation_traces_mv TO {db}.activation_traces AS
+SELECT trace_id, request_id, model, min(capture_time) AS first_capture, max(capture_time) AS last_capture
+FROM {db}.activations
+GROUP BY trace_id, request_id, model
+"""
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "activations, requests, activation_traces", [_ACTIVATIONS, _REQUESTS, _ACTIVATION_TRACES, _ACTIVATION_TRACES_MV]),
+]

@@ -1,0 +1,221 @@
+"""Records -> column batches (Arrow tables) for the activations and requests tables.
+
+>>> batch = ColumnBatch()
+>>> batch.add_tensor(record, partition=0, offset=17)
+>>> table = batch.activations_table(load_time_ns=time.time_ns())   # pyarrow.Table, insert_arrow-ready
+
+Column-oriented on purpose: building Python lists per column and handing them to Arrow once per
+batch is what makes the insert fast (docs/BENCHMARKS.md, loader section).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyarrow as pa
+
+from tensortrace.loader.schema import ACTIVATION_COLUMNS, REQUEST_COLUMNS
+from tensortrace.v1 import records_pb2 as pb
+from tensortrace.wire import codec
+
+_NO_TRACE = b"\0" * 16
+_NO_SPAN = b"\0" * 8
+_TS = pa.timestamp("ns", tz="UTC")
+
+
+class InvalidRecord(ValueError):
+    """A decoded record the loader will not store (goes to the dead-letter topic with this reason)."""
+
+
+def _fixed(value: bytes, size: int, what: str) -> bytes:
+    if not value:
+        return b"\0" * size
+    if len(value) != size:
+        raise InvalidRecord(f"{what} is {len(value)} bytes, not {size}")
+    return value
+
+
+def check_tensor_record(rec: pb.TensorRecord) -> None:
+    """Cheap structural checks (no payload decode): what must hold for the row to be readable."""
+    try:
+        elem = codec.element_size(rec.dtype)
+    except codec.WireError as e:
+        raise InvalidRecord(str(e)) from None
+    if any(d < 0 for d in rec.shape):
+        raise InvalidRecord(f"negative dimension in shape {list(rec.shape)}")
+    expect = math.prod(rec.shape) * elem
+    if rec.raw_size != expect:
+        raise InvalidRecord(f"raw_size {rec.raw_size} != {expect} implied by shape {list(rec.shape)} and dtype {codec.dtype_name(rec.dtype)}")
+    if rec.encoding == pb.RAW and len(rec.payload) != rec.raw_size:
+        raise InvalidRecord(f"RAW payload is {len(rec.payload)} bytes, raw_size says {rec.raw_size}")
+    if rec.positions_kind == pb.TOKEN_RANGE and rec.shape and rec.token_end - rec.token_start != rec.shape[0]:
+        raise InvalidRecord(f"token range [{rec.token_start}, {rec.token_end}) does not match {rec.shape[0]} rows")
+    if rec.positions_kind == pb.TOKEN_LIST and rec.shape and len(rec.positions) != rec.shape[0]:
+        raise InvalidRecord(f"{len(rec.positions)} positions for {rec.shape[0]} rows")
+    if not rec.request_id:
+        raise InvalidRecord("tensor record has no request_id")
+    if not rec.hook:
+        raise InvalidRecord("tensor record has no hook")
+    _fixed(rec.trace_id, 16, "trace_id")
+    _fixed(rec.span_id, 8, "span_id")
+
+
+class ColumnBatch:
+    """Accumulates rows of both tables column by column; bounded by its owner (rows, bytes)."""
+
+    def __init__(self) -> None:
+        self.act: dict[str, list] = {c: [] for c in ACTIVATION_COLUMNS if c != "load_time"}
+        self.req: dict[str, list] = {c: [] for c in REQUEST_COLUMNS if c != "load_time"}
+        self.payload_bytes = 0
+        self.first_capture_ns: list[int] = []  # per activation row, for freshness metrics
+
+    @property
+    def rows(self) -> int:
+        return len(self.act["seq"]) + len(self.req["seq"])
+
+    @property
+    def tensor_rows(self) -> int:
+        return len(self.act["seq"])
+
+    @property
+    def summary_rows(self) -> int:
+        return len(self.req["seq"])
+
+    def add_tensor(self, r: pb.TensorRecord, partition: int, offset: int) -> None:
+        check_tensor_record(r)
+        a = self.act
+        p = r.producer
+        a["trace_id"].append(r.trace_id or _NO_TRACE)
+        a["span_id"].append(r.span_id or _NO_SPAN)
+        a["request_id"].append(r.request_id)
+        a["model"].append(r.model_id)
+        a["hook"].append(r.hook)
+        a["layer"].append(r.layer)
+        a["tp_rank"].append(r.tp_rank)
+        a["tp_size"].append(r.tp_size or 1)
+        a["positions_kind"].append(r.positions_kind)
+        a["token_start"].append(r.token_start)
+        a["token_end"].append(r.token_end)
+        a["positions"].append(list(r.positions))
+        a["phase"].append(r.phase)
+        a["step"].append(r.step)
+        a["dtype"].append(codec.dtype_name(r.dtype))
+        a["shape"].append(list(r.shape))
+        a["encoding"].append(r.encoding)
+        a["raw_size"].append(r.raw_size)
+        a["payload"].append(r.payload)
+        # A zero timestamp would land in 1970 and be deleted by the TTL at once: fall back to the
+        # next-best clock rather than lose the row.
+        a["capture_time"].append(r.capture_time_unix_nano or r.export_time_unix_nano or time.time_ns())
+        a["export_time"].append(r.export_time_unix_nano)
+        a["producer_node"].append(p.node)
+        a["producer_pod"].append(p.pod)
+        a["producer_pid"].append(p.pid)
+        a["producer_rank"].append(p.tp_rank)
+        a["producer_generation"].append(p.generation)
+        a["seq"].append(r.seq)
+        a["kafka_partition"].append(partition)
+        a["kafka_offset"].append(offset)
+        self.payload_bytes += len(r.payload)
+
+    def add_summary(self, s: pb.RequestSummary, partition: int, offset: int) -> None:
+        if not s.request_id:
+            raise InvalidRecord("request summary has no request_id")
+        q = self.req
+        p = s.producer
+        q["trace_id"].append(_fixed(s.trace_id, 16, "trace_id"))
+        q["span_id"].append(_fixed(s.span_id, 8, "span_id"))
+        q["request_id"].append(s.request_id)
+        q["model"].append(s.model_id)
+        q["records_captured"].append(s.records_captured)
+        q["records_dropped"].append(s.records_dropped)
+        q["dropped_by_reason"].append(list(s.dropped_by_reason.items()))
+        q["bytes_captured"].append(s.bytes_captured)
+        q["complete"].append(s.complete)
+        q["incomplete_reason"].append(s.incomplete_reason)
+        q["prompt_tokens"].append(s.prompt_tokens)
+        q["generated_tokens"].append(s.generated_tokens)
+        q["finish_reason"].append(s.finish_reason)
+        q["hooks"].append(list(s.hooks))
+        q["sampled"].append(s.sampled)
+        q["start_time"].append(s.start_time_unix_nano)
+        q["end_time"].append(s.end_time_unix_nano or s.export_time_unix_nano or time.time_ns())
+        q["export_time"].append(s.export_time_unix_nano)
+        q["producer_node"].append(p.node)
+        q["producer_pod"].append(p.pod)
+        q["producer_pid"].append(p.pid)
+        q["producer_rank"].append(p.tp_rank)
+        q["producer_generation"].append(p.generation)
+        q["seq"].append(s.seq)
+        q["kafka_partition"].append(partition)
+        q["kafka_offset"].append(offset)
+
+    def activations_table(self, load_time_ns: int) -> pa.Table:
+        a = self.act
+        n = len(a["seq"])
+        return pa.table({
+            "trace_id": pa.array(a["trace_id"], pa.binary(16)),
+            "span_id": pa.array(a["span_id"], pa.binary(8)),
+            "request_id": pa.array(a["request_id"], pa.string()),
+            "model": pa.array(a["model"], pa.string()),
+            "hook": pa.array(a["hook"], pa.string()),
+            "layer": pa.array(a["layer"], pa.int32()),
+            "tp_rank": pa.array(a["tp_rank"], pa.uint16()),
+            "tp_size": pa.array(a["tp_size"], pa.uint16()),
+            "positions_kind": pa.array(a["positions_kind"], pa.int8()),
+            "token_start": pa.array(a["token_start"], pa.uint32()),
+            "token_end": pa.array(a["token_end"], pa.uint32()),
+            "positions": pa.array(a["positions"], pa.list_(pa.uint32())),
+            "phase": pa.array(a["phase"], pa.int8()),
+            "step": pa.array(a["step"], pa.uint64()),
+            "dtype": pa.array(a["dtype"], pa.string()),
+            "shape": pa.array(a["shape"], pa.list_(pa.int64())),
+            "encoding": pa.array(a["encoding"], pa.int8()),
+            "raw_size": pa.array(a["raw_size"], pa.uint64()),
+            "payload": pa.array(a["payload"], pa.large_binary()),
+            "capture_time": pa.array(a["capture_time"], pa.int64()).cast(_TS),
+            "export_time": pa.array(a["export_time"], pa.int64()).cast(_TS),
+            "load_time": pa.array([load_time_ns] * n, pa.int64()).cast(_TS),
+            "producer_node": pa.array(a["producer_node"], pa.string()),
+            "producer_pod": pa.array(a["producer_pod"], pa.string()),
+            "producer_pid": pa.array(a["producer_pid"], pa.uint32()),
+            "producer_rank": pa.array(a["producer_rank"], pa.uint32()),
+            "producer_generation": pa.array(a["producer_generation"], pa.uint64()),
+            "seq": pa.array(a["seq"], pa.uint64()),
+            "kafka_partition": pa.array(a["kafka_partition"], pa.uint32()),
+            "kafka_offset": pa.array(a["kafka_offset"], pa.uint64()),
+        })
+
+    def requests_table(self, load_time_ns: int) -> pa.Table:
+        q = self.req
+        n = len(q["seq"])
+        return pa.table({
+            "trace_id": pa.array(q["trace_id"], pa.binary(16)),
+            "span_id": pa.array(q["span_id"], pa.binary(8)),
+            "request_id": pa.array(q["request_id"], pa.string()),
+            "model": pa.array(q["model"], pa.string()),
+            "records_captured": pa.array(q["records_captured"], pa.uint64()),
+            "records_dropped": pa.array(q["records_dropped"], pa.uint64()),
+            "dropped_by_reason": pa.array(q["dropped_by_reason"], pa.map_(pa.string(), pa.uint64())),
+            "bytes_captured": pa.array(q["bytes_captured"], pa.uint64()),
+            "complete": pa.array(q["complete"], pa.bool_()),
+            "incomplete_reason": pa.array(q["incomplete_reason"], pa.string()),
+            "prompt_tokens": pa.array(q["prompt_tokens"], pa.uint32()),
+            "generated_tokens": pa.array(q["generated_tokens"], pa.uint32()),
+            "finish_reason": pa.array(q["finish_reason"], pa.string()),
+            "hooks": pa.array(q["hooks"], pa.list_(pa.string())),
+            "sampled": pa.array(q["sampled"], pa.bool_()),
+            "start_time": pa.array(q["start_time"], pa.int64()).cast(_TS),
+            "end_time": pa.array(q["end_time"], pa.int64()).cast(_TS),
+            "export_time": pa.array(q["export_time"], pa.int64()).cast(_TS),
+            "load_time": pa.array([load_time_ns] * n, pa.int64()).cast(_TS),
+            "producer_node": pa.array(q["producer_node"], pa.string()),
+            "producer_pod": pa.array(q["producer_pod"], pa.string()),
+            "producer_pid": pa.array(q["producer_pid"], pa.uint32()),
+            "producer_rank": pa.array(q["producer_rank"], pa.uint32()),
+            "producer_generation": pa.array(q["producer_generation"], pa.uint64()),
+            "seq": pa.array(q["seq"], pa.uint64()),
+            "kafka_partition": pa.array(q["kafka_partition"], pa.uint32()),
+            "kafka_offset": pa.array(q["kafka_offset"], pa.uint64()),
+        })

@@ -1,0 +1,116 @@
+"""The ClickHouse schema (loader <-> readers contract): migrations, column lists, client creation.
+
+>>> client = connect("chdb:///var/lib/tensortrace")
+>>> apply_migrations(client, database="tensortrace", ttl_days=7)
+1
+
+Tables (docs/storage.md has the reasoning):
+  activations        one row per TensorRecord (chunks reassembled); ReplacingMergeTree on the dedup
+                     identity, ordered by trace id; projection by (model, hook, layer, time).
+  requests           one row per RequestSummary.
+  activation_traces  trace id -> request ids and capture time bounds (materialized view).
+  schema_migrations  applied migration versions.
+"""
+
+from __future__ import annotations
+
+import re
+import datetime
+
+from tensortrace.loader.migrations import MIGRATIONS
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+DEFAULT_DATABASE = "tensortrace"
+DEFAULT_TTL_DAYS = 7
+# Stored payloads are already compressed by the exporter (SHUFFLE_ZSTD, see docs/storage.md);
+# LZ4 on top costs little and still catches RAW payloads from producers that do not encode.
+DEFAULT_PAYLOAD_CODEC = "LZ4"
+
+ACTIVATION_COLUMNS = (
+    "trace_id", "span_id", "request_id", "model", "hook", "layer", "tp_rank", "tp_size",
+    "positions_kind", "token_start", "token_end", "positions", "phase", "step", "dtype", "shape",
+    "encoding", "raw_size", "payload", "capture_time", "export_time", "load_time",
+    "producer_node", "producer_pod", "producer_pid", "producer_rank", "producer_generation", "seq",
+    "kafka_partition", "kafka_offset",
+)
+REQUEST_COLUMNS = (
+    "trace_id", "span_id", "request_id", "model", "records_captured", "records_dropped",
+    "dropped_by_reason", "bytes_captured", "complete", "incomplete_reason", "prompt_tokens",
+    "generated_tokens", "finish_reason", "hooks", "sampled", "start_time", "end_time", "export_time",
+    "load_time", "producer_node", "producer_pod", "producer_pid", "producer_rank",
+    "producer_generation", "seq", "kafka_partition", "kafka_offset",
+)
+# Dedup identity of a stored record (codec.record_key); reads collapse on it (LIMIT 1 BY).
+IDENTITY_COLUMNS = ("producer_pod", "producer_pid", "producer_generation", "seq")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CODEC = re.compile(r"^(NONE|LZ4|LZ4HC\(\d{1,2}\)|ZSTD\(\d{1,2}\)|ZSTD)$")
+
+
+class SchemaError(RuntimeError):
+    """The database holds a schema this code cannot use (e.g. newer than SCHEMA_VERSION)."""
+
+
+def check_identifier(name: str, what: str = "database") -> str:
+    """Identifiers cannot be query parameters in ClickHouse, so they are validated instead."""
+    if not _IDENT.match(name or ""):
+        raise ValueError(f"{what} name {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63 chars)")
+    return name
+
+
+def check_payload_codec(codec: str) -> str:
+    if not _CODEC.match(codec or ""):
+        raise ValueError(f"payload codec {codec!r} is not one of NONE, LZ4, LZ4HC(n), ZSTD(n)")
+    return codec
+
+
+def connect(dsn: str, **kwargs):
+    """A clickhouse-connect client for `chdb:///path`, `chdb://memory` or `http(s)://user:pw@host:port`."""
+    import os
+
+    import clickhouse_connect
+
+    # Credentials for a server may come from the environment (the chart passes a Secret that way)
+    # rather than the DSN, so they never appear in a process listing.
+    if dsn.startswith(("http://", "https://")) and "@" not in dsn:
+        if os.environ.get("CLICKHOUSE_USER"):
+            kwargs.setdefault("username", os.environ["CLICKHOUSE_USER"])
+        if os.environ.get("CLICKHOUSE_PASSWORD"):
+            kwargs.setdefault("password", os.environ["CLICKHOUSE_PASSWORD"])
+    return clickhouse_connect.get_client(dsn=dsn, **kwargs)
+
+
+def applied_versions(client, database: str) -> list[int]:
+    rows = client.query(f"SELECT version FROM {database}.schema_migrations ORDER BY version").result_rows
+    return [int(r[0]) for r in rows]
+
+
+def apply_migrations(client, database: str = DEFAULT_DATABASE, ttl_days: int = DEFAULT_TTL_DAYS,
+                     payload_codec: str = DEFAULT_PAYLOAD_CODEC) -> int:
+    """Create/upgrade the schema; idempotent. Returns the schema version now in force.
+
+    The TTL is re-applied on every start (metadata only: materialize_ttl_after_modify = 0), so
+    changing `--ttl-days` takes effect without a migration.
+    """
+    db = check_identifier(database)
+    check_payload_codec(payload_codec)
+    if int(ttl_days) < 1:
+        raise ValueError(f"ttl_days must be >= 1, got {ttl_days}")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, "
+        f"applied_at DateTime64(3, 'UTC')) ENGINE = MergeTree ORDER BY version")
+    done = set(applied_versions(client, db))
+    if done and max(done) > SCHEMA_VERSION:
+        raise SchemaError(f"database {db} is at schema version {max(done)}, newer than this loader's {SCHEMA_VERSION}")
+    for version, name, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for sql in statements:
+            client.command(sql.format(db=db, ttl_days=int(ttl_days), payload_codec=payload_codec))
+        client.insert(f"{db}.schema_migrations", [[version, name, datetime.datetime.now(datetime.timezone.utc)]],
+                      column_names=["version", "name", "applied_at"])
+    for table, ts in (("activations", "capture_time"), ("requests", "end_time"), ("activation_traces", "last_capture")):
+        client.command(f"ALTER TABLE {db}.{table} MODIFY TTL toDateTime({ts}) + INTERVAL {int(ttl_days)} DAY",
+                       settings={"materialize_ttl_after_modify": 0})
+    return SCHEMA_VERSION

@@ -1,0 +1,189 @@
+"""The read-back SDK: a request's captured tensors, back as torch tensors.
+
+>>> from tensortrace.query import TensorTraceClient
+>>> tt = TensorTraceClient("grpc://127.0.0.1:50071")          # or "http://user:pw@ch:8123", "chdb:///path"
+>>> req = tt.tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", hooks=["resid_pre"], wait_s=5)
+>>> req["resid_pre", 3].tensor.shape, req.completeness.state
+(torch.Size([37, 2048]), 'complete')
+>>> hs = req.hidden_states()    # like output_hidden_states: tuple of [1, seq, hidden]
+
+Backends: `grpc://host:port` talks to the query service (`tensortrace loader --query-port` or
+`tensortrace query-server`); `http(s)://` and `chdb://` read ClickHouse directly. An embedded chDB
+path can only be opened by one process, so a reader next to a running loader uses grpc://.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tensortrace.query import validate
+from tensortrace.query.assemble import CapturedTensor, Completeness, assemble, completeness
+from tensortrace.query.backend import ClickHouseBackend, HookLayerStats, RequestRef
+from tensortrace.query.errors import AmbiguousRequest, IncompleteData, InvalidQuery, NotFound, QueryTimeout
+
+# hidden_states[i] for i < num_layers is the residual stream entering layer i; the last one is the
+# final norm output. This is what transformers' output_hidden_states returns (catalog.py says the same).
+HIDDEN_STATE_LAYER_HOOK = "resid_pre"
+HIDDEN_STATE_FINAL_HOOK = "resid_final"
+
+
+@dataclass
+class RequestTensors:
+    """Everything read back for one request."""
+    request_id: str
+    trace_id: str                                    # 32 hex chars
+    model: str
+    tensors: dict[tuple[str, int], CapturedTensor]
+    completeness: Completeness
+    hook_stats: list[HookLayerStats] = field(default_factory=list)
+
+    def __getitem__(self, key: tuple[str, int]) -> CapturedTensor:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise KeyError(f"{key} not captured; have {sorted(self.tensors)[:20]}") from None
+
+    def __contains__(self, key) -> bool:
+        return key in self.tensors
+
+    @property
+    def hooks(self) -> list[str]:
+        return sorted({h for h, _ in self.tensors})
+
+    def layers(self, hook: str) -> list[int]:
+        return sorted(layer for h, layer in self.tensors if h == hook)
+
+    def hidden_states(self, allow_gaps: bool = False) -> tuple:
+        """(resid_pre[0], ..., resid_pre[L-1], resid_final) each as [1, seq, hidden], like
+        transformers' `output_hidden_states=True`. Needs every layer's resid_pre and resid_final
+        over the same positions; raises IncompleteData naming what is missing."""
+        layers = self.layers(HIDDEN_STATE_LAYER_HOOK)
+        if not layers:
+            raise IncompleteData(f"no {HIDDEN_STATE_LAYER_HOOK} captured for request {self.request_id}")
+        if layers != list(range(len(layers))):
+            missing = sorted(set(range(max(layers) + 1)) - set(layers))
+            raise IncompleteData(f"{HIDDEN_STATE_LAYER_HOOK} missing for layers {missing}")
+        final = self.tensors.get((HIDDEN_STATE_FINAL_HOOK, -1))
+        if final is None:
+            raise IncompleteData(f"no {HIDDEN_STATE_FINAL_HOOK} captured: the last hidden state is the final norm output")
+        parts = [self.tensors[HIDDEN_STATE_LAYER_HOOK, i] for i in layers] + [final]
+        spans = {(p.start, p.end) for p in parts}
+        if len(spans) != 1:
+            raise IncompleteData(f"hidden states cover different positions: {sorted(spans)}")
+        if not allow_gaps and any(p.gaps for p in parts):
+            bad = [(p.hook, p.layer, p.gaps) for p in parts if p.gaps][:5]
+            raise IncompleteData(f"positions missing (pass allow_gaps=True to get zeros there): {bad}")
+        return tuple(p.tensor.unsqueeze(0) for p in parts)
+
+
+def _backend_for(target, database: str):
+    if not isinstance(target, str):
+        return ClickHouseBackend(target, database)  # an existing clickhouse-connect client
+    if target.startswith("grpc://"):
+        from tensortrace.query.remote import GrpcBackend
+
+        return GrpcBackend(target.removeprefix("grpc://"))
+    if target.startswith(("chdb://", "http://", "https://")):
+        from tensortrace.loader.schema import connect
+
+        return ClickHouseBackend(connect(target), database)
+    raise InvalidQuery(f"target {target!r}: expected grpc://host:port, http(s)://..., chdb:///path or a client")
+
+
+class TensorTraceClient:
+    """Reads captured requests. Thread-safe for reads when its backend is.
+
+    >>> tt = TensorTraceClient("grpc://127.0.0.1:50071", default_wait_s=2.0)
+    >>> tt.requests(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")   # -> [RequestRef, ...]
+    """
+
+    def __init__(self, target, database: str = "tensortrace", default_wait_s: float = 0.0,
+                 poll_interval_s: float = 0.1):
+        if default_wait_s < 0 or poll_interval_s <= 0:
+            raise InvalidQuery("default_wait_s must be >= 0 and poll_interval_s > 0")
+        self.backend = _backend_for(target, database)
+        self.default_wait_s = default_wait_s
+        self.poll_interval_s = poll_interval_s
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def requests(self, trace_id=None, request_id=None) -> list[RequestRef]:
+        """Stored requests matching a trace id and/or request id (possibly none)."""
+        tid = validate.trace_id_bytes(trace_id) if trace_id is not None else None
+        rid = validate.request_id(request_id) if request_id is not None else None
+        if tid is None and rid is None:
+            raise InvalidQuery("give trace_id= or request_id=")
+        return self.backend.lookup(tid, rid)
+
+    def _resolve(self, trace_id, request_id, wait_s: float) -> RequestRef:
+        deadline = time.monotonic() + wait_s
+        while True:
+            refs = self.requests(trace_id, request_id)
+            if len(refs) > 1:
+                ids = [r.request_id for r in refs]
+                raise AmbiguousRequest(f"trace {refs[0].trace_id.hex()} holds {len(refs)} requests {ids[:10]}; "
+                                       f"pass request_id=", ids)
+            if refs:
+                return refs[0]
+            if time.monotonic() >= deadline:
+                what = f"trace id {trace_id}" if trace_id is not None else f"request id {request_id!r}"
+                if wait_s > 0:
+                    raise QueryTimeout(f"no request with {what} appeared within {wait_s:g}s")
+                raise NotFound(f"no request with {what} is stored")
+            time.sleep(self.poll_interval_s)
+
+    def status(self, trace_id=None, request_id=None, wait_s: float | None = None) -> Completeness:
+        """Completeness of one request, without reading tensors."""
+        wait_s = self.default_wait_s if wait_s is None else wait_s
+        ref = self._resolve(trace_id, request_id, wait_s)
+        st = self.backend.status(ref)
+        return completeness(st.summaries, st.records_loaded)
+
+    def describe(self, trace_id=None, request_id=None) -> tuple[RequestRef, Completeness, list[HookLayerStats]]:
+        """Per (hook, layer) counts, token ranges, bytes and latencies; reads no payloads."""
+        ref = self._resolve(trace_id, request_id, 0.0)
+        st = self.backend.status(ref)
+        return ref, completeness(st.summaries, st.records_loaded), self.backend.describe(ref)
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def tensors(self, trace_id=None, request_id=None, hooks=None, layers=None, wait_s: float | None = None,
+                progress: Callable[[int, int], None] | None = None) -> RequestTensors:
+        """The request's tensors per (hook, layer), whole sequences across prefill and decode.
+
+        wait_s: wait up to this long for the request to appear and finish loading (its summary
+        present and every captured record stored); after that, return what is there (see
+        `.completeness.state`), or raise QueryTimeout if nothing appeared.
+        """
+        hooks = validate.hooks(hooks)
+        layers = validate.layers(layers)
+        wait_s = self.default_wait_s if wait_s is None else wait_s
+        if wait_s < 0:
+            raise InvalidQuery(f"wait_s must be >= 0, got {wait_s}")
+        deadline = time.monotonic() + wait_s
+        ref = self._resolve(trace_id, request_id, wait_s)
+        while True:
+            st = self.backend.status(ref)
+            comp = completeness(st.summaries, st.records_loaded)
+            if comp.state in ("complete", "incomplete") and comp.records_loaded >= comp.records_captured:
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_interval_s)
+            if not ref.first_capture_ns:  # tensors may have arrived since the lookup
+                ref = self._resolve(ref.trace_id, ref.request_id, 0.0)
+        records = list(self.backend.fetch(ref, hooks, layers, progress))
+        return RequestTensors(ref.request_id, ref.trace_id.hex(), ref.model, assemble(records), comp)
