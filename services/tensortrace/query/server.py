@@ -1,0 +1,138 @@
+"""The gRPC query service (proto/tensortrace/v1/query.proto) over a ClickHouseBackend.
+
+    tensortrace query-server --clickhouse http://user:pw@clickhouse:8123 --port 50071
+
+>>> server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port`
+>>> server.stop(grace=1)
+
+A chDB path can be opened by one process only, so for an embedded engine this service runs inside
+the loader (`tensortrace loader --query-port`), sharing its client; `tensortrace query-server`
+is for ClickHouse servers (or a chDB path no loader holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+from tensortrace.query import validate
+from tensortrace.query.backend import ClickHouseBackend, RequestRef
+from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError
+from tensortrace.v1 import query_pb2 as qpb
+from tensortrace.v1 import query_pb2_grpc as qgrpc
+
+MAX_MESSAGE_BYTES = 256 << 20  # one reassembled record can exceed gRPC's 4 MiB default
+
+
+def ref_to_pb(ref: RequestRef) -> qpb.RequestRef:
+    return qpb.RequestRef(trace_id=ref.trace_id, request_id=ref.request_id, model=ref.model,
+                          first_capture_unix_nano=ref.first_capture_ns, last_capture_unix_nano=ref.last_capture_ns)
+
+
+def ref_from_pb(m: qpb.RequestRef) -> RequestRef:
+    return RequestRef(validate.trace_id_bytes(m.trace_id), validate.request_id(m.request_id), m.model,
+                      m.first_capture_unix_nano, m.last_capture_unix_nano)
+
+
+def _abort(context, e: Exception):
+    code = {InvalidQuery: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
+            BackendUnavailable: grpc.StatusCode.UNAVAILABLE}
+    for cls, status in code.items():
+        if isinstance(e, cls):
+            context.abort(status, str(e))
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+class QueryServicer(qgrpc.QueryServiceServicer):
+    def __init__(self, backend: ClickHouseBackend):
+        self.backend = backend
+
+    def Lookup(self, request, context):
+        try:
+            tid = validate.trace_id_bytes(request.trace_id) if request.trace_id else None
+            rid = validate.request_id(request.request_id) if request.request_id else None
+            if tid is None and rid is None:
+                raise InvalidQuery("give trace_id or request_id")
+            refs = self.backend.lookup(tid, rid)
+        except QueryError as e:
+            _abort(context, e)
+        return qpb.LookupResponse(requests=[ref_to_pb(r) for r in refs])
+
+    def Status(self, request, context):
+        try:
+            st = self.backend.status(ref_from_pb(request))
+        except QueryError as e:
+            _abort(context, e)
+        return qpb.StatusResponse(request=ref_to_pb(st.ref), summaries=st.summaries, records_loaded=st.records_loaded)
+
+    def Describe(self, request, context):
+        try:
+            stats = self.backend.describe(ref_from_pb(request))
+        except QueryError as e:
+            _abort(context, e)
+        return qpb.DescribeResponse(hooks=[qpb.HookLayerStats(**s.__dict__) for s in stats])
+
+    def Fetch(self, request, context):
+        try:
+            ref = ref_from_pb(request.request)
+            hooks = validate.hooks(list(request.hooks))
+            layers = validate.layers(list(request.layers))
+            total: list[int] = []
+            for rec in self.backend.fetch(ref, hooks, layers, progress=lambda done, n: total.append(n) if not total else None):
+                if len(total) == 1:
+                    yield qpb.FetchResponse(total_records=total[0])
+                    total.append(-1)
+                yield qpb.FetchResponse(record=rec)
+            if len(total) == 1:
+                yield qpb.FetchResponse(total_records=total[0])
+        except QueryError as e:
+            _abort(context, e)
+
+
+def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: int = 0, workers: int = 4):
+    """Start the service on host:port (0: any free port). Returns (grpc.Server, bound port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="query"),
+                         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    qgrpc.add_QueryServiceServicer_to_server(QueryServicer(ClickHouseBackend(client, database)), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tensortrace query-server", description="serve the gRPC read-back API")
+    p.add_argument("--clickhouse", "--clickhouse-dsn", dest="dsn", required=True,
+                   help="http(s)://user:pw@host:port, or a chdb:///path no loader holds")
+    p.add_argument("--database", default="tensortrace")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50071)
+    a = p.parse_args(argv)
+    from tensortrace.loader.schema import check_identifier, connect
+    from tensortrace.loader.service import ThreadSafeClient
+
+    try:
+        check_identifier(a.database)
+    except ValueError as e:
+        print(f"tensortrace query-server: {e}", file=sys.stderr)
+        return 2
+    server, port = serve(ThreadSafeClient(connect(a.dsn)), a.database, a.host, a.port)
+    print(f"query service on {a.host}:{port}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
