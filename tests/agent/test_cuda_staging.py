@@ -1,0 +1,103 @@
+"""CUDA path: device staging ring + async D2H into the pinned ring file, without a single
+synchronising call on the inference thread (torch.cuda.set_sync_debug_mode("error"))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringread import drain
+from tiny_models import left_padded, make
+from tensortrace.agent import AgentConfig, CaptureAgent, Phase, RequestRows, Selection, StepLayout
+from tensortrace.agent.backends.hf import HFBackend
+from tensortrace.ring.format import RingReader
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_capture_path_makes_no_synchronising_call_and_lands_bit_exact(ring_dir):
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="gpu", ring_capacity=64 << 20,
+                                     device_staging_bytes=8 << 20),
+                         Selection(hooks=frozenset({"resid_pre", "logits"})))
+    for r in ("a", "b", "c"):
+        agent.begin_request(r)
+    layout = StepLayout((RequestRows("a", 1, 5, 0, Phase.PREFILL), RequestRows("b", 6, 3, 0, Phase.PREFILL),
+                         RequestRows("c", 10, 2, 4, Phase.PREFILL)), total_rows=12)
+    x = torch.randn(12, 256, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(12, 1000, device="cuda")
+    expect = [(x.clone(), logits.clone())]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(20):
+            agent.begin_step(layout)
+            for L in range(4):
+                agent.capture("resid_pre", L, x)
+            agent.capture("logits", -1, logits)
+            agent.end_step()
+            # the model overwrites its activations right after the tap: the capture must not see it
+            x.add_(1)
+            logits.mul_(2)
+            expect.append((x.clone(), logits.clone()))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for r in ("a", "b", "c"):
+        agent.end_request(r)
+    assert agent.flush(timeout_s=30)
+    assert not agent.stats().disabled_taps and not agent.stats().agent_disabled
+    got = drain(RingReader.open(agent.ring_path))
+    for span in layout.spans:
+        rows = slice(span.row_start, span.row_start + span.row_count)
+        recs = sorted((r for r in got.records if r.request_id == span.request_id and r.hook == "resid_pre"
+                       and r.layer == 2), key=lambda r: r.step)
+        assert len(recs) == 20
+        for k, rec in enumerate(recs):
+            t = torch.frombuffer(bytearray(rec.payload), dtype=torch.bfloat16).view(span.row_count, 256)
+            assert torch.equal(t, expect[k][0][rows].cpu())
+    s = got.summaries["a"]
+    assert s.complete and s.records_captured == 20 * 5
+    assert agent.stats().written == agent.stats().produced == 3 * 20 * 5
+    agent.close()
+
+
+def test_hf_generate_on_cuda_matches_the_uninstrumented_model(ring_dir):
+    model = make("llama").to("cuda")
+    ids, mask = left_padded([[5, 6, 7], [11, 12, 13, 14, 15]])
+    ids, mask = ids.cuda(), mask.cuda()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
+               return_dict_in_generate=True, output_hidden_states=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="gpu", ring_capacity=16 << 20,
+                                     device_staging_bytes=4 << 20), Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    out, _ = backend.generate(ids, attention_mask=mask, request_ids=["a", "b"], **gen)
+    assert torch.equal(out.sequences, ref.sequences)
+    agent.flush(timeout_s=30)
+    got = drain(RingReader.open(agent.ring_path))
+    t, pos = got.tensor("b", "resid_pre", 1)
+    want = torch.cat([ref.hidden_states[0][1][1, :]] + [ref.hidden_states[k][1][1] for k in range(1, 4)]).cpu()
+    assert pos == list(range(8)) and torch.equal(t, want)
+    t, _ = got.tensor("a", "resid_pre", 0)
+    want = torch.cat([ref.hidden_states[0][0][0, 2:]] + [ref.hidden_states[k][0][0] for k in range(1, 4)]).cpu()
+    assert torch.equal(t, want)
+    assert agent.stats().dropped == 0
+    agent.close()
+
+
+def test_full_device_staging_drops_and_counts_instead_of_waiting(ring_dir):
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="gpu", ring_capacity=64 << 20,
+                                     device_staging_bytes=64 << 10), Selection(hooks=frozenset({"resid_pre"})))
+    agent.begin_request("a")
+    layout = StepLayout((RequestRows("a", 0, 64, 0, Phase.PREFILL),), total_rows=64)
+    x = torch.randn(64, 512, device="cuda")   # 128 KiB per slab > 64 KiB of staging
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        agent.begin_step(layout)
+        agent.capture("resid_pre", 0, x)
+        agent.end_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    s = agent.end_request("a")
+    assert s.dropped_by_reason == {"staging_full": 1}
+    agent.close()
