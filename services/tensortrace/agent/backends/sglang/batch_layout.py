@@ -1,0 +1,105 @@
+"""SGLang ForwardBatch -> StepLayout: which token rows of a forward belong to which request.
+
+Reads only host-side fields of the ForwardBatch (no device sync): `forward_mode`, `batch_size`,
+`input_ids.shape[0]`, `seq_lens_cpu`, `extend_seq_lens_cpu`, `extend_prefix_lens_cpu`, `rids`.
+
+Per forward mode (v0_5.MODES_CAPTURED / MODES_SKIPPED; docs/sglang.md):
+- EXTEND: rows are the *new* tokens of each request, concatenated in batch order. Tokens served
+  from the radix cache (prefix hits) and earlier chunks of a chunked prefill are not recomputed,
+  so they have no rows: a request's span starts at position `extend_prefix_lens_cpu[i]`.
+- MIXED (chunked prefill mixed with running decodes): laid out like EXTEND; the running decode
+  requests are appended with one new token each.
+- DECODE: one row per request, at position `seq_lens_cpu[i] - 1`. Rows past `batch_size` (CUDA
+  graph padding to the captured batch size) belong to no request and are never exported.
+- IDLE, TARGET_VERIFY, DRAFT_EXTEND_V2, PREBUILT, SPLIT_PREFILL, DLLM_EXTEND: not captured (the
+  reason is returned and counted).
+
+Phase: a row span is DECODE when its first position is at or past the request's prompt length
+(a generated token), else PREFILL. The prompt length comes from the request registry; when it
+is unknown, EXTEND spans are PREFILL and DECODE spans DECODE.
+
+>>> plan = plan_step(forward_batch, prompt_len={"a": 5, "b": 3}.get)
+>>> plan.layout.spans[0]   # RequestRows('a', row_start=0, row_count=5, position_start=0, PREFILL)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from tensortrace.agent.backends.sglang import v0_5
+from tensortrace.agent.layout import Phase, RequestRows, StepLayout
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    mode: str                      # ForwardMode name
+    layout: StepLayout | None      # None: this forward is not captured
+    skip_reason: str = ""          # why, when layout is None
+
+
+class LayoutError(ValueError):
+    """The ForwardBatch's fields contradict each other (names the field)."""
+
+
+def _mode_name(mode) -> str:
+    return getattr(mode, "name", None) or str(mode)
+
+
+def _as_list(v) -> list[int]:
+    if v is None:
+        return []
+    if hasattr(v, "tolist"):
+        return [int(x) for x in v.tolist()]
+    return [int(x) for x in v]
+
+
+def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
+              rids: Sequence[str] | None = None) -> StepPlan:
+    """Build the StepLayout of one SGLang forward. `rids` overrides `fb.rids` (SGLang < 0.5.15
+    has no ForwardBatch.rids: the plugin passes the ScheduleBatch's request ids)."""
+    mode = _mode_name(fb.forward_mode)
+    if mode not in v0_5.MODES_CAPTURED:
+        return StepPlan(mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured"))
+    bs = int(fb.batch_size)
+    rids = list(rids if rids is not None else (getattr(fb, "rids", None) or ()))
+    if bs == 0:
+        return StepPlan(mode, None, "empty batch")
+    if len(rids) != bs:
+        raise LayoutError(f"{mode}: {len(rids)} request ids for batch_size {bs} (ForwardBatch.rids)")
+    total_rows = int(fb.input_ids.shape[0])
+    spans: list[RequestRows] = []
+    if mode == "DECODE":
+        seq_lens = _as_list(fb.seq_lens_cpu)[:bs]  # padded graph batches carry extra entries
+        if len(seq_lens) != bs:
+            raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
+        if total_rows < bs:
+            raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
+        for i, (rid, n) in enumerate(zip(rids, seq_lens)):
+            pos = n - 1
+            spans.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,
+                                     phase=_phase(pos, prompt_len(rid), Phase.DECODE), seq_index=i))
+    else:  # EXTEND, MIXED
+        ext = _as_list(fb.extend_seq_lens_cpu)
+        pre = _as_list(fb.extend_prefix_lens_cpu)
+        if len(ext) != bs or len(pre) != bs:
+            raise LayoutError(f"{mode}: extend_seq_lens_cpu ({len(ext)}) / extend_prefix_lens_cpu ({len(pre)}) "
+                              f"do not have batch_size {bs} entries")
+        row = 0
+        for i, (rid, n, p) in enumerate(zip(rids, ext, pre)):
+            if n > 0:
+                spans.append(RequestRows(rid, row_start=row, row_count=n, position_start=p,
+                                         phase=_phase(p, prompt_len(rid), Phase.PREFILL), seq_index=i))
+            row += n
+        if row > total_rows:
+            raise LayoutError(f"{mode}: extend_seq_lens_cpu sums to {row} rows, input_ids has {total_rows}")
+    try:
+        return StepPlan(mode, StepLayout(spans=tuple(spans), total_rows=total_rows, num_sequences=bs))
+    except ValueError as e:
+        raise LayoutError(f"{mode}: {e}") from None
+
+
+def _phase(position_start: int, prompt_tokens: int | None, default: Phase) -> Phase:
+    if prompt_tokens is None:
+        return default
+    return Phase.DECODE if position_start >= prompt_tokens else Phase.PREFILL

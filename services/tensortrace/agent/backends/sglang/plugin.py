@@ -1,0 +1,311 @@
+"""The SGLang plugin: installs the TensorTrace capture agent inside every SGLang scheduler process.
+
+Enabled by installing `tensortrace[sglang]` next to SGLang (>= 0.5.10): SGLang loads the entry point
+`tensortrace = tensortrace.agent.backends.sglang.plugin:install` (group `sglang.srt.plugins`) in
+each of its processes before anything is built; `SGLANG_PLUGINS=tensortrace` restricts loading to
+it. What `install()` registers with SGLang's HookRegistry (targets: v0_5.HOOK_TARGETS):
+
+main process (TokenizerManager)
+    generate_request BEFORE: validate custom_params["tensortrace"] (HTTP 400 on bad options) and
+    copy the `traceparent` header into custom_params["traceparent"].
+scheduler process (one per TP rank)
+    ModelRunner.load_model AFTER: create the agent (ring file per process), place the taps on the
+                              model's modules — before any CUDA graph is captured.
+    ForwardBatch.init_new AFTER: begin every request of the batch not seen yet (trace context,
+                              options, prompt length) — from the ScheduleBatch's `reqs`.
+    ModelRunner.forward AROUND: StepLayout from the ForwardBatch (batch_layout.plan_step), token ids
+                              before, logits after, the module taps in between; see SGLangCapture.
+    SchedulerOutputStreamer.stream_output AFTER: end every finished request (its summary).
+
+Configuration: environment variables (config.py). Without plugins (SGLang <= 0.5.9) use the
+`--forward-hooks` fallback in forward_hooks.py.
+
+>>> install()   # what SGLang calls; a no-op outside SGLang processes it recognises
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from tensortrace.agent.backends.sglang import v0_5
+from tensortrace.agent.backends.sglang.batch_layout import plan_step
+from tensortrace.agent.backends.sglang.config import SGLangBackendConfig
+from tensortrace.agent.backends.sglang.request_options import options_of, stamp_request
+from tensortrace.agent.backends.sglang.taps import REPLICATED_HOOKS, SGLangTaps
+
+log = logging.getLogger("tensortrace.sglang")
+
+_RUNTIME: "SGLangCapture | None" = None
+_INSTALLED: set[str] = set()
+
+
+def _resolve(dotted: str):
+    import pkgutil
+
+    return pkgutil.resolve_name(dotted)
+
+
+def process_role() -> str:
+    """'scheduler' / 'detokenizer' / 'dp_controller' when called under that SGLang process entry
+    function (load_plugins() runs first thing there), else 'main'. TENSORTRACE_SGLANG_ROLE overrides."""
+    forced = os.environ.get("TENSORTRACE_SGLANG_ROLE")
+    if forced:
+        return forced
+    f = sys._getframe(1)
+    while f is not None:
+        role = v0_5.PROCESS_ENTRY_FUNCTIONS.get(f.f_code.co_name)
+        if role:
+            return role
+        f = f.f_back
+    return "main"
+
+
+def install() -> None:
+    """Entry point (group sglang.srt.plugins). Never raises: a broken plugin must not stop serving."""
+    try:
+        _install(process_role())
+    except Exception:  # noqa: BLE001
+        log.exception("tensortrace: SGLang plugin failed to install; serving continues without capture")
+
+
+def _install(role: str) -> None:
+    config = SGLangBackendConfig.from_env()
+    if config.disabled or role in _INSTALLED:
+        return
+    config.validate()
+    HookRegistry = _resolve(v0_5.HOOK_REGISTRY)
+    HookType = _resolve(v0_5.HOOK_TYPE)
+    T = v0_5.HOOK_TARGETS
+    if role == "main":
+        HookRegistry.register(T["tokenizer_generate_request"], _before_generate_request, HookType.BEFORE)
+    elif role == "scheduler":
+        global _RUNTIME
+        _RUNTIME = SGLangCapture(config)
+        HookRegistry.register(T["model_runner_load_model"], _after_load_model, HookType.AFTER)
+        HookRegistry.register(T["forward_batch_init_new"], _after_init_new, HookType.AFTER)
+        HookRegistry.register(T["model_runner_forward"], _around_forward, HookType.AROUND)
+        HookRegistry.register(T["stream_output"], _after_stream_output, HookType.AFTER)
+    _INSTALLED.add(role)
+    log.info("tensortrace: SGLang plugin installed in the %s process (pid %d)", role, os.getpid())
+
+
+# -- hook functions (thin: all logic lives in SGLangCapture / request_options) ----------------
+def _before_generate_request(self, obj, request=None, *args, **kwargs):
+    headers = getattr(request, "headers", None)
+    traceparent = headers.get("traceparent") if headers is not None else None
+    stamp_request(obj, traceparent)  # ValueError -> SGLang answers 400
+    return None
+
+
+def _after_load_model(result, runner, *args, **kwargs):
+    if _RUNTIME is not None:
+        _RUNTIME.attach(runner)
+    return None
+
+
+def _after_init_new(result, cls, batch=None, *args, **kwargs):
+    if _RUNTIME is not None and batch is not None:
+        _RUNTIME.observe_batch(result, batch)
+    return None
+
+
+def _around_forward(original, runner, forward_batch, *args, **kwargs):
+    rt = _RUNTIME
+    if rt is None or not rt.attached_to(runner):
+        return original(runner, forward_batch, *args, **kwargs)
+    return rt.forward(original, runner, forward_batch, *args, **kwargs)
+
+
+def _after_stream_output(result, streamer, reqs, *args, **kwargs):
+    if _RUNTIME is not None:
+        _RUNTIME.finish_requests(reqs)
+    return None
+
+
+class SGLangCapture:
+    """The agent inside one SGLang scheduler process, bound to its (target) ModelRunner.
+
+        rt = SGLangCapture(SGLangBackendConfig.from_env())
+        rt.attach(model_runner)                  # after load_model
+        rt.observe_batch(forward_batch, batch)   # after ForwardBatch.init_new
+        out = rt.forward(ModelRunner.forward, model_runner, forward_batch)
+        rt.finish_requests(reqs)                 # after stream_output
+    """
+
+    def __init__(self, config: SGLangBackendConfig, agent=None):
+        self.config = config
+        self.agent = agent
+        self.taps: SGLangTaps | None = None
+        self._runner_id: int | None = None
+        self._requests: dict[str, dict] = {}   # rid -> {"prompt": n, "sampled": bool, "missed": str}
+        self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
+        self._checked = False
+        self._force_eager = False
+        self._thread = None
+        self.skipped_steps: dict[str, int] = {}
+        self.layout_errors = 0
+        self.tp_rank, self.tp_size = 0, 1
+
+    # -- attach ----------------------------------------------------------------------------
+    def attached_to(self, runner) -> bool:
+        return self._runner_id is not None and id(runner) == self._runner_id and self.agent is not None
+
+    def attach(self, runner) -> None:
+        if getattr(runner, "is_draft_worker", False) or self._runner_id is not None:
+            return  # speculative draft models are not captured; one target runner per process
+        try:
+            self._attach(runner)
+        except Exception:  # noqa: BLE001
+            log.exception("tensortrace: could not attach to the SGLang model; serving continues without capture")
+            self.agent = None
+            self._runner_id = None
+
+    def _attach(self, runner) -> None:
+        from tensortrace.agent.config import AgentConfig
+        from tensortrace.agent.core import CaptureAgent
+        from tensortrace.agent.selection import Selection
+
+        try:
+            p = _resolve(v0_5.PARALLEL_STATE)()
+            self.tp_rank, self.tp_size = int(p.tp_rank), int(p.tp_size)
+        except Exception:  # noqa: BLE001
+            self.tp_rank, self.tp_size = int(getattr(runner, "tp_rank", 0)), int(getattr(runner, "tp_size", 1))
+        mc = runner.model_config
+        model_id = self.config.model_id or os.path.basename(str(getattr(mc, "model_path", "")).rstrip("/"))
+        if self.agent is None:
+            self.agent = CaptureAgent(
+                AgentConfig(ring_dir=self.config.ring_dir, ring_capacity=self.config.ring_capacity,
+                            model_id=model_id, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                            overflow_policy=self.config.overflow_policy),
+                Selection.from_doc(self.config.selection_doc()))
+        hidden = int(getattr(mc, "hidden_size", 0) or mc.hf_config.hidden_size)
+        self.taps = SGLangTaps(runner.model, self.agent, hidden_size=hidden, tp_rank=self.tp_rank,
+                               tp_size=self.tp_size)
+        self._unplaced = self.taps.place()
+        archs = getattr(mc.hf_config, "architectures", None) or ["?"]
+        if archs[0] not in v0_5.ARCHITECTURES:
+            self._unplaced.append(("*", f"architecture {archs[0]} is not in the tested list; taps placed by name"))
+        self.agent.report_placement(self._unplaced)
+        self._runner_id = id(runner)
+        self._thread = threading.get_ident()
+        graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
+        if graph_runner is not None and self.config.cuda_graph == "eager":
+            self._wrap_graph_runner(graph_runner)
+        log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed, %d unplaced", model_id,
+                 self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps), len(self._unplaced))
+
+    def _wrap_graph_runner(self, graph_runner) -> None:
+        """`eager` CUDA-graph mode: a decode step that captures anything runs eagerly, so every tap
+        fires; steps that capture nothing still replay the graph."""
+        can_run = graph_runner.can_run_graph
+        rt = self
+
+        def can_run_graph(forward_batch, *a, **kw):
+            return False if rt._force_eager else can_run(forward_batch, *a, **kw)
+
+        graph_runner.can_run_graph = can_run_graph
+
+    # -- requests --------------------------------------------------------------------------
+    def observe_batch(self, forward_batch, batch) -> None:
+        """Begin every request of a ScheduleBatch the agent has not seen yet."""
+        if self.agent is None:
+            return
+        try:
+            reqs = list(getattr(batch, "reqs", None) or ())
+            if getattr(forward_batch, "rids", None) is None:
+                self._batch_rids[id(forward_batch)] = [r.rid for r in reqs]
+            for req in reqs:
+                if req.rid in self._requests:
+                    continue
+                custom = getattr(getattr(req, "sampling_params", None), v0_5.SAMPLING_PARAMS_CUSTOM, None)
+                options, traceparent = options_of(custom)
+                prompt = len(req.origin_input_ids)
+                try:
+                    ctx = self.agent.begin_request(req.rid, traceparent=traceparent, options=options,
+                                                   prompt_tokens=prompt)
+                except ValueError as e:  # options rejected (normally caught at the HTTP layer)
+                    log.warning("tensortrace: request %s: %s; captured with the global selection", req.rid, e)
+                    ctx = self.agent.begin_request(req.rid, traceparent=traceparent, prompt_tokens=prompt)
+                self._requests[req.rid] = {"prompt": prompt, "sampled": ctx.sampled, "missed": ""}
+        except Exception:  # noqa: BLE001
+            log.exception("tensortrace: observing a batch failed (capture of its requests may be incomplete)")
+
+    def finish_requests(self, reqs) -> None:
+        if self.agent is None:
+            return
+        for req in reqs or ():
+            try:
+                if not req.finished() or req.rid not in self._requests:
+                    continue
+                info = self._requests.pop(req.rid)
+                reason = req.finished_reason.to_json().get("type", "stop") if req.finished_reason else "stop"
+                self.agent.end_request(req.rid, finish_reason=str(reason), generated_tokens=len(req.output_ids),
+                                       prompt_tokens=info["prompt"], incomplete_reason=info["missed"])
+            except Exception:  # noqa: BLE001
+                log.exception("tensortrace: ending request %s failed", getattr(req, "rid", "?"))
+
+    def _prompt_len(self, rid: str):
+        info = self._requests.get(rid)
+        return info["prompt"] if info else None
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, original, runner, fb, *args, **kwargs):
+        agent = self.agent
+        try:
+            plan = plan_step(fb, self._prompt_len, rids=self._batch_rids.pop(id(fb), None))
+        except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
+            self.layout_errors += 1
+            if self.layout_errors == 1:
+                log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
+            plan = None
+        if plan is None or plan.layout is None:
+            if plan is not None:
+                self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
+            return original(runner, fb, *args, **kwargs)
+        layout = plan.layout
+        agent.begin_step(layout)
+        checking = not self._checked and layout.total_rows > 0
+        if checking:
+            self.taps.begin_check()
+        captures = any(agent.wants(h, L) for h, L in self.taps.taps) or agent.wants("token_ids") or \
+            agent.wants("logits")
+        try:
+            if agent.wants("token_ids") and self._exports("token_ids"):
+                agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
+            self._force_eager = captures and self.config.cuda_graph == "eager"
+            try:
+                out = original(runner, fb, *args, **kwargs)
+            finally:
+                self._force_eager = False
+            if getattr(out, "can_run_graph", False) and plan.mode == "DECODE":
+                self._note_graph_replay(layout)
+            if agent.wants("logits") and self._exports("logits"):
+                logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
+                if logits is not None:
+                    agent.capture("logits", -1, logits)
+            if checking:
+                self._checked = True
+                failed = self.taps.end_check(layout.total_rows)
+                if failed:
+                    self.agent.report_placement(self._unplaced + failed)
+            return out
+        finally:
+            if checking and self.taps.checking:  # the forward raised during the check
+                self.taps.checking = False
+            agent.end_step()
+
+    def _exports(self, hook: str) -> bool:
+        return self.tp_size == 1 or self.tp_rank == 0 or hook not in REPLICATED_HOOKS
+
+    def _note_graph_replay(self, layout) -> None:
+        """A decode step replayed a CUDA graph: module taps did not fire. Under `eager` mode this
+        happens only when nothing was selected; under `skip` mode the requests are marked."""
+        if self.config.cuda_graph != "skip":
+            return
+        for span in layout.spans:
+            info = self._requests.get(span.request_id)
+            if info and info["sampled"] and not info["missed"]:
+                info["missed"] = "decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)"

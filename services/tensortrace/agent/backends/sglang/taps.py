@@ -1,0 +1,229 @@
+"""Taps on SGLang's own model modules (dense Llama / Mistral / Qwen2 / Qwen3; Qwen2-MoE, Qwen3-MoE,
+Mixtral), placed with ordinary torch forward hooks on the unmodified modules.
+
+Where each catalog hook is read (module names from v0_5.MODULES):
+
+    embeddings   model.embed_tokens output
+    resid_pre L  model.layers.L.input_layernorm: layer 0 -> its input (the embeddings, no residual
+                 yet); L > 0 -> the `residual` of the fused add+RMSNorm's (normed, residual) output
+    resid_mid L  model.layers.L.post_attention_layernorm -> residual of its (normed, residual)
+    mlp_in L     model.layers.L.post_attention_layernorm -> normed
+    attn_q/k/v L model.layers.L.self_attn.qkv_proj output split [q_size, kv_size, kv_size] (pre-RoPE;
+                 Qwen3: before q_norm/k_norm) — per TP shard
+    attn_out L   model.layers.L.self_attn output (TP > 1: this rank's unreduced partial sum)
+    mlp_act L    input of model.layers.L.mlp.down_proj — per TP shard
+    mlp_out L    model.layers.L.mlp output (TP > 1: unreduced partial sum)
+    moe_router_logits / moe_topk_ids / moe_topk_weights L   mlp.gate output / mlp.topk output
+    resid_final  model.norm -> normed
+    token_ids, logits   not module taps: read by the plugin from the ForwardBatch / ModelRunnerOutput
+
+Taps on whole decoder layers are avoided on purpose: from 0.5.23 a Llama layer returns an
+unreduced "layer boundary" handle whose meaning differs between versions; the norms' inputs and
+outputs mean the same thing across 0.5.x. SGLang's fused kernels write in place, so every tap
+hands the agent the tensor at hook time and the agent copies it before returning.
+
+Start-up self-check: the first forward with rows runs `check` mode; every placed tap records
+the shape it saw. A tap that did not fire, or fired with the wrong row count or width, is
+removed and reported (agent.report_placement + CaptureAgent.stats().unplaced_taps).
+
+>>> taps = SGLangTaps(model_runner.model, agent, hidden_size=4096, tp_rank=0, tp_size=1)
+>>> unplaced = taps.place()
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tensortrace.agent.backends.base import Backend
+from tensortrace.agent.backends.sglang import v0_5
+from tensortrace.agent.catalog import HOOKS
+
+log = logging.getLogger("tensortrace.sglang")
+
+# Hooks whose value is identical on every TP rank (exported from rank 0 only); the others are
+# per-rank shards (attn_out / mlp_out are unreduced partial sums when tp_size > 1).
+REPLICATED_HOOKS = frozenset({"token_ids", "embeddings", "resid_pre", "resid_mid", "mlp_in", "resid_final",
+                              "logits", "moe_router_logits", "moe_topk_ids", "moe_topk_weights"})
+STEP_HOOKS = ("token_ids", "logits")  # read by the plugin, not by module taps
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@dataclass
+class _Tap:
+    hook: str
+    layer: int
+    module_name: str
+    expect_width: int | None          # expected last-dim size, None: not checked
+    handle: object = None
+    seen: tuple | None = None         # (rows, row_shape) seen during the self-check
+    removed_reason: str = ""
+
+
+class SGLangTaps(Backend):
+    """The module taps of one SGLang model (the Backend interface: attach / detach)."""
+
+    name = "sglang"
+
+    def __init__(self, model, agent, hidden_size: int, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(agent)
+        self.model = model
+        self.hidden_size = hidden_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.taps: dict = {}   # (hook, layer) -> _Tap
+        self.checking = False
+
+    def attach(self) -> list[tuple[str, str]]:
+        unplaced = self.place()
+        self.agent.report_placement(unplaced)
+        return unplaced
+
+    def detach(self) -> None:
+        self.remove()
+
+    # -- placement -------------------------------------------------------------------------
+    def place(self) -> list[tuple[str, str]]:
+        """Place every catalog hook this model has; returns [(hook, reason)] for those it cannot."""
+        named = dict(self.model.named_modules())
+        unplaced: list[tuple[str, str]] = []
+        layers = named.get(v0_5.MODULES["layers"])
+        n_layers = len(layers) if layers is not None else 0
+        if not n_layers:
+            return [(h, f"no {v0_5.MODULES['layers']} in {type(self.model).__name__}") for h in HOOKS
+                    if h not in STEP_HOOKS]
+        sharded = self.tp_size > 1
+        for hook in HOOKS:
+            if hook in STEP_HOOKS:
+                continue
+            if sharded and self.tp_rank != 0 and hook in REPLICATED_HOOKS:
+                continue  # replicated across ranks: rank 0 exports it
+            spec = HOOKS[hook]
+            layer_ids = range(n_layers) if spec.per_layer else (-1,)
+            missing = []
+            for L in layer_ids:
+                why = self._place_one(named, hook, L)
+                if why:
+                    missing.append((L, why))
+            if missing:
+                if len(missing) == len(layer_ids):
+                    unplaced.append((hook, missing[0][1]))
+                else:
+                    unplaced.append((hook, f"layers {[L for L, _ in missing]}: {missing[0][1]}"))
+        return unplaced
+
+    def _mod(self, named, key: str, L: int):
+        name = v0_5.MODULES[key].format(L=L)
+        return name, named.get(name)
+
+    def _place_one(self, named, hook: str, L: int) -> str:
+        H = self.hidden_size
+        if hook == "embeddings":
+            name, m = self._mod(named, "embed_tokens", L)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+        if hook == "resid_pre":
+            name, m = self._mod(named, "input_layernorm", L)
+            # (normed, residual) when a residual was passed; layer 0 gets the stream as its input.
+            return self._add(hook, L, name, m, H,
+                             post=lambda mod, a, out: out[1] if isinstance(out, tuple) else a[0])
+        if hook in ("resid_mid", "mlp_in"):
+            name, m = self._mod(named, "post_attention_layernorm", L)
+            if hook == "resid_mid":
+                return self._add(hook, L, name, m, H,
+                                 post=lambda mod, a, out: out[1] if isinstance(out, tuple) else None)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+        if hook == "resid_final":
+            name, m = self._mod(named, "final_norm", L)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+        if hook == "attn_out":
+            name, m = self._mod(named, "self_attn", L)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+        if hook == "mlp_out":
+            name, m = self._mod(named, "mlp", L)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+        if hook == "mlp_act":
+            name, m = self._mod(named, "down_proj", L)
+            return self._add(hook, L, name, m, None, pre=lambda mod, a: a[0])
+        if hook in ("attn_q", "attn_k", "attn_v"):
+            name, m = self._mod(named, "qkv_proj", L)
+            _, attn = self._mod(named, "self_attn", L)
+            q, kv = getattr(attn, "q_size", None), getattr(attn, "kv_size", None)
+            if m is None or q is None or kv is None:
+                return f"{name} (with self_attn.q_size / kv_size) not found"
+            lo, width = {"attn_q": (0, q), "attn_k": (q, kv), "attn_v": (q + kv, kv)}[hook]
+            return self._add(hook, L, name, m, width,
+                             post=lambda mod, a, out, lo=lo, w=width: _first(out)[:, lo:lo + w])
+        if hook == "moe_router_logits":
+            name, m = self._mod(named, "moe_gate", L)
+            return self._add(hook, L, name, m, None, post=lambda mod, a, out: _first(out))
+        if hook in ("moe_topk_ids", "moe_topk_weights"):
+            name, m = self._mod(named, "moe_topk", L)
+            attr = "topk_ids" if hook == "moe_topk_ids" else "topk_weights"
+            return self._add(hook, L, name, m, None, post=lambda mod, a, out, attr=attr: getattr(out, attr, None))
+        return f"no SGLang module mapping for {hook}"
+
+    def _add(self, hook, L, name, module, width, post=None, pre=None) -> str:
+        if module is None:
+            return f"module {name} not found"
+        tap = _Tap(hook, L, name, width)
+        agent = self.agent
+
+        def fire(extract, *hook_args):
+            try:
+                value = extract(*hook_args)
+            except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
+                agent.tap_failed(hook, L, e)
+                return
+            if value is None or not hasattr(value, "shape") or value.dim() < 1:
+                if self.checking:
+                    tap.seen = ("no tensor", ())
+                return
+            if self.checking:
+                tap.seen = (int(value.shape[0]), tuple(value.shape[1:]))
+            if agent.wants(hook, L):
+                rows = value if value.dim() >= 2 else value.unsqueeze(-1)
+                agent.capture(hook, L, rows)
+
+        if pre is not None:
+            tap.handle = module.register_forward_pre_hook(lambda mod, args: fire(pre, mod, args))
+        else:
+            tap.handle = module.register_forward_hook(lambda mod, args, out: fire(post, mod, args, out))
+        self.taps[(hook, L)] = tap
+        return ""
+
+    # -- self-check ------------------------------------------------------------------------
+    def begin_check(self) -> None:
+        self.checking = True
+        for t in self.taps.values():
+            t.seen = None
+
+    def end_check(self, total_rows: int) -> list[tuple[str, str]]:
+        """Remove every tap that did not fire with [total_rows, ..., expected width]; returns them."""
+        self.checking = False
+        failed = []
+        for key, t in list(self.taps.items()):
+            why = ""
+            if t.seen is None:
+                why = f"{t.module_name} did not fire in the first forward"
+            elif t.seen[0] == "no tensor":
+                why = f"{t.module_name} produced no tensor for {t.hook}"
+            elif t.seen[0] != total_rows:
+                why = f"{t.module_name} gave {t.seen[0]} rows, the step has {total_rows}"
+            elif t.expect_width is not None and (not t.seen[1] or t.seen[1][-1] != t.expect_width):
+                why = f"{t.module_name} gave row shape {list(t.seen[1])}, expected width {t.expect_width}"
+            if why:
+                t.handle.remove()
+                t.removed_reason = why
+                del self.taps[key]
+                failed.append((f"{t.hook}@{t.layer}", why))
+        if failed:
+            log.warning("tensortrace: self-check disabled %d tap(s): %s", len(failed),
+                        "; ".join(f"{h}: {r}" for h, r in failed))
+        return failed
+
+    def remove(self) -> None:
+        for t in self.taps.values():
+            t.handle.remove()
+        self.taps.clear()
