@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Capture overhead: tokens/s for prefill and decode with and without capture (issue 3).
+
+Modes (all capture the `hidden-states` tensors: residual stream entering every layer, final norm
+output, logits), on a random Llama from a config:
+  none             no capture
+  tt-hidden        TensorTrace, preset hidden-states, a consumer PROCESS drains the ring concurrently
+  tt-full          TensorTrace, preset full (every hook), same consumer
+  hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
+  hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
+  hidden-states    generate(output_hidden_states=True)
+  nnsight          nnsight LanguageModel + .save() of the same tensors
+GPU variant (--device cuda): bf16 model of realistic width; none / tt-hidden / sync-copy (hooks
+with a blocking .cpu() copy), eager mode (see docs/BENCHMARKS.md for why not CUDA graphs).
+
+Timing: one generate per measurement; a logits processor stamps the time after every forward, so
+prefill = first forward, decode = the following forwards. Modes are interleaved per repeat and
+the median of the repeats is reported.
+
+    .venv/bin/python scripts/bench/capture_overhead.py --quick
+    .venv/bin/python scripts/bench/capture_overhead.py --json out.json
+    python3 scripts/bench/capture_overhead.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "services"))
+
+import torch  # noqa: E402
+
+from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
+from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
+
+
+# -- consumer process (what the exporter does with the ring, minus Kafka) ------------------------
+def _consume(ring_path: str, stop, counts):
+    from tensortrace.ring.format import FrameKind, RingReader
+    from tensortrace.ring.slabs import slab_parts
+    from tensortrace.v1 import records_pb2 as pb
+    from tensortrace.v1 import ring_pb2
+
+    reader = RingReader.open(ring_path)
+    producer = pb.Producer(pod="bench", generation=reader.header.generation)
+    steps = {}
+    frames = nbytes = 0
+    while True:
+        end = None
+        for f in reader.frames(max_frames=256):
+            if f.kind == FrameKind.STEP:
+                st = ring_pb2.RingStep.FromString(bytes(f.meta))
+                steps[st.step] = st
+            elif f.kind == FrameKind.SLAB:
+                slab = ring_pb2.RingSlab.FromString(bytes(f.meta))
+                for rec, rows in slab_parts(steps[slab.step], slab, f.payload, f.seq, producer):
+                    rec.payload = bytes(rows)   # the copy out of the ring an exporter makes
+                    nbytes += len(rows)
+            frames += 1
+            end = f.end
+        if end is not None:
+            reader.release(end)
+            continue
+        if stop.is_set() and reader.head == reader.tail:
+            break
+        time.sleep(0.0005)
+    counts["frames"] = frames
+    counts["bytes"] = nbytes
+    reader.close()
+
+
+class Stamp:
+    """A logits processor that records the time after every forward."""
+
+    def __init__(self, device):
+        self.times: list[float] = []
+        self.device = device
+
+    def __call__(self, input_ids, scores):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hidden_state_modules(model):
+    n = model.config.num_hidden_layers
+    pre = [model.model.layers[i] for i in range(n)]
+    post = [model.model.norm, model.lm_head]
+    return pre, post
+
+
+class HookCapture:
+    """Forward hooks that copy the hidden-states tensors to host memory."""
+
+    def __init__(self, model, mode, out_dir=None):
+        self.kept = []
+        self.step = []
+        self.mode = mode
+        self.out_dir = out_dir
+        self.handles = []
+        self.n_saved = 0
+        pre, post = hidden_state_modules(model)
+        for m in pre:
+            self.handles.append(m.register_forward_pre_hook(
+                lambda mod, args, kw: self._take(args[0] if args else kw["hidden_states"]), with_kwargs=True))
+        for m in post:
+            self.handles.append(m.register_forward_hook(lambda mod, args, out: self._take(out)))
+        if mode == "hooks-save":
+            self.handles.append(model.register_forward_hook(lambda mod, args, out: self._save()))
+
+    def _take(self, t):
+        if self.mode == "sync-copy":
+            self.kept.append(t.detach().to("cpu"))   # blocking D2H on the inference thread
+        else:
+            self.kept.append(t.detach().cpu().clone())
+
+    def _save(self):
+        torch.save(self.kept, os.path.join(self.out_dir, f"step-{self.n_saved}.pt"))
+        self.n_saved += 1
+        self.kept = []
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _word_tokenizer(vocab: int):
+    """An in-memory tokenizer (nnsight requires one; nothing is downloaded): token i is the word "i"."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", unk_token="0")
+
+
+def make_model(device, hidden, layers, inter, vocab, heads, kv_heads, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsight_model=None):
+    """(prefill seconds, decode seconds) of one generate under `mode`."""
+    from transformers import LogitsProcessorList
+
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    stamp = Stamp(device)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+               pad_token_id=0, logits_processor=LogitsProcessorList([stamp]))
+    extra = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if mode == "none":
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, **gen)
+    elif mode.startswith("tt-"):
+        preset = {"tt-hidden": "hidden-states", "tt-full": "full"}[mode]
+        agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=512 << 20,
+                                         pod=f"bench{batch}{mode}"), Selection.preset(preset))
+        ctx = mp.get_context("spawn")
+        stop, counts = ctx.Event(), ctx.Manager().dict()
+        consumer = ctx.Process(target=_consume, args=(agent.ring_path, stop, counts))
+        consumer.start()
+        time.sleep(0.5)  # let the consumer map the ring
+        backend = HFBackend(model, agent)
+        try:
+            t0 = time.perf_counter()
+            backend.generate(ids, attention_mask=mask, **gen)
+        finally:
+            backend.detach()
+            agent.flush()
+            stop.set()
+            consumer.join(60)
+            st = agent.stats()
+            extra = {"records_written": st.written, "records_dropped": st.dropped,
+                     "bytes_written": st.bytes_written, "consumer_frames": counts.get("frames", 0)}
+            agent.close()
+            os.unlink(agent.ring_path)
+    elif mode in ("hooks-clone", "hooks-save", "sync-copy"):
+        out_dir = tempfile.mkdtemp(dir=ring_dir) if mode == "hooks-save" else None
+        cap = HookCapture(model, mode, out_dir)
+        try:
+            t0 = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=mask, **gen)
+        finally:
+            cap.remove()
+            if out_dir:
+                extra = {"files": cap.n_saved}
+                shutil.rmtree(out_dir)
+    elif mode == "hidden-states":
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                       return_dict_in_generate=True, **gen)
+    elif mode == "nnsight":
+        n = model.config.num_hidden_layers
+        t0 = time.perf_counter()
+        with nnsight_model.generate({"input_ids": ids, "attention_mask": mask}, **gen) as tracer:
+            with tracer.all():
+                for i in range(n):
+                    nnsight_model.model.layers[i].input.save()
+                nnsight_model.model.norm.output.save()
+                nnsight_model.lm_head.output.save()
+    else:
+        raise ValueError(mode)
+    times = stamp.times
+    prefill = times[0] - t0
+    decode = times[-1] - times[0]
+    return prefill, decode, extra
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="batches 1 and 8, fewer tokens, one repeat")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32)")
+    p.add_argument("--modes", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--json", default="capture_overhead.json")
+    args = p.parse_args(argv)
+
+    cuda = args.device == "cuda"
+    if cuda:
+        model = make_model("cuda", hidden=2560, layers=36, inter=9728, vocab=32000, heads=32, kv_heads=8,
+                           dtype=torch.bfloat16)
+        modes = ["none", "tt-hidden", "sync-copy"]
+    else:
+        model = make_model("cpu", hidden=1024, layers=8, inter=2816, vocab=32000, heads=16, kv_heads=8,
+                           dtype=torch.float32)
+        modes = ["none", "tt-hidden", "tt-full", "hooks-clone", "hooks-save", "hidden-states", "nnsight"]
+    if args.modes:
+        modes = args.modes.split(",")
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
+    repeats = args.repeats or (1 if args.quick else 3)
+    prompt_len = args.prompt_len or (32 if args.quick else 64)
+    new_tokens = args.new_tokens or (9 if args.quick else 17)
+
+    nnsight_model, nnsight_error = None, ""
+    if "nnsight" in modes:
+        try:
+            from nnsight import LanguageModel
+
+            nnsight_model = LanguageModel(model, tokenizer=_word_tokenizer(model.config.vocab_size))
+            run_one(model, "nnsight", 1, 4, 2, args.device, tempfile.gettempdir(), nnsight_model)
+        except Exception as e:  # noqa: BLE001 - recorded, not hidden
+            nnsight_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            modes = [m for m in modes if m != "nnsight"]
+            print(f"nnsight unavailable: {nnsight_error}", file=sys.stderr)
+
+    ring_dir = tempfile.mkdtemp(prefix="tt-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    results: dict = {}
+    try:
+        run_one(model, "none", 1, 8, 3, args.device, ring_dir)  # warm-up
+        for b in batches:
+            samples = {m: [] for m in modes}
+            for _ in range(repeats):
+                for m in modes:
+                    pf, dc, extra = run_one(model, m, b, prompt_len, new_tokens, args.device, ring_dir, nnsight_model)
+                    samples[m].append((pf, dc, extra))
+            for m in modes:
+                pf = statistics.median(s[0] for s in samples[m])
+                dc = statistics.median(s[1] for s in samples[m])
+                results.setdefault(str(b), {})[m] = {
+                    "prefill_tokens_per_s": b * prompt_len / pf,
+                    "decode_tokens_per_s": b * (new_tokens - 1) / dc,
+                    "decode_step_ms": dc / (new_tokens - 1) * 1000,
+                    "samples": [[s[0], s[1]] for s in samples[m]],
+                    **samples[m][-1][2],
+                }
+    finally:
+        shutil.rmtree(ring_dir, ignore_errors=True)
+
+    print(f"\ncapture overhead on {args.device} ({platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}); "
+          f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps, median of {repeats}")
+    print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} {'dropped':>8}")
+    for b in batches:
+        base = results[str(b)]["none"]["decode_tokens_per_s"] if "none" in results[str(b)] else None
+        for m in modes:
+            r = results[str(b)][m]
+            rel = f"{(r['decode_tokens_per_s'] / base - 1) * 100:+.1f}%" if base else ""
+            print(f"{b:>5} {m:<14} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+                  f"{rel:>15} {r.get('records_dropped', ''):>8}")
+    if nnsight_error:
+        print(f"nnsight: not measured ({nnsight_error})")
+    doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "prompt_len": prompt_len,
+           "decode_steps": new_tokens - 1, "repeats": repeats, "results": results,
+           "nnsight_error": nnsight_error,
+           "model": {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+                     "intermediate": model.config.intermediate_size, "vocab": model.config.vocab_size,
+                     "dtype": str(next(model.parameters()).dtype)}}
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
