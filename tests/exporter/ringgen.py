@@ -155,8 +155,9 @@ class Arrivals:
     """Reassembles what a consumer received and checks it against a TrafficGen (by seq)."""
 
     def __init__(self):
-        self.tensors: dict[int, list[pb.TensorRecord]] = {}   # seq -> reassembled copies (duplicates kept)
-        self.summaries: dict[int, list[pb.RequestSummary]] = {}
+        # (pod, seq) -> reassembled copies (duplicates kept); seqs are unique per producer generation
+        self.tensors: dict[tuple[str, int], list[pb.TensorRecord]] = {}
+        self.summaries: dict[tuple[str, int], list[pb.RequestSummary]] = {}
         self.asm = codec.ChunkAssembler()
         self.key_mismatch = 0
 
@@ -165,14 +166,14 @@ class Arrivals:
             s = r.summary
             if key != s.request_id.encode():
                 self.key_mismatch += 1
-            self.summaries.setdefault(s.seq, []).append(s)
+            self.summaries.setdefault((s.producer.pod, s.seq), []).append(s)
             return
         t = self.asm.add(r.tensor)
         if t is None:
             return
         if key != t.request_id.encode():
             self.key_mismatch += 1
-        self.tensors.setdefault(t.seq, []).append(t)
+        self.tensors.setdefault((t.producer.pod, t.seq), []).append(t)
 
     def distinct(self) -> int:
         return len(self.tensors) + len(self.summaries)

@@ -33,6 +33,7 @@ class ExporterConfig:
     ring_group: int | None = None         # gid allowed to share rings (group bits); None = owner-only
     cleanup_grace_s: float = 30.0         # a drained ring of a gone producer is deleted after this
     max_steps_kept: int = 64              # STEP metas kept per ring to resolve slabs (bounded)
+    idle_release_s: float = 1.0           # a ring without new frames this long releases its held STEP frame
 
     # Kafka
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -105,6 +106,8 @@ class ExporterConfig:
             bad("delivery_timeout_ms", f"{self.delivery_timeout_ms} must be >= request_timeout_ms + linger_ms ({self.request_timeout_ms + self.linger_ms})")
         if self.max_inflight_bytes < self.max_message_bytes:
             bad("max_inflight_bytes", f"{self.max_inflight_bytes} is smaller than one message ({self.max_message_bytes})")
+        if self.idle_release_s < 0:
+            bad("idle_release_s", f"must be >= 0, got {self.idle_release_s}")
         if self.scan_interval_s <= 0 or self.cleanup_grace_s < 0:
             bad("scan_interval_s/cleanup_grace_s", "scan interval must be > 0 and grace >= 0")
         for name in ("control_port", "metrics_port"):

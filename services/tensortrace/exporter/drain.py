@@ -79,6 +79,7 @@ class RingDrain:
         self.frames_read = 0          # frames yielded since attach (or since the last rewind: from tail)
         self.released_frames = 0
         self.needs_rewind = False
+        self.last_head, self.last_head_change = reader.head, time.monotonic()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.records_out = self.bytes_out = self.messages_out = 0
         self.records_in = self.bytes_in = 0

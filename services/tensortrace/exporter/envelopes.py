@@ -23,13 +23,21 @@ _RECORD_SUMMARY = b"\x12"                # Record.summary (field 2)
 _TENSOR_PAYLOAD = b"\x9a\x01"            # TensorRecord.payload (field 19), length-delimited
 
 
-def varint(n: int) -> bytes:
+def _varint_slow(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_VARINTS = [_varint_slow(i) for i in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    return _VARINTS[n] if n < 16384 else _varint_slow(n)
 
 
 class Entry:
@@ -46,15 +54,17 @@ def tensor_entry(rec: pb.TensorRecord, payload) -> Entry:
     """`rec` (payload field empty) with `payload` (bytes or memoryview) as its payload."""
     meta = rec.SerializeToString()
     plen = len(payload)
-    tensor_len = len(meta) + (2 + len(varint(plen)) + plen if plen else 0)
-    record_head = _RECORD_TENSOR + varint(tensor_len)
-    record_len = len(record_head) + tensor_len
-    head = _ENVELOPE_RECORD + varint(record_len) + record_head + meta
     if plen:
-        pieces = [head + _TENSOR_PAYLOAD + varint(plen), payload]
+        plen_v = varint(plen)
+        tensor_len = len(meta) + 2 + len(plen_v) + plen
     else:
-        pieces = [head]
-    return Entry(pieces, 1 + len(varint(record_len)) + record_len)
+        tensor_len = len(meta)
+    tensor_len_v = varint(tensor_len)
+    record_len = 1 + len(tensor_len_v) + tensor_len
+    record_len_v = varint(record_len)
+    head = b"".join((_ENVELOPE_RECORD, record_len_v, _RECORD_TENSOR, tensor_len_v, meta))
+    pieces = [head + _TENSOR_PAYLOAD + plen_v, payload] if plen else [head]
+    return Entry(pieces, 1 + len(record_len_v) + record_len)
 
 
 def summary_entry(summary: pb.RequestSummary) -> Entry:

@@ -259,8 +259,13 @@ class Exporter:
         for ring in list(self.rings.values()):
             if ring.state in ("attached", "draining"):
                 ring.update_counters()
+                head = ring.reader.head
+                if head != ring.last_head:
+                    ring.last_head, ring.last_head_change = head, time.monotonic()
                 if not ring.units:
-                    ring.release_acked()
+                    # an idle ring (no new frame for a while) is past its step: release the held STEP too
+                    idle = time.monotonic() - ring.last_head_change >= self.cfg.idle_release_s
+                    ring.release_acked(force_all=idle and ring.read_pos == head)
                 o = ring.oldest_undelivered_ns()
                 if o and (not oldest or o < oldest):
                     oldest = o
