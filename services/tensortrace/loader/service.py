@@ -122,6 +122,9 @@ class Loader:
         self._inflight = 0
         self._inflight_lock = threading.Condition()
         self.assigned: set[TopicPartition] = set()
+        # Called on the insert thread after ClickHouse accepted a batch: (ColumnBatch, time_ns).
+        # The moment the rows became queryable; the benchmark measures freshness with it.
+        self.on_inserted = None
         self.ready = threading.Event()   # set once the consumer has joined the group
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -196,6 +199,8 @@ class Loader:
                     t = whole
                 b.columns.add_tensor(t, tp.partition, m.offset)
             except (InvalidRecord, codec.WireError) as e:
+                if kind == "tensor" and rec.tensor.chunk_count > 1:
+                    self._holds.pop(codec.record_key(rec.tensor), None)  # the assembler dropped the set
                 self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([rec]), str(e))
 
     def _expire_chunks(self) -> None:
@@ -246,28 +251,36 @@ class Loader:
         elif due:
             b.created = time.monotonic()
 
-    def _hand_off(self) -> None:
+    def _hand_off(self, in_rebalance: bool = False) -> bool:
+        """Queue the current batch for insertion. False: gave up (only inside a rebalance, after
+        rebalance_flush_timeout_s); the batch is then dropped uncommitted, so it is re-read."""
         b = self._batch
+        self._batch = self._new_batch()
         b.commit = self._commit_positions()
         if not b.columns.rows and not b.commit:
-            self._batch = self._new_batch()
-            return
+            return True
         with self._inflight_lock:
             self._inflight += 1
         # Bounded queue: when the insert side is behind (or ClickHouse is down), pause fetching
-        # but keep polling so the group membership stays alive.
+        # but keep polling so the group membership stays alive (not from inside a rebalance
+        # callback, which already runs inside poll()).
+        deadline = time.monotonic() + self.config.rebalance_flush_timeout_s
         while True:
             try:
                 self._insert_q.put(b, timeout=0.1)
-                break
+                return True
             except queue.Full:
                 self._commit_done()
-                if self._consumer is not None:
+                if in_rebalance:
+                    if time.monotonic() > deadline:
+                        with self._inflight_lock:
+                            self._inflight -= 1
+                        return False
+                elif self._consumer is not None:
                     assigned = self._consumer.assignment()
                     self._consumer.pause(*assigned)
                     self._consumer.poll(timeout_ms=0)
                     self._consumer.resume(*assigned)
-        self._batch = self._new_batch()
 
     def _commit_done(self) -> None:
         offsets: dict[TopicPartition, int] = {}
@@ -301,7 +314,7 @@ class Loader:
         return ok
 
     def _on_revoked(self, revoked) -> None:
-        self._hand_off()
+        self._hand_off(in_rebalance=True)
         self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
         revoked = set(revoked)
         for key in [k for k, (tp, _) in self._holds.items() if tp in revoked]:
@@ -359,6 +372,8 @@ class Loader:
                     if self._stop.wait(delay):
                         return False
                     delay = min(delay * 2, self.config.retry_max_s)
+        if self.on_inserted is not None:
+            self.on_inserted(c, time.time_ns())
         self.stats.batches += 1
         self.stats.tensor_rows += c.tensor_rows
         self.stats.summary_rows += c.summary_rows

@@ -1,0 +1,288 @@
+"""Loader benchmark: Kafka -> ClickHouse (embedded chDB) throughput, freshness, and read-back time.
+
+    .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--json loader_throughput.json]
+
+Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka). Phases:
+  1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, ~240 per ~1 MB
+     envelope as the exporter packs them; then 256 KiB prefill rows, 3 per envelope); a loader
+     (the real Loader class, in this process, on its own chDB path) loads them from the earliest
+     offset. Rows/s and MB/s from its first message to its last accepted insert.
+  2. freshness: a producer process paces 4 KiB records at --rate-mbps (default 20 MB/s) for
+     --seconds; per row, (moment ClickHouse accepted the insert) - (capture_time stamped when the
+     record was produced): p50 / p99 / max.
+  3. read-back: one request of 512 positions (256 prefill + 256 decode) x 32 layers of resid_pre,
+     hidden 2048 bf16 (8224 records, 64 MiB), loaded through Kafka; time of
+     TensorTraceClient.tensors() in-process (direct) and through the gRPC query service.
+Payloads are bf16 Gaussian values (RAW encoding, the loader does not touch them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from tensortrace.v1 import records_pb2 as pb
+from tensortrace.wire import codec
+
+PRODUCER = pb.Producer(node="bench-node", pod="bench-pod", pid=1, tp_rank=0, generation=1)
+
+
+def bf16_rows(n_rows: int, hidden: int, rng) -> np.ndarray:
+    """n_rows x hidden bf16 values (as uint16) from Gaussian floats: the top half of each float32."""
+    f = rng.standard_normal((n_rows, hidden), dtype=np.float32)
+    return (f.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def build_messages(n_records: int, rows_per_record: int, hidden: int, per_message: int, seq0: int = 0,
+                   request_prefix: str = "bench", seed: int = 0) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(seed)
+    data = bf16_rows(n_records * rows_per_record, hidden, rng)
+    msgs, now = [], time.time_ns()
+    trace = os.urandom(16)
+    for m0 in range(0, n_records, per_message):
+        recs = []
+        rid = f"{request_prefix}-{m0 // (per_message * 4)}"
+        for i in range(m0, min(n_records, m0 + per_message)):
+            payload = data[i * rows_per_record:(i + 1) * rows_per_record].tobytes()
+            recs.append(pb.TensorRecord(
+                model_id="bench/model", request_id=rid, trace_id=trace, span_id=b"\x01" * 8, hook="resid_pre",
+                layer=i % 32, positions_kind=pb.TOKEN_RANGE, token_start=i // 32, token_end=i // 32 + rows_per_record,
+                phase=pb.DECODE if rows_per_record == 1 else pb.PREFILL, step=i // 32, dtype=pb.BFLOAT16,
+                shape=[rows_per_record, hidden], encoding=pb.RAW, raw_size=len(payload), payload=payload,
+                capture_time_unix_nano=now, export_time_unix_nano=now, producer=PRODUCER, seq=seq0 + i))
+        msgs.append((rid.encode(), codec.encode_envelope(recs)))
+    return msgs
+
+
+def produce_all(bootstrap: str, topic: str, msgs) -> None:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=4 << 20,
+                      max_request_size=8 << 20, buffer_memory=256 << 20)
+    for k, v in msgs:
+        p.send(topic, key=k, value=v)
+    p.flush()
+    p.close()
+
+
+def create_topic(bootstrap: str, partitions: int = 4) -> str:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(name, partitions, 1), NewTopic(name + ".dlq", 1, 1)])
+    admin.close()
+    return name
+
+
+def start_loader(bootstrap, topic, client, db, **overrides):
+    from tensortrace.loader.config import LoaderConfig
+    from tensortrace.loader.service import Loader
+
+    cfg = LoaderConfig(bootstrap=bootstrap, topic=topic, dlq_topic=topic + ".dlq", group_id=f"g-{topic}",
+                       clickhouse_dsn="chdb://memory", database=db, **overrides)
+    loader = Loader(cfg, client=client)
+    t = threading.Thread(target=loader.run, daemon=True)
+    t.start()
+    return loader, t
+
+
+def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message) -> dict:
+    topic = create_topic(bootstrap)
+    msgs = build_messages(n_records, rows_per_record, hidden, per_message, request_prefix=label)
+    payload_bytes = n_records * rows_per_record * hidden * 2
+    t0 = time.perf_counter()
+    produce_all(bootstrap, topic, msgs)
+    produce_s = time.perf_counter() - t0
+    del msgs
+    db = f"bench_{label}"
+    loader, thread = start_loader(bootstrap, topic, client, db)
+    first = None
+    while loader.stats.tensor_rows < n_records:
+        if first is None and loader.stats.messages:
+            first = time.perf_counter()
+        time.sleep(0.002)
+    done = time.perf_counter()
+    loader.stop()
+    thread.join()
+    secs = done - first
+    return {"records": n_records, "row_bytes": rows_per_record * hidden * 2, "payload_MB": payload_bytes / 1e6,
+            "seconds": secs, "rows_per_s": n_records / secs, "MB_per_s": payload_bytes / secs / 1e6,
+            "produce_s": produce_s, "batches": loader.stats.batches}
+
+
+def paced_producer(bootstrap, topic, rate_mbps, seconds, hidden, per_message):
+    """Runs in its own process: per_message 4 KiB records per envelope, paced to rate_mbps."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=1 << 20,
+                      max_request_size=8 << 20)
+    rng = np.random.default_rng(1)
+    rows = bf16_rows(4096, hidden, rng)
+    row_bytes = hidden * 2
+    msg_bytes = row_bytes * per_message
+    interval = msg_bytes / (rate_mbps * 1e6)
+    start = time.perf_counter()
+    seq, k = 0, 0
+    trace = os.urandom(16)
+    while time.perf_counter() - start < seconds:
+        due = start + k * interval
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        ts = time.time_ns()
+        recs = []
+        for _ in range(per_message):
+            payload = rows[seq % 4096].tobytes()
+            recs.append(pb.TensorRecord(
+                model_id="bench/model", request_id=f"fresh-{k % 64}", trace_id=trace, hook="resid_pre",
+                layer=seq % 32, positions_kind=pb.TOKEN_RANGE, token_start=seq // 32, token_end=seq // 32 + 1,
+                phase=pb.DECODE, dtype=pb.BFLOAT16, shape=[1, hidden], encoding=pb.RAW, raw_size=row_bytes,
+                payload=payload, capture_time_unix_nano=ts, export_time_unix_nano=ts, producer=PRODUCER, seq=seq))
+            seq += 1
+        p.send(topic, key=f"fresh-{k % 64}".encode(), value=codec.encode_envelope(recs))
+        k += 1
+    p.flush()
+    p.close()
+
+
+def phase_freshness(bootstrap, client, rate_mbps, seconds, hidden=2048, per_message=16) -> dict:
+    topic = create_topic(bootstrap)
+    lat_ms: list[float] = []
+    loader, thread = start_loader(bootstrap, topic, client, "bench_fresh")
+
+    def on_inserted(batch, done_ns):
+        lat_ms.extend((done_ns - t) / 1e6 for t in batch.act["capture_time"])
+    loader.on_inserted = on_inserted
+    while not loader.ready.is_set():
+        time.sleep(0.05)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=paced_producer, args=(bootstrap, topic, rate_mbps, seconds, hidden, per_message))
+    proc.start()
+    proc.join()
+    expected = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        n = loader.stats.tensor_rows
+        if n == expected:
+            break
+        expected = n
+        time.sleep(1.0)
+    loader.stop()
+    thread.join()
+    lat = sorted(lat_ms)
+    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))]
+    return {"rate_MBps": rate_mbps, "seconds": seconds, "rows": len(lat), "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "max_ms": lat[-1], "achieved_MBps": len(lat) * hidden * 2 / seconds / 1e6}
+
+
+def phase_readback(bootstrap, client, repeats=5) -> dict:
+    import torch
+
+    from tensortrace.loader.synthetic import SyntheticRequest
+    from tensortrace.query import TensorTraceClient
+    from tensortrace.query.server import serve
+
+    topic = create_topic(bootstrap, partitions=1)
+    req = SyntheticRequest.make("readback-512x32", layers=32, hidden=2048, prompt=257, generated=256,
+                                final_hook=None, seed=7)
+    produce_all(bootstrap, topic, req.messages(per_message=64))
+    loader, thread = start_loader(bootstrap, topic, client, "bench_read")
+    while loader.stats.summary_rows < 1:
+        time.sleep(0.05)
+    loader.stop()
+    thread.join()
+    direct = TensorTraceClient(client, database="bench_read")
+    got = direct.tensors(request_id=req.request_id)
+    assert got.completeness.state == "complete", got.completeness
+    assert all(torch.equal(got[k].tensor, v) for k, v in req.truth.items()), "read-back is not bit-exact"
+    shape = list(got["resid_pre", 0].tensor.shape)
+    times = {}
+    server, port = serve(client, database="bench_read", port=0)
+    remote = TensorTraceClient(f"grpc://127.0.0.1:{port}")
+    for name, tt in (("direct", direct), ("grpc", remote)):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            tt.tensors(request_id=req.request_id)
+            ts.append((time.perf_counter() - t0) * 1000)
+        times[name] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "runs_ms": ts}
+    remote.close()
+    server.stop(grace=0)
+    return {"records": len(req.records), "positions_x_layers": f"{shape[0]}x32", "hidden": 2048,
+            "payload_MB": sum(r.raw_size for r in req.records) / 1e6, **times}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bootstrap", help="existing Kafka broker; default: start a local one")
+    p.add_argument("--json", default="loader_throughput.json")
+    p.add_argument("--small-records", type=int, default=40_000, help="4 KiB records in phase 1")
+    p.add_argument("--large-records", type=int, default=600, help="256 KiB records in phase 1")
+    p.add_argument("--rate-mbps", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: throughput,freshness,readback")
+    a = p.parse_args(argv)
+    skip = set(filter(None, a.skip.split(",")))
+    import clickhouse_connect
+
+    from tensortrace.loader.service import ThreadSafeClient
+
+    broker = None
+    bootstrap = a.bootstrap
+    if not bootstrap:
+        from tensortrace.devkafka import LocalKafka
+
+        broker = LocalKafka()
+        broker.start()
+        bootstrap = broker.bootstrap
+    client = ThreadSafeClient(clickhouse_connect.get_client(dsn=f"chdb://{tempfile.mkdtemp(prefix='tt-loader-bench-')}"))
+    results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
+    try:
+        if "throughput" not in skip:
+            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 240)
+            print("4 KiB rows:", json.dumps(results["throughput_4KiB"]), flush=True)
+            results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3)
+            print("256 KiB rows:", json.dumps(results["throughput_256KiB"]), flush=True)
+        if "freshness" not in skip:
+            results["freshness"] = phase_freshness(bootstrap, client, a.rate_mbps, a.seconds)
+            print("freshness:", json.dumps(results["freshness"]), flush=True)
+        if "readback" not in skip:
+            results["readback"] = phase_readback(bootstrap, client)
+            print("read-back:", json.dumps({k: v for k, v in results["readback"].items()}), flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+    print()
+    print(f"{'measure':<38}{'value':>14}{'target':>14}")
+    if "throughput_4KiB" in results:
+        for key, label in (("throughput_4KiB", "4 KiB rows"), ("throughput_256KiB", "256 KiB rows")):
+            r = results[key]
+            print(f"{label + ' rows/s':<38}{r['rows_per_s']:>14,.0f}{'>= 20,000' if key.endswith('4KiB') else '':>14}")
+            print(f"{label + ' MB/s':<38}{r['MB_per_s']:>14,.1f}{'>= 100':>14}")
+    if "freshness" in results:
+        r = results["freshness"]
+        print(f"{'freshness p50 @ %.0f MB/s (ms)' % r['rate_MBps']:<38}{r['p50_ms']:>14,.0f}{'':>14}")
+        print(f"{'freshness p99 @ %.0f MB/s (ms)' % r['rate_MBps']:<38}{r['p99_ms']:>14,.0f}{'< 2,000':>14}")
+    if "readback" in results:
+        r = results["readback"]
+        print(f"{'read-back 512x32, direct (ms, median)':<38}{r['direct']['median_ms']:>14,.0f}{'< 200':>14}")
+        print(f"{'read-back 512x32, gRPC (ms, median)':<38}{r['grpc']['median_ms']:>14,.0f}{'< 200':>14}")
+    with open(a.json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

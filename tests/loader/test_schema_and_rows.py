@@ -1,0 +1,105 @@
+"""Schema migrations, loader config validation and the record -> row checks."""
+
+import time
+
+import pytest
+
+from tensortrace.loader import schema
+from tensortrace.loader.config import ConfigError, LoaderConfig
+from tensortrace.loader.rows import ColumnBatch, InvalidRecord
+from tensortrace.loader.synthetic import SyntheticRequest
+from tensortrace.v1 import records_pb2 as pb
+
+
+@pytest.mark.integration
+def test_migrations_are_recorded_idempotent_and_ttl_follows_config(tt_db):
+    client, db = tt_db  # already migrated once by the fixture
+    assert schema.applied_versions(client, db) == [schema.SCHEMA_VERSION]
+    assert schema.apply_migrations(client, db, ttl_days=30) == schema.SCHEMA_VERSION
+    assert schema.applied_versions(client, db) == [schema.SCHEMA_VERSION]
+    ddl = client.query(f"SHOW CREATE TABLE {db}.activations").result_rows[0][0]
+    assert "toIntervalDay(30)" in ddl
+    assert "ReplacingMergeTree" in ddl and "PARTITION BY toDate(capture_time)" in ddl
+    assert "ORDER BY (trace_id, hook, layer, token_start, tp_rank, producer_pod, producer_pid, producer_generation, seq)" in ddl
+    assert "PROJECTION by_hook_layer" in ddl and "bloom_filter" in ddl
+    tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
+    assert {"activations", "requests", "activation_traces", "activation_traces_mv", "schema_migrations"} <= tables
+
+
+@pytest.mark.integration
+def test_a_database_from_a_newer_loader_is_refused(tt_db):
+    client, db = tt_db
+    client.command(f"INSERT INTO {db}.schema_migrations VALUES ({schema.SCHEMA_VERSION + 1}, 'future', now())")
+    with pytest.raises(schema.SchemaError, match="newer than this loader"):
+        schema.apply_migrations(client, db)
+
+
+@pytest.mark.integration
+def test_one_hook_layer_across_requests_reads_the_projection(tt_db):
+    """The probe-training read (one hook/layer, many requests) uses the by_hook_layer projection."""
+    client, db = tt_db
+    b = ColumnBatch()
+    for i in range(30):  # > index_granularity rows, so reading the projection is actually cheaper
+        for r in SyntheticRequest.make(f"p-{i}", layers=8, hidden=8, generated=8).records:
+            b.add_tensor(r, 0, 0)
+    client.insert_arrow(f"{db}.activations", b.activations_table(time.time_ns()))
+    plan = "\n".join(r[0] for r in client.query(
+        f"EXPLAIN indexes = 1 SELECT trace_id, request_id FROM {db}.activations "
+        f"WHERE model = 'synthetic/tiny' AND hook = 'resid_pre' AND layer = 2").result_rows)
+    assert "by_hook_layer" in plan
+
+
+@pytest.mark.unit
+def test_config_validate_names_the_wrong_field():
+    LoaderConfig().validate()
+    cases = {
+        "bootstrap": dict(bootstrap="nohostport"),
+        "dlq_topic": dict(dlq_topic="tensortrace.activations"),
+        "clickhouse_dsn": dict(clickhouse_dsn="mysql://x"),
+        "database": dict(database="a;b"),
+        "batch_max_delay_s": dict(batch_max_delay_s=0),
+        "retry_initial_s": dict(retry_initial_s=5, retry_max_s=1),
+        "ttl_days": dict(ttl_days=0),
+    }
+    for field, kw in cases.items():
+        with pytest.raises(ConfigError, match=field):
+            LoaderConfig(**kw).validate()
+
+
+@pytest.mark.unit
+def test_cli_flags_map_onto_the_config():
+    from tensortrace.loader.main import parse_args
+
+    cfg = parse_args(["--bootstrap-servers", "h:1", "--group-id", "g", "--dead-letter-topic", "d",
+                      "--clickhouse-dsn", "http://ch:8123", "--ttl-days", "3", "--query-port", "0"])
+    assert (cfg.bootstrap, cfg.group_id, cfg.dlq_topic, cfg.clickhouse_dsn, cfg.ttl_days, cfg.query_port) == \
+        ("h:1", "g", "d", "http://ch:8123", 3, 0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda r: setattr(r, "raw_size", r.raw_size + 1), "raw_size"),
+    (lambda r: setattr(r, "trace_id", b"short"), "trace_id"),
+    (lambda r: setattr(r, "token_end", r.token_end + 5), "token range"),
+    (lambda r: setattr(r, "payload", r.payload[:-2]), "RAW payload"),
+    (lambda r: setattr(r, "hook", ""), "no hook"),
+    (lambda r: setattr(r, "dtype", 99), "dtype"),
+])
+def test_invalid_records_are_refused_with_the_reason(mutate, reason):
+    rec = SyntheticRequest.make("r", layers=1, hidden=4, final_hook=None).records[0]
+    mutate(rec)
+    b = ColumnBatch()
+    with pytest.raises(InvalidRecord, match=reason):
+        b.add_tensor(rec, 0, 0)
+    assert b.rows == 0
+
+
+@pytest.mark.unit
+def test_a_zero_capture_time_falls_back_so_the_ttl_does_not_delete_the_row():
+    rec = SyntheticRequest.make("r", layers=1, hidden=4, final_hook=None).records[0]
+    rec.capture_time_unix_nano = 0
+    rec.export_time_unix_nano = 0
+    b = ColumnBatch()
+    before = time.time_ns()
+    b.add_tensor(rec, 0, 0)
+    assert b.act["capture_time"][0] >= before
