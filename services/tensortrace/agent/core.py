@@ -26,6 +26,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tensortrace.agent.config import AgentConfig
 from tensortrace.agent.layout import RequestRows, RowDomain, StepLayout
 from tensortrace.agent.selection import Selection, SelectionError
@@ -35,6 +37,8 @@ from tensortrace.v1 import records_pb2, ring_pb2
 from tensortrace.wire import codec
 
 log = logging.getLogger("tensortrace.agent")
+
+_BITS_DTYPE: dict = {}  # element size -> integer torch dtype of that size (filled on first use)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class CaptureAgent:
         import torch  # the agent lives in an inference process: torch is there
 
         self._torch = torch
+        _BITS_DTYPE.update({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
         self.config = config
         self.selection = selection or Selection()
         os.makedirs(config.ring_dir, mode=0o700, exist_ok=True)
@@ -497,9 +502,13 @@ class CaptureAgent:
             if on_cuda:
                 self._staging.stage(rows, group.src_runs, group.nrows, row_shape, off, nbytes, end)
             else:
-                dst = self._ring_u8[off: off + nbytes].view(rows.dtype).view(group.nrows, *row_shape)
+                bits = _BITS_DTYPE[rows.element_size()]
+                dst = self._ring_u8[off: off + nbytes].view(bits).view(group.nrows, *row_shape).numpy()
+                src_bits = rows.view(bits)
                 for src, d, count in group.src_runs:
-                    dst[d: d + count].copy_(rows[src: src + count])
+                    # A raw, single-threaded copy of the bits (numpy, not torch's copy_: torch's
+                    # intra-op thread pool stalls for milliseconds on a busy machine).
+                    np.copyto(dst[d: d + count], src_bits[src: src + count].numpy(), casting="no")
                 self.writer.commit(end, nbytes)
         except BaseException:
             self.writer.rollback(mark)
