@@ -3,6 +3,8 @@ synchronising call on the inference thread (torch.cuda.set_sync_debug_mode("erro
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,7 +18,25 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_capture_path_makes_no_synchronising_call_and_lands_bit_exact(ring_dir):
+@pytest.fixture(params=["tmpfs", "disk"])
+def any_ring_dir(request, ring_dir):
+    """A ring directory on tmpfs (the ring file is pinned in place: zero-copy D2H) and one on a disk
+    filesystem (cudaHostRegister refuses it: copies go through the pinned bounce buffer)."""
+    if request.param == "disk":
+        yield ring_dir, False
+        return
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine")
+    d = tempfile.mkdtemp(prefix="tt-rings-", dir="/dev/shm")
+    yield d, True
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_capture_path_makes_no_synchronising_call_and_lands_bit_exact(any_ring_dir):
+    ring_dir, zero_copy = any_ring_dir
     agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="gpu", ring_capacity=64 << 20,
                                      device_staging_bytes=8 << 20),
                          Selection(hooks=frozenset({"resid_pre", "logits"})))
@@ -42,6 +62,7 @@ def test_capture_path_makes_no_synchronising_call_and_lands_bit_exact(ring_dir):
             expect.append((x.clone(), logits.clone()))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert agent._staging.zero_copy is zero_copy
     for r in ("a", "b", "c"):
         agent.end_request(r)
     assert agent.flush(timeout_s=30)

@@ -9,7 +9,13 @@ On the inference thread, per slab (no host<->device synchronisation anywhere):
      pinned memory (cudaHostRegister), so the copy is a true async DMA with no second host copy;
   4. an event recorded after the D2H copy, with the frame's end position, goes to the commit queue.
 A background commit thread waits for each event in order and publishes the frame (stores head),
-then releases the staging space. The inference thread never waits on it: when the staging ring or
+then releases the staging space.
+
+cudaHostRegister only pins shared-memory (tmpfs) mappings: /run and /dev/shm work, a ring file on
+a disk filesystem is refused with cudaErrorInvalidValue (seen on an H100). Then the D2H copy goes
+into a pinned bounce buffer laid out like the staging ring, and the commit thread copies it into
+the ring file (one extra host copy, off the inference thread). A pageable destination is never
+used: cudaMemcpyAsync into pageable memory blocks the calling thread. The inference thread never waits on it: when the staging ring or
 the commit queue is full, the slab is dropped and counted ("staging_full").
 
 >>> staging = CudaStaging(writer, ring_u8, torch.device("cuda"), config)   # made by the agent
@@ -43,6 +49,7 @@ class CudaStaging:
         self._head = 0   # staging bytes ever reserved (inference thread)
         self._tail = 0   # staging bytes ever released (commit thread)
         self._registered_ptr = None
+        self._bounce = None  # pinned host buffer, only when the ring file cannot be registered
         self.commit_error: BaseException | None = None
         # Pin the ring's data area in place: D2H copies land directly in the shared file.
         self._ring = ring_u8
@@ -50,8 +57,11 @@ class CudaStaging:
         size = ring_u8.numel()
         rc = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
         if int(rc) != 0:
-            log.warning("tensortrace: cudaHostRegister of the ring failed (%s); D2H copies go to "
-                        "pageable memory and may be slower", rc)
+            _clear_cuda_error()  # else torch reports it at its next launch check
+            self._bounce = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
+            log.warning("tensortrace: cudaHostRegister of the ring %s failed (error %d; the ring "
+                        "directory is not tmpfs?); copies go through a pinned bounce buffer",
+                        writer.path, int(rc))
         else:
             self._registered_ptr = ptr
         self._thread = threading.Thread(target=self._commit_loop, name="tensortrace-commit", daemon=True)
@@ -89,17 +99,22 @@ class CudaStaging:
         copied = torch.cuda.Event()
         copied.record()                                         # on the compute stream
         self._side.wait_event(copied)
+        bounce = None
         with torch.cuda.stream(self._side):
-            self._ring[ring_offset: ring_offset + nbytes].copy_(staged, non_blocking=True)
+            if self._bounce is None:
+                self._ring[ring_offset: ring_offset + nbytes].copy_(staged, non_blocking=True)
+            else:
+                bounce = (self._bounce[start: start + nbytes], ring_offset)
+                bounce[0].copy_(staged, non_blocking=True)
             landed = torch.cuda.Event()
             landed.record(self._side)
         self._head = new_head
-        self._queue.append((landed, end_position, nbytes, new_head))
+        self._queue.append((landed, end_position, nbytes, new_head, bounce))
         self._wake.set()
 
     def commit_after_copies(self, end_position: int, nbytes: int) -> None:
         """Publish a frame with no device payload (STEP, SUMMARY) after every earlier frame."""
-        self._queue.append((None, end_position, nbytes, None))
+        self._queue.append((None, end_position, nbytes, None, None))
         self._wake.set()
 
     def end_step(self) -> None:
@@ -117,10 +132,13 @@ class CudaStaging:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            event, end, nbytes, staging_end = self._queue[0]
+            event, end, nbytes, staging_end, bounce = self._queue[0]
             try:
                 if event is not None:
                     event.synchronize()   # this thread only; the inference thread never waits
+                if bounce is not None:
+                    src, ring_offset = bounce
+                    self._ring[ring_offset: ring_offset + src.numel()].copy_(src)
                 self._writer.commit(end, nbytes)
             except BaseException as e:  # noqa: BLE001 - the ring stays consistent: head not moved
                 self.commit_error = e
@@ -129,6 +147,11 @@ class CudaStaging:
             if staging_end is not None:
                 self._tail = staging_end
             self._queue.popleft()
+
+    @property
+    def zero_copy(self) -> bool:
+        """True when D2H copies land directly in the ring file (it is registered as pinned)."""
+        return self._registered_ptr is not None
 
     def close(self) -> None:
         self._stop = True
@@ -140,3 +163,23 @@ class CudaStaging:
         self._ring = None
 
 
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error (a failed cudaHostRegister leaves one behind), in the
+    libcudart this process actually loaded."""
+    import ctypes
+
+    path = None
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if "libcudart.so" in line:
+                    path = line.split()[-1]
+                    break
+    except OSError:
+        pass
+    try:
+        ctypes.CDLL(path or "libcudart.so").cudaGetLastError()
+    except OSError:
+        log.warning("tensortrace: could not load libcudart to clear a CUDA error")
