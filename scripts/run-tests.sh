@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test suite (what `make test` runs): every test under tests/, GPU tests only where CUDA is.
+# Extra arguments go to pytest, e.g. `bash scripts/run-tests.sh -k kafka -x`.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="$root/.venv/bin/python"
+[[ -x "$py" ]] || { echo "error: $py not found: run \`make setup\` first" >&2; exit 1; }
+
+marker=()
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "run-tests: no CUDA here: running -m 'not gpu' (GPU tests are skipped, not failed)"
+  marker=(-m "not gpu")
+fi
+
+start=$(date +%s)
+"$py" -m pytest tests "${marker[@]}" -p no:cacheprovider "$@"
+rc=$?
+elapsed=$(( $(date +%s) - start ))
+
+case $rc in
+  0) echo "run-tests: PASSED in ${elapsed}s" ;;
+  5) echo "run-tests: FAILED: pytest collected no tests (exit 5): is tests/ empty or the selection wrong?" >&2 ;;
+  *) echo "run-tests: FAILED (pytest exit $rc) after ${elapsed}s" >&2 ;;
+esac
+exit $rc
