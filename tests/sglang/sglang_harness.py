@@ -27,7 +27,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STUB_DIR = os.path.join(ROOT, "scripts", "sglang", "sgl_kernel_stub")
 sys.path.insert(0, os.path.join(ROOT, "scripts", "sglang"))
 
-HAS_SGLANG = importlib.util.find_spec("sglang") is not None
+def _has_sglang() -> bool:
+    # tests/ is on sys.path under pytest, so this very directory is a namespace package called
+    # `sglang`; the real SGLang is a regular package (it has an origin file).
+    try:
+        spec = importlib.util.find_spec("sglang")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None
+
+
+HAS_SGLANG = _has_sglang()
 REQUIRE_SGLANG = os.environ.get("TENSORTRACE_REQUIRE_SGLANG") == "1"
 
 

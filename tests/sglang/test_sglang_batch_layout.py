@@ -1,0 +1,138 @@
+"""The layout adapter (ForwardBatch -> StepLayout) for every SGLang forward mode, on batch objects
+built like SGLang builds them (SGLang's own classes under the SGLang venv; see forward_batches.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forward_batches import KIND, ForwardMode, forward_batch
+from tensortrace.agent.backends.sglang import v0_5
+from tensortrace.agent.backends.sglang.batch_layout import LayoutError, plan_step
+from tensortrace.agent.layout import Phase
+
+pytestmark = pytest.mark.unit
+
+
+def spans(plan):
+    return [(s.request_id, s.row_start, s.row_count, s.position_start, s.phase.name) for s in plan.layout.spans]
+
+
+def test_batch_kind_is_reported():
+    print("ForwardBatch used:", KIND)
+
+
+def test_extend_rows_are_new_tokens_in_batch_order():
+    fb = forward_batch("EXTEND", ["a", "b", "c"], seq_lens=[5, 3, 4], extend_lens=[5, 3, 4], prefix_lens=[0, 0, 0])
+    plan = plan_step(fb, {"a": 5, "b": 3, "c": 4}.get)
+    assert spans(plan) == [("a", 0, 5, 0, "PREFILL"), ("b", 5, 3, 0, "PREFILL"), ("c", 8, 4, 0, "PREFILL")]
+    assert plan.layout.total_rows == 12 and plan.layout.num_sequences == 3
+
+
+def test_radix_cache_prefix_hit_starts_past_the_cached_tokens():
+    # "a" had 6 of its 9 prompt tokens in the radix cache: only 3 rows, from position 6
+    fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[9, 2], extend_lens=[3, 2], prefix_lens=[6, 0])
+    plan = plan_step(fb, {"a": 9, "b": 2}.get)
+    assert spans(plan) == [("a", 0, 3, 6, "PREFILL"), ("b", 3, 2, 0, "PREFILL")]
+
+
+def test_chunked_prefill_chunks_continue_positions_and_stay_prefill():
+    prompt = {"long": 10}
+    chunk1 = plan_step(forward_batch("EXTEND", ["long"], [4], [4], [0]), prompt.get)
+    chunk2 = plan_step(forward_batch("EXTEND", ["long"], [8], [4], [4]), prompt.get)
+    last = plan_step(forward_batch("EXTEND", ["long"], [10], [2], [8]), prompt.get)
+    assert [spans(p)[0] for p in (chunk1, chunk2, last)] == [
+        ("long", 0, 4, 0, "PREFILL"), ("long", 0, 4, 4, "PREFILL"), ("long", 0, 2, 8, "PREFILL")]
+
+
+def test_mixed_batch_marks_running_requests_as_decode():
+    # a new 4-token prompt + two running requests (mix_with_running: one token each, prefix seq_len-1)
+    fb = forward_batch("MIXED", ["new", "r1", "r2"], seq_lens=[4, 6, 7], extend_lens=[4, 1, 1], prefix_lens=[0, 5, 6])
+    plan = plan_step(fb, {"new": 4, "r1": 3, "r2": 5}.get)
+    assert spans(plan) == [("new", 0, 4, 0, "PREFILL"), ("r1", 4, 1, 5, "DECODE"), ("r2", 5, 1, 6, "DECODE")]
+
+
+def test_decode_one_row_per_request_at_seq_len_minus_one():
+    fb = forward_batch("DECODE", ["a", "b", "c"], seq_lens=[6, 9, 4])
+    plan = plan_step(fb, {"a": 5, "b": 3, "c": 3}.get)
+    assert spans(plan) == [("a", 0, 1, 5, "DECODE"), ("b", 1, 1, 8, "DECODE"), ("c", 2, 1, 3, "DECODE")]
+
+
+def test_padded_cuda_graph_decode_rows_belong_to_no_request():
+    fb = forward_batch("DECODE", ["a", "b", "c"], seq_lens=[6, 9, 4], padded_to=8)
+    plan = plan_step(fb, {"a": 5, "b": 3, "c": 3}.get)
+    assert plan.layout.total_rows == 8
+    covered = {r for s in plan.layout.spans for r in range(s.row_start, s.row_start + s.row_count)}
+    assert covered == {0, 1, 2}
+
+
+@pytest.mark.parametrize("mode", sorted(v0_5.MODES_SKIPPED))
+def test_uncaptured_modes_are_skipped_with_a_reason(mode):
+    if not hasattr(ForwardMode, mode):
+        pytest.skip(f"ForwardMode.{mode} does not exist in this SGLang")
+    fb = forward_batch(mode, ["a"], seq_lens=[3], extend_lens=[3], prefix_lens=[0])
+    plan = plan_step(fb)
+    assert plan.layout is None and plan.mode == mode and plan.skip_reason == v0_5.MODES_SKIPPED[mode]
+
+
+def test_every_forward_mode_of_this_sglang_is_either_captured_or_skipped():
+    names = {m.name for m in ForwardMode}
+    unknown = names - set(v0_5.MODES_CAPTURED) - set(v0_5.MODES_SKIPPED)
+    assert not unknown, f"ForwardMode members the adapter does not know: {sorted(unknown)} — update v0_5.py"
+
+
+def test_rids_from_the_schedule_batch_when_forward_batch_has_none():
+    fb = forward_batch("DECODE", ["x", "y"], seq_lens=[4, 5], set_rids=False)
+    with pytest.raises(LayoutError, match="0 request ids for batch_size 2"):
+        plan_step(fb)
+    assert [s.request_id for s in plan_step(fb, rids=["x", "y"]).layout.spans] == ["x", "y"]
+
+
+def test_unknown_prompt_length_falls_back_to_the_mode_phase():
+    ext = plan_step(forward_batch("EXTEND", ["a"], [3], [3], [0]))
+    dec = plan_step(forward_batch("DECODE", ["a"], [4]))
+    assert ext.layout.spans[0].phase is Phase.PREFILL and dec.layout.spans[0].phase is Phase.DECODE
+
+
+def test_inconsistent_batches_raise_naming_the_field():
+    fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[3, 3], extend_lens=[3, 3], prefix_lens=[0, 0])
+    fb.extend_seq_lens_cpu = [3, 30]
+    with pytest.raises(LayoutError, match="extend_seq_lens_cpu sums to 33 rows, input_ids has 6"):
+        plan_step(fb)
+    fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[3, 3], extend_lens=[3, 3], prefix_lens=[0, 0])
+    fb.extend_prefix_lens_cpu = [0]
+    with pytest.raises(LayoutError, match="extend_prefix_lens_cpu"):
+        plan_step(fb)
+    fb = forward_batch("DECODE", ["a", "a"], seq_lens=[3, 4])
+    with pytest.raises(LayoutError, match="appears twice"):
+        plan_step(fb)
+
+
+def test_padding_rows_never_reach_the_ring(tmp_path):
+    """Layout + the real agent: a padded decode batch whose pad rows hold poison values."""
+    from sglang_harness import read_rings
+    from tensortrace.agent.config import AgentConfig
+    from tensortrace.agent.core import CaptureAgent
+    from tensortrace.agent.selection import Selection
+    from tensortrace.wire.codec import record_to_tensor
+
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="t", ring_capacity=1 << 20),
+                         Selection.preset("hidden-states") if hasattr(Selection, "preset") else None)
+    for rid, n in (("a", 5), ("b", 3), ("c", 3)):
+        agent.begin_request(rid, prompt_tokens=n)
+    fb = forward_batch("DECODE", ["c", "a", "b"], seq_lens=[4, 6, 9], padded_to=8)
+    plan = plan_step(fb, {"a": 5, "b": 3, "c": 3}.get)
+    rows = torch.full((8, 4), -1.0)
+    rows[:3] = torch.tensor([[3.0], [1.0], [2.0]])  # row i carries its request's tag
+    agent.begin_step(plan.layout)
+    agent.capture("resid_pre", 0, rows)
+    agent.end_step()
+    for rid in ("a", "b", "c"):
+        agent.end_request(rid, generated_tokens=1)
+    agent.close()
+    ring = read_rings(str(tmp_path))
+    got = {r.request_id: (r.token_start, record_to_tensor(r)) for r in ring.records}
+    assert set(got) == {"a", "b", "c"}
+    assert got["a"][0] == 5 and got["b"][0] == 8 and got["c"][0] == 3
+    assert [float(got[k][1][0, 0]) for k in ("a", "b", "c")] == [1.0, 2.0, 3.0]
+    assert all(float(t.min()) >= 0 for _, t in got.values()), "a padding row was exported"
