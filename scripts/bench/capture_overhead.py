@@ -175,7 +175,7 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
     elif mode.startswith("tt-"):
         preset = {"tt-hidden": "hidden-states", "tt-full": "full"}[mode]
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=512 << 20,
-                                         pod=f"bench{batch}{mode}"), Selection.preset(preset))
+                                         pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
         ctx = mp.get_context("spawn")
         stop, counts = ctx.Event(), ctx.Manager().dict()
         consumer = ctx.Process(target=_consume, args=(agent.ring_path, stop, counts))
@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     try:
         run_one(model, "none", 1, 8, 3, args.device, ring_dir)  # warm-up
         for b in batches:
+            run_one(model, "none", b, prompt_len, 3, args.device, ring_dir)  # warm-up at this batch size
             samples = {m: [] for m in modes}
             for _ in range(repeats):
                 for m in modes:

@@ -36,6 +36,8 @@ class AgentConfig:
     overflow_policy: str = "drop_newest"  # drop_newest | drop_request | block
     block_timeout_s: float = 5.0          # only for overflow_policy="block"
     pending_summaries_max: int = 4096     # summaries kept while the ring is full, retried each step
+    device: str = "cpu"                   # "cuda[:n]": set up the CUDA staging path at start-up
+    prefault_ring: bool = True            # touch every ring page at start-up, not on the hot path
     device_staging_bytes: int = 256 << 20  # CUDA path: device-side staging ring
     commit_queue_max: int = 65536         # CUDA path: copies in flight awaiting their event
 
@@ -53,6 +55,8 @@ class AgentConfig:
             problems.append(f"tp_rank {self.tp_rank} must be within [0, tp_size={self.tp_size})")
         if self.pending_summaries_max < 0:
             problems.append("pending_summaries_max must be >= 0")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device {self.device!r} must be 'cpu' or 'cuda[:n]'")
         if self.device_staging_bytes <= 0:
             problems.append("device_staging_bytes must be positive")
         if self.commit_queue_max < 1:

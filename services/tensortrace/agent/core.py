@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from tensortrace.wire import codec
 log = logging.getLogger("tensortrace.agent")
 
 _BITS_DTYPE: dict = {}  # element size -> integer torch dtype of that size (filled on first use)
+_NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+_CAPTURE_TIME_TAG = bytes([(9 << 3) | 1])  # RingSlab.capture_time_unix_nano: field 9, fixed64
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ class CaptureAgent:
                          tp_rank=config.tp_rank))
         self.ring_path = self.writer.path
         self._ring_u8 = torch.frombuffer(self.writer.data, dtype=torch.uint8)
+        self._ring_np = np.frombuffer(self.writer.data, dtype=np.uint8)
+        self._slab_static: dict = {}
+        self._step_field = b""
         self._counters = Counters()
         self._requests: dict[str, _Request] = {}
         self._arrivals = 0
@@ -132,6 +139,11 @@ class CaptureAgent:
         self._staging = None  # CudaStaging, created on the first CUDA tensor
         self._dtype_codes: dict = {}
         self._closed = False
+        if config.prefault_ring:
+            # One write per page now, so the first laps of the ring take no page faults in a step.
+            self._ring_np[::4096] = 0
+        if config.device.startswith("cuda"):
+            self._staging_for(torch.device(config.device))
 
     # -- backend-facing API -------------------------------------------------------------------
     def report_placement(self, unplaced: list[tuple[str, str]]) -> None:
@@ -199,6 +211,7 @@ class CaptureAgent:
         if self._pending_summaries:
             self._drain_pending()
         self._step += 1
+        self._step_field = ring_pb2.RingSlab(step=self._step).SerializeToString()
         self._counters.scalars["steps"] += 1
         self._layout = layout
         self._groups = {}
@@ -353,6 +366,7 @@ class CaptureAgent:
                 self._staging.close()
                 self._staging = None
             self._ring_u8 = None
+            self._ring_np = None
             self.writer.close()
 
     # -- selection / control -----------------------------------------------------------------
@@ -477,15 +491,19 @@ class CaptureAgent:
             self._step_frame_state = None  # try again at the next slab
             return
         row_shape = tuple(rows.shape[1:])
-        row_bytes = math.prod(row_shape) * rows.element_size()
+        elem = rows.element_size()
+        row_bytes = math.prod(row_shape) * elem
         nbytes = group.nrows * row_bytes
-        dt = self._dtype_codes.get(rows.dtype)
-        if dt is None:
-            dt = self._dtype_codes[rows.dtype] = codec.dtype_code(rows.dtype)
-        head = ring_pb2.RingSlab(step=self._step, hook=hook, layer=layer, tp_rank=self.config.tp_rank,
-                                 tp_size=self.config.tp_size, dtype=dt, row_shape=row_shape,
-                                 capture_time_unix_nano=time.time_ns())
-        meta = head.SerializeToString() + group.parts_bytes
+        key = (hook, layer, rows.dtype, row_shape)
+        static = self._slab_static.get(key)
+        if static is None:
+            # Fields 2-7 of RingSlab never change for a tap: serialize them once. A protobuf
+            # message may list its fields in any order, so the meta is concatenated pieces.
+            static = self._slab_static[key] = ring_pb2.RingSlab(
+                hook=hook, layer=layer, tp_rank=self.config.tp_rank, tp_size=self.config.tp_size,
+                dtype=codec.dtype_code(rows.dtype), row_shape=row_shape).SerializeToString()
+        meta = b"".join((self._step_field, static, _CAPTURE_TIME_TAG, _U64.pack(time.time_ns()),
+                         group.parts_bytes))
         on_cuda = rows.device.type == "cuda"
         if on_cuda:
             staging = self._staging_for(rows.device)
@@ -502,13 +520,13 @@ class CaptureAgent:
             if on_cuda:
                 self._staging.stage(rows, group.src_runs, group.nrows, row_shape, off, nbytes, end)
             else:
-                bits = _BITS_DTYPE[rows.element_size()]
-                dst = self._ring_u8[off: off + nbytes].view(bits).view(group.nrows, *row_shape).numpy()
-                src_bits = rows.view(bits)
+                bits = _NP_BITS[elem]
+                dst = self._ring_np[off: off + nbytes].view(bits).reshape(group.nrows, *row_shape)
+                src_bits = rows.detach().view(_BITS_DTYPE[elem]).numpy()
                 for src, d, count in group.src_runs:
                     # A raw, single-threaded copy of the bits (numpy, not torch's copy_: torch's
                     # intra-op thread pool stalls for milliseconds on a busy machine).
-                    np.copyto(dst[d: d + count], src_bits[src: src + count].numpy(), casting="no")
+                    np.copyto(dst[d: d + count], src_bits[src: src + count], casting="no")
                 self.writer.commit(end, nbytes)
         except BaseException:
             self.writer.rollback(mark)

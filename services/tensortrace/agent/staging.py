@@ -2,21 +2,17 @@
 
 On the inference thread, per slab (no host<->device synchronisation anywhere):
   1. the ring frame (header + meta) is reserved on the host, as on the CPU path;
-  2. the selected rows are copied device-to-device into a preallocated device staging ring
-     (on the compute stream, so the activation can be freed or overwritten right after);
-  3. an event on the compute stream orders a side stream behind that copy; the side stream copies
-     the staged bytes into the frame's payload region of the ring file, which is registered as
-     pinned memory (cudaHostRegister), so the copy is a true async DMA with no second host copy;
-  4. an event recorded after the D2H copy, with the frame's end position, goes to the commit queue.
-A background commit thread waits for each event in order and publishes the frame (stores head),
-then releases the staging space.
+  2. the selected rows are copied device-to-device into a preallocated device staging ring, on
+     the compute stream, so the activation can be freed or overwritten right after;
+and once per step (end_step), one event is recorded on the compute stream and the step's slabs
+go to the commit queue as one batch. Nothing else happens on the inference thread.
 
-cudaHostRegister only pins shared-memory (tmpfs) mappings: /run and /dev/shm work, a ring file on
-a disk filesystem is refused with cudaErrorInvalidValue (seen on an H100). Then the D2H copy goes
-into a pinned bounce buffer laid out like the staging ring, and the commit thread copies it into
-the ring file (one extra host copy, off the inference thread). A pageable destination is never
-used: cudaMemcpyAsync into pageable memory blocks the calling thread. The inference thread never waits on it: when the staging ring or
-the commit queue is full, the slab is dropped and counted ("staging_full").
+The background commit thread, per batch and in order: waits for the batch's event, issues the
+device-to-host copies on a side stream straight into each frame's payload region of the ring
+file (registered as pinned memory with cudaHostRegister, so each copy is one DMA and there is no
+second host copy), waits for them, publishes the frames (stores head) and releases the staging
+space. When the staging ring or the commit queue is full, a slab is dropped and counted
+("staging_full"); the inference thread never waits.
 
 >>> staging = CudaStaging(writer, ring_u8, torch.device("cuda"), config)   # made by the agent
 """
@@ -43,7 +39,11 @@ class CudaStaging:
         self._staging = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         self._side = torch.cuda.Stream(device=device)
         self._queue_max = config.commit_queue_max
-        self._queue: deque = deque()   # (event | None, end_position, payload_len, staging_end)
+        self._queue: deque = deque()   # batches: (event | None, [(end, payload_len, staged, ring_off, staging_end)])
+        self._open: list = []          # this step's frames, not yet handed to the commit thread
+        self._open_device = False
+        self._open_stream = None
+        self._busy = False
         self._wake = threading.Event()
         self._stop = False
         self._head = 0   # staging bytes ever reserved (inference thread)
@@ -87,44 +87,54 @@ class CudaStaging:
 
     def stage(self, rows, src_runs, nrows: int, row_shape: tuple, ring_offset: int, nbytes: int,
               end_position: int) -> None:
-        torch = self._torch
         placed = self._place(nbytes)
         if placed is None:  # has_room was checked just before; only a bug gets here
             raise RuntimeError("staging ring full after has_room")
+        stream = self._torch.cuda.current_stream(self.device)
+        if self._open and stream != self._open_stream:
+            self.seal()   # copies on another stream: their own event
+        self._open_stream = stream
         start, new_head = placed
         staged = self._staging[start: start + nbytes]
         dst = staged.view(rows.dtype).view(nrows, *row_shape)
         for src, d, count in src_runs:
             dst[d: d + count].copy_(rows[src: src + count])   # device-to-device, compute stream
-        copied = torch.cuda.Event()
-        copied.record()                                         # on the compute stream
-        self._side.wait_event(copied)
-        bounce = None
-        with torch.cuda.stream(self._side):
-            if self._bounce is None:
-                self._ring[ring_offset: ring_offset + nbytes].copy_(staged, non_blocking=True)
-            else:
-                bounce = (self._bounce[start: start + nbytes], ring_offset)
-                bounce[0].copy_(staged, non_blocking=True)
-            landed = torch.cuda.Event()
-            landed.record(self._side)
         self._head = new_head
-        self._queue.append((landed, end_position, nbytes, new_head, bounce))
-        self._wake.set()
+        self._open.append((end_position, nbytes, staged, ring_offset, new_head))
+        self._open_device = True
 
     def commit_after_copies(self, end_position: int, nbytes: int) -> None:
         """Publish a frame with no device payload (STEP, SUMMARY) after every earlier frame."""
-        self._queue.append((None, end_position, nbytes, None, None))
+        if self._open:
+            self._open.append((end_position, nbytes, None, 0, None))
+        else:
+            self._queue.append((None, [(end_position, nbytes, None, 0, None)]))
+            self._wake.set()
+
+    def seal(self) -> None:
+        """Hand the open frames to the commit thread, behind one event on their stream."""
+        if not self._open:
+            return
+        event = None
+        if self._open_device:
+            event = self._torch.cuda.Event()
+            event.record(self._open_stream)
+        self._queue.append((event, self._open))
+        self._open = []
+        self._open_device = False
         self._wake.set()
 
     def end_step(self) -> None:
-        pass
+        self.seal()
 
     def idle(self) -> bool:
-        return not self._queue
+        self.seal()
+        return not self._queue and not self._busy
 
     # -- commit thread -------------------------------------------------------------------------
     def _commit_loop(self) -> None:
+        torch = self._torch
+        torch.cuda.set_device(self.device)
         while True:
             if not self._queue:
                 if self._stop:
@@ -132,26 +142,32 @@ class CudaStaging:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            event, end, nbytes, staging_end, bounce = self._queue[0]
+            self._busy = True
+            event, items = self._queue[0]
             try:
                 if event is not None:
                     event.synchronize()   # this thread only; the inference thread never waits
-                if bounce is not None:
-                    src, ring_offset = bounce
-                    self._ring[ring_offset: ring_offset + src.numel()].copy_(src)
-                self._writer.commit(end, nbytes)
+                    with torch.cuda.stream(self._side):
+                        for _, nbytes, staged, ring_offset, _ in items:
+                            if staged is not None:
+                                self._ring[ring_offset: ring_offset + nbytes].copy_(staged, non_blocking=True)
+                        landed = torch.cuda.Event()
+                        landed.record(self._side)
+                    landed.synchronize()
+                staging_end = None
+                for end, nbytes, _, _, s_end in items:
+                    self._writer.commit(end, nbytes)
+                    if s_end is not None:
+                        staging_end = s_end
             except BaseException as e:  # noqa: BLE001 - the ring stays consistent: head not moved
                 self.commit_error = e
                 log.error("tensortrace: commit thread failed: %r", e)
+                self._busy = False
                 return
             if staging_end is not None:
                 self._tail = staging_end
             self._queue.popleft()
-
-    @property
-    def zero_copy(self) -> bool:
-        """True when D2H copies land directly in the ring file (it is registered as pinned)."""
-        return self._registered_ptr is not None
+            self._busy = False
 
     def close(self) -> None:
         self._stop = True
