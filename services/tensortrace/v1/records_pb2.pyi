@@ -24,6 +24,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT8_E5M2: _ClassVar[DType]
     FLOAT8_E4M3FNUZ: _ClassVar[DType]
     FLOAT8_E5M2FNUZ: _ClassVar[DType]
+    FLOAT8_E8M0FNU: _ClassVar[DType]
 
 class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,6 +61,7 @@ FLOAT8_E4M3FN: DType
 FLOAT8_E5M2: DType
 FLOAT8_E4M3FNUZ: DType
 FLOAT8_E5M2FNUZ: DType
+FLOAT8_E8M0FNU: DType
 ENCODING_UNSPECIFIED: Encoding
 RAW: Encoding
 ZSTD: Encoding

@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -50,6 +51,7 @@ _DTYPES: dict[int, tuple[str, int]] = {
     pb.FLOAT8_E5M2: ("float8_e5m2", 1),
     pb.FLOAT8_E4M3FNUZ: ("float8_e4m3fnuz", 1),
     pb.FLOAT8_E5M2FNUZ: ("float8_e5m2fnuz", 1),
+    pb.FLOAT8_E8M0FNU: ("float8_e8m0fnu", 1),
 }
 _BY_NAME = {name: code for code, (name, _) in _DTYPES.items()}
 
@@ -229,10 +231,18 @@ def decode_envelope(data: bytes | memoryview) -> list[pb.Record]:
         raise WireError(f"message of {len(data)} bytes is not a v1 envelope: {e}") from None
     if env.version != ENVELOPE_VERSION:
         raise WireError(f"envelope version {env.version} is not {ENVELOPE_VERSION}")
+    if not env.records:
+        # No producer sends one; a message cut right after its version field parses as this.
+        raise WireError(f"envelope of {len(data)} bytes holds no records (truncated?)")
     for i, r in enumerate(env.records):
         kind = r.WhichOneof("kind")
         if kind is None:
             raise WireError(f"record {i} of the envelope is empty (unknown record kind?)")
+        body = r.tensor if kind == "tensor" else r.summary
+        if body.trace_id and len(body.trace_id) != 16:
+            raise WireError(f"record {i}: trace_id is {len(body.trace_id)} bytes, not 16")
+        if body.span_id and len(body.span_id) != 8:
+            raise WireError(f"record {i}: span_id is {len(body.span_id)} bytes, not 8")
         if kind == "tensor":
             t = r.tensor
             if t.dtype not in _DTYPES:
@@ -241,8 +251,6 @@ def decode_envelope(data: bytes | memoryview) -> list[pb.Record]:
                 raise WireError(f"record {i}: unknown encoding {t.encoding}")
             if t.chunk_count > 1 and t.chunk_index >= t.chunk_count:
                 raise WireError(f"record {i}: chunk {t.chunk_index} of {t.chunk_count}")
-            if t.trace_id and len(t.trace_id) != 16:
-                raise WireError(f"record {i}: trace_id is {len(t.trace_id)} bytes, not 16")
     return list(env.records)
 
 
@@ -346,19 +354,24 @@ def new_trace_id() -> bytes:
             return b
 
 
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
 def parse_traceparent(header: str | None) -> tuple[bytes, bytes] | None:
-    """(trace_id, parent span id) from a W3C traceparent header, or None if absent/invalid."""
+    """(trace_id, parent span id) from a W3C traceparent header, or None if absent/invalid.
+
+    W3C Trace Context: lower-case hex only, version ff is invalid, version 00 has exactly four
+    fields, a later version may append fields, all-zero ids are invalid.
+    """
     if not header:
         return None
-    parts = header.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    m = _TRACEPARENT.fullmatch(header.strip())
+    if m is None:
         return None
-    if parts[0] == "ff":
+    version, tid_hex, sid_hex, _, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
         return None
-    try:
-        tid, sid = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
-    except ValueError:
-        return None
+    tid, sid = bytes.fromhex(tid_hex), bytes.fromhex(sid_hex)
     if not any(tid) or not any(sid):
         return None
     return tid, sid
