@@ -9,7 +9,7 @@ KAFKA_LIBS := .cache/kafka-libs
 KAFKA_STAMP := $(KAFKA_LIBS)/.resolved
 PROTOS := $(wildcard proto/tensortrace/v1/*.proto)
 
-.PHONY: all setup kafka-jars proto demo test test-unit test-gpu bench clean
+.PHONY: all setup kafka-jars proto demo test test-unit test-gpu bench clean sglang-env
 
 all: setup
 
@@ -46,6 +46,10 @@ test-unit: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu -q
+
+# The separate virtualenv with the real SGLang (scripts/sglang/setup-venv.sh; ~11 GB, ~3 min once).
+sglang-env:
+	bash scripts/sglang/setup-venv.sh
 
 bench: setup
 	$(PY) scripts/bench/capture_overhead.py

@@ -36,9 +36,7 @@ def validate_options(options) -> None:
     if options is None:
         return
     try:
-        Selection().for_request(options if isinstance(options, dict) else options or None)
-        if not isinstance(options, dict):
-            raise SelectionError(f"must be an object, got {type(options).__name__}")
+        Selection().for_request(options)
     except SelectionError as e:
         raise ValueError(f"custom_params.{v0_5.CUSTOM_PARAMS_KEY}: {e}") from None
 
