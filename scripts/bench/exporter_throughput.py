@@ -166,8 +166,7 @@ def main(argv=None) -> int:
     broker = None
     if not a.bootstrap:
         from tensortrace.devkafka import LocalKafka
-        broker = LocalKafka()
-        broker.start()
+        broker = LocalKafka().start()
         a.bootstrap = broker.bootstrap
     try:
         res = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
                 res["ring_kafka"].setdefault(comp, {})[name] = ring_to_kafka(size, n, a.bootstrap, comp, parts)
     finally:
         if broker is not None:
-            broker.stop()
+            broker.close()
     mc = res["memcpy_bytes_per_s"]
     print(f"\nmemcpy (numpy copy of 1 MiB buffers): {mc / 1e9:.2f} GB/s   [{res['machine']['cpus']} CPUs]\n")
     print(f"{'path':<22}{'record':>8}{'records/s':>13}{'MB/s':>10}{'% memcpy':>10}   target")

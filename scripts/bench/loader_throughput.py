@@ -262,7 +262,7 @@ def main(argv=None) -> int:
             print("read-back:", json.dumps({k: v for k, v in results["readback"].items()}), flush=True)
     finally:
         if broker is not None:
-            broker.stop()
+            broker.close()
     print()
     print(f"{'measure':<38}{'value':>14}{'target':>14}")
     if "throughput_4KiB" in results:

@@ -11,6 +11,7 @@ decode step (one row), per hook and layer; then the RequestSummary on the same k
 from __future__ import annotations
 
 import os
+import zlib
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ class SyntheticRequest:
     @classmethod
     def make(cls, request_id: str, layers: int = 4, hidden: int = 64, prompt: int = 8, generated: int = 4,
              hooks: tuple[str, ...] = ("resid_pre",), final_hook: str | None = "resid_final",
-             encoding: int = pb.RAW, producer: pb.Producer | None = None, seq_start: int = 0,
+             encoding: int = pb.RAW, producer: pb.Producer | None = None, seq_start: int | None = None,
              dtype=None, seed: int | None = None, model_id: str = "synthetic/tiny") -> "SyntheticRequest":
         import torch
 
@@ -43,6 +44,10 @@ class SyntheticRequest:
         if final_hook:
             slots.append((final_hook, -1))
         truth = {s: torch.randn(positions, hidden, generator=gen).to(dtype) for s in slots}
+        if seq_start is None:
+            # One default producer for every synthetic request, so seqs must not collide across
+            # requests: start each request's seqs in its own block.
+            seq_start = zlib.crc32(request_id.encode()) * 1_000_000
         records, seq = [], seq_start
         now = time.time_ns()
         common = dict(model_id=model_id, request_id=request_id, trace_id=trace_id, span_id=span_id,
