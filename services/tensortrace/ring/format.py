@@ -494,6 +494,9 @@ class RingReader:
         """Give the space of every frame ending at or before `end_position` back to the producer."""
         if end_position > self._read_pos:
             raise ValueError("cannot release frames that were not read")
+        if end_position < self._m.tail.get():
+            # Moving tail back would hand the consumer space the producer may already reuse.
+            raise ValueError(f"cannot release back to {end_position}: tail is already {self._m.tail.get()}")
         self._m.tail.set(end_position)
         self._m.consumer_heartbeat.set(time.time_ns())
 
