@@ -216,6 +216,8 @@ class SGLangCapture:
         try:
             reqs = list(getattr(batch, "reqs", None) or ())
             if getattr(forward_batch, "rids", None) is None:
+                if len(self._batch_rids) >= 64:  # batches built but never forwarded: bounded
+                    self._batch_rids.clear()
                 self._batch_rids[id(forward_batch)] = [r.rid for r in reqs]
             for req in reqs:
                 if req.rid in self._requests:
