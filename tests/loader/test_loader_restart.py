@@ -91,21 +91,29 @@ def test_loader_killed_mid_stream_and_restarted_leaves_each_record_once(kafka_br
     topic, dlq = make_topics(bs, partitions=2)
     reqs = [SyntheticRequest.make(f"kill-{i}", layers=4, hidden=256, prompt=32, generated=24, seed=i)
             for i in range(24)]
-    for r in reqs:
-        produce(bs, topic, r.messages(max_payload=4096))   # prefill records (16 KiB) are chunked
     n = sum(len(r.records) for r in reqs)
     path = tmp_path / "chdb"
     args = ["--bootstrap", bs, "--topic", topic, "--dlq-topic", dlq, "--group", "kill-test",
             "--clickhouse", f"chdb://{path}", "--batch-max-rows", "100", "--batch-max-delay", "0.05",
-            "--stats-interval", "0.05"]
-    # Kill twice at different points of the stream, then let a third loader finish.
-    for fraction in (0.1, 0.5):
+            "--stats-interval", "0.02", "--session-timeout-ms", "6000"]
+
+    def produce_slowly(part):
+        for r in part:
+            produce(bs, topic, r.messages(max_payload=4096))   # prefill records (16 KiB) are chunked
+            time.sleep(0.05)
+
+    # Two loaders are SIGKILLed while records stream in (each after it has inserted something);
+    # a third one finishes the stream.
+    for part in (reqs[0:8], reqs[8:16]):
         p = loader_procs(args)
-        assert wait_until(lambda: p.stats.get("tensor_rows", 0) >= fraction * n or p.proc.poll() is not None,
-                          timeout_s=120, interval=0.01), "".join(p.lines[-20:])
+        producer = threading.Thread(target=produce_slowly, args=(part,))
+        producer.start()
+        assert wait_until(lambda: p.stats.get("tensor_rows", 0) > 0 or p.proc.poll() is not None,
+                          timeout_s=120, interval=0.005), "".join(p.lines[-20:])
         p.kill(signal.SIGKILL)
+        producer.join()
         assert p.proc.returncode == -signal.SIGKILL
-        assert p.stats["tensor_rows"] < n, "the loader finished before it could be killed mid-stream"
+    produce_slowly(reqs[16:])
     final = loader_procs(args + ["--query-port", "0"])
     ends = end_offsets(bs, topic, 2)
     assert wait_until(lambda: committed(bs, "kill-test", topic, 2) == ends, timeout_s=120), "".join(final.lines[-20:])
@@ -119,6 +127,7 @@ def test_loader_killed_mid_stream_and_restarted_leaves_each_record_once(kafka_br
     final.kill(signal.SIGTERM)
     assert final.proc.returncode == 0, "".join(final.lines[-20:])
     counts = count_rows(path, "tensortrace")
+    print(f"records {n}; rows before merge {counts['raw']} (re-read duplicates: {counts['raw'] - n})")
     assert counts["distinct"] == n and counts["final"] == n and counts["raw_after_merge"] == n
     assert counts["summaries_final"] == len(reqs) and counts["summaries_after_merge"] == len(reqs)
     assert counts["raw"] >= n  # duplicates from the re-reads may exist until merged; never fewer

@@ -48,6 +48,8 @@ class LoaderConfig:
     retry_max_s: float = 10.0
     rebalance_flush_timeout_s: float = 30.0
 
+    # A loader that dies without leaving the group holds its partitions until this expires.
+    session_timeout_ms: int = 10_000
     poll_timeout_ms: int = 100
     max_poll_records: int = 5000
     fetch_max_bytes: int = 64 << 20
@@ -93,6 +95,8 @@ class LoaderConfig:
             bad("max_pending_chunk_sets", f"{self.max_pending_chunk_sets} < 1")
         if not 0 < self.retry_initial_s <= self.retry_max_s:
             bad("retry_initial_s/retry_max_s", f"need 0 < {self.retry_initial_s} <= {self.retry_max_s}")
+        if not 6_000 <= self.session_timeout_ms <= 300_000:
+            bad("session_timeout_ms", f"{self.session_timeout_ms} not in [6000, 300000] (the broker's default bounds)")
         if self.query_port is not None and not 0 <= self.query_port <= 65535:
             bad("query_port", f"{self.query_port} is not a TCP port")
         return self

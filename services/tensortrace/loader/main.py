@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> LoaderConfig:
     p.add_argument("--batch-max-delay", dest="batch_max_delay_s", type=float, default=d.batch_max_delay_s,
                    help="seconds (default %(default)s)")
     p.add_argument("--chunk-timeout", dest="chunk_timeout_s", type=float, default=d.chunk_timeout_s)
+    p.add_argument("--session-timeout-ms", type=int, default=d.session_timeout_ms)
     p.add_argument("--query-host", default=d.query_host)
     p.add_argument("--query-port", type=int, default=None, help="also serve the gRPC query service here")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on this port")

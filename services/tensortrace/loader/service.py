@@ -142,6 +142,7 @@ class Loader:
             enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
             max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
             max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
+            session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
             client_id=f"tensortrace-loader-{cfg.group_id}")
         self._consumer.subscribe([cfg.topic], listener=_Rebalance(self))
         try:
