@@ -170,3 +170,9 @@ def test_a_moved_symbol_fails_naming_it():
     moved = "sglang.srt.model_executor.model_runner.ModelRunner.forward_that_moved"
     with pytest.raises(pytest.fail.Exception, match="forward_that_moved is gone"):
         resolve(moved)
+
+
+def test_generate_request_input_class_name():
+    cls = resolve(v0_5.GENERATE_REQ_INPUT_PATH)
+    assert cls.__name__ == v0_5.GENERATE_REQ_INPUT
+    assert "sampling_params" in _field_names(cls), "GenerateReqInput has no sampling_params"

@@ -94,6 +94,8 @@ def _install(role: str) -> None:
 
 # -- hook functions (thin: all logic lives in SGLangCapture / request_options) ----------------
 def _before_generate_request(self, obj, request=None, *args, **kwargs):
+    if type(obj).__name__ != v0_5.GENERATE_REQ_INPUT:
+        return None  # embeddings / rewards: no generation, nothing to capture per token
     headers = getattr(request, "headers", None)
     traceparent = headers.get("traceparent") if headers is not None else None
     stamp_request(obj, traceparent)  # ValueError -> SGLang answers 400
@@ -262,10 +264,13 @@ class SGLangCapture:
             self.layout_errors += 1
             if self.layout_errors == 1:
                 log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
+            self._mark_missed(getattr(fb, "rids", None), f"a forward's batch layout could not be read: {e}")
             plan = None
         if plan is None or plan.layout is None:
             if plan is not None:
                 self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
+                # rows of these requests were computed but are not captured: say so in their summary
+                self._mark_missed(getattr(fb, "rids", None), f"{plan.mode} forwards are not captured ({plan.skip_reason})")
             return original(runner, fb, *args, **kwargs)
         layout = plan.layout
         agent.begin_step(layout)
@@ -299,6 +304,12 @@ class SGLangCapture:
                 self.taps.checking = False
             agent.end_step()
 
+    def _mark_missed(self, rids, reason: str) -> None:
+        for rid in rids or ():
+            info = self._requests.get(rid)
+            if info and info["sampled"] and not info["missed"]:
+                info["missed"] = reason
+
     def _exports(self, hook: str) -> bool:
         return self.tp_size == 1 or self.tp_rank == 0 or hook not in REPLICATED_HOOKS
 
@@ -307,7 +318,5 @@ class SGLangCapture:
         happens only when nothing was selected; under `skip` mode the requests are marked."""
         if self.config.cuda_graph != "skip":
             return
-        for span in layout.spans:
-            info = self._requests.get(span.request_id)
-            if info and info["sampled"] and not info["missed"]:
-                info["missed"] = "decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)"
+        self._mark_missed([s.request_id for s in layout.spans],
+                          "decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)")
