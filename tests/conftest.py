@@ -49,6 +49,9 @@ def _cuda_available() -> bool:
 # -- session-wide setup / reporting --------------------------------------------------------
 
 def pytest_configure(config: pytest.Config) -> None:
+    # kafka-python loads its protocol schemas with a deprecated importlib.resources call (hundreds
+    # of identical warnings per run that hide the ones worth reading).
+    config.addinivalue_line("filterwarnings", r"ignore:(read|open)_text is deprecated:DeprecationWarning")
     docker = _use_docker()
     config.stash[_BACKENDS_KEY] = {
         "docker": docker,
