@@ -174,7 +174,8 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         model.generate(input_ids=ids, attention_mask=mask, **gen)
     elif mode.startswith("tt-"):
         preset = {"tt-hidden": "hidden-states", "tt-full": "full"}[mode]
-        agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=512 << 20,
+        agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
+                                         device_staging_bytes=1 << 30,
                                          pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
         ctx = mp.get_context("spawn")
         stop, counts = ctx.Event(), ctx.Manager().dict()

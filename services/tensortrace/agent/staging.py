@@ -11,7 +11,15 @@ The background commit thread, per batch and in order: waits for the batch's even
 device-to-host copies on a side stream straight into each frame's payload region of the ring
 file (registered as pinned memory with cudaHostRegister, so each copy is one DMA and there is no
 second host copy), waits for them, publishes the frames (stores head) and releases the staging
-space. When the staging ring or the commit queue is full, a slab is dropped and counted
+space.
+
+cudaHostRegister only pins shared-memory (tmpfs) mappings: /run and /dev/shm work, a ring file on
+a disk filesystem is refused with cudaErrorInvalidValue (seen on an H100). Then the D2H copies go
+into a pinned bounce buffer laid out like the staging ring, and the commit thread copies them into
+the ring file (one extra host copy, off the inference thread; `zero_copy` says which). A pageable
+destination is never used: cudaMemcpyAsync into pageable memory blocks the calling thread.
+
+When the staging ring or the commit queue is full, a slab is dropped and counted
 ("staging_full"); the inference thread never waits.
 
 >>> staging = CudaStaging(writer, ring_u8, torch.device("cuda"), config)   # made by the agent
@@ -22,6 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+
+import numpy as np
 
 log = logging.getLogger("tensortrace.agent")
 
@@ -34,6 +44,8 @@ class CudaStaging:
 
         self._torch = torch
         self._writer = writer
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.capacity = config.device_staging_bytes
         self._staging = torch.empty(self.capacity, dtype=torch.uint8, device=device)
@@ -53,12 +65,14 @@ class CudaStaging:
         self.commit_error: BaseException | None = None
         # Pin the ring's data area in place: D2H copies land directly in the shared file.
         self._ring = ring_u8
+        self._ring_np = ring_u8.numpy()
         ptr = ring_u8.data_ptr()
         size = ring_u8.numel()
         rc = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
         if int(rc) != 0:
             _clear_cuda_error()  # else torch reports it at its next launch check
             self._bounce = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=True)
+            self._bounce_np = self._bounce.numpy()
             log.warning("tensortrace: cudaHostRegister of the ring %s failed (error %d; the ring "
                         "directory is not tmpfs?); copies go through a pinned bounce buffer",
                         writer.path, int(rc))
@@ -100,7 +114,7 @@ class CudaStaging:
         for src, d, count in src_runs:
             dst[d: d + count].copy_(rows[src: src + count])   # device-to-device, compute stream
         self._head = new_head
-        self._open.append((end_position, nbytes, staged, ring_offset, new_head))
+        self._open.append((end_position, nbytes, (start, staged), ring_offset, new_head))
         self._open_device = True
 
     def commit_after_copies(self, end_position: int, nbytes: int) -> None:
@@ -149,11 +163,22 @@ class CudaStaging:
                     event.synchronize()   # this thread only; the inference thread never waits
                     with torch.cuda.stream(self._side):
                         for _, nbytes, staged, ring_offset, _ in items:
-                            if staged is not None:
-                                self._ring[ring_offset: ring_offset + nbytes].copy_(staged, non_blocking=True)
+                            if staged is None:
+                                continue
+                            start, src = staged
+                            if self._bounce is None:   # straight into the registered ring file
+                                self._ring[ring_offset: ring_offset + nbytes].copy_(src, non_blocking=True)
+                            else:
+                                self._bounce[start: start + nbytes].copy_(src, non_blocking=True)
                         landed = torch.cuda.Event()
                         landed.record(self._side)
                     landed.synchronize()
+                    if self._bounce is not None:
+                        for _, nbytes, staged, ring_offset, _ in items:
+                            if staged is not None:
+                                start = staged[0]
+                                np.copyto(self._ring_np[ring_offset: ring_offset + nbytes],
+                                          self._bounce_np[start: start + nbytes])
                 staging_end = None
                 for end, nbytes, _, _, s_end in items:
                     self._writer.commit(end, nbytes)
@@ -169,6 +194,11 @@ class CudaStaging:
             self._queue.popleft()
             self._busy = False
 
+    @property
+    def zero_copy(self) -> bool:
+        """True when D2H copies land directly in the ring file (it is registered as pinned)."""
+        return self._registered_ptr is not None
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()
@@ -177,6 +207,7 @@ class CudaStaging:
             self._torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
             self._registered_ptr = None
         self._ring = None
+        self._ring_np = None
 
 
 
