@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--json loader_throughput.json]
 
 Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka). Phases:
-  1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, ~240 per ~1 MB
+  1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, 230 per ~970 KB
      envelope as the exporter packs them; then 256 KiB prefill rows, 3 per envelope); a loader
      (the real Loader class, in this process, on its own chDB path) loads them from the earliest
      offset. Rows/s and MB/s from its first message to its last accepted insert.
@@ -67,11 +67,12 @@ def build_messages(n_records: int, rows_per_record: int, hidden: int, per_messag
 def produce_all(bootstrap: str, topic: str, msgs) -> None:
     from kafka import KafkaProducer
 
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=4 << 20,
-                      max_request_size=8 << 20, buffer_memory=256 << 20)
-    for k, v in msgs:
-        p.send(topic, key=k, value=v)
-    p.flush()
+    # One ~1 MB envelope per producer batch: the broker's default limit is 1 MiB per batch.
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=1 << 20,
+                      max_request_size=1 << 20)
+    futures = [p.send(topic, key=k, value=v) for k, v in msgs]
+    for f in futures:
+        f.get(timeout=120)
     p.close()
 
 
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
     try:
         if "throughput" not in skip:
-            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 240)
+            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 230)
             print("4 KiB rows:", json.dumps(results["throughput_4KiB"]), flush=True)
             results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3)
             print("256 KiB rows:", json.dumps(results["throughput_256KiB"]), flush=True)

@@ -9,6 +9,8 @@ Variants per batch size (mean ms per decode step):
   eager+capture    eager with taps (resid_pre per layer + logits) handed to the TensorTrace agent
                    (its CUDA staging path: device copy + async D2H into the ring) — what
                    TENSORTRACE_CUDA_GRAPH=eager does on captured steps
+  (graphs are captured with capture_error_mode="thread_local": the agent's commit thread makes CUDA
+  calls while the main thread captures; under the default "global" mode that is an error)
   graph+static     taps registered BEFORE graph capture copy into static device buffers inside the
                    graph; after replay the real rows are handed to the agent — the alternative
 
@@ -121,7 +123,7 @@ def main(argv=None):
         from tensortrace.agent.layout import Phase, RequestRows, StepLayout
         from tensortrace.agent.selection import Selection
 
-        agent = CaptureAgent(AgentConfig(ring_dir=tempfile.mkdtemp(), model_id="bench", ring_capacity=1 << 30),
+        agent = CaptureAgent(AgentConfig(ring_dir=tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None), model_id="bench", ring_capacity=1 << 30),
                              Selection.preset("hidden-states"))
         _start_drain(agent.ring_path)  # a consumer, as the exporter is on a real node
     except Exception as e:  # noqa: BLE001
@@ -138,7 +140,7 @@ def main(argv=None):
                 for _ in range(3):
                     model(ids)
             torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
                 static_logits = model(ids)
             graph_ms = bench(g.replay, a.iters)
 
@@ -173,7 +175,7 @@ def main(argv=None):
 
                     model.taps = [static_tap]
                     g2 = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g2):
+                    with torch.cuda.graph(g2, capture_error_mode="thread_local"):
                         static_logits2 = model(ids)
                     model.taps = []
 

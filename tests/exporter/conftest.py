@@ -30,8 +30,18 @@ def ring_dir(tmp_path):
 
 
 def topic_name(fresh_topic, partitions: int = 3) -> str:
-    """The shared fixture may be a name or a factory (`fresh_topic(partitions=3)`)."""
-    return fresh_topic(partitions=partitions) if callable(fresh_topic) else fresh_topic
+    """A new topic from the shared factory. Retried for a while: after a broker restart (outage
+    tests) the session's admin client needs a moment to reconnect."""
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return fresh_topic(partitions=partitions)
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class ExporterProcess:

@@ -132,11 +132,20 @@ def consume_all(bootstrap: str, topic: str, stop_when, timeout_s: float = 60.0, 
     """Read every message of `topic` until stop_when(records) or timeout; returns decoded records."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=group, consumer_timeout_ms=1000,
-                             max_partition_fetch_bytes=4 << 20, fetch_max_bytes=16 << 20)
-    records = []
+    from kafka.errors import KafkaError
+
     deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                     enable_auto_commit=False, group_id=group, consumer_timeout_ms=1000,
+                                     max_partition_fetch_bytes=4 << 20, fetch_max_bytes=16 << 20)
+            break
+        except KafkaError:  # a broker just restarted by an outage test
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    records = []
     try:
         while time.monotonic() < deadline:
             for msg in consumer:

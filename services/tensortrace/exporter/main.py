@@ -17,7 +17,7 @@ from tensortrace.exporter.service import Exporter
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # its retries are summarised by our own lines
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are summarised by our own lines
     exporter = Exporter(cfg).start()
     signal.signal(signal.SIGTERM, lambda *_: exporter.stop())
     signal.signal(signal.SIGINT, lambda *_: exporter.stop())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import time
 
 from tensortrace.exporter.config import ExporterConfig
@@ -38,6 +39,7 @@ class KafkaPublisher:
         self._last_failure = 0.0
         self._last_success = 0.0
         self._connect_error_logged = ""
+        self.epoch = 0   # bumped by reset(): completions of an abandoned producer are ignored
 
     # -- connection ------------------------------------------------------------------------
     @property
@@ -45,13 +47,18 @@ class KafkaPublisher:
         return self.producer is not None
 
     def ready(self) -> bool:
-        """Readiness: a producer is connected and deliveries are succeeding (not stalled)."""
-        if self.producer is None:
+        """Readiness: a producer exists, deliveries are not failing, and a bootstrap broker accepts
+        a TCP connection (probed here, on the caller's thread: the /readyz handler, not the main loop)."""
+        if self.producer is None or self._last_failure > self._last_success:
             return False
-        if self._last_failure > self._last_success:
-            return False
-        oldest = self._sent_at[0] if self._sent_at else None
-        return oldest is None or time.monotonic() - oldest < max(10.0, self.cfg.linger_ms / 1000 * 4)
+        for server in self.cfg.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1.0).close()
+                return True
+            except (OSError, ValueError):
+                continue
+        return False
 
     def connect(self, retry_interval_s: float = 2.0) -> bool:
         """Create the producer (and the topic when `partitions` > 0). Never raises; retries are
@@ -126,14 +133,27 @@ class KafkaPublisher:
             admin.close()
 
     def reset(self) -> None:
-        """Drop a producer in a bad state; `connect()` makes a new one."""
-        if self.producer is not None:
+        """Abandon the producer and everything in flight (the caller re-reads those frames from
+        the rings); `connect()` makes a new one. Late completions of the old one are ignored."""
+        old, self.producer = self.producer, None
+        self.epoch += 1
+        self.inflight_bytes = self.inflight_messages = 0
+        self._sent_at.clear()
+        self._done.clear()
+        self._last_connect_try = 0.0
+        self.metrics.kafka_connected.set(0)
+        if old is not None:
+            # KafkaProducer.close() flushes first and raises when sends are stuck; force-close its
+            # sender instead and mark it closed so its finaliser does not try again.
             try:
-                self.producer.close(timeout=0)
+                if old._sender is not None:
+                    old._sender.force_close()
             except Exception:
                 pass
-        self.producer = None
-        self.metrics.kafka_connected.set(0)
+            old._closed = True
+
+    def oldest_inflight_s(self) -> float:
+        return time.monotonic() - self._sent_at[0] if self._sent_at else 0.0
 
     # -- sending ---------------------------------------------------------------------------
     def has_room(self) -> bool:
@@ -149,13 +169,14 @@ class KafkaPublisher:
         self.inflight_messages += 1
         self._sent_at.append(t0)
         done = self._done
+        epoch = self.epoch
         try:
             fut = self.producer.send(self.cfg.topic, value=value, key=key)
         except Exception as e:  # the producer could not take it (closed, metadata timeout)
-            done.append((token, n, t0, e))
+            done.append((token, n, t0, e, epoch))
             return
-        fut.add_callback(lambda _md: done.append((token, n, t0, None)))
-        fut.add_errback(lambda exc: done.append((token, n, t0, exc)))
+        fut.add_callback(lambda _md: done.append((token, n, t0, None, epoch)))
+        fut.add_errback(lambda exc: done.append((token, n, t0, exc, epoch)))
 
     def completions(self):
         """Yield (token, value bytes, send latency seconds, exception or None) for every finished send."""
@@ -163,7 +184,9 @@ class KafkaPublisher:
         now = time.monotonic()
         observe = self.metrics.send_latency.observe
         while done:
-            token, n, t0, exc = done.popleft()
+            token, n, t0, exc, epoch = done.popleft()
+            if epoch != self.epoch:
+                continue  # abandoned by reset(): already accounted as failed
             self.inflight_bytes -= n
             self.inflight_messages -= 1
             if self._sent_at:
@@ -178,9 +201,6 @@ class KafkaPublisher:
             yield token, n, now - t0, exc
         self.metrics.inflight_bytes.set(self.inflight_bytes)
         self.metrics.inflight_messages.set(self.inflight_messages)
-
-    def poll(self) -> None:
-        """Push lingering batches out (kafka-python's sender thread does the I/O)."""
 
     def flush(self, timeout_s: float) -> None:
         if self.producer is not None:

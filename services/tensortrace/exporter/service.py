@@ -255,6 +255,21 @@ class Exporter:
         self.metrics.forget_ring(ring.name)
 
     def _housekeeping(self) -> None:
+        # kafka-python resolves every send within delivery_timeout_ms; one that does not (seen
+        # after long broker outages) would hold its ring forever: abandon the producer, re-read.
+        stuck_after = self.cfg.delivery_timeout_ms / 1000 + 10.0
+        if self.publisher.inflight_messages and self.publisher.oldest_inflight_s() > stuck_after:
+            log.warning("kafka: %d sends unresolved after %.0fs; abandoning the producer and re-reading "
+                        "the rings from their tails (at-least-once)", self.publisher.inflight_messages, stuck_after)
+            self.metrics.kafka_errors.labels("stuck_send").inc()
+            self.publisher.reset()
+            for ring in self.rings.values():
+                for u in ring.units:
+                    if u.pending:
+                        u.pending = 0
+                        u.failed = True
+                        ring.needs_rewind = True
+                ring.release_acked(force_all=ring.state == "quarantined")
         oldest = 0
         for ring in list(self.rings.values()):
             if ring.state in ("attached", "draining"):
@@ -333,6 +348,7 @@ class Exporter:
                                             if ring.oldest_undelivered_ns() else 0.0))
 
     def status(self) -> control_pb2.ExporterStatus:
+        connected = self.publisher.ready()  # may probe the network: outside the lock
         with self.lock:
             rings = []
             for ring in self.rings.values():
@@ -353,7 +369,7 @@ class Exporter:
                     rings.append(self._ring_status(ring))
             rings.extend(self.quarantined.values())
             return control_pb2.ExporterStatus(
-                kafka_connected=self.publisher.ready(), topic=self.cfg.topic, ring_dir=self.cfg.ring_dir,
+                kafka_connected=connected, topic=self.cfg.topic, ring_dir=self.cfg.ring_dir,
                 rings=rings, inflight_messages=self.publisher.inflight_messages,
                 inflight_bytes=self.publisher.inflight_bytes, kafka_errors=self.publisher.errors,
                 default_control_json=json.dumps(self.default_control, sort_keys=True) if self.default_control else "",
