@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import threading
 import time
 
 from tensortrace.exporter.config import ExporterConfig
@@ -39,6 +40,7 @@ class KafkaPublisher:
         self._last_failure = 0.0
         self._last_success = 0.0
         self._connect_error_logged = ""
+        self._connect_thread: threading.Thread | None = None
         self.epoch = 0   # bumped by reset(): completions of an abandoned producer are ignored
 
     # -- connection ------------------------------------------------------------------------
@@ -61,14 +63,21 @@ class KafkaPublisher:
         return False
 
     def connect(self, retry_interval_s: float = 2.0) -> bool:
-        """Create the producer (and the topic when `partitions` > 0). Never raises; retries are
-        rate-limited to one per `retry_interval_s`."""
+        """True when a producer is connected. Otherwise starts (at most one per `retry_interval_s`)
+        a background attempt to create it (and the topic when `partitions` > 0) and returns False:
+        the main loop keeps scanning rings and serving control while Kafka is unreachable."""
         if self.producer is not None:
             return True
         now = time.monotonic()
-        if now - self._last_connect_try < retry_interval_s:
+        if (self._connect_thread is not None and self._connect_thread.is_alive()) or \
+                now - self._last_connect_try < retry_interval_s:
             return False
         self._last_connect_try = now
+        self._connect_thread = threading.Thread(target=self._connect, name="exporter-kafka-connect", daemon=True)
+        self._connect_thread.start()
+        return False
+
+    def _connect(self) -> None:
         from kafka import KafkaProducer
         cfg = self.cfg
         kwargs = dict(
@@ -97,10 +106,10 @@ class KafkaPublisher:
             msg = f"{type(e).__name__}: {e}"
             if msg != self._connect_error_logged:
                 log.warning("kafka: cannot connect to %s (%s); retrying every %.0fs while rings fill",
-                            cfg.bootstrap_servers, msg, retry_interval_s)
+                            cfg.bootstrap_servers, msg, 2.0)
                 self._connect_error_logged = msg
             self.metrics.kafka_errors.labels("connect").inc()
-            return False
+            return
         try:
             if cfg.partitions:
                 self._ensure_topic()
@@ -111,13 +120,12 @@ class KafkaPublisher:
                         cfg.bootstrap_servers, cfg.topic, type(e).__name__, e)
             self.metrics.kafka_errors.labels("topic").inc()
             producer.close(timeout=1)
-            return False
+            return
         self.producer = producer
         self._connect_error_logged = ""
         self.metrics.kafka_connected.set(1)
         log.info("kafka: connected to %s, topic %s (compression %s, idempotent %s)",
                  cfg.bootstrap_servers, cfg.topic, cfg.compression, cfg.idempotent)
-        return True
 
     def _ensure_topic(self) -> None:
         from kafka.admin import KafkaAdminClient, NewTopic
