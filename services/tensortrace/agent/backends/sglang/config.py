@@ -8,9 +8,11 @@ the server's environment, so env vars reach every scheduler process; CLI flags w
                                                      "positions": "all", "sample": {"every": 1}})
     TENSORTRACE_MODEL_ID=llama-8b                  default: the model path's last component
     TENSORTRACE_OVERFLOW=drop_newest               drop_newest | drop_request | block
-    TENSORTRACE_CUDA_GRAPH=eager                   eager: a decode step that captures runs eagerly
-                                                   skip: graph-replayed decode steps are not captured
-                                                   (the request is reported incomplete)
+    TENSORTRACE_CUDA_GRAPH=static                  static: taps selected at graph capture copy into
+                                                   static buffers inside the graph (a step wanting
+                                                   another tap runs eagerly); eager: every decode step
+                                                   that captures runs eagerly; skip: graph-replayed
+                                                   decode steps are not captured (request incomplete)
     TENSORTRACE_DISABLE=1                          load the plugin but install nothing
 
 >>> cfg = SGLangBackendConfig.from_env({"TENSORTRACE_RING_DIR": "/tmp/tt", "TENSORTRACE_SELECTION": "logits"})
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 from tensortrace.agent.config import OVERFLOW_POLICIES
 
-CUDA_GRAPH_MODES = ("eager", "skip")
+CUDA_GRAPH_MODES = ("static", "eager", "skip")
 ENV_PREFIX = "TENSORTRACE_"
 
 
@@ -48,7 +50,7 @@ class SGLangBackendConfig:
     selection: str = "hidden-states"
     model_id: str = ""
     overflow_policy: str = "drop_newest"
-    cuda_graph: str = "eager"
+    cuda_graph: str = "static"
     disabled: bool = False
 
     @classmethod

@@ -146,6 +146,7 @@ class SGLangCapture:
         self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
         self._checked = False
         self._force_eager = False
+        self._wrapped_graph_runner: int | None = None
         self._thread = None
         self.skipped_steps: dict[str, int] = {}
         self.layout_errors = 0
@@ -193,15 +194,16 @@ class SGLangCapture:
         self.agent.report_placement(self._unplaced)
         self._runner_id = id(runner)
         self._thread = threading.get_ident()
-        graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
-        if graph_runner is not None and self.config.cuda_graph == "eager":
-            self._wrap_graph_runner(graph_runner)
         log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed, %d unplaced", model_id,
                  self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps), len(self._unplaced))
 
-    def _wrap_graph_runner(self, graph_runner) -> None:
-        """`eager` CUDA-graph mode: a decode step that captures anything runs eagerly, so every tap
-        fires; steps that capture nothing still replay the graph."""
+    def _wrap_graph_runner(self, runner) -> None:
+        """Make the decode graph runner's can_run_graph answer False while _force_eager is set: that
+        step runs eagerly and every tap fires. The runner is built after load_model (graph capture),
+        so this is done on the first forward that sees it (and again if SGLang rebuilds it)."""
+        graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
+        if graph_runner is None or id(graph_runner) == self._wrapped_graph_runner:
+            return
         can_run = graph_runner.can_run_graph
         rt = self
 
@@ -209,6 +211,7 @@ class SGLangCapture:
             return False if rt._force_eager else can_run(forward_batch, *a, **kw)
 
         graph_runner.can_run_graph = can_run_graph
+        self._wrapped_graph_runner = id(graph_runner)
 
     # -- requests --------------------------------------------------------------------------
     def observe_batch(self, forward_batch, batch) -> None:
@@ -277,18 +280,24 @@ class SGLangCapture:
         checking = not self._checked and layout.total_rows > 0
         if checking:
             self.taps.begin_check()
-        captures = any(agent.wants(h, L) for h, L in self.taps.taps) or agent.wants("token_ids") or \
-            agent.wants("logits")
+        taps = self.taps
+        wanted = [k for k in taps.taps if agent.wants(*k)]
         try:
             if agent.wants("token_ids") and self._exports("token_ids"):
                 agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
-            self._force_eager = captures and self.config.cuda_graph == "eager"
+            mode = self.config.cuda_graph
+            if mode == "eager":
+                self._force_eager = bool(wanted)
+            elif mode == "static":  # eager only when a wanted tap is not recorded inside the graph
+                self._force_eager = any(not taps.static_ready(k) for k in wanted)
+            self._wrap_graph_runner(runner)
+            fired_before = taps.fired
             try:
                 out = original(runner, fb, *args, **kwargs)
             finally:
                 self._force_eager = False
-            if getattr(out, "can_run_graph", False) and plan.mode == "DECODE":
-                self._note_graph_replay(layout)
+            if wanted and getattr(out, "can_run_graph", False) and taps.fired == fired_before:
+                self._after_graph_replay(plan, layout, wanted)
             if agent.wants("logits") and self._exports("logits"):
                 logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
                 if logits is not None:
@@ -313,10 +322,17 @@ class SGLangCapture:
     def _exports(self, hook: str) -> bool:
         return self.tp_size == 1 or self.tp_rank == 0 or hook not in REPLICATED_HOOKS
 
-    def _note_graph_replay(self, layout) -> None:
-        """A decode step replayed a CUDA graph: module taps did not fire. Under `eager` mode this
-        happens only when nothing was selected; under `skip` mode the requests are marked."""
-        if self.config.cuda_graph != "skip":
+    def _after_graph_replay(self, plan, layout, wanted) -> None:
+        """The forward replayed a CUDA graph, so no module tap fired. `static`: hand the agent the
+        real rows of the buffers the graph wrote; otherwise the rows are not captured and the
+        requests say so in their summaries."""
+        rids = [s.request_id for s in layout.spans]
+        if plan.mode == "DECODE" and self.config.cuda_graph == "static" and \
+                all(self.taps.static_ready(k) for k in wanted):
+            for hook, L in wanted:
+                self.agent.capture(hook, L, self.taps.static_bufs[(hook, L)][: layout.total_rows])
             return
-        self._mark_missed([s.request_id for s in layout.spans],
-                          "decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)")
+        why = ("decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)"
+               if plan.mode == "DECODE" else
+               f"{plan.mode} forwards ran under a CUDA graph (piecewise prefill graphs) and were not captured")
+        self._mark_missed(rids, why)

@@ -48,6 +48,12 @@ REPLICATED_HOOKS = frozenset({"token_ids", "embeddings", "resid_pre", "resid_mid
 STEP_HOOKS = ("token_ids", "logits")  # read by the plugin, not by module taps
 
 
+def _graph_capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_current_stream_capturing()
+
+
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
@@ -75,6 +81,13 @@ class SGLangTaps(Backend):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.taps: dict = {}   # (hook, layer) -> _Tap
         self.checking = False
+        self.fired = 0         # tap firings (a step's count tells whether taps ran or a graph replayed)
+        # CUDA graphs (TENSORTRACE_CUDA_GRAPH=static): taps selected when the graphs are captured copy
+        # into these preallocated device buffers inside the graph; after a replay the runtime hands
+        # rows [:batch] to the agent. Sized by the first (largest: SGLang captures in descending
+        # batch order) capture; a tap that sees a larger one is dropped from the static set.
+        self.static_keys: set | None = None
+        self.static_bufs: dict = {}
 
     def attach(self) -> list[tuple[str, str]]:
         unplaced = self.place()
@@ -170,6 +183,8 @@ class SGLangTaps(Backend):
         tap = _Tap(hook, L, name, width)
         agent = self.agent
 
+        key = (hook, L)
+
         def fire(extract, *hook_args):
             try:
                 value = extract(*hook_args)
@@ -179,6 +194,10 @@ class SGLangTaps(Backend):
             if value is None or not hasattr(value, "shape") or value.dim() < 1:
                 if self.checking:
                     tap.seen = ("no tensor", ())
+                return
+            self.fired += 1
+            if value.is_cuda and _graph_capturing():
+                self._record_static(key, value)  # inside CUDA-graph capture: graph-safe copy only
                 return
             if self.checking:
                 tap.seen = (int(value.shape[0]), tuple(value.shape[1:]))
@@ -192,6 +211,30 @@ class SGLangTaps(Backend):
             tap.handle = module.register_forward_hook(lambda mod, args, out: fire(post, mod, args, out))
         self.taps[(hook, L)] = tap
         return ""
+
+    # -- CUDA graphs -----------------------------------------------------------------------
+    def _record_static(self, key, value) -> None:
+        if self.static_keys is None:  # first capture: freeze the graph's tap set from the selection
+            sel = self.agent.selection
+            self.static_keys = {k for k in self.taps if sel.enabled and sel.wants(*k)}
+        if key not in self.static_keys:
+            return
+        import torch
+
+        rows = value if value.dim() >= 2 else value.unsqueeze(-1)
+        buf = self.static_bufs.get(key)
+        if buf is None:
+            buf = self.static_bufs[key] = torch.empty_like(rows)
+        if rows.shape[0] > buf.shape[0] or rows.shape[1:] != buf.shape[1:] or rows.dtype != buf.dtype:
+            self.static_keys.discard(key)
+            self.static_bufs.pop(key, None)
+            log.warning("tensortrace: %s@%d changed shape between CUDA-graph captures; it is captured "
+                        "on eager steps only", *key)
+            return
+        buf[: rows.shape[0]].copy_(rows)
+
+    def static_ready(self, key) -> bool:
+        return key in self.static_bufs and self.static_keys is not None and key in self.static_keys
 
     # -- self-check ------------------------------------------------------------------------
     def begin_check(self) -> None:
