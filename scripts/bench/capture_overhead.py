@@ -14,8 +14,8 @@ GPU variant (--device cuda): bf16 model of realistic width; none / tt-hidden / s
 with a blocking .cpu() copy), eager mode (see docs/BENCHMARKS.md for why not CUDA graphs).
 
 Timing: one generate per measurement; a logits processor stamps the time after every forward, so
-prefill = first forward, decode = the following forwards. Modes are interleaved per repeat and
-the median of the repeats is reported.
+prefill = first forward, each decode step = the time between two stamps. Modes are interleaved per
+repeat; reported: the median prefill and the median decode step over all steps of all repeats.
 
     .venv/bin/python scripts/bench/capture_overhead.py --quick
     .venv/bin/python scripts/bench/capture_overhead.py --json out.json
@@ -224,8 +224,8 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         raise ValueError(mode)
     times = stamp.times
     prefill = times[0] - t0
-    decode = times[-1] - times[0]
-    return prefill, decode, extra
+    steps = [b - a for a, b in zip(times, times[1:])]   # one entry per decode forward
+    return prefill, steps, extra
 
 
 def main(argv=None) -> int:
@@ -273,27 +273,31 @@ def main(argv=None) -> int:
     try:
         run_one(model, "none", 1, 8, 3, args.device, ring_dir)  # warm-up
         for b in batches:
-            run_one(model, "none", b, prompt_len, 3, args.device, ring_dir)  # warm-up at this batch size
+            run_one(model, "none", b, prompt_len, new_tokens, args.device, ring_dir)  # warm-up at this batch size
             samples = {m: [] for m in modes}
             for _ in range(repeats):
                 for m in modes:
                     pf, dc, extra = run_one(model, m, b, prompt_len, new_tokens, args.device, ring_dir, nnsight_model)
                     samples[m].append((pf, dc, extra))
             for m in modes:
+                # Medians: of the prefill times, and of every decode step of every repeat (robust
+                # to the hiccups of a shared machine, unlike a mean over a whole generate).
                 pf = statistics.median(s[0] for s in samples[m])
-                dc = statistics.median(s[1] for s in samples[m])
+                step = statistics.median(x for s in samples[m] for x in s[1])
                 results.setdefault(str(b), {})[m] = {
                     "prefill_tokens_per_s": b * prompt_len / pf,
-                    "decode_tokens_per_s": b * (new_tokens - 1) / dc,
-                    "decode_step_ms": dc / (new_tokens - 1) * 1000,
-                    "samples": [[s[0], s[1]] for s in samples[m]],
+                    "decode_tokens_per_s": b / step,
+                    "decode_step_ms_median": step * 1000,
+                    "prefill_s": [s[0] for s in samples[m]],
+                    "decode_step_ms": [[round(x * 1000, 3) for x in s[1]] for s in samples[m]],
                     **samples[m][-1][2],
                 }
     finally:
         shutil.rmtree(ring_dir, ignore_errors=True)
 
     print(f"\ncapture overhead on {args.device} ({platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}); "
-          f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps, median of {repeats}")
+          f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps x {repeats} repeats; "
+          f"median prefill, median decode step")
     print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} {'dropped':>8}")
     for b in batches:
         base = results[str(b)]["none"]["decode_tokens_per_s"] if "none" in results[str(b)] else None

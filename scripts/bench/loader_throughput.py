@@ -119,7 +119,9 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     secs = done - first
     return {"records": n_records, "row_bytes": rows_per_record * hidden * 2, "payload_MB": payload_bytes / 1e6,
             "seconds": secs, "rows_per_s": n_records / secs, "MB_per_s": payload_bytes / secs / 1e6,
-            "produce_s": produce_s, "batches": loader.stats.batches}
+            "produce_s": produce_s, "batches": loader.stats.batches,
+            "consume_thread_decode_s": loader.stats.decode_seconds, "insert_thread_arrow_s": loader.stats.arrow_seconds,
+            "insert_thread_insert_s": loader.stats.insert_seconds}
 
 
 def paced_producer(bootstrap, topic, rate_mbps, seconds, hidden, per_message):

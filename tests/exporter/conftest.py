@@ -62,7 +62,7 @@ class ExporterProcess:
             os.unlink(status)
         args = [sys.executable, "-m", "tensortrace.cli", "exporter", "--ring-dir", self.ring_dir,
                 "--bootstrap-servers", self.bootstrap, "--topic", self.topic, "--control-port", "0",
-                "--metrics-port", "0", "--status-file", status, "--scan-interval-s", "0.1",
+                "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--control-host", "127.0.0.1", "--status-file", status, "--scan-interval-s", "0.1",
                 "--cleanup-grace-s", "1", "--linger-ms", "2", *self.extra]
         self.starts += 1
         log = open(self.log_path, "a")

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 def exporter_without_kafka(ring_dir):
     # port 9 (discard) on localhost: nothing listens, so Kafka stays unreachable
     cfg = ExporterConfig(ring_dir=ring_dir, bootstrap_servers="127.0.0.1:9", control_port=0, metrics_port=0,
+                         metrics_host="127.0.0.1", control_host="127.0.0.1",
                          scan_interval_s=0.05, default_control={"enabled": True, "selection": {"preset": "hidden-states"}})
     exp = Exporter(cfg).start()
     t = threading.Thread(target=exp.run, daemon=True)

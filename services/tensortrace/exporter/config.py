@@ -48,6 +48,8 @@ class ExporterConfig:
     request_timeout_ms: int = 30_000
     delivery_timeout_ms: int = 120_000    # after this a message fails; the ring is re-read
     client_id: str = "tensortrace-exporter"
+    max_request_bytes: int = 4 << 20      # one produce request may carry batches of several partitions
+    send_buffer_bytes: int = 4 << 20      # socket buffer: keeps a 1 MB batch from stalling the sender
 
     # messages
     payload_encoding: str = "RAW"
@@ -62,9 +64,9 @@ class ExporterConfig:
 
     # identity, endpoints
     node: str = field(default_factory=lambda: os.environ.get("NODE_NAME", os.uname().nodename))
-    control_host: str = "127.0.0.1"
+    control_host: str = "127.0.0.1"       # operators use `kubectl port-forward` (insecure gRPC stays local)
     control_port: int = 50051             # 0: an ephemeral port; -1: no control endpoint
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = "0.0.0.0"          # kubelet probes and Prometheus reach it on the pod IP
     metrics_port: int = 9464              # 0: ephemeral; -1: none
     default_control: dict | None = None   # control document for every ring at attach time
     status_file: str = ""                 # where the bound ports are written (tests, scripts)
@@ -89,7 +91,8 @@ class ExporterConfig:
             bad("acks", f"{self.acks!r}: an idempotent producer needs acks=all (or set idempotent=False)")
         for name in ("batch_size", "max_message_bytes", "chunk_payload_bytes", "max_inflight_bytes",
                      "max_inflight_messages", "max_pass_bytes", "max_pass_frames", "max_steps_kept",
-                     "request_timeout_ms", "delivery_timeout_ms", "replication_factor"):
+                     "request_timeout_ms", "delivery_timeout_ms", "replication_factor",
+                     "max_request_bytes", "send_buffer_bytes"):
             if getattr(self, name) <= 0:
                 bad(name, f"must be positive, got {getattr(self, name)}")
         if self.linger_ms < 0:
@@ -102,6 +105,8 @@ class ExporterConfig:
             bad("max_message_bytes", f"{self.max_message_bytes} leaves no room under the broker limit {BROKER_DEFAULT_MAX_MESSAGE_BYTES}")
         if self.chunk_payload_bytes > self.max_message_bytes - 16384:
             bad("chunk_payload_bytes", f"{self.chunk_payload_bytes} must be at least 16 KiB below max_message_bytes {self.max_message_bytes} (room for metadata)")
+        if self.max_request_bytes < self.max_message_bytes + 4096:
+            bad("max_request_bytes", f"{self.max_request_bytes} must exceed max_message_bytes {self.max_message_bytes} (+ 4 KiB request overhead)")
         if self.delivery_timeout_ms < self.request_timeout_ms + self.linger_ms:
             bad("delivery_timeout_ms", f"{self.delivery_timeout_ms} must be >= request_timeout_ms + linger_ms ({self.request_timeout_ms + self.linger_ms})")
         if self.max_inflight_bytes < self.max_message_bytes:

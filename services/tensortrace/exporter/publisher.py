@@ -41,6 +41,7 @@ class KafkaPublisher:
         self._last_success = 0.0
         self._connect_error_logged = ""
         self._connect_thread: threading.Thread | None = None
+        self.wake = threading.Event()   # set on every completion: the main loop sleeps on it
         self.epoch = 0   # bumped by reset(): completions of an abandoned producer are ignored
 
     # -- connection ------------------------------------------------------------------------
@@ -87,7 +88,8 @@ class KafkaPublisher:
             compression_type=_COMPRESSION[cfg.compression],
             batch_size=cfg.batch_size,
             linger_ms=cfg.linger_ms,
-            max_request_size=max(cfg.max_message_bytes + 4096, 1_048_576),
+            max_request_size=cfg.max_request_bytes,
+            send_buffer_bytes=cfg.send_buffer_bytes,
             request_timeout_ms=cfg.request_timeout_ms,
             delivery_timeout_ms=cfg.delivery_timeout_ms,
             max_block_ms=5000,
@@ -183,8 +185,18 @@ class KafkaPublisher:
         except Exception as e:  # the producer could not take it (closed, metadata timeout)
             done.append((token, n, t0, e, epoch))
             return
-        fut.add_callback(lambda _md: done.append((token, n, t0, None, epoch)))
-        fut.add_errback(lambda exc: done.append((token, n, t0, exc, epoch)))
+        wake = self.wake
+
+        def ok(_md):
+            done.append((token, n, t0, None, epoch))
+            wake.set()
+
+        def failed(exc):
+            done.append((token, n, t0, exc, epoch))
+            wake.set()
+
+        fut.add_callback(ok)
+        fut.add_errback(failed)
 
     def completions(self):
         """Yield (token, value bytes, send latency seconds, exception or None) for every finished send."""

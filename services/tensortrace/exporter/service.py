@@ -76,13 +76,16 @@ class Exporter:
 
     def stop(self) -> None:
         self._stop.set()
+        self.publisher.wake.set()
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            wake = self.publisher.wake
             while not self._stop.is_set():
+                wake.clear()
                 if not self.step():
-                    self._stop.wait(0.002)
+                    wake.wait(0.005)   # an acknowledgement (or stop()) wakes it early
         finally:
             self.shutdown()
 
