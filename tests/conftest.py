@@ -32,6 +32,7 @@ from tensortrace.devkafka import LocalKafka, LocalKafkaError
 from tensortrace.devkafka.container import ContainerKafka, docker_answers
 
 _BACKENDS_KEY = pytest.StashKey[dict]()
+_started_brokers: list = []  # the session broker once it started (for _broker_running_after_each_test)
 
 
 def _use_docker() -> bool:
@@ -99,11 +100,13 @@ def kafka_broker(request: pytest.FixtureRequest):
     backends = request.config.stash[_BACKENDS_KEY]
     broker = ContainerKafka() if backends["docker"] else LocalKafka()
     request.addfinalizer(broker.close)  # registered before start: a failed start still cleans up
+    request.addfinalizer(_started_brokers.clear)
     t0 = time.monotonic()
     try:
         broker.start()
     except LocalKafkaError as e:
         pytest.fail(f"could not start the Kafka broker: {e}", pytrace=False)
+    _started_brokers.append(broker)
     backends["kafka_used"] = f"{broker.kind} at {broker.bootstrap} (ready in {time.monotonic() - t0:.1f}s)"
     return broker
 
@@ -112,18 +115,23 @@ def kafka_broker(request: pytest.FixtureRequest):
 def _broker_running_after_each_test(request: pytest.FixtureRequest):
     """A test that stopped the session broker and failed before restarting it must not break the next."""
     yield
-    if "kafka_broker" in request.fixturenames:
-        broker = request.getfixturevalue("kafka_broker")
+    for broker in _started_brokers:
         if not broker.running:
             broker.start()
 
 
-@pytest.fixture(scope="session")
-def kafka_admin(kafka_broker):
+def _admin_client(bootstrap: str):
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap, client_id="tensortrace-tests",
-                             request_timeout_ms=30_000)
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tensortrace-tests",
+                            request_timeout_ms=30_000)
+
+
+@pytest.fixture
+def kafka_admin(kafka_broker):
+    """A KafkaAdminClient for this test. Per test, not per session: after a broker outage a
+    long-lived kafka-python client can sit in reconnect backoff for many seconds."""
+    admin = _admin_client(kafka_broker.bootstrap)
     yield admin
     admin.close()
 
@@ -133,17 +141,22 @@ def _safe_name(s: str, n: int = 40) -> str:
 
 
 @pytest.fixture
-def fresh_topic(request: pytest.FixtureRequest, kafka_broker, kafka_admin):
+def fresh_topic(request: pytest.FixtureRequest, kafka_broker):
     """Factory: `fresh_topic(partitions=1, **configs)` creates a uniquely named topic and returns its
-    name once every partition has a leader."""
+    name once every partition has a leader. Config keys use underscores: retention_ms="1000"."""
     from kafka.admin import NewTopic
 
     def make(partitions: int = 1, **configs: str) -> str:
         kafka_broker.start()  # no-op while running
         name = f"tt-{_safe_name(request.node.name)}-{uuid.uuid4().hex[:8]}"
-        kafka_admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
-                                            topic_configs={k.replace('_', '.'): str(v) for k, v in configs.items()})])
-        _wait_for_leaders(kafka_admin, name, partitions)
+        # A fresh admin client per topic: robust right after a broker restart (see kafka_admin).
+        admin = _admin_client(kafka_broker.bootstrap)
+        try:
+            admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
+                                          topic_configs={k.replace("_", "."): str(v) for k, v in configs.items()})])
+            _wait_for_leaders(admin, name, partitions)
+        finally:
+            admin.close()
         return name
 
     return make
