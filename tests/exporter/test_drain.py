@@ -138,3 +138,26 @@ def test_slab_of_an_unknown_step_is_dropped_and_counted(tmp_path):
     assert not pub.sent and d.dropped == {"step_unknown": 1, "bad_meta": 1}
     d.release_acked(force_all=True)
     assert r._m.frames_consumed.get() == 2        # dropped frames are released (and counted as dropped)
+
+
+def test_large_parts_are_chunked_exactly_like_the_codec_rule(tmp_path):
+    from tensortrace.ring.format import FrameKind
+    from tensortrace.ring.slabs import split_slab
+    from tensortrace.v1 import records_pb2 as pb, ring_pb2
+    w, r, d = _open(tmp_path, capacity=8 << 20)
+    step = ring_pb2.RingStep(step=1, spans=[ring_pb2.RowSpan(request_id="big", row_count=2)])
+    slab = ring_pb2.RingSlab(step=1, hook="logits", dtype=pb.UINT8, row_shape=[1_100_000],
+                             parts=[ring_pb2.SlabPart(span_index=0, slab_row_start=0, row_count=2)])
+    payload = os.urandom(2_200_000)
+    w.write(FrameKind.STEP, step.SerializeToString())
+    w.write(FrameKind.SLAB, slab.SerializeToString(), payload)
+    pub = RecordingPublisher()
+    d.drain_pass(pub)
+    got = [rec.tensor for _, rec in _decode(pub.sent)]
+    assert all(len(v) <= d.cfg.max_message_bytes for _, v, _ in pub.sent)
+    [whole] = split_slab(step, slab, payload, frame_seq=1, producer=d.producer)
+    want = codec.chunk_record(whole, d.cfg.chunk_payload_bytes)
+    assert len(got) == len(want) == 3
+    for g, c in zip(got, want):
+        c.export_time_unix_nano = g.export_time_unix_nano
+        assert g == c

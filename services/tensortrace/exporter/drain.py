@@ -297,6 +297,12 @@ class RingDrain:
                 self._corrupt_counted += lost
                 self.metrics.frames_dropped.labels(self.name, "ring_corrupt").inc(lost)
         self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
+        released = self.frames_released_total()
+        frames = self.metrics.ring_frames
+        frames.labels(self.name, "committed").set(stats["frames_committed"])
+        frames.labels(self.name, "producer_dropped").set(stats["frames_dropped"])
+        frames.labels(self.name, "released").set(released)
+        frames.labels(self.name, "pending").set(max(0, stats["frames_committed"] - released))
         now = time.monotonic()
         t0, r0, b0 = self._rate_snapshot
         if now - t0 >= 1.0:

@@ -30,6 +30,9 @@ class ExporterMetrics:
         self.messages_out = Counter(P + "messages_out", "Kafka messages acknowledged", ["topic"], registry=r)
         self.message_bytes_out = Counter(P + "message_bytes_out", "Kafka message value bytes acknowledged", ["topic"], registry=r)
         self.frames_dropped = Counter(P + "frames_dropped", "Frames dropped, by where and why (producer_* = counted by the agent in the ring header)", ["ring", "reason"], registry=r)
+        self.ring_frames = Gauge(P + "ring_frames", "Frame accounting of a ring (header counters): committed and "
+                                 "producer_dropped by the agent, released by the exporter, pending = committed - released",
+                                 ["ring", "kind"], registry=r)
         self.ring_fill = Gauge(P + "ring_fill_ratio", "Fraction of a ring's data area not yet released", ["ring"], registry=r)
         self.rings_attached = Gauge(P + "rings_attached", "Rings being drained", registry=r)
         self.rings_quarantined = Counter(P + "rings_quarantined", "Rings quarantined (unreadable or corrupt)", ["reason"], registry=r)
@@ -52,6 +55,11 @@ class ExporterMetrics:
         for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds):
             try:
                 metric.remove(ring)
+            except KeyError:
+                pass
+        for kind in ("committed", "producer_dropped", "released", "pending"):
+            try:
+                self.ring_frames.remove(ring, kind)
             except KeyError:
                 pass
 
