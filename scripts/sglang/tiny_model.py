@@ -60,8 +60,13 @@ def make_tiny_model(path: str, arch: str = "llama", seed: int = 0, layers: int =
     elif arch == "qwen2":
         config = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                                             shared_expert_intermediate_size=hidden, decoder_sparse_step=1,
+                                             **common)
+        cls = transformers.Qwen2MoeForCausalLM
     else:
-        raise ValueError(f"unknown arch {arch!r}: llama, qwen2 or qwen3")
+        raise ValueError(f"unknown arch {arch!r}: llama, qwen2, qwen3 or qwen2_moe")
     torch.manual_seed(seed)
     model = cls(config).to(getattr(torch, dtype)).eval()
     # Random-init norms are all ones; perturb them so a norm tap cannot pass by accident.
@@ -80,7 +85,7 @@ def make_tiny_model(path: str, arch: str = "llama", seed: int = 0, layers: int =
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path")
-    ap.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3"))
+    ap.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3", "qwen2_moe"))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
