@@ -11,7 +11,7 @@ Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka)
      --seconds; per row, (moment ClickHouse accepted the insert) - (capture_time stamped when the
      record was produced): p50 / p99 / max.
   3. read-back: one request of 512 positions (256 prefill + 256 decode) x 32 layers of resid_pre,
-     hidden 2048 bf16 (8224 records, 64 MiB), loaded through Kafka; time of
+     hidden 2048 bf16 (8192 records, 64 MiB), loaded through Kafka; time of
      TensorTraceClient.tensors() in-process (direct) and through the gRPC query service.
 Payloads are bf16 Gaussian values (RAW encoding, the loader does not touch them).
 """
@@ -199,7 +199,7 @@ def phase_readback(bootstrap, client, repeats=5) -> dict:
     topic = create_topic(bootstrap, partitions=1)
     req = SyntheticRequest.make("readback-512x32", layers=32, hidden=2048, prompt=257, generated=256,
                                 final_hook=None, seed=7)
-    produce_all(bootstrap, topic, req.messages(per_message=64))
+    produce_all(bootstrap, topic, req.messages(per_message=230))
     loader, thread = start_loader(bootstrap, topic, client, "bench_read")
     while loader.stats.summary_rows < 1:
         time.sleep(0.05)

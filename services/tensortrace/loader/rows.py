@@ -22,6 +22,9 @@ from tensortrace.wire import codec
 _NO_TRACE = b"\0" * 16
 _NO_SPAN = b"\0" * 8
 _TS = pa.timestamp("ns", tz="UTC")
+# DType code -> (ClickHouse dtype name, element size); unknown codes take the slow path.
+_DTYPE_INFO = {code: (codec.dtype_name(code), codec.element_size(code)) for code in pb.DType.values()
+               if code != pb.DTYPE_UNSPECIFIED}
 
 
 class InvalidRecord(ValueError):
@@ -83,28 +86,47 @@ class ColumnBatch:
         return len(self.req["seq"])
 
     def add_tensor(self, r: pb.TensorRecord, partition: int, offset: int) -> None:
-        check_tensor_record(r)
+        """Append one (reassembled) record. Hot path: each protobuf field is read once (reading
+        `payload` copies it), and the checks of check_tensor_record are inlined."""
+        shape = list(r.shape)
+        dtype = r.dtype
+        info = _DTYPE_INFO.get(dtype)
+        raw_size = r.raw_size
+        payload = r.payload
+        kind = r.positions_kind
+        token_start = r.token_start
+        token_end = r.token_end
+        positions = list(r.positions)
+        trace_id = r.trace_id
+        span_id = r.span_id
+        if (info is None or raw_size != math.prod(shape) * info[1] or min(shape, default=0) < 0
+                or (r.encoding == pb.RAW and len(payload) != raw_size)
+                or (kind == pb.TOKEN_RANGE and shape and token_end - token_start != shape[0])
+                or (kind == pb.TOKEN_LIST and shape and len(positions) != shape[0])
+                or not r.request_id or not r.hook
+                or len(trace_id) not in (0, 16) or len(span_id) not in (0, 8)):
+            check_tensor_record(r)  # slow path: raises InvalidRecord naming the problem
         a = self.act
         p = r.producer
-        a["trace_id"].append(r.trace_id or _NO_TRACE)
-        a["span_id"].append(r.span_id or _NO_SPAN)
+        a["trace_id"].append(trace_id or _NO_TRACE)
+        a["span_id"].append(span_id or _NO_SPAN)
         a["request_id"].append(r.request_id)
         a["model"].append(r.model_id)
         a["hook"].append(r.hook)
         a["layer"].append(r.layer)
         a["tp_rank"].append(r.tp_rank)
         a["tp_size"].append(r.tp_size or 1)
-        a["positions_kind"].append(r.positions_kind)
-        a["token_start"].append(r.token_start)
-        a["token_end"].append(r.token_end)
-        a["positions"].append(list(r.positions))
+        a["positions_kind"].append(kind)
+        a["token_start"].append(token_start)
+        a["token_end"].append(token_end)
+        a["positions"].append(positions)
         a["phase"].append(r.phase)
         a["step"].append(r.step)
-        a["dtype"].append(codec.dtype_name(r.dtype))
-        a["shape"].append(list(r.shape))
+        a["dtype"].append(info[0])
+        a["shape"].append(shape)
         a["encoding"].append(r.encoding)
-        a["raw_size"].append(r.raw_size)
-        a["payload"].append(r.payload)
+        a["raw_size"].append(raw_size)
+        a["payload"].append(payload)
         # A zero timestamp would land in 1970 and be deleted by the TTL at once: fall back to the
         # next-best clock rather than lose the row.
         a["capture_time"].append(r.capture_time_unix_nano or r.export_time_unix_nano or time.time_ns())
@@ -117,7 +139,7 @@ class ColumnBatch:
         a["seq"].append(r.seq)
         a["kafka_partition"].append(partition)
         a["kafka_offset"].append(offset)
-        self.payload_bytes += len(r.payload)
+        self.payload_bytes += len(payload)
 
     def add_summary(self, s: pb.RequestSummary, partition: int, offset: int) -> None:
         if not s.request_id:

@@ -78,6 +78,11 @@ class LoaderStats:
     dlq_messages: int = 0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)
     last_insert_error: str = ""
+    # where the time goes (seconds, cumulative): consume thread decoding + building rows,
+    # insert thread building Arrow tables, and waiting on ClickHouse inserts
+    decode_seconds: float = 0.0
+    arrow_seconds: float = 0.0
+    insert_seconds: float = 0.0
 
     def snapshot(self) -> dict:
         d = dict(self.__dict__)
@@ -151,9 +156,11 @@ class Loader:
                 polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
                 if not self.ready.is_set() and self._consumer.assignment():
                     self.ready.set()
+                t0 = time.perf_counter()
                 for tp, messages in polled.items():
                     for m in messages:
                         self._handle_message(tp, m)
+                self.stats.decode_seconds += time.perf_counter() - t0
                 self._expire_chunks()
                 self._maybe_hand_off()
             self._hand_off()
@@ -356,10 +363,13 @@ class Loader:
         now = time.time_ns()
         db = self.config.database
         work = []
+        t0 = time.perf_counter()
         if c.tensor_rows:
             work.append((f"{db}.activations", c.activations_table(now), f"a:{token}"))
         if c.summary_rows:
             work.append((f"{db}.requests", c.requests_table(now), f"r:{token}"))
+        t1 = time.perf_counter()
+        self.stats.arrow_seconds += t1 - t0
         for table, arrow, tok in work:
             delay = self.config.retry_initial_s
             while True:
@@ -373,6 +383,7 @@ class Loader:
                     if self._stop.wait(delay):
                         return False
                     delay = min(delay * 2, self.config.retry_max_s)
+        self.stats.insert_seconds += time.perf_counter() - t1
         if self.on_inserted is not None:
             self.on_inserted(c, time.time_ns())
         self.stats.batches += 1

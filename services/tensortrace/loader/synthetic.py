@@ -71,15 +71,27 @@ class SyntheticRequest:
         return cls(request_id, trace_id, records, summary, truth)
 
     def messages(self, max_payload: int = codec.DEFAULT_CHUNK_PAYLOAD_BYTES, per_message: int = 8,
-                 with_summary: bool = True) -> list[tuple[bytes, bytes]]:
-        """Kafka (key, value) pairs: records chunked above max_payload, grouped per_message per envelope."""
+                 with_summary: bool = True,
+                 max_message_bytes: int = codec.DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[bytes, bytes]]:
+        """Kafka (key, value) pairs: records chunked above max_payload, at most per_message records
+        and about max_message_bytes per envelope (as the exporter packs them)."""
         parts: list = []
         for r in self.records:
             parts.extend(codec.chunk_record(r, max_payload))
         if with_summary:
             parts.append(self.summary)
         key = self.request_id.encode()
-        return [(key, codec.encode_envelope(parts[i:i + per_message])) for i in range(0, len(parts), per_message)]
+        out, group, size = [], [], 0
+        for part in parts:
+            n = part.ByteSize() + 8
+            if group and (len(group) >= per_message or size + n > max_message_bytes):
+                out.append((key, codec.encode_envelope(group)))
+                group, size = [], 0
+            group.append(part)
+            size += n
+        if group:
+            out.append((key, codec.encode_envelope(group)))
+        return out
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], partition: int | None = None) -> None:

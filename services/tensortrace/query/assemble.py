@@ -16,7 +16,10 @@ Rules (docs/storage.md, "Read-back"):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
@@ -98,47 +101,78 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _assemble_shard(hook: str, layer: int, recs: list[pb.TensorRecord]) -> CapturedTensor:
+def _raw(r) -> bytes | memoryview:
+    """RAW bytes of a stored record, validated against its shape and dtype."""
+    elem = codec.element_size(r.dtype)
+    if r.raw_size != math.prod(r.shape) * elem:
+        raise codec.WireError(f"{r.hook}[{r.layer}] seq {r.seq}: raw_size {r.raw_size} does not match shape {list(r.shape)}")
+    if r.encoding == pb.RAW:
+        if len(r.payload) != r.raw_size:
+            raise codec.WireError(f"{r.hook}[{r.layer}] seq {r.seq}: RAW payload of {len(r.payload)} bytes, raw_size {r.raw_size}")
+        return r.payload
+    return codec.decode_payload(r.payload, r.encoding, r.raw_size, elem)
+
+
+def _tensor_from(buf: np.ndarray, dtype_code: int, shape: tuple):
     import torch
 
+    t = torch.from_numpy(buf)
+    if buf.size == 0:
+        return torch.empty(shape, dtype=codec.torch_dtype(dtype_code))
+    return t.view(codec.torch_dtype(dtype_code)).reshape(shape)
+
+
+def _assemble_shard(hook: str, layer: int, recs: list) -> CapturedTensor:
     kinds = {r.positions_kind for r in recs}
     if len(kinds) > 1:
         raise codec.WireError(f"{hook}[{layer}]: records mix positions kinds {sorted(kinds)}")
     kind = kinds.pop()
+    dtypes = {r.dtype for r in recs}
+    row_shapes = {tuple(r.shape[1:]) for r in recs} if kind != pb.NO_TOKEN_AXIS else {tuple(r.shape) for r in recs}
+    if len(dtypes) > 1 or len(row_shapes) > 1:
+        raise codec.WireError(f"{hook}[{layer}]: records disagree on dtype {sorted(dtypes)} or row shape {sorted(row_shapes)}")
+    dtype, row_shape = dtypes.pop(), row_shapes.pop()
     prefill = sum(r.shape[0] if r.shape else 1 for r in recs if r.phase == pb.PREFILL)
     decode = sum(r.shape[0] if r.shape else 1 for r in recs if r.phase == pb.DECODE)
+    row_bytes = math.prod(row_shape) * codec.element_size(dtype)
     if kind == pb.NO_TOKEN_AXIS:
         recs = sorted(recs, key=lambda r: (r.step, r.seq))
-        t = torch.stack([codec.record_to_tensor(r) for r in recs])
-        return CapturedTensor(hook, layer, t, records=len(recs), prefill_rows=prefill, decode_rows=decode)
+        buf = np.empty(len(recs) * row_bytes, dtype=np.uint8)
+        for i, r in enumerate(recs):
+            buf[i * row_bytes:(i + 1) * row_bytes] = np.frombuffer(_raw(r), dtype=np.uint8)
+        return CapturedTensor(hook, layer, _tensor_from(buf, dtype, (len(recs), *row_shape)), records=len(recs),
+                              prefill_rows=prefill, decode_rows=decode)
     if kind == pb.TOKEN_LIST:
-        rows, pos = [], []
+        rows: list[tuple[int, memoryview]] = []
         for r in recs:
-            t = codec.record_to_tensor(r)
-            rows.extend(t.unbind(0))
-            pos.extend(r.positions)
-        order = sorted(range(len(pos)), key=pos.__getitem__)
-        t = torch.stack([rows[i] for i in order]) if rows else torch.empty(0)
-        ps = [pos[i] for i in order]
-        return CapturedTensor(hook, layer, t, ps[0] if ps else 0, ps[-1] + 1 if ps else 0, [], ps,
-                              len(recs), prefill, decode)
-    # TOKEN_RANGE: one preallocated tensor, each record copied into its rows.
+            raw = memoryview(_raw(r))
+            for j, pos in enumerate(r.positions):
+                rows.append((pos, raw[j * row_bytes:(j + 1) * row_bytes]))
+        rows.sort(key=lambda x: x[0])
+        buf = np.empty(len(rows) * row_bytes, dtype=np.uint8)
+        for i, (_, raw) in enumerate(rows):
+            buf[i * row_bytes:(i + 1) * row_bytes] = np.frombuffer(raw, dtype=np.uint8)
+        ps = [p for p, _ in rows]
+        return CapturedTensor(hook, layer, _tensor_from(buf, dtype, (len(rows), *row_shape)),
+                              ps[0] if ps else 0, ps[-1] + 1 if ps else 0, [], ps, len(recs), prefill, decode)
+    # TOKEN_RANGE: one buffer for the whole range; each record's bytes copied once into its rows.
     start = min(r.token_start for r in recs)
     end = max(r.token_end for r in recs)
-    first = codec.record_to_tensor(recs[0])
-    out = torch.zeros((end - start, *first.shape[1:]), dtype=first.dtype)
-    for i, r in enumerate(recs):
-        t = first if i == 0 else codec.record_to_tensor(r)
-        if tuple(t.shape[1:]) != tuple(out.shape[1:]):
-            raise codec.WireError(f"{hook}[{layer}]: row shape {list(t.shape[1:])} at token {r.token_start} "
-                                  f"differs from {list(out.shape[1:])}")
-        out[r.token_start - start:r.token_end - start] = t
+    buf = np.zeros((end - start) * row_bytes, dtype=np.uint8)
+    for r in recs:
+        a = (r.token_start - start) * row_bytes
+        buf[a:a + r.raw_size] = np.frombuffer(_raw(r), dtype=np.uint8)
     covered = _merge_ranges([(r.token_start, r.token_end) for r in recs])
-    gaps = [(a[1], b[0]) for a, b in zip(covered, covered[1:])]
-    return CapturedTensor(hook, layer, out, start, end, gaps, None, len(recs), prefill, decode)
+    gaps = [(x[1], y[0]) for x, y in zip(covered, covered[1:])]
+    return CapturedTensor(hook, layer, _tensor_from(buf, dtype, (end - start, *row_shape)), start, end, gaps, None,
+                          len(recs), prefill, decode)
 
 
-def assemble(records: list[pb.TensorRecord]) -> dict[tuple[str, int], CapturedTensor]:
+def assemble(records: list) -> dict[tuple[str, int], CapturedTensor]:
+    """records: StoredTensor (backend.py) objects, or TensorRecords (converted)."""
+    from tensortrace.query.backend import StoredTensor
+
+    records = [StoredTensor.from_record(r) if isinstance(r, pb.TensorRecord) else r for r in records]
     import torch
 
     groups: dict[tuple[str, int], list[pb.TensorRecord]] = {}
@@ -149,8 +183,8 @@ def assemble(records: list[pb.TensorRecord]) -> dict[tuple[str, int], CapturedTe
         sharded = max(r.tp_size for r in recs) > 1
         if not sharded:
             # Replicated hook captured by several ranks: keep the lowest producer rank's copy.
-            lowest = min(r.producer.tp_rank for r in recs)
-            out[hook, layer] = _assemble_shard(hook, layer, [r for r in recs if r.producer.tp_rank == lowest])
+            lowest = min(r.producer_rank for r in recs)
+            out[hook, layer] = _assemble_shard(hook, layer, [r for r in recs if r.producer_rank == lowest])
             continue
         shards = {}
         for r in recs:

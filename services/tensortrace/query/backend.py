@@ -14,10 +14,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
+
 from tensortrace.loader.schema import DEFAULT_DATABASE, check_identifier
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, QueryError
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
+
+
+def _column_list(col) -> list:
+    """An Arrow column as a Python list, fast for the numeric and list-of-int columns we read."""
+    import pyarrow as pa
+
+    t = col.type
+    if pa.types.is_integer(t):
+        return col.to_numpy(zero_copy_only=False).tolist()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        values = col.flatten().to_numpy(zero_copy_only=False).tolist()
+        offs = col.offsets.to_numpy().tolist()
+        return [values[offs[i]:offs[i + 1]] for i in range(len(col))]
+    if pa.types.is_dictionary(t):
+        return col.cast(t.value_type).to_pylist()
+    return col.to_pylist()
 
 
 def _query_error(e: Exception) -> QueryError:
@@ -38,6 +56,37 @@ class RequestRef:
     model: str = ""
     first_capture_ns: int = 0   # 0: no tensors loaded (yet)
     last_capture_ns: int = 0
+
+
+class StoredTensor:
+    """One stored tensor record as read back: metadata plus its payload bytes (stored encoding).
+    Lighter than a TensorRecord: the read path builds thousands of these per request."""
+
+    __slots__ = ("hook", "layer", "tp_rank", "tp_size", "positions_kind", "token_start", "token_end",
+                 "positions", "phase", "step", "dtype", "shape", "encoding", "raw_size", "payload",
+                 "producer_rank", "seq")
+
+    def __init__(self, hook, layer, tp_rank, tp_size, positions_kind, token_start, token_end, positions,
+                 phase, step, dtype, shape, encoding, raw_size, payload, producer_rank=0, seq=0):
+        self.hook, self.layer, self.tp_rank, self.tp_size = hook, layer, tp_rank, tp_size
+        self.positions_kind, self.token_start, self.token_end, self.positions = positions_kind, token_start, token_end, positions
+        self.phase, self.step, self.dtype, self.shape = phase, step, dtype, shape
+        self.encoding, self.raw_size, self.payload = encoding, raw_size, payload
+        self.producer_rank, self.seq = producer_rank, seq
+
+    @classmethod
+    def from_record(cls, r: pb.TensorRecord) -> "StoredTensor":
+        return cls(r.hook, r.layer, r.tp_rank, r.tp_size, r.positions_kind, r.token_start, r.token_end,
+                   list(r.positions), r.phase, r.step, r.dtype, list(r.shape), r.encoding, r.raw_size, r.payload,
+                   r.producer.tp_rank, r.seq)
+
+    def to_record(self) -> pb.TensorRecord:
+        return pb.TensorRecord(hook=self.hook, layer=self.layer, tp_rank=self.tp_rank, tp_size=self.tp_size,
+                               positions_kind=self.positions_kind, token_start=self.token_start,
+                               token_end=self.token_end, positions=self.positions, phase=self.phase,
+                               step=self.step, dtype=self.dtype, shape=self.shape, encoding=self.encoding,
+                               raw_size=self.raw_size, payload=bytes(self.payload),
+                               producer=pb.Producer(tp_rank=self.producer_rank), seq=self.seq)
 
 
 @dataclass
@@ -66,6 +115,33 @@ class ClickHouseBackend:
     def __init__(self, client, database: str = DEFAULT_DATABASE):
         self.client = client
         self.db = check_identifier(database)
+
+    def _chdb_handle(self):
+        """The embedded engine's connection handle behind a chdb:// client, or None for a server.
+
+        Reading Arrow straight from chDB skips clickhouse-connect's copy of the whole result into
+        Python (the payloads of one request are tens of MiB): read-back time drops by about half
+        (docs/BENCHMARKS.md, loader section). It relies on clickhouse-connect's chdb backend layout;
+        if that changes, reads fall back to query_arrow."""
+        if not hasattr(self, "_handle_cache"):
+            inner = getattr(self.client, "client", self.client)  # unwrap ThreadSafeClient
+            handle = getattr(getattr(inner, "_backend", None), "_handle", None)
+            ok = handle is not None and hasattr(handle, "conn") and hasattr(handle, "lock")
+            self._handle_cache = handle if ok else None
+        return self._handle_cache
+
+    def _query_arrow(self, sql: str, params: dict):
+        handle = self._chdb_handle()
+        try:
+            if handle is not None:
+                from clickhouse_connect.driver.binding import format_bind_value
+
+                bound = {k: format_bind_value(v) for k, v in params.items()}  # server-side binding, as the client does
+                with handle.lock:
+                    return handle.conn.query(sql, "ArrowTable", params=bound)
+            return self.client.query_arrow(sql, parameters=params)
+        except Exception as e:
+            raise _query_error(e) from e
 
     def _query(self, sql: str, params: dict):
         try:
@@ -166,7 +242,7 @@ class ClickHouseBackend:
 
     def fetch(self, ref: RequestRef, hooks: list[str] | None = None, layers: list[int] | None = None,
               progress: Callable[[int, int], None] | None = None,
-              page_records: int = 4096) -> Iterator[pb.TensorRecord]:
+              page_records: int = 16384) -> Iterator[StoredTensor]:
         """The request's tensor records (one per dedup identity), payload in its stored encoding.
 
         Read in pages of whole (hook, layer) groups of about `page_records` records, so a long read
@@ -194,39 +270,39 @@ class ClickHouseBackend:
             pages[-1][1].append(int(layer))
             size += int(n)
         sql = f"""
-            SELECT model, hook, layer, tp_rank, tp_size, CAST(positions_kind, 'Int8'), token_start, token_end,
-                   positions, CAST(phase, 'Int8'), step, dtype, shape, CAST(encoding, 'Int8'), raw_size, payload,
-                   toUnixTimestamp64Nano(capture_time), toUnixTimestamp64Nano(export_time),
-                   producer_node, producer_pod, producer_pid, producer_rank, producer_generation, seq, span_id
+            SELECT hook, layer, tp_rank, tp_size, CAST(positions_kind, 'Int8') AS positions_kind, token_start,
+                   token_end, positions, CAST(phase, 'Int8') AS phase, step, dtype, shape,
+                   CAST(encoding, 'Int8') AS encoding, raw_size, payload, producer_rank, seq
             FROM {self.db}.activations WHERE {where} AND hook = {{page_hook:String}} AND layer IN {{page_layers:Array(Int32)}}
             LIMIT 1 BY producer_pod, producer_pid, producer_generation, seq"""
         done = 0
         dtype_codes: dict[str, int] = {}
         for hook, page_layers in pages:
-            try:
-                cols = self.client.query(sql, parameters={**params, "page_hook": hook, "page_layers": page_layers},
-                                         column_formats={"payload": "bytes"}).result_columns
-            except Exception as e:
-                raise _query_error(e) from e
-            if not cols:
-                continue
-            n = len(cols[0])
-            for i in range(n):
-                dname = cols[11][i]
-                code = dtype_codes.get(dname)
-                if code is None:
-                    code = dtype_codes[dname] = codec.dtype_code(dname)
-                yield pb.TensorRecord(
-                    model_id=cols[0][i], request_id=ref.request_id, trace_id=ref.trace_id,
-                    span_id=cols[24][i], hook=cols[1][i], layer=cols[2][i], tp_rank=cols[3][i],
-                    tp_size=cols[4][i], positions_kind=cols[5][i], token_start=cols[6][i],
-                    token_end=cols[7][i], positions=cols[8][i], phase=cols[9][i], step=cols[10][i],
-                    dtype=code, shape=cols[12][i], encoding=cols[13][i], raw_size=cols[14][i],
-                    payload=cols[15][i], capture_time_unix_nano=cols[16][i],
-                    export_time_unix_nano=cols[17][i],
-                    producer=pb.Producer(node=cols[18][i], pod=cols[19][i], pid=cols[20][i],
-                                         tp_rank=cols[21][i], generation=cols[22][i]),
-                    seq=cols[23][i])
-            done += n
+            # Arrow: the payload column arrives as one buffer; each record's payload is a zero-copy
+            # view of it (no Python bytes object per row).
+            table = self._query_arrow(sql, {**params, "page_hook": hook, "page_layers": page_layers})
+            for batch in table.to_batches():
+                n = batch.num_rows
+                if not n:
+                    continue
+                cols = dict(zip(batch.schema.names, batch.columns))
+                py = {name: _column_list(cols[name]) for name in cols if name != "payload"}
+                pay = cols["payload"]
+                offsets_buf, data_buf = pay.buffers()[1:3]
+                off_type = np.int64 if str(pay.type) in ("large_string", "large_binary") else np.int32
+                offsets = np.frombuffer(offsets_buf, dtype=off_type, count=n + 1,
+                                        offset=pay.offset * np.dtype(off_type).itemsize).tolist()
+                data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+                for i in range(n):
+                    dname = py["dtype"][i]
+                    code = dtype_codes.get(dname)
+                    if code is None:
+                        code = dtype_codes[dname] = codec.dtype_code(dname)
+                    yield StoredTensor(py["hook"][i], py["layer"][i], py["tp_rank"][i], py["tp_size"][i],
+                                       py["positions_kind"][i], py["token_start"][i], py["token_end"][i],
+                                       py["positions"][i], py["phase"][i], py["step"][i], code, py["shape"][i],
+                                       py["encoding"][i], py["raw_size"][i], data[offsets[i]:offsets[i + 1]],
+                                       py["producer_rank"][i], py["seq"][i])
+                done += n
             if progress is not None:
                 progress(done, total)

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from tensortrace.query.backend import HookLayerStats, RequestRef, RequestStatus
+from tensortrace.query.backend import HookLayerStats, RequestRef, RequestStatus, StoredTensor
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError, QueryTimeout
 from tensortrace.query.server import MAX_MESSAGE_BYTES, ref_to_pb
 from tensortrace.v1 import query_pb2 as qpb
@@ -65,19 +65,22 @@ class GrpcBackend:
                                h.capture_to_load_ms_max) for h in r.hooks]
 
     def fetch(self, ref: RequestRef, hooks=None, layers=None,
-              progress: Callable[[int, int], None] | None = None) -> Iterator[pb.TensorRecord]:
+              progress: Callable[[int, int], None] | None = None) -> Iterator[StoredTensor]:
         req = qpb.FetchRequest(request=ref_to_pb(ref), hooks=hooks or [], layers=layers or [])
         total, done = 0, 0
         try:
             for m in self.stub.Fetch(req, timeout=self.timeout_s):
-                if m.WhichOneof("item") == "total_records":
+                item = m.WhichOneof("item")
+                if item == "total_records":
                     total = m.total_records
                     if progress:
                         progress(0, total)
                     continue
-                done += 1
-                if progress and (done % 256 == 0 or done == total):
+                records = m.records.records if item == "records" else [m.record]
+                for r in records:
+                    yield StoredTensor.from_record(r)
+                done += len(records)
+                if progress:
                     progress(done, total)
-                yield m.record
         except grpc.RpcError as e:
             raise _error(e) from None

@@ -26,6 +26,7 @@ from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
 
 MAX_MESSAGE_BYTES = 256 << 20  # one reassembled record can exceed gRPC's 4 MiB default
+BATCH_BYTES = 4 << 20          # records per Fetch message: fewer, larger messages
 
 
 def ref_to_pb(ref: RequestRef) -> qpb.RequestRef:
@@ -82,13 +83,20 @@ class QueryServicer(qgrpc.QueryServiceServicer):
             hooks = validate.hooks(list(request.hooks))
             layers = validate.layers(list(request.layers))
             total: list[int] = []
+            batch, size = [], 0
             for rec in self.backend.fetch(ref, hooks, layers, progress=lambda done, n: total.append(n) if not total else None):
                 if len(total) == 1:
                     yield qpb.FetchResponse(total_records=total[0])
                     total.append(-1)
-                yield qpb.FetchResponse(record=rec)
+                batch.append(rec.to_record())
+                size += len(rec.payload) + 128
+                if size >= BATCH_BYTES:
+                    yield qpb.FetchResponse(records=qpb.RecordBatch(records=batch))
+                    batch, size = [], 0
             if len(total) == 1:
                 yield qpb.FetchResponse(total_records=total[0])
+            if batch:
+                yield qpb.FetchResponse(records=qpb.RecordBatch(records=batch))
         except QueryError as e:
             _abort(context, e)
 

@@ -88,9 +88,17 @@ class FetchRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[RequestRef, _Mapping]] = ..., hooks: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
-    __slots__ = ("total_records", "record")
+    __slots__ = ("total_records", "record", "records")
     TOTAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     total_records: int
     record: _records_pb2.TensorRecord
-    def __init__(self, total_records: _Optional[int] = ..., record: _Optional[_Union[_records_pb2.TensorRecord, _Mapping]] = ...) -> None: ...
+    records: RecordBatch
+    def __init__(self, total_records: _Optional[int] = ..., record: _Optional[_Union[_records_pb2.TensorRecord, _Mapping]] = ..., records: _Optional[_Union[RecordBatch, _Mapping]] = ...) -> None: ...
+
+class RecordBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[_records_pb2.TensorRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[_records_pb2.TensorRecord, _Mapping]]] = ...) -> None: ...

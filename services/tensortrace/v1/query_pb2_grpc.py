@@ -82,7 +82,7 @@ class QueryServiceServicer:
 
     def Fetch(self, request, context):
         """The request's tensor records, one per dedup identity, chunks reassembled, payload in its stored
-        encoding. The first message carries the total count (for progress), then one record per message.
+        encoding. The first message carries the total count (for progress), then the records in batches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
