@@ -95,7 +95,7 @@ def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, expor
     assert 'tensortrace_exporter_ring_fill_ratio{ring="pod-m-r0.ring"}' in text
     assert "tensortrace_exporter_kafka_send_latency_seconds_count" in text
     assert "tensortrace_exporter_oldest_undelivered_age_seconds" in text
-    frames = f'tensortrace_exporter_ring_frames{{ring="pod-m-r0.ring",kind="committed"}} {float(gen.frames_written)}'
+    frames = f'tensortrace_exporter_ring_frames{{kind="committed",ring="pod-m-r0.ring"}} {float(gen.frames_written)}'
     exp.wait_for(lambda: frames in exp.http("/metrics")[1], what="frame accounting in metrics")
     assert exp.http("/nope")[0] == 404
     w.close()
