@@ -10,7 +10,7 @@ Gaussian bf16 for comparison. Rows are cut the way the exporter cuts them: one r
 token (one row, 512 B at hidden 256 bf16) and one per prefill (all prompt rows).
 
 For each data set: bytes and encode/decode MB/s of RAW, ZSTD(1), SHUFFLE_ZSTD(1), LZ4 (codec.encode_payload),
-and the bytes ClickHouse stores (system.columns) for RAW payloads under the column codecs
+and the bytes ClickHouse stores (system.parts_columns, after OPTIMIZE FINAL) for RAW payloads under the column codecs
 LZ4 and ZSTD(1), and SHUFFLE_ZSTD payloads under LZ4.
 """
 
@@ -106,13 +106,14 @@ def clickhouse_sizes(client, payloads: list[bytes], elem: int, tag: str) -> dict
     for name, (col_codec, enc) in variants.items():
         table = f"bench_{tag}_{name.replace('+', '_').replace('(', '').replace(')', '')}"
         client.command(f"DROP TABLE IF EXISTS {table}")
-        client.command(f"CREATE TABLE {table} (i UInt32, payload String CODEC({col_codec})) ENGINE = MergeTree ORDER BY i")
+        client.command(f"CREATE TABLE {table} (i UInt32, payload String CODEC({col_codec})) ENGINE = MergeTree ORDER BY i SETTINGS min_bytes_for_wide_part = 0")
         data = [codec.encode_payload(p, enc, elem) for p in payloads]
         t0 = time.perf_counter()
         client.insert(table, [list(range(len(data))), data], column_names=["i", "payload"], column_oriented=True)
         secs = time.perf_counter() - t0
         client.command(f"OPTIMIZE TABLE {table} FINAL")
-        stored = client.query(f"SELECT sum(data_compressed_bytes) FROM system.columns WHERE table = '{table}' AND name = 'payload'").result_rows[0][0]
+        stored = client.query(f"SELECT sum(column_data_compressed_bytes) FROM system.parts_columns WHERE database = currentDatabase() "
+                              f"AND table = '{table}' AND column = 'payload' AND active").result_rows[0][0]
         raw = sum(len(p) for p in payloads)
         out[name] = {"stored_bytes": int(stored), "ratio": raw / max(1, int(stored)), "insert_MBps": raw / secs / 1e6}
         client.command(f"DROP TABLE {table}")

@@ -198,3 +198,17 @@ def test_invalid_database_name_is_refused():
 
     with pytest.raises(ValueError, match="not a plain identifier"):
         ClickHouseBackend(client=None, database="tensortrace; DROP TABLE x")
+
+
+def test_one_hook_layer_across_requests_for_probe_training(tt_db):
+    client, db = tt_db
+    reqs = [SyntheticRequest.make(f"probe-{i}", layers=3, hidden=8) for i in range(4)]
+    store(client, db, [r for q in reqs for r in q.records], [q.summary for q in reqs])
+    tt = TensorTraceClient(client, database=db)
+    got = tt.across_requests("resid_pre", 2, since_s=time.time() - 600, model="synthetic/tiny")
+    assert sorted(got) == [q.request_id for q in reqs]
+    for q in reqs:
+        assert torch.equal(got[q.request_id].tensor, q.truth["resid_pre", 2])
+    assert tt.across_requests("resid_pre", 2, since_s=time.time() - 600, model="other") == {}
+    with pytest.raises(InvalidQuery):
+        tt.across_requests("resid_pre' OR 1=1", 2, since_s=0)

@@ -60,6 +60,7 @@ ORDER BY (trace_id, hook, layer, token_start, tp_rank, producer_pod, producer_pi
 TTL toDateTime(capture_time) + INTERVAL {{ttl_days}} DAY
 SETTINGS index_granularity = 1024,
          index_granularity_bytes = 4194304,
+         ttl_only_drop_parts = 1,
          non_replicated_deduplication_window = 1000,
          deduplicate_merge_projection_mode = 'rebuild'
 """
@@ -99,7 +100,7 @@ ENGINE = ReplacingMergeTree
 PARTITION BY toDate(end_time)
 ORDER BY (trace_id, request_id, producer_pod, producer_pid, producer_generation, seq)
 TTL toDateTime(end_time) + INTERVAL {{ttl_days}} DAY
-SETTINGS non_replicated_deduplication_window = 1000
+SETTINGS non_replicated_deduplication_window = 1000, ttl_only_drop_parts = 1
 """
 
 # trace id -> (request ids, capture time bounds): the read path's first hop, like otel_traces'
@@ -118,6 +119,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toDate(first_capture)
 ORDER BY (trace_id, request_id, model)
 TTL toDateTime(last_capture) + INTERVAL {{ttl_days}} DAY
+SETTINGS ttl_only_drop_parts = 1
 """
 
 _ACTIVATION_TRACES_MV = """

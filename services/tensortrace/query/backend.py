@@ -238,6 +238,22 @@ class ClickHouseBackend:
         return [HookLayerStats(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), int(r[7]),
                                float(r[8]), float(r[9]), float(r[10])) for r in rows]
 
+    def scan_hook_layer(self, model: str | None, hook: str, layer: int, start_ns: int, end_ns: int,
+                        limit: int) -> list[RequestRef]:
+        """Requests that captured (hook, layer) in [start_ns, end_ns): the probe-training read,
+        served by the by_hook_layer projection (no payload is read)."""
+        where = ("hook = {hook:String} AND layer = {layer:Int32} AND capture_time >= fromUnixTimestamp64Nano({t0:Int64}, 'UTC') "
+                 "AND capture_time < fromUnixTimestamp64Nano({t1:Int64}, 'UTC')")
+        params = {"hook": hook, "layer": layer, "t0": start_ns, "t1": end_ns, "limit": limit}
+        if model is not None:
+            where += " AND model = {model:String}"
+            params["model"] = model
+        rows = self._query(
+            f"SELECT hex(trace_id), request_id, any(model), toUnixTimestamp64Nano(min(capture_time)), "
+            f"toUnixTimestamp64Nano(max(capture_time)) FROM {self.db}.activations WHERE {where} "
+            f"GROUP BY trace_id, request_id ORDER BY min(capture_time) LIMIT {{limit:UInt32}}", params).result_rows
+        return [RequestRef(bytes.fromhex(r[0]), r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+
     # -- tensors ------------------------------------------------------------------------------
 
     def fetch(self, ref: RequestRef, hooks: list[str] | None = None, layers: list[int] | None = None,

@@ -187,3 +187,31 @@ class TensorTraceClient:
                 ref = self._resolve(ref.trace_id, ref.request_id, 0.0)
         records = list(self.backend.fetch(ref, hooks, layers, progress))
         return RequestTensors(ref.request_id, ref.trace_id.hex(), ref.model, assemble(records), comp)
+
+    def across_requests(self, hook: str, layer: int, since_s: float, until_s: float | None = None,
+                        model: str | None = None, limit: int = 1000) -> dict[str, CapturedTensor]:
+        """One (hook, layer) across many requests, e.g. to train a probe: request id -> tensor.
+
+        >>> acts = tt.across_requests("resid_pre", 12, since_s=time.time() - 3600, model="llama-3-8b")
+
+        Two reads, each on a sort order made for it: the by_hook_layer projection finds the
+        requests (no payloads), then each request's rows come from the trace-id primary key.
+        ClickHouse backends only (not grpc://).
+        """
+        [hook] = validate.hooks([hook])
+        [layer] = validate.layers([layer])
+        if not hasattr(self.backend, "scan_hook_layer"):
+            raise InvalidQuery("across_requests needs a ClickHouse backend (http(s):// or chdb://), not grpc://")
+        if not 1 <= limit <= 100_000:
+            raise InvalidQuery(f"limit {limit} not in [1, 100000]")
+        if model is not None and (not isinstance(model, str) or len(model) > 256):
+            raise InvalidQuery("model must be a string of at most 256 characters")
+        t0 = int(since_s * 1e9)
+        t1 = int((until_s if until_s is not None else time.time() + 1) * 1e9)
+        out: dict[str, CapturedTensor] = {}
+        for ref in self.backend.scan_hook_layer(model, hook, layer, t0, t1, limit):
+            got = assemble(list(self.backend.fetch(ref, [hook], [layer])))
+            if (hook, layer) in got:
+                out[ref.request_id] = got[hook, layer]
+        return out
+
