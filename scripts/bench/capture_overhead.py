@@ -88,7 +88,9 @@ class Stamp:
 
     def __call__(self, input_ids, scores):
         if self.device == "cuda":
-            torch.cuda.synchronize()
+            # The compute stream only, as generate's own per-step sync: a device-wide sync would
+            # also wait for TensorTrace's side-stream copies, which the model never waits for.
+            torch.cuda.current_stream().synchronize()
         self.times.append(time.perf_counter())
         return scores
 

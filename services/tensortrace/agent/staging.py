@@ -1,17 +1,17 @@
 """CUDA staging path: device staging ring -> async D2H on a side stream -> the pinned ring file.
 
-On the inference thread, per slab (no host<->device synchronisation anywhere):
-  1. the ring frame (header + meta) is reserved on the host, as on the CPU path;
-  2. the selected rows are copied device-to-device into a preallocated device staging ring, on
-     the compute stream, so the activation can be freed or overwritten right after;
-and once per step (end_step), one event is recorded on the compute stream and the step's slabs
-go to the commit queue as one batch. Nothing else happens on the inference thread.
-
-The background commit thread, per batch and in order: waits for the batch's event, issues the
-device-to-host copies on a side stream straight into each frame's payload region of the ring
-file (registered as pinned memory with cudaHostRegister, so each copy is one DMA and there is no
-second host copy), waits for them, publishes the frames (stores head) and releases the staging
-space.
+On the inference thread (no host<->device synchronisation anywhere):
+  1. per slab, the ring frame (header + meta) is reserved on the host, as on the CPU path, and the
+     selected rows are copied device-to-device into a preallocated device staging ring on the
+     compute stream (the activation can be freed or overwritten right after);
+  2. once per step (end_step): an event on the compute stream orders a side stream behind those
+     copies; the side stream copies each slab from staging straight into its frame's payload
+     region of the ring file (registered as pinned memory with cudaHostRegister: one DMA, no
+     second host copy); one more event marks them landed. These are launches only.
+The background commit thread, per step and in order, waits for that event (Event.synchronize
+releases the GIL, so the inference thread runs on), publishes the frames (stores head) and
+releases the staging space. Measured on an H100: issuing the copies from the commit thread
+instead costs more, because its Python work then competes for the GIL with the inference thread.
 
 cudaHostRegister only pins shared-memory (tmpfs) mappings: /run and /dev/shm work, a ring file on
 a disk filesystem is refused with cudaErrorInvalidValue (seen on an H100). Then the D2H copies go
@@ -104,10 +104,9 @@ class CudaStaging:
         placed = self._place(nbytes)
         if placed is None:  # has_room was checked just before; only a bug gets here
             raise RuntimeError("staging ring full after has_room")
-        stream = self._torch.cuda.current_stream(self.device)
-        if self._open and stream != self._open_stream:
-            self.seal()   # copies on another stream: their own event
-        self._open_stream = stream
+        if not self._open_device:
+            # One stream per step is the rule (one forward runs on one stream); looked up once.
+            self._open_stream = self._torch.cuda.current_stream(self.device)
         start, new_head = placed
         staged = self._staging[start: start + nbytes]
         dst = staged.view(rows.dtype).view(nrows, *row_shape)
@@ -126,14 +125,29 @@ class CudaStaging:
             self._wake.set()
 
     def seal(self) -> None:
-        """Hand the open frames to the commit thread, behind one event on their stream."""
+        """Queue the open frames: one event orders the side stream behind their device copies,
+        the side stream copies each slab into the ring (or the bounce buffer), and one event
+        marks them landed. Launches only; nothing here waits."""
         if not self._open:
             return
-        event = None
+        landed = None
         if self._open_device:
-            event = self._torch.cuda.Event()
-            event.record(self._open_stream)
-        self._queue.append((event, self._open))
+            torch = self._torch
+            copied = torch.cuda.Event()
+            copied.record(self._open_stream)
+            self._side.wait_event(copied)
+            with torch.cuda.stream(self._side):
+                for _, nbytes, staged, ring_offset, _ in self._open:
+                    if staged is None:
+                        continue
+                    start, src = staged
+                    if self._bounce is None:   # straight into the registered ring file
+                        self._ring[ring_offset: ring_offset + nbytes].copy_(src, non_blocking=True)
+                    else:
+                        self._bounce[start: start + nbytes].copy_(src, non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(self._side)
+        self._queue.append((landed, self._open))
         self._open = []
         self._open_device = False
         self._wake.set()
@@ -157,21 +171,11 @@ class CudaStaging:
                 self._wake.clear()
                 continue
             self._busy = True
-            event, items = self._queue[0]
+            landed, items = self._queue[0]
             try:
-                if event is not None:
-                    event.synchronize()   # this thread only; the inference thread never waits
-                    with torch.cuda.stream(self._side):
-                        for _, nbytes, staged, ring_offset, _ in items:
-                            if staged is None:
-                                continue
-                            start, src = staged
-                            if self._bounce is None:   # straight into the registered ring file
-                                self._ring[ring_offset: ring_offset + nbytes].copy_(src, non_blocking=True)
-                            else:
-                                self._bounce[start: start + nbytes].copy_(src, non_blocking=True)
-                        landed = torch.cuda.Event()
-                        landed.record(self._side)
+                if landed is not None:
+                    # Event.synchronize releases the GIL while it waits: the inference thread
+                    # runs on; only this thread waits for the copies.
                     landed.synchronize()
                     if self._bounce is not None:
                         for _, nbytes, staged, ring_offset, _ in items:
