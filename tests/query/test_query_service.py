@@ -35,6 +35,14 @@ def test_grpc_backend_returns_the_same_tensors_as_direct_reads(query_service):
         assert torch.equal(got[key].tensor, want)
     assert seen[0] == (0, len(req.records)) and seen[-1] == (len(req.records), len(req.records))
     assert len(got.hidden_states()) == 4
+    # the record-level stream (for consumers that assemble themselves) carries the same bytes
+    from tensortrace.query.assemble import assemble
+
+    with TensorTraceClient(f"grpc://{addr}") as tt:
+        [ref] = tt.requests(request_id="req-grpc")
+        records = list(tt.backend.fetch(ref))
+    assert len(records) == len(req.records)
+    assert all(torch.equal(assemble(records)[k].tensor, v) for k, v in req.truth.items())
 
 
 def test_grpc_errors_map_to_the_sdk_exceptions(query_service):

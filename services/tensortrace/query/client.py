@@ -185,8 +185,11 @@ class TensorTraceClient:
             time.sleep(self.poll_interval_s)
             if not ref.first_capture_ns:  # tensors may have arrived since the lookup
                 ref = self._resolve(ref.trace_id, ref.request_id, 0.0)
-        records = list(self.backend.fetch(ref, hooks, layers, progress))
-        return RequestTensors(ref.request_id, ref.trace_id.hex(), ref.model, assemble(records), comp)
+        if hasattr(self.backend, "fetch_assembled"):  # grpc://: the server assembles, fewer messages
+            tensors = self.backend.fetch_assembled(ref, hooks, layers, progress)
+        else:
+            tensors = assemble(list(self.backend.fetch(ref, hooks, layers, progress)))
+        return RequestTensors(ref.request_id, ref.trace_id.hex(), ref.model, tensors, comp)
 
     def across_requests(self, hook: str, layer: int, since_s: float, until_s: float | None = None,
                         model: str | None = None, limit: int = 1000) -> dict[str, CapturedTensor]:

@@ -84,3 +84,42 @@ class GrpcBackend:
                     progress(done, total)
         except grpc.RpcError as e:
             raise _error(e) from None
+
+    def fetch_assembled(self, ref: RequestRef, hooks=None, layers=None,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
+        """Whole sequences per (hook, layer), assembled by the server: {(hook, layer): CapturedTensor}."""
+        import numpy as np
+        import torch
+
+        from tensortrace.query.assemble import CapturedTensor
+        from tensortrace.wire import codec
+
+        req = qpb.FetchRequest(request=ref_to_pb(ref), hooks=hooks or [], layers=layers or [], assembled=True)
+        out, total, done = {}, 0, 0
+        try:
+            for m in self.stub.Fetch(req, timeout=self.timeout_s):
+                item = m.WhichOneof("item")
+                if item == "total_records":
+                    total = m.total_records
+                    if progress:
+                        progress(0, total)
+                    continue
+                if item != "tensor":
+                    continue
+                a = m.tensor
+                dt = codec.torch_dtype(a.dtype)
+                if a.data:
+                    t = torch.from_numpy(np.frombuffer(bytearray(a.data), dtype=np.uint8)).view(dt).reshape(tuple(a.shape))
+                else:
+                    t = torch.empty(tuple(a.shape), dtype=dt)
+                out[a.hook, a.layer] = CapturedTensor(a.hook, a.layer, t, a.start, a.end,
+                                                      list(zip(a.gap_starts, a.gap_ends)),
+                                                      list(a.positions) or None, a.records, a.prefill_rows,
+                                                      a.decode_rows)
+                done += a.records
+                if progress:
+                    progress(done, total)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return out
+

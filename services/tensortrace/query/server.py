@@ -82,6 +82,9 @@ class QueryServicer(qgrpc.QueryServiceServicer):
             ref = ref_from_pb(request.request)
             hooks = validate.hooks(list(request.hooks))
             layers = validate.layers(list(request.layers))
+            if request.assembled:
+                yield from self._fetch_assembled(ref, hooks, layers)
+                return
             total: list[int] = []
             batch, size = [], 0
             for rec in self.backend.fetch(ref, hooks, layers, progress=lambda done, n: total.append(n) if not total else None):
@@ -99,6 +102,28 @@ class QueryServicer(qgrpc.QueryServiceServicer):
                 yield qpb.FetchResponse(records=qpb.RecordBatch(records=batch))
         except QueryError as e:
             _abort(context, e)
+
+
+    def _fetch_assembled(self, ref, hooks, layers):
+        from tensortrace.query.assemble import assemble
+        from tensortrace.wire import codec
+
+        records = list(self.backend.fetch(ref, hooks, layers))
+        yield qpb.FetchResponse(total_records=len(records))
+        for (hook, layer), c in assemble(records).items():
+            t = c.tensor.contiguous()
+            data = t.reshape(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b""
+            yield qpb.FetchResponse(tensor=qpb.AssembledTensor(
+                hook=hook, layer=layer, dtype=codec.dtype_code(t.dtype), shape=list(t.shape), start=c.start,
+                end=c.end, gap_starts=[g[0] for g in c.gaps], gap_ends=[g[1] for g in c.gaps],
+                positions=c.positions or [], records=c.records, prefill_rows=c.prefill_rows,
+                decode_rows=c.decode_rows, data=data))
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: int = 0, workers: int = 4):

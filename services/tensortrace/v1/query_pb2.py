@@ -25,13 +25,21 @@ _sym_db = _symbol_database.Default()
 from tensortrace.v1 import records_pb2 as tensortrace_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensortrace/v1/query.proto\x12\x0etensortrace.v1\x1a\x1ctensortrace/v1/records.proto\"5\n\rLookupRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x82\x01\n\nRequestRef\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1f\n\x17\x66irst_capture_unix_nano\x18\x04 \x01(\x06\x12\x1e\n\x16last_capture_unix_nano\x18\x05 \x01(\x06\">\n\x0eLookupResponse\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.tensortrace.v1.RequestRef\"\x88\x01\n\x0eStatusResponse\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tensortrace.v1.RequestRef\x12\x31\n\tsummaries\x18\x02 \x03(\x0b\x32\x1e.tensortrace.v1.RequestSummary\x12\x16\n\x0erecords_loaded\x18\x03 \x01(\x04\"\x80\x02\n\x0eHookLayerStats\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x08 \x01(\x04\x12 \n\x18\x63\x61pture_to_export_ms_p50\x18\t \x01(\x01\x12\x1d\n\x15\x65xport_to_load_ms_p50\x18\n \x01(\x01\x12\x1e\n\x16\x63\x61pture_to_load_ms_max\x18\x0b \x01(\x01\"A\n\x10\x44\x65scribeResponse\x12-\n\x05hooks\x18\x01 \x03(\x0b\x32\x1e.tensortrace.v1.HookLayerStats\"Z\n\x0c\x46\x65tchRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tensortrace.v1.RequestRef\x12\r\n\x05hooks\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x05\"\x90\x01\n\rFetchResponse\x12\x17\n\rtotal_records\x18\x01 \x01(\x04H\x00\x12.\n\x06record\x18\x02 \x01(\x0b\x32\x1c.tensortrace.v1.TensorRecordH\x00\x12.\n\x07records\x18\x03 \x01(\x0b\x32\x1b.tensortrace.v1.RecordBatchH\x00\x42\x06\n\x04item\"<\n\x0bRecordBatch\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.tensortrace.v1.TensorRecord2\xaf\x02\n\x0cQueryService\x12G\n\x06Lookup\x12\x1d.tensortrace.v1.LookupRequest\x1a\x1e.tensortrace.v1.LookupResponse\x12\x44\n\x06Status\x12\x1a.tensortrace.v1.RequestRef\x1a\x1e.tensortrace.v1.StatusResponse\x12H\n\x08\x44\x65scribe\x12\x1a.tensortrace.v1.RequestRef\x1a .tensortrace.v1.DescribeResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.tensortrace.v1.FetchRequest\x1a\x1d.tensortrace.v1.FetchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atensortrace/v1/query.proto\x12\x0etensortrace.v1\x1a\x1ctensortrace/v1/records.proto\"5\n\rLookupRequest\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x82\x01\n\nRequestRef\x12\x10\n\x08trace_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1f\n\x17\x66irst_capture_unix_nano\x18\x04 \x01(\x06\x12\x1e\n\x16last_capture_unix_nano\x18\x05 \x01(\x06\">\n\x0eLookupResponse\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.tensortrace.v1.RequestRef\"\x88\x01\n\x0eStatusResponse\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tensortrace.v1.RequestRef\x12\x31\n\tsummaries\x18\x02 \x03(\x0b\x32\x1e.tensortrace.v1.RequestSummary\x12\x16\n\x0erecords_loaded\x18\x03 \x01(\x04\"\x80\x02\n\x0eHookLayerStats\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x01(\x04\x12\x11\n\traw_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x08 \x01(\x04\x12 \n\x18\x63\x61pture_to_export_ms_p50\x18\t \x01(\x01\x12\x1d\n\x15\x65xport_to_load_ms_p50\x18\n \x01(\x01\x12\x1e\n\x16\x63\x61pture_to_load_ms_max\x18\x0b \x01(\x01\"A\n\x10\x44\x65scribeResponse\x12-\n\x05hooks\x18\x01 \x03(\x0b\x32\x1e.tensortrace.v1.HookLayerStats\"m\n\x0c\x46\x65tchRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tensortrace.v1.RequestRef\x12\r\n\x05hooks\x18\x02 \x03(\t\x12\x0e\n\x06layers\x18\x03 \x03(\x05\x12\x11\n\tassembled\x18\x04 \x01(\x08\"\x92\x02\n\x0f\x41ssembledTensor\x12\x0c\n\x04hook\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.tensortrace.v1.DType\x12\x11\n\x05shape\x18\x04 \x03(\x03\x42\x02\x10\x01\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\r\x12\x16\n\ngap_starts\x18\x07 \x03(\rB\x02\x10\x01\x12\x14\n\x08gap_ends\x18\x08 \x03(\rB\x02\x10\x01\x12\x15\n\tpositions\x18\t \x03(\rB\x02\x10\x01\x12\x0f\n\x07records\x18\n \x01(\x04\x12\x14\n\x0cprefill_rows\x18\x0b \x01(\x04\x12\x13\n\x0b\x64\x65\x63ode_rows\x18\x0c \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\r \x01(\x0c\"\xc3\x01\n\rFetchResponse\x12\x17\n\rtotal_records\x18\x01 \x01(\x04H\x00\x12.\n\x06record\x18\x02 \x01(\x0b\x32\x1c.tensortrace.v1.TensorRecordH\x00\x12.\n\x07records\x18\x03 \x01(\x0b\x32\x1b.tensortrace.v1.RecordBatchH\x00\x12\x31\n\x06tensor\x18\x04 \x01(\x0b\x32\x1f.tensortrace.v1.AssembledTensorH\x00\x42\x06\n\x04item\"<\n\x0bRecordBatch\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.tensortrace.v1.TensorRecord2\xaf\x02\n\x0cQueryService\x12G\n\x06Lookup\x12\x1d.tensortrace.v1.LookupRequest\x1a\x1e.tensortrace.v1.LookupResponse\x12\x44\n\x06Status\x12\x1a.tensortrace.v1.RequestRef\x1a\x1e.tensortrace.v1.StatusResponse\x12H\n\x08\x44\x65scribe\x12\x1a.tensortrace.v1.RequestRef\x1a .tensortrace.v1.DescribeResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.tensortrace.v1.FetchRequest\x1a\x1d.tensortrace.v1.FetchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensortrace.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['shape']._loaded_options = None
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['shape']._serialized_options = b'\020\001'
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['gap_starts']._loaded_options = None
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['gap_starts']._serialized_options = b'\020\001'
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['gap_ends']._loaded_options = None
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['gap_ends']._serialized_options = b'\020\001'
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['positions']._loaded_options = None
+  _globals['_ASSEMBLEDTENSOR'].fields_by_name['positions']._serialized_options = b'\020\001'
   _globals['_LOOKUPREQUEST']._serialized_start=76
   _globals['_LOOKUPREQUEST']._serialized_end=129
   _globals['_REQUESTREF']._serialized_start=132
@@ -45,11 +53,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBERESPONSE']._serialized_start=726
   _globals['_DESCRIBERESPONSE']._serialized_end=791
   _globals['_FETCHREQUEST']._serialized_start=793
-  _globals['_FETCHREQUEST']._serialized_end=883
-  _globals['_FETCHRESPONSE']._serialized_start=886
-  _globals['_FETCHRESPONSE']._serialized_end=1030
-  _globals['_RECORDBATCH']._serialized_start=1032
-  _globals['_RECORDBATCH']._serialized_end=1092
-  _globals['_QUERYSERVICE']._serialized_start=1095
-  _globals['_QUERYSERVICE']._serialized_end=1398
+  _globals['_FETCHREQUEST']._serialized_end=902
+  _globals['_ASSEMBLEDTENSOR']._serialized_start=905
+  _globals['_ASSEMBLEDTENSOR']._serialized_end=1179
+  _globals['_FETCHRESPONSE']._serialized_start=1182
+  _globals['_FETCHRESPONSE']._serialized_end=1377
+  _globals['_RECORDBATCH']._serialized_start=1379
+  _globals['_RECORDBATCH']._serialized_end=1439
+  _globals['_QUERYSERVICE']._serialized_start=1442
+  _globals['_QUERYSERVICE']._serialized_end=1745
 # @@protoc_insertion_point(module_scope)

@@ -78,24 +78,58 @@ class DescribeResponse(_message.Message):
     def __init__(self, hooks: _Optional[_Iterable[_Union[HookLayerStats, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("request", "hooks", "layers")
+    __slots__ = ("request", "hooks", "layers", "assembled")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     HOOKS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ASSEMBLED_FIELD_NUMBER: _ClassVar[int]
     request: RequestRef
     hooks: _containers.RepeatedScalarFieldContainer[str]
     layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request: _Optional[_Union[RequestRef, _Mapping]] = ..., hooks: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    assembled: bool
+    def __init__(self, request: _Optional[_Union[RequestRef, _Mapping]] = ..., hooks: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., assembled: _Optional[bool] = ...) -> None: ...
+
+class AssembledTensor(_message.Message):
+    __slots__ = ("hook", "layer", "dtype", "shape", "start", "end", "gap_starts", "gap_ends", "positions", "records", "prefill_rows", "decode_rows", "data")
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    GAP_STARTS_FIELD_NUMBER: _ClassVar[int]
+    GAP_ENDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    hook: str
+    layer: int
+    dtype: _records_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    start: int
+    end: int
+    gap_starts: _containers.RepeatedScalarFieldContainer[int]
+    gap_ends: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    records: int
+    prefill_rows: int
+    decode_rows: int
+    data: bytes
+    def __init__(self, hook: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[_records_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., gap_starts: _Optional[_Iterable[int]] = ..., gap_ends: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., records: _Optional[int] = ..., prefill_rows: _Optional[int] = ..., decode_rows: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
-    __slots__ = ("total_records", "record", "records")
+    __slots__ = ("total_records", "record", "records", "tensor")
     TOTAL_RECORDS_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     total_records: int
     record: _records_pb2.TensorRecord
     records: RecordBatch
-    def __init__(self, total_records: _Optional[int] = ..., record: _Optional[_Union[_records_pb2.TensorRecord, _Mapping]] = ..., records: _Optional[_Union[RecordBatch, _Mapping]] = ...) -> None: ...
+    tensor: AssembledTensor
+    def __init__(self, total_records: _Optional[int] = ..., record: _Optional[_Union[_records_pb2.TensorRecord, _Mapping]] = ..., records: _Optional[_Union[RecordBatch, _Mapping]] = ..., tensor: _Optional[_Union[AssembledTensor, _Mapping]] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
     __slots__ = ("records",)
