@@ -239,8 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     p.add_argument("--json", default="capture_overhead.json")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cuda = args.device == "cuda"
     if cuda:
@@ -297,7 +301,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(ring_dir, ignore_errors=True)
 
-    print(f"\ncapture overhead on {args.device} ({platform.node()}, {os.cpu_count()} cpus, torch {torch.__version__}); "
+    print(f"\ncapture overhead on {args.device} ({platform.node()}, {os.cpu_count()} cpus, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); "
           f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps x {repeats} repeats; "
           f"median prefill, median decode step")
     print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} {'dropped':>8}")
@@ -311,7 +316,8 @@ def main(argv=None) -> int:
     if nnsight_error:
         print(f"nnsight: not measured ({nnsight_error})")
     doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),
-           "cpus": os.cpu_count(), "torch": torch.__version__, "prompt_len": prompt_len,
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "load_average": os.getloadavg(), "prompt_len": prompt_len,
            "decode_steps": new_tokens - 1, "repeats": repeats, "results": results,
            "nnsight_error": nnsight_error,
            "model": {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,

@@ -230,6 +230,7 @@ def test_control_block_changes_selection_between_steps(ring_dir):
     run_steps_one(agent, ["r0"], 2)
     reader.write_control({"version": 1, "enabled": False})
     run_steps_one(agent, ["r0"], 3)
+    assert not agent.begin_request("while-off").sampled      # not tracked: no summary
     reader.write_control({"version": 1, "selection": {"hooks": ["resid_pre"], "layers": "1"}})
     run_steps_one(agent, ["r0"], 4)
     agent.end_request("r0")
@@ -244,6 +245,7 @@ def test_control_block_changes_selection_between_steps(ring_dir):
     assert by_step[5] == {("resid_pre", 1)}
     st = agent.stats()
     assert st.control_docs_applied == 3 and st.control_docs_rejected == 1
+    assert set(got.summaries) == {"r0"} and st.requests_untracked == 1
 
 
 def test_sampling_and_per_request_options(ring_dir):

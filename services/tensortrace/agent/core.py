@@ -180,11 +180,14 @@ class CaptureAgent:
             self.selection.for_request(options)  # validates; raises SelectionError
             forced = options.get("capture")
             sel_options = {k: v for k, v in options.items() if k != "capture"} or None
+        if not self.selection.enabled:
+            # Capture is switched off (control document): the request is not tracked at all, so
+            # it gets no summary either.
+            self._counters.scalars["requests_untracked"] += 1
+            return RequestContext(request_id, trace_id, span_id, False)
         arrival = self._arrivals
         self._arrivals += 1
-        if not self.selection.enabled:
-            sampled = False
-        elif forced is not None:
+        if forced is not None:
             sampled = forced
         else:
             sampled = self.selection.samples(request_id, arrival)

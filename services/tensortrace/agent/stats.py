@@ -45,6 +45,7 @@ class AgentStats:
     steps: int = 0
     requests_begun: int = 0
     requests_sampled: int = 0
+    requests_untracked: int = 0   # begun while capture was switched off: no summary
     requests_ended: int = 0
     summaries_written: int = 0
     summaries_pending: int = 0
