@@ -10,8 +10,9 @@ On the inference thread (no host<->device synchronisation anywhere):
      second host copy); one more event marks them landed. These are launches only.
 The background commit thread, per step and in order, waits for that event (Event.synchronize
 releases the GIL, so the inference thread runs on), publishes the frames (stores head) and
-releases the staging space. Measured on an H100: issuing the copies from the commit thread
-instead costs more, because its Python work then competes for the GIL with the inference thread.
+releases the staging space. The copies are launched by the inference thread (a few µs each, once
+per step) rather than by the commit thread: Python work on the commit thread would compete with
+the inference thread for the GIL, while Event.synchronize does not hold it.
 
 cudaHostRegister only pins shared-memory (tmpfs) mappings: /run and /dev/shm work, a ring file on
 a disk filesystem is refused with cudaErrorInvalidValue (seen on an H100). Then the D2H copies go
