@@ -109,8 +109,12 @@ class Exporter:
             if not pub.has_room():
                 self.metrics.backpressure.inc()
                 break
-            if ring.drain_pass(pub):
-                worked = True
+            try:
+                if ring.drain_pass(pub):
+                    worked = True
+            except Exception as e:  # a bug or an unforeseen frame must not stop the other rings
+                log.exception("ring %s: unexpected error while draining", ring.path)
+                ring.quarantine("internal_error", f"{ring.path}: {type(e).__name__}: {e}")
         return worked
 
     def _handle_completions(self) -> bool:
@@ -267,6 +271,8 @@ class Exporter:
             self.metrics.kafka_errors.labels("stuck_send").inc()
             self.publisher.reset()
             for ring in self.rings.values():
+                if not ring.units:
+                    continue
                 for u in ring.units:
                     if u.pending:
                         u.pending = 0
