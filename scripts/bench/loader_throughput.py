@@ -3,14 +3,15 @@
     .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--json loader_throughput.json]
 
 Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka). Phases:
-  1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, 230 per ~970 KB
-     envelope as the exporter packs them; then 256 KiB prefill rows, 3 per envelope); a loader
+  1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, 32 per envelope,
+     about what the exporter packs per request and drain pass, see its section of
+     docs/BENCHMARKS.md; then 256 KiB prefill rows, 3 per envelope); a loader
      (the real Loader class, in this process, on its own chDB path) loads them from the earliest
      offset. Rows/s and MB/s from its first message to its last accepted insert.
   2. freshness: a producer process paces 4 KiB records at --rate-mbps (default 20 MB/s) for
      --seconds; per row, (moment ClickHouse accepted the insert) - (capture_time stamped when the
      record was produced): p50 / p99 / max.
-  3. read-back: one request of 512 positions (256 prefill + 256 decode) x 32 layers of resid_pre,
+  3. read-back: one request of 512 positions (a 257-token prefill + 255 decode steps) x 32 layers of resid_pre,
      hidden 2048 bf16 (8192 records, 64 MiB), loaded through Kafka; time of
      TensorTraceClient.tensors() in-process (direct) and through the gRPC query service.
 Payloads are bf16 Gaussian values (RAW encoding, the loader does not touch them).
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
     try:
         if "throughput" not in skip:
-            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 230)
+            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 32)
             print("4 KiB rows:", json.dumps(results["throughput_4KiB"]), flush=True)
             results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3)
             print("256 KiB rows:", json.dumps(results["throughput_256KiB"]), flush=True)
