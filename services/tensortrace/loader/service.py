@@ -166,6 +166,7 @@ class Loader:
             self._hand_off()
             self._drain(timeout_s=cfg.rebalance_flush_timeout_s)
         finally:
+            self._stop.set()  # also on an exception: the insert thread must not retry forever
             self._insert_q.put(None)
             inserter.join(timeout=cfg.rebalance_flush_timeout_s)
             self._commit_done()
