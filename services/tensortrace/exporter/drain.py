@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from tensortrace.exporter.config import ExporterConfig
-from tensortrace.exporter.envelopes import EnvelopeBatcher, summary_entry, tensor_entry
+from tensortrace.exporter.envelopes import EnvelopeBatcher, summary_entry, tensor_entry_bytes
 from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.ring.format import FrameKind, RingCorruptError, RingReader
-from tensortrace.ring.slabs import SlabError, slab_parts, summary_record
+from tensortrace.ring.slabs import SlabError, slab_part_metas, span_metas, summary_record
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.v1 import ring_pb2
 from tensortrace.wire import codec
@@ -71,7 +71,8 @@ class RingDrain:
         self.reason = ""
         self.detached_at = 0.0
         self.producer_alive = True
-        self.steps: collections.OrderedDict[int, tuple[ring_pb2.RingStep, int, int]] = collections.OrderedDict()
+        # step -> (RingStep, STEP frame position, frames read before it, span metas, request id keys)
+        self.steps: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self.latest_step: tuple[int, int] | None = None   # (position, frames before) of the newest STEP frame
         self.units: collections.deque[SendUnit] = collections.deque()
         self.read_pos = reader.tail
@@ -152,9 +153,11 @@ class RingDrain:
             if entry is None:
                 self._drop("step_unknown", frame)
                 return
-            step, step_pos, step_frames = entry
+            step, step_pos, step_frames, spans_meta, keys = entry
+            enc = self._encoding
             try:
-                parts = slab_parts(step, slab, frame.payload, frame.seq, self.producer, export_ns)
+                parts = slab_part_metas(step, slab, frame.payload, frame.seq, self.producer, export_ns,
+                                        enc, spans_meta)
             except SlabError as e:
                 log.warning("%s: slab frame %d dropped: %s", self.path, frame.seq, e)
                 self._drop("bad_slab", frame)
@@ -164,36 +167,29 @@ class RingDrain:
             capture = slab.capture_time_unix_nano or step.capture_time_unix_nano
             if capture and (not unit.oldest_capture_ns or capture < unit.oldest_capture_ns):
                 unit.oldest_capture_ns = capture
-            enc = self._encoding
             chunk = self.cfg.chunk_payload_bytes
-            for rec, rows in parts:
-                unit.records += 1
+            add = batcher.add
+            unit.records += len(parts)
+            for meta, span_index, rows in parts:
                 unit.payload_bytes += len(rows)
-                key = rec.request_id.encode()
-                if enc == pb.RAW:
-                    rec.encoding = pb.RAW
-                    payload = rows
-                else:
-                    rec.encoding = enc
-                    payload = codec.encode_payload(rows, enc, codec.element_size(rec.dtype))
+                payload = rows if enc == pb.RAW else codec.encode_payload(rows, enc, codec.element_size(slab.dtype))
                 if len(payload) <= chunk:
-                    batcher.add(key, tensor_entry(rec, payload))
+                    add(keys[span_index], tensor_entry_bytes(meta, payload))
                 else:
                     total = len(payload)
                     count = (total + chunk - 1) // chunk
-                    rec.chunk_count = count
-                    rec.payload_size = total
-                    for i in range(count):
-                        rec.chunk_index = i
-                        rec.chunk_offset = i * chunk
-                        batcher.add(key, tensor_entry(rec, payload[i * chunk:(i + 1) * chunk]))
+                    for i in range(count):  # the chunking rule of codec.chunk_record, without copies
+                        fields = pb.TensorRecord(chunk_index=i, chunk_count=count, chunk_offset=i * chunk,
+                                                 payload_size=total).SerializeToString()
+                        add(keys[span_index], tensor_entry_bytes(meta + fields, payload[i * chunk:(i + 1) * chunk]))
         elif kind == FrameKind.STEP:
             try:
                 step = ring_pb2.RingStep.FromString(frame.meta)
             except DecodeError:
                 self._drop("bad_meta", frame)
                 return
-            self.steps[step.step] = (step, frame.position, self.frames_read)
+            self.steps[step.step] = (step, frame.position, self.frames_read, span_metas(step),
+                                     [sp.request_id.encode() for sp in step.spans])
             self.steps.move_to_end(step.step)
             while len(self.steps) > self.cfg.max_steps_kept:
                 self.steps.popitem(last=False)

@@ -52,7 +52,11 @@ class Entry:
 
 def tensor_entry(rec: pb.TensorRecord, payload) -> Entry:
     """`rec` (payload field empty) with `payload` (bytes or memoryview) as its payload."""
-    meta = rec.SerializeToString()
+    return tensor_entry_bytes(rec.SerializeToString(), payload)
+
+
+def tensor_entry_bytes(meta: bytes, payload) -> Entry:
+    """A serialized TensorRecord without payload, plus `payload` as its payload field."""
     plen = len(payload)
     if plen:
         plen_v = varint(plen)

@@ -52,53 +52,71 @@ def row_bytes(slab: ring_pb2.RingSlab) -> int:
     return math.prod(slab.row_shape) * elem
 
 
-def slab_parts(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, frame_seq: int,
-               producer: pb.Producer, export_time_unix_nano: int = 0):
-    """[(TensorRecord without payload/encoding, payload view of the part's rows)], in part order.
+def span_metas(step: ring_pb2.RingStep) -> list[bytes]:
+    """Per span of a step, the serialized TensorRecord fields that come from the span (request_id,
+    trace_id, span_id, phase). Computed once per step and shared by all its slabs."""
+    return [pb.TensorRecord(request_id=sp.request_id, trace_id=sp.trace_id, span_id=sp.span_id,
+                            phase=sp.phase).SerializeToString() for sp in step.spans]
 
-    The record carries `raw_size`; the caller sets encoding and payload (this split never copies
-    payload bytes: the views slice `payload`, typically a memoryview into the ring).
+
+def slab_part_metas(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, frame_seq: int,
+                    producer: pb.Producer, export_time_unix_nano: int = 0, encoding: int = 0,
+                    spans_meta: list[bytes] | None = None):
+    """[(serialized TensorRecord without payload, span index, payload view of the part's rows)].
+
+    The record bytes are the concatenation of three serialized pieces (fields from the slab, from the
+    span, from the part); protobuf parses concatenated messages as one message, and no field is in
+    two pieces. This is the one implementation of the split rule: `slab_parts` parses these bytes.
+    No payload byte is copied: the views slice `payload` (typically a memoryview into the ring).
     """
     if slab.step != step.step:
         raise SlabError(f"slab {slab.hook!r} names step {slab.step}, resolved against step {step.step}")
     rb = row_bytes(slab)
     view = payload if isinstance(payload, memoryview) else memoryview(payload)
-    total_rows = sum(p.row_count for p in slab.parts)
+    parts = slab.parts
+    total_rows = sum(p.row_count for p in parts)
     if len(view) != total_rows * rb:
         raise SlabError(
             f"slab {slab.hook!r} layer {slab.layer} step {slab.step}: payload is {len(view)} bytes, "
             f"parts need {total_rows} rows x {rb} bytes = {total_rows * rb}")
-    spans = step.spans
-    row_shape = list(slab.row_shape)
-    # fields shared by every part, set once (CopyFrom is ~2x faster than keyword construction)
-    template = pb.TensorRecord(
+    n_spans = len(step.spans)
+    if spans_meta is None:
+        spans_meta = span_metas(step)
+    common = pb.TensorRecord(
         model_id=step.model_id, hook=slab.hook, layer=slab.layer, tp_rank=slab.tp_rank,
         tp_size=slab.tp_size or step.tp_size or 1, positions_kind=pb.TOKEN_RANGE, step=slab.step,
-        dtype=slab.dtype, capture_time_unix_nano=slab.capture_time_unix_nano or step.capture_time_unix_nano,
-        export_time_unix_nano=export_time_unix_nano, producer=producer)
+        dtype=slab.dtype, encoding=encoding,
+        capture_time_unix_nano=slab.capture_time_unix_nano or step.capture_time_unix_nano,
+        export_time_unix_nano=export_time_unix_nano, producer=producer).SerializeToString()
+    row_shape = list(slab.row_shape)
+    base_seq = frame_seq * SEQ_PARTS_PER_FRAME
+    if len(parts) > SEQ_PARTS_PER_FRAME:
+        raise SlabError(f"slab {slab.hook!r} has {len(parts)} parts; at most {SEQ_PARTS_PER_FRAME}")
+    Rec = pb.TensorRecord
     out = []
-    for i, part in enumerate(slab.parts):
-        if part.span_index >= len(spans):
-            raise SlabError(f"slab {slab.hook!r} part {i}: span index {part.span_index} but step {step.step} has {len(spans)} spans")
-        if part.slab_row_start + part.row_count > total_rows:
-            raise SlabError(f"slab {slab.hook!r} part {i}: rows [{part.slab_row_start}, +{part.row_count}) outside the slab's {total_rows} rows")
-        span = spans[part.span_index]
+    for i, part in enumerate(parts):
+        si = part.span_index
+        if si >= n_spans:
+            raise SlabError(f"slab {slab.hook!r} part {i}: span index {si} but step {step.step} has {n_spans} spans")
         n = part.row_count
-        rec = pb.TensorRecord()
-        rec.CopyFrom(template)
-        rec.request_id = span.request_id
-        rec.trace_id = span.trace_id
-        rec.span_id = span.span_id
-        rec.phase = span.phase
-        rec.token_start = part.position_start
-        rec.token_end = part.position_start + n
-        rec.shape.append(n)
-        rec.shape.extend(row_shape)
-        rec.raw_size = n * rb
-        rec.seq = record_seq(frame_seq, i)
-        start = part.slab_row_start * rb
-        out.append((rec, view[start: start + n * rb]))
+        r0 = part.slab_row_start
+        if r0 + n > total_rows:
+            raise SlabError(f"slab {slab.hook!r} part {i}: rows [{r0}, +{n}) outside the slab's {total_rows} rows")
+        start = part.position_start
+        own = Rec(token_start=start, token_end=start + n, shape=[n, *row_shape], raw_size=n * rb,
+                  seq=base_seq + i).SerializeToString()
+        out.append((common + spans_meta[si] + own, si, view[r0 * rb: (r0 + n) * rb]))
     return out
+
+
+def slab_parts(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, frame_seq: int,
+               producer: pb.Producer, export_time_unix_nano: int = 0):
+    """[(TensorRecord without payload/encoding, payload view of the part's rows)], in part order.
+
+    The record carries `raw_size`; the caller sets encoding and payload.
+    """
+    return [(pb.TensorRecord.FromString(meta), view)
+            for meta, _, view in slab_part_metas(step, slab, payload, frame_seq, producer, export_time_unix_nano)]
 
 
 def split_slab(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, frame_seq: int,
