@@ -233,7 +233,11 @@ class LocalKafka:
         if not os.path.exists(os.path.join(self._log_dir(), "meta.properties")):
             self._format(java, classpath, props_path)
         self._launch(java, classpath, props_path)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # not ready, or Ctrl-C while waiting: leave no broker behind
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -34,10 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         kafka = LocalKafka(config)
-        kafka.start()
     except LocalKafkaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        kafka.start()
+    except LocalKafkaError as e:
+        kafka.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        kafka.close()
+        print("interrupted before the broker was ready; stopped it", file=sys.stderr)
+        return 130
     try:
         print(f"Kafka broker ready: bootstrap {kafka.bootstrap}  (pid {kafka.pid}, data {kafka.data_dir})",
               flush=True)
