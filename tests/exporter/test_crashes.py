@@ -134,6 +134,9 @@ def test_broker_outage_exporter_reconnects_and_accounting_is_exact(kafka_broker,
     # records: written + dropped (counted by the producer) = every record selected
     total = sum(dump["captured"].values()) + sum(dump["dropped_records"].values())
     assert len(seen_t) == sum(dump["captured"].values()) and total == 1200 * 3 * 2
+    _, metrics = exp.http("/metrics")
+    assert (f'tensortrace_exporter_frames_dropped_total{{reason="producer_dropped",ring="{ring_name}"}} '
+            f'{float(dump["frames_dropped"])}') in metrics
     exp.wait_for(lambda: exp.http("/readyz")[0] == 200, what="ready again")
 
 

@@ -284,7 +284,7 @@ class RingDrain:
         stats = self.reader.producer_stats()
         d = stats["frames_dropped"] - self._producer_drops_seen
         if d > 0:
-            self.metrics.frames_dropped.labels(self.name, "producer_ring_full").inc(d)
+            self.metrics.frames_dropped.labels(self.name, "producer_dropped").inc(d)
             self._producer_drops_seen = stats["frames_dropped"]
         if self.state == "quarantined" and not self.units:
             lost = max(0, stats["frames_committed"] - self.frames_released_total() - self._corrupt_counted)

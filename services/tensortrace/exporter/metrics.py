@@ -29,7 +29,7 @@ class ExporterMetrics:
         self.bytes_out = Counter(P + "bytes_out", "Payload bytes acknowledged by Kafka", ["ring", "topic"], registry=r)
         self.messages_out = Counter(P + "messages_out", "Kafka messages acknowledged", ["topic"], registry=r)
         self.message_bytes_out = Counter(P + "message_bytes_out", "Kafka message value bytes acknowledged", ["topic"], registry=r)
-        self.frames_dropped = Counter(P + "frames_dropped", "Frames dropped, by where and why (producer_* = counted by the agent in the ring header)", ["ring", "reason"], registry=r)
+        self.frames_dropped = Counter(P + "frames_dropped", "Frames dropped, by where and why (producer_dropped = counted by the agent in the ring header)", ["ring", "reason"], registry=r)
         self.ring_frames = Gauge(P + "ring_frames", "Frame accounting of a ring (header counters): committed and "
                                  "producer_dropped by the agent, released by the exporter, pending = committed - released",
                                  ["ring", "kind"], registry=r)
