@@ -11,7 +11,8 @@ import time
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from tensortrace.devkafka import LocalKafka, LocalKafkaConfig, LocalKafkaError, default_libs_dir
+from tensortrace.devkafka import LocalKafka, LocalKafkaConfig, LocalKafkaError
+from tensortrace.devkafka.broker import sweep_stale_data_dirs
 
 pytestmark = pytest.mark.integration
 
@@ -140,17 +141,18 @@ _CHILD = r"""
 import sys, time
 from tensortrace.devkafka import LocalKafka
 k = LocalKafka(ready_timeout_s=90).start()
-print(k.pid, flush=True)
+print(k.pid, k.data_dir, flush=True)
 time.sleep(600)
 """
 
 
 @pytest.mark.slow
-def test_no_broker_survives_a_killed_test_process():
+def test_no_broker_survives_a_killed_test_process_and_its_dir_is_swept():
     """SIGKILL of the process that started the broker (no finalizer, no atexit) still stops it."""
     child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True)
     try:
-        broker_pid = int(child.stdout.readline())
+        pid, data_dir = child.stdout.readline().split()
+        broker_pid = int(pid)
         os.kill(broker_pid, 0)  # alive
         child.kill()
         child.wait(10)
@@ -164,6 +166,10 @@ def test_no_broker_survives_a_killed_test_process():
         else:
             os.killpg(broker_pid, 9)
             pytest.fail(f"broker pid {broker_pid} outlived its parent")
+        # The data dir the dead owner could not remove is swept by the next LocalKafka.
+        assert os.path.isdir(data_dir) and os.path.exists(os.path.join(data_dir, "owner.pid"))
+        sweep_stale_data_dirs(os.path.dirname(data_dir))
+        assert not os.path.exists(data_dir)
     finally:
         if child.poll() is None:
             child.kill()
@@ -190,3 +196,18 @@ def test_ch_client_is_a_real_clickhouse_engine_with_a_private_database(ch_client
     assert rows == [(1, "a"), (2, "b")]
     with pytest.raises(Exception, match="UNKNOWN_TABLE|does not exist"):
         ch_client.query("SELECT * FROM no_such_table")
+
+
+def test_sweep_keeps_data_dirs_whose_owner_lives(tmp_path):
+    live = tmp_path / "tensortrace-kafka-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    foreign = tmp_path / "tensortrace-kafka-foreign"  # no owner.pid: not ours to judge
+    foreign.mkdir()
+    dead = tmp_path / "tensortrace-kafka-dead"
+    dead.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (dead / "owner.pid").write_text(str(proc.pid))
+    assert sweep_stale_data_dirs(str(tmp_path)) == [str(dead)]
+    assert live.is_dir() and foreign.is_dir() and not dead.exists()

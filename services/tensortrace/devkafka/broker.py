@@ -198,8 +198,12 @@ class LocalKafka:
         config.validate()
         self.config = config
         self._own_data_dir = config.data_dir is None
-        self.data_dir = config.data_dir or tempfile.mkdtemp(prefix="tensortrace-kafka-")
+        if self._own_data_dir:
+            sweep_stale_data_dirs()
+        self.data_dir = config.data_dir or tempfile.mkdtemp(prefix=_TEMP_PREFIX)
         os.makedirs(self.data_dir, exist_ok=True)
+        if self._own_data_dir:
+            _write_pid(os.path.join(self.data_dir, "owner.pid"), os.getpid())
         self.log_path = os.path.join(self.data_dir, "broker.log")
         self.broker_port = config.broker_port
         self.controller_port = config.controller_port
@@ -370,6 +374,8 @@ class LocalKafka:
         finally:
             log.close()
         _live.add(self)
+        if self._own_data_dir:
+            _write_pid(os.path.join(self.data_dir, "broker.pid"), self._proc.pid)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -396,6 +402,43 @@ class LocalKafka:
         tail = self.log_tail()
         if tail:
             print(f"--- last lines of {self.log_path} ---\n{tail}\n---", file=sys.stderr)
+
+
+_TEMP_PREFIX = "tensortrace-kafka-"
+
+
+def _write_pid(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(str(pid))
+
+
+def _pid_alive(path: str) -> bool:
+    try:
+        with open(path) as f:
+            os.kill(int(f.read().strip() or 0), 0)
+    except FileNotFoundError:
+        return False
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # exists, someone else's
+    return True
+
+
+def sweep_stale_data_dirs(parent: str | None = None) -> list[str]:
+    """Remove temp data dirs left by killed owners (e.g. a SIGKILLed test run): only dirs whose
+    owner process and broker process are both gone. Returns what it removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for d in glob.glob(os.path.join(parent, _TEMP_PREFIX + "*")):
+        owner = os.path.join(d, "owner.pid")
+        if not os.path.exists(owner):
+            continue  # not ours to judge (an older layout, or being created right now)
+        if _pid_alive(owner) or _pid_alive(os.path.join(d, "broker.pid")):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
