@@ -22,9 +22,9 @@ from tensortrace.loader.migrations import MIGRATIONS
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 DEFAULT_DATABASE = "tensortrace"
 DEFAULT_TTL_DAYS = 7
-# Stored payloads are already compressed by the exporter (SHUFFLE_ZSTD, see docs/storage.md);
-# LZ4 on top costs little and still catches RAW payloads from producers that do not encode.
-DEFAULT_PAYLOAD_CODEC = "LZ4"
+# ZSTD(1) on the payload column: ClickHouse compresses many records per block, which per-record
+# codecs cannot (bf16 decode rows: 1.29x vs 1.10x), for ~10-15% insert speed (docs/storage.md).
+DEFAULT_PAYLOAD_CODEC = "ZSTD(1)"
 
 ACTIVATION_COLUMNS = (
     "trace_id", "span_id", "request_id", "model", "hook", "layer", "tp_rank", "tp_size",
