@@ -99,7 +99,7 @@ def start_loader(bootstrap, topic, client, db, **overrides):
     return loader, t
 
 
-def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message) -> dict:
+def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message, **loader_kw) -> dict:
     topic = create_topic(bootstrap)
     msgs = build_messages(n_records, rows_per_record, hidden, per_message, request_prefix=label)
     payload_bytes = n_records * rows_per_record * hidden * 2
@@ -107,8 +107,8 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     produce_all(bootstrap, topic, msgs)
     produce_s = time.perf_counter() - t0
     del msgs
-    db = f"bench_{label}"
-    loader, thread = start_loader(bootstrap, topic, client, db)
+    db = f"bench_{label}_{uuid.uuid4().hex[:6]}"
+    loader, thread = start_loader(bootstrap, topic, client, db, **loader_kw)
     first = None
     while loader.stats.tensor_rows < n_records:
         if first is None and loader.stats.messages:
@@ -235,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--large-records", type=int, default=600, help="256 KiB records in phase 1")
     p.add_argument("--rate-mbps", type=float, default=20.0)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--payload-codec", default=None, help="ClickHouse codec of the payload column (default: the loader's)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: throughput,freshness,readback")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
@@ -254,9 +255,11 @@ def main(argv=None) -> int:
     results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
     try:
         if "throughput" not in skip:
-            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 32)
+            kw = {"payload_codec": a.payload_codec} if a.payload_codec else {}
+            results["payload_codec"] = a.payload_codec or "loader default"
+            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 32, **kw)
             print("4 KiB rows:", json.dumps(results["throughput_4KiB"]), flush=True)
-            results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3)
+            results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3, **kw)
             print("256 KiB rows:", json.dumps(results["throughput_256KiB"]), flush=True)
         if "freshness" not in skip:
             results["freshness"] = phase_freshness(bootstrap, client, a.rate_mbps, a.seconds)
