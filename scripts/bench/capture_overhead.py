@@ -4,7 +4,8 @@
 Modes (all capture the `hidden-states` tensors: residual stream entering every layer, final norm
 output, logits), on a random Llama from a config:
   none             no capture
-  tt-hidden        TensorTrace, preset hidden-states, a consumer PROCESS drains the ring concurrently
+  tt-hidden        TensorTrace, preset hidden-states; a consumer process (ring_consumer.py) drains
+                   the ring concurrently, as the exporter does (minus Kafka)
   tt-full          TensorTrace, preset full (every hook), same consumer
   hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
   hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
@@ -26,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,39 +45,23 @@ from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
 
 
-# -- consumer process (what the exporter does with the ring, minus Kafka) ------------------------
-def _consume(ring_path: str, stop, counts):
-    from tensortrace.ring.format import FrameKind, RingReader
-    from tensortrace.ring.slabs import slab_parts
-    from tensortrace.v1 import records_pb2 as pb
-    from tensortrace.v1 import ring_pb2
+CONSUMER = os.path.join(HERE, "ring_consumer.py")
 
-    reader = RingReader.open(ring_path)
-    producer = pb.Producer(pod="bench", generation=reader.header.generation)
-    steps = {}
-    frames = nbytes = 0
-    while True:
-        end = None
-        for f in reader.frames(max_frames=256):
-            if f.kind == FrameKind.STEP:
-                st = ring_pb2.RingStep.FromString(bytes(f.meta))
-                steps[st.step] = st
-            elif f.kind == FrameKind.SLAB:
-                slab = ring_pb2.RingSlab.FromString(bytes(f.meta))
-                for rec, rows in slab_parts(steps[slab.step], slab, f.payload, f.seq, producer):
-                    rec.payload = bytes(rows)   # the copy out of the ring an exporter makes
-                    nbytes += len(rows)
-            frames += 1
-            end = f.end
-        if end is not None:
-            reader.release(end)
-            continue
-        if stop.is_set() and reader.head == reader.tail:
-            break
-        time.sleep(0.0005)
-    counts["frames"] = frames
-    counts["bytes"] = nbytes
-    reader.close()
+
+def start_consumer(ring_path: str):
+    """The exporter stand-in, a separate process; returns once it has mapped the ring."""
+    proc = subprocess.Popen([sys.executable, CONSUMER, ring_path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise RuntimeError(f"ring consumer did not start: {line!r}")
+    return proc
+
+
+def stop_consumer(proc) -> dict:
+    out, _ = proc.communicate(input="", timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 class Stamp:
@@ -179,23 +164,19 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
                                          device_staging_bytes=1 << 30,
                                          pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
-        ctx = mp.get_context("spawn")
-        stop, counts = ctx.Event(), ctx.Manager().dict()
-        consumer = ctx.Process(target=_consume, args=(agent.ring_path, stop, counts))
-        consumer.start()
-        time.sleep(0.5)  # let the consumer map the ring
+        consumer = start_consumer(agent.ring_path)
         backend = HFBackend(model, agent)
+        counts = {}
         try:
             t0 = time.perf_counter()
             backend.generate(ids, attention_mask=mask, **gen)
         finally:
             backend.detach()
             agent.flush()
-            stop.set()
-            consumer.join(60)
+            counts = stop_consumer(consumer)
             st = agent.stats()
             extra = {"records_written": st.written, "records_dropped": st.dropped,
-                     "bytes_written": st.bytes_written, "consumer_frames": counts.get("frames", 0)}
+                     "bytes_written": st.bytes_written, "consumer_records": counts.get("records", 0)}
             agent.close()
             os.unlink(agent.ring_path)
     elif mode in ("hooks-clone", "hooks-save", "sync-copy"):
@@ -290,7 +271,15 @@ def main(argv=None) -> int:
                 # to the hiccups of a shared machine, unlike a mean over a whole generate).
                 pf = statistics.median(s[0] for s in samples[m])
                 step = statistics.median(x for s in samples[m] for x in s[1])
+                # Paired: this mode's median step over the "none" run of the same repeat (the runs
+                # of one repeat are seconds apart; the load of a shared machine drifts slower).
+                paired = None
+                if "none" in samples:
+                    paired = statistics.median(
+                        statistics.median(s[1]) / statistics.median(n[1]) - 1
+                        for s, n in zip(samples[m], samples["none"]))
                 results.setdefault(str(b), {})[m] = {
+                    "decode_overhead_paired": paired,
                     "prefill_tokens_per_s": b * prompt_len / pf,
                     "decode_tokens_per_s": b / step,
                     "decode_step_ms_median": step * 1000,
@@ -305,14 +294,16 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); "
           f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps x {repeats} repeats; "
           f"median prefill, median decode step")
-    print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} {'dropped':>8}")
+    print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} "
+          f"{'step, paired':>13} {'dropped':>8}")
     for b in batches:
         base = results[str(b)]["none"]["decode_tokens_per_s"] if "none" in results[str(b)] else None
         for m in modes:
             r = results[str(b)][m]
             rel = f"{(r['decode_tokens_per_s'] / base - 1) * 100:+.1f}%" if base else ""
+            paired = f"{r['decode_overhead_paired'] * 100:+.1f}%" if r.get("decode_overhead_paired") is not None else ""
             print(f"{b:>5} {m:<14} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
-                  f"{rel:>15} {r.get('records_dropped', ''):>8}")
+                  f"{rel:>15} {paired:>13} {r.get('records_dropped', ''):>8}")
     if nnsight_error:
         print(f"nnsight: not measured ({nnsight_error})")
     doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),
