@@ -137,7 +137,6 @@ class CaptureAgent:
         self.disabled_reason = ""
         self.unplaced: list[tuple[str, str]] = []
         self._staging = None  # CudaStaging, created on the first CUDA tensor
-        self._dtype_codes: dict = {}
         self._closed = False
         if config.prefault_ring:
             # One write per page now, so the first laps of the ring take no page faults in a step.
