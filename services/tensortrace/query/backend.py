@@ -38,6 +38,10 @@ def _column_list(col) -> list:
     return col.to_pylist()
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
 def _query_error(e: Exception) -> QueryError:
     """Connection problems -> BackendUnavailable; anything else the engine says -> QueryError."""
     from clickhouse_connect.driver.exceptions import OperationalError
@@ -287,12 +291,14 @@ class ClickHouseBackend:
             size += int(n)
         sql = f"""
             SELECT hook, layer, tp_rank, tp_size, CAST(positions_kind, 'Int8') AS positions_kind, token_start,
-                   token_end, positions, CAST(phase, 'Int8') AS phase, step, dtype, shape,
+                   token_end, arrayStringConcat(positions, ',') AS positions, CAST(phase, 'Int8') AS phase, step,
+                   dtype, arrayStringConcat(shape, ',') AS shape,
                    CAST(encoding, 'Int8') AS encoding, raw_size, payload, producer_rank, seq
             FROM {self.db}.activations WHERE {where} AND hook = {{page_hook:String}} AND layer IN {{page_layers:Array(Int32)}}
             LIMIT 1 BY producer_pod, producer_pid, producer_generation, seq"""
         done = 0
         dtype_codes: dict[str, int] = {}
+        shapes: dict[str, list[int]] = {}
         for hook, page_layers in pages:
             # Arrow: the payload column arrives as one buffer; each record's payload is a zero-copy
             # view of it (no Python bytes object per row).
@@ -303,6 +309,10 @@ class ClickHouseBackend:
                     continue
                 cols = dict(zip(batch.schema.names, batch.columns))
                 py = {name: _column_list(cols[name]) for name in cols if name != "payload"}
+                # shapes and positions arrive as "a,b,c" text: one shape repeats for thousands of
+                # rows, so parsing each distinct string once beats converting Arrow lists per row
+                py["shape"] = [shapes.get(x) or shapes.setdefault(x, _int_list(x)) for x in py["shape"]]
+                py["positions"] = [_int_list(x) if x else [] for x in py["positions"]]
                 pay = cols["payload"]
                 offsets_buf, data_buf = pay.buffers()[1:3]
                 off_type = np.int64 if str(pay.type) in ("large_string", "large_binary") else np.int32
