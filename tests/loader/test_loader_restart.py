@@ -131,3 +131,21 @@ def test_loader_killed_mid_stream_and_restarted_leaves_each_record_once(kafka_br
     assert counts["distinct"] == n and counts["final"] == n and counts["raw_after_merge"] == n
     assert counts["summaries_final"] == len(reqs) and counts["summaries_after_merge"] == len(reqs)
     assert counts["raw"] >= n  # duplicates from the re-reads may exist until merged; never fewer
+
+
+def test_loader_started_while_a_clickhouse_server_is_unreachable_waits_and_stops_cleanly(kafka_broker):
+    """A server DSN on a closed port: the loader reports it and keeps retrying (no crash loop)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    p = LoaderProcess(["--bootstrap", kafka_broker.bootstrap, "--clickhouse", f"http://user:pw@127.0.0.1:{port}"])
+    try:
+        assert wait_until(lambda: sum("clickhouse_unavailable" in line for line in p.lines) >= 2 or p.proc.poll() is not None,
+                          timeout_s=60), "".join(p.lines[-20:])
+        assert p.proc.poll() is None, "".join(p.lines[-20:])
+    finally:
+        p.kill(signal.SIGTERM)
+    assert p.proc.returncode == 0

@@ -53,6 +53,27 @@ def parse_args(argv: list[str]) -> LoaderConfig:
     return cfg
 
 
+def start_loader(cfg: LoaderConfig, stopping: threading.Event):
+    """A Loader, once ClickHouse answers and the schema is migrated: a loader started while
+    ClickHouse is down waits (backing off) instead of crash-looping. None if stopped meanwhile."""
+    from tensortrace.loader.service import Loader
+
+    log = logging.getLogger("tensortrace.loader")
+    delay = cfg.retry_initial_s
+    while not stopping.is_set():
+        try:
+            return Loader(cfg)
+        except Exception as e:  # connection refused, auth, DNS: report and retry
+            if "EmbeddedServer" in str(e) or "Cannot lock file" in str(e):
+                raise  # another process holds this chdb path: retrying will not help
+            print(json.dumps({"clickhouse_unavailable": f"{type(e).__name__}: {str(e)[:300]}", "retry_in_s": delay}),
+                  file=sys.stderr, flush=True)
+            log.warning("ClickHouse not reachable (%s); retrying in %.1fs", e, delay)
+            stopping.wait(delay)
+            delay = min(delay * 2, cfg.retry_max_s)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if cfg._verbose else logging.WARNING,  # type: ignore[attr-defined]
@@ -64,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tensortrace.loader.service import Loader
 
-    loader = Loader(cfg)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    loader = start_loader(cfg, stopping)
+    if loader is None:
+        return 0
     server = None
     if cfg.query_port is not None:
         from tensortrace.query.server import serve
@@ -77,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if stopping.is_set():
+        loader.stop()
     if cfg._metrics_port is not None:  # type: ignore[attr-defined]
         from tensortrace.loader.metrics import serve_metrics
 
