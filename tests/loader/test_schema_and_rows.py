@@ -103,3 +103,37 @@ def test_a_zero_capture_time_falls_back_so_the_ttl_does_not_delete_the_row():
     before = time.time_ns()
     b.add_tensor(rec, 0, 0)
     assert b.act["capture_time"][0] >= before
+
+
+@pytest.mark.unit
+def test_metrics_expose_the_loader_counters():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tensortrace.loader.metrics import _LoaderCollector
+    from tensortrace.loader.service import LoaderStats
+
+    class FakeLoader:  # only .stats is read
+        stats = LoaderStats(messages=7, tensor_rows=5, summary_rows=1, dlq_by_reason={"envelope": 2})
+
+    reg = CollectorRegistry()
+    reg.register(_LoaderCollector(FakeLoader()))
+    text = generate_latest(reg).decode()
+    assert "tensortrace_loader_messages_total 7.0" in text
+    assert 'tensortrace_loader_rows_total{table="activations"} 5.0' in text
+    assert 'tensortrace_loader_dead_letters_total{reason="envelope"} 2.0' in text
+
+
+@pytest.mark.integration
+def test_a_retried_insert_with_the_same_token_adds_no_rows(tt_db):
+    """The loader's retry path: same batch, same insert_deduplication_token -> ClickHouse drops it."""
+    client, db = tt_db
+    b = ColumnBatch()
+    for i, r in enumerate(SyntheticRequest.make("tok", layers=2, hidden=8).records):
+        b.add_tensor(r, 0, i)
+    table = b.activations_table(time.time_ns())
+    for _ in range(2):
+        client.insert_arrow(f"{db}.activations", table, settings={"insert_deduplication_token": "a:t/0/0-9"})
+    assert client.query(f"SELECT count() FROM {db}.activations").result_rows[0][0] == b.tensor_rows
+    client.insert_arrow(f"{db}.activations", table, settings={"insert_deduplication_token": "a:t/0/10-19"})
+    assert client.query(f"SELECT count() FROM {db}.activations").result_rows[0][0] == 2 * b.tensor_rows
+    assert client.query(f"SELECT count() FROM {db}.activations FINAL").result_rows[0][0] == b.tensor_rows

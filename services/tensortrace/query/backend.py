@@ -168,7 +168,7 @@ class ClickHouseBackend:
             params["rid"] = request_id
         where = " AND ".join(conds)
         sql = f"""
-            SELECT hex(trace_id), request_id, any(model), min(first), max(last) FROM (
+            SELECT hex(trace_id), request_id, anyIf(model, model != ''), minIf(first, first > 0), max(last) FROM (
                 SELECT trace_id, request_id, model, toUnixTimestamp64Nano(first_capture) AS first,
                        toUnixTimestamp64Nano(last_capture) AS last
                 FROM {self.db}.activation_traces WHERE {where}
@@ -177,18 +177,9 @@ class ClickHouseBackend:
                 FROM {self.db}.requests WHERE {where}
             ) GROUP BY trace_id, request_id ORDER BY request_id"""
         rows = self._query(sql, params).result_rows
-        out = []
-        for tid, rid, model, first, last in rows:
-            # min() over a union with the summary's 0 would hide the tensors' bounds: recompute.
-            out.append(RequestRef(bytes.fromhex(tid), rid, model, int(first), int(last)))
-        if out:
-            bounds = self._query(
-                f"SELECT request_id, toUnixTimestamp64Nano(min(first_capture)), toUnixTimestamp64Nano(max(last_capture)) "
-                f"FROM {self.db}.activation_traces WHERE {where} GROUP BY request_id", params).result_rows
-            by_rid = {r[0]: (int(r[1]), int(r[2])) for r in bounds}
-            for ref in out:
-                ref.first_capture_ns, ref.last_capture_ns = by_rid.get(ref.request_id, (0, 0))
-        return out
+        # a request known only from its summary has no tensors: bounds 0 (minIf of nothing is 0)
+        return [RequestRef(bytes.fromhex(tid), rid, model or "", int(first or 0), int(last or 0))
+                for tid, rid, model, first, last in rows]
 
     def _scope(self, ref: RequestRef) -> tuple[str, dict]:
         where = "trace_id = unhex({tid:String}) AND request_id = {rid:String}"
