@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     by_hook: dict[str, list] = {}
     for s in stats:
         by_hook.setdefault(s.hook, []).append(s)
-    print(f"{'hook':<18}{'layers':<14}{'tokens':<12}{'records':>8}{'raw':>12}{'stored':>12}"
+    print(f"{'hook':<18}{'layers':<14}{'tokens':<12}{'records':>8}{'raw':>12}{'encoded':>12}"
           f"{'cap->exp p50':>14}{'exp->load p50':>15}{'cap->load max':>15}")
     for hook, rows in by_hook.items():
         raw = sum(r.raw_bytes for r in rows)
