@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import topic_name
+from exporter_topics import topic_name
 from ringgen import Arrivals, TrafficGen, consume_all
 from tensortrace.ring.format import HEADER_SIZE, RingIdentity, RingReader, RingWriter
 from tensortrace.ring.slabs import SEQ_PARTS_PER_FRAME

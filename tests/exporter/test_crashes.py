@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import topic_name
+from exporter_topics import topic_name
 from ringgen import consume_all, rows_bytes
 from tensortrace.ring.format import HEADER_SIZE, OFF_TAIL
 from tensortrace.ring.slabs import SEQ_PARTS_PER_FRAME

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "agent"))
 
-from conftest import topic_name  # noqa: E402
+from exporter_topics import topic_name  # noqa: E402
 from ringgen import consume_all  # noqa: E402
 from tiny_models import left_padded, make  # noqa: E402
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import topic_name
+from exporter_topics import topic_name
 from ringgen import Arrivals, TrafficGen, consume_all
 from tensortrace.ring.format import RingIdentity, RingWriter
 from tensortrace.wire import codec

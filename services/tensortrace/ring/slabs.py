@@ -1,7 +1,7 @@
 """The split rule from ring SLAB frames to per-request TensorRecords (docs/ARCHITECTURE.md).
 
-Standalone on purpose (imports only the generated protobuf modules): the exporter uses it to
-publish, the agent's tests use it to check what they wrote.
+Standalone on purpose (imports only the generated protobuf modules and the dtype table): the
+exporter uses it to publish, the agent's tests use it to check what they wrote.
 
 For each part of a slab one TensorRecord: request_id, trace_id, span_id, phase from the step's
 span; hook, layer, tp_rank, tp_size, dtype, step from the slab; shape = [row_count, *row_shape];
@@ -19,16 +19,10 @@ import math
 
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.v1 import ring_pb2
+from tensortrace.wire.dtypes import ELEMENT_SIZE as _ELEMENT_SIZE
 
 SEQ_PARTS_PER_FRAME = 65536
 
-# element size in bytes per DType code (the codec has the same table; kept here so this module
-# stays free of numpy/zstd imports and can be reused anywhere)
-_ELEMENT_SIZE = {
-    pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.FLOAT64: 8, pb.INT8: 1, pb.UINT8: 1,
-    pb.INT16: 2, pb.INT32: 4, pb.INT64: 8, pb.BOOL: 1, pb.FLOAT8_E4M3FN: 1, pb.FLOAT8_E5M2: 1,
-    pb.FLOAT8_E4M3FNUZ: 1, pb.FLOAT8_E5M2FNUZ: 1,
-}
 
 
 class SlabError(ValueError):

@@ -24,6 +24,7 @@ import lz4.frame
 from google.protobuf.message import DecodeError
 
 from tensortrace.v1 import records_pb2 as pb
+from tensortrace.wire.dtypes import BY_NAME, DTYPES
 
 ENVELOPE_VERSION = 1
 # Kafka's default max.message.bytes is 1 MiB (1048588); keep the whole message below it.
@@ -35,25 +36,8 @@ Encoding = pb.Encoding
 Phase = pb.Phase
 PositionsKind = pb.PositionsKind
 
-# DType -> (torch dtype name, element size in bytes)
-_DTYPES: dict[int, tuple[str, int]] = {
-    pb.FLOAT32: ("float32", 4),
-    pb.FLOAT16: ("float16", 2),
-    pb.BFLOAT16: ("bfloat16", 2),
-    pb.FLOAT64: ("float64", 8),
-    pb.INT8: ("int8", 1),
-    pb.UINT8: ("uint8", 1),
-    pb.INT16: ("int16", 2),
-    pb.INT32: ("int32", 4),
-    pb.INT64: ("int64", 8),
-    pb.BOOL: ("bool", 1),
-    pb.FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
-    pb.FLOAT8_E5M2: ("float8_e5m2", 1),
-    pb.FLOAT8_E4M3FNUZ: ("float8_e4m3fnuz", 1),
-    pb.FLOAT8_E5M2FNUZ: ("float8_e5m2fnuz", 1),
-    pb.FLOAT8_E8M0FNU: ("float8_e8m0fnu", 1),
-}
-_BY_NAME = {name: code for code, (name, _) in _DTYPES.items()}
+_DTYPES = DTYPES
+_BY_NAME = BY_NAME
 
 
 class WireError(ValueError):
