@@ -7,6 +7,8 @@ output, logits), on a random Llama from a config:
   tt-hidden        TensorTrace, preset hidden-states; a consumer process (ring_consumer.py) drains
                    the ring concurrently, as the exporter does (minus Kafka)
   tt-full          TensorTrace, preset full (every hook), same consumer
+  tt-hidden-nc     diagnostic: tt-hidden with no consumer (a ring big enough for the run), to
+                   separate the agent's own cost from the consumer's competition for the CPUs
   hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
   hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
   hidden-states    generate(output_hidden_states=True)
@@ -160,11 +162,11 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         t0 = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=mask, **gen)
     elif mode.startswith("tt-"):
-        preset = {"tt-hidden": "hidden-states", "tt-full": "full"}[mode]
+        preset = {"tt-hidden": "hidden-states", "tt-full": "full", "tt-hidden-nc": "hidden-states"}[mode]
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
                                          device_staging_bytes=1 << 30,
                                          pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
-        consumer = start_consumer(agent.ring_path)
+        consumer = None if mode.endswith("-nc") else start_consumer(agent.ring_path)
         backend = HFBackend(model, agent)
         counts = {}
         try:
@@ -173,7 +175,7 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         finally:
             backend.detach()
             agent.flush()
-            counts = stop_consumer(consumer)
+            counts = stop_consumer(consumer) if consumer else {}
             st = agent.stats()
             extra = {"records_written": st.written, "records_dropped": st.dropped,
                      "bytes_written": st.bytes_written, "consumer_records": counts.get("records", 0)}
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
     else:
         model = make_model("cpu", hidden=1024, layers=8, inter=2816, vocab=32000, heads=16, kv_heads=8,
                            dtype=torch.float32)
-        modes = ["none", "tt-hidden", "tt-full", "hooks-clone", "hooks-save", "hidden-states", "nnsight"]
+        modes = ["none", "tt-hidden", "tt-full", "tt-hidden-nc", "hooks-clone", "hooks-save", "hidden-states",
+                 "nnsight"]
     if args.modes:
         modes = args.modes.split(",")
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
