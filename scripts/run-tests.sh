@@ -19,8 +19,19 @@ rc=$?
 elapsed=$(( $(date +%s) - start ))
 
 case $rc in
-  0) echo "run-tests: PASSED in ${elapsed}s" ;;
+  0) echo "run-tests: main suite PASSED in ${elapsed}s" ;;
   5) echo "run-tests: FAILED: pytest collected no tests (exit 5): is tests/ empty or the selection wrong?" >&2 ;;
-  *) echo "run-tests: FAILED (pytest exit $rc) after ${elapsed}s" >&2 ;;
+  *) echo "run-tests: main suite FAILED (pytest exit $rc) after ${elapsed}s" >&2 ;;
 esac
-exit $rc
+
+start=$(date +%s)
+bash "$root/scripts/sglang/run-tests.sh"
+src=$?
+elapsed=$(( $(date +%s) - start ))
+if [[ $src -eq 0 ]]; then
+  echo "run-tests: SGLang suite PASSED in ${elapsed}s"
+else
+  echo "run-tests: SGLang suite FAILED (exit $src) after ${elapsed}s" >&2
+fi
+[[ $rc -ne 0 ]] && exit $rc
+exit $src
