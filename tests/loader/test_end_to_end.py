@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "agent"))
 
 from test_loader import committed, end_offsets, wait_until  # noqa: E402
-from test_loader_restart import LoaderProcess, count_rows  # noqa: E402
+from test_loader_restart import count_rows  # noqa: E402
+from tensortrace.devstack.processes import LoaderProcess  # noqa: E402
 from tiny_models import left_padded, make  # noqa: E402
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402

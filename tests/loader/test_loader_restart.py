@@ -15,42 +15,13 @@ import time
 import pytest
 import torch
 
+from tensortrace.devstack.processes import LoaderProcess
 from tensortrace.loader.synthetic import SyntheticRequest, produce
 from tensortrace.query import TensorTraceClient
 
 from test_loader import committed, end_offsets, make_topics, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class LoaderProcess:
-    def __init__(self, args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tensortrace.cli", "loader", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.stats = {}
-        self.query_address = None
-        self.lines = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if line.startswith("{"):
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if "query_service" in doc:
-                    self.query_address = doc["query_service"]
-                elif "tensor_rows" in doc:
-                    self.stats = doc
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(timeout=60)
-        self.reader.join(timeout=10)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def _traceparent(i: int) -> tuple[str, str]:
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory):
     require_sglang()
-    from tiny_model import make_tiny_model
+    from tensortrace.devstack.tiny_model import make_tiny_model
 
     arch = request.param
     base = tmp_path_factory.mktemp(f"sglang-{arch}")

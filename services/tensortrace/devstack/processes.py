@@ -1,0 +1,171 @@
+"""`tensortrace exporter` and `tensortrace loader` as subprocesses on 127.0.0.1, with their endpoints.
+
+    exp = ExporterProcess(ring_dir, kafka.bootstrap, "tensortrace.activations", workdir).start()
+    exp.status()                                  # ExporterStatus over the control gRPC
+    loader = LoaderProcess(["--bootstrap", kafka.bootstrap, "--clickhouse", "chdb:///tmp/ch", "--query-port", "0"])
+    loader.wait_for_query_service()               # "127.0.0.1:PORT"; read through it with grpc://
+    loader.kill(signal.SIGTERM); exp.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+class ExporterProcess:
+    """`tensortrace exporter` as a subprocess, with its control and metrics endpoints (ports from its
+    status file)."""
+
+    def __init__(self, ring_dir: str, bootstrap: str, topic: str, workdir: str, extra: list[str] | None = None,
+                 python: str = sys.executable):
+        self.ring_dir, self.bootstrap, self.topic = ring_dir, bootstrap, topic
+        self.workdir = workdir
+        self.extra = list(extra or [])
+        self.python = python
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(workdir, "exporter.log")
+        self.control_port = self.metrics_port = -1
+        self.starts = 0
+
+    def start(self, wait_s: float = 60.0) -> "ExporterProcess":
+        status = os.path.join(self.workdir, "exporter.status.json")
+        if os.path.exists(status):
+            os.unlink(status)
+        args = [self.python, "-m", "tensortrace.cli", "exporter", "--ring-dir", self.ring_dir,
+                "--bootstrap-servers", self.bootstrap, "--topic", self.topic, "--control-port", "0",
+                "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--control-host", "127.0.0.1",
+                "--status-file", status, "--scan-interval-s", "0.1",
+                "--cleanup-grace-s", "1", "--linger-ms", "2", *self.extra]
+        self.starts += 1
+        log = open(self.log_path, "a")
+        log.write(f"---- start {self.starts}\n")
+        log.flush()
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+        deadline = time.monotonic() + wait_s
+        while not os.path.exists(status):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"exporter did not start:\n{self.log()}")
+            time.sleep(0.05)
+        with open(status) as f:
+            st = json.load(f)
+        self.control_port, self.metrics_port = st["control_port"], st["metrics_port"]
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    # -- endpoints -------------------------------------------------------------------------
+    def status(self):
+        """ExporterStatus (control.proto) from the control endpoint."""
+        import grpc
+
+        from tensortrace.v1 import control_pb2, control_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.control_port}") as ch:
+            return control_pb2_grpc.ExporterControlStub(ch).GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+
+    def ring(self, name: str):
+        for r in self.status().rings:
+            if r.ring == name:
+                return r
+        return None
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_for(self, cond, timeout_s: float = 60.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            v = cond()
+            if v:
+                return v
+            if not self.alive():
+                raise AssertionError(f"exporter died while waiting for {what}:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; status:\n{self.status()}\nlog:\n{self.log()[-4000:]}")
+
+
+class LoaderProcess:
+    """`tensortrace loader <args>` as a subprocess; its stderr JSON lines are parsed as they come:
+    `stats` (the latest --stats-interval snapshot), `query_address` (with --query-port)."""
+
+    def __init__(self, args: list[str], python: str = sys.executable):
+        self.proc = subprocess.Popen([python, "-m", "tensortrace.cli", "loader", *args],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+        self.stats: dict = {}
+        self.final_stats: dict = {}
+        self.query_address: str | None = None
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if line.startswith("{"):
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                if "query_service" in doc:
+                    self.query_address = doc["query_service"]
+                elif "final_stats" in doc:
+                    self.final_stats = doc["final_stats"]
+                elif "tensor_rows" in doc:
+                    self.stats = doc
+
+    def wait_for_query_service(self, timeout_s: float = 60.0) -> str:
+        """The query service's host:port once the loader has opened ClickHouse and serves it."""
+        deadline = time.monotonic() + timeout_s
+        while self.query_address is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loader exited with {self.proc.returncode}:\n{''.join(self.lines[-20:])}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"loader query service not up in {timeout_s:.0f}s:\n{''.join(self.lines[-20:])}")
+            time.sleep(0.05)
+        return self.query_address
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.reader.join(timeout=10)
