@@ -160,3 +160,22 @@ def test_a_layout_error_disables_the_agent_not_the_model(tmp_path):
     backend._batch = None
     out = model.generate(input_ids=ids, attention_mask=mask, **GEN).sequences
     assert torch.equal(out, plain)
+
+
+def test_only_the_taps_a_step_selects_are_registered(tmp_path):
+    model = make("llama")
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m"), Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    ids, mask = left_padded([[5, 6, 7], [8, 9]])
+    backend.generate(ids, attention_mask=mask, request_ids=["a", "b"], **GEN)
+    # resid_pre on each of 2 layers + final norm + lm_head (plus the 2 model-level layout hooks)
+    assert backend.registered_taps == 2 + 2
+    backend.generate(ids, attention_mask=mask, request_ids=["c", "d"], options=[{"capture": False}] * 2, **GEN)
+    assert backend.registered_taps == 0           # nothing sampled: no tap costs anything
+    backend.generate(ids, attention_mask=mask, request_ids=["e", "f"],
+                     options=[{"hooks": ["attn_q"]}, {"capture": False}], **GEN)
+    assert backend.registered_taps == 2           # one q_proj hook per layer
+    backend.detach()
+    assert backend.registered_taps == 0 and not model.model.layers[0]._forward_pre_hooks
+    got = drain(RingReader.open(agent.ring_path))
+    assert {(r.request_id, r.hook) for r in got.records if r.request_id == "e"} == {("e", "attn_q")}

@@ -131,6 +131,7 @@ class CaptureAgent:
         self._groups: dict = {}
         self._wants_cache: dict = {}
         self._wanting: dict = {}
+        self._step_hook_names = None
         self._pending_summaries: deque = deque()
         self._disabled_taps: dict[tuple[str, int], str] = {}
         self._logged: set = set()
@@ -234,6 +235,7 @@ class CaptureAgent:
                 if sel.wants_phase(int(span.phase)):
                     entries.append((i, span, req, sel))
         self._entries = entries
+        self._step_hook_names = None
         self._wanting = {}
         # The STEP frame lists only the captured requests: span k of the frame = entries[k].
         self._step_span_index = {i: k for k, (i, _, _, _) in enumerate(entries)}
@@ -250,6 +252,16 @@ class CaptureAgent:
             w = any(sel.wants(hook, layer) for _, _, _, sel in self._entries)
             self._wants_cache[key] = w
         return w
+
+    def step_hooks(self) -> frozenset:
+        """Hook names some request of this step selects (empty when the step captures nothing):
+        backends register only the taps serving these."""
+        if not self._step_open:
+            return frozenset()
+        hooks = self._step_hook_names
+        if hooks is None:
+            hooks = self._step_hook_names = frozenset().union(*(sel.hooks for _, _, _, sel in self._entries))
+        return hooks
 
     def capture(self, hook: str, layer: int, rows) -> None:
         """Capture `rows` (a tensor viewed as [rows, *row_shape]; rows = the step's token rows or

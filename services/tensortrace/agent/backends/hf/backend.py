@@ -48,6 +48,15 @@ def _input_of(args, kwargs, name="hidden_states"):
 
 
 @dataclass
+class _Tap:
+    hooks: tuple          # catalog hook names this module hook captures
+    module: object
+    pre: bool             # forward pre-hook (input) or forward hook (output)
+    fn: object
+    handle: object = None
+
+
+@dataclass
 class _Batch:
     request_ids: list[str]
     prompt_lens: list[int]
@@ -64,7 +73,9 @@ class HFBackend(Backend):
         super().__init__(agent)
         self.model = model
         self.arch = arch or arch_for(model)
-        self._handles: list = []
+        self._handles: list = []       # the model-level layout hooks
+        self._taps: list[_Tap] = []      # every placed tap, registered only while selected
+        self._registered_for: frozenset = frozenset()
         self._batch: _Batch | None = None
         self.unplaced: list[tuple[str, str]] = []
         if attach:
@@ -74,6 +85,8 @@ class HFBackend(Backend):
     def attach(self) -> list[tuple[str, str]]:
         if self._handles:
             return self.unplaced
+        self._taps = []
+        self._registered_for = frozenset()
         a, m = self.arch, self.model
         unplaced: dict[str, list[str]] = {}
 
@@ -86,16 +99,16 @@ class HFBackend(Backend):
             missing("token_ids", f"no module {a.embed}")
             missing("embeddings", f"no module {a.embed}")
         else:
-            self._pre(embed, lambda mod, args, kw: guarded_tap(
+            self._pre(embed, ("token_ids",), lambda mod, args, kw: guarded_tap(
                 agent, "token_ids", -1, lambda: _token_rows(_input_of(args, kw, "input"))))
-            self._post(embed, lambda mod, args, kw, out: guarded_tap(
+            self._post(embed, ("embeddings",), lambda mod, args, kw, out: guarded_tap(
                 agent, "embeddings", -1, lambda: _token_rows(out)))
         for hook, path in (("resid_final", a.final_norm), ("logits", a.lm_head)):
             mod = find_module(m, path)
             if mod is None:
                 missing(hook, f"no module {path}")
             else:
-                self._post(mod, lambda mod_, args, kw, out, hook=hook: guarded_tap(
+                self._post(mod, (hook,), lambda mod_, args, kw, out, hook=hook: guarded_tap(
                     agent, hook, -1, lambda: _token_rows(_first(out))))
 
         layers = find_module(m, a.layers)
@@ -116,19 +129,19 @@ class HFBackend(Backend):
 
     def _attach_layer(self, L: int, layer, missing) -> None:
         a, agent = self.arch, self.agent
-        self._pre(layer, lambda mod, args, kw: guarded_tap(
+        self._pre(layer, ("resid_pre",), lambda mod, args, kw: guarded_tap(
             agent, "resid_pre", L, lambda: _token_rows(_input_of(args, kw))))
         norm = find_module(layer, a.post_attn_norm)
         if norm is None:
             missing("resid_mid", f"layer {L}: no module {a.post_attn_norm}")
         else:
-            self._pre(norm, lambda mod, args, kw: guarded_tap(
+            self._pre(norm, ("resid_mid",), lambda mod, args, kw: guarded_tap(
                 agent, "resid_mid", L, lambda: _token_rows(_input_of(args, kw))))
         attn = find_module(layer, a.attn)
         if attn is None:
             missing("attn_out", f"layer {L}: no module {a.attn}")
         else:
-            self._post(attn, lambda mod, args, kw, out: guarded_tap(
+            self._post(attn, ("attn_out",), lambda mod, args, kw, out: guarded_tap(
                 agent, "attn_out", L, lambda: _token_rows(_first(out))))
         if a.qkv_fused:
             fused = find_module(layer, a.qkv_fused)
@@ -141,30 +154,30 @@ class HFBackend(Backend):
                 def qkv_tap(mod, args, kw, out, split=split):
                     for i, h in enumerate(("attn_q", "attn_k", "attn_v")):
                         guarded_tap(agent, h, L, lambda i=i: _token_rows(out.split(split, dim=2)[i]))
-                self._post(fused, qkv_tap)
+                self._post(fused, ("attn_q", "attn_k", "attn_v"), qkv_tap)
         else:
             for h, path in (("attn_q", a.q_proj), ("attn_k", a.k_proj), ("attn_v", a.v_proj)):
                 proj = find_module(layer, path)
                 if proj is None:
                     missing(h, f"layer {L}: no module {path}")
                 else:
-                    self._post(proj, lambda mod, args, kw, out, h=h: guarded_tap(
+                    self._post(proj, (h,), lambda mod, args, kw, out, h=h: guarded_tap(
                         agent, h, L, lambda: _token_rows(out)))
         mlp = find_module(layer, a.mlp)
         if mlp is None:
             for h in ("mlp_in", "mlp_out"):
                 missing(h, f"layer {L}: no module {a.mlp}")
         else:
-            self._pre(mlp, lambda mod, args, kw: guarded_tap(
+            self._pre(mlp, ("mlp_in",), lambda mod, args, kw: guarded_tap(
                 agent, "mlp_in", L, lambda: _token_rows(_input_of(args, kw))))
-            self._post(mlp, lambda mod, args, kw, out: guarded_tap(
+            self._post(mlp, ("mlp_out",), lambda mod, args, kw, out: guarded_tap(
                 agent, "mlp_out", L, lambda: _token_rows(_first(out))))
         down = find_module(layer, a.down_proj)
         if down is None:
             missing("mlp_act", f"layer {L}: {type(mlp).__name__} has no {a.down_proj} module "
                                "(MoE experts are fused parameters; no module carries the hidden activation)")
         else:
-            self._pre(down, lambda mod, args, kw: guarded_tap(
+            self._pre(down, ("mlp_act",), lambda mod, args, kw: guarded_tap(
                 agent, "mlp_act", L, lambda: _token_rows(_input_of(args, kw, "input"))))
         router = find_module(layer, a.router)
         if router is None:
@@ -177,15 +190,39 @@ class HFBackend(Backend):
                 # The router sees the tokens flattened to [B*S, hidden]: rows are token rows already.
                 for h, idx in (("moe_router_logits", li), ("moe_topk_weights", wi), ("moe_topk_ids", ii)):
                     guarded_tap(agent, h, L, lambda idx=idx: out[idx])
-            self._post(router, router_tap)
+            self._post(router, ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"), router_tap)
 
-    def _pre(self, module, fn):
-        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+    def _pre(self, module, hooks: tuple, fn):
+        self._taps.append(_Tap(hooks, module, True, fn))
 
-    def _post(self, module, fn):
-        self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+    def _post(self, module, hooks: tuple, fn):
+        self._taps.append(_Tap(hooks, module, False, fn))
+
+    def _sync_taps(self, wanted: frozenset) -> None:
+        """Register exactly the module hooks serving a wanted hook name; remove the others.
+
+        An unused PyTorch hook still costs a Python call per module per forward (hundreds per
+        step on a 36-layer model), so only the taps the current step selects are registered.
+        """
+        if wanted == self._registered_for:
+            return
+        for tap in self._taps:
+            need = any(h in wanted for h in tap.hooks)
+            if need and tap.handle is None:
+                tap.handle = (tap.module.register_forward_pre_hook(tap.fn, with_kwargs=True) if tap.pre
+                              else tap.module.register_forward_hook(tap.fn, with_kwargs=True))
+            elif not need and tap.handle is not None:
+                tap.handle.remove()
+                tap.handle = None
+        self._registered_for = wanted
+
+    @property
+    def registered_taps(self) -> int:
+        return sum(t.handle is not None for t in self._taps)
 
     def detach(self) -> None:
+        self._sync_taps(frozenset())
+        self._taps = []
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -201,6 +238,10 @@ class HFBackend(Backend):
             self.agent.disable(e)
             return
         self.agent.begin_step(layout)
+        try:
+            self._sync_taps(self.agent.step_hooks())
+        except Exception as e:  # noqa: BLE001
+            self.agent.disable(e)
 
     def _on_forward_end(self, module, args, output):
         if self._batch is not None:
