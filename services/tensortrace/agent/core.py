@@ -225,8 +225,10 @@ class CaptureAgent:
             for i, span in enumerate(layout.spans):
                 req = self._requests.get(span.request_id)
                 if req is None:
-                    self._log_once(("unknown", span.request_id),
-                                   "tensortrace: step %d names request %r that was never begun; its rows are not captured",
+                    self._counters.scalars["unknown_request_spans"] += 1
+                    self._log_once("unknown_request",
+                                   "tensortrace: step %d names request %r that was never begun; rows of "
+                                   "requests never begun are not captured (counted in unknown_request_spans)",
                                    self._step, span.request_id)
                     continue
                 if not req.ctx.sampled:

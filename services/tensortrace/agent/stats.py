@@ -46,6 +46,7 @@ class AgentStats:
     requests_begun: int = 0
     requests_sampled: int = 0
     requests_untracked: int = 0   # begun while capture was switched off: no summary
+    unknown_request_spans: int = 0  # layout spans naming a request never begun (not captured)
     requests_ended: int = 0
     summaries_written: int = 0
     summaries_pending: int = 0
