@@ -354,3 +354,16 @@ def test_ring_file_is_named_after_pod_pid_and_rank_with_mode_0600(ring_dir):
     assert os.stat(agent.ring_path).st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="overflow_policy"):
         AgentConfig(ring_dir=ring_dir, overflow_policy="drop_oldest").validate()
+
+
+def test_spans_of_requests_never_begun_are_counted_not_captured(ring_dir):
+    agent = make_agent(ring_dir)
+    agent.begin_request("known")
+    layout = layout_for(["known", "stranger"], [2, 2], [0, 0])
+    agent.begin_step(layout)
+    agent.capture("resid_pre", 0, rows_tensor(layout, 0))
+    agent.end_step()
+    agent.end_request("known")
+    got = drain(RingReader.open(agent.ring_path))
+    assert {r.request_id for r in got.records} == {"known"}
+    assert agent.stats().unknown_request_spans == 1
