@@ -35,8 +35,11 @@ kafka-jars: $(KAFKA_STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services --pyi_out=services --grpc_python_out=services $(PROTOS)
 
-demo: setup
-	$(PY) -m tensortrace.demo
+# The demo serves through a real SGLang server with the plugin (builds the SGLang venv first, once);
+# `make demo BACKEND=hf` is the Hugging Face fallback and needs no SGLang venv.
+BACKEND ?= sglang
+demo: setup $(if $(filter sglang,$(BACKEND)),sglang-env)
+	$(PY) -m tensortrace.demo --backend $(BACKEND)
 
 test: setup
 	bash scripts/run-tests.sh

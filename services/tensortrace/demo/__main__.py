@@ -1,0 +1,5 @@
+import sys
+
+from tensortrace.demo.run import main
+
+sys.exit(main())
