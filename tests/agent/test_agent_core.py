@@ -367,3 +367,30 @@ def test_spans_of_requests_never_begun_are_counted_not_captured(ring_dir):
     got = drain(RingReader.open(agent.ring_path))
     assert {r.request_id for r in got.records} == {"known"}
     assert agent.stats().unknown_request_spans == 1
+
+
+def test_a_copy_failing_after_reservation_leaves_no_frame_behind(ring_dir, monkeypatch):
+    import numpy as np
+    from tensortrace.agent import core
+
+    agent = make_agent(ring_dir)
+    agent.begin_request("r0")
+    layout = layout_for(["r0"], [3], [0])
+    real_copyto = np.copyto
+    calls = {"n": 0}
+
+    def failing_copyto(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("injected: copy into the ring failed")
+        return real_copyto(*a, **kw)
+    monkeypatch.setattr(core.np, "copyto", failing_copyto)
+    agent.begin_step(layout)
+    agent.capture("resid_pre", 0, rows_tensor(layout, 0))   # reserved, then failed: rolled back
+    agent.capture("resid_pre", 1, rows_tensor(layout, 1))
+    agent.end_step()
+    s = agent.end_request("r0")
+    reader = RingReader.open(agent.ring_path)
+    got = drain(reader)          # frame sequence has no gap and no half-written frame
+    assert [(r.hook, r.layer) for r in got.records] == [("resid_pre", 1)]
+    assert s.dropped_by_reason == {"tap_error": 1} and s.records_captured == 1
