@@ -27,7 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sglang-venv", default=None,
                    help="the SGLang virtualenv (default $SGLANG_VENV or .cache/sglang-venv; `make sglang-env`)")
     p.add_argument("--workdir", default=None, help="keep rings, chDB, logs and the model here (default: a temp dir, removed)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for each request to be loaded")
+    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for each request to be loaded")
     return p.parse_args(argv)
 
 

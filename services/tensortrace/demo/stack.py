@@ -44,7 +44,9 @@ class PipelineStack:
                  f"topic {TOPIC}  [{time.monotonic() - t0:.1f}s]")
         t0 = time.monotonic()
         self.exporter = ExporterProcess(self.ring_dir, self.kafka.bootstrap, TOPIC, self.workdir,
-                                        extra=["--cleanup-grace-s", "60"]).start()
+                                        # keep drained rings of gone producers (the HF agent closes its
+                                        # ring before the read-back) in the status until the demo ends
+                                        extra=["--cleanup-grace-s", "3600"]).start()
         self.log(f"   exporter process pid {self.exporter.proc.pid}: drains {self.ring_dir}, control "
                  f"127.0.0.1:{self.exporter.control_port}  [{time.monotonic() - t0:.1f}s]")
         t0 = time.monotonic()
@@ -66,7 +68,7 @@ class PipelineStack:
         finally:
             admin.close()
 
-    def exporter_drained(self, timeout_s: float = 30.0):
+    def exporter_drained(self, timeout_s: float = 60.0):
         """The exporter's status once every ring's committed frames are released (acknowledged by
         Kafka or dropped with a reason); the last status seen if that takes longer than timeout_s."""
         deadline = time.monotonic() + timeout_s
