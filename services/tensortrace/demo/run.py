@@ -236,6 +236,6 @@ def _print_accounting(pipeline, agent_stats, checks, backend: str) -> bool:
         # SGLang's own /health check runs a 1-token generation, which the plugin captures too.
         balanced = published >= ours
         log(f"   records: published {published} = {ours - len(checks)} captured for the {len(checks)} requests "
-            f"+ {len(checks)} summaries + {published - ours} of SGLang's own /health probes (1-token generations)"
+            f"+ {len(checks)} summaries + {published - ours} records of SGLang's own /health probes (1-token generations)"
             f"  {'ok' if balanced else 'MISMATCH'}")
     return ok and balanced
