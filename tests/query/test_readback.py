@@ -137,6 +137,28 @@ def test_wait_returns_once_the_request_finishes_loading(tt_db):
     assert all(torch.equal(got[k].tensor, v) for k, v in req.truth.items())
 
 
+def test_wait_sees_records_captured_after_the_first_lookup(tt_db):
+    """The lookup's capture-time bounds prune the reads; records captured later and loaded while the
+    client waits must widen them (a stale bound left a request 'loading' forever)."""
+    import threading
+
+    client, db = tt_db
+    req = SyntheticRequest.make("req-later", layers=2, hidden=8)
+    half = len(req.records) // 2
+    for r in req.records[half:]:
+        r.capture_time_unix_nano += 2 * 10**9  # the decode steps ran 2 s after the prefill
+    store(client, db, req.records[:half])
+    timer = threading.Timer(0.3, lambda: store(client, db, req.records[half:], [req.summary]))
+    timer.start()
+    try:
+        got = TensorTraceClient(client, database=db, poll_interval_s=0.05).tensors(request_id="req-later", wait_s=30)
+    finally:
+        timer.join()
+    assert got.completeness.state == "complete", got.completeness
+    assert got.completeness.records_loaded == len(req.records)
+    assert all(torch.equal(got[k].tensor, v) for k, v in req.truth.items())
+
+
 def test_trace_with_two_requests_needs_request_id(tt_db):
     client, db = tt_db
     a = SyntheticRequest.make("req-a", layers=1, hidden=8)

@@ -183,8 +183,9 @@ class TensorTraceClient:
             if time.monotonic() >= deadline:
                 break
             time.sleep(self.poll_interval_s)
-            if not ref.first_capture_ns:  # tensors may have arrived since the lookup
-                ref = self._resolve(ref.trace_id, ref.request_id, 0.0)
+            # Look up again: tensors loaded since the last lookup may have been captured later than
+            # its last_capture bound, and the reads prune by those bounds (capture_time BETWEEN).
+            ref = self._resolve(ref.trace_id, ref.request_id, 0.0)
         if hasattr(self.backend, "fetch_assembled"):  # grpc://: the server assembles, fewer messages
             tensors = self.backend.fetch_assembled(ref, hooks, layers, progress)
         else:
