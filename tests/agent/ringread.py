@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tensortrace.ring.format import FrameKind, RingReader
-from tensortrace.ring.slabs import split_slab, summary_record
+from tensortrace.ring.format import RingReader
+from tensortrace.ring.slabs import decode_frame, ring_producer
 from tensortrace.v1 import records_pb2 as pb
-from tensortrace.v1 import ring_pb2
 from tensortrace.wire.codec import record_to_tensor
 
 
@@ -39,22 +38,19 @@ class ReadBack:
 
 def drain(reader: RingReader, into: ReadBack | None = None, release: bool = True) -> ReadBack:
     out = into or ReadBack()
-    producer = pb.Producer(pod=reader.header.identity.pod, pid=reader.header.identity.pid,
-                           tp_rank=reader.header.identity.tp_rank, generation=reader.header.generation)
+    producer = ring_producer(reader.header)
     steps = getattr(reader, "_tt_steps", {})
     last_end = None
     for frame in reader.frames():
-        if frame.kind == FrameKind.STEP:
-            st = ring_pb2.RingStep.FromString(bytes(frame.meta))
-            steps[st.step] = st
-            out.steps.append(st)
-        elif frame.kind == FrameKind.SLAB:
-            slab = ring_pb2.RingSlab.FromString(bytes(frame.meta))
-            out.records += split_slab(steps[slab.step], slab, frame.payload, frame.seq, producer)
-        elif frame.kind == FrameKind.SUMMARY:
-            s = summary_record(pb.RequestSummary.FromString(bytes(frame.meta)), frame.seq, producer)
-            assert s.request_id not in out.summaries, f"two summaries for {s.request_id}"
-            out.summaries[s.request_id] = s
+        step, records = decode_frame(frame, steps, producer)
+        if step is not None:
+            out.steps.append(step)
+        for r in records:
+            if isinstance(r, pb.RequestSummary):
+                assert r.request_id not in out.summaries, f"two summaries for {r.request_id}"
+                out.summaries[r.request_id] = r
+            else:
+                out.records.append(r)
         last_end = frame.end
     reader._tt_steps = steps
     if release and last_end is not None:

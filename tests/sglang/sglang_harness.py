@@ -61,31 +61,26 @@ class RingContents:
 def read_rings(ring_dir: str) -> RingContents:
     """Every frame of every ring in `ring_dir`, split into TensorRecords the way the exporter does
     (tensortrace.ring.slabs). Reads without releasing (the producer keeps running)."""
-    from tensortrace.ring.format import FrameKind, RingReader
-    from tensortrace.ring.slabs import split_slab, summary_record
+    from tensortrace.ring.format import RingReader
+    from tensortrace.ring.slabs import decode_frame, ring_producer
     from tensortrace.v1 import records_pb2 as pb
-    from tensortrace.v1 import ring_pb2
 
     out = RingContents()
     for path in sorted(glob.glob(os.path.join(ring_dir, "*.ring"))):
         reader = RingReader.open(path)
         try:
-            ident = reader.header.identity
-            producer = pb.Producer(pod=ident.pod, pid=ident.pid, tp_rank=ident.tp_rank,
-                                   generation=reader.header.generation)
+            producer = ring_producer(reader.header)
             steps = {}
             for frame in reader.frames():
-                if frame.kind == FrameKind.STEP:
-                    st = ring_pb2.RingStep.FromString(bytes(frame.meta))
-                    steps[st.step] = st
-                    out.steps.append(st)
-                elif frame.kind == FrameKind.SLAB:
-                    slab = ring_pb2.RingSlab.FromString(bytes(frame.meta))
-                    out.records += split_slab(steps[slab.step], slab, frame.payload, frame.seq, producer)
-                elif frame.kind == FrameKind.SUMMARY:
-                    s = summary_record(pb.RequestSummary.FromString(bytes(frame.meta)), frame.seq, producer)
-                    assert s.request_id not in out.summaries, f"two summaries for {s.request_id}"
-                    out.summaries[s.request_id] = s
+                step, records = decode_frame(frame, steps, producer)
+                if step is not None:
+                    out.steps.append(step)
+                for r in records:
+                    if isinstance(r, pb.RequestSummary):
+                        assert r.request_id not in out.summaries, f"two summaries for {r.request_id}"
+                        out.summaries[r.request_id] = r
+                    else:
+                        out.records.append(r)
         finally:
             reader.close()
     return out

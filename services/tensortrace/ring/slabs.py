@@ -132,3 +132,36 @@ def summary_record(summary: pb.RequestSummary, frame_seq: int, producer: pb.Prod
     if export_time_unix_nano:
         summary.export_time_unix_nano = export_time_unix_nano
     return summary
+
+
+def ring_producer(header) -> pb.Producer:
+    """The Producer every record of a ring carries (from its RingHeader)."""
+    ident = header.identity
+    return pb.Producer(node=ident.node, pod=ident.pod, pid=ident.pid, tp_rank=ident.tp_rank,
+                       generation=header.generation)
+
+
+def decode_frame(frame, steps: dict, producer: pb.Producer):
+    """(RingStep or None, [v1 records]) for one ring frame, by the split rule.
+
+    A STEP frame is remembered in `steps` (step number -> RingStep) for the slabs that follow it and
+    returned; a SLAB becomes one RAW TensorRecord per part; a SUMMARY its RequestSummary.
+
+    >>> steps, producer = {}, ring_producer(reader.header)
+    >>> for frame in reader.frames():
+    ...     step, records = decode_frame(frame, steps, producer)
+    """
+    from tensortrace.ring.format import FrameKind
+
+    if frame.kind == FrameKind.STEP:
+        st = ring_pb2.RingStep.FromString(bytes(frame.meta))
+        steps[st.step] = st
+        return st, []
+    if frame.kind == FrameKind.SLAB:
+        slab = ring_pb2.RingSlab.FromString(bytes(frame.meta))
+        if slab.step not in steps:
+            raise SlabError(f"slab {slab.hook!r} of step {slab.step} arrived without its STEP frame")
+        return None, split_slab(steps[slab.step], slab, frame.payload, frame.seq, producer)
+    if frame.kind == FrameKind.SUMMARY:
+        return None, [summary_record(pb.RequestSummary.FromString(bytes(frame.meta)), frame.seq, producer)]
+    return None, []
