@@ -307,7 +307,7 @@ class RingDrain:
 
     def frames_released_total(self) -> int:
         """Frames released over the ring's life (all exporter incarnations): from the header."""
-        return self.reader._m.frames_consumed.get()
+        return self.reader.frames_consumed
 
     def drained(self) -> bool:
         return not self.units and self.read_pos == self.reader.head

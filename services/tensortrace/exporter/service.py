@@ -190,8 +190,7 @@ class Exporter:
         except (OSError, RingError) as e:
             log.warning("ring %s: cannot open: %s", path, e)
             return
-        fst = os.fstat(reader._m.fd)
-        if (fst.st_dev, fst.st_ino) != ident:
+        if reader.file_identity() != ident:
             reader.close()  # replaced between listing and opening; the next scan sees the new file
             return
         ring = RingDrain(reader, self.cfg, self.metrics, ident)
@@ -207,7 +206,7 @@ class Exporter:
         h = reader.header
         log.info("ring attached: %s (pod %s, pid %d, rank %d, generation %d, %d frames pending)",
                  path, h.identity.pod, h.identity.pid, h.identity.tp_rank, h.generation,
-                 reader.producer_stats()["frames_committed"] - reader._m.frames_consumed.get())
+                 reader.producer_stats()["frames_committed"] - reader.frames_consumed)
         doc = self._control_for(ring)
         if doc is not None:
             self._write_control(ring, doc)

@@ -508,6 +508,16 @@ class RingReader:
     def count_consumed(self, n: int) -> None:
         self._m.frames_consumed.add(n)
 
+    @property
+    def frames_consumed(self) -> int:
+        """Frames released over the ring's life, by every consumer incarnation (kept in the header)."""
+        return self._m.frames_consumed.get()
+
+    def file_identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the mapped file: tells a ring replaced under the same path apart."""
+        st = os.fstat(self._m.fd)
+        return st.st_dev, st.st_ino
+
     def producer_stats(self) -> dict:
         m = self._m
         return {
