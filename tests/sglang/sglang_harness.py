@@ -8,12 +8,9 @@ that script), where a missing SGLang is a failure.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import sys
-from collections import defaultdict
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -45,42 +42,4 @@ def require_sglang():
                 "(bash scripts/sglang/run-tests.sh)")
 
 
-@dataclass
-class RingContents:
-    records: list = field(default_factory=list)    # TensorRecords
-    summaries: dict = field(default_factory=dict)  # request_id -> RequestSummary
-    steps: list = field(default_factory=list)      # RingStep
-
-    def by_request(self):
-        out = defaultdict(list)
-        for r in self.records:
-            out[r.request_id].append(r)
-        return out
-
-
-def read_rings(ring_dir: str) -> RingContents:
-    """Every frame of every ring in `ring_dir`, split into TensorRecords the way the exporter does
-    (tensortrace.ring.slabs). Reads without releasing (the producer keeps running)."""
-    from tensortrace.ring.format import RingReader
-    from tensortrace.ring.slabs import decode_frame, ring_producer
-    from tensortrace.v1 import records_pb2 as pb
-
-    out = RingContents()
-    for path in sorted(glob.glob(os.path.join(ring_dir, "*.ring"))):
-        reader = RingReader.open(path)
-        try:
-            producer = ring_producer(reader.header)
-            steps = {}
-            for frame in reader.frames():
-                step, records = decode_frame(frame, steps, producer)
-                if step is not None:
-                    out.steps.append(step)
-                for r in records:
-                    if isinstance(r, pb.RequestSummary):
-                        assert r.request_id not in out.summaries, f"two summaries for {r.request_id}"
-                        out.summaries[r.request_id] = r
-                    else:
-                        out.records.append(r)
-        finally:
-            reader.close()
-    return out
+from tensortrace.devstack.ringread import RingContents, read_rings  # noqa: E402,F401 (re-exported)
