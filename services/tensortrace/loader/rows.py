@@ -39,6 +39,33 @@ def _fixed(value: bytes, size: int, what: str) -> bytes:
     return value
 
 
+def _append_origin(cols: dict, rec, partition: int, offset: int) -> None:
+    """The columns both tables share: who produced the record (its dedup identity) and where in
+    Kafka it was read."""
+    p = rec.producer
+    cols["producer_node"].append(p.node)
+    cols["producer_pod"].append(p.pod)
+    cols["producer_pid"].append(p.pid)
+    cols["producer_rank"].append(p.tp_rank)
+    cols["producer_generation"].append(p.generation)
+    cols["seq"].append(rec.seq)
+    cols["kafka_partition"].append(partition)
+    cols["kafka_offset"].append(offset)
+
+
+def _origin_columns(cols: dict) -> dict:
+    return {
+        "producer_node": pa.array(cols["producer_node"], pa.string()),
+        "producer_pod": pa.array(cols["producer_pod"], pa.string()),
+        "producer_pid": pa.array(cols["producer_pid"], pa.uint32()),
+        "producer_rank": pa.array(cols["producer_rank"], pa.uint32()),
+        "producer_generation": pa.array(cols["producer_generation"], pa.uint64()),
+        "seq": pa.array(cols["seq"], pa.uint64()),
+        "kafka_partition": pa.array(cols["kafka_partition"], pa.uint32()),
+        "kafka_offset": pa.array(cols["kafka_offset"], pa.uint64()),
+    }
+
+
 def check_tensor_record(rec: pb.TensorRecord) -> None:
     """Cheap structural checks (no payload decode): what must hold for the row to be readable."""
     try:
@@ -107,7 +134,6 @@ class ColumnBatch:
                 or len(trace_id) not in (0, 16) or len(span_id) not in (0, 8)):
             check_tensor_record(r)  # slow path: raises InvalidRecord naming the problem
         a = self.act
-        p = r.producer
         a["trace_id"].append(trace_id or _NO_TRACE)
         a["span_id"].append(span_id or _NO_SPAN)
         a["request_id"].append(r.request_id)
@@ -131,21 +157,13 @@ class ColumnBatch:
         # next-best clock rather than lose the row.
         a["capture_time"].append(r.capture_time_unix_nano or r.export_time_unix_nano or time.time_ns())
         a["export_time"].append(r.export_time_unix_nano)
-        a["producer_node"].append(p.node)
-        a["producer_pod"].append(p.pod)
-        a["producer_pid"].append(p.pid)
-        a["producer_rank"].append(p.tp_rank)
-        a["producer_generation"].append(p.generation)
-        a["seq"].append(r.seq)
-        a["kafka_partition"].append(partition)
-        a["kafka_offset"].append(offset)
+        _append_origin(a, r, partition, offset)
         self.payload_bytes += len(payload)
 
     def add_summary(self, s: pb.RequestSummary, partition: int, offset: int) -> None:
         if not s.request_id:
             raise InvalidRecord("request summary has no request_id")
         q = self.req
-        p = s.producer
         q["trace_id"].append(_fixed(s.trace_id, 16, "trace_id"))
         q["span_id"].append(_fixed(s.span_id, 8, "span_id"))
         q["request_id"].append(s.request_id)
@@ -164,14 +182,7 @@ class ColumnBatch:
         q["start_time"].append(s.start_time_unix_nano)
         q["end_time"].append(s.end_time_unix_nano or s.export_time_unix_nano or time.time_ns())
         q["export_time"].append(s.export_time_unix_nano)
-        q["producer_node"].append(p.node)
-        q["producer_pod"].append(p.pod)
-        q["producer_pid"].append(p.pid)
-        q["producer_rank"].append(p.tp_rank)
-        q["producer_generation"].append(p.generation)
-        q["seq"].append(s.seq)
-        q["kafka_partition"].append(partition)
-        q["kafka_offset"].append(offset)
+        _append_origin(q, s, partition, offset)
 
     def activations_table(self, load_time_ns: int) -> pa.Table:
         a = self.act
@@ -199,14 +210,7 @@ class ColumnBatch:
             "capture_time": pa.array(a["capture_time"], pa.int64()).cast(_TS),
             "export_time": pa.array(a["export_time"], pa.int64()).cast(_TS),
             "load_time": pa.array([load_time_ns] * n, pa.int64()).cast(_TS),
-            "producer_node": pa.array(a["producer_node"], pa.string()),
-            "producer_pod": pa.array(a["producer_pod"], pa.string()),
-            "producer_pid": pa.array(a["producer_pid"], pa.uint32()),
-            "producer_rank": pa.array(a["producer_rank"], pa.uint32()),
-            "producer_generation": pa.array(a["producer_generation"], pa.uint64()),
-            "seq": pa.array(a["seq"], pa.uint64()),
-            "kafka_partition": pa.array(a["kafka_partition"], pa.uint32()),
-            "kafka_offset": pa.array(a["kafka_offset"], pa.uint64()),
+            **_origin_columns(a),
         })
 
     def requests_table(self, load_time_ns: int) -> pa.Table:
@@ -232,12 +236,5 @@ class ColumnBatch:
             "end_time": pa.array(q["end_time"], pa.int64()).cast(_TS),
             "export_time": pa.array(q["export_time"], pa.int64()).cast(_TS),
             "load_time": pa.array([load_time_ns] * n, pa.int64()).cast(_TS),
-            "producer_node": pa.array(q["producer_node"], pa.string()),
-            "producer_pod": pa.array(q["producer_pod"], pa.string()),
-            "producer_pid": pa.array(q["producer_pid"], pa.uint32()),
-            "producer_rank": pa.array(q["producer_rank"], pa.uint32()),
-            "producer_generation": pa.array(q["producer_generation"], pa.uint64()),
-            "seq": pa.array(q["seq"], pa.uint64()),
-            "kafka_partition": pa.array(q["kafka_partition"], pa.uint32()),
-            "kafka_offset": pa.array(q["kafka_offset"], pa.uint64()),
+            **_origin_columns(q),
         })
