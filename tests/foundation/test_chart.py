@@ -76,3 +76,5 @@ def test_loader_deployment_args_parse_and_validate():
     assert cfg.query_port == values["loader"]["queryPort"]
     assert cfg.query_host == "0.0.0.0"  # the Service reaches it through the pod IP
     assert cfg.ttl_days == values["loader"]["ttlDays"]
+    assert cfg.payload_codec == values["loader"]["payloadCodec"]
+    assert cfg.recompress_after_hours == values["loader"]["recompressAfterHours"]

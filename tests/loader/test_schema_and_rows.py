@@ -19,11 +19,50 @@ def test_migrations_are_recorded_idempotent_and_ttl_follows_config(tt_db):
     assert schema.applied_versions(client, db) == [schema.SCHEMA_VERSION]
     ddl = client.query(f"SHOW CREATE TABLE {db}.activations").result_rows[0][0]
     assert "toIntervalDay(30)" in ddl
+    assert "toIntervalHour(24) RECOMPRESS CODEC(ZSTD(1))" in ddl   # the payload's cold tier
+    assert "`payload` String CODEC(Default)" in ddl
+    schema.apply_migrations(client, db, ttl_days=30, payload_codec="LZ4", recompress_after_hours=0)
+    ddl = client.query(f"SHOW CREATE TABLE {db}.activations").result_rows[0][0]
+    assert "RECOMPRESS" not in ddl and "`payload` String CODEC(LZ4)" in ddl
     assert "ReplacingMergeTree" in ddl and "PARTITION BY toDate(capture_time)" in ddl
     assert "ORDER BY (trace_id, hook, layer, token_start, tp_rank, producer_pod, producer_pid, producer_generation, seq)" in ddl
     assert "PROJECTION by_hook_layer" in ddl and "bloom_filter" in ddl
     tables = {r[0] for r in client.query(f"SHOW TABLES FROM {db}").result_rows}
     assert {"activations", "requests", "activation_traces", "activation_traces_mv", "schema_migrations"} <= tables
+
+
+@pytest.mark.integration
+def test_old_payloads_are_recompressed_by_merges_and_read_back_unchanged(tt_db):
+    """The two payload tiers: fresh rows stay in LZ4 parts; rows older than recompress_after_hours
+    are rewritten by merges with ZSTD(1), and what reads back is bit-identical."""
+    import torch
+
+    from tensortrace.query import TensorTraceClient
+
+    client, db = tt_db
+    fresh = SyntheticRequest.make("req-hot", layers=2, hidden=256, prompt=40, generated=8)
+    cold = SyntheticRequest.make("req-cold", layers=2, hidden=256, prompt=40, generated=8)
+    old = time.time_ns() - 30 * 3600 * 10**9   # captured 30 h ago: past the 24 h default
+    for r in cold.records:
+        r.capture_time_unix_nano = old
+    for records in (fresh.records, cold.records[0::2], cold.records[1::2]):
+        b = ColumnBatch()
+        for i, r in enumerate(records):
+            b.add_tensor(r, 0, i)
+        client.insert_arrow(f"{db}.activations", b.activations_table(time.time_ns()))
+
+    def codecs():
+        rows = client.query(f"SELECT min_time < now() - INTERVAL 25 HOUR, default_compression_codec FROM system.parts "
+                            f"WHERE database = '{db}' AND table = 'activations' AND active").result_rows
+        return {("cold" if is_old else "hot", c) for is_old, c in rows}
+
+    client.command(f"OPTIMIZE TABLE {db}.activations FINAL")
+    assert codecs() == {("hot", "LZ4"), ("cold", "ZSTD(1)")}
+    tt = TensorTraceClient(client, database=db)
+    for req in (fresh, cold):
+        got = tt.tensors(request_id=req.request_id)
+        for key, want in req.truth.items():
+            assert torch.equal(got[key].tensor, want), key
 
 
 @pytest.mark.integration
@@ -60,6 +99,8 @@ def test_config_validate_names_the_wrong_field():
         "batch_max_delay_s": dict(batch_max_delay_s=0),
         "retry_initial_s": dict(retry_initial_s=5, retry_max_s=1),
         "ttl_days": dict(ttl_days=0),
+        "recompress_after_hours": dict(recompress_after_hours=-1),
+        "recompress_codec": dict(recompress_codec="GZIP; DROP"),
     }
     for field, kw in cases.items():
         with pytest.raises(ConfigError, match=field):

@@ -32,6 +32,9 @@ class LoaderConfig:
     database: str = schema.DEFAULT_DATABASE
     ttl_days: int = schema.DEFAULT_TTL_DAYS
     payload_codec: str = schema.DEFAULT_PAYLOAD_CODEC  # ClickHouse column codec of `payload`
+    # merges recompress payloads older than this with recompress_codec (0: never); see schema.py
+    recompress_after_hours: int = schema.DEFAULT_RECOMPRESS_AFTER_HOURS
+    recompress_codec: str = schema.DEFAULT_RECOMPRESS_CODEC
 
     # A batch is inserted when it holds batch_max_rows rows or batch_max_bytes payload bytes, or
     # when its oldest row is batch_max_delay_s old (bounds freshness at low load).
@@ -77,8 +80,11 @@ class LoaderConfig:
         try:
             schema.check_identifier(self.database)
             schema.check_payload_codec(self.payload_codec)
+            schema.check_payload_codec(self.recompress_codec)
         except ValueError as e:
-            bad("database/payload_codec", str(e))
+            bad("database/payload_codec/recompress_codec", str(e))
+        if self.recompress_after_hours < 0:
+            bad("recompress_after_hours", f"{self.recompress_after_hours} < 0")
         if self.ttl_days < 1:
             bad("ttl_days", f"{self.ttl_days} < 1")
         if self.batch_max_rows < 1:

@@ -32,7 +32,12 @@ def parse_args(argv: list[str]) -> LoaderConfig:
                    help="chdb:///path | chdb://memory | http(s)://user:password@host:port (default %(default)s)")
     p.add_argument("--database", default=d.database)
     p.add_argument("--ttl-days", type=int, default=d.ttl_days)
-    p.add_argument("--payload-codec", default=d.payload_codec, help="ClickHouse codec of the payload column")
+    p.add_argument("--payload-codec", default=d.payload_codec,
+                   help="ClickHouse codec of the payload column (default %(default)s: the part codec, LZ4, "
+                        "recompressed after --recompress-after-hours)")
+    p.add_argument("--recompress-after-hours", type=int, default=d.recompress_after_hours,
+                   help="merges recompress payloads older than this with --recompress-codec; 0: never (default %(default)s)")
+    p.add_argument("--recompress-codec", default=d.recompress_codec, help="(default %(default)s)")
     p.add_argument("--batch-max-rows", type=int, default=d.batch_max_rows)
     p.add_argument("--batch-max-bytes", type=int, default=d.batch_max_bytes)
     p.add_argument("--batch-max-delay", dest="batch_max_delay_s", type=float, default=d.batch_max_delay_s,

@@ -110,7 +110,8 @@ class Loader:
         self.config = config.validate()
         raw = client if client is not None else schema.connect(config.clickhouse_dsn)
         self.client = raw if isinstance(raw, ThreadSafeClient) else ThreadSafeClient(raw)
-        schema.apply_migrations(self.client, config.database, config.ttl_days, config.payload_codec)
+        schema.apply_migrations(self.client, config.database, config.ttl_days, config.payload_codec,
+                                config.recompress_after_hours, config.recompress_codec)
         self.stats = LoaderStats()
         self._stop = threading.Event()
         self._insert_q: queue.Queue[_Batch | None] = queue.Queue(maxsize=config.insert_queue_batches)

@@ -159,9 +159,10 @@ def _assemble_shard(hook: str, layer: int, recs: list) -> CapturedTensor:
     start = min(r.token_start for r in recs)
     end = max(r.token_end for r in recs)
     buf = np.zeros((end - start) * row_bytes, dtype=np.uint8)
+    out = memoryview(buf)  # slice assignment of a memoryview: the cheapest per-record copy
     for r in recs:
         a = (r.token_start - start) * row_bytes
-        buf[a:a + r.raw_size] = np.frombuffer(_raw(r), dtype=np.uint8)
+        out[a:a + r.raw_size] = _raw(r)
     covered = _merge_ranges([(r.token_start, r.token_end) for r in recs])
     gaps = [(x[1], y[0]) for x, y in zip(covered, covered[1:])]
     return CapturedTensor(hook, layer, _tensor_from(buf, dtype, (end - start, *row_shape)), start, end, gaps, None,
@@ -196,3 +197,69 @@ def assemble(records: list) -> dict[tuple[str, int], CapturedTensor]:
         merged.gaps = _merge_ranges([g for p in parts for g in p.gaps])
         out[hook, layer] = merged
     return out
+
+
+def _fast_token_range(page, idx: np.ndarray) -> CapturedTensor | None:
+    """One (hook, layer) group of a RecordPage assembled from its columns, for the common case:
+    TOKEN_RANGE rows, RAW payloads, one dtype and row shape, unsharded, one producer rank. None
+    when the group is anything else (the record-by-record path handles it)."""
+    kind = page.positions_kind[idx]
+    if (kind != pb.TOKEN_RANGE).any() or (page.encoding[idx] != pb.RAW).any() or (page.tp_size[idx] > 1).any():
+        return None
+    if (page.producer_rank[idx] != page.producer_rank[idx[0]]).any():
+        return None
+    il = idx.tolist()
+    dtypes = {page.dtype[i] for i in il}
+    shapes = {id(page.shape[i]): page.shape[i] for i in il}   # shape lists are shared per distinct value
+    row_shapes = {tuple(sh[1:]) for sh in shapes.values()}
+    if len(dtypes) != 1 or len(row_shapes) != 1 or any(not sh for sh in shapes.values()):
+        return None
+    dtype, row_shape = dtypes.pop(), row_shapes.pop()
+    elem = codec.element_size(dtype)
+    row_bytes = math.prod(row_shape) * elem
+    hook, layer = page.hook, int(page.layer[il[0]])
+    t0, t1, raw = page.token_start[idx], page.token_end[idx], page.raw_size[idx]
+    nrows = np.array([page.shape[i][0] for i in il], dtype=np.int64)
+    lens = page.ends[idx] - page.starts[idx]
+    bad = (raw != nrows * row_bytes) | (lens != raw) | (t1 - t0 != nrows)
+    if bad.any():
+        j = il[int(np.argmax(bad))]
+        raise codec.WireError(f"{hook}[{layer}] seq {int(page.seq[j])}: payload of {int(page.ends[j] - page.starts[j])} "
+                              f"bytes, raw_size {int(page.raw_size[j])}, shape {list(page.shape[j])}, "
+                              f"tokens [{int(page.token_start[j])}, {int(page.token_end[j])}) do not agree")
+    start, end = int(t0.min()), int(t1.max())
+    buf = np.zeros((end - start) * row_bytes, dtype=np.uint8)
+    out, data = memoryview(buf), page.data
+    for a, s, e in zip(((t0 - start) * row_bytes).tolist(), page.starts[idx].tolist(), page.ends[idx].tolist()):
+        out[a:a + (e - s)] = data[s:e]
+    order = np.argsort(t0, kind="stable")
+    s_sorted, e_sorted = t0[order], t1[order]
+    reach = np.maximum.accumulate(e_sorted)
+    holes = np.nonzero(s_sorted[1:] > reach[:-1])[0]
+    gaps = [(int(reach[k]), int(s_sorted[k + 1])) for k in holes]
+    phase = page.phase[idx]
+    prefill, decode = int(nrows[phase == pb.PREFILL].sum()), int(nrows[phase == pb.DECODE].sum())
+    tensor = _tensor_from(buf, dtype, (end - start, *row_shape))
+    return CapturedTensor(hook, layer, tensor, start, end, gaps, None, len(il), prefill, decode)
+
+
+def iter_assembled(pages):
+    """((hook, layer), CapturedTensor) for each group of backend.RecordPage column pages (each
+    holds whole (hook, layer) groups of one hook), as soon as each is assembled: the common group
+    shape from the columns, anything else record by record."""
+    for page in pages:
+        if not len(page):
+            continue
+        recs = None
+        for layer in np.unique(page.layer).tolist():
+            idx = np.nonzero(page.layer == layer)[0]
+            got = _fast_token_range(page, idx)
+            if got is None:
+                recs = recs if recs is not None else list(page.records())
+                got = assemble([recs[i] for i in idx.tolist()])[page.hook, layer]
+            yield (page.hook, layer), got
+
+
+def assemble_pages(pages) -> dict[tuple[str, int], CapturedTensor]:
+    """Like assemble(), from backend.RecordPage column pages; sorted by (hook, layer)."""
+    return dict(sorted(iter_assembled(pages)))

@@ -18,6 +18,7 @@ import numpy as np
 
 from tensortrace.loader.schema import DEFAULT_DATABASE, check_identifier
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, QueryError
+from tensortrace.query.native import read_native
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
 
@@ -36,6 +37,25 @@ def _column_list(col) -> list:
     if pa.types.is_dictionary(t):
         return col.cast(t.value_type).to_pylist()
     return col.to_pylist()
+
+
+def _owned_view(result) -> memoryview:
+    """A read-only view of a chDB query result's buffer that keeps the result alive.
+
+    chDB's `get_memview().view()` points into memory the result object owns but does not hold a
+    reference to it; a view (or a slice of it) that outlived the result would read freed memory.
+    A ctypes array over the same address carries the owner, and every memoryview slice taken from
+    it references that array, so the buffer lives exactly as long as some view of it."""
+    import ctypes
+
+    raw = result.get_memview().view()
+    n = len(raw)
+    if n == 0:
+        return memoryview(b"")
+    addr = np.frombuffer(raw, dtype=np.uint8).ctypes.data
+    arr = (ctypes.c_ubyte * n).from_address(addr)
+    arr._owner = result
+    return memoryview(arr).cast("B").toreadonly()
 
 
 def _int_list(text: str) -> list[int]:
@@ -147,6 +167,22 @@ class ClickHouseBackend:
         except Exception as e:
             raise _query_error(e) from e
 
+    def _query_native(self, sql: str, params: dict) -> memoryview:
+        """The result in ClickHouse's Native format: straight from chDB's buffer for the embedded
+        engine (no copy), through clickhouse-connect's raw_query for a server."""
+        handle = self._chdb_handle()
+        try:
+            if handle is not None:
+                from clickhouse_connect.driver.binding import format_bind_value
+
+                bound = {k: format_bind_value(v) for k, v in params.items()}  # server-side binding, as the client does
+                with handle.lock:
+                    res = handle.conn.query(sql, "Native", params=bound)
+                return _owned_view(res)
+            return memoryview(self.client.raw_query(sql, parameters=params, fmt="Native"))
+        except Exception as e:
+            raise _query_error(e) from e
+
     def _query(self, sql: str, params: dict):
         try:
             return self.client.query(sql, parameters=params)
@@ -254,11 +290,16 @@ class ClickHouseBackend:
     def fetch(self, ref: RequestRef, hooks: list[str] | None = None, layers: list[int] | None = None,
               progress: Callable[[int, int], None] | None = None,
               page_records: int = 16384) -> Iterator[StoredTensor]:
-        """The request's tensor records (one per dedup identity), payload in its stored encoding.
+        """The request's tensor records (one per dedup identity), payload in its stored encoding."""
+        for page in self.fetch_pages(ref, hooks, layers, progress, page_records):
+            yield from page.records()
 
-        Read in pages of whole (hook, layer) groups of about `page_records` records, so a long read
-        reports progress and never holds one huge result.
-        """
+    def fetch_pages(self, ref: RequestRef, hooks: list[str] | None = None, layers: list[int] | None = None,
+                    progress: Callable[[int, int], None] | None = None,
+                    page_records: int = 16384) -> Iterator["RecordPage"]:
+        """The request's tensor records as column pages, each holding whole (hook, layer) groups of
+        about `page_records` records, so a long read reports progress and never holds one huge
+        result. Duplicates (same dedup identity) are already dropped."""
         where, params = self._scope(ref)
         if hooks:
             where += " AND hook IN {hooks:Array(String)}"
@@ -280,46 +321,79 @@ class ClickHouseBackend:
                 size = 0
             pages[-1][1].append(int(layer))
             size += int(n)
+        # Duplicates (at-least-once delivery, not yet merged away) are dropped in RecordPage rather
+        # than with LIMIT 1 BY in SQL: the engine's LIMIT 1 BY costs more than a set of tuples.
         sql = f"""
-            SELECT hook, layer, tp_rank, tp_size, CAST(positions_kind, 'Int8') AS positions_kind, token_start,
-                   token_end, arrayStringConcat(positions, ',') AS positions, CAST(phase, 'Int8') AS phase, step,
-                   dtype, arrayStringConcat(shape, ',') AS shape,
-                   CAST(encoding, 'Int8') AS encoding, raw_size, payload, producer_rank, seq
-            FROM {self.db}.activations WHERE {where} AND hook = {{page_hook:String}} AND layer IN {{page_layers:Array(Int32)}}
-            LIMIT 1 BY producer_pod, producer_pid, producer_generation, seq"""
+            SELECT layer, tp_rank, tp_size, CAST(positions_kind, 'Int8') AS positions_kind,
+                   token_start, token_end, arrayStringConcat(positions, ',') AS positions, CAST(phase, 'Int8') AS phase,
+                   step, CAST(dtype, 'String') AS dtype, arrayStringConcat(shape, ',') AS shape,
+                   CAST(encoding, 'Int8') AS encoding, raw_size, payload, producer_rank, seq,
+                   CAST(producer_pod, 'String') AS producer_pod, producer_pid, producer_generation
+            FROM {self.db}.activations WHERE {where} AND hook = {{page_hook:String}} AND layer IN {{page_layers:Array(Int32)}}"""
         done = 0
-        dtype_codes: dict[str, int] = {}
-        shapes: dict[str, list[int]] = {}
+        cache: dict = {}
         for hook, page_layers in pages:
-            # Arrow: the payload column arrives as one buffer; each record's payload is a zero-copy
-            # view of it (no Python bytes object per row).
-            table = self._query_arrow(sql, {**params, "page_hook": hook, "page_layers": page_layers})
-            for batch in table.to_batches():
-                n = batch.num_rows
-                if not n:
-                    continue
-                cols = dict(zip(batch.schema.names, batch.columns))
-                py = {name: _column_list(cols[name]) for name in cols if name != "payload"}
-                # shapes and positions arrive as "a,b,c" text: one shape repeats for thousands of
-                # rows, so parsing each distinct string once beats converting Arrow lists per row
-                py["shape"] = [shapes.get(x) or shapes.setdefault(x, _int_list(x)) for x in py["shape"]]
-                py["positions"] = [_int_list(x) if x else [] for x in py["positions"]]
-                pay = cols["payload"]
-                offsets_buf, data_buf = pay.buffers()[1:3]
-                off_type = np.int64 if str(pay.type) in ("large_string", "large_binary") else np.int32
-                offsets = np.frombuffer(offsets_buf, dtype=off_type, count=n + 1,
-                                        offset=pay.offset * np.dtype(off_type).itemsize).tolist()
-                data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
-                for i in range(n):
-                    dname = py["dtype"][i]
-                    code = dtype_codes.get(dname)
-                    if code is None:
-                        code = dtype_codes[dname] = codec.dtype_code(dname)
-                    yield StoredTensor(py["hook"][i], py["layer"][i], py["tp_rank"][i], py["tp_size"][i],
-                                       py["positions_kind"][i], py["token_start"][i], py["token_end"][i],
-                                       py["positions"][i], py["phase"][i], py["step"][i], code, py["shape"][i],
-                                       py["encoding"][i], py["raw_size"][i], data[offsets[i]:offsets[i + 1]],
-                                       py["producer_rank"][i], py["seq"][i])
-                done += n
+            # Native output: each payload stays a zero-copy view of the result buffer (native.py).
+            cols = read_native(self._query_native(sql, {**params, "page_hook": hook, "page_layers": page_layers}))
+            if not cols:
+                continue
+            page = RecordPage(hook, cols, cache)
+            done += len(page)
+            yield page
             if progress is not None:
                 progress(done, total)
+
+
+class RecordPage:
+    """Stored records in columns (numpy arrays, one payload buffer), as one fetch query returned
+    them, duplicates dropped. `records()` gives StoredTensor objects; assemble.assemble_pages reads
+    the columns directly, which for thousands of one-row decode records is several times cheaper."""
+
+    INT_COLUMNS = ("layer", "tp_rank", "tp_size", "positions_kind", "token_start", "token_end", "phase", "step",
+                   "encoding", "raw_size", "producer_rank", "seq")
+
+    def __init__(self, hook: str, cols: dict, cache: dict | None = None):
+        cache = {} if cache is None else cache
+        self.hook = hook   # one page holds one hook (its query selects it)
+        pay = cols["payload"]
+        keep = None
+        identity = list(zip(cols["producer_pod"].as_str(), cols["producer_pid"].tolist(),
+                            cols["producer_generation"].tolist(), cols["seq"].tolist()))
+        if len(set(identity)) != len(identity):
+            seen: set = set()
+            keep = np.array([not (k in seen or seen.add(k)) for k in identity], dtype=bool)
+        pick = (lambda xs: xs) if keep is None else (lambda xs: [x for x, k in zip(xs, keep) if k])
+        for name in self.INT_COLUMNS:
+            col = cols[name].astype(np.int64)
+            setattr(self, name, col if keep is None else col[keep])
+        # dtype and shape repeat for thousands of rows: parse each distinct value once
+        codes = cache.setdefault("dtype", {})
+        shapes = cache.setdefault("shape", {})
+        dt = []
+        for name in pick(cols["dtype"].as_str()):
+            code = codes.get(name)
+            if code is None:
+                code = codes[name] = codec.dtype_code(name)
+            dt.append(code)
+        self.dtype: list[int] = dt
+        self.shape: list[list[int]] = [shapes.get(x) or shapes.setdefault(x, _int_list(x))
+                                       for x in pick(cols["shape"].as_str())]
+        self.positions: list = [_int_list(x) if x else () for x in pick(cols["positions"].as_str())]  # () shared
+        self.data = pay.data
+        starts, ends = np.asarray(pay.starts, dtype=np.int64), np.asarray(pay.ends, dtype=np.int64)
+        self.starts, self.ends = (starts, ends) if keep is None else (starts[keep], ends[keep])
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def records(self) -> Iterator[StoredTensor]:
+        data = self.data
+        h = self.hook
+        rows = zip(self.layer.tolist(), self.tp_rank.tolist(), self.tp_size.tolist(),
+                   self.positions_kind.tolist(), self.token_start.tolist(), self.token_end.tolist(), self.positions,
+                   self.phase.tolist(), self.step.tolist(), self.dtype, self.shape, self.encoding.tolist(),
+                   self.raw_size.tolist(), self.starts.tolist(), self.ends.tolist(), self.producer_rank.tolist(),
+                   self.seq.tolist())
+        for layer, tp_rank, tp_size, kind, t0, t1, pos, phase, step, dt, shape, enc, raw_size, a, b, prank, sq in rows:
+            yield StoredTensor(h, layer, tp_rank, tp_size, kind, t0, t1, pos, phase, step, dt, shape, enc,
+                               raw_size, data[a:b], prank, sq)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tensortrace.query import validate
-from tensortrace.query.assemble import CapturedTensor, Completeness, assemble, completeness
+from tensortrace.query.assemble import CapturedTensor, Completeness, assemble_pages, completeness
 from tensortrace.query.backend import ClickHouseBackend, HookLayerStats, RequestRef
 from tensortrace.query.errors import AmbiguousRequest, IncompleteData, InvalidQuery, NotFound, QueryTimeout
 
@@ -189,7 +189,7 @@ class TensorTraceClient:
         if hasattr(self.backend, "fetch_assembled"):  # grpc://: the server assembles, fewer messages
             tensors = self.backend.fetch_assembled(ref, hooks, layers, progress)
         else:
-            tensors = assemble(list(self.backend.fetch(ref, hooks, layers, progress)))
+            tensors = assemble_pages(self.backend.fetch_pages(ref, hooks, layers, progress))
         return RequestTensors(ref.request_id, ref.trace_id.hex(), ref.model, tensors, comp)
 
     def across_requests(self, hook: str, layer: int, since_s: float, until_s: float | None = None,
@@ -214,7 +214,7 @@ class TensorTraceClient:
         t1 = int((until_s if until_s is not None else time.time() + 1) * 1e9)
         out: dict[str, CapturedTensor] = {}
         for ref in self.backend.scan_hook_layer(model, hook, layer, t0, t1, limit):
-            got = assemble(list(self.backend.fetch(ref, [hook], [layer])))
+            got = assemble_pages(self.backend.fetch_pages(ref, [hook], [layer]))
             if (hook, layer) in got:
                 out[ref.request_id] = got[hook, layer]
         return out

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterator
 
 import grpc
@@ -15,7 +16,6 @@ from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound,
 from tensortrace.query.server import MAX_MESSAGE_BYTES, ref_to_pb
 from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
-from tensortrace.v1 import records_pb2 as pb
 
 
 def _error(e: grpc.RpcError) -> QueryError:
@@ -88,7 +88,6 @@ class GrpcBackend:
     def fetch_assembled(self, ref: RequestRef, hooks=None, layers=None,
                         progress: Callable[[int, int], None] | None = None) -> dict:
         """Whole sequences per (hook, layer), assembled by the server: {(hook, layer): CapturedTensor}."""
-        import numpy as np
         import torch
 
         from tensortrace.query.assemble import CapturedTensor
@@ -108,8 +107,13 @@ class GrpcBackend:
                     continue
                 a = m.tensor
                 dt = codec.torch_dtype(a.dtype)
-                if a.data:
-                    t = torch.from_numpy(np.frombuffer(bytearray(a.data), dtype=np.uint8)).view(dt).reshape(tuple(a.shape))
+                data = a.data   # a new bytes object of our own (the message keeps its copy)
+                if data:
+                    # No second copy: the tensor wraps this private bytes object. torch warns that
+                    # bytes are not writable; nothing else holds a reference, so writes are safe.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
+                        t = torch.frombuffer(data, dtype=torch.uint8).view(dt).reshape(tuple(a.shape))
                 else:
                     t = torch.empty(tuple(a.shape), dtype=dt)
                 out[a.hook, a.layer] = CapturedTensor(a.hook, a.layer, t, a.start, a.end,

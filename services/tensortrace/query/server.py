@@ -105,12 +105,17 @@ class QueryServicer(qgrpc.QueryServiceServicer):
 
 
     def _fetch_assembled(self, ref, hooks, layers):
-        from tensortrace.query.assemble import assemble
+        from tensortrace.query.assemble import iter_assembled
         from tensortrace.wire import codec
 
-        records = list(self.backend.fetch(ref, hooks, layers))
-        yield qpb.FetchResponse(total_records=len(records))
-        for (hook, layer), c in assemble(records).items():
+        # Streamed: each (hook, layer) goes out as soon as it is assembled, so the client decodes
+        # one while the next is built.
+        total: list[int] = []
+        pages = self.backend.fetch_pages(ref, hooks, layers, progress=lambda done, n: total.append(n) if not total else None)
+        for (hook, layer), c in iter_assembled(pages):
+            if len(total) == 1:
+                yield qpb.FetchResponse(total_records=total[0])
+                total.append(-1)
             t = c.tensor.contiguous()
             data = t.reshape(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b""
             yield qpb.FetchResponse(tensor=qpb.AssembledTensor(
@@ -118,6 +123,8 @@ class QueryServicer(qgrpc.QueryServiceServicer):
                 end=c.end, gap_starts=[g[0] for g in c.gaps], gap_ends=[g[1] for g in c.gaps],
                 positions=c.positions or [], records=c.records, prefill_rows=c.prefill_rows,
                 decode_rows=c.decode_rows, data=data))
+        if len(total) <= 1:
+            yield qpb.FetchResponse(total_records=total[0] if total else 0)
 
 
 def torch_uint8():
