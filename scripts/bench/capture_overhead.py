@@ -71,6 +71,8 @@ class Stamp:
 
     def __init__(self, device):
         self.times: list[float] = []
+        self.agent_ns: list[int] = []   # the agent's inference-thread time so far, at each stamp
+        self.agent = None
         self.device = device
 
     def __call__(self, input_ids, scores):
@@ -79,6 +81,8 @@ class Stamp:
             # also wait for TensorTrace's side-stream copies, which the model never waits for.
             torch.cuda.current_stream().synchronize()
         self.times.append(time.perf_counter())
+        if self.agent is not None:
+            self.agent_ns.append(self.agent.thread_ns)
         return scores
 
 
@@ -168,6 +172,7 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
                                          pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
         consumer = None if mode.endswith("-nc") else start_consumer(agent.ring_path)
         backend = HFBackend(model, agent)
+        stamp.agent = agent
         counts = {}
         try:
             t0 = time.perf_counter()
@@ -210,6 +215,14 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
     times = stamp.times
     prefill = times[0] - t0
     steps = [b - a for a, b in zip(times, times[1:])]   # one entry per decode forward
+    if stamp.agent_ns:
+        # The agent's own share of each decode step: its inference-thread time in that step
+        # (stats.thread_seconds) over the step's wall time. Unlike throughput, this does not
+        # drown in the machine's run-to-run noise; it leaves out indirect costs (caches, the
+        # consumer process competing for CPUs), which the paired throughput numbers include.
+        ns = stamp.agent_ns
+        extra["agent_share"] = [(b - a) / 1e9 / st for a, b, st in zip(ns, ns[1:], steps)]
+        extra["agent_ms_per_step"] = [(b - a) / 1e6 for a, b in zip(ns, ns[1:])]
     return prefill, steps, extra
 
 
@@ -281,14 +294,18 @@ def main(argv=None) -> int:
                     paired = statistics.median(
                         statistics.median(s[1]) / statistics.median(n[1]) - 1
                         for s, n in zip(samples[m], samples["none"]))
+                shares = [x for smp in samples[m] for x in smp[2].get("agent_share", [])]
+                agent_ms = [x for smp in samples[m] for x in smp[2].get("agent_ms_per_step", [])]
                 results.setdefault(str(b), {})[m] = {
                     "decode_overhead_paired": paired,
+                    "agent_share_of_decode_step_median": statistics.median(shares) if shares else None,
+                    "agent_ms_per_decode_step_median": statistics.median(agent_ms) if agent_ms else None,
                     "prefill_tokens_per_s": b * prompt_len / pf,
                     "decode_tokens_per_s": b / step,
                     "decode_step_ms_median": step * 1000,
                     "prefill_s": [s[0] for s in samples[m]],
                     "decode_step_ms": [[round(x * 1000, 3) for x in s[1]] for s in samples[m]],
-                    **samples[m][-1][2],
+                    **{k: v for k, v in samples[m][-1][2].items() if k not in ("agent_share", "agent_ms_per_step")},
                 }
     finally:
         shutil.rmtree(ring_dir, ignore_errors=True)
@@ -298,15 +315,19 @@ def main(argv=None) -> int:
           f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps x {repeats} repeats; "
           f"median prefill, median decode step")
     print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} "
-          f"{'step, paired':>13} {'dropped':>8}")
+          f"{'step, paired':>13} {'agent/step':>11} {'agent ms':>9} {'dropped':>8}")
     for b in batches:
         base = results[str(b)]["none"]["decode_tokens_per_s"] if "none" in results[str(b)] else None
         for m in modes:
             r = results[str(b)][m]
             rel = f"{(r['decode_tokens_per_s'] / base - 1) * 100:+.1f}%" if base else ""
             paired = f"{r['decode_overhead_paired'] * 100:+.1f}%" if r.get("decode_overhead_paired") is not None else ""
+            share = r.get("agent_share_of_decode_step_median")
+            share = f"{share * 100:.2f}%" if share is not None else ""
+            ams = r.get("agent_ms_per_decode_step_median")
+            ams = f"{ams:.3f}" if ams is not None else ""
             print(f"{b:>5} {m:<14} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
-                  f"{rel:>15} {paired:>13} {r.get('records_dropped', ''):>8}")
+                  f"{rel:>15} {paired:>13} {share:>11} {ams:>9} {r.get('records_dropped', ''):>8}")
     if nnsight_error:
         print(f"nnsight: not measured ({nnsight_error})")
     doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),

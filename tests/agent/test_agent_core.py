@@ -369,28 +369,39 @@ def test_spans_of_requests_never_begun_are_counted_not_captured(ring_dir):
     assert agent.stats().unknown_request_spans == 1
 
 
-def test_a_copy_failing_after_reservation_leaves_no_frame_behind(ring_dir, monkeypatch):
+@pytest.mark.parametrize("path", ["memmove", "numpy"])
+def test_a_copy_failing_after_reservation_leaves_no_frame_behind(ring_dir, monkeypatch, path):
+    """Both CPU copy paths: memmove for contiguous rows, numpy for strided ones."""
     import numpy as np
     from tensortrace.agent import core
 
     agent = make_agent(ring_dir)
     agent.begin_request("r0")
     layout = layout_for(["r0"], [3], [0])
-    real_copyto = np.copyto
     calls = {"n": 0}
 
-    def failing_copyto(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError("injected: copy into the ring failed")
-        return real_copyto(*a, **kw)
-    monkeypatch.setattr(core.np, "copyto", failing_copyto)
+    def failing(real):
+        def f(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError("injected: copy into the ring failed")
+            return real(*a, **kw)
+        return f
+    if path == "memmove":
+        monkeypatch.setattr(core, "_memmove", failing(core._memmove))
+        shape = lambda t: t   # noqa: E731
+    else:
+        monkeypatch.setattr(core.np, "copyto", failing(np.copyto))
+        shape = lambda t: t.t().contiguous().t()   # noqa: E731 - same values, not contiguous
     agent.begin_step(layout)
-    agent.capture("resid_pre", 0, rows_tensor(layout, 0))   # reserved, then failed: rolled back
-    agent.capture("resid_pre", 1, rows_tensor(layout, 1))
+    agent.capture("resid_pre", 0, shape(rows_tensor(layout, 0)))   # reserved, then failed: rolled back
+    agent.capture("resid_pre", 1, shape(rows_tensor(layout, 1)))
     agent.end_step()
     s = agent.end_request("r0")
+    assert calls["n"] == 2
     reader = RingReader.open(agent.ring_path)
     got = drain(reader)          # frame sequence has no gap and no half-written frame
     assert [(r.hook, r.layer) for r in got.records] == [("resid_pre", 1)]
+    t, _ = got.tensor("r0", "resid_pre", 1)
+    assert torch.equal(t, rows_tensor(layout, 1)[:3])   # the second copy went through that path intact
     assert s.dropped_by_reason == {"tap_error": 1} and s.records_captured == 1

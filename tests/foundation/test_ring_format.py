@@ -368,3 +368,37 @@ def test_layout_constants_match_the_documented_offsets():
     assert (FrameKind.STEP, FrameKind.SLAB, FrameKind.SUMMARY, FrameKind.PAD) == (1, 2, 3, 0xFFFF)
     assert rf.frame_size(6, 100) == 192 and rf.frame_size(0, 0) == 64
     assert zlib.crc32(b"") == 0
+
+
+def test_the_ring_memory_is_allocated_up_front_unless_asked_not_to(tmp_path):
+    """prefault: the file's blocks exist from creation (no page allocation on the hot path, no
+    SIGBUS when the tmpfs fills later); prefault=False leaves a sparse file."""
+    cap = 8 << 20
+    dense = RingWriter.create(str(tmp_path / "dense.ring"), cap)
+    sparse = RingWriter.create(str(tmp_path / "sparse.ring"), cap, prefault=False)
+    try:
+        assert os.stat(dense.path).st_blocks * 512 >= cap
+        assert os.stat(sparse.path).st_blocks * 512 < cap // 4
+    finally:
+        dense.close()
+        sparse.close()
+
+
+def test_a_ring_that_does_not_fit_fails_at_creation_naming_the_directory(tmp_path):
+    """Out of space at creation is a clear error and leaves no file behind (the file-size limit
+    stands in for a full tmpfs: both make fallocate fail)."""
+    code = f"""
+import os, resource, signal, sys
+sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..', '..', 'services')!r})
+from tensortrace.ring.format import RingWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    RingWriter.create({str(tmp_path / "big.ring")!r}, 64 << 20)
+except OSError as e:
+    print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "ERROR" in out.stdout, out.stdout + out.stderr
+    assert f"cannot allocate a 64 MiB ring in {tmp_path}" in out.stdout
+    assert os.listdir(tmp_path) == []

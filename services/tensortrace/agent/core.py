@@ -19,6 +19,7 @@ thread that only publishes frames whose copies have completed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ _BITS_DTYPE: dict = {}  # element size -> integer torch dtype of that size (fill
 _NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _CAPTURE_TIME_TAG = bytes([(9 << 3) | 1])  # RingSlab.capture_time_unix_nano: field 9, fixed64
 _U64 = struct.Struct("<Q")
+_memmove = ctypes.memmove
 
 
 @dataclass(frozen=True)
@@ -110,16 +112,22 @@ class CaptureAgent:
         self.config = config
         self.selection = selection or Selection()
         os.makedirs(config.ring_dir, mode=0o700, exist_ok=True)
+        # prefault: the ring's memory is allocated and mapped now (a ring that does not fit fails
+        # here, not with a SIGBUS mid-step), so the hot path takes no page faults.
         self.writer = RingWriter.create(
             config.ring_path(), config.ring_capacity,
             RingIdentity(model_id=config.model_id, pod=config.pod, node=config.node, pid=os.getpid(),
-                         tp_rank=config.tp_rank))
+                         tp_rank=config.tp_rank), prefault=config.prefault_ring)
         self.ring_path = self.writer.path
         self._ring_u8 = torch.frombuffer(self.writer.data, dtype=torch.uint8)
         self._ring_np = np.frombuffer(self.writer.data, dtype=np.uint8)
+        self._ring_addr = self._ring_np.ctypes.data   # the ring's data area, for memmove
         self._slab_static: dict = {}
         self._step_field = b""
         self._counters = Counters()
+        # Time the agent's calls took on the inference thread (ns): what capture costs the model
+        # directly, measurable far below the run-to-run noise of throughput (stats.thread_seconds).
+        self.thread_ns = 0
         self._requests: dict[str, _Request] = {}
         self._arrivals = 0
         self._step = 0
@@ -132,6 +140,7 @@ class CaptureAgent:
         self._wants_cache: dict = {}
         self._wanting: dict = {}
         self._step_hook_names = None
+        self._any_dropped_for_life = False
         self._pending_summaries: deque = deque()
         self._disabled_taps: dict[tuple[str, int], str] = {}
         self._logged: set = set()
@@ -139,9 +148,6 @@ class CaptureAgent:
         self.unplaced: list[tuple[str, str]] = []
         self._staging = None  # CudaStaging, created on the first CUDA tensor
         self._closed = False
-        if config.prefault_ring:
-            # One write per page now, so the first laps of the ring take no page faults in a step.
-            self._ring_np[::4096] = 0
         if config.device.startswith("cuda"):
             self._staging_for(torch.device(config.device))
 
@@ -201,10 +207,12 @@ class CaptureAgent:
         """Start a forward step. Polls the control block (never blocks) and retries pending summaries."""
         if self.disabled_reason:
             return
+        t0 = time.perf_counter_ns()
         try:
             self._begin_step(layout)
         except Exception as e:  # noqa: BLE001 - failure isolation: the model must run on
             self._disable_agent(e)
+        self.thread_ns += time.perf_counter_ns() - t0
 
     def _begin_step(self, layout: StepLayout) -> None:
         self.writer.heartbeat()
@@ -237,6 +245,7 @@ class CaptureAgent:
                 if sel.wants_phase(int(span.phase)):
                     entries.append((i, span, req, sel))
         self._entries = entries
+        self._any_dropped_for_life = any(e[2].dropped_for_life for e in entries)
         self._step_hook_names = None
         self._wanting = {}
         # The STEP frame lists only the captured requests: span k of the frame = entries[k].
@@ -270,10 +279,12 @@ class CaptureAgent:
         its sequence slots) for every request that selects it. Never raises."""
         if not self._step_open:
             return
+        t0 = time.perf_counter_ns()
         try:
             self._capture(hook, layer, rows)
         except Exception as e:  # noqa: BLE001
             self.tap_failed(hook, layer, e)
+        self.thread_ns += time.perf_counter_ns() - t0
 
     def tap_failed(self, hook: str, layer: int, error: BaseException) -> None:
         """A tap raised: disable it, count its records of this step as dropped, log once."""
@@ -294,6 +305,7 @@ class CaptureAgent:
     def end_step(self) -> None:
         if self.disabled_reason:
             return
+        t0 = time.perf_counter_ns()
         try:
             for group in self._groups.values():
                 if not group.written_slabs:
@@ -310,6 +322,7 @@ class CaptureAgent:
             self._step_open = False
             self._groups = {}
             self._entries = []
+            self.thread_ns += time.perf_counter_ns() - t0
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:
@@ -317,6 +330,13 @@ class CaptureAgent:
         is full, retried every step; counted if even that overflows). Returns the summary."""
         if self.disabled_reason:
             return None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._end_request(request_id, finish_reason, generated_tokens, prompt_tokens, incomplete_reason)
+        finally:
+            self.thread_ns += time.perf_counter_ns() - t0
+
+    def _end_request(self, request_id, finish_reason, generated_tokens, prompt_tokens, incomplete_reason):
         try:
             req = self._requests.pop(request_id, None)
             if req is None:
@@ -381,6 +401,8 @@ class CaptureAgent:
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
+            self._step_open = False   # no capture after this: the ring is about to be unmapped
+            self._ring_addr = 0
             self._ring_u8 = None
             self._ring_np = None
             self.writer.close()
@@ -420,6 +442,7 @@ class CaptureAgent:
         s.disabled_taps = {f"{h}@{l}": r for (h, l), r in self._disabled_taps.items()}
         s.agent_disabled = self.disabled_reason
         s.unplaced_taps = list(self.unplaced)
+        s.thread_seconds = self.thread_ns / 1e9
         return s
 
     def request_ids(self) -> list[str]:
@@ -442,18 +465,22 @@ class CaptureAgent:
         if sig is None:
             sig = tuple(k for k, e in enumerate(self._entries) if e[3].wants(hook, layer))
             self._wanting[(hook, layer)] = sig
-        live = []
-        for k in sig:
-            req = self._entries[k][2]
-            if req.dropped_for_life:
-                # drop_request policy: an earlier overflow stopped this request; count, do not capture.
-                req.drop("request_dropped")
-                self._counters.dropped(hook, 1, "request_dropped")
-            else:
-                live.append(k)
+        if self._any_dropped_for_life:
+            live = []
+            for k in sig:
+                req = self._entries[k][2]
+                if req.dropped_for_life:
+                    # drop_request policy: an earlier overflow stopped this request; count, do not capture.
+                    req.drop("request_dropped")
+                    self._counters.dropped(hook, 1, "request_dropped")
+                else:
+                    live.append(k)
+            live = tuple(live)
+        else:
+            live = sig
         if not live:
             return None
-        key = (domain, tuple(live))
+        key = (domain, live)
         group = self._groups.get(key)
         if group is not None:
             return group
@@ -490,62 +517,78 @@ class CaptureAgent:
         return idx
 
     def _capture(self, hook: str, layer: int, rows) -> None:
-        if (hook, layer) in self._disabled_taps:
+        # The hot path: runs once per tap per step between the model's kernels, where every Python
+        # line is cache-cold (several times slower than in a loop), so it does as little as it can.
+        if self._disabled_taps and (hook, layer) in self._disabled_taps:
             group = self._group(hook, layer, None)
             if group is not None:
                 self._drop_group(hook, group, "tap_disabled")
             return
-        if not self.wants(hook, layer):
-            return
-        group = self._group(hook, layer, rows.shape[0])
+        group = self._group(hook, layer, rows.shape[0])   # None: no request selects it
         if group is None:
             return
-        if self._step_frame_state is None:
-            self._step_frame_state = self._write_step_frame()
         if self._step_frame_state != "ok":
-            self._drop_group(hook, group, "step_dropped")
-            self._step_frame_state = None  # try again at the next slab
-            return
-        row_shape = tuple(rows.shape[1:])
-        elem = rows.element_size()
-        row_bytes = math.prod(row_shape) * elem
-        nbytes = group.nrows * row_bytes
-        key = (hook, layer, rows.dtype, row_shape)
-        static = self._slab_static.get(key)
-        if static is None:
+            if self._step_frame_state is None:
+                self._step_frame_state = self._write_step_frame()
+            if self._step_frame_state != "ok":
+                self._drop_group(hook, group, "step_dropped")
+                self._step_frame_state = None  # try again at the next slab
+                return
+        dtype = rows.dtype
+        shape = rows.shape
+        key = (hook, layer, dtype, shape[1:])
+        plan = self._slab_static.get(key)
+        if plan is None:
             # Fields 2-7 of RingSlab never change for a tap: serialize them once. A protobuf
             # message may list its fields in any order, so the meta is concatenated pieces.
-            static = self._slab_static[key] = ring_pb2.RingSlab(
-                hook=hook, layer=layer, tp_rank=self.config.tp_rank, tp_size=self.config.tp_size,
-                dtype=codec.dtype_code(rows.dtype), row_shape=row_shape).SerializeToString()
+            row_shape = tuple(shape[1:])
+            elem = rows.element_size()
+            static = ring_pb2.RingSlab(hook=hook, layer=layer, tp_rank=self.config.tp_rank,
+                                       tp_size=self.config.tp_size, dtype=codec.dtype_code(dtype),
+                                       row_shape=row_shape).SerializeToString()
+            plan = self._slab_static[key] = (static, math.prod(row_shape) * elem, row_shape, _NP_BITS[elem],
+                                             _BITS_DTYPE[elem])
+        static, row_bytes, row_shape, np_bits, torch_bits = plan
+        nbytes = group.nrows * row_bytes
         meta = b"".join((self._step_field, static, _CAPTURE_TIME_TAG, _U64.pack(time.time_ns()),
                          group.parts_bytes))
-        on_cuda = rows.device.type == "cuda"
+        on_cuda = rows.is_cuda
         if on_cuda:
             staging = self._staging_for(rows.device)
             if not staging.has_room(nbytes):
                 self._drop_group(hook, group, "staging_full", nbytes)
                 return
-        mark = self.writer.mark()
-        r = self._reserve(FrameKind.SLAB, meta, nbytes)
-        if isinstance(r, str):
-            self._drop_group(hook, group, r, nbytes)
-            return
+        writer = self.writer
+        mark = writer.mark()
+        r = writer.reserve(FrameKind.SLAB, meta, nbytes)
+        if r is None:
+            r = self._reserve(FrameKind.SLAB, meta, nbytes)   # full: the overflow policy decides
+            if r.__class__ is str:
+                self._drop_group(hook, group, r, nbytes)
+                return
         end, off = r
         try:
             if on_cuda:
                 self._staging.stage(rows, group.src_runs, group.nrows, row_shape, off, nbytes, end)
+            elif rows.is_cpu and rows.is_contiguous():
+                # Raw bytes, memmove from the tensor's memory into the reserved frame: one C call
+                # per run instead of building numpy views (a cache-cold torch/numpy call between
+                # kernels costs 10+ us). The runs lie inside the tensor: _group checked its rows.
+                src_addr = rows.data_ptr()
+                dst_addr = self._ring_addr + off
+                for src, d, count in group.src_runs:
+                    _memmove(dst_addr + d * row_bytes, src_addr + src * row_bytes, count * row_bytes)
+                writer.commit(end, nbytes)
             else:
-                bits = _NP_BITS[elem]
-                dst = self._ring_np[off: off + nbytes].view(bits).reshape(group.nrows, *row_shape)
-                src_bits = rows.detach().view(_BITS_DTYPE[elem]).numpy()
+                dst = self._ring_np[off: off + nbytes].view(np_bits).reshape(group.nrows, *row_shape)
+                src_bits = rows.detach().view(torch_bits).numpy()
                 for src, d, count in group.src_runs:
                     # A raw, single-threaded copy of the bits (numpy, not torch's copy_: torch's
                     # intra-op thread pool stalls for milliseconds on a busy machine).
                     np.copyto(dst[d: d + count], src_bits[src: src + count], casting="no")
-                self.writer.commit(end, nbytes)
+                writer.commit(end, nbytes)
         except BaseException:
-            self.writer.rollback(mark)
+            writer.rollback(mark)
             raise
         group.written_slabs += 1
         group.written_row_bytes += row_bytes
@@ -597,6 +640,7 @@ class CaptureAgent:
             if self.config.overflow_policy == "drop_request" and reason in ("ring_full", "too_large", "staging_full",
                                                                             "step_dropped"):
                 req.dropped_for_life = True
+                self._any_dropped_for_life = True
         self._counters.dropped(hook, len(group.parts), reason)
         if reason not in ("tap_error", "tap_disabled"):
             self.writer.count_drop(nbytes)

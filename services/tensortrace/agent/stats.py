@@ -57,6 +57,9 @@ class AgentStats:
     control_docs_applied: int = 0
     control_docs_rejected: int = 0
     unplaced_taps: list[tuple[str, str]] = field(default_factory=list)
+    # inference-thread time spent in the agent and its taps (begin/end step and request, every
+    # tap's extract + copy, the backend's per-forward layout): the agent's direct cost to the model
+    thread_seconds: float = 0.0
 
 
 class Counters:

@@ -18,6 +18,7 @@ A backend
 from __future__ import annotations
 
 import abc
+import time
 
 
 class Backend(abc.ABC):
@@ -42,9 +43,12 @@ def guarded_tap(agent, hook: str, layer: int, extract):
     """
     if not agent.wants(hook, layer):
         return
+    t0 = time.perf_counter_ns()
     try:
         rows = extract()
     except Exception as e:  # noqa: BLE001 - failure isolation
         agent.tap_failed(hook, layer, e)
         return
+    finally:
+        agent.thread_ns += time.perf_counter_ns() - t0
     agent.capture(hook, layer, rows)

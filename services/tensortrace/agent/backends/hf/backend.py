@@ -19,6 +19,7 @@ Reading the decode input ids and the prompt mask are host reads; on CUDA they sy
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -232,16 +233,21 @@ class HFBackend(Backend):
         batch = self._batch
         if batch is None:
             return
+        t0 = time.perf_counter_ns()
         try:
             layout = self._layout(batch, args, kwargs)
         except Exception as e:  # noqa: BLE001 - a layout we cannot build disables capture, not the model
             self.agent.disable(e)
             return
-        self.agent.begin_step(layout)
+        finally:
+            self.agent.thread_ns += time.perf_counter_ns() - t0
+        self.agent.begin_step(layout)   # times itself
+        t0 = time.perf_counter_ns()
         try:
             self._sync_taps(self.agent.step_hooks())
         except Exception as e:  # noqa: BLE001
             self.agent.disable(e)
+        self.agent.thread_ns += time.perf_counter_ns() - t0
 
     def _on_forward_end(self, module, args, output):
         if self._batch is not None:
