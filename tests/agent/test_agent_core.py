@@ -4,6 +4,7 @@ sampling and per-request options, positions, layout validation."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -74,9 +75,14 @@ def test_rows_land_on_their_request_and_positions(ring_dir):
     rids = ["a", "b", "c"]
     for r in rids:
         agent.begin_request(r)
+    before = agent.stats().thread_seconds
+    t0 = time.perf_counter()
     run_steps(agent, rids, steps=3)
     for r in rids:
         agent.end_request(r, generated_tokens=3)
+    wall = time.perf_counter() - t0
+    # its own inference-thread time is accounted, and is part of (not more than) the wall time
+    assert 0 < agent.stats().thread_seconds - before <= wall
     got = drain(RingReader.open(agent.ring_path))
     for i, rid in enumerate(rids):
         for L in (0, 1):
