@@ -131,13 +131,17 @@ def same(a, b):
                (y.start, y.end, y.gaps, y.positions, y.records, y.prefill_rows, y.decode_rows), k
 
 
-@pytest.mark.parametrize("page_records", [16384, 7])
-def test_column_pages_assemble_exactly_like_records(tt_db, page_records):
+@pytest.mark.parametrize("page_records, via", [(16384, "chdb buffer"), (7, "chdb buffer"), (7, "raw_query")])
+def test_column_pages_assemble_exactly_like_records(tt_db, page_records, via):
+    """via raw_query: the path a ClickHouse server read takes (clickhouse-connect's raw_query,
+    Native bytes), here answered by the embedded engine since no server runs on this machine."""
     client, db = tt_db
     req, recs = mixed_request()
     store(client, db, recs)
     store(client, db, recs[:9])   # at-least-once delivery: duplicates in the table
     be = ClickHouseBackend(client, db)
+    if via == "raw_query":
+        be._handle_cache = None   # as for an http(s):// client
     [ref] = be.lookup(request_id=req.request_id)
     by_records = assemble(list(be.fetch(ref, page_records=page_records)))
     pages = list(be.fetch_pages(ref, page_records=page_records))

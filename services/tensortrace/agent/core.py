@@ -547,8 +547,8 @@ class CaptureAgent:
                                        tp_size=self.config.tp_size, dtype=codec.dtype_code(dtype),
                                        row_shape=row_shape).SerializeToString()
             plan = self._slab_static[key] = (static, math.prod(row_shape) * elem, row_shape, _NP_BITS[elem],
-                                             _BITS_DTYPE[elem])
-        static, row_bytes, row_shape, np_bits, torch_bits = plan
+                                             _BITS_DTYPE[elem], self._counters.by_hook[hook])
+        static, row_bytes, row_shape, np_bits, torch_bits, hook_stats = plan
         nbytes = group.nrows * row_bytes
         meta = b"".join((self._step_field, static, _CAPTURE_TIME_TAG, _U64.pack(time.time_ns()),
                          group.parts_bytes))
@@ -593,7 +593,10 @@ class CaptureAgent:
         group.written_slabs += 1
         group.written_row_bytes += row_bytes
         group.hooks.add(hook)
-        self._counters.written(hook, len(group.parts), nbytes)
+        n = len(group.parts)   # Counters.written, inlined: produced = written + dropped, per hook
+        hook_stats.produced += n
+        hook_stats.written += n
+        hook_stats.bytes_written += nbytes
 
     def _write_step_frame(self) -> str:
         msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,

@@ -109,6 +109,9 @@ class RingLockedError(RingError):
     """Another consumer already drains this ring."""
 
 
+_ALIGN_MASK = ALIGN - 1   # ALIGN is a power of two
+
+
 def align_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
@@ -302,13 +305,17 @@ class RingWriter:
         The payload must be written to data[payload_offset : payload_offset + payload_len] and
         then `commit(position)` called, in reservation order.
         """
-        size = frame_size(len(meta), payload_len)
-        if size > self.capacity // 2:
+        # frame_size() and payload_offset_in_frame(), inlined: this runs once per tap per step
+        meta_len = len(meta)
+        head_len = (FRAME_HEADER_SIZE + meta_len + _ALIGN_MASK) & ~_ALIGN_MASK
+        size = head_len + ((payload_len + _ALIGN_MASK) & ~_ALIGN_MASK)
+        cap = self.capacity
+        if size > cap // 2:
             return None  # never fits without starving everything else; caller counts it
         pos = self._reserved
-        phys = pos % self.capacity
-        pad = self.capacity - phys if phys + size > self.capacity else 0
-        if self.capacity - (pos - self._m.tail.get()) < pad + size:
+        phys = pos % cap
+        pad = cap - phys if phys + size > cap else 0
+        if cap - (pos - self._m.tail._c.value) < pad + size:
             return None
         mm = self._m.mm
         if pad:
@@ -318,12 +325,12 @@ class RingWriter:
             pos += pad
             phys = 0
         base = HEADER_SIZE + phys
-        _FRAME.pack_into(mm, base, FRAME_MAGIC, kind, 0, size, len(meta), payload_len, self._seq,
+        _FRAME.pack_into(mm, base, FRAME_MAGIC, kind, 0, size, meta_len, payload_len, self._seq,
                          zlib.crc32(meta))
         self._seq += 1
-        mm[base + FRAME_HEADER_SIZE: base + FRAME_HEADER_SIZE + len(meta)] = meta
+        mm[base + FRAME_HEADER_SIZE: base + FRAME_HEADER_SIZE + meta_len] = meta
         self._reserved = pos + size
-        return pos + size, phys + payload_offset_in_frame(len(meta))
+        return pos + size, phys + head_len
 
     def commit(self, end_position: int, payload_len: int = 0) -> None:
         """Publish every frame reserved up to `end_position` (the value reserve returned)."""
