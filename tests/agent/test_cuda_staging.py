@@ -122,3 +122,37 @@ def test_full_device_staging_drops_and_counts_instead_of_waiting(ring_dir):
     s = agent.end_request("a")
     assert s.dropped_by_reason == {"staging_full": 1}
     agent.close()
+
+
+def test_hf_decode_with_an_early_eos_makes_no_synchronising_call_of_its_own(ring_dir):
+    """generate itself syncs every step (its stop check reads a device flag); the backend must add
+    none: every sync warning raised while generating comes from transformers or torch, not from
+    tensortrace. An early EOS exercises the decode layout's finished-sequence path."""
+    import warnings
+
+    model = make("llama").to("cuda")
+    ids, mask = left_padded([[5, 6, 7], [11, 12, 13, 14, 15]])
+    ids, mask = ids.cuda(), mask.cuda()
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    eos = int(plain[0, ids.shape[1] + 1])   # row 0 stops at its 2nd generated token
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="gpu", ring_capacity=16 << 20,
+                                     device_staging_bytes=4 << 20), Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = backend.generate(ids, attention_mask=mask, request_ids=["a", "b"], max_new_tokens=6,
+                                      do_sample=False, pad_token_id=0, eos_token_id=eos)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ours = [w for w in caught if "synchroniz" in str(w.message) and "tensortrace" in (w.filename or "")]
+    assert not ours, [(w.filename, w.lineno) for w in ours]
+    agent.flush(timeout_s=30)
+    got = drain(RingReader.open(agent.ring_path))
+    _, pos = got.tensor("a", "resid_pre", 0)
+    # prompt rows 0-2, then the decode forward that fed its first generated token (position 3);
+    # the forward that would feed its EOS (position 4) exports nothing
+    assert pos == list(range(4))
+    agent.close()

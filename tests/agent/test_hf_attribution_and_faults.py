@@ -179,3 +179,30 @@ def test_only_the_taps_a_step_selects_are_registered(tmp_path):
     assert backend.registered_taps == 0 and not model.model.layers[0]._forward_pre_hooks
     got = drain(RingReader.open(agent.ring_path))
     assert {(r.request_id, r.hook) for r in got.records if r.request_id == "e"} == {("e", "attn_q")}
+
+
+def test_decode_layout_reads_each_new_token_from_the_criterion_not_the_device(tmp_path, monkeypatch):
+    """The decode layout learns each sequence's fed-in token (EOS -> its rows stop) from the
+    stopping criterion's host copy, never by reading input_ids at the forward (on CUDA that read
+    would be a device sync on the inference thread). Every decode forward must find one there."""
+    model = make("llama")
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m", ring_capacity=16 << 20),
+                         Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    seen = []
+    real = hf_backend._NextTokens.tokens
+
+    def tokens(self):
+        got = real(self)
+        seen.append(got)
+        return got
+    monkeypatch.setattr(hf_backend._NextTokens, "tokens", tokens)
+    ids, mask = left_padded([PROMPTS["alpha"], PROMPTS["beta"]])
+    out, _ = backend.generate(ids, attention_mask=mask, request_ids=["alpha", "beta"], **GEN)
+    decode_forwards = GEN["max_new_tokens"] - 1
+    assert len(seen) == decode_forwards
+    assert seen == [out.sequences[:, ids.shape[1] + k].tolist() for k in range(decode_forwards)]
+    crit = hf_backend._NextTokens().make_criterion()
+    stop = crit(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
+    assert stop.tolist() == [False, False]   # it observes, never stops a sequence
+    agent.close()

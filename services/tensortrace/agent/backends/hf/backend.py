@@ -57,6 +57,56 @@ class _Tap:
     handle: object = None
 
 
+class _NextTokens:
+    """Each generated token, on the host, without the backend ever waiting on the device.
+
+    The decode layout needs the token each sequence feeds in (an EOS there means the request has
+    ended and its row must not be exported). Reading `input_ids[:, -1]` at the next forward would
+    be a device sync on the inference thread. Instead this stopping criterion — which stops
+    nothing — copies the new tokens into pinned host memory asynchronously right after generate
+    appends them, and records an event. generate's own stop check (`unfinished_sequences.max() ==
+    0`, a host read) then waits for the stream, and with it for this copy, before the next forward
+    starts; the layout only checks the event (never blocking) and reads host memory. If a future
+    generate stops syncing there, the event is not done yet: the layout then waits for it and
+    counts that in `host_waits`, so the cost shows up instead of hiding.
+    """
+
+    def __init__(self):
+        self.host = None       # the last tokens, on the host
+        self.event = None
+        self.host_waits = 0
+
+    def make_criterion(self):
+        from transformers import StoppingCriteria
+
+        tap = self
+
+        class NextTokenTap(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                import torch
+
+                last = input_ids[:, -1]
+                if last.is_cuda:
+                    if tap.host is None or tap.host.shape != last.shape or not tap.host.is_pinned():
+                        tap.host = torch.empty(last.shape, dtype=last.dtype, pin_memory=True)
+                    tap.host.copy_(last, non_blocking=True)
+                    tap.event = torch.cuda.Event()
+                    tap.event.record()
+                else:
+                    tap.host, tap.event = last, None
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return NextTokenTap()
+
+    def tokens(self) -> list[int] | None:
+        if self.host is None:
+            return None
+        if self.event is not None and not self.event.query():
+            self.host_waits += 1
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 @dataclass
 class _Batch:
     request_ids: list[str]
@@ -65,6 +115,7 @@ class _Batch:
     eos: set
     forwards: int = 0
     finished: set = field(default_factory=set)
+    next_tokens: _NextTokens = field(default_factory=_NextTokens)
 
 
 class HFBackend(Backend):
@@ -274,7 +325,10 @@ class HFBackend(Backend):
         else:
             if S != 1:
                 raise ValueError(f"decode input has {S} tokens per sequence; the HF backend expects 1")
-            last = ids[:, -1].tolist()
+            last = batch.next_tokens.tokens()
+            if last is None or len(last) != B:
+                # not from our generate() (no criterion ran): only then read the ids themselves
+                last = ids[:, -1].tolist()
             for b, rid in enumerate(batch.request_ids):
                 if b in batch.finished:
                     continue
@@ -314,9 +368,14 @@ class HFBackend(Backend):
                 rid, traceparents[b] if traceparents else None, options[b] if options else None,
                 prompt_tokens=lens[b]))
         self._batch = _Batch(request_ids, lens, P, eos_set)
+        from transformers import StoppingCriteriaList
+
+        kwargs = dict(generate_kwargs)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [self._batch.next_tokens.make_criterion(), *(kwargs.get("stopping_criteria") or [])])
         out = None
         try:
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             return out, contexts
         finally:
             self._batch = None
