@@ -99,6 +99,19 @@ def start_loader(bootstrap, topic, client, db, **overrides):
     return loader, t
 
 
+BROKER_PID = None   # the local broker's pid, when this script started it (for its CPU time)
+
+
+def _cpu_s(pid=None) -> float:
+    """User + system CPU seconds of this process (pid None) or another one (from /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message, **loader_kw) -> dict:
     topic = create_topic(bootstrap)
     msgs = build_messages(n_records, rows_per_record, hidden, per_message, request_prefix=label)
@@ -108,6 +121,7 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     produce_s = time.perf_counter() - t0
     del msgs
     db = f"bench_{label}_{uuid.uuid4().hex[:6]}"
+    cpu0, broker0 = _cpu_s(), (_cpu_s(BROKER_PID) if BROKER_PID else 0.0)
     loader, thread = start_loader(bootstrap, topic, client, db, **loader_kw)
     first = None
     while loader.stats.tensor_rows < n_records:
@@ -115,6 +129,7 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
             first = time.perf_counter()
         time.sleep(0.002)
     done = time.perf_counter()
+    cpu, broker_cpu = _cpu_s() - cpu0, (_cpu_s(BROKER_PID) - broker0 if BROKER_PID else None)
     loader.stop()
     thread.join()
     secs = done - first
@@ -122,7 +137,9 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
             "seconds": secs, "rows_per_s": n_records / secs, "MB_per_s": payload_bytes / secs / 1e6,
             "produce_s": produce_s, "batches": loader.stats.batches,
             "consume_thread_decode_s": loader.stats.decode_seconds, "insert_thread_arrow_s": loader.stats.arrow_seconds,
-            "insert_thread_insert_s": loader.stats.insert_seconds}
+            "insert_thread_insert_s": loader.stats.insert_seconds,
+            # where the 2 cores went: the loader process (all its threads, chDB's included) and the broker
+            "loader_process_cpu_s": cpu, "broker_cpu_s": broker_cpu}
 
 
 def paced_producer(bootstrap, topic, rate_mbps, seconds, hidden, per_message):
@@ -251,6 +268,8 @@ def main(argv=None) -> int:
         broker = LocalKafka()
         broker.start()
         bootstrap = broker.bootstrap
+        global BROKER_PID
+        BROKER_PID = broker.pid
     client = ThreadSafeClient(clickhouse_connect.get_client(dsn=f"chdb://{tempfile.mkdtemp(prefix='tt-loader-bench-')}"))
     results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
     try:

@@ -76,15 +76,22 @@ class _NextTokens:
         self.event = None
         self.host_waits = 0
 
-    def make_criterion(self):
+    def make_criterion(self, agent=None):
+        import torch
         from transformers import StoppingCriteria
 
         tap = self
 
         class NextTokenTap(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                import torch
+                t0 = time.perf_counter_ns()
+                try:
+                    return self._observe(input_ids)
+                finally:
+                    if agent is not None:
+                        agent.thread_ns += time.perf_counter_ns() - t0   # the agent's cost, counted
 
+            def _observe(self, input_ids):
                 last = input_ids[:, -1]
                 if last.is_cuda:
                     if tap.host is None or tap.host.shape != last.shape or not tap.host.is_pinned():
@@ -372,7 +379,7 @@ class HFBackend(Backend):
 
         kwargs = dict(generate_kwargs)
         kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [self._batch.next_tokens.make_criterion(), *(kwargs.get("stopping_criteria") or [])])
+            [self._batch.next_tokens.make_criterion(self.agent), *(kwargs.get("stopping_criteria") or [])])
         out = None
         try:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
