@@ -100,7 +100,7 @@ class _NextTokens:
                     tap.event = torch.cuda.Event()
                     tap.event.record()
                 else:
-                    tap.host, tap.event = last, None
+                    tap.host, tap.event = last.clone(), None
                 return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
         return NextTokenTap()
