@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
         bootstrap = broker.bootstrap
         global BROKER_PID
         BROKER_PID = broker.pid
-    client = ThreadSafeClient(clickhouse_connect.get_client(dsn=f"chdb://{tempfile.mkdtemp(prefix='tt-loader-bench-')}"))
+    chdb_dir = tempfile.mkdtemp(prefix="tt-loader-bench-")   # removed at the end (GBs of parts)
+    client = ThreadSafeClient(clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}"))
     results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
     try:
         if "throughput" not in skip:
@@ -289,6 +291,10 @@ def main(argv=None) -> int:
     finally:
         if broker is not None:
             broker.close()
+        try:
+            client.close()
+        finally:
+            shutil.rmtree(chdb_dir, ignore_errors=True)
     print()
     print(f"{'measure':<38}{'value':>14}{'target':>14}")
     if "throughput_4KiB" in results:

@@ -171,3 +171,14 @@ def test_a_stored_row_whose_payload_disagrees_with_its_shape_is_a_clear_error(tt
         assemble_pages(be.fetch_pages(ref))
     with pytest.raises(WireError, match="raw_size"):
         assemble(list(be.fetch(ref)))
+
+
+def test_uint64_sequence_numbers_read_back_unchanged(tt_db):
+    """seq is UInt64 end to end: a value above 2**63 must not wrap on the way through numpy."""
+    client, db = tt_db
+    req = SyntheticRequest.make("req-big-seq", layers=1, hidden=8, prompt=2, generated=2, seq_start=2**63 + 7)
+    store(client, db, req.records)
+    be = ClickHouseBackend(client, db)
+    [ref] = be.lookup(request_id="req-big-seq")
+    assert sorted(r.seq for r in be.fetch(ref)) == sorted(r.seq for r in req.records)
+    assert assemble_pages(be.fetch_pages(ref))["resid_pre", 0].records == 2

@@ -45,7 +45,7 @@ REQUEST_COLUMNS = (
     "load_time", "producer_node", "producer_pod", "producer_pid", "producer_rank",
     "producer_generation", "seq", "kafka_partition", "kafka_offset",
 )
-# Dedup identity of a stored record (codec.record_key); reads collapse on it (LIMIT 1 BY).
+# Dedup identity of a stored record (codec.record_key); reads collapse on it (query/backend.py).
 IDENTITY_COLUMNS = ("producer_pod", "producer_pid", "producer_generation", "seq")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")

@@ -15,7 +15,7 @@ Why each record ends up in ClickHouse once (docs/storage.md, "Exactly once"):
     the first message of a chunk set still being reassembled -> nothing is lost;
   * a re-read after a crash or rebalance re-inserts rows with the same dedup identity
     (producer pod, pid, generation, seq); both tables are ReplacingMergeTree on it, and every read
-    collapses on it (LIMIT 1 BY / FINAL) -> nothing is counted twice;
+    collapses on it (the tensor read drops repeats, summaries use FINAL) -> nothing is counted twice;
   * a retried insert of the same batch carries the same insert_deduplication_token (topic,
     partition, offset range), so ClickHouse drops it before it even becomes a part.
 """

@@ -364,7 +364,9 @@ class RecordPage:
             keep = np.array([not (k in seen or seen.add(k)) for k in identity], dtype=bool)
         pick = (lambda xs: xs) if keep is None else (lambda xs: [x for x, k in zip(xs, keep) if k])
         for name in self.INT_COLUMNS:
-            col = cols[name].astype(np.int64)
+            col = cols[name]
+            if name not in ("step", "seq"):   # UInt64 identities keep their type (no int64 wrap)
+                col = col.astype(np.int64)
             setattr(self, name, col if keep is None else col[keep])
         # dtype and shape repeat for thousands of rows: parse each distinct value once
         codes = cache.setdefault("dtype", {})
