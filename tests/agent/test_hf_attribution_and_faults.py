@@ -206,3 +206,37 @@ def test_decode_layout_reads_each_new_token_from_the_criterion_not_the_device(tm
     stop = crit(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
     assert stop.tolist() == [False, False]   # it observes, never stops a sequence
     agent.close()
+
+
+@pytest.mark.slow
+def test_capture_under_torch_compile_is_the_compiled_models_own_tensors(tmp_path):
+    """torch.compile(model.forward): the taps are kept out of the traced graph (each selected tap
+    is a graph break that runs eagerly), so capture sees exactly what the compiled model computed —
+    equal to that run's own output_hidden_states — and generation matches the eager model."""
+    torch.manual_seed(0)
+    model = make("llama")
+    ids, mask = left_padded([PROMPTS["alpha"], PROMPTS["beta"]])
+    gen = dict(GEN, output_hidden_states=True)
+    eager = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m", ring_capacity=16 << 20),
+                         Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    model.forward = torch.compile(model.forward)
+    try:
+        out, _ = backend.generate(ids, attention_mask=mask, request_ids=["alpha", "beta"], **gen)
+    finally:
+        del model.forward   # back to the class's eager forward
+        torch._dynamo.reset()
+    assert torch.equal(out.sequences, eager.sequences)
+    got = drain(RingReader.open(agent.ring_path))
+    P = ids.shape[1]
+    for b, rid in enumerate(["alpha", "beta"]):
+        pad = P - len(PROMPTS[rid])
+        for layer in range(model.config.num_hidden_layers):
+            t, pos = got.tensor(rid, "resid_pre", layer)
+            own = torch.cat([out.hidden_states[0][layer][b, pad:]] +
+                            [out.hidden_states[k][layer][b] for k in range(1, GEN["max_new_tokens"])])
+            assert pos == list(range(len(PROMPTS[rid]) + GEN["max_new_tokens"] - 1))
+            assert torch.equal(t, own), (rid, layer)
+    assert agent.stats().dropped == 0
+    agent.close()
