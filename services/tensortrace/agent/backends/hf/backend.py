@@ -60,12 +60,25 @@ class _Tap:
 def _eager(fn):
     """A hook that torch.compile must not trace: under a compiled model, dynamo breaks the graph at
     each selected tap and runs it as plain Python, instead of tracing into the agent (ring writes,
-    ctypes, per-step dicts), which recompiled on every step and ran 10x slower. The capture is then
-    the tensor the compiled model computed at that point. Costs ~0.3 us per call in eager mode."""
+    ctypes, per-step dicts), which recompiled on every step and ran 8x slower. The capture is then
+    the tensor the compiled model computed at that point.
+
+    In eager mode `torch.compiler.disable`'s wrapper would cost every hook call its eval-frame
+    bookkeeping; here eager pays one `is_compiling()` check (~0.07 us), and only a trace (where
+    is_compiling() is True) reaches the disabled function."""
     import torch
 
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None or not hasattr(compiler, "disable") or not hasattr(compiler, "is_compiling"):
+        return fn
+    disabled = compiler.disable(fn)
+    is_compiling = compiler.is_compiling
+
+    def hook(*args, **kwargs):
+        if is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return hook
 
 
 class _NextTokens:
