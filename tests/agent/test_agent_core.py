@@ -81,8 +81,12 @@ def test_rows_land_on_their_request_and_positions(ring_dir):
     for r in rids:
         agent.end_request(r, generated_tokens=3)
     wall = time.perf_counter() - t0
-    # its own inference-thread time is accounted, and is part of (not more than) the wall time
+    # its own inference-thread time is accounted, and is part of (not more than) the wall time;
+    # the ring header carries it for the exporter's metrics (as of the last end_step)
     assert 0 < agent.stats().thread_seconds - before <= wall
+    header = RingReader.open(agent.ring_path)
+    assert 0 < header.producer_stats()["thread_ns"] <= agent.thread_ns
+    header.close()
     got = drain(RingReader.open(agent.ring_path))
     for i, rid in enumerate(rids):
         for L in (0, 1):

@@ -83,6 +83,7 @@ def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, expor
     w = RingWriter.create(os.path.join(ring_dir, "pod-m-r0.ring"), 1 << 20, RingIdentity(pod="pod-m"))
     gen = TrafficGen(w, n_requests=2, prefix="m")
     gen.run(steps=3)
+    w.report_thread_ns(1_250_000_000)   # the agent's inference-thread time, from the ring header
     exp = exporter_factory(ring_dir, kafka_broker.bootstrap, topic)
     assert exp.http("/healthz")[0] == 200
     exp.wait_for(lambda: exp.http("/readyz")[0] == 200, what="readiness")
@@ -97,6 +98,7 @@ def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, expor
     assert "tensortrace_exporter_oldest_undelivered_age_seconds" in text
     frames = f'tensortrace_exporter_ring_frames{{kind="committed",ring="pod-m-r0.ring"}} {float(gen.frames_written)}'
     exp.wait_for(lambda: frames in exp.http("/metrics")[1], what="frame accounting in metrics")
+    assert 'tensortrace_exporter_agent_thread_seconds{ring="pod-m-r0.ring"} 1.25' in exp.http("/metrics")[1]
     assert exp.http("/nope")[0] == 404
     w.close()
 

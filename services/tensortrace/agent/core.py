@@ -323,6 +323,10 @@ class CaptureAgent:
             self._groups = {}
             self._entries = []
             self.thread_ns += time.perf_counter_ns() - t0
+            try:
+                self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
+            except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
+                pass
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:

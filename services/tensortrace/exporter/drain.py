@@ -293,6 +293,7 @@ class RingDrain:
                 self._corrupt_counted += lost
                 self.metrics.frames_dropped.labels(self.name, "ring_corrupt").inc(lost)
         self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
+        self.metrics.agent_thread_seconds.labels(self.name).set(stats.get("thread_ns", 0) / 1e9)
         released = self.frames_released_total()
         frames = self.metrics.ring_frames
         frames.labels(self.name, "committed").set(stats["frames_committed"])

@@ -33,6 +33,9 @@ class ExporterMetrics:
         self.ring_frames = Gauge(P + "ring_frames", "Frame accounting of a ring (header counters): committed and "
                                  "producer_dropped by the agent, released by the exporter, pending = committed - released",
                                  ["ring", "kind"], registry=r)
+        self.agent_thread_seconds = Gauge(P + "agent_thread_seconds", "Inference-thread time the producing agent "
+                                          "has spent capturing (cumulative, from the ring header; use rate())",
+                                          ["ring"], registry=r)
         self.ring_fill = Gauge(P + "ring_fill_ratio", "Fraction of a ring's data area not yet released", ["ring"], registry=r)
         self.rings_attached = Gauge(P + "rings_attached", "Rings being drained", registry=r)
         self.rings_quarantined = Counter(P + "rings_quarantined", "Rings quarantined (unreadable or corrupt)", ["reason"], registry=r)
@@ -52,7 +55,8 @@ class ExporterMetrics:
 
     def forget_ring(self, ring: str) -> None:
         """Drop the label sets of a removed ring (bounded cardinality)."""
-        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds):
+        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds,
+                       self.agent_thread_seconds):
             try:
                 metric.remove(ring)
             except KeyError:

@@ -193,6 +193,8 @@ class _Mapping:
         self.frames_dropped = _U64(self.mm, OFF_PRODUCER_STATS + 16)
         self.bytes_committed = _U64(self.mm, OFF_PRODUCER_STATS + 24)
         self.bytes_dropped = _U64(self.mm, OFF_PRODUCER_STATS + 32)
+        # the producer's own inference-thread time (ns), in the slot that was zero padding
+        self.producer_thread_ns = _U64(self.mm, OFF_PRODUCER_STATS + 40)
         self.consumer_heartbeat = _U64(self.mm, OFF_CONSUMER_STATS)
         self.frames_consumed = _U64(self.mm, OFF_CONSUMER_STATS + 8)
         self.control_seq = _U64(self.mm, CONTROL_OFFSET)
@@ -200,7 +202,7 @@ class _Mapping:
     def close(self) -> None:
         # ctypes views pin the buffer; drop them before closing the map.
         for name in ("head", "tail", "producer_heartbeat", "frames_committed", "frames_dropped",
-                     "bytes_committed", "bytes_dropped", "consumer_heartbeat", "frames_consumed",
+                     "bytes_committed", "bytes_dropped", "producer_thread_ns", "consumer_heartbeat", "frames_consumed",
                      "control_seq"):
             setattr(self, name, None)
         try:
@@ -365,6 +367,11 @@ class RingWriter:
 
     def heartbeat(self) -> None:
         self._m.producer_heartbeat.set(time.time_ns())
+
+    def report_thread_ns(self, ns: int) -> None:
+        """The producer's inference-thread time spent capturing (cumulative ns), for the exporter's
+        metrics. One store; 0 means not reported (rings written before this field existed)."""
+        self._m.producer_thread_ns.set(ns)
 
     @property
     def outstanding(self) -> bool:
@@ -551,6 +558,7 @@ class RingReader:
             "frames_dropped": m.frames_dropped.get(),
             "bytes_committed": m.bytes_committed.get(),
             "bytes_dropped": m.bytes_dropped.get(),
+            "thread_ns": m.producer_thread_ns.get(),
         }
 
     def producer_alive(self) -> bool:
