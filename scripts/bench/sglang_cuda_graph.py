@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -117,13 +118,14 @@ def main(argv=None):
     L = len(model.layers)
     H = model.norm.weight.shape[0]
     agent, agent_error = None, ""
+    ring_dir = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)   # removed at the end
     try:
         from tensortrace.agent.config import AgentConfig
         from tensortrace.agent.core import CaptureAgent
         from tensortrace.agent.layout import Phase, RequestRows, StepLayout
         from tensortrace.agent.selection import Selection
 
-        agent = CaptureAgent(AgentConfig(ring_dir=tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None), model_id="bench", ring_capacity=1 << 30),
+        agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=1 << 30),
                              Selection.preset("hidden-states"))
         _start_drain(agent.ring_path)  # a consumer, as the exporter is on a real node
     except Exception as e:  # noqa: BLE001
@@ -204,6 +206,9 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": dev, "layers": L, "hidden": H, "rows": rows, "agent_error": agent_error}, f, indent=1)
+    if agent is not None:
+        agent.close()
+    shutil.rmtree(ring_dir, ignore_errors=True)   # a 1 GiB ring on tmpfs
 
 
 if __name__ == "__main__":
