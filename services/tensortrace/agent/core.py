@@ -597,7 +597,7 @@ class CaptureAgent:
         group.written_slabs += 1
         group.written_row_bytes += row_bytes
         group.hooks.add(hook)
-        n = len(group.parts)   # Counters.written, inlined: produced = written + dropped, per hook
+        n = len(group.parts)   # produced = written + dropped, per hook (Counters.dropped for the rest)
         hook_stats.produced += n
         hook_stats.written += n
         hook_stats.bytes_written += nbytes

@@ -64,17 +64,12 @@ class AgentStats:
 
 class Counters:
     """The live counters behind AgentStats; only the inference thread (and, on CUDA, nothing else)
-    updates them."""
+    updates them. Written records are counted by the agent's tap path straight into by_hook (it
+    caches each hook's HookStats); drops go through dropped()."""
 
     def __init__(self):
         self.by_hook: dict[str, HookStats] = defaultdict(HookStats)
         self.scalars: dict[str, int] = defaultdict(int)
-
-    def written(self, hook: str, records: int, nbytes: int) -> None:
-        h = self.by_hook[hook]
-        h.produced += records
-        h.written += records
-        h.bytes_written += nbytes
 
     def dropped(self, hook: str, records: int, reason: str) -> None:
         if records <= 0:

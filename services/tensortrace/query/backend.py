@@ -23,22 +23,6 @@ from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
 
 
-def _column_list(col) -> list:
-    """An Arrow column as a Python list, fast for the numeric and list-of-int columns we read."""
-    import pyarrow as pa
-
-    t = col.type
-    if pa.types.is_integer(t):
-        return col.to_numpy(zero_copy_only=False).tolist()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        values = col.flatten().to_numpy(zero_copy_only=False).tolist()
-        offs = col.offsets.to_numpy().tolist()
-        return [values[offs[i]:offs[i + 1]] for i in range(len(col))]
-    if pa.types.is_dictionary(t):
-        return col.cast(t.value_type).to_pylist()
-    return col.to_pylist()
-
-
 def _owned_view(result) -> memoryview:
     """A read-only view of a chDB query result's buffer that keeps the result alive.
 
@@ -143,29 +127,16 @@ class ClickHouseBackend:
     def _chdb_handle(self):
         """The embedded engine's connection handle behind a chdb:// client, or None for a server.
 
-        Reading Arrow straight from chDB skips clickhouse-connect's copy of the whole result into
-        Python (the payloads of one request are tens of MiB): read-back time drops by about half
-        (docs/BENCHMARKS.md, loader section). It relies on clickhouse-connect's chdb backend layout;
-        if that changes, reads fall back to query_arrow."""
+        Reading the result straight from chDB's buffer skips clickhouse-connect's copy of the whole
+        result (the payloads of one request are tens of MiB; docs/BENCHMARKS.md, loader section).
+        It relies on clickhouse-connect's chdb backend layout; if that changes, reads fall back to
+        raw_query, the path a server read takes."""
         if not hasattr(self, "_handle_cache"):
             inner = getattr(self.client, "client", self.client)  # unwrap ThreadSafeClient
             handle = getattr(getattr(inner, "_backend", None), "_handle", None)
             ok = handle is not None and hasattr(handle, "conn") and hasattr(handle, "lock")
             self._handle_cache = handle if ok else None
         return self._handle_cache
-
-    def _query_arrow(self, sql: str, params: dict):
-        handle = self._chdb_handle()
-        try:
-            if handle is not None:
-                from clickhouse_connect.driver.binding import format_bind_value
-
-                bound = {k: format_bind_value(v) for k, v in params.items()}  # server-side binding, as the client does
-                with handle.lock:
-                    return handle.conn.query(sql, "ArrowTable", params=bound)
-            return self.client.query_arrow(sql, parameters=params)
-        except Exception as e:
-            raise _query_error(e) from e
 
     def _query_native(self, sql: str, params: dict) -> memoryview:
         """The result in ClickHouse's Native format: straight from chDB's buffer for the embedded
