@@ -89,10 +89,10 @@ def create_topic(bootstrap: str, partitions: int = 4) -> str:
 
 
 def start_loader(bootstrap, topic, client, db, **overrides):
-    from tensortrace.loader.config import LoaderConfig
+    from tensortrace.loader.config import KafkaConfig, LoaderConfig
     from tensortrace.loader.service import Loader
 
-    cfg = LoaderConfig(bootstrap=bootstrap, topic=topic, dlq_topic=topic + ".dlq", group_id=f"g-{topic}",
+    cfg = LoaderConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq", group_id=f"g-{topic}",
                        clickhouse_dsn="chdb://memory", database=db, **overrides)
     loader = Loader(cfg, client=client)
     t = threading.Thread(target=loader.run, daemon=True)
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, a.skip.split(",")))
     import clickhouse_connect
 
-    from tensortrace.loader.service import ThreadSafeClient
+    from tensortrace.storage import ThreadSafeClient
 
     broker = None
     bootstrap = a.bootstrap

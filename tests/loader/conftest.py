@@ -1,6 +1,6 @@
 import pytest
 
-from tensortrace.loader.schema import apply_migrations
+from tensortrace.storage.schema import apply_migrations
 
 
 @pytest.fixture

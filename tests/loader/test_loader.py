@@ -10,8 +10,9 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from tensortrace.loader.config import LoaderConfig
-from tensortrace.loader.service import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, Loader, ThreadSafeClient
+from tensortrace.loader.config import KafkaConfig, LoaderConfig
+from tensortrace.loader.service import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, Loader
+from tensortrace.storage import ThreadSafeClient
 from tensortrace.loader.synthetic import SyntheticRequest, produce
 from tensortrace.query import TensorTraceClient
 from tensortrace.v1 import records_pb2 as pb
@@ -32,7 +33,7 @@ def make_topics(bootstrap, partitions=1, dlq=True):
 
 
 def loader_config(bootstrap, topic, dlq, db, **kw):
-    return LoaderConfig(bootstrap=bootstrap, topic=topic, dlq_topic=dlq, group_id=f"g-{topic}",
+    return LoaderConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=dlq, group_id=f"g-{topic}",
                         clickhouse_dsn="chdb://memory", database=db, batch_max_delay_s=0.1, **kw)
 
 

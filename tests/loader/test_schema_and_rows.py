@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from tensortrace.loader import schema
-from tensortrace.loader.config import ConfigError, LoaderConfig
+from tensortrace.storage import schema
+from tensortrace.loader.config import ConfigError, KafkaConfig, LoaderConfig
 from tensortrace.loader.rows import ColumnBatch, InvalidRecord
 from tensortrace.loader.synthetic import SyntheticRequest
 from tensortrace.v1 import records_pb2 as pb
@@ -92,7 +92,7 @@ def test_one_hook_layer_across_requests_reads_the_projection(tt_db):
 def test_config_validate_names_the_wrong_field():
     LoaderConfig().validate()
     cases = {
-        "bootstrap": dict(bootstrap="nohostport"),
+        "bootstrap_servers": dict(kafka=KafkaConfig(bootstrap_servers="nohostport")),
         "dlq_topic": dict(dlq_topic="tensortrace.activations"),
         "clickhouse_dsn": dict(clickhouse_dsn="mysql://x"),
         "database": dict(database="a;b"),

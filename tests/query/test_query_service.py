@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tensortrace.loader.service import ThreadSafeClient
+from tensortrace.storage import ThreadSafeClient
 from tensortrace.loader.synthetic import SyntheticRequest
 from tensortrace.query import InvalidQuery, NotFound, TensorTraceClient
 from tensortrace.query.server import serve

@@ -15,7 +15,10 @@ import time
 
 import pyarrow as pa
 
-from tensortrace.loader.schema import ACTIVATION_COLUMNS, REQUEST_COLUMNS
+from tensortrace.consume.deadletter import DeadLetterReason, InvalidRecord  # noqa: F401 (re-exported)
+from tensortrace.consume.validate import check_tensor_record
+from tensortrace.consume.validate import fixed_id as _fixed
+from tensortrace.storage.schema import ACTIVATION_COLUMNS, REQUEST_COLUMNS
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
 
@@ -25,18 +28,6 @@ _TS = pa.timestamp("ns", tz="UTC")
 # DType code -> (ClickHouse dtype name, element size); unknown codes take the slow path.
 _DTYPE_INFO = {code: (codec.dtype_name(code), codec.element_size(code)) for code in pb.DType.values()
                if code != pb.DTYPE_UNSPECIFIED}
-
-
-class InvalidRecord(ValueError):
-    """A decoded record the loader will not store (goes to the dead-letter topic with this reason)."""
-
-
-def _fixed(value: bytes, size: int, what: str) -> bytes:
-    if not value:
-        return b"\0" * size
-    if len(value) != size:
-        raise InvalidRecord(f"{what} is {len(value)} bytes, not {size}")
-    return value
 
 
 def _append_origin(cols: dict, rec, partition: int, offset: int) -> None:
@@ -64,31 +55,6 @@ def _origin_columns(cols: dict) -> dict:
         "kafka_partition": pa.array(cols["kafka_partition"], pa.uint32()),
         "kafka_offset": pa.array(cols["kafka_offset"], pa.uint64()),
     }
-
-
-def check_tensor_record(rec: pb.TensorRecord) -> None:
-    """Cheap structural checks (no payload decode): what must hold for the row to be readable."""
-    try:
-        elem = codec.element_size(rec.dtype)
-    except codec.WireError as e:
-        raise InvalidRecord(str(e)) from None
-    if any(d < 0 for d in rec.shape):
-        raise InvalidRecord(f"negative dimension in shape {list(rec.shape)}")
-    expect = math.prod(rec.shape) * elem
-    if rec.raw_size != expect:
-        raise InvalidRecord(f"raw_size {rec.raw_size} != {expect} implied by shape {list(rec.shape)} and dtype {codec.dtype_name(rec.dtype)}")
-    if rec.encoding == pb.RAW and len(rec.payload) != rec.raw_size:
-        raise InvalidRecord(f"RAW payload is {len(rec.payload)} bytes, raw_size says {rec.raw_size}")
-    if rec.positions_kind == pb.TOKEN_RANGE and rec.shape and rec.token_end - rec.token_start != rec.shape[0]:
-        raise InvalidRecord(f"token range [{rec.token_start}, {rec.token_end}) does not match {rec.shape[0]} rows")
-    if rec.positions_kind == pb.TOKEN_LIST and rec.shape and len(rec.positions) != rec.shape[0]:
-        raise InvalidRecord(f"{len(rec.positions)} positions for {rec.shape[0]} rows")
-    if not rec.request_id:
-        raise InvalidRecord("tensor record has no request_id")
-    if not rec.hook:
-        raise InvalidRecord("tensor record has no hook")
-    _fixed(rec.trace_id, 16, "trace_id")
-    _fixed(rec.span_id, 8, "span_id")
 
 
 class ColumnBatch:
@@ -162,7 +128,7 @@ class ColumnBatch:
 
     def add_summary(self, s: pb.RequestSummary, partition: int, offset: int) -> None:
         if not s.request_id:
-            raise InvalidRecord("request summary has no request_id")
+            raise InvalidRecord(DeadLetterReason.MISSING_FIELD, "request summary has no request_id")
         q = self.req
         q["trace_id"].append(_fixed(s.trace_id, 16, "trace_id"))
         q["span_id"].append(_fixed(s.span_id, 8, "span_id"))

@@ -23,6 +23,7 @@ import numpy as np
 
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
+from tensortrace.wire.completeness import Completeness, completeness  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -41,54 +42,6 @@ class CapturedTensor:
     @property
     def complete_range(self) -> bool:
         return not self.gaps
-
-
-@dataclass
-class Completeness:
-    """What the requests table says, checked against what is loaded.
-
-    state: "complete"   summary says complete and every captured record is loaded
-           "incomplete" summary says records were dropped or the request was cut short
-           "loading"    summary present, fewer records loaded than captured (yet)
-           "no_summary" tensors found but no summary (still in flight, or the producer died)
-    """
-    state: str
-    records_captured: int = 0
-    records_dropped: int = 0
-    records_loaded: int = 0
-    dropped_by_reason: dict[str, int] = field(default_factory=dict)
-    incomplete_reason: str = ""
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finish_reason: str = ""
-    sampled: bool = True
-    summaries: int = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.state == "complete"
-
-
-def completeness(summaries: list[pb.RequestSummary], records_loaded: int) -> Completeness:
-    if not summaries:
-        return Completeness("no_summary", records_loaded=records_loaded)
-    captured = sum(s.records_captured for s in summaries)
-    dropped = sum(s.records_dropped for s in summaries)
-    by_reason: dict[str, int] = {}
-    for s in summaries:
-        for k, v in s.dropped_by_reason.items():
-            by_reason[k] = by_reason.get(k, 0) + v
-    reasons = sorted({s.incomplete_reason for s in summaries if s.incomplete_reason})
-    head = summaries[0]
-    if not all(s.complete for s in summaries) or dropped:
-        state = "incomplete"
-    elif records_loaded < captured:
-        state = "loading"
-    else:
-        state = "complete"
-    return Completeness(state, captured, dropped, records_loaded, by_reason, "; ".join(reasons),
-                        head.prompt_tokens, head.generated_tokens, head.finish_reason,
-                        all(s.sampled for s in summaries), len(summaries))
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from tensortrace.loader.schema import DEFAULT_DATABASE, check_identifier
+from tensortrace.storage.schema import DEFAULT_DATABASE, check_identifier
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, QueryError
 from tensortrace.query.native import read_native
 from tensortrace.v1 import records_pb2 as pb

@@ -86,7 +86,7 @@ def _backend_for(target, database: str):
 
         return GrpcBackend(target.removeprefix("grpc://"))
     if target.startswith(("chdb://", "http://", "https://")):
-        from tensortrace.loader.schema import connect
+        from tensortrace.storage.schema import connect
 
         return ClickHouseBackend(connect(target), database)
     raise InvalidQuery(f"target {target!r}: expected grpc://host:port, http(s)://..., chdb:///path or a client")

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50071)
     a = p.parse_args(argv)
-    from tensortrace.loader.schema import check_identifier, connect
-    from tensortrace.loader.service import ThreadSafeClient
+    from tensortrace.storage.schema import check_identifier, connect
+    from tensortrace.storage import ThreadSafeClient
 
     try:
         check_identifier(a.database)

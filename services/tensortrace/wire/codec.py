@@ -316,6 +316,10 @@ class ChunkAssembler:
         whole.chunk_offset = 0
         return whole
 
+    def discard(self, key: tuple) -> None:
+        """Forget a chunk set without reporting it (its partition moved to another consumer)."""
+        self._pending.pop(key, None)
+
     def _evict(self, key: tuple, reason: str) -> None:
         p = self._pending.pop(key)
         self._expired.append((key, list(p.parts.values()), reason))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import datetime
 
-from tensortrace.loader.migrations import MIGRATIONS
+from tensortrace.storage.migrations import MIGRATIONS
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 DEFAULT_DATABASE = "tensortrace"

@@ -1,0 +1,73 @@
+"""What every consumer of the activation topic is configured with: one dataclass, inherited by the
+services' own configs (loader, bridge, probes) so their flags are the same everywhere.
+
+>>> cfg = ConsumerConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), group_id="my-probes")
+>>> cfg.consumer_problems()     # [] when usable
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tensortrace.service.kafka import KafkaConfig
+
+DEFAULT_TOPIC = "tensortrace.activations"
+DEFAULT_DLQ_TOPIC = "tensortrace.activations.dlq"
+
+
+@dataclass
+class ConsumerConfig:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig,
+                               metadata={"help": "Kafka client settings (bootstrap, security)"})
+    topic: str = DEFAULT_TOPIC
+    group_id: str = "tensortrace-consumer"
+    dlq_topic: str = DEFAULT_DLQ_TOPIC
+    auto_offset_reset: str = "earliest"  # where a new group starts: all retained data
+
+    # The sink is flushed when it says it is due (size) or when its oldest record is this old
+    # (bounds freshness at low load).
+    batch_max_delay_s: float = 0.25
+    # Sealed batches waiting for the flush thread; bounds memory. When full, fetching pauses.
+    insert_queue_batches: int = 2
+
+    chunk_timeout_s: float = 120.0     # a chunk set incomplete this long goes to the dead-letter topic
+    max_pending_chunk_sets: int = 10_000
+
+    retry_initial_s: float = 0.2       # flush / dead-letter retry backoff: doubles up to retry_max_s
+    retry_max_s: float = 10.0
+    rebalance_flush_timeout_s: float = 30.0
+
+    # A consumer that dies without leaving the group holds its partitions until this expires.
+    session_timeout_ms: int = 10_000
+    poll_timeout_ms: int = 100
+    max_poll_records: int = 5000
+    fetch_max_bytes: int = 64 << 20
+    max_partition_fetch_bytes: int = 16 << 20
+
+    def consumer_problems(self) -> list[str]:
+        """Every problem with the consumer settings, each as "field: why"."""
+        out = [f"kafka.{p}" for p in self.kafka.problems()]
+        for name in ("topic", "group_id", "dlq_topic"):
+            v = getattr(self, name)
+            if not v or any(ch.isspace() for ch in v):
+                out.append(f"{name}: {v!r} must be a non-empty name without spaces")
+        if self.dlq_topic == self.topic:
+            out.append("dlq_topic: must differ from topic (a dead letter would be read again)")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            out.append(f"auto_offset_reset: {self.auto_offset_reset!r} is not earliest or latest")
+        if not 0 < self.batch_max_delay_s <= 60:
+            out.append(f"batch_max_delay_s: {self.batch_max_delay_s} not in (0, 60]")
+        if self.insert_queue_batches < 1:
+            out.append(f"insert_queue_batches: {self.insert_queue_batches} < 1")
+        if self.chunk_timeout_s <= 0:
+            out.append(f"chunk_timeout_s: {self.chunk_timeout_s} <= 0")
+        if self.max_pending_chunk_sets < 1:
+            out.append(f"max_pending_chunk_sets: {self.max_pending_chunk_sets} < 1")
+        if not 0 < self.retry_initial_s <= self.retry_max_s:
+            out.append(f"retry_initial_s/retry_max_s: need 0 < {self.retry_initial_s} <= {self.retry_max_s}")
+        if not 6_000 <= self.session_timeout_ms <= 300_000:
+            out.append(f"session_timeout_ms: {self.session_timeout_ms} not in [6000, 300000] (the broker's default bounds)")
+        for name in ("poll_timeout_ms", "max_poll_records", "fetch_max_bytes", "max_partition_fetch_bytes"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: {getattr(self, name)} < 1")
+        return out

@@ -1,0 +1,357 @@
+"""The consumer core: the one implementation of reading the activation topic.
+
+>>> core = ConsumerCore(ConsumerConfig(group_id="my-sink"), MySink(), name="my-sink")
+>>> threading.Thread(target=core.run).start(); ...; core.stop()
+
+Two threads, one bounded queue between them:
+  consume thread  poll -> decode envelopes -> reassemble chunks -> sink.add_tensor / add_summary;
+                  seals the sink's batch when it is due (or batch_max_delay_s old) and queues it;
+                  commits the offsets the flush thread reports durable. KafkaConsumer is not
+                  thread-safe, so every consumer call stays on this thread.
+  flush thread    sink.flush(batch) until the sink says it is durable; then reports the batch's
+                  offsets as safe to commit.
+
+Why nothing is lost and nothing is counted twice (docs/consumers.md):
+  * an offset is committed only once every record read before it is durable in the sink, and never
+    past the first message of a chunk set still being reassembled, nor past the first record of
+    anything the sink still holds (`held_offsets`, e.g. a request not yet released) -> a crash or a
+    rebalance re-reads from there, nothing is lost;
+  * a re-read delivers records again with the same identity (producer pod, pid, generation, seq):
+    sinks are idempotent on it (the loader's tables collapse on it; the per-request view
+    de-duplicates; span and score ids are derived from it);
+  * a message that cannot be decoded, a record a sink refuses (InvalidRecord) and a chunk set that
+    never completes go to the dead-letter topic with a typed reason, acknowledged by the broker
+    before the offset after them may be committed.
+Backpressure: when the queue is full (the sink is slow or down) the consumer pauses its partitions
+but keeps polling, so it stays in the group. A rebalance flushes what was read, commits, and drops
+the state of the partitions that moved (their new owner re-reads from the last commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from tensortrace.consume.config import ConsumerConfig
+from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER,
+                                            DeadLetterReason, InvalidRecord)
+from tensortrace.consume.sink import SealedBatch, Source, held_offsets
+from tensortrace.service.backoff import Backoff
+from tensortrace.wire import codec
+
+log = logging.getLogger("tensortrace.consume")
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of the core (monotonic); services extend it with their sink's own."""
+    messages: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    dlq_messages: int = 0
+    dlq_by_reason: dict[str, int] = field(default_factory=dict)   # DeadLetterReason.value -> count
+    paused: int = 0                 # times fetching paused because the flush queue was full
+    decode_seconds: float = 0.0     # consume thread: decoding and handing records to the sink
+
+    def snapshot(self) -> dict:
+        d = dict(self.__dict__)
+        d["dlq_by_reason"] = dict(self.dlq_by_reason)
+        return d
+
+
+class ConsumerCore:
+    def __init__(self, config: ConsumerConfig, sink, *, name: str = "consumer", stats: ConsumerStats | None = None,
+                 producer=None):
+        problems = config.consumer_problems()
+        if problems:
+            from tensortrace.service.config import ConfigError
+            raise ConfigError(f"{name} config: " + "; ".join(problems))
+        self.config = config
+        self.sink = sink
+        self.name = name
+        self.stats = stats if stats is not None else ConsumerStats()
+        self.stopping = threading.Event()
+        self.ready = threading.Event()   # set once the consumer has partitions assigned
+        self.assigned: set[TopicPartition] = set()
+        self._queue: queue.Queue[SealedBatch | None] = queue.Queue(maxsize=config.insert_queue_batches)
+        self._done: queue.Queue[dict[TopicPartition, int]] = queue.Queue()
+        self._assembler = codec.ChunkAssembler(timeout_s=config.chunk_timeout_s,
+                                               max_pending=config.max_pending_chunk_sets)
+        # chunk set key -> (partition, offset of its first chunk): commits never pass it
+        self._holds: dict[tuple, tuple[TopicPartition, int]] = {}
+        self._producer = producer
+        self._consumer: KafkaConsumer | None = None
+        self._ranges: dict[tuple[str, int], list[int]] = {}
+        self._opened = time.monotonic()
+        self._read_upto: dict[TopicPartition, int] = {}   # next offset to read, per partition
+        self._committed: dict[TopicPartition, int] = {}
+        self._inflight = 0
+        self._inflight_lock = threading.Condition()
+        self._flusher: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def live(self) -> bool:
+        """False once the flush thread died (a sink bug): the service should be restarted."""
+        return self._flusher is None or self._flusher.is_alive() or self.stopping.is_set()
+
+    def run(self) -> None:
+        """Consume until stop(); flushes and commits what it read before returning."""
+        cfg = self.config
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"{self.name}-flush", daemon=True)
+        self._flusher.start()
+        self._consumer = KafkaConsumer(
+            **cfg.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-{cfg.group_id}"),
+            group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
+            max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
+            max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
+            session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3))
+        self._consumer.subscribe([cfg.topic], listener=_Rebalance(self))
+        try:
+            while not self.stopping.is_set():
+                self._commit_done()
+                polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
+                if not self.ready.is_set() and self._consumer.assignment():
+                    self.ready.set()
+                t0 = time.perf_counter()
+                for tp, messages in polled.items():
+                    for m in messages:
+                        self._handle_message(tp, m)
+                self.stats.decode_seconds += time.perf_counter() - t0
+                self._expire_chunks()
+                self._maybe_hand_off()
+            self._hand_off()
+            self._drain(timeout_s=cfg.rebalance_flush_timeout_s)
+        finally:
+            self.stopping.set()  # also on an exception: the flush thread must not retry forever
+            self._queue.put(None)
+            self._flusher.join(timeout=cfg.rebalance_flush_timeout_s)
+            self._commit_done()
+            self._consumer.close(autocommit=False)
+            if self._producer is not None:
+                self._producer.flush(timeout=10)
+                self._producer.close(timeout=10)
+
+    # -- consume side ---------------------------------------------------------------------------
+
+    def _handle_message(self, tp: TopicPartition, m) -> None:
+        self.stats.messages += 1
+        r = self._ranges.get((tp.topic, tp.partition))
+        if r is None:
+            self._ranges[(tp.topic, tp.partition)] = [m.offset, m.offset]
+        else:
+            r[1] = m.offset
+        self._read_upto[tp] = m.offset + 1
+        try:
+            records = codec.decode_envelope(m.value)
+        except codec.WireError as e:
+            self._dead_letter(tp, m.offset, m.key, m.value, DeadLetterReason.ENVELOPE, str(e))
+            return
+        sink = self.sink
+        source = Source(tp.topic, tp.partition, m.offset)
+        for rec in records:
+            kind = rec.WhichOneof("kind")
+            try:
+                if kind == "summary":
+                    sink.add_summary(rec.summary, source)
+                    continue
+                t = rec.tensor
+                if t.chunk_count > 1:
+                    key = codec.record_key(t)
+                    hold = self._holds.setdefault(key, (tp, m.offset))
+                    try:
+                        whole = self._assembler.add(t)
+                    except codec.WireError as e:
+                        self._holds.pop(key, None)
+                        raise InvalidRecord(DeadLetterReason.CHUNKS, f"chunks: {e}") from None
+                    if whole is None:
+                        continue
+                    self._holds.pop(key, None)
+                    t = whole
+                    source = Source(tp.topic, tp.partition, hold[1])
+                sink.add_tensor(t, source)
+            except InvalidRecord as e:
+                self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([rec]), e.reason, str(e))
+
+    def _expire_chunks(self) -> None:
+        for key, parts, reason in self._assembler.expire():
+            hold = self._holds.pop(key, None)
+            tp, offset = hold if hold else (None, -1)
+            n = parts[0].chunk_count if parts else "?"
+            self._dead_letter(tp, offset, (parts[0].request_id.encode() if parts else None),
+                              codec.encode_envelope(parts), DeadLetterReason.CHUNKS,
+                              f"chunks: {reason} ({len(parts)} of {n} arrived)")
+
+    def _dead_letter(self, tp, offset: int, key, value: bytes, reason: DeadLetterReason, message: str) -> None:
+        """Send one message to the dead-letter topic and wait for the broker's ack (the offset after
+        it may be committed only once the dead letter is safe)."""
+        reason = DeadLetterReason(reason)
+        log.warning("dead letter (%s) from %s@%s: %s", reason.value, tp, offset, message)
+        if self._producer is None:
+            self._producer = KafkaProducer(**self.config.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-dlq"),
+                                           acks="all", max_request_size=16 << 20)
+        source = f"{tp.topic}/{tp.partition}/{offset}" if tp is not None else "unknown"
+        headers = [(DLQ_REASON_HEADER, message.encode()), (DLQ_REASON_CODE_HEADER, reason.value.encode()),
+                   (DLQ_SOURCE_HEADER, source.encode())]
+        backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
+        while True:
+            try:
+                self._producer.send(self.config.dlq_topic, key=key, value=value, headers=headers).get(timeout=30)
+                break
+            except KafkaError as e:
+                if self.stopping.is_set():
+                    raise
+                log.error("dead-letter topic %s not writable (%s); retrying", self.config.dlq_topic, e)
+                backoff.wait()
+        self.stats.dlq_messages += 1
+        self.stats.dlq_by_reason[reason.value] = self.stats.dlq_by_reason.get(reason.value, 0) + 1
+
+    def _commit_positions(self) -> dict[TopicPartition, int]:
+        """Per partition: the next offset to read, held back to the first chunk of any open chunk
+        set and to the first record the sink still holds."""
+        out = dict(self._read_upto)
+        for tp, offset in self._holds.values():
+            if tp in out and offset < out[tp]:
+                out[tp] = offset
+        held = held_offsets(self.sink)
+        if held:
+            for tp in out:
+                o = held.get(tp.partition)
+                if o is not None and o < out[tp]:
+                    out[tp] = o
+        return {tp: o for tp, o in out.items() if o > self._committed.get(tp, -1)}
+
+    def _maybe_hand_off(self) -> None:
+        cfg = self.config
+        due = time.monotonic() - self._opened >= cfg.batch_max_delay_s
+        if self.sink.due() or due:
+            self._hand_off()
+
+    def _hand_off(self, in_rebalance: bool = False) -> bool:
+        """Queue the sink's batch for flushing. False: gave up (only inside a rebalance, after
+        rebalance_flush_timeout_s); the batch is then dropped uncommitted, so it is re-read."""
+        data = self.sink.seal()
+        ranges = {k: (v[0], v[1]) for k, v in self._ranges.items()}
+        self._ranges = {}
+        self._opened = time.monotonic()
+        b = SealedBatch(data=data, ranges=ranges, commit=self._commit_positions(), created=self._opened)
+        if data is None and not b.commit:
+            return True
+        with self._inflight_lock:
+            self._inflight += 1
+        # Bounded queue: when the flush side is behind (or the sink's store is down), pause
+        # fetching but keep polling so the group membership stays alive (not from inside a
+        # rebalance callback, which already runs inside poll()).
+        deadline = time.monotonic() + self.config.rebalance_flush_timeout_s
+        paused = False
+        while True:
+            try:
+                self._queue.put(b, timeout=0.1)
+                return True
+            except queue.Full:
+                self._commit_done()
+                if in_rebalance:
+                    if time.monotonic() > deadline:
+                        with self._inflight_lock:
+                            self._inflight -= 1
+                            self._inflight_lock.notify_all()
+                        return False
+                elif self._consumer is not None:
+                    if not paused:
+                        self.stats.paused += 1
+                        paused = True
+                    assigned = self._consumer.assignment()
+                    self._consumer.pause(*assigned)
+                    self._consumer.poll(timeout_ms=0)
+                    self._consumer.resume(*assigned)
+
+    def _commit_done(self) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        while True:
+            try:
+                offsets.update(self._done.get_nowait())
+            except queue.Empty:
+                break
+        if not offsets or self._consumer is None:
+            return
+        mine = {tp: o for tp, o in offsets.items() if tp in self.assigned}
+        if not mine:
+            return
+        try:
+            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
+            self._committed.update(mine)
+            self.stats.commits += 1
+        except (CommitFailedError, KafkaError) as e:
+            # Rebalanced away: the new owner re-reads from the last commit; duplicates collapse.
+            self.stats.commit_failures += 1
+            log.warning("offset commit failed (%s); the records will be re-read and deduplicated", e)
+
+    def _drain(self, timeout_s: float) -> bool:
+        """Wait until every queued batch is flushed, then commit. False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._inflight_lock:
+            while self._inflight and time.monotonic() < deadline:
+                self._inflight_lock.wait(timeout=0.1)
+            ok = self._inflight == 0
+        self._commit_done()
+        return ok
+
+    def _on_revoked(self, revoked) -> None:
+        self._hand_off(in_rebalance=True)
+        self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
+        revoked = set(revoked)
+        for key in [k for k, (tp, _) in self._holds.items() if tp in revoked]:
+            self._holds.pop(key)
+            self._assembler.discard(key)  # the new owner re-reads these chunks
+        forget = getattr(self.sink, "revoked", None)
+        if forget is not None:
+            forget({tp.partition for tp in revoked})
+        for tp in revoked:
+            self._read_upto.pop(tp, None)
+            self._committed.pop(tp, None)
+        self.assigned -= revoked
+
+    def _on_assigned(self, assigned) -> None:
+        self.assigned |= set(assigned)
+        for tp in assigned:
+            self._committed.pop(tp, None)
+
+    # -- flush side -----------------------------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while True:
+            b = self._queue.get()
+            if b is None:
+                return
+            try:
+                if b.data is None or self.sink.flush(b, self.stopping):
+                    self._done.put(b.commit)
+            except Exception:  # a sink bug: never commit past it; the next owner re-reads
+                log.exception("%s: flush failed; its offsets are not committed", self.name)
+                self.stopping.set()
+            finally:
+                with self._inflight_lock:
+                    self._inflight -= 1
+                    self._inflight_lock.notify_all()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, core: ConsumerCore):
+        self.core = core
+
+    def on_partitions_revoked(self, revoked):
+        self.core._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned):
+        self.core._on_assigned(assigned)

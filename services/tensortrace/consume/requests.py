@@ -1,0 +1,297 @@
+"""The per-request view: for consumers that think in requests (the OTel bridge, probes).
+
+>>> class TokenCounter:                          # a RequestHandler
+...     def on_request(self, req: CapturedRequest) -> None:
+...         print(req.request_id, req.completeness.state, len(req.records))
+>>> core = ConsumerCore(ConsumerConfig(group_id="tokens"), RequestView(TokenCounter()), name="tokens")
+
+Records of one request (same trace id and request id; the exporter keys them by request id, so
+they share a partition) are gathered, de-duplicated by record identity (producer pod, pid,
+generation, seq: an at-least-once re-delivery adds nothing), and the request is released to the
+handler exactly when one of these holds:
+  * COMPLETE   every producer that sent records (one per TP rank) has sent its summary, and every
+               record the summaries announce (records_captured) has arrived. Completeness follows
+               the query SDK's rule (tensortrace.wire.completeness — one implementation): "complete",
+               or "incomplete" when a summary says records were dropped or the request was cut short;
+               a summary with sampled=false announces no tensors and releases at once;
+  * TIMEOUT    nothing new arrived for `timeout_s`: released with `final=True` completeness —
+               "incomplete" with "k of n captured records arrived", or "no_summary";
+  * EVICTED    the view holds more than `max_requests` requests or `max_bytes` of kept payload:
+               the oldest is released early, incomplete, with the reason (memory stays bounded).
+Never silently partial: `req.completeness.complete` is True only in the first case with nothing
+dropped. A record or summary arriving after its request was released is counted (`late_records`)
+and dropped; the released identities are remembered (bounded) so a late duplicate never releases
+a second, partial copy of a request.
+
+Offsets: the view tells the core the lowest offset of every request it still holds
+(`held_offsets`), so a commit never passes a record of an unreleased request: after a crash the
+request is re-read whole. Handlers run on the flush thread and must be idempotent per request
+(a re-read after a crash can release a request again): derive output ids from the request's
+identity, as the bridge's span ids and the probes' score keys do.
+
+`keep(record) -> bool` lets a consumer take only the records it needs (e.g. one hook and layer):
+the others are counted for completeness, and their payloads are not kept.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from tensortrace.consume.sink import SealedBatch, Source
+from tensortrace.consume.validate import check_summary, check_tensor_record
+from tensortrace.service.backoff import Backoff
+from tensortrace.v1 import records_pb2 as pb
+from tensortrace.wire import codec
+from tensortrace.wire.completeness import Completeness, completeness
+
+log = logging.getLogger("tensortrace.consume.requests")
+
+
+class Release(str, enum.Enum):
+    COMPLETE = "complete"   # every summary and every announced record arrived
+    TIMEOUT = "timeout"     # nothing new for timeout_s
+    EVICTED = "evicted"     # the view's memory bound
+    STOPPED = "stopped"     # never used for delivery: open requests at shutdown are re-read
+
+
+@dataclass
+class CapturedRequest:
+    """One request as the stream delivered it."""
+    trace_id: bytes
+    request_id: str
+    model: str = ""
+    records: list[pb.TensorRecord] = field(default_factory=list)   # kept records, de-duplicated, arrival order
+    summaries: list[pb.RequestSummary] = field(default_factory=list)
+    completeness: Completeness | None = None
+    release: Release = Release.COMPLETE
+    records_seen: int = 0          # distinct tensor records, kept or not
+    first_seen_ns: int = 0         # wall clock when its first record or summary arrived here
+    released_ns: int = 0
+    sources: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> (first, last offset)
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.trace_id, self.request_id)
+
+
+class RequestHandler(Protocol):
+    def on_request(self, request: CapturedRequest) -> None:
+        """Called on the flush thread, once per released request (again only after a re-read).
+        Raise to have it retried with backoff (the handler's output was not made durable);
+        catch what should be skipped."""
+
+
+@dataclass
+class RequestViewStats:
+    requests_open: int = 0
+    released: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in Release if r is not Release.STOPPED})
+    released_complete: int = 0      # completeness.state == "complete"
+    released_incomplete: int = 0
+    duplicate_records: int = 0      # re-deliveries collapsed on record identity
+    late_records: int = 0           # arrived after their request was released
+    kept_bytes: int = 0             # payload bytes held now
+    handler_failures: int = 0       # on_request raised (retried)
+
+
+class _Open:
+    __slots__ = ("req", "ids", "summary_ids", "producers", "captured", "last_ns", "kept_bytes", "offsets")
+
+    def __init__(self, req: CapturedRequest):
+        self.req = req
+        self.ids: set[tuple] = set()
+        self.summary_ids: set[tuple] = set()
+        self.producers: dict[tuple, int] = {}          # producer -> distinct records seen from it
+        self.captured: dict[tuple, int] = {}           # producer -> records its summary announces
+        self.last_ns = 0
+        self.kept_bytes = 0
+        self.offsets: dict[int, int] = {}               # partition -> lowest offset held
+
+
+def _producer(rec) -> tuple:
+    p = rec.producer
+    return (p.pod, p.pid, p.generation)
+
+
+class RequestView:
+    """A `tensortrace.consume.Sink` that groups records by request (module docstring)."""
+
+    def __init__(self, handler: RequestHandler, *, timeout_s: float = 30.0, keep: Callable[[pb.TensorRecord], bool] | None = None,
+                 max_requests: int = 10_000, max_bytes: int = 512 << 20, remember_released: int = 200_000,
+                 retry_initial_s: float = 0.2, retry_max_s: float = 10.0, clock: Callable[[], int] = time.monotonic_ns):
+        if timeout_s <= 0 or max_requests < 1 or max_bytes < 1:
+            raise ValueError("RequestView: timeout_s, max_requests and max_bytes must be positive")
+        self.handler = handler
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.keep = keep
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.remember = remember_released
+        self.retry = (retry_initial_s, retry_max_s)
+        self.clock = clock
+        self.stats = RequestViewStats()
+        self._open: OrderedDict[tuple, _Open] = OrderedDict()   # oldest first (by first arrival)
+        self._released: OrderedDict[tuple, None] = OrderedDict()
+        self._ready: list[CapturedRequest] = []
+        self._last_scan = 0
+
+    # -- Sink: consume thread -------------------------------------------------------------------
+
+    def add_tensor(self, rec: pb.TensorRecord, source: Source) -> None:
+        check_tensor_record(rec)
+        o = self._entry(rec, source)
+        if o is None:
+            return
+        ident = (rec.producer.pod, rec.producer.pid, rec.producer.generation, rec.seq)
+        if ident in o.ids:
+            self.stats.duplicate_records += 1
+            return
+        o.ids.add(ident)
+        o.req.records_seen += 1
+        prod = ident[:3]
+        o.producers[prod] = o.producers.get(prod, 0) + 1
+        if self.keep is None or self.keep(rec):
+            o.req.records.append(rec)
+            n = len(rec.payload)
+            o.kept_bytes += n
+            self.stats.kept_bytes += n
+            if not o.req.model:
+                o.req.model = rec.model_id
+        self._check(o)
+        if self.stats.kept_bytes > self.max_bytes:
+            self._evict_until_within_bounds()
+
+    def add_summary(self, s: pb.RequestSummary, source: Source) -> None:
+        check_summary(s)
+        o = self._entry(s, source)
+        if o is None:
+            return
+        ident = codec.record_key(s)
+        if ident in o.summary_ids:
+            self.stats.duplicate_records += 1
+            return
+        o.summary_ids.add(ident)
+        o.req.summaries.append(s)
+        if not o.req.model:
+            o.req.model = s.model_id
+        prod = _producer(s)
+        o.captured[prod] = o.captured.get(prod, 0) + s.records_captured
+        self._check(o)
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now - self._last_scan >= 50_000_000:   # timeouts: scanned every 50 ms at most
+            self._last_scan = now
+            self._expire(now)
+        return bool(self._ready)
+
+    def seal(self) -> list[CapturedRequest] | None:
+        self.due()
+        if not self._ready:
+            return None
+        out, self._ready = self._ready, []
+        return out
+
+    def held_offsets(self) -> dict[int, int]:
+        held: dict[int, int] = {}
+        for o in self._open.values():
+            for part, off in o.offsets.items():
+                if off < held.get(part, off + 1):
+                    held[part] = off
+        return held
+
+    def revoked(self, partitions: set[int]) -> None:
+        """The core lost these partitions: forget their open requests (the new owner re-reads
+        them whole from the last commit, which the held offsets kept behind them)."""
+        for key in [k for k, o in self._open.items() if set(o.offsets) & partitions]:
+            o = self._open.pop(key)
+            self.stats.kept_bytes -= o.kept_bytes
+        self.stats.requests_open = len(self._open)
+
+    # -- Sink: flush thread ---------------------------------------------------------------------
+
+    def flush(self, batch: SealedBatch, stopping: threading.Event) -> bool:
+        for req in batch.data:
+            backoff = Backoff(*self.retry)
+            while True:
+                try:
+                    self.handler.on_request(req)
+                    break
+                except Exception:  # the handler's output is not durable: retry, never skip silently
+                    self.stats.handler_failures += 1
+                    log.exception("request handler failed on %s (%s); retrying", req.request_id, req.trace_id.hex())
+                    if backoff.wait(stopping):
+                        return False
+        return True
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _entry(self, rec, source: Source) -> _Open | None:
+        key = (rec.trace_id, rec.request_id)
+        o = self._open.get(key)
+        if o is None:
+            if key in self._released:
+                self.stats.late_records += 1
+                return None
+            now_wall = time.time_ns()
+            o = self._open[key] = _Open(CapturedRequest(trace_id=rec.trace_id, request_id=rec.request_id,
+                                                        first_seen_ns=now_wall))
+            self.stats.requests_open = len(self._open)
+            if len(self._open) > self.max_requests:
+                self._evict_until_within_bounds()
+                if key not in self._open:   # the new one was the oldest (cannot happen) or evicted
+                    return None
+        o.last_ns = self.clock()
+        if source.partition not in o.offsets or source.offset < o.offsets[source.partition]:
+            o.offsets[source.partition] = source.offset
+        first, last = o.req.sources.get(source.partition, (source.offset, source.offset))
+        o.req.sources[source.partition] = (min(first, source.offset), max(last, source.offset))
+        return o
+
+    def _check(self, o: _Open) -> None:
+        if not o.captured:
+            return
+        if any(p not in o.captured for p in o.producers):
+            return   # a rank sent records but no summary yet
+        if all(o.producers.get(p, 0) >= n for p, n in o.captured.items()):
+            self._release(o, Release.COMPLETE, final=False)
+
+    def _release(self, o: _Open, why: Release, final: bool, reason: str = "") -> None:
+        req = o.req
+        key = req.key
+        self._open.pop(key, None)
+        self.stats.kept_bytes -= o.kept_bytes
+        self.stats.requests_open = len(self._open)
+        waited = (self.clock() - o.last_ns) / 1e9 if final else None
+        c = completeness(req.summaries, req.records_seen, final=final, waited_s=waited)
+        if why is Release.EVICTED:
+            c.state = "incomplete" if c.state != "no_summary" else c.state
+            c.incomplete_reason = "; ".join(x for x in (c.incomplete_reason, reason) if x)
+        req.completeness = c
+        req.release = why
+        req.released_ns = time.time_ns()
+        self._ready.append(req)
+        self.stats.released[why.value] += 1
+        if c.complete:
+            self.stats.released_complete += 1
+        else:
+            self.stats.released_incomplete += 1
+        self._released[key] = None
+        while len(self._released) > self.remember:
+            self._released.popitem(last=False)
+
+    def _expire(self, now: int) -> None:
+        stale = [o for o in self._open.values() if now - o.last_ns >= self.timeout_ns]
+        for o in stale:
+            self._release(o, Release.TIMEOUT, final=True)
+
+    def _evict_until_within_bounds(self) -> None:
+        while self._open and (len(self._open) > self.max_requests or self.stats.kept_bytes > self.max_bytes):
+            _, o = next(iter(self._open.items()))
+            self._release(o, Release.EVICTED, final=True,
+                          reason=f"evicted: the view holds more than {self.max_requests} requests or {self.max_bytes} payload bytes")
