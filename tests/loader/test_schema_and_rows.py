@@ -14,9 +14,10 @@ from tensortrace.v1 import records_pb2 as pb
 @pytest.mark.integration
 def test_migrations_are_recorded_idempotent_and_ttl_follows_config(tt_db):
     client, db = tt_db  # already migrated once by the fixture
-    assert schema.applied_versions(client, db) == [schema.SCHEMA_VERSION]
+    every = list(range(1, schema.SCHEMA_VERSION + 1))
+    assert schema.applied_versions(client, db) == every
     assert schema.apply_migrations(client, db, ttl_days=30) == schema.SCHEMA_VERSION
-    assert schema.applied_versions(client, db) == [schema.SCHEMA_VERSION]
+    assert schema.applied_versions(client, db) == every
     ddl = client.query(f"SHOW CREATE TABLE {db}.activations").result_rows[0][0]
     assert "toIntervalDay(30)" in ddl
     assert "toIntervalHour(24) RECOMPRESS CODEC(ZSTD(1))" in ddl   # the payload's cold tier
@@ -178,3 +179,29 @@ def test_a_retried_insert_with_the_same_token_adds_no_rows(tt_db):
     client.insert_arrow(f"{db}.activations", table, settings={"insert_deduplication_token": "a:t/0/10-19"})
     assert client.query(f"SELECT count() FROM {db}.activations").result_rows[0][0] == 2 * b.tensor_rows
     assert client.query(f"SELECT count() FROM {db}.activations FINAL").result_rows[0][0] == b.tensor_rows
+
+
+@pytest.mark.integration
+def test_a_version_1_database_upgrades_and_its_old_summaries_read_as_one_producer(ch_client, ch_database):
+    from tensortrace.storage import migrations
+
+    client, db = ch_client, ch_database
+    v1_only = [m for m in migrations.MIGRATIONS if m[0] == 1]
+    original = migrations.MIGRATIONS[:]
+    try:
+        schema.MIGRATIONS[:] = v1_only
+        schema.SCHEMA_VERSION, saved = 1, schema.SCHEMA_VERSION
+        schema.apply_migrations(client, db)
+    finally:
+        schema.MIGRATIONS[:] = original
+        schema.SCHEMA_VERSION = saved
+    req = SyntheticRequest.make("old", layers=1, hidden=8)
+    cols = [c for c in schema.REQUEST_COLUMNS if c != "producers"]
+    batch = ColumnBatch()
+    batch.add_summary(req.summary, 0, 0)
+    table = batch.requests_table(time.time_ns()).drop_columns(["producers"]).select(cols)
+    client.insert_arrow(f"{db}.requests", table)
+    assert schema.apply_migrations(client, db) == schema.SCHEMA_VERSION
+    assert schema.applied_versions(client, db) == [1, 2]
+    rows = client.query(f"SELECT producers FROM {db}.requests").result_rows
+    assert rows == [(1,)]

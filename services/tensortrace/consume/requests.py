@@ -9,8 +9,9 @@ Records of one request (same trace id and request id; the exporter keys them by 
 they share a partition) are gathered, de-duplicated by record identity (producer pod, pid,
 generation, seq: an at-least-once re-delivery adds nothing), and the request is released to the
 handler exactly when one of these holds:
-  * COMPLETE   every producer that sent records (one per TP rank) has sent its summary, and every
-               record the summaries announce (records_captured) has arrived. Completeness follows
+  * COMPLETE   every producer (TP rank) the summaries count (`producers`) and every producer that
+               sent records has sent its summary, and every record the summaries announce
+               (records_captured) has arrived. Completeness follows
                the query SDK's rule (tensortrace.wire.completeness — one implementation): "complete",
                or "incomplete" when a summary says records were dropped or the request was cut short;
                a summary with sampled=false announces no tensors and releases at once;
@@ -258,6 +259,8 @@ class RequestView:
             return
         if any(p not in o.captured for p in o.producers):
             return   # a rank sent records but no summary yet
+        if len(o.captured) < max(max(s.producers for s in o.req.summaries), 1):
+            return   # the summaries say more ranks write one
         if all(o.producers.get(p, 0) >= n for p, n in o.captured.items()):
             self._release(o, Release.COMPLETE, final=False)
 

@@ -145,6 +145,7 @@ class ColumnBatch:
         q["finish_reason"].append(s.finish_reason)
         q["hooks"].append(list(s.hooks))
         q["sampled"].append(s.sampled)
+        q["producers"].append(s.producers or 1)
         q["start_time"].append(s.start_time_unix_nano)
         q["end_time"].append(s.end_time_unix_nano or s.export_time_unix_nano or time.time_ns())
         q["export_time"].append(s.export_time_unix_nano)
@@ -198,6 +199,7 @@ class ColumnBatch:
             "finish_reason": pa.array(q["finish_reason"], pa.string()),
             "hooks": pa.array(q["hooks"], pa.list_(pa.string())),
             "sampled": pa.array(q["sampled"], pa.bool_()),
+            "producers": pa.array(q["producers"], pa.uint16()),
             "start_time": pa.array(q["start_time"], pa.int64()).cast(_TS),
             "end_time": pa.array(q["end_time"], pa.int64()).cast(_TS),
             "export_time": pa.array(q["export_time"], pa.int64()).cast(_TS),

@@ -208,7 +208,7 @@ class ClickHouseBackend:
                        dropped_by_reason, bytes_captured, complete, incomplete_reason, prompt_tokens,
                        generated_tokens, finish_reason, hooks, sampled, toUnixTimestamp64Nano(start_time),
                        toUnixTimestamp64Nano(end_time), toUnixTimestamp64Nano(export_time),
-                       producer_node, producer_pod, producer_pid, producer_rank, producer_generation, seq
+                       producer_node, producer_pod, producer_pid, producer_rank, producer_generation, seq, producers
                 FROM {self.db}.requests FINAL
                 WHERE trace_id = unhex({{tid:String}}) AND request_id = {{rid:String}}
                 ORDER BY producer_rank, producer_pod, producer_pid, producer_generation, seq""",
@@ -221,7 +221,8 @@ class ClickHouseBackend:
                 complete=bool(r[8]), incomplete_reason=r[9], prompt_tokens=r[10], generated_tokens=r[11],
                 finish_reason=r[12], hooks=list(r[13]), sampled=bool(r[14]), start_time_unix_nano=r[15],
                 end_time_unix_nano=r[16], export_time_unix_nano=r[17],
-                producer=pb.Producer(node=r[18], pod=r[19], pid=r[20], tp_rank=r[21], generation=r[22]), seq=r[23]))
+                producer=pb.Producer(node=r[18], pod=r[19], pid=r[20], tp_rank=r[21], generation=r[22]), seq=r[23],
+                producers=r[24]))
         return RequestStatus(ref, summaries, int(loaded))
 
     def describe(self, ref: RequestRef) -> list[HookLayerStats]:

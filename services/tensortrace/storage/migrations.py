@@ -129,6 +129,11 @@ FROM {db}.activations
 GROUP BY trace_id, request_id, model
 """
 
+# RequestSummary.producers (records.proto field 21): how many TP ranks write a summary for the
+# request; the completeness rule waits for all of them. Rows written before it read as 1.
+_REQUESTS_PRODUCERS = "ALTER TABLE {db}.requests ADD COLUMN IF NOT EXISTS producers UInt16 DEFAULT 1 AFTER sampled"
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "activations, requests, activation_traces", [_ACTIVATIONS, _REQUESTS, _ACTIVATION_TRACES, _ACTIVATION_TRACES_MV]),
+    (2, "requests.producers", [_REQUESTS_PRODUCERS]),
 ]

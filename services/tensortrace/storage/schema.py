@@ -41,7 +41,7 @@ ACTIVATION_COLUMNS = (
 REQUEST_COLUMNS = (
     "trace_id", "span_id", "request_id", "model", "records_captured", "records_dropped",
     "dropped_by_reason", "bytes_captured", "complete", "incomplete_reason", "prompt_tokens",
-    "generated_tokens", "finish_reason", "hooks", "sampled", "start_time", "end_time", "export_time",
+    "generated_tokens", "finish_reason", "hooks", "sampled", "producers", "start_time", "end_time", "export_time",
     "load_time", "producer_node", "producer_pod", "producer_pid", "producer_rank",
     "producer_generation", "seq", "kafka_partition", "kafka_offset",
 )

@@ -148,7 +148,7 @@ class TensorRecord(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., hook: _Optional[str] = ..., layer: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., positions_kind: _Optional[_Union[PositionsKind, str]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., phase: _Optional[_Union[Phase, str]] = ..., step: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ..., capture_time_unix_nano: _Optional[int] = ..., export_time_unix_nano: _Optional[int] = ..., producer: _Optional[_Union[Producer, _Mapping]] = ..., seq: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., chunk_offset: _Optional[int] = ..., payload_size: _Optional[int] = ...) -> None: ...
 
 class RequestSummary(_message.Message):
-    __slots__ = ("model_id", "request_id", "trace_id", "span_id", "producer", "seq", "records_captured", "records_dropped", "dropped_by_reason", "bytes_captured", "complete", "incomplete_reason", "prompt_tokens", "generated_tokens", "finish_reason", "hooks", "start_time_unix_nano", "end_time_unix_nano", "export_time_unix_nano", "sampled")
+    __slots__ = ("model_id", "request_id", "trace_id", "span_id", "producer", "seq", "records_captured", "records_dropped", "dropped_by_reason", "bytes_captured", "complete", "incomplete_reason", "prompt_tokens", "generated_tokens", "finish_reason", "hooks", "start_time_unix_nano", "end_time_unix_nano", "export_time_unix_nano", "sampled", "producers")
     class DroppedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class RequestSummary(_message.Message):
     END_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     EXPORT_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PRODUCERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     request_id: str
     trace_id: bytes
@@ -196,7 +197,8 @@ class RequestSummary(_message.Message):
     end_time_unix_nano: int
     export_time_unix_nano: int
     sampled: bool
-    def __init__(self, model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., producer: _Optional[_Union[Producer, _Mapping]] = ..., seq: _Optional[int] = ..., records_captured: _Optional[int] = ..., records_dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ..., bytes_captured: _Optional[int] = ..., complete: _Optional[bool] = ..., incomplete_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., hooks: _Optional[_Iterable[str]] = ..., start_time_unix_nano: _Optional[int] = ..., end_time_unix_nano: _Optional[int] = ..., export_time_unix_nano: _Optional[int] = ..., sampled: _Optional[bool] = ...) -> None: ...
+    producers: int
+    def __init__(self, model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., producer: _Optional[_Union[Producer, _Mapping]] = ..., seq: _Optional[int] = ..., records_captured: _Optional[int] = ..., records_dropped: _Optional[int] = ..., dropped_by_reason: _Optional[_Mapping[str, int]] = ..., bytes_captured: _Optional[int] = ..., complete: _Optional[bool] = ..., incomplete_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., hooks: _Optional[_Iterable[str]] = ..., start_time_unix_nano: _Optional[int] = ..., end_time_unix_nano: _Optional[int] = ..., export_time_unix_nano: _Optional[int] = ..., sampled: _Optional[bool] = ..., producers: _Optional[int] = ...) -> None: ...
 
 class Record(_message.Message):
     __slots__ = ("tensor", "summary")

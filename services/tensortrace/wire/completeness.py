@@ -7,7 +7,8 @@ the per-request view of the stream consumers (records off Kafka: bridge, probes)
 A request's producer (one per TP rank) writes one RequestSummary after its last record. The
 summary counts the records it captured and the ones it dropped (by reason). So:
   * "incomplete"  a summary says records were dropped, or the request was cut short;
-  * "loading"     summaries present, fewer distinct records seen than they announce (yet);
+  * "loading"     summaries present, but fewer distinct records seen than they announce, or fewer
+                  producers' summaries than they say write one (`producers`: the TP ranks) (yet);
   * "no_summary"  records seen but no summary (still in flight, or the producer died);
   * "complete"    every summary says complete and every announced record is there.
 A reader that cannot wait any longer (`final=True`: the stream view after its timeout) turns
@@ -61,14 +62,19 @@ def completeness(summaries: list[pb.RequestSummary], records_loaded: int, final:
             by_reason[k] = by_reason.get(k, 0) + v
     reasons = sorted({s.incomplete_reason for s in summaries if s.incomplete_reason})
     head = summaries[0]
+    expected = max(max(s.producers for s in summaries), 1)
+    producers_seen = len({(s.producer.pod, s.producer.pid, s.producer.generation, s.producer.tp_rank) for s in summaries})
     if not all(s.complete for s in summaries) or dropped:
         state = "incomplete"
-    elif records_loaded < captured:
+    elif records_loaded < captured or producers_seen < expected:
         state = "loading"
         if final:
             state = "incomplete"
             within = f" within {waited_s:.1f}s" if waited_s is not None else ""
-            reasons.append(f"{records_loaded} of {captured} captured records arrived{within}")
+            if producers_seen < expected:
+                reasons.append(f"summaries of {producers_seen} of {expected} producers (TP ranks) arrived{within}")
+            if records_loaded < captured:
+                reasons.append(f"{records_loaded} of {captured} captured records arrived{within}")
     else:
         state = "complete"
     return Completeness(state, captured, dropped, records_loaded, by_reason, "; ".join(reasons),
