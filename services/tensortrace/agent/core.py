@@ -5,16 +5,27 @@ agent which rows belong to which request (a StepLayout). The agent decides what 
 copies it into the Ring² file (CPU: one copy; CUDA: device staging + async D2H, see staging.py),
 counts every drop and writes one summary per request.
 
+CaptureAgent is the agent side of the engine contract (backends/base.py: `AgentPort` lists the
+calls a backend may make, who makes them, when and on which thread; docs/agent.md "Engine
+contract"):
+
 >>> agent = CaptureAgent(AgentConfig(ring_dir="/tmp/tt", model_id="tiny"))
 >>> ctx = agent.begin_request("r1", traceparent=None, prompt_tokens=5)
->>> agent.begin_step(layout)               # per forward, from the backend
->>> agent.capture("resid_pre", 0, rows)    # in a tap: rows = tensor viewed as [rows, *row_shape]
+>>> agent.begin_step(layout)                               # per forward, from the backend
+>>> agent.tap("resid_pre", 0, extract, module, args)       # in a tap: extract(module, args) -> rows
+>>> agent.capture("logits", -1, rows)                      # rows the backend already holds
 >>> agent.end_step()
 >>> agent.end_request("r1", finish_reason="stop", generated_tokens=3)
 >>> agent.close()
 
 Threading: one inference thread calls everything here. The CUDA path adds one background commit
 thread that only publishes frames whose copies have completed.
+
+Time: the agent measures what it costs the inference thread (`thread_ns`, `stats().thread_seconds`,
+the ring header's producer thread ns) itself. Its entry points time themselves, `tap()` times the
+tap's extraction together with the copy, and backend code that runs on the inference thread for
+capture's sake (building a StepLayout, request bookkeeping) runs under `with agent.timed():`.
+Backends never write `thread_ns`.
 """
 
 from __future__ import annotations
@@ -30,10 +41,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tensortrace.agent.config import AgentConfig
+from tensortrace.agent.config import AgentConfig, OverflowPolicy
 from tensortrace.agent.layout import RequestRows, RowDomain, StepLayout
 from tensortrace.agent.selection import Selection, SelectionError
-from tensortrace.agent.stats import AgentStats, Counters
+from tensortrace.agent.stats import LIFE_ENDING_DROPS, TAP_DROPS, AgentStats, Counters, DropReason
 from tensortrace.ring.format import FrameKind, RingIdentity, RingWriter, frame_size
 from tensortrace.v1 import records_pb2, ring_pb2
 from tensortrace.wire import codec
@@ -45,6 +56,8 @@ _NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _CAPTURE_TIME_TAG = bytes([(9 << 3) | 1])  # RingSlab.capture_time_unix_nano: field 9, fixed64
 _U64 = struct.Struct("<Q")
 _memmove = ctypes.memmove
+_perf_ns = time.perf_counter_ns
+_STEP_FRAME_OK = "ok"   # _step_frame_state once the step's STEP frame is in the ring
 
 
 @dataclass(frozen=True)
@@ -70,13 +83,13 @@ class _Request:
     start_ns: int
     captured: int = 0
     dropped: int = 0
-    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    dropped_by_reason: dict[DropReason, int] = field(default_factory=dict)
     bytes_captured: int = 0
     hooks: set = field(default_factory=set)
     dropped_for_life: bool = False
     derived: tuple | None = None  # (global selection, this request's selection)
 
-    def drop(self, reason: str, n: int = 1) -> None:
+    def drop(self, reason: DropReason, n: int = 1) -> None:
         self.dropped += n
         self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
 
@@ -92,7 +105,7 @@ class _PartGroup:
                  "written_row_bytes", "hooks")
 
     def __init__(self, parts, requests, parts_bytes, src_runs, nrows):
-        self.parts = parts              # [(span_index_in_step_frame, src_row, count, position)]
+        self.parts = parts              # [(index in layout.requests, src_row, count, position)]
         self.requests = requests        # [_Request] aligned with parts
         self.parts_bytes = parts_bytes  # serialized `repeated SlabPart parts = 8`
         self.src_runs = src_runs        # [(src_row, dst_row, count)] merged contiguous copies
@@ -102,7 +115,31 @@ class _PartGroup:
         self.hooks: set = set()
 
 
+class _Timed:
+    """`with agent.timed():` — the block's wall time on this thread is the agent's (see CaptureAgent.timed).
+
+    On exit `thread_ns` becomes its value at entry plus the block's duration, so entry points and
+    taps that time themselves inside the block (begin_step, tap, ...) are counted once, not twice.
+    """
+
+    __slots__ = ("_agent", "_t0", "_ns0")
+
+    def __init__(self, agent: "CaptureAgent"):
+        self._agent = agent
+
+    def __enter__(self) -> "_Timed":
+        self._ns0 = self._agent.thread_ns
+        self._t0 = _perf_ns()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._agent.thread_ns = self._ns0 + (_perf_ns() - self._t0)
+        return False
+
+
 class CaptureAgent:
+    """The agent side of the engine contract (`backends.base.AgentPort`); docs/agent.md."""
+
     def __init__(self, config: AgentConfig, selection: Selection | None = None):
         config.validate()
         import torch  # the agent lives in an inference process: torch is there
@@ -127,6 +164,7 @@ class CaptureAgent:
         self._counters = Counters()
         # Time the agent's calls took on the inference thread (ns): what capture costs the model
         # directly, measurable far below the run-to-run noise of throughput (stats.thread_seconds).
+        # Written only by the agent (its entry points, tap(), timed()); backends read it at most.
         self.thread_ns = 0
         self._requests: dict[str, _Request] = {}
         self._arrivals = 0
@@ -134,8 +172,8 @@ class CaptureAgent:
         self._layout: StepLayout | None = None
         self._entries: list[tuple[int, RequestRows, _Request, Selection]] = []
         self._step_open = False
-        self._step_frame_state: str | None = None  # None: not yet written; "ok"; or a drop reason
-        self._step_span_index: dict[int, int] = {}
+        self._step_frame_state: str | None = None  # None: not yet written; _STEP_FRAME_OK; or a DropReason
+        self._frame_request_index: dict[int, int] = {}
         self._groups: dict = {}
         self._wants_cache: dict = {}
         self._wanting: dict = {}
@@ -151,10 +189,11 @@ class CaptureAgent:
         if config.device.startswith("cuda"):
             self._staging_for(torch.device(config.device))
 
-    # -- backend-facing API -------------------------------------------------------------------
+    # -- backend-facing API (the AgentPort of backends/base.py: who calls what, when, where) ---
     def report_placement(self, unplaced: list[tuple[str, str]]) -> None:
-        """Backends call this once at attach: (hook, reason) for every catalog hook it could not
-        place on this model. Logged as one warning line, kept in `unplaced` and stats()."""
+        """Called by the backend at attach (again if a start-up self-check removes taps), on the
+        thread attaching it: (hook, reason) for every catalog hook it could not place on this model.
+        Replaces the previous report. Logged as one warning line, kept in `unplaced` and stats()."""
         self.unplaced = list(unplaced)
         if unplaced:
             log.warning("tensortrace: %d hook(s) cannot be placed on %s: %s", len(unplaced),
@@ -167,11 +206,20 @@ class CaptureAgent:
 
     def begin_request(self, request_id: str, traceparent: str | None = None, options: dict | None = None,
                       prompt_tokens: int = 0) -> RequestContext:
-        """Register a request; returns its trace context (a fresh trace id when no traceparent).
+        """Called by the backend on the inference thread when a request arrives, before the first
+        step whose layout names it. Registers the request; returns its trace context (a fresh
+        trace id when no traceparent). Times itself.
 
         `options`: per-request opt-in/out and selection (selection.py). Invalid options raise
-        SelectionError before anything is registered.
+        SelectionError (a ValueError) before anything is registered.
         """
+        t0 = _perf_ns()
+        try:
+            return self._begin_request(request_id, traceparent, options, prompt_tokens)
+        finally:
+            self.thread_ns += _perf_ns() - t0
+
+    def _begin_request(self, request_id, traceparent, options, prompt_tokens) -> RequestContext:
         parsed = codec.parse_traceparent(traceparent)
         if parsed:
             trace_id, span_id = parsed
@@ -204,15 +252,18 @@ class CaptureAgent:
         return ctx
 
     def begin_step(self, layout: StepLayout) -> None:
-        """Start a forward step. Polls the control block (never blocks) and retries pending summaries."""
+        """Called by the backend on the inference thread before every forward pass, with the
+        step's StepLayout; the forward's taps and the matching end_step() follow. Polls the control
+        block (never blocks), retries pending summaries and decides what this step captures.
+        Times itself; never raises (an internal error disables the agent, not the model)."""
         if self.disabled_reason:
             return
-        t0 = time.perf_counter_ns()
+        t0 = _perf_ns()
         try:
             self._begin_step(layout)
         except Exception as e:  # noqa: BLE001 - failure isolation: the model must run on
             self._disable_agent(e)
-        self.thread_ns += time.perf_counter_ns() - t0
+        self.thread_ns += _perf_ns() - t0
 
     def _begin_step(self, layout: StepLayout) -> None:
         self.writer.heartbeat()
@@ -230,43 +281,49 @@ class CaptureAgent:
         self._step_frame_state = None
         entries = []
         if self.selection.enabled:
-            for i, span in enumerate(layout.spans):
-                req = self._requests.get(span.request_id)
+            for i, rows in enumerate(layout.requests):
+                req = self._requests.get(rows.request_id)
                 if req is None:
-                    self._counters.scalars["unknown_request_spans"] += 1
+                    self._counters.scalars["unknown_request_rows"] += 1
                     self._log_once("unknown_request",
                                    "tensortrace: step %d names request %r that was never begun; rows of "
-                                   "requests never begun are not captured (counted in unknown_request_spans)",
-                                   self._step, span.request_id)
+                                   "requests never begun are not captured (counted in unknown_request_rows)",
+                                   self._step, rows.request_id)
                     continue
                 if not req.ctx.sampled:
                     continue
                 sel = self._selection_of(req)
-                if sel.wants_phase(int(span.phase)):
-                    entries.append((i, span, req, sel))
+                if sel.wants_phase(int(rows.phase)):
+                    entries.append((i, rows, req, sel))
         self._entries = entries
         self._any_dropped_for_life = any(e[2].dropped_for_life for e in entries)
         self._step_hook_names = None
         self._wanting = {}
-        # The STEP frame lists only the captured requests: span k of the frame = entries[k].
-        self._step_span_index = {i: k for k, (i, _, _, _) in enumerate(entries)}
+        # The STEP frame lists only the captured requests: requests[k] of the frame = entries[k].
+        self._frame_request_index = {i: k for k, (i, _, _, _) in enumerate(entries)}
         self._step_open = bool(entries)
 
+    @property
+    def step_open(self) -> bool:
+        """True between begin_step and end_step of a step that captures something."""
+        return self._step_open
+
     def wants(self, hook: str, layer: int = -1) -> bool:
-        """True when this step selects (hook, layer) for some request: taps call it first and do
-        no work otherwise."""
+        """Called by backends on the inference thread, between begin_step and end_step (outside a
+        step it answers False): True when this step selects (hook, layer) for some request. Cheap
+        (cached per step); `tap()` asks it itself."""
         if not self._step_open:
             return False
         key = (hook, layer)
         w = self._wants_cache.get(key)
         if w is None:
-            w = any(sel.wants(hook, layer) for _, _, _, sel in self._entries)
-            self._wants_cache[key] = w
+            w = self._wants_cache[key] = any(sel.wants(hook, layer) for _, _, _, sel in self._entries)
         return w
 
     def step_hooks(self) -> frozenset:
-        """Hook names some request of this step selects (empty when the step captures nothing):
-        backends register only the taps serving these."""
+        """Called by backends on the inference thread right after begin_step: hook names some
+        request of this step selects (empty when the step captures nothing). A backend may keep
+        only the taps serving these registered on the model."""
         if not self._step_open:
             return frozenset()
         hooks = self._step_hook_names
@@ -274,20 +331,58 @@ class CaptureAgent:
             hooks = self._step_hook_names = frozenset().union(*(sel.hooks for _, _, _, sel in self._entries))
         return hooks
 
-    def capture(self, hook: str, layer: int, rows) -> None:
-        """Capture `rows` (a tensor viewed as [rows, *row_shape]; rows = the step's token rows or
-        its sequence slots) for every request that selects it. Never raises."""
+    def tap(self, hook: str, layer: int, extract, *args) -> None:
+        """The body of every tap. Called by the backend's tap on the inference thread when the
+        tapped module fires during the forward pass (between begin_step and end_step). When this
+        step selects (hook, layer), runs `extract(*args)` -> the tensor viewed as [rows, *row_shape]
+        (None: nothing this time) and captures it. Times extraction and copy; never raises: an
+        exception in `extract` or the copy disables only this tap (tap_failed).
+
+        The hot path: one call per tap, no allocation, `wants` inlined. Backends pass the module
+        hook's own arguments through `args` (e.g. `functools.partial(agent.tap, hook, L, extract)`
+        as the torch hook), so no closure is built per call.
+        """
         if not self._step_open:
             return
-        t0 = time.perf_counter_ns()
+        w = self._wants_cache.get((hook, layer))
+        if w is None:
+            w = self.wants(hook, layer)
+        if not w:
+            return
+        t0 = _perf_ns()
+        try:
+            rows = extract(*args)
+            if rows is not None:
+                self._capture(hook, layer, rows)
+        except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
+            self.tap_failed(hook, layer, e)
+        self.thread_ns += _perf_ns() - t0
+
+    def capture(self, hook: str, layer: int, rows) -> None:
+        """Called by the backend on the inference thread between begin_step and end_step, for a
+        tensor it already holds (SGLang: token ids, logits, CUDA-graph static buffers): capture
+        `rows` (a tensor viewed as [rows, *row_shape]; rows = the step's token rows or its sequence
+        slots) for every request that selects (hook, layer). Times itself; never raises."""
+        if not self._step_open:
+            return
+        t0 = _perf_ns()
         try:
             self._capture(hook, layer, rows)
         except Exception as e:  # noqa: BLE001
             self.tap_failed(hook, layer, e)
-        self.thread_ns += time.perf_counter_ns() - t0
+        self.thread_ns += _perf_ns() - t0
+
+    def timed(self) -> _Timed:
+        """`with agent.timed(): ...` — called by backends on the inference thread around their own
+        work done there for capture's sake (building the StepLayout, per-request bookkeeping,
+        extraction outside `tap()`): its time is added to `thread_ns` / `stats().thread_seconds`.
+        Agent calls inside the block are counted once. Never run the model inside it."""
+        return _Timed(self)
 
     def tap_failed(self, hook: str, layer: int, error: BaseException) -> None:
-        """A tap raised: disable it, count its records of this step as dropped, log once."""
+        """Called by a backend (or by tap()/capture()) on the inference thread when extracting a
+        tap's tensor raised: disables that tap, counts its records of this step as dropped
+        (tap_error; later steps: tap_disabled), logs once. Never raises."""
         try:
             key = (hook, layer)
             first = key not in self._disabled_taps
@@ -298,14 +393,17 @@ class CaptureAgent:
             if self._step_open:
                 group = self._group(hook, layer, None)
                 if group is not None:
-                    self._drop_group(hook, group, "tap_error")
+                    self._drop_group(hook, group, DropReason.TAP_ERROR)
         except Exception as e:  # noqa: BLE001
             self._disable_agent(e)
 
     def end_step(self) -> None:
+        """Called by the backend on the inference thread after every forward pass that had a
+        begin_step (also when the forward raised). Accounts the step's records, hands CUDA copies
+        to the commit thread, stores thread_ns in the ring header. Times itself; never raises."""
         if self.disabled_reason:
             return
-        t0 = time.perf_counter_ns()
+        t0 = _perf_ns()
         try:
             for group in self._groups.values():
                 if not group.written_slabs:
@@ -322,7 +420,7 @@ class CaptureAgent:
             self._step_open = False
             self._groups = {}
             self._entries = []
-            self.thread_ns += time.perf_counter_ns() - t0
+            self.thread_ns += _perf_ns() - t0
             try:
                 self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
             except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
@@ -330,15 +428,17 @@ class CaptureAgent:
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:
-        """Finish a request: write its RequestSummary (kept in a bounded pending queue when the ring
-        is full, retried every step; counted if even that overflows). Returns the summary."""
+        """Called by the backend on the inference thread when a request has ended (finished,
+        aborted), after its last step's end_step. Writes its RequestSummary (kept in a bounded
+        pending queue when the ring is full, retried every step; counted if even that overflows).
+        Returns the summary (None for a request never begun). Times itself; never raises."""
         if self.disabled_reason:
             return None
-        t0 = time.perf_counter_ns()
+        t0 = _perf_ns()
         try:
             return self._end_request(request_id, finish_reason, generated_tokens, prompt_tokens, incomplete_reason)
         finally:
-            self.thread_ns += time.perf_counter_ns() - t0
+            self.thread_ns += _perf_ns() - t0
 
     def _end_request(self, request_id, finish_reason, generated_tokens, prompt_tokens, incomplete_reason):
         try:
@@ -361,7 +461,8 @@ class CaptureAgent:
                 prompt_tokens=req.prompt_tokens if prompt_tokens is None else prompt_tokens,
                 generated_tokens=generated_tokens, finish_reason=finish_reason,
                 hooks=sorted(req.hooks), start_time_unix_nano=req.start_ns,
-                end_time_unix_nano=time.time_ns(), sampled=req.ctx.sampled)
+                end_time_unix_nano=time.time_ns(), sampled=req.ctx.sampled,
+                producers=self.config.tp_size)
             for k, v in req.dropped_by_reason.items():
                 s.dropped_by_reason[k] = v
             meta = s.SerializeToString()
@@ -475,8 +576,8 @@ class CaptureAgent:
                 req = self._entries[k][2]
                 if req.dropped_for_life:
                     # drop_request policy: an earlier overflow stopped this request; count, do not capture.
-                    req.drop("request_dropped")
-                    self._counters.dropped(hook, 1, "request_dropped")
+                    req.drop(DropReason.REQUEST_DROPPED)
+                    self._counters.dropped(hook, 1, DropReason.REQUEST_DROPPED)
                 else:
                     live.append(k)
             live = tuple(live)
@@ -490,19 +591,19 @@ class CaptureAgent:
             return group
         live = [self._entries[k] for k in live]
         parts, reqs = [], []
-        for i, span, req, sel in live:
+        for i, rows, req, sel in live:
             if domain is RowDomain.SEQUENCES:
-                parts.append((i, layout.slot(i), 1, span.last_position))
+                parts.append((i, layout.slot(i), 1, rows.last_position))
             elif sel.positions == "last":
-                parts.append((i, span.row_start + span.row_count - 1, 1, span.last_position))
+                parts.append((i, rows.row_start + rows.row_count - 1, 1, rows.last_position))
             else:
-                parts.append((i, span.row_start, span.row_count, span.position_start))
+                parts.append((i, rows.row_start, rows.row_count, rows.position_start))
             reqs.append(req)
         parts_msg = ring_pb2.RingSlab()
         runs: list[list[int]] = []
         dst = 0
-        for span_i, src, count, pos in parts:
-            parts_msg.parts.add(span_index=self._step_span(span_i), slab_row_start=dst, row_count=count,
+        for layout_i, src, count, pos in parts:
+            parts_msg.parts.add(request_index=self._frame_index(layout_i), slab_row_start=dst, row_count=count,
                                 position_start=pos)
             if runs and runs[-1][0] + runs[-1][2] == src:
                 runs[-1][2] += count
@@ -513,11 +614,12 @@ class CaptureAgent:
         self._groups[key] = group
         return group
 
-    def _step_span(self, layout_index: int) -> int:
-        """Index of a layout span inside the STEP frame (which lists only captured requests)."""
-        idx = self._step_span_index.get(layout_index)
+    def _frame_index(self, layout_index: int) -> int:
+        """Index of layout.requests[layout_index] inside the STEP frame's `requests` (which lists
+        only the captured requests)."""
+        idx = self._frame_request_index.get(layout_index)
         if idx is None:
-            raise RuntimeError("internal: span index requested before the STEP frame was planned")
+            raise RuntimeError("internal: request index requested before the STEP frame was planned")
         return idx
 
     def _capture(self, hook: str, layer: int, rows) -> None:
@@ -526,16 +628,16 @@ class CaptureAgent:
         if self._disabled_taps and (hook, layer) in self._disabled_taps:
             group = self._group(hook, layer, None)
             if group is not None:
-                self._drop_group(hook, group, "tap_disabled")
+                self._drop_group(hook, group, DropReason.TAP_DISABLED)
             return
         group = self._group(hook, layer, rows.shape[0])   # None: no request selects it
         if group is None:
             return
-        if self._step_frame_state != "ok":
+        if self._step_frame_state is not _STEP_FRAME_OK:
             if self._step_frame_state is None:
                 self._step_frame_state = self._write_step_frame()
-            if self._step_frame_state != "ok":
-                self._drop_group(hook, group, "step_dropped")
+            if self._step_frame_state is not _STEP_FRAME_OK:
+                self._drop_group(hook, group, DropReason.STEP_DROPPED)
                 self._step_frame_state = None  # try again at the next slab
                 return
         dtype = rows.dtype
@@ -560,14 +662,14 @@ class CaptureAgent:
         if on_cuda:
             staging = self._staging_for(rows.device)
             if not staging.has_room(nbytes):
-                self._drop_group(hook, group, "staging_full", nbytes)
+                self._drop_group(hook, group, DropReason.STAGING_FULL, nbytes)
                 return
         writer = self.writer
         mark = writer.mark()
         r = writer.reserve(FrameKind.SLAB, meta, nbytes)
         if r is None:
             r = self._reserve(FrameKind.SLAB, meta, nbytes)   # full: the overflow policy decides
-            if r.__class__ is str:
+            if r.__class__ is DropReason:
                 self._drop_group(hook, group, r, nbytes)
                 return
         end, off = r
@@ -603,17 +705,18 @@ class CaptureAgent:
         hook_stats.bytes_written += nbytes
 
     def _write_step_frame(self) -> str:
+        """_STEP_FRAME_OK, or the DropReason the STEP frame could not be written for."""
         msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,
                                 capture_time_unix_nano=time.time_ns(), tp_size=self.config.tp_size)
-        for _, span, req, _ in self._entries:
-            msg.spans.add(request_id=span.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id,
-                          row_start=span.row_start, row_count=span.row_count,
-                          position_start=span.position_start, phase=int(span.phase))
+        for _, rows, req, _ in self._entries:
+            msg.requests.add(request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id,
+                             row_start=rows.row_start, row_count=rows.row_count,
+                             position_start=rows.position_start, phase=int(rows.phase))
         r = self._reserve(FrameKind.STEP, msg.SerializeToString(), 0)
-        if isinstance(r, str):
+        if r.__class__ is DropReason:
             return r
         self._publish(r[0], 0)
-        return "ok"
+        return _STEP_FRAME_OK
 
     def _publish(self, end: int, nbytes: int) -> None:
         if self._staging is not None:
@@ -622,14 +725,14 @@ class CaptureAgent:
             self.writer.commit(end, nbytes)
 
     def _reserve(self, kind: int, meta: bytes, nbytes: int):
-        """(end, payload offset), or the drop reason. Applies the overflow policy."""
+        """(end, payload offset), or the DropReason. Applies the overflow policy."""
         w = self.writer
         r = w.reserve(kind, meta, nbytes)
         if r is not None:
             return r
         if frame_size(len(meta), nbytes) > w.capacity // 2:
-            return "too_large"
-        if self.config.overflow_policy == "block":
+            return DropReason.TOO_LARGE
+        if self.config.overflow_policy == OverflowPolicy.BLOCK:
             deadline = time.monotonic() + self.config.block_timeout_s
             pause = 0.0001
             while time.monotonic() < deadline:
@@ -638,18 +741,18 @@ class CaptureAgent:
                 r = w.reserve(kind, meta, nbytes)
                 if r is not None:
                     return r
-            return "block_timeout"
-        return "ring_full"
+            return DropReason.BLOCK_TIMEOUT
+        return DropReason.RING_FULL
 
-    def _drop_group(self, hook: str, group: _PartGroup, reason: str, nbytes: int = 0) -> None:
+    def _drop_group(self, hook: str, group: _PartGroup, reason: DropReason, nbytes: int = 0) -> None:
+        for_life = self.config.overflow_policy == OverflowPolicy.DROP_REQUEST and reason in LIFE_ENDING_DROPS
         for req in group.requests:
             req.drop(reason)
-            if self.config.overflow_policy == "drop_request" and reason in ("ring_full", "too_large", "staging_full",
-                                                                            "step_dropped"):
+            if for_life:
                 req.dropped_for_life = True
                 self._any_dropped_for_life = True
         self._counters.dropped(hook, len(group.parts), reason)
-        if reason not in ("tap_error", "tap_disabled"):
+        if reason not in TAP_DROPS:
             self.writer.count_drop(nbytes)
 
     def _write_summary(self, meta: bytes) -> bool:
@@ -674,7 +777,8 @@ class CaptureAgent:
         return self._staging
 
     def disable(self, error: BaseException) -> None:
-        """Stop capturing for good (a backend hit an error it cannot attribute); logged once."""
+        """Called by a backend, on any thread, when it hit an error it cannot attribute to one tap
+        (e.g. a layout it cannot build): stop capturing for good; logged once. The model runs on."""
         self._disable_agent(error)
 
     def _disable_agent(self, error: BaseException) -> None:
