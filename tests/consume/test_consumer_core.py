@@ -1,0 +1,126 @@
+"""The consumer core against a real Kafka broker: offsets stay behind what a sink holds, a restart
+re-reads an unreleased request whole, dead letters carry a typed reason."""
+
+import threading
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from tensortrace.consume import ConsumerConfig, ConsumerCore, RequestView
+from tensortrace.consume.deadletter import DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER
+from tensortrace.loader.synthetic import SyntheticRequest, produce
+from tensortrace.service.kafka import KafkaConfig
+from tensortrace.wire import codec
+
+pytestmark = pytest.mark.integration
+
+
+def topics(bootstrap, partitions=1):
+    name = f"tt-core-{uuid.uuid4().hex[:10]}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1), NewTopic(name + ".dlq", 1, 1)])
+    finally:
+        admin.close()
+    return name
+
+
+def wait_until(pred, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def committed(bootstrap, group, topic):
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return c.committed(TopicPartition(topic, 0)) or 0
+    finally:
+        c.close()
+
+
+class Collect:
+    def __init__(self):
+        self.requests = []
+
+    def on_request(self, req):
+        self.requests.append(req)
+
+
+class Running:
+    def __init__(self, core):
+        self.core = core
+        self.thread = threading.Thread(target=core.run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.core.stop()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive()
+
+
+def config(bootstrap, topic, **kw):
+    return ConsumerConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq",
+                          group_id=f"g-{topic}", batch_max_delay_s=0.05, **kw)
+
+
+def test_commits_stay_behind_an_unreleased_request_and_a_restart_delivers_it_whole(kafka_broker):
+    bs = kafka_broker.bootstrap
+    topic = topics(bs)
+    slow = SyntheticRequest.make("slow", layers=2, hidden=16, prompt=6, generated=4)
+    quick = SyntheticRequest.make("quick", layers=2, hidden=16)
+    produce(bs, topic, slow.messages(with_summary=False, per_message=3))          # offsets 0..k-1
+    first_quick = len(slow.messages(with_summary=False, per_message=3))
+    produce(bs, topic, quick.messages(per_message=3))
+    cfg = config(bs, topic)
+    handler = Collect()
+    run = Running(ConsumerCore(cfg, RequestView(handler, timeout_s=600), name="test"))
+    assert wait_until(lambda: [r.request_id for r in handler.requests] == ["quick"])
+    assert handler.requests[0].completeness.complete
+    time.sleep(0.5)   # several flush rounds: the commit must still not pass the slow request's first record
+    assert committed(bs, cfg.group_id, topic) == 0
+    run.stop()        # the slow request is still open: it is not delivered, and not committed past
+
+    produce(bs, topic, [(b"slow", codec.encode_envelope([slow.summary]))])
+    again = Collect()
+    run = Running(ConsumerCore(cfg, RequestView(again, timeout_s=600), name="test"))
+    assert wait_until(lambda: {r.request_id for r in again.requests} == {"slow", "quick"})
+    run.stop()
+    [got] = [r for r in again.requests if r.request_id == "slow"]
+    assert got.completeness.complete and len(got.records) == len(slow.records)
+    assert [r.seq for r in got.records] == [r.seq for r in slow.records]
+    for rec, want in zip(got.records, slow.records):
+        assert rec.payload == want.payload
+    total = first_quick + len(quick.messages(per_message=3)) + 1
+    assert committed(bs, cfg.group_id, topic) == total
+    assert min(got.sources[0]) == 0
+
+
+def test_undecodable_messages_and_refused_records_are_dead_lettered_with_a_typed_reason(kafka_broker):
+    bs = kafka_broker.bootstrap
+    topic = topics(bs)
+    good = SyntheticRequest.make("good", layers=1, hidden=8)
+    bad = SyntheticRequest.make("bad", layers=1, hidden=8)
+    bad.records[0].raw_size += 2
+    produce(bs, topic, [(b"junk", b"\x00not an envelope")] + bad.messages() + good.messages())
+    handler = Collect()
+    core = ConsumerCore(config(bs, topic), RequestView(handler, timeout_s=1), name="test")
+    run = Running(core)
+    assert wait_until(lambda: any(r.request_id == "good" for r in handler.requests) and core.stats.dlq_messages == 2)
+    assert wait_until(lambda: any(r.request_id == "bad" for r in handler.requests))   # released at its timeout
+    run.stop()
+    assert core.stats.dlq_by_reason == {"envelope": 1, "raw_size": 1}
+    [b] = [r for r in handler.requests if r.request_id == "bad"]
+    assert not b.completeness.complete and len(b.records) == len(bad.records) - 1
+    c = KafkaConsumer(topic + ".dlq", bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    dead = list(c)
+    c.close()
+    codes = sorted(dict(m.headers)[DLQ_REASON_CODE_HEADER].decode() for m in dead)
+    assert codes == ["envelope", "raw_size"]
+    assert all(dict(m.headers)[DLQ_REASON_HEADER] for m in dead)
