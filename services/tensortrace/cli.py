@@ -1,7 +1,8 @@
-"""`tensortrace <service> [args]`: one CLI, one subcommand per service.
+"""`tensortrace <command> [args]`: one CLI, one subcommand per service or tool.
 
-Each subcommand lives in its service's package as `main(argv) -> int`; it is imported only when
-chosen, so `tensortrace loader` never imports torch.
+A command is `module:attribute`, imported only when chosen (so `tensortrace loader` never imports
+torch): a `ServiceSpec` (tensortrace.service.runtime) for a long-running service, which then
+starts through the one service runtime, or a `main(argv) -> int` function for a tool.
 """
 
 from __future__ import annotations
@@ -10,14 +11,30 @@ import importlib
 import sys
 
 COMMANDS = {
-    "exporter": ("tensortrace.exporter.main", "drain the node's shared-memory rings into Kafka"),
-    "exporterctl": ("tensortrace.exporter.ctl", "change capture selection / read status via an exporter's control endpoint"),
-    "loader": ("tensortrace.loader.main", "load the activations topic into ClickHouse"),
-    "query-server": ("tensortrace.query.server", "serve the gRPC read-back API"),
-    "show": ("tensortrace.query.show", "print what was captured for a request (by trace id)"),
-    "kafka": ("tensortrace.devkafka.main", "run a local Apache Kafka broker (development and tests)"),
-    "demo": ("tensortrace.demo", "run the end-to-end demo"),
+    "exporter": ("tensortrace.exporter.main:SERVICE", "drain the node's shared-memory rings into Kafka"),
+    "exporterctl": ("tensortrace.exporter.ctl:main", "change capture selection / read status via an exporter's control endpoint"),
+    "loader": ("tensortrace.compose:LOADER", "load the activations topic into ClickHouse (and serve reads: --query-port)"),
+    "query-server": ("tensortrace.query.main:SERVICE", "serve the gRPC read-back API in front of ClickHouse"),
+    "show": ("tensortrace.query.show:main", "print what was captured for a request (by trace id)"),
+    "kafka": ("tensortrace.devkafka.main:main", "run a local Apache Kafka broker (development and tests)"),
+    "demo": ("tensortrace.demo:main", "run the end-to-end demo"),
 }
+
+
+def resolve(name: str):
+    """The object behind a command: a ServiceSpec or a main function."""
+    module, _, attr = COMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def service_spec(name: str):
+    """The ServiceSpec of a service command (`exporter`, `loader`, `query-server`)."""
+    from tensortrace.service.runtime import ServiceSpec
+
+    target = resolve(name)
+    if not isinstance(target, ServiceSpec):
+        raise KeyError(f"{name} is a tool, not a service")
+    return target
 
 
 def usage() -> str:
@@ -35,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tensortrace: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    target = resolve(name)
+    run = getattr(target, "main", target)   # ServiceSpec.main or the tool's main
+    return int(run(rest) or 0)
 
 
 if __name__ == "__main__":

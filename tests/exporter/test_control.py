@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from tensortrace.exporter import ctl
-from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.config import ExporterConfig, KafkaConfig
 from tensortrace.exporter.service import Exporter
 from tensortrace.ring.format import RingIdentity, RingWriter
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def exporter_without_kafka(ring_dir):
     # port 9 (discard) on localhost: nothing listens, so Kafka stays unreachable
-    cfg = ExporterConfig(ring_dir=ring_dir, bootstrap_servers="127.0.0.1:9", control_port=0, metrics_port=0,
-                         metrics_host="127.0.0.1", control_host="127.0.0.1",
+    cfg = ExporterConfig(ring_dir=ring_dir, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9"), control_port=0,
+                         control_host="127.0.0.1",
                          scan_interval_s=0.05, default_control={"enabled": True, "selection": {"preset": "hidden-states"}})
     exp = Exporter(cfg).start()
     t = threading.Thread(target=exp.run, daemon=True)
@@ -30,6 +30,16 @@ def exporter_without_kafka(ring_dir):
     yield exp
     exp.stop()
     t.join(30)
+
+
+@pytest.fixture
+def exporter_http_port(exporter_without_kafka):
+    """The port of /healthz, /readyz, /metrics: the service runtime's endpoint over the exporter."""
+    from tensortrace.service.endpoint import HttpEndpoint
+
+    endpoint = HttpEndpoint(exporter_without_kafka, "127.0.0.1", 0).start()
+    yield endpoint.port
+    endpoint.stop()
 
 
 def _wait_attached(exp, n):
@@ -92,10 +102,10 @@ def test_invalid_control_documents_are_rejected_with_the_reason(ring_dir, export
     assert "empty request" in capsys.readouterr().err
 
 
-def test_readiness_is_false_while_kafka_is_unreachable(exporter_without_kafka):
+def test_readiness_is_false_while_kafka_is_unreachable(exporter_http_port):
     import urllib.request
     import urllib.error
-    port = exporter_without_kafka.metrics_port
+    port = exporter_http_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
         assert r.status == 200
     with pytest.raises(urllib.error.HTTPError) as e:

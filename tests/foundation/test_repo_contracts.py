@@ -1,7 +1,9 @@
-"""Repository-level guarantees: generated protobuf code is current, no pickle on any wire."""
+"""Repository-level guarantees: generated protobuf code is current, no pickle on any wire, no service
+package imports another (and no import cycles between packages)."""
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import re
@@ -73,3 +75,128 @@ def test_the_pickle_check_would_catch_an_offender(tmp_path):
     sample = "import os\nimport pickle\nx = torch.load(f)\n"
     found = [what for pattern, what in _FORBIDDEN if pattern.search(sample)]
     assert found == ["imports a pickle-like module", "uses torch.save/torch.load"]
+
+
+# -- import rules between the packages under services/tensortrace/ --------------------------------
+# Services are deployed, versioned and reasoned about on their own: none imports another. Contracts
+# (formats, schema) and machinery (the service runtime, the consumer core) are shared by services,
+# so they import none. What must run services together (one process owns an embedded chDB engine)
+# is assembled at the top level: cli.py, compose.py, and the dev/demo tooling.
+SERVICE_PACKAGES = {"agent", "exporter", "loader", "query", "bridge", "probes"}
+CONTRACT_PACKAGES = {"ring", "wire", "storage", "v1"}
+MACHINERY_PACKAGES = {"service", "consume"}
+TOP_LEVEL = {"cli", "compose", "demo", "devstack", "devkafka", ""}   # "": tensortrace/__init__.py
+PACKAGE_ROOT = ROOT / "services" / "tensortrace"
+
+
+def package_imports(path: Path, source: str | None = None) -> set[str]:
+    """The tensortrace packages a module imports (any import, also inside functions), by their
+    first name under tensortrace: `from tensortrace.query.server import serve` -> "query"."""
+    rel = path.relative_to(PACKAGE_ROOT)
+    module = ["tensortrace", *rel.with_suffix("").parts]
+    is_package = module[-1] == "__init__"
+    if is_package:
+        module = module[:-1]
+    tree = ast.parse(path.read_text() if source is None else source, filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = module if is_package else module[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            names = [f"{name}.{a.name}" for a in node.names] if name == "tensortrace" else [name]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "tensortrace" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def package_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE_ROOT)
+    return "" if rel.parts == ("__init__.py",) else rel.parts[0].removesuffix(".py")
+
+
+def import_graph(sources: dict[Path, str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """{package: {imported package: [modules that import it]}} over services/tensortrace/."""
+    files = sources or {p: None for p in sorted(PACKAGE_ROOT.rglob("*.py"))}
+    graph: dict[str, dict[str, list[str]]] = {}
+    for path, source in files.items():
+        pkg = package_of(path)
+        edges = graph.setdefault(pkg, {})
+        for target in package_imports(path, source) - {pkg}:
+            edges.setdefault(target, []).append(str(path.relative_to(ROOT)))
+    return graph
+
+
+def import_rule_violations(graph: dict[str, dict[str, list[str]]]) -> list[str]:
+    known = SERVICE_PACKAGES | CONTRACT_PACKAGES | MACHINERY_PACKAGES | TOP_LEVEL
+    out = [f"{pkg or 'tensortrace'}: a package the import rules do not know; add it to SERVICE_PACKAGES, "
+           "CONTRACT_PACKAGES, MACHINERY_PACKAGES or TOP_LEVEL in this test" for pkg in sorted(set(graph) - known)]
+    for pkg, edges in sorted(graph.items()):
+        for target, where in sorted(edges.items()):
+            why = None
+            if pkg in SERVICE_PACKAGES and target in SERVICE_PACKAGES:
+                why = "a service imports another service (assemble them in compose.py)"
+            elif pkg in CONTRACT_PACKAGES | MACHINERY_PACKAGES and target in SERVICE_PACKAGES:
+                why = f"{'a contract' if pkg in CONTRACT_PACKAGES else 'shared machinery'} imports a service"
+            elif pkg not in TOP_LEVEL and target in TOP_LEVEL:
+                why = "imports top-level assembly or tooling"
+            if why:
+                out.append(f"{pkg} -> {target}: {why} ({', '.join(sorted(set(where)))})")
+    # cycles between packages (self-imports excluded above)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, {})):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                out.append("import cycle: " + " -> ".join(p or "tensortrace" for p in cycle))
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return out
+
+
+def test_no_service_imports_another_and_packages_have_no_import_cycles():
+    graph = import_graph()
+    assert "loader" in graph and "compose" in graph and "service" in graph
+    violations = import_rule_violations(graph)
+    assert not violations, "import rules (tests/foundation/test_repo_contracts.py):\n" + "\n".join(violations)
+
+
+def test_the_import_rules_would_catch_an_offender():
+    def p(name):
+        return PACKAGE_ROOT / name
+
+    sources = {
+        p("loader/main.py"): "def f():\n    from tensortrace.query.server import serve\n",   # lazy, still counted
+        p("query/backend.py"): "from ..loader import rows\n",                               # relative
+        p("wire/codec.py"): "import tensortrace.exporter.envelopes\n",
+        p("service/runtime.py"): "from tensortrace import compose\n",
+        p("ring/format.py"): "from tensortrace.wire import codec\n",                          # allowed
+        p("newthing/x.py"): "",
+    }
+    found = import_rule_violations(import_graph(sources))
+    assert any(v.startswith("loader -> query: a service imports another service") for v in found)
+    assert any(v.startswith("query -> loader: a service imports another service") for v in found)
+    assert any(v.startswith("wire -> exporter: a contract imports a service") for v in found)
+    assert any(v.startswith("service -> compose: imports top-level assembly") for v in found)
+    assert any(v.startswith("import cycle: loader -> query -> loader") for v in found)
+    assert any(v.startswith("newthing: a package the import rules do not know") for v in found)
+    assert not any(v.startswith("ring ->") for v in found)

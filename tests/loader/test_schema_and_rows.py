@@ -110,11 +110,11 @@ def test_config_validate_names_the_wrong_field():
 
 @pytest.mark.unit
 def test_cli_flags_map_onto_the_config():
-    from tensortrace.loader.main import parse_args
+    from tensortrace.compose import LOADER   # `tensortrace loader`: the loader + its query service
 
-    cfg = parse_args(["--bootstrap-servers", "h:1", "--group-id", "g", "--dead-letter-topic", "d",
-                      "--clickhouse-dsn", "http://ch:8123", "--ttl-days", "3", "--query-port", "0"])
-    assert (cfg.bootstrap, cfg.group_id, cfg.dlq_topic, cfg.clickhouse_dsn, cfg.ttl_days, cfg.query_port) == \
+    cfg, _runtime = LOADER.parse(["--bootstrap-servers", "h:1", "--group-id", "g", "--dead-letter-topic", "d",
+                                  "--clickhouse-dsn", "http://ch:8123", "--ttl-days", "3", "--query-port", "0"])
+    assert (cfg.kafka.bootstrap_servers, cfg.group_id, cfg.dlq_topic, cfg.clickhouse_dsn, cfg.ttl_days, cfg.query_port) == \
         ("h:1", "g", "d", "http://ch:8123", 3, 0)
 
 

@@ -1,28 +1,32 @@
-"""`tensortrace exporter [--ring-dir DIR] [--bootstrap-servers HOST:PORT] ...`
+"""`tensortrace exporter [--ring-dir DIR] [--kafka-bootstrap-servers HOST:PORT] ...`
 
-Runs until SIGTERM/SIGINT; then delivers what is in flight, releases it and exits 0.
-Flags: one per field of ExporterConfig (tensortrace/exporter/config.py), `--help` lists them.
+Drain the node's shared-memory rings into Kafka. Flags: one per field of ExporterConfig
+(tensortrace/exporter/config.py) and the service runtime's (`--http-port`, `--status-file`,
+`--drain-timeout-s`, `--log-level`); `--help` lists them. Runs until SIGTERM/SIGINT; then
+delivers what is in flight, releases it and exits 0 (tensortrace.service.runtime).
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
 
-from tensortrace.exporter.config import parse_args
-from tensortrace.exporter.service import Exporter
+from tensortrace.exporter.config import ExporterConfig
+from tensortrace.service.runtime import ServiceSpec
+
+HTTP_PORT = 9464   # /healthz, /readyz, /metrics
+
+
+def build(cfg: ExporterConfig):
+    from tensortrace.exporter.service import Exporter
+
+    return Exporter(cfg).start()
+
+
+SERVICE = ServiceSpec("exporter", ExporterConfig, build, http_port=HTTP_PORT, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are summarised by our own lines
-    exporter = Exporter(cfg).start()
-    signal.signal(signal.SIGTERM, lambda *_: exporter.stop())
-    signal.signal(signal.SIGINT, lambda *_: exporter.stop())
-    exporter.run()
-    return 0
+    return SERVICE.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
-"""Exporter metrics (Prometheus, on the exporter's own registry) and the health endpoints.
+"""Exporter metrics, on the exporter's own registry (served at /metrics by the service runtime's
+HTTP endpoint, tensortrace.service.endpoint, with /healthz and /readyz).
 
-Every metric is declared here and documented in docs/exporter.md.
+Every metric is declared here and documented in docs/exporter.md. Names follow Prometheus
+conventions: the unit last (`_bytes`, `_seconds`, `_ratio`), counters get `_total` from
+prometheus_client.
 
 >>> m = ExporterMetrics()
->>> server = HealthServer(m, "127.0.0.1", 0, ready=lambda: True, live=lambda: True).start()
->>> server.port   # GET /metrics, /healthz, /readyz
+>>> m.records_in.labels("pod-a-r0.ring").inc()
+>>> m.exposition()   # Prometheus text
 """
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 P = "tensortrace_exporter_"
 
@@ -23,12 +21,12 @@ class ExporterMetrics:
     def __init__(self):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.records_in = Counter(P + "records_in", "TensorRecords and summaries built from ring frames", ["ring"], registry=r)
-        self.bytes_in = Counter(P + "bytes_in", "Payload bytes read from rings", ["ring"], registry=r)
+        self.bytes_in = Counter(P + "payload_read_bytes", "Payload bytes read from rings", ["ring"], registry=r)
         self.frames_in = Counter(P + "frames_in", "Frames read from rings (PAD excluded)", ["ring"], registry=r)
         self.records_out = Counter(P + "records_out", "Records acknowledged by Kafka", ["ring", "topic"], registry=r)
-        self.bytes_out = Counter(P + "bytes_out", "Payload bytes acknowledged by Kafka", ["ring", "topic"], registry=r)
+        self.bytes_out = Counter(P + "payload_published_bytes", "Payload bytes acknowledged by Kafka", ["ring", "topic"], registry=r)
         self.messages_out = Counter(P + "messages_out", "Kafka messages acknowledged", ["topic"], registry=r)
-        self.message_bytes_out = Counter(P + "message_bytes_out", "Kafka message value bytes acknowledged", ["topic"], registry=r)
+        self.message_bytes_out = Counter(P + "message_published_bytes", "Kafka message value bytes acknowledged", ["topic"], registry=r)
         self.frames_dropped = Counter(P + "frames_dropped", "Frames dropped, by where and why (producer_dropped = counted by the agent in the ring header)", ["ring", "reason"], registry=r)
         self.ring_frames = Gauge(P + "ring_frames", "Frame accounting of a ring (header counters): committed and "
                                  "producer_dropped by the agent, released by the exporter, pending = committed - released",
@@ -69,51 +67,3 @@ class ExporterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class HealthServer:
-    """GET /metrics (Prometheus text), /healthz (liveness), /readyz (readiness: Kafka connected)."""
-
-    def __init__(self, metrics: ExporterMetrics, host: str, port: int,
-                 ready: Callable[[], bool], live: Callable[[], bool]):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok = outer.live()
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
-                elif path == "/readyz":
-                    ok = outer.ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not connected to Kafka\n")
-                else:
-                    self._reply(404, b"not found: try /metrics, /healthz, /readyz\n")
-
-            def _reply(self, code, body, ctype="text/plain; charset=utf-8"):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # quiet: scrapes are not news
-                pass
-
-        self.metrics = metrics
-        self.ready = ready
-        self.live = live
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="exporter-metrics", daemon=True)
-
-    def start(self) -> "HealthServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -3,21 +3,20 @@ topic, group, dead letters, batching, retries), plus the ClickHouse sink's own.
 
 >>> cfg = LoaderConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), clickhouse_dsn="chdb:///tmp/tt")
 >>> cfg.validate()
+
+Flags are generated from the fields (tensortrace.service.config): `--kafka-bootstrap-servers`,
+`--group-id`, `--clickhouse-dsn`, ...; `flag_aliases` keeps the short names scripts and the demo use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tensortrace.consume.config import DEFAULT_DLQ_TOPIC, DEFAULT_TOPIC, ConsumerConfig  # noqa: F401
+from tensortrace.service.config import ConfigError, option, raise_problems  # noqa: F401 (ConfigError re-exported)
 from tensortrace.service.kafka import KafkaConfig  # noqa: F401 (re-exported for callers)
 from tensortrace.storage import schema
-
-try:
-    from tensortrace.service.config import ConfigError
-except ImportError:  # pragma: no cover - transitional
-    class ConfigError(ValueError):
-        """A configuration value that cannot work; the message names the field and the reason."""
 
 DEFAULT_GROUP = "tensortrace-loader"
 DEFAULT_DSN = "chdb:///var/lib/tensortrace/chdb"
@@ -25,23 +24,34 @@ DEFAULT_DSN = "chdb:///var/lib/tensortrace/chdb"
 
 @dataclass
 class LoaderConfig(ConsumerConfig):
-    group_id: str = DEFAULT_GROUP
+    # the names scripts, tests and the demo have always used, for fields this class inherits
+    flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "kafka.bootstrap_servers": ("--bootstrap-servers", "--bootstrap"),
+        "group_id": ("--group",),
+        "dlq_topic": ("--dead-letter-topic",),
+        "batch_max_delay_s": ("--batch-max-delay",),
+        "chunk_timeout_s": ("--chunk-timeout",),
+    }
 
-    clickhouse_dsn: str = DEFAULT_DSN
-    database: str = schema.DEFAULT_DATABASE
-    ttl_days: int = schema.DEFAULT_TTL_DAYS
-    payload_codec: str = schema.DEFAULT_PAYLOAD_CODEC  # ClickHouse column codec of `payload`
-    # merges recompress payloads older than this with recompress_codec (0: never); see schema.py
-    recompress_after_hours: int = schema.DEFAULT_RECOMPRESS_AFTER_HOURS
-    recompress_codec: str = schema.DEFAULT_RECOMPRESS_CODEC
+    group_id: str = option(DEFAULT_GROUP, "Kafka consumer group")
+
+    clickhouse_dsn: str = option(DEFAULT_DSN, "chdb:///path | chdb://memory | http(s)://user:password@host:port",
+                                 aliases=("--clickhouse",))
+    database: str = option(schema.DEFAULT_DATABASE, "ClickHouse database")
+    ttl_days: int = option(schema.DEFAULT_TTL_DAYS, "rows older than this are deleted by ClickHouse")
+    payload_codec: str = option(schema.DEFAULT_PAYLOAD_CODEC,
+                                "ClickHouse codec of the payload column (Default: the part codec, LZ4)")
+    recompress_after_hours: int = option(schema.DEFAULT_RECOMPRESS_AFTER_HOURS,
+                                         "merges recompress payloads older than this with --recompress-codec; 0: never")
+    recompress_codec: str = option(schema.DEFAULT_RECOMPRESS_CODEC, "codec of recompressed payloads")
 
     # A batch is inserted when it holds batch_max_rows rows or batch_max_bytes payload bytes, or
     # when its oldest row is batch_max_delay_s old (ConsumerConfig).
-    batch_max_rows: int = 20_000
-    batch_max_bytes: int = 64 << 20
+    batch_max_rows: int = option(20_000, "insert when a batch holds this many rows")
+    batch_max_bytes: int = option(64 << 20, "insert when a batch holds this many payload bytes")
 
-    query_host: str = "127.0.0.1"
-    query_port: int | None = None      # also serve the gRPC query service on this port
+    stats_interval_s: float = option(0.0, "print the counters as a JSON line on stderr every N s; 0: off",
+                                     aliases=("--stats-interval",))
 
     def problems(self) -> list[str]:
         out = self.consumer_problems()
@@ -61,12 +71,10 @@ class LoaderConfig(ConsumerConfig):
             out.append(f"batch_max_rows: {self.batch_max_rows} < 1")
         if self.batch_max_bytes < 1 << 10:
             out.append(f"batch_max_bytes: {self.batch_max_bytes} < 1024")
-        if self.query_port is not None and not 0 <= self.query_port <= 65535:
-            out.append(f"query_port: {self.query_port} is not a TCP port")
+        if self.stats_interval_s < 0:
+            out.append(f"stats_interval_s: {self.stats_interval_s} < 0")
         return out
 
     def validate(self) -> "LoaderConfig":
-        problems = self.problems()
-        if problems:
-            raise ConfigError("loader config: " + "; ".join(problems))
-        return self
+        """Self, or a ConfigError listing every problem (one per line)."""
+        return raise_problems(self, "loader config")

@@ -1,134 +1,119 @@
-"""`tensortrace loader`: load the activations topic into ClickHouse.
+"""The loader as a service (tensortrace.service.runtime.Service). `tensortrace loader` runs it,
+assembled with the query service in tensortrace/compose.py (an embedded chDB engine has one owner,
+and the loader package imports no other service):
 
-    tensortrace loader --bootstrap 127.0.0.1:9092 --clickhouse chdb:///var/lib/tensortrace/chdb \\
-        --query-port 50071
+    tensortrace loader --kafka-bootstrap-servers kafka:9092 --clickhouse-dsn chdb:///var/lib/tensortrace/chdb
 
-With an embedded chDB path, this process owns the engine (chDB locks its directory; another
-process cannot open it), so `--query-port` serves the gRPC query service from the same engine:
-`tensortrace show --server 127.0.0.1:50071 <trace-id>` then reads through it.
+`LoaderService` waits for ClickHouse (backing off, stoppable: a loader started while ClickHouse is
+down neither crash-loops nor ignores SIGTERM), then runs the Loader until stopped. Flags: one per
+field of LoaderConfig plus the service runtime's; `tensortrace loader --help` lists them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import signal
 import sys
 import threading
+from typing import Callable
 
-from tensortrace.loader.config import ConfigError, LoaderConfig
+from tensortrace.loader.config import LoaderConfig
+from tensortrace.loader.metrics import LoaderMetrics
+from tensortrace.service.backoff import Backoff
 
+HTTP_PORT = 9465   # /healthz, /readyz, /metrics
 
-def parse_args(argv: list[str]) -> LoaderConfig:
-    d = LoaderConfig()
-    p = argparse.ArgumentParser(prog="tensortrace loader", description=__doc__.split("\n")[0])
-    p.add_argument("--bootstrap", "--bootstrap-servers", dest="bootstrap", default=d.bootstrap, help="Kafka bootstrap servers (default %(default)s)")
-    p.add_argument("--topic", default=d.topic)
-    p.add_argument("--group", "--group-id", dest="group_id", default=d.group_id, help="consumer group (default %(default)s)")
-    p.add_argument("--dlq-topic", "--dead-letter-topic", dest="dlq_topic", default=d.dlq_topic)
-    p.add_argument("--auto-offset-reset", default=d.auto_offset_reset, choices=["earliest", "latest"])
-    p.add_argument("--clickhouse", "--clickhouse-dsn", dest="clickhouse_dsn", default=d.clickhouse_dsn,
-                   help="chdb:///path | chdb://memory | http(s)://user:password@host:port (default %(default)s)")
-    p.add_argument("--database", default=d.database)
-    p.add_argument("--ttl-days", type=int, default=d.ttl_days)
-    p.add_argument("--payload-codec", default=d.payload_codec,
-                   help="ClickHouse codec of the payload column (default %(default)s: the part codec, LZ4, "
-                        "recompressed after --recompress-after-hours)")
-    p.add_argument("--recompress-after-hours", type=int, default=d.recompress_after_hours,
-                   help="merges recompress payloads older than this with --recompress-codec; 0: never (default %(default)s)")
-    p.add_argument("--recompress-codec", default=d.recompress_codec, help="(default %(default)s)")
-    p.add_argument("--batch-max-rows", type=int, default=d.batch_max_rows)
-    p.add_argument("--batch-max-bytes", type=int, default=d.batch_max_bytes)
-    p.add_argument("--batch-max-delay", dest="batch_max_delay_s", type=float, default=d.batch_max_delay_s,
-                   help="seconds (default %(default)s)")
-    p.add_argument("--chunk-timeout", dest="chunk_timeout_s", type=float, default=d.chunk_timeout_s)
-    p.add_argument("--session-timeout-ms", type=int, default=d.session_timeout_ms)
-    p.add_argument("--query-host", default=d.query_host)
-    p.add_argument("--query-port", type=int, default=None, help="also serve the gRPC query service here")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on this port")
-    p.add_argument("--stats-interval", type=float, default=0.0, help="print stats JSON to stderr every N s (0: off)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    a = vars(p.parse_args(argv))
-    extra = {k: a.pop(k) for k in ("stats_interval", "verbose", "metrics_port")}
-    cfg = LoaderConfig(**a)
-    cfg._stats_interval = extra["stats_interval"]  # type: ignore[attr-defined]
-    cfg._verbose = extra["verbose"]  # type: ignore[attr-defined]
-    cfg._metrics_port = extra["metrics_port"]  # type: ignore[attr-defined]
-    return cfg
+log = logging.getLogger("tensortrace.loader")
 
 
-def start_loader(cfg: LoaderConfig, stopping: threading.Event):
-    """A Loader, once ClickHouse answers and the schema is migrated: a loader started while
-    ClickHouse is down waits (backing off) instead of crash-looping. None if stopped meanwhile."""
-    from tensortrace.loader.service import Loader
+def _emit(doc: dict) -> None:
+    """One JSON line on stderr (scripts and tests read these: devstack.processes.LoaderProcess)."""
+    print(json.dumps(doc), file=sys.stderr, flush=True)
 
-    log = logging.getLogger("tensortrace.loader")
-    delay = cfg.retry_initial_s
-    while not stopping.is_set():
+
+class LoaderService:
+    """A `tensortrace.service.Service` around `loader.service.Loader`.
+
+    Relies on the Loader's `Loader(cfg)` (connects to ClickHouse and migrates; raises while it is
+    unreachable), `.run()`, `.stop()`, `.stats` (LoaderStats), `.ready` (threading.Event: the
+    consumer holds partitions), `.live()` and `.client` (for whoever composes a reader on the same
+    engine: `on_open`)."""
+
+    def __init__(self, cfg: LoaderConfig):
+        self.cfg = cfg
+        self.loader = None
+        self.on_open: list[Callable] = []   # called with the Loader once ClickHouse is open (run thread)
+        self._stop = threading.Event()
+        self._idle_stats = None
+        self.registry = LoaderMetrics(self).registry
+
+    @property
+    def stats(self):
+        if self.loader is not None:
+            return self.loader.stats
+        if self._idle_stats is None:
+            from tensortrace.loader.service import LoaderStats
+            self._idle_stats = LoaderStats()
+        return self._idle_stats
+
+    # -- Service ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        loader = self._open()
+        if loader is None:
+            return  # stopped while waiting for ClickHouse
+        for fn in self.on_open:
+            fn(loader)
+        stop_stats = threading.Event()
+        if self.cfg.stats_interval_s > 0:
+            def report():
+                while not stop_stats.wait(self.cfg.stats_interval_s):
+                    _emit(loader.stats.snapshot())
+            threading.Thread(target=report, name="loader-stats", daemon=True).start()
         try:
-            return Loader(cfg)
-        except Exception as e:  # connection refused, auth, DNS: report and retry
-            if "EmbeddedServer" in str(e) or "Cannot lock file" in str(e):
-                raise  # another process holds this chdb path: retrying will not help
-            print(json.dumps({"clickhouse_unavailable": f"{type(e).__name__}: {str(e)[:300]}", "retry_in_s": delay}),
-                  file=sys.stderr, flush=True)
-            log.warning("ClickHouse not reachable (%s); retrying in %.1fs", e, delay)
-            stopping.wait(delay)
-            delay = min(delay * 2, cfg.retry_max_s)
-    return None
+            loader.run()
+        finally:
+            stop_stats.set()
+            _emit({"final_stats": loader.stats.snapshot()})
 
+    def stop(self) -> None:
+        self._stop.set()
+        if self.loader is not None:
+            self.loader.stop()
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO if cfg._verbose else logging.WARNING,  # type: ignore[attr-defined]
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        print(f"tensortrace loader: {e}", file=sys.stderr)
-        return 2
-    from tensortrace.loader.service import Loader
+    def live(self) -> bool:
+        return self.loader.live() if self.loader is not None else True
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    loader = start_loader(cfg, stopping)
-    if loader is None:
-        return 0
-    server = None
-    if cfg.query_port is not None:
-        from tensortrace.query.server import serve
+    def ready(self) -> bool:
+        return self.loader is not None and self.loader.ready.is_set()
 
-        server, port = serve(loader.client, database=cfg.database, host=cfg.query_host, port=cfg.query_port)
-        print(json.dumps({"query_service": f"{cfg.query_host}:{port}"}), file=sys.stderr, flush=True)
+    def not_ready_reason(self) -> str:
+        if self.loader is None:
+            return "ClickHouse not reachable yet"
+        return "consumer has not joined the group (no partitions assigned)"
 
-    def on_signal(signum, frame):
-        loader.stop()
+    def ports(self) -> dict[str, int]:
+        return {}
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if stopping.is_set():
-        loader.stop()
-    if cfg._metrics_port is not None:  # type: ignore[attr-defined]
-        from tensortrace.loader.metrics import serve_metrics
+    # -- startup -----------------------------------------------------------------------------------
+    def _open(self):
+        """The Loader once ClickHouse answers and the schema is migrated; None if stopped meanwhile."""
+        from tensortrace.loader.service import Loader
 
-        serve_metrics(loader, cfg._metrics_port)  # type: ignore[attr-defined]
-    stop_stats = threading.Event()
-    if cfg._stats_interval > 0:  # type: ignore[attr-defined]
-        def report():
-            while not stop_stats.wait(cfg._stats_interval):  # type: ignore[attr-defined]
-                print(json.dumps(loader.stats.snapshot()), file=sys.stderr, flush=True)
-        threading.Thread(target=report, daemon=True).start()
-    try:
-        loader.run()
-    finally:
-        stop_stats.set()
-        if server is not None:
-            server.stop(grace=1).wait()
-        print(json.dumps({"final_stats": loader.stats.snapshot()}), file=sys.stderr, flush=True)
-    return 0
+        backoff = Backoff(self.cfg.retry_initial_s, self.cfg.retry_max_s)
+        while not self._stop.is_set():
+            try:
+                loader = Loader(self.cfg)
+            except Exception as e:  # connection refused, auth, DNS: report and retry
+                if "EmbeddedServer" in str(e) or "Cannot lock file" in str(e):
+                    raise  # another process holds this chdb path: retrying will not help
+                _emit({"clickhouse_unavailable": f"{type(e).__name__}: {str(e)[:300]}", "retry_in_s": backoff.delay})
+                log.warning("ClickHouse not reachable (%s); retrying in %.1fs", e, backoff.delay)
+                if backoff.wait(self._stop):
+                    return None
+                continue
+            self.loader = loader
+            if self._stop.is_set():  # stop() came while the Loader was being made
+                loader.stop()
+            return loader
+        return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

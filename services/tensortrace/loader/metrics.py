@@ -1,45 +1,65 @@
-"""Prometheus metrics of the loader (`--metrics-port`): the LoaderStats counters, read at scrape time.
+"""Prometheus metrics of the loader, on the loader's own registry: the LoaderStats counters, read
+at scrape time (served at /metrics by the service runtime's HTTP endpoint, with /healthz, /readyz).
 
->>> serve_metrics(loader, 9465)   # then GET http://host:9465/metrics
+>>> metrics = LoaderMetrics(service)      # anything with `.stats` (a LoaderStats) and `ready()`
+>>> generate_latest(metrics.registry)
 
-Declared metrics (all counters unless noted):
-  tensortrace_loader_messages_total           Kafka messages read
-  tensortrace_loader_rows_total{table}         rows accepted by ClickHouse (re-read duplicates included)
-  tensortrace_loader_payload_bytes_total       payload bytes inserted
-  tensortrace_loader_batches_total             inserts that succeeded
-  tensortrace_loader_insert_failures_total     insert attempts that failed (retried)
+Declared metrics (counters unless noted; documented in docs/storage.md):
+  tensortrace_loader_messages_total                 Kafka messages read
+  tensortrace_loader_rows_total{table}              rows accepted by ClickHouse (re-read duplicates included)
+  tensortrace_loader_payload_bytes_total            payload bytes inserted
+  tensortrace_loader_batches_total                  inserts that succeeded
+  tensortrace_loader_insert_failures_total          insert attempts that failed (retried)
   tensortrace_loader_commits_total / _commit_failures_total   Kafka offset commits
-  tensortrace_loader_dead_letters_total{reason}               messages sent to the dead-letter topic
+  tensortrace_loader_dead_letters_total{reason}     messages sent to the dead-letter topic
+  tensortrace_loader_fetch_pauses_total             times fetching paused because inserts fell behind
+  tensortrace_loader_busy_seconds_total{stage}      time spent decoding (consume thread), building
+                                                    Arrow tables and inserting (flush thread)
+  tensortrace_loader_ready (gauge)                  1 once the consumer holds partitions
 """
 
 from __future__ import annotations
 
-from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+P = "tensortrace_loader_"
 
 
 class _LoaderCollector:
+    """Reads `loader.stats` at every scrape (the counters live in one place: LoaderStats)."""
+
     def __init__(self, loader):
         self.loader = loader
 
     def collect(self):
         s = self.loader.stats
-        yield CounterMetricFamily("tensortrace_loader_messages", "Kafka messages read", value=s.messages)
-        rows = CounterMetricFamily("tensortrace_loader_rows", "rows accepted by ClickHouse", labels=["table"])
+        yield CounterMetricFamily(P + "messages", "Kafka messages read", value=s.messages)
+        rows = CounterMetricFamily(P + "rows", "rows accepted by ClickHouse", labels=["table"])
         rows.add_metric(["activations"], s.tensor_rows)
         rows.add_metric(["requests"], s.summary_rows)
         yield rows
-        yield CounterMetricFamily("tensortrace_loader_payload_bytes", "payload bytes inserted", value=s.payload_bytes)
-        yield CounterMetricFamily("tensortrace_loader_batches", "successful inserts", value=s.batches)
-        yield CounterMetricFamily("tensortrace_loader_insert_failures", "failed insert attempts", value=s.insert_failures)
-        yield CounterMetricFamily("tensortrace_loader_commits", "offset commits", value=s.commits)
-        yield CounterMetricFamily("tensortrace_loader_commit_failures", "failed offset commits", value=s.commit_failures)
-        dl = CounterMetricFamily("tensortrace_loader_dead_letters", "messages sent to the DLQ", labels=["reason"])
+        yield CounterMetricFamily(P + "payload_bytes", "payload bytes inserted", value=s.payload_bytes)
+        yield CounterMetricFamily(P + "batches", "successful inserts", value=s.batches)
+        yield CounterMetricFamily(P + "insert_failures", "failed insert attempts", value=s.insert_failures)
+        yield CounterMetricFamily(P + "commits", "offset commits", value=s.commits)
+        yield CounterMetricFamily(P + "commit_failures", "failed offset commits", value=s.commit_failures)
+        dl = CounterMetricFamily(P + "dead_letters", "messages sent to the dead-letter topic", labels=["reason"])
         for reason, n in sorted(s.dlq_by_reason.items()):
             dl.add_metric([reason], n)
         yield dl
+        yield CounterMetricFamily(P + "fetch_pauses", "times fetching paused because inserts fell behind",
+                                  value=getattr(s, "paused", 0))
+        busy = CounterMetricFamily(P + "busy_seconds", "time spent per stage", labels=["stage"])
+        for stage, attr in (("decode", "decode_seconds"), ("arrow", "arrow_seconds"), ("insert", "insert_seconds")):
+            busy.add_metric([stage], getattr(s, attr, 0.0))
+        yield busy
+        ready = getattr(self.loader, "ready", None)
+        if callable(ready):
+            yield GaugeMetricFamily(P + "ready", "1 once the consumer holds partitions", value=1.0 if ready() else 0.0)
 
 
-def serve_metrics(loader, port: int, addr: str = "0.0.0.0"):
-    REGISTRY.register(_LoaderCollector(loader))
-    return start_http_server(port, addr=addr)
+class LoaderMetrics:
+    def __init__(self, loader):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_LoaderCollector(loader))

@@ -1,8 +1,8 @@
 """The gRPC query service (proto/tensortrace/v1/query.proto) over a ClickHouseBackend.
 
-    tensortrace query-server --clickhouse http://user:pw@clickhouse:8123 --port 50071
+    tensortrace query-server --clickhouse-dsn http://user:pw@clickhouse:8123    # query/main.py, port 50052
 
->>> server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port`
+>>> server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port` (compose.py)
 >>> server.stop(grace=1)
 
 A chDB path can be opened by one process only, so for an embedded engine this service runs inside
@@ -12,9 +12,6 @@ is for ClickHouse servers (or a chDB path no loader holds).
 
 from __future__ import annotations
 
-import argparse
-import sys
-import threading
 from concurrent import futures
 
 import grpc
@@ -144,35 +141,3 @@ def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: 
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     return server, bound
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tensortrace query-server", description="serve the gRPC read-back API")
-    p.add_argument("--clickhouse", "--clickhouse-dsn", dest="dsn", required=True,
-                   help="http(s)://user:pw@host:port, or a chdb:///path no loader holds")
-    p.add_argument("--database", default="tensortrace")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50071)
-    a = p.parse_args(argv)
-    from tensortrace.storage.schema import check_identifier, connect
-    from tensortrace.storage import ThreadSafeClient
-
-    try:
-        check_identifier(a.database)
-    except ValueError as e:
-        print(f"tensortrace query-server: {e}", file=sys.stderr)
-        return 2
-    server, port = serve(ThreadSafeClient(connect(a.dsn)), a.database, a.host, a.port)
-    print(f"query service on {a.host}:{port}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=2).wait()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
