@@ -7,8 +7,9 @@ services' own configs (loader, bridge, probes) so their flags are the same every
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tensortrace.service.config import option
 from tensortrace.service.kafka import KafkaConfig
 
 DEFAULT_TOPIC = "tensortrace.activations"
@@ -17,32 +18,31 @@ DEFAULT_DLQ_TOPIC = "tensortrace.activations.dlq"
 
 @dataclass
 class ConsumerConfig:
-    kafka: KafkaConfig = field(default_factory=KafkaConfig,
-                               metadata={"help": "Kafka client settings (bootstrap, security)"})
-    topic: str = DEFAULT_TOPIC
-    group_id: str = "tensortrace-consumer"
-    dlq_topic: str = DEFAULT_DLQ_TOPIC
-    auto_offset_reset: str = "earliest"  # where a new group starts: all retained data
+    kafka: KafkaConfig = option(factory=KafkaConfig, help="Kafka client settings (bootstrap, security)")
+    topic: str = option(DEFAULT_TOPIC, "the activation topic")
+    group_id: str = option("tensortrace-consumer", "Kafka consumer group (one per consumer service)")
+    dlq_topic: str = option(DEFAULT_DLQ_TOPIC, "dead-letter topic: undecodable messages, refused records, chunk sets that never complete")
+    auto_offset_reset: str = option("earliest", "where a new group starts: earliest (all retained data) or latest")
 
-    # The sink is flushed when it says it is due (size) or when its oldest record is this old
-    # (bounds freshness at low load).
-    batch_max_delay_s: float = 0.25
+    # The sink is flushed when it says it is due (size) or when its batch is this old (bounds
+    # freshness at low load).
+    batch_max_delay_s: float = option(0.25, "flush the sink's batch when it is this old (seconds)")
     # Sealed batches waiting for the flush thread; bounds memory. When full, fetching pauses.
-    insert_queue_batches: int = 2
+    insert_queue_batches: int = option(2, "sealed batches queued for the flush thread; when full, fetching pauses")
 
-    chunk_timeout_s: float = 120.0     # a chunk set incomplete this long goes to the dead-letter topic
-    max_pending_chunk_sets: int = 10_000
+    chunk_timeout_s: float = option(120.0, "a chunk set incomplete this long goes to the dead-letter topic")
+    max_pending_chunk_sets: int = option(10_000, "chunk sets reassembled at once; beyond, the oldest is dead-lettered")
 
-    retry_initial_s: float = 0.2       # flush / dead-letter retry backoff: doubles up to retry_max_s
-    retry_max_s: float = 10.0
-    rebalance_flush_timeout_s: float = 30.0
+    retry_initial_s: float = option(0.2, "first retry delay (flush, dead letters, Kafka connect); doubles up to --retry-max-s")
+    retry_max_s: float = option(10.0, "longest retry delay")
+    rebalance_flush_timeout_s: float = option(30.0, "on a rebalance, time allowed to flush and commit what was read")
 
     # A consumer that dies without leaving the group holds its partitions until this expires.
-    session_timeout_ms: int = 10_000
-    poll_timeout_ms: int = 100
-    max_poll_records: int = 5000
-    fetch_max_bytes: int = 64 << 20
-    max_partition_fetch_bytes: int = 16 << 20
+    session_timeout_ms: int = option(10_000, "consumer group session timeout: a dead consumer's partitions move after it")
+    poll_timeout_ms: int = option(100, "longest wait of one poll")
+    max_poll_records: int = option(5000, "records per poll")
+    fetch_max_bytes: int = option(64 << 20, "bytes per fetch")
+    max_partition_fetch_bytes: int = option(16 << 20, "bytes per partition per fetch")
 
     def consumer_problems(self) -> list[str]:
         """Every problem with the consumer settings, each as "field: why"."""

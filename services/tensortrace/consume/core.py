@@ -45,6 +45,7 @@ from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_H
                                             DeadLetterReason, InvalidRecord)
 from tensortrace.consume.sink import SealedBatch, Source, held_offsets
 from tensortrace.service.backoff import Backoff
+from tensortrace.service.kafka import KafkaUnavailable
 from tensortrace.wire import codec
 
 log = logging.getLogger("tensortrace.consume")
@@ -59,6 +60,7 @@ class ConsumerStats:
     dlq_messages: int = 0
     dlq_by_reason: dict[str, int] = field(default_factory=dict)   # DeadLetterReason.value -> count
     paused: int = 0                 # times fetching paused because the flush queue was full
+    connect_failures: int = 0       # attempts to reach Kafka that failed (retried with backoff)
     decode_seconds: float = 0.0     # consume thread: decoding and handing records to the sink
 
     def snapshot(self) -> dict:
@@ -96,6 +98,7 @@ class ConsumerCore:
         self._inflight = 0
         self._inflight_lock = threading.Condition()
         self._flusher: threading.Thread | None = None
+        self.kafka_error = ""            # why Kafka is not usable now ("" once connected)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -111,12 +114,11 @@ class ConsumerCore:
         cfg = self.config
         self._flusher = threading.Thread(target=self._flush_loop, name=f"{self.name}-flush", daemon=True)
         self._flusher.start()
-        self._consumer = KafkaConsumer(
-            **cfg.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-{cfg.group_id}"),
-            group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
-            max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
-            max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
-            session_timeout_ms=cfg.session_timeout_ms, heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3))
+        self._consumer = self._connect()
+        if self._consumer is None:   # stopped before Kafka answered
+            self._queue.put(None)
+            self._flusher.join(timeout=cfg.rebalance_flush_timeout_s)
+            return
         self._consumer.subscribe([cfg.topic], listener=_Rebalance(self))
         try:
             while not self.stopping.is_set():
@@ -142,6 +144,30 @@ class ConsumerCore:
             if self._producer is not None:
                 self._producer.flush(timeout=10)
                 self._producer.close(timeout=10)
+
+    def _connect(self) -> KafkaConsumer | None:
+        """The group consumer, once Kafka answers. Until then (broker down, wrong password, TLS
+        trust) it logs one clear line per attempt (KafkaConfig.check_connection names the listener
+        and the cause) and backs off; a service started before its broker never crash-loops."""
+        cfg = self.config
+        backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
+        while not self.stopping.is_set():
+            try:
+                cfg.kafka.check_connection(timeout_s=10.0)
+                consumer = KafkaConsumer(
+                    **cfg.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-{cfg.group_id}"),
+                    group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
+                    max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
+                    max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, session_timeout_ms=cfg.session_timeout_ms,
+                    heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3))
+                self.kafka_error = ""
+                return consumer
+            except (KafkaUnavailable, KafkaError) as e:
+                self.kafka_error = str(e)
+                self.stats.connect_failures += 1
+                log.error("%s: Kafka not usable: %s; retrying", self.name, e)
+                backoff.wait(self.stopping)
+        return None
 
     # -- consume side ---------------------------------------------------------------------------
 

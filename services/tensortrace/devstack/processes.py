@@ -125,11 +125,14 @@ class LoaderProcess:
     `stats` (the latest --stats-interval snapshot), `query_address` (with --query-port)."""
 
     def __init__(self, args: list[str], python: str = sys.executable):
+        if not any(a.split("=")[0] in ("--http-port", "--metrics-port") for a in args):
+            args = [*args, "--http-port", "0"]   # an ephemeral /healthz,/metrics port: loaders side by side never collide
         self.proc = subprocess.Popen([python, "-m", "tensortrace.cli", "loader", *args],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
         self.stats: dict = {}
         self.final_stats: dict = {}
         self.query_address: str | None = None
+        self.ports: dict[str, int] = {}
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -142,7 +145,11 @@ class LoaderProcess:
                     doc = json.loads(line)
                 except ValueError:
                     continue
-                if "query_service" in doc:
+                if "ports" in doc:   # the service runtime's port report
+                    self.ports = dict(doc["ports"])
+                    if "query" in self.ports:
+                        self.query_address = f"127.0.0.1:{self.ports['query']}"
+                elif "query_service" in doc:
                     self.query_address = doc["query_service"]
                 elif "final_stats" in doc:
                     self.final_stats = doc["final_stats"]

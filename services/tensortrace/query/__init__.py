@@ -1,7 +1,7 @@
 """Read-back: captured tensors of a request as torch tensors (SDK), the gRPC query service, `tensortrace show`.
 
 >>> from tensortrace.query import TensorTraceClient
->>> req = TensorTraceClient("grpc://127.0.0.1:50071").tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")
+>>> req = TensorTraceClient("grpc://127.0.0.1:50052").tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")
 >>> req.hidden_states()
 """
 

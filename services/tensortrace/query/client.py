@@ -1,7 +1,7 @@
 """The read-back SDK: a request's captured tensors, back as torch tensors.
 
 >>> from tensortrace.query import TensorTraceClient
->>> tt = TensorTraceClient("grpc://127.0.0.1:50071")          # or "http://user:pw@ch:8123", "chdb:///path"
+>>> tt = TensorTraceClient("grpc://127.0.0.1:50052")          # or "http://user:pw@ch:8123", "chdb:///path"
 >>> req = tt.tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", hooks=["resid_pre"], wait_s=5)
 >>> req["resid_pre", 3].tensor.shape, req.completeness.state
 (torch.Size([37, 2048]), 'complete')
@@ -95,7 +95,7 @@ def _backend_for(target, database: str):
 class TensorTraceClient:
     """Reads captured requests. Thread-safe for reads when its backend is.
 
-    >>> tt = TensorTraceClient("grpc://127.0.0.1:50071", default_wait_s=2.0)
+    >>> tt = TensorTraceClient("grpc://127.0.0.1:50052", default_wait_s=2.0)
     >>> tt.requests(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")   # -> [RequestRef, ...]
     """
 

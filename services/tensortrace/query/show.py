@@ -1,6 +1,6 @@
 """`tensortrace show <trace-id>`: what was captured for a request.
 
-    tensortrace show 4bf92f3577b34da6a3ce929d0e0e4736 --server 127.0.0.1:50071
+    tensortrace show 4bf92f3577b34da6a3ce929d0e0e4736 --server 127.0.0.1:50052
     tensortrace show --request-id req-17 --clickhouse http://user:pw@ch:8123 --hooks resid_pre
 
 Prints, per hook: layers, tokens covered, records, bytes (raw / stored), capture->export->load

@@ -6,7 +6,7 @@ thread-safe client that the loader's insert thread and the query service share.
 >>> apply_migrations(client, database="tensortrace", ttl_days=7)
 
 Every service that reads or writes ClickHouse (loader, query, and the bridge and probes to come)
-imports this package; no service package imports another (tests/test_repo_contracts.py checks it).
+imports this package; no service package imports another (tests/foundation/test_repo_contracts.py checks it).
 """
 
 from tensortrace.storage.client import ThreadSafeClient
