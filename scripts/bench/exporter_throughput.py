@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.config import ExporterConfig, KafkaConfig
 from tensortrace.exporter.service import Exporter
 from tensortrace.ring.format import FrameKind, RingIdentity, RingReader, RingWriter
 from tensortrace.v1 import records_pb2 as pb
@@ -50,7 +50,7 @@ def memcpy_bandwidth(total_bytes: int = 2 << 30) -> float:
 
 def _slab_meta(step: int, rows: int, row_bytes: int) -> bytes:
     return ring_pb2.RingSlab(step=step, hook="resid_pre", layer=0, dtype=pb.UINT8, row_shape=[row_bytes],
-                             parts=[ring_pb2.SlabPart(span_index=0, slab_row_start=0, row_count=rows, position_start=0)],
+                             parts=[ring_pb2.SlabPart(request_index=0, slab_row_start=0, row_count=rows, position_start=0)],
                              capture_time_unix_nano=time.time_ns()).SerializeToString()
 
 
@@ -107,11 +107,11 @@ def _writer_process(path: str, record_bytes: int, n_records: int, parts_per_slab
     go.wait()
     written, step = 0, 0
     while written < n_records:
-        spans = [ring_pb2.RowSpan(request_id=f"req-{(step * parts_per_slab + i) % 64}", row_start=i, row_count=1,
+        step_requests = [ring_pb2.RequestRows(request_id=f"req-{(step * parts_per_slab + i) % 64}", row_start=i, row_count=1,
                                   position_start=step, phase=pb.DECODE) for i in range(parts_per_slab)]
-        st = ring_pb2.RingStep(step=step, model_id="bench", spans=spans, tp_size=1).SerializeToString()
+        st = ring_pb2.RingStep(step=step, model_id="bench", requests=step_requests, tp_size=1).SerializeToString()
         slab = ring_pb2.RingSlab(step=step, hook="resid_pre", layer=0, dtype=pb.UINT8, row_shape=[record_bytes],
-                                 parts=[ring_pb2.SlabPart(span_index=i, slab_row_start=i, row_count=1, position_start=step)
+                                 parts=[ring_pb2.SlabPart(request_index=i, slab_row_start=i, row_count=1, position_start=step)
                                         for i in range(parts_per_slab)]).SerializeToString()
         while not w.write(FrameKind.STEP, st):
             time.sleep(0.0002)
@@ -131,8 +131,8 @@ def ring_to_kafka(record_bytes: int, n_records: int, bootstrap: str, compression
                                                       parts_per_slab, ready, go))
     proc.start()
     ready.wait(60)
-    cfg = ExporterConfig(ring_dir=d, bootstrap_servers=bootstrap, topic=topic, partitions=3,
-                         compression=compression, control_port=-1, metrics_port=-1, scan_interval_s=0.05,
+    cfg = ExporterConfig(ring_dir=d, kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, partitions=3,
+                         compression=compression, control_port=-1, scan_interval_s=0.05,
                          cleanup_grace_s=3600)
     exp = Exporter(cfg).start()
     while not exp.publisher.connect(retry_interval_s=0.5):

@@ -151,8 +151,8 @@ def main(argv=None):
                 rids = [f"r{bs}-{i}" for i in range(bs)]
                 for rid in rids:
                     agent.begin_request(rid, prompt_tokens=1)
-                layout = StepLayout(spans=tuple(RequestRows(r, i, 1, 100, Phase.DECODE, seq_index=i)
-                                                for i, r in enumerate(rids)), total_rows=bs)
+                layout = StepLayout(requests=tuple(RequestRows(r, i, 1, 100, Phase.DECODE, seq_index=i)
+                                                   for i, r in enumerate(rids)), total_rows=bs)
 
                 def agent_tap(i, first, h, residual):
                     if agent.wants("resid_pre", i):

@@ -27,11 +27,11 @@ def make_agent(ring_dir, selection=None, **cfg):
 
 def layout_for(rids, lengths, positions, phase=Phase.PREFILL):
     """Requests packed back to back (SGLang style), one padding row at the end."""
-    spans, row = [], 0
+    requests, row = [], 0
     for rid, n, p in zip(rids, lengths, positions):
-        spans.append(RequestRows(rid, row, n, p, phase))
+        requests.append(RequestRows(rid, row, n, p, phase))
         row += n
-    return StepLayout(tuple(spans), total_rows=row + 1)
+    return StepLayout(tuple(requests), total_rows=row + 1)
 
 
 def run_steps(agent, rids, steps, layers=2, prompt=3):
@@ -49,7 +49,7 @@ def run_steps(agent, rids, steps, layers=2, prompt=3):
 
 def rows_tensor(layout, layer):
     t = torch.full((layout.total_rows, H), -1.0)
-    for i, s in enumerate(layout.spans):
+    for i, s in enumerate(layout.requests):
         for r in range(s.row_count):
             t[s.row_start + r] = i * 10000 + (s.position_start + r) * 100 + layer
     return t
@@ -334,7 +334,7 @@ def test_a_tensor_matching_no_row_domain_disables_only_that_tap(ring_dir):
     assert "resid_pre@0" in agent.stats().disabled_taps
 
 
-def test_layout_rejects_overlapping_or_out_of_range_spans():
+def test_layout_rejects_overlapping_or_out_of_range_request_rows():
     with pytest.raises(ValueError, match="overlap"):
         StepLayout((RequestRows("a", 0, 3, 0, Phase.PREFILL), RequestRows("b", 2, 2, 0, Phase.PREFILL)), total_rows=5)
     with pytest.raises(ValueError, match="outside"):
@@ -366,7 +366,7 @@ def test_ring_file_is_named_after_pod_pid_and_rank_with_mode_0600(ring_dir):
         AgentConfig(ring_dir=ring_dir, overflow_policy="drop_oldest").validate()
 
 
-def test_spans_of_requests_never_begun_are_counted_not_captured(ring_dir):
+def test_rows_of_requests_never_begun_are_counted_not_captured(ring_dir):
     agent = make_agent(ring_dir)
     agent.begin_request("known")
     layout = layout_for(["known", "stranger"], [2, 2], [0, 0])
@@ -376,7 +376,7 @@ def test_spans_of_requests_never_begun_are_counted_not_captured(ring_dir):
     agent.end_request("known")
     got = drain(RingReader.open(agent.ring_path))
     assert {r.request_id for r in got.records} == {"known"}
-    assert agent.stats().unknown_request_spans == 1
+    assert agent.stats().unknown_request_rows == 1
 
 
 @pytest.mark.parametrize("path", ["memmove", "numpy"])

@@ -68,13 +68,13 @@ def test_capture_path_makes_no_synchronising_call_and_lands_bit_exact(any_ring_d
     assert agent.flush(timeout_s=30)
     assert not agent.stats().disabled_taps and not agent.stats().agent_disabled
     got = drain(RingReader.open(agent.ring_path))
-    for span in layout.spans:
-        rows = slice(span.row_start, span.row_start + span.row_count)
-        recs = sorted((r for r in got.records if r.request_id == span.request_id and r.hook == "resid_pre"
+    for rr in layout.requests:
+        rows = slice(rr.row_start, rr.row_start + rr.row_count)
+        recs = sorted((r for r in got.records if r.request_id == rr.request_id and r.hook == "resid_pre"
                        and r.layer == 2), key=lambda r: r.step)
         assert len(recs) == 20
         for k, rec in enumerate(recs):
-            t = torch.frombuffer(bytearray(rec.payload), dtype=torch.bfloat16).view(span.row_count, 256)
+            t = torch.frombuffer(bytearray(rec.payload), dtype=torch.bfloat16).view(rr.row_count, 256)
             assert torch.equal(t, expect[k][0][rows].cpu())
     s = got.summaries["a"]
     assert s.complete and s.records_captured == 20 * 5

@@ -51,7 +51,7 @@ def main() -> None:
             "generation": w.header.generation}
     if a.die_mid_frame:
         slab = ring_pb2.RingSlab(step=0, hook="resid_pre", layer=0, dtype=pb.FLOAT32, row_shape=[a.row],
-                                 parts=[ring_pb2.SlabPart(span_index=0, slab_row_start=0, row_count=4)])
+                                 parts=[ring_pb2.SlabPart(request_index=0, slab_row_start=0, row_count=4)])
         payload_len = 4 * gen.row_bytes
         end, off = w.reserve(FrameKind.SLAB, slab.SerializeToString(), payload_len)
         dump["half_frame_seq"] = w._seq - 1

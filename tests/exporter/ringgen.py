@@ -74,42 +74,42 @@ class TrafficGen:
     def step(self, request_ids: list[str] | None = None) -> None:
         """One forward step over the given requests (prefill for new ones, decode after)."""
         rids = request_ids if request_ids is not None else self.request_ids()
-        spans, row = [], 0
+        step_requests, row = [], 0
         for i, rid in enumerate(rids):
             pos = self._pos.get(rid)
             n = self.prompt_tokens if pos is None else 1
             pos = 0 if pos is None else pos
-            spans.append(ring_pb2.RowSpan(request_id=rid, trace_id=hashlib.md5(rid.encode()).digest(),
+            step_requests.append(ring_pb2.RequestRows(request_id=rid, trace_id=hashlib.md5(rid.encode()).digest(),
                                           span_id=hashlib.md5(rid.encode()).digest()[:8], row_start=row,
                                           row_count=n, position_start=pos,
                                           phase=pb.PREFILL if n > 1 else pb.DECODE))
             row += n
         step_no = self._step
         self._step += 1
-        step = ring_pb2.RingStep(step=step_no, model_id="tiny", spans=spans, capture_time_unix_nano=time.time_ns(), tp_size=1)
+        step = ring_pb2.RingStep(step=step_no, model_id="tiny", requests=step_requests, capture_time_unix_nano=time.time_ns(), tp_size=1)
         if self._write(FrameKind.STEP, step.SerializeToString()) is None:
-            for sp in spans:  # the whole step is lost: each of its records is dropped
-                self.dropped_records[sp.request_id] = self.dropped_records.get(sp.request_id, 0) + len(self.hooks)
+            for rr in step_requests:  # the whole step is lost: each of its records is dropped
+                self.dropped_records[rr.request_id] = self.dropped_records.get(rr.request_id, 0) + len(self.hooks)
             return
         for layer, hook in enumerate(self.hooks):
             parts, chunks = [], []
             slab_row = 0
-            for i, sp in enumerate(spans):
-                parts.append(ring_pb2.SlabPart(span_index=i, slab_row_start=slab_row, row_count=sp.row_count,
-                                               position_start=sp.position_start))
-                chunks.append(rows_bytes(sp.request_id, step_no, hook, sp.position_start, sp.row_count, self.row_bytes))
-                slab_row += sp.row_count
+            for i, rr in enumerate(step_requests):
+                parts.append(ring_pb2.SlabPart(request_index=i, slab_row_start=slab_row, row_count=rr.row_count,
+                                               position_start=rr.position_start))
+                chunks.append(rows_bytes(rr.request_id, step_no, hook, rr.position_start, rr.row_count, self.row_bytes))
+                slab_row += rr.row_count
             slab = ring_pb2.RingSlab(step=step_no, hook=hook, layer=layer, tp_rank=0, tp_size=1, dtype=self.dtype,
                                      row_shape=list(self.row_shape), parts=parts, capture_time_unix_nano=time.time_ns())
             seq = self._write(FrameKind.SLAB, slab.SerializeToString(), b"".join(chunks))
-            for i, sp in enumerate(spans):
+            for i, rr in enumerate(step_requests):
                 if seq is None:
-                    self.dropped_records[sp.request_id] = self.dropped_records.get(sp.request_id, 0) + 1
+                    self.dropped_records[rr.request_id] = self.dropped_records.get(rr.request_id, 0) + 1
                 else:
-                    self.expected[record_seq(seq, i)] = (sp.request_id, hook, step_no, sp.position_start, chunks[i])
-                    self.captured[sp.request_id] = self.captured.get(sp.request_id, 0) + 1
-        for sp in spans:
-            self._pos[sp.request_id] = sp.position_start + sp.row_count
+                    self.expected[record_seq(seq, i)] = (rr.request_id, hook, step_no, rr.position_start, chunks[i])
+                    self.captured[rr.request_id] = self.captured.get(rr.request_id, 0) + 1
+        for rr in step_requests:
+            self._pos[rr.request_id] = rr.position_start + rr.row_count
 
     def finish(self, request_ids: list[str] | None = None) -> None:
         for rid in (request_ids if request_ids is not None else self.request_ids()):

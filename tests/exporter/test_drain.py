@@ -130,7 +130,7 @@ def test_slab_of_an_unknown_step_is_dropped_and_counted(tmp_path):
     from tensortrace.v1 import records_pb2 as pb, ring_pb2
     w, r, d = _open(tmp_path)
     slab = ring_pb2.RingSlab(step=99, hook="a", dtype=pb.UINT8, row_shape=[4],
-                             parts=[ring_pb2.SlabPart(span_index=0, row_count=1)])
+                             parts=[ring_pb2.SlabPart(request_index=0, row_count=1)])
     w.write(FrameKind.SLAB, slab.SerializeToString(), b"abcd")
     w.write(FrameKind.SLAB, b"\xff\xff not protobuf", b"")
     pub = RecordingPublisher()
@@ -145,9 +145,9 @@ def test_large_parts_are_chunked_exactly_like_the_codec_rule(tmp_path):
     from tensortrace.ring.slabs import split_slab
     from tensortrace.v1 import records_pb2 as pb, ring_pb2
     w, r, d = _open(tmp_path, capacity=8 << 20)
-    step = ring_pb2.RingStep(step=1, spans=[ring_pb2.RowSpan(request_id="big", row_count=2)])
+    step = ring_pb2.RingStep(step=1, requests=[ring_pb2.RequestRows(request_id="big", row_count=2)])
     slab = ring_pb2.RingSlab(step=1, hook="logits", dtype=pb.UINT8, row_shape=[1_100_000],
-                             parts=[ring_pb2.SlabPart(span_index=0, slab_row_start=0, row_count=2)])
+                             parts=[ring_pb2.SlabPart(request_index=0, slab_row_start=0, row_count=2)])
     payload = os.urandom(2_200_000)
     w.write(FrameKind.STEP, step.SerializeToString())
     w.write(FrameKind.SLAB, slab.SerializeToString(), payload)
@@ -161,3 +161,25 @@ def test_large_parts_are_chunked_exactly_like_the_codec_rule(tmp_path):
     for g, c in zip(got, want):
         c.export_time_unix_nano = g.export_time_unix_nano
         assert g == c
+
+
+def test_ring_states_and_drop_reasons_are_enums_that_read_as_their_strings(tmp_path):
+    import json
+
+    from tensortrace.exporter.drain import FrameDropReason, RingState
+    from tensortrace.v1 import control_pb2
+
+    w, r, d = _open(tmp_path)
+    assert d.state is RingState.ATTACHED and d.state == "attached" and d.active and d.readable
+    d.state = "draining"                 # a plain string (the service's own lifecycle code) is coerced
+    assert d.state is RingState.DRAINING and d.active
+    with pytest.raises(ValueError):
+        d.state = "gone"
+    d.quarantine("corrupt_frame", "test")
+    assert d.state is RingState.QUARANTINED and not d.active and not d.readable
+    d.dropped[FrameDropReason.BAD_META] += 1
+    assert d.dropped == {"bad_meta": 1}
+    status = control_pb2.RingStatus(state=d.state, frames_dropped_by_reason=dict(d.dropped))
+    assert status.state == "quarantined" and dict(status.frames_dropped_by_reason) == {"bad_meta": 1}
+    assert f"{RingState.DETACHED}" == str(RingState.DETACHED) == "detached"
+    assert json.dumps({FrameDropReason.RING_CORRUPT: RingState.DRAINING}) == '{"ring_corrupt": "draining"}'

@@ -14,8 +14,8 @@ from tensortrace.agent.layout import Phase
 pytestmark = pytest.mark.unit
 
 
-def spans(plan):
-    return [(s.request_id, s.row_start, s.row_count, s.position_start, s.phase.name) for s in plan.layout.spans]
+def request_rows(plan):
+    return [(s.request_id, s.row_start, s.row_count, s.position_start, s.phase.name) for s in plan.layout.requests]
 
 
 def test_batch_kind_is_reported():
@@ -25,7 +25,7 @@ def test_batch_kind_is_reported():
 def test_extend_rows_are_new_tokens_in_batch_order():
     fb = forward_batch("EXTEND", ["a", "b", "c"], seq_lens=[5, 3, 4], extend_lens=[5, 3, 4], prefix_lens=[0, 0, 0])
     plan = plan_step(fb, {"a": 5, "b": 3, "c": 4}.get)
-    assert spans(plan) == [("a", 0, 5, 0, "PREFILL"), ("b", 5, 3, 0, "PREFILL"), ("c", 8, 4, 0, "PREFILL")]
+    assert request_rows(plan) == [("a", 0, 5, 0, "PREFILL"), ("b", 5, 3, 0, "PREFILL"), ("c", 8, 4, 0, "PREFILL")]
     assert plan.layout.total_rows == 12 and plan.layout.num_sequences == 3
 
 
@@ -33,7 +33,7 @@ def test_radix_cache_prefix_hit_starts_past_the_cached_tokens():
     # "a" had 6 of its 9 prompt tokens in the radix cache: only 3 rows, from position 6
     fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[9, 2], extend_lens=[3, 2], prefix_lens=[6, 0])
     plan = plan_step(fb, {"a": 9, "b": 2}.get)
-    assert spans(plan) == [("a", 0, 3, 6, "PREFILL"), ("b", 3, 2, 0, "PREFILL")]
+    assert request_rows(plan) == [("a", 0, 3, 6, "PREFILL"), ("b", 3, 2, 0, "PREFILL")]
 
 
 def test_chunked_prefill_chunks_continue_positions_and_stay_prefill():
@@ -41,7 +41,7 @@ def test_chunked_prefill_chunks_continue_positions_and_stay_prefill():
     chunk1 = plan_step(forward_batch("EXTEND", ["long"], [4], [4], [0]), prompt.get)
     chunk2 = plan_step(forward_batch("EXTEND", ["long"], [8], [4], [4]), prompt.get)
     last = plan_step(forward_batch("EXTEND", ["long"], [10], [2], [8]), prompt.get)
-    assert [spans(p)[0] for p in (chunk1, chunk2, last)] == [
+    assert [request_rows(p)[0] for p in (chunk1, chunk2, last)] == [
         ("long", 0, 4, 0, "PREFILL"), ("long", 0, 4, 4, "PREFILL"), ("long", 0, 2, 8, "PREFILL")]
 
 
@@ -49,20 +49,20 @@ def test_mixed_batch_marks_running_requests_as_decode():
     # a new 4-token prompt + two running requests (mix_with_running: one token each, prefix seq_len-1)
     fb = forward_batch("MIXED", ["new", "r1", "r2"], seq_lens=[4, 6, 7], extend_lens=[4, 1, 1], prefix_lens=[0, 5, 6])
     plan = plan_step(fb, {"new": 4, "r1": 3, "r2": 5}.get)
-    assert spans(plan) == [("new", 0, 4, 0, "PREFILL"), ("r1", 4, 1, 5, "DECODE"), ("r2", 5, 1, 6, "DECODE")]
+    assert request_rows(plan) == [("new", 0, 4, 0, "PREFILL"), ("r1", 4, 1, 5, "DECODE"), ("r2", 5, 1, 6, "DECODE")]
 
 
 def test_decode_one_row_per_request_at_seq_len_minus_one():
     fb = forward_batch("DECODE", ["a", "b", "c"], seq_lens=[6, 9, 4])
     plan = plan_step(fb, {"a": 5, "b": 3, "c": 3}.get)
-    assert spans(plan) == [("a", 0, 1, 5, "DECODE"), ("b", 1, 1, 8, "DECODE"), ("c", 2, 1, 3, "DECODE")]
+    assert request_rows(plan) == [("a", 0, 1, 5, "DECODE"), ("b", 1, 1, 8, "DECODE"), ("c", 2, 1, 3, "DECODE")]
 
 
 def test_padded_cuda_graph_decode_rows_belong_to_no_request():
     fb = forward_batch("DECODE", ["a", "b", "c"], seq_lens=[6, 9, 4], padded_to=8)
     plan = plan_step(fb, {"a": 5, "b": 3, "c": 3}.get)
     assert plan.layout.total_rows == 8
-    covered = {r for s in plan.layout.spans for r in range(s.row_start, s.row_start + s.row_count)}
+    covered = {r for s in plan.layout.requests for r in range(s.row_start, s.row_start + s.row_count)}
     assert covered == {0, 1, 2}
 
 
@@ -85,13 +85,13 @@ def test_rids_from_the_schedule_batch_when_forward_batch_has_none():
     fb = forward_batch("DECODE", ["x", "y"], seq_lens=[4, 5], set_rids=False)
     with pytest.raises(LayoutError, match="0 request ids for batch_size 2"):
         plan_step(fb)
-    assert [s.request_id for s in plan_step(fb, rids=["x", "y"]).layout.spans] == ["x", "y"]
+    assert [s.request_id for s in plan_step(fb, rids=["x", "y"]).layout.requests] == ["x", "y"]
 
 
 def test_unknown_prompt_length_falls_back_to_the_mode_phase():
     ext = plan_step(forward_batch("EXTEND", ["a"], [3], [3], [0]))
     dec = plan_step(forward_batch("DECODE", ["a"], [4]))
-    assert ext.layout.spans[0].phase is Phase.PREFILL and dec.layout.spans[0].phase is Phase.DECODE
+    assert ext.layout.requests[0].phase is Phase.PREFILL and dec.layout.requests[0].phase is Phase.DECODE
 
 
 def test_inconsistent_batches_raise_naming_the_field():

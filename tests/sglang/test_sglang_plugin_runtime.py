@@ -3,6 +3,7 @@ SHAPE-ALIKE model of shape_alike.py (SGLang's module names and norm contract).""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -86,3 +87,60 @@ def test_a_draft_runner_is_never_attached(tmp_path):
     rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path)))
     rt.attach(SimpleNamespace(is_draft_worker=True))
     assert rt.agent is None and not rt.attached_to(SimpleNamespace())
+
+
+def test_thread_time_includes_the_layout_and_request_bookkeeping_not_the_forward(runtime, monkeypatch):
+    """SGLangCapture is a Backend of the engine contract: its layout (plan_step) and its request
+    bookkeeping run under agent.timed(), so stats().thread_seconds includes them; SGLang's forward
+    itself (here a slow ModelRunner.forward) is not the agent's time."""
+    from tensortrace.agent.backends.base import Backend
+    from tensortrace.agent.backends.sglang import plugin
+
+    rt, runner, ring_dir = runtime
+    assert isinstance(rt, Backend)
+    calls = {"plan": 0, "options": 0}
+    real_plan, real_options = plugin.plan_step, plugin.options_of
+
+    def slow_plan(*a, **kw):
+        calls["plan"] += 1
+        time.sleep(0.02)
+        return real_plan(*a, **kw)
+
+    def slow_options(custom):
+        calls["options"] += 1
+        time.sleep(0.02)
+        return real_options(custom)
+
+    def slow_forward(runner, fb):
+        time.sleep(0.2)
+        return model_forward(runner, fb)
+    monkeypatch.setattr(plugin, "plan_step", slow_plan)
+    monkeypatch.setattr(plugin, "options_of", slow_options)
+    a, b = req("a", 3), req("b", 2)
+    before = rt.agent.stats().thread_seconds
+    fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[3, 2], extend_lens=[3, 2], prefix_lens=[0, 0])
+    fb.input_ids = torch.tensor([1, 2, 3, 4, 5])
+    rt.observe_batch(fb, SimpleNamespace(reqs=[a, b]))
+    with torch.no_grad():
+        rt.forward(slow_forward, runner, fb)
+        dec = forward_batch("DECODE", ["a", "b"], seq_lens=[4, 3])
+        dec.input_ids = torch.tensor([6, 7])
+        rt.forward(slow_forward, runner, dec)
+    finish(a, 2), finish(b, 2)
+    rt.finish_requests([a, b])
+    counted = rt.agent.stats().thread_seconds - before
+    assert calls == {"plan": 2, "options": 2}
+    # two layouts + two requests' options: 4 x 20 ms in; two forwards' 2 x 200 ms out
+    assert 0.08 <= counted < 0.2
+    rt.agent.close()
+    assert read_rings(ring_dir).summaries["a"].records_captured > 0
+
+
+def test_detach_removes_every_tap_and_later_forwards_pass_through(runtime):
+    rt, runner, ring_dir = runtime
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in runner.model.modules())  # noqa: E731
+    assert rt.taps.taps and hooks() == len(rt.taps.taps) and rt.attached_to(runner)
+    assert rt.attach(runner) == rt.unplaced            # attaching again changes nothing
+    rt.detach()
+    assert hooks() == 0 and not rt.taps.taps and not rt.attached_to(runner)
+    rt.agent.close()

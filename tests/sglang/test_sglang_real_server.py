@@ -220,7 +220,7 @@ def test_every_captured_row_matches_hf_and_its_request(served):
         assert n_token_hooks == 2 * 9 + 3, sorted(covered)  # 9 per-layer hooks x 2 layers + 3 global
 
     # the prefix hit's first step starts past the cached prefix
-    hit_steps = [s for st in ring.steps for s in st.spans if s.request_id == hit["meta_info"]["id"]]
+    hit_steps = [rr for st in ring.steps for rr in st.requests if rr.request_id == hit["meta_info"]["id"]]
     assert hit_steps[0].position_start == hit["meta_info"]["cached_tokens"] > 0
     # opted out: a summary saying not sampled, and no tensors
     assert off["id"] in ring.summaries and not ring.summaries[off["id"]].sampled

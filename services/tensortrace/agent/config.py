@@ -7,13 +7,27 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import socket
 from dataclasses import dataclass, field
 
 from tensortrace.ring.format import ALIGN
 
-OVERFLOW_POLICIES = ("drop_newest", "drop_request", "block")
+
+class OverflowPolicy(str, enum.Enum):
+    """What the agent does with a slab that does not fit in the ring (docs/agent.md). A str enum:
+    `AgentConfig(overflow_policy="block")` and `OverflowPolicy.BLOCK` are the same setting."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    DROP_NEWEST = "drop_newest"
+    DROP_REQUEST = "drop_request"
+    BLOCK = "block"
+
+
+OVERFLOW_POLICIES = tuple(p.value for p in OverflowPolicy)
 
 
 def _default_pod() -> str:
@@ -33,7 +47,7 @@ class AgentConfig:
     node: str = field(default_factory=_default_node)
     tp_rank: int = 0
     tp_size: int = 1
-    overflow_policy: str = "drop_newest"  # drop_newest | drop_request | block
+    overflow_policy: str = OverflowPolicy.DROP_NEWEST  # drop_newest | drop_request | block
     block_timeout_s: float = 5.0          # only for overflow_policy="block"
     pending_summaries_max: int = 4096     # summaries kept while the ring is full, retried each step
     device: str = "cpu"                   # "cuda[:n]": set up the CUDA staging path at start-up
@@ -47,7 +61,9 @@ class AgentConfig:
             problems.append("ring_dir is empty")
         if self.ring_capacity <= 0 or self.ring_capacity % ALIGN:
             problems.append(f"ring_capacity {self.ring_capacity} must be a positive multiple of {ALIGN}")
-        if self.overflow_policy not in OVERFLOW_POLICIES:
+        if self.overflow_policy in OVERFLOW_POLICIES:
+            self.overflow_policy = OverflowPolicy(self.overflow_policy)
+        else:
             problems.append(f"overflow_policy {self.overflow_policy!r} must be one of {', '.join(OVERFLOW_POLICIES)}")
         if self.block_timeout_s < 0:
             problems.append(f"block_timeout_s {self.block_timeout_s} must be >= 0")

@@ -336,11 +336,12 @@ class CaptureAgent:
         tapped module fires during the forward pass (between begin_step and end_step). When this
         step selects (hook, layer), runs `extract(*args)` -> the tensor viewed as [rows, *row_shape]
         (None: nothing this time) and captures it. Times extraction and copy; never raises: an
-        exception in `extract` or the copy disables only this tap (tap_failed).
+        exception in `extract` or the copy disables only this tap (tap_failed); a disabled tap's
+        records are counted tap_disabled without calling `extract` again.
 
-        The hot path: one call per tap, no allocation, `wants` inlined. Backends pass the module
-        hook's own arguments through `args` (e.g. `functools.partial(agent.tap, hook, L, extract)`
-        as the torch hook), so no closure is built per call.
+        The hot path: one agent call per tap with `wants` inlined. Backends pass the module hook's
+        own arguments through `args` (e.g. `functools.partial(agent.tap, hook, L, extract)` as the
+        torch hook), so no closure is built per call.
         """
         if not self._step_open:
             return
@@ -351,9 +352,12 @@ class CaptureAgent:
             return
         t0 = _perf_ns()
         try:
-            rows = extract(*args)
-            if rows is not None:
-                self._capture(hook, layer, rows)
+            if self._disabled_taps and (hook, layer) in self._disabled_taps:
+                self._capture(hook, layer, None)   # counted tap_disabled; nothing is extracted
+            else:
+                rows = extract(*args)
+                if rows is not None:
+                    self._capture(hook, layer, rows)
         except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
             self.tap_failed(hook, layer, e)
         self.thread_ns += _perf_ns() - t0

@@ -3,16 +3,19 @@
 The backend adapter (HF, SGLang) builds one per forward; the agent core uses it to attribute
 rows, and writes it into the ring as the step's STEP frame. Rows are the *flattened token rows*
 of a tapped tensor: a [batch, seq, ...] tensor is seen as [batch * seq, ...]; a [tokens, ...]
-tensor (SGLang, MoE routers) as is. Rows not covered by a span are padding (HF left padding,
-rows of finished requests, CUDA-graph padding) and are never exported.
+tensor (SGLang, MoE routers) as is. Each request of the step owns one contiguous range of rows
+(its `RequestRows`); rows of no request are padding (HF left padding, rows of finished requests,
+CUDA-graph padding) and are never exported.
 
 Some tensors have one row per *sequence slot* instead of one per token (the logits of the last
 token only, as HF `generate` computes them in prefill and SGLang's LogitsProcessor always does).
-Each span names its sequence slot (`seq_index`); a tensor with `num_sequences` rows is read in that
-domain, and each request contributes the row of its slot, at the position of its last token.
+Each RequestRows names its sequence slot (`seq_index`); a tensor with `num_sequences` rows is read
+in that domain, and each request contributes the row of its slot, at the position of its last token.
 
->>> layout = StepLayout(spans=(RequestRows("r1", row_start=2, row_count=3, position_start=0,
-...                                        phase=Phase.PREFILL, seq_index=0),),
+(These were called "spans" before; "span" is kept for the W3C/OpenTelemetry span of a request.)
+
+>>> layout = StepLayout(requests=(RequestRows("r1", row_start=2, row_count=3, position_start=0,
+...                                           phase=Phase.PREFILL, seq_index=0),),
 ...                     total_rows=5, num_sequences=1)
 """
 
@@ -44,7 +47,7 @@ class RequestRows:
     row_count: int
     position_start: int
     phase: Phase
-    seq_index: int = -1  # the request's slot in a per-sequence tensor; -1 = same as span index
+    seq_index: int = -1  # the request's slot in a per-sequence tensor; -1 = its index in layout.requests
 
     @property
     def last_position(self) -> int:
@@ -53,45 +56,46 @@ class RequestRows:
 
 @dataclass(frozen=True)
 class StepLayout:
-    spans: tuple[RequestRows, ...]
+    requests: tuple[RequestRows, ...]  # one per request with rows in this step
     total_rows: int               # token rows of the step's tensors, padding included
-    num_sequences: int = -1       # sequence slots (rows of per-sequence tensors); -1 = len(spans)
+    num_sequences: int = -1       # sequence slots (rows of per-sequence tensors); -1 = len(requests)
 
     def __post_init__(self):
         if self.num_sequences < 0:
-            object.__setattr__(self, "num_sequences", len(self.spans))
+            object.__setattr__(self, "num_sequences", len(self.requests))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistency (overlapping or out-of-range spans)."""
+        """Raise ValueError naming the first inconsistency (overlapping or out-of-range rows)."""
         seen_ids: set[str] = set()
         taken: list[tuple[int, int]] = []
         slots: set[int] = set()
-        for i, s in enumerate(self.spans):
+        for i, s in enumerate(self.requests):
             if s.request_id in seen_ids:
-                raise ValueError(f"span {i}: request {s.request_id!r} appears twice in one step")
+                raise ValueError(f"request rows {i}: request {s.request_id!r} appears twice in one step")
             seen_ids.add(s.request_id)
             if s.row_count <= 0:
-                raise ValueError(f"span {i} ({s.request_id}): row_count {s.row_count} must be positive")
+                raise ValueError(f"request rows {i} ({s.request_id}): row_count {s.row_count} must be positive")
             if s.row_start < 0 or s.row_start + s.row_count > self.total_rows:
-                raise ValueError(f"span {i} ({s.request_id}): rows [{s.row_start}, {s.row_start + s.row_count}) "
+                raise ValueError(f"request rows {i} ({s.request_id}): rows [{s.row_start}, {s.row_start + s.row_count}) "
                                  f"outside the step's {self.total_rows} rows")
             if s.position_start < 0:
-                raise ValueError(f"span {i} ({s.request_id}): negative position_start")
+                raise ValueError(f"request rows {i} ({s.request_id}): negative position_start")
             slot = self.slot(i)
             if not 0 <= slot < self.num_sequences or slot in slots:
-                raise ValueError(f"span {i} ({s.request_id}): sequence slot {slot} invalid or reused "
+                raise ValueError(f"request rows {i} ({s.request_id}): sequence slot {slot} invalid or reused "
                                  f"(num_sequences {self.num_sequences})")
             slots.add(slot)
             taken.append((s.row_start, s.row_start + s.row_count))
         taken.sort()
         for (a0, a1), (b0, b1) in zip(taken, taken[1:]):
             if b0 < a1:
-                raise ValueError(f"spans overlap: rows [{a0}, {a1}) and [{b0}, {b1})")
+                raise ValueError(f"request rows overlap: rows [{a0}, {a1}) and [{b0}, {b1})")
 
-    def slot(self, span_index: int) -> int:
-        s = self.spans[span_index]
-        return s.seq_index if s.seq_index >= 0 else span_index
+    def slot(self, request_index: int) -> int:
+        """The sequence slot of `requests[request_index]`."""
+        s = self.requests[request_index]
+        return s.seq_index if s.seq_index >= 0 else request_index
 
     def domain_of(self, rows: int) -> RowDomain | None:
         """How to read a tensor with `rows` leading rows in this step (None: it matches neither)."""

@@ -3,7 +3,8 @@
 A *record* is one slab part: one request x one tap (hook, layer) x one step — exactly one
 TensorRecord the exporter will emit. produced = written + dropped, per hook and per reason.
 
-Drop reasons (DROP_REASONS):
+Drop reasons (`DropReason`, a str enum: its members compare equal to, hash like, print and
+serialize as their string values, so summaries, JSON and metric labels carry the same strings):
     ring_full       the ring had no room (drop_newest / drop_request policies)
     too_large       one slab would take more than half the ring; it can never be written
     block_timeout   overflow_policy=block waited block_timeout_s and the ring stayed full
@@ -16,11 +17,34 @@ Drop reasons (DROP_REASONS):
 
 from __future__ import annotations
 
+import enum
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-DROP_REASONS = ("ring_full", "too_large", "block_timeout", "request_dropped", "staging_full",
-                "tap_error", "tap_disabled", "step_dropped")
+
+class DropReason(str, enum.Enum):
+    """Why a selected record was not written (the keys of every `dropped_by_reason`)."""
+
+    __str__ = str.__str__        # "ring_full", not "DropReason.RING_FULL" (f-strings, metric labels)
+    __format__ = str.__format__
+
+    RING_FULL = "ring_full"
+    TOO_LARGE = "too_large"
+    BLOCK_TIMEOUT = "block_timeout"
+    REQUEST_DROPPED = "request_dropped"
+    STAGING_FULL = "staging_full"
+    TAP_ERROR = "tap_error"
+    TAP_DISABLED = "tap_disabled"
+    STEP_DROPPED = "step_dropped"
+
+
+DROP_REASONS = tuple(r.value for r in DropReason)
+
+# Reasons that stop a request for the rest of its life under overflow_policy=drop_request (the ring
+# or staging had no room for it), and reasons that are failures of a tap, not of the ring.
+LIFE_ENDING_DROPS = frozenset({DropReason.RING_FULL, DropReason.TOO_LARGE, DropReason.STAGING_FULL,
+                               DropReason.STEP_DROPPED})
+TAP_DROPS = frozenset({DropReason.TAP_ERROR, DropReason.TAP_DISABLED})
 
 
 @dataclass
@@ -46,7 +70,7 @@ class AgentStats:
     requests_begun: int = 0
     requests_sampled: int = 0
     requests_untracked: int = 0   # begun while capture was switched off: no summary
-    unknown_request_spans: int = 0  # layout spans naming a request never begun (not captured)
+    unknown_request_rows: int = 0   # layout RequestRows naming a request never begun (not captured)
     requests_ended: int = 0
     summaries_written: int = 0
     summaries_pending: int = 0
@@ -58,7 +82,8 @@ class AgentStats:
     control_docs_rejected: int = 0
     unplaced_taps: list[tuple[str, str]] = field(default_factory=list)
     # inference-thread time spent in the agent and its taps (begin/end step and request, every
-    # tap's extract + copy, the backend's per-forward layout): the agent's direct cost to the model
+    # tap's extract + copy) and in the backend's own per-step work run under agent.timed() (the
+    # HF and SGLang layouts, the SGLang request bookkeeping): the agent's direct cost to the model
     thread_seconds: float = 0.0
 
 
@@ -71,7 +96,7 @@ class Counters:
         self.by_hook: dict[str, HookStats] = defaultdict(HookStats)
         self.scalars: dict[str, int] = defaultdict(int)
 
-    def dropped(self, hook: str, records: int, reason: str) -> None:
+    def dropped(self, hook: str, records: int, reason: DropReason) -> None:
         if records <= 0:
             return
         h = self.by_hook[hook]

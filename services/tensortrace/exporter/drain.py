@@ -6,6 +6,12 @@ slab (or the newest step, which later slabs may still name) needs: an exporter r
 crash re-reads from the tail and must find each slab's STEP frame before the slab. Frames released
 are counted in the ring header (`frames_consumed`), so accounting survives exporter restarts.
 
+Ring states (`RingState`): attached -> draining (the producer is gone; what it committed is still
+read) -> detached (drained; the file is removed after the cleanup grace); quarantined (a corrupt
+frame: nothing more is read from it). Frame drop reasons: `FrameDropReason`. Both are str enums:
+their members equal, print and serialize as the strings they replaced (control RingStatus.state,
+the `reason` label of tensortrace_exporter_frames_dropped_total).
+
 >>> d = RingDrain(reader, cfg, metrics)
 >>> d.drain_pass(publisher)   # read frames, send messages
 >>> d.on_complete(unit, exc)  # called per message outcome; then d.release_acked()
@@ -14,6 +20,7 @@ are counted in the ring header (`frames_consumed`), so accounting survives expor
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import os
 import time
@@ -25,12 +32,42 @@ from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.envelopes import EnvelopeBatcher, summary_entry, tensor_entry_bytes
 from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.ring.format import FrameKind, RingCorruptError, RingReader
-from tensortrace.ring.slabs import SlabError, slab_part_metas, span_metas, summary_record
+from tensortrace.ring.slabs import SlabError, request_metas, slab_part_metas, summary_record
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.v1 import ring_pb2
 from tensortrace.wire import codec
 
 log = logging.getLogger("tensortrace.exporter")
+
+
+class RingState(str, enum.Enum):
+    """Lifecycle of one attached ring (RingDrain.state; control RingStatus.state)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    ATTACHED = "attached"        # the producer is alive; frames are drained as they come
+    DRAINING = "draining"        # the producer is gone (exited or died); committed frames are still read
+    DETACHED = "detached"        # drained and closed; the file is removed after cleanup_grace_s
+    QUARANTINED = "quarantined"  # a corrupt frame: nothing more is read; the loss is counted
+
+
+READABLE_STATES = frozenset({RingState.ATTACHED, RingState.DRAINING})
+
+
+class FrameDropReason(str, enum.Enum):
+    """Why the exporter (or, for producer_dropped, the agent) lost a frame: the `reason` label of
+    tensortrace_exporter_frames_dropped_total and the keys of RingStatus.frames_dropped_by_reason."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    BAD_META = "bad_meta"                  # the frame's metadata does not parse
+    STEP_UNKNOWN = "step_unknown"          # a slab whose STEP frame is not (any more) known
+    BAD_SLAB = "bad_slab"                  # a slab that cannot be split (slabs.SlabError)
+    UNKNOWN_KIND = "unknown_kind"          # a frame kind this exporter does not know
+    PRODUCER_DROPPED = "producer_dropped"  # dropped by the agent (ring full), from the ring header
+    RING_CORRUPT = "ring_corrupt"          # committed frames lost behind a corrupt one (quarantine)
 
 
 @dataclass
@@ -67,11 +104,11 @@ class RingDrain:
         self.key = (self.path, self.generation)
         self.producer = pb.Producer(node=h.identity.node, pod=h.identity.pod, pid=h.identity.pid,
                                     tp_rank=h.identity.tp_rank, generation=h.generation)
-        self.state = "attached"       # attached | draining | detached | quarantined
+        self.state = RingState.ATTACHED
         self.reason = ""
         self.detached_at = 0.0
         self.producer_alive = True
-        # step -> (RingStep, STEP frame position, frames read before it, span metas, request id keys)
+        # step -> (RingStep, STEP frame position, frames read before it, request metas, request id keys)
         self.steps: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self.latest_step: tuple[int, int] | None = None   # (position, frames before) of the newest STEP frame
         self.units: collections.deque[SendUnit] = collections.deque()
@@ -81,7 +118,7 @@ class RingDrain:
         self.released_frames = 0
         self.needs_rewind = False
         self.last_head, self.last_head_change = reader.head, time.monotonic()
-        self.dropped: collections.Counter[str] = collections.Counter()
+        self.dropped: collections.Counter[FrameDropReason] = collections.Counter()
         self.records_out = self.bytes_out = self.messages_out = 0
         self.records_in = self.bytes_in = 0
         self._rate_snapshot = (time.monotonic(), 0, 0)
@@ -98,10 +135,24 @@ class RingDrain:
         self._m_records_out = m.records_out.labels(self.name, cfg.topic)
         self._m_bytes_out = m.bytes_out.labels(self.name, cfg.topic)
 
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> RingState:
+        return self._state
+
+    @state.setter
+    def state(self, value: RingState | str) -> None:
+        self._state = RingState(value)   # a plain string is accepted; an unknown one raises ValueError
+
+    @property
+    def active(self) -> bool:
+        """Attached or draining: frames may still be read."""
+        return self._state in READABLE_STATES
+
     # -- reading ---------------------------------------------------------------------------
     @property
     def readable(self) -> bool:
-        return self.state in ("attached", "draining") and not self.needs_rewind
+        return self._state in READABLE_STATES and not self.needs_rewind
 
     def has_unread(self) -> bool:
         return self.readable and self.reader.head > self.read_pos
@@ -147,20 +198,20 @@ class RingDrain:
             try:
                 slab = ring_pb2.RingSlab.FromString(frame.meta)
             except DecodeError:
-                self._drop("bad_meta", frame)
+                self._drop(FrameDropReason.BAD_META, frame)
                 return
             entry = self.steps.get(slab.step)
             if entry is None:
-                self._drop("step_unknown", frame)
+                self._drop(FrameDropReason.STEP_UNKNOWN, frame)
                 return
-            step, step_pos, step_frames, spans_meta, keys = entry
+            step, step_pos, step_frames, requests_meta, keys = entry
             enc = self._encoding
             try:
                 parts = slab_part_metas(step, slab, frame.payload, frame.seq, self.producer, export_ns,
-                                        enc, spans_meta)
+                                        enc, requests_meta)
             except SlabError as e:
                 log.warning("%s: slab frame %d dropped: %s", self.path, frame.seq, e)
-                self._drop("bad_slab", frame)
+                self._drop(FrameDropReason.BAD_SLAB, frame)
                 return
             if step_pos >= self.released_pos and (unit.hold is None or step_pos < unit.hold[0]):
                 unit.hold = (step_pos, step_frames)
@@ -170,26 +221,26 @@ class RingDrain:
             chunk = self.cfg.chunk_payload_bytes
             add = batcher.add
             unit.records += len(parts)
-            for meta, span_index, rows in parts:
+            for meta, request_index, rows in parts:
                 unit.payload_bytes += len(rows)
                 payload = rows if enc == pb.RAW else codec.encode_payload(rows, enc, codec.element_size(slab.dtype))
                 if len(payload) <= chunk:
-                    add(keys[span_index], tensor_entry_bytes(meta, payload))
+                    add(keys[request_index], tensor_entry_bytes(meta, payload))
                 else:
                     total = len(payload)
                     count = (total + chunk - 1) // chunk
                     for i in range(count):  # the chunking rule of codec.chunk_record, without copies
                         fields = pb.TensorRecord(chunk_index=i, chunk_count=count, chunk_offset=i * chunk,
                                                  payload_size=total).SerializeToString()
-                        add(keys[span_index], tensor_entry_bytes(meta + fields, payload[i * chunk:(i + 1) * chunk]))
+                        add(keys[request_index], tensor_entry_bytes(meta + fields, payload[i * chunk:(i + 1) * chunk]))
         elif kind == FrameKind.STEP:
             try:
                 step = ring_pb2.RingStep.FromString(frame.meta)
             except DecodeError:
-                self._drop("bad_meta", frame)
+                self._drop(FrameDropReason.BAD_META, frame)
                 return
-            self.steps[step.step] = (step, frame.position, self.frames_read, span_metas(step),
-                                     [sp.request_id.encode() for sp in step.spans])
+            self.steps[step.step] = (step, frame.position, self.frames_read, request_metas(step),
+                                     [rr.request_id.encode() for rr in step.requests])
             self.steps.move_to_end(step.step)
             while len(self.steps) > self.cfg.max_steps_kept:
                 self.steps.popitem(last=False)
@@ -198,15 +249,15 @@ class RingDrain:
             try:
                 summary = pb.RequestSummary.FromString(frame.meta)
             except DecodeError:
-                self._drop("bad_meta", frame)
+                self._drop(FrameDropReason.BAD_META, frame)
                 return
             summary_record(summary, frame.seq, self.producer, export_ns)
             unit.records += 1
             batcher.add(summary.request_id.encode(), summary_entry(summary))
         else:
-            self._drop("unknown_kind", frame)
+            self._drop(FrameDropReason.UNKNOWN_KIND, frame)
 
-    def _drop(self, reason: str, frame) -> None:
+    def _drop(self, reason: FrameDropReason, frame) -> None:
         self.dropped[reason] += 1
         self.metrics.frames_dropped.labels(self.name, reason).inc()
 
@@ -271,9 +322,9 @@ class RingDrain:
 
     # -- lifecycle -------------------------------------------------------------------------
     def quarantine(self, reason: str, detail: str) -> None:
-        if self.state == "quarantined":
+        if self._state is RingState.QUARANTINED:
             return
-        self.state = "quarantined"
+        self.state = RingState.QUARANTINED
         self.reason = f"{reason}: {detail}"
         log.error("ring quarantined: %s (%s); its remaining frames are counted as dropped, other rings keep flowing",
                   detail, reason)
@@ -284,14 +335,14 @@ class RingDrain:
         stats = self.reader.producer_stats()
         d = stats["frames_dropped"] - self._producer_drops_seen
         if d > 0:
-            self.metrics.frames_dropped.labels(self.name, "producer_dropped").inc(d)
+            self.metrics.frames_dropped.labels(self.name, FrameDropReason.PRODUCER_DROPPED).inc(d)
             self._producer_drops_seen = stats["frames_dropped"]
-        if self.state == "quarantined" and not self.units:
+        if self._state is RingState.QUARANTINED and not self.units:
             lost = max(0, stats["frames_committed"] - self.frames_released_total() - self._corrupt_counted)
             if lost:
-                self.dropped["ring_corrupt"] += lost
+                self.dropped[FrameDropReason.RING_CORRUPT] += lost
                 self._corrupt_counted += lost
-                self.metrics.frames_dropped.labels(self.name, "ring_corrupt").inc(lost)
+                self.metrics.frames_dropped.labels(self.name, FrameDropReason.RING_CORRUPT).inc(lost)
         self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
         self.metrics.agent_thread_seconds.labels(self.name).set(stats.get("thread_ns", 0) / 1e9)
         released = self.frames_released_total()

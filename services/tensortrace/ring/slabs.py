@@ -4,7 +4,8 @@ Standalone on purpose (imports only the generated protobuf modules and the dtype
 exporter uses it to publish, the agent's tests use it to check what they wrote.
 
 For each part of a slab one TensorRecord: request_id, trace_id, span_id, phase from the step's
-span; hook, layer, tp_rank, tp_size, dtype, step from the slab; shape = [row_count, *row_shape];
+RequestRows at `part.request_index`; hook, layer, tp_rank, tp_size, dtype, step from the slab;
+shape = [row_count, *row_shape];
 positions TOKEN_RANGE [part.position_start, + row_count); payload = the part's rows of the slab
 payload; producer from the ring header; seq = frame_seq * 65536 + part_index.
 
@@ -46,20 +47,20 @@ def row_bytes(slab: ring_pb2.RingSlab) -> int:
     return math.prod(slab.row_shape) * elem
 
 
-def span_metas(step: ring_pb2.RingStep) -> list[bytes]:
-    """Per span of a step, the serialized TensorRecord fields that come from the span (request_id,
+def request_metas(step: ring_pb2.RingStep) -> list[bytes]:
+    """Per RequestRows of a step, the serialized TensorRecord fields that come from it (request_id,
     trace_id, span_id, phase). Computed once per step and shared by all its slabs."""
-    return [pb.TensorRecord(request_id=sp.request_id, trace_id=sp.trace_id, span_id=sp.span_id,
-                            phase=sp.phase).SerializeToString() for sp in step.spans]
+    return [pb.TensorRecord(request_id=rr.request_id, trace_id=rr.trace_id, span_id=rr.span_id,
+                            phase=rr.phase).SerializeToString() for rr in step.requests]
 
 
 def slab_part_metas(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, frame_seq: int,
                     producer: pb.Producer, export_time_unix_nano: int = 0, encoding: int = 0,
-                    spans_meta: list[bytes] | None = None):
-    """[(serialized TensorRecord without payload, span index, payload view of the part's rows)].
+                    requests_meta: list[bytes] | None = None):
+    """[(serialized TensorRecord without payload, request index, payload view of the part's rows)].
 
     The record bytes are the concatenation of three serialized pieces (fields from the slab, from the
-    span, from the part); protobuf parses concatenated messages as one message, and no field is in
+    step's RequestRows, from the part); protobuf parses concatenated messages as one message, and no field is in
     two pieces. This is the one implementation of the split rule: `slab_parts` parses these bytes.
     No payload byte is copied: the views slice `payload` (typically a memoryview into the ring).
     """
@@ -73,9 +74,9 @@ def slab_part_metas(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, f
         raise SlabError(
             f"slab {slab.hook!r} layer {slab.layer} step {slab.step}: payload is {len(view)} bytes, "
             f"parts need {total_rows} rows x {rb} bytes = {total_rows * rb}")
-    n_spans = len(step.spans)
-    if spans_meta is None:
-        spans_meta = span_metas(step)
+    n_requests = len(step.requests)
+    if requests_meta is None:
+        requests_meta = request_metas(step)
     common = pb.TensorRecord(
         model_id=step.model_id, hook=slab.hook, layer=slab.layer, tp_rank=slab.tp_rank,
         tp_size=slab.tp_size or step.tp_size or 1, positions_kind=pb.TOKEN_RANGE, step=slab.step,
@@ -89,9 +90,10 @@ def slab_part_metas(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, f
     Rec = pb.TensorRecord
     out = []
     for i, part in enumerate(parts):
-        si = part.span_index
-        if si >= n_spans:
-            raise SlabError(f"slab {slab.hook!r} part {i}: span index {si} but step {step.step} has {n_spans} spans")
+        ri = part.request_index
+        if ri >= n_requests:
+            raise SlabError(f"slab {slab.hook!r} part {i}: request index {ri} but step {step.step} has "
+                            f"{n_requests} requests")
         n = part.row_count
         r0 = part.slab_row_start
         if r0 + n > total_rows:
@@ -99,7 +101,7 @@ def slab_part_metas(step: ring_pb2.RingStep, slab: ring_pb2.RingSlab, payload, f
         start = part.position_start
         own = Rec(token_start=start, token_end=start + n, shape=[n, *row_shape], raw_size=n * rb,
                   seq=base_seq + i).SerializeToString()
-        out.append((common + spans_meta[si] + own, si, view[r0 * rb: (r0 + n) * rb]))
+        out.append((common + requests_meta[ri] + own, ri, view[r0 * rb: (r0 + n) * rb]))
     return out
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tensortrace.v1 import records_pb2 as tensortrace_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tensortrace/v1/ring.proto\x12\x0etensortrace.v1\x1a\x1ctensortrace/v1/records.proto\"\xa4\x01\n\x07RowSpan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\x0c\x12\x0f\n\x07span_id\x18\x03 \x01(\x0c\x12\x11\n\trow_start\x18\x04 \x01(\r\x12\x11\n\trow_count\x18\x05 \x01(\r\x12\x16\n\x0eposition_start\x18\x06 \x01(\r\x12$\n\x05phase\x18\x07 \x01(\x0e\x32\x15.tensortrace.v1.Phase\"\x83\x01\n\x08RingStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x05spans\x18\x03 \x03(\x0b\x32\x17.tensortrace.v1.RowSpan\x12\x1e\n\x16\x63\x61pture_time_unix_nano\x18\x04 \x01(\x06\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\"a\n\x08SlabPart\x12\x12\n\nspan_index\x18\x01 \x01(\r\x12\x16\n\x0eslab_row_start\x18\x02 \x01(\r\x12\x11\n\trow_count\x18\x03 \x01(\r\x12\x16\n\x0eposition_start\x18\x04 \x01(\r\"\xdd\x01\n\x08RingSlab\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04hook\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12$\n\x05\x64type\x18\x06 \x01(\x0e\x32\x15.tensortrace.v1.DType\x12\x15\n\trow_shape\x18\x07 \x03(\x03\x42\x02\x10\x01\x12\'\n\x05parts\x18\x08 \x03(\x0b\x32\x18.tensortrace.v1.SlabPart\x12\x1e\n\x16\x63\x61pture_time_unix_nano\x18\t \x01(\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tensortrace/v1/ring.proto\x12\x0etensortrace.v1\x1a\x1ctensortrace/v1/records.proto\"\xa8\x01\n\x0bRequestRows\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\x0c\x12\x0f\n\x07span_id\x18\x03 \x01(\x0c\x12\x11\n\trow_start\x18\x04 \x01(\r\x12\x11\n\trow_count\x18\x05 \x01(\r\x12\x16\n\x0eposition_start\x18\x06 \x01(\r\x12$\n\x05phase\x18\x07 \x01(\x0e\x32\x15.tensortrace.v1.Phase\"\x8a\x01\n\x08RingStep\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12-\n\x08requests\x18\x03 \x03(\x0b\x32\x1b.tensortrace.v1.RequestRows\x12\x1e\n\x16\x63\x61pture_time_unix_nano\x18\x04 \x01(\x06\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\"d\n\x08SlabPart\x12\x15\n\rrequest_index\x18\x01 \x01(\r\x12\x16\n\x0eslab_row_start\x18\x02 \x01(\r\x12\x11\n\trow_count\x18\x03 \x01(\r\x12\x16\n\x0eposition_start\x18\x04 \x01(\r\"\xdd\x01\n\x08RingSlab\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04hook\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12$\n\x05\x64type\x18\x06 \x01(\x0e\x32\x15.tensortrace.v1.DType\x12\x15\n\trow_shape\x18\x07 \x03(\x03\x42\x02\x10\x01\x12\'\n\x05parts\x18\x08 \x03(\x0b\x32\x18.tensortrace.v1.SlabPart\x12\x1e\n\x16\x63\x61pture_time_unix_nano\x18\t \x01(\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RINGSLAB'].fields_by_name['row_shape']._loaded_options = None
   _globals['_RINGSLAB'].fields_by_name['row_shape']._serialized_options = b'\020\001'
-  _globals['_ROWSPAN']._serialized_start=76
-  _globals['_ROWSPAN']._serialized_end=240
-  _globals['_RINGSTEP']._serialized_start=243
-  _globals['_RINGSTEP']._serialized_end=374
-  _globals['_SLABPART']._serialized_start=376
-  _globals['_SLABPART']._serialized_end=473
-  _globals['_RINGSLAB']._serialized_start=476
-  _globals['_RINGSLAB']._serialized_end=697
+  _globals['_REQUESTROWS']._serialized_start=76
+  _globals['_REQUESTROWS']._serialized_end=244
+  _globals['_RINGSTEP']._serialized_start=247
+  _globals['_RINGSTEP']._serialized_end=385
+  _globals['_SLABPART']._serialized_start=387
+  _globals['_SLABPART']._serialized_end=487
+  _globals['_RINGSLAB']._serialized_start=490
+  _globals['_RINGSLAB']._serialized_end=711
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class RowSpan(_message.Message):
+class RequestRows(_message.Message):
     __slots__ = ("request_id", "trace_id", "span_id", "row_start", "row_count", "position_start", "phase")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -26,30 +26,30 @@ class RowSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., position_start: _Optional[int] = ..., phase: _Optional[_Union[_records_pb2.Phase, str]] = ...) -> None: ...
 
 class RingStep(_message.Message):
-    __slots__ = ("step", "model_id", "spans", "capture_time_unix_nano", "tp_size")
+    __slots__ = ("step", "model_id", "requests", "capture_time_unix_nano", "tp_size")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    SPANS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     step: int
     model_id: str
-    spans: _containers.RepeatedCompositeFieldContainer[RowSpan]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestRows]
     capture_time_unix_nano: int
     tp_size: int
-    def __init__(self, step: _Optional[int] = ..., model_id: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., capture_time_unix_nano: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., model_id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[RequestRows, _Mapping]]] = ..., capture_time_unix_nano: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class SlabPart(_message.Message):
-    __slots__ = ("span_index", "slab_row_start", "row_count", "position_start")
-    SPAN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("request_index", "slab_row_start", "row_count", "position_start")
+    REQUEST_INDEX_FIELD_NUMBER: _ClassVar[int]
     SLAB_ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
     POSITION_START_FIELD_NUMBER: _ClassVar[int]
-    span_index: int
+    request_index: int
     slab_row_start: int
     row_count: int
     position_start: int
-    def __init__(self, span_index: _Optional[int] = ..., slab_row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., position_start: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_index: _Optional[int] = ..., slab_row_start: _Optional[int] = ..., row_count: _Optional[int] = ..., position_start: _Optional[int] = ...) -> None: ...
 
 class RingSlab(_message.Message):
     __slots__ = ("step", "hook", "layer", "tp_rank", "tp_size", "dtype", "row_shape", "parts", "capture_time_unix_nano")

@@ -10,6 +10,10 @@ model a pre-hook builds the StepLayout from the batch `generate` runs:
 Reading the decode input ids and the prompt mask are host reads; on CUDA they synchronise like
 `generate` itself does every step (the SGLang backend has no such read).
 
+The engine contract (backends/base.py): every tap is `functools.partial(agent.tap, hook, layer,
+extract)` registered as the torch hook, so the tap body is one agent call; the layout, the
+next-token criterion and the request bookkeeping run under `agent.timed()`.
+
 >>> agent = CaptureAgent(AgentConfig(ring_dir=tmp, model_id="tiny-llama"))
 >>> backend = HFBackend(model, agent)          # agent.unplaced lists hooks it could not place
 >>> out, ctxs = backend.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
@@ -18,12 +22,12 @@ Reading the decode input ids and the prompt mask are host reads; on CUDA they sy
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 
-from tensortrace.agent.backends.base import Backend, guarded_tap
+from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.hf.archs import ArchMap, arch_for, find_module
 from tensortrace.agent.catalog import HOOKS
 from tensortrace.agent.layout import Phase, RequestRows, StepLayout
@@ -46,6 +50,36 @@ def _input_of(args, kwargs, name="hidden_states"):
     if name in kwargs:
         return kwargs[name]
     return kwargs["input"]
+
+
+# Extractors: called by agent.tap with the torch hook's own arguments, only when the step selects
+# the tap. Pre-hooks (with_kwargs) pass (module, args, kwargs); forward hooks add the output.
+def _input_rows(mod, args, kw):
+    """The module's input `hidden_states` as token rows."""
+    return _token_rows(_input_of(args, kw))
+
+
+def _plain_input_rows(mod, args, kw):
+    """The input of an nn.Embedding / nn.Linear (`input`) as token rows."""
+    return _token_rows(_input_of(args, kw, "input"))
+
+
+def _output_rows(mod, args, kw, out):
+    return _token_rows(out)
+
+
+def _first_output_rows(mod, args, kw, out):
+    """The first element of a tuple output (or the output) as token rows."""
+    return _token_rows(_first(out))
+
+
+def _split_rows(out, split, i):
+    """Part i of GPT-2's fused c_attn output, split exactly as GPT2Attention splits it."""
+    return _token_rows(out.split(split, dim=2)[i])
+
+
+def _item(out, i):
+    return out[i]
 
 
 @dataclass
@@ -108,12 +142,10 @@ class _NextTokens:
 
         class NextTokenTap(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                t0 = time.perf_counter_ns()
-                try:
+                if agent is None:
                     return self._observe(input_ids)
-                finally:
-                    if agent is not None:
-                        agent.thread_ns += time.perf_counter_ns() - t0   # the agent's cost, counted
+                with agent.timed():   # capture's cost on the inference thread: the agent counts it
+                    return self._observe(input_ids)
 
             def _observe(self, input_ids):
                 last = input_ids[:, -1]
@@ -176,23 +208,19 @@ class HFBackend(Backend):
         def missing(hook, why):
             unplaced.setdefault(hook, []).append(why)
 
-        agent = self.agent
         embed = find_module(m, a.embed)
         if embed is None:
             missing("token_ids", f"no module {a.embed}")
             missing("embeddings", f"no module {a.embed}")
         else:
-            self._pre(embed, ("token_ids",), lambda mod, args, kw: guarded_tap(
-                agent, "token_ids", -1, lambda: _token_rows(_input_of(args, kw, "input"))))
-            self._post(embed, ("embeddings",), lambda mod, args, kw, out: guarded_tap(
-                agent, "embeddings", -1, lambda: _token_rows(out)))
+            self._pre(embed, ("token_ids",), self._tap("token_ids", -1, _plain_input_rows))
+            self._post(embed, ("embeddings",), self._tap("embeddings", -1, _output_rows))
         for hook, path in (("resid_final", a.final_norm), ("logits", a.lm_head)):
             mod = find_module(m, path)
             if mod is None:
                 missing(hook, f"no module {path}")
             else:
-                self._post(mod, (hook,), lambda mod_, args, kw, out, hook=hook: guarded_tap(
-                    agent, hook, -1, lambda: _token_rows(_first(out))))
+                self._post(mod, (hook,), self._tap(hook, -1, _first_output_rows))
 
         layers = find_module(m, a.layers)
         if layers is None:
@@ -211,21 +239,18 @@ class HFBackend(Backend):
         return self.unplaced
 
     def _attach_layer(self, L: int, layer, missing) -> None:
-        a, agent = self.arch, self.agent
-        self._pre(layer, ("resid_pre",), lambda mod, args, kw: guarded_tap(
-            agent, "resid_pre", L, lambda: _token_rows(_input_of(args, kw))))
+        a, tap = self.arch, self.agent.tap
+        self._pre(layer, ("resid_pre",), self._tap("resid_pre", L, _input_rows))
         norm = find_module(layer, a.post_attn_norm)
         if norm is None:
             missing("resid_mid", f"layer {L}: no module {a.post_attn_norm}")
         else:
-            self._pre(norm, ("resid_mid",), lambda mod, args, kw: guarded_tap(
-                agent, "resid_mid", L, lambda: _token_rows(_input_of(args, kw))))
+            self._pre(norm, ("resid_mid",), self._tap("resid_mid", L, _input_rows))
         attn = find_module(layer, a.attn)
         if attn is None:
             missing("attn_out", f"layer {L}: no module {a.attn}")
         else:
-            self._post(attn, ("attn_out",), lambda mod, args, kw, out: guarded_tap(
-                agent, "attn_out", L, lambda: _token_rows(_first(out))))
+            self._post(attn, ("attn_out",), self._tap("attn_out", L, _first_output_rows))
         if a.qkv_fused:
             fused = find_module(layer, a.qkv_fused)
             if fused is None:
@@ -235,8 +260,9 @@ class HFBackend(Backend):
                 split = getattr(attn, "split_size", None)
 
                 def qkv_tap(mod, args, kw, out, split=split):
-                    for i, h in enumerate(("attn_q", "attn_k", "attn_v")):
-                        guarded_tap(agent, h, L, lambda i=i: _token_rows(out.split(split, dim=2)[i]))
+                    tap("attn_q", L, _split_rows, out, split, 0)
+                    tap("attn_k", L, _split_rows, out, split, 1)
+                    tap("attn_v", L, _split_rows, out, split, 2)
                 self._post(fused, ("attn_q", "attn_k", "attn_v"), qkv_tap)
         else:
             for h, path in (("attn_q", a.q_proj), ("attn_k", a.k_proj), ("attn_v", a.v_proj)):
@@ -244,24 +270,20 @@ class HFBackend(Backend):
                 if proj is None:
                     missing(h, f"layer {L}: no module {path}")
                 else:
-                    self._post(proj, (h,), lambda mod, args, kw, out, h=h: guarded_tap(
-                        agent, h, L, lambda: _token_rows(out)))
+                    self._post(proj, (h,), self._tap(h, L, _output_rows))
         mlp = find_module(layer, a.mlp)
         if mlp is None:
             for h in ("mlp_in", "mlp_out"):
                 missing(h, f"layer {L}: no module {a.mlp}")
         else:
-            self._pre(mlp, ("mlp_in",), lambda mod, args, kw: guarded_tap(
-                agent, "mlp_in", L, lambda: _token_rows(_input_of(args, kw))))
-            self._post(mlp, ("mlp_out",), lambda mod, args, kw, out: guarded_tap(
-                agent, "mlp_out", L, lambda: _token_rows(_first(out))))
+            self._pre(mlp, ("mlp_in",), self._tap("mlp_in", L, _input_rows))
+            self._post(mlp, ("mlp_out",), self._tap("mlp_out", L, _first_output_rows))
         down = find_module(layer, a.down_proj)
         if down is None:
             missing("mlp_act", f"layer {L}: {type(mlp).__name__} has no {a.down_proj} module "
                                "(MoE experts are fused parameters; no module carries the hidden activation)")
         else:
-            self._pre(down, ("mlp_act",), lambda mod, args, kw: guarded_tap(
-                agent, "mlp_act", L, lambda: _token_rows(_input_of(args, kw, "input"))))
+            self._pre(down, ("mlp_act",), self._tap("mlp_act", L, _plain_input_rows))
         router = find_module(layer, a.router)
         if router is None:
             for h in ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"):
@@ -271,9 +293,15 @@ class HFBackend(Backend):
 
             def router_tap(mod, args, kw, out):
                 # The router sees the tokens flattened to [B*S, hidden]: rows are token rows already.
-                for h, idx in (("moe_router_logits", li), ("moe_topk_weights", wi), ("moe_topk_ids", ii)):
-                    guarded_tap(agent, h, L, lambda idx=idx: out[idx])
+                tap("moe_router_logits", L, _item, out, li)
+                tap("moe_topk_weights", L, _item, out, wi)
+                tap("moe_topk_ids", L, _item, out, ii)
             self._post(router, ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"), router_tap)
+
+    def _tap(self, hook: str, layer: int, extract):
+        """The torch hook of a one-hook tap: agent.tap(hook, layer, extract, *hook_args) with no
+        Python frame of its own (a partial is called from C)."""
+        return functools.partial(self.agent.tap, hook, layer, extract)
 
     def _pre(self, module, hooks: tuple, fn):
         self._taps.append(_Tap(hooks, module, True, _eager(fn)))
@@ -312,29 +340,29 @@ class HFBackend(Backend):
 
     # -- layout --------------------------------------------------------------------------------
     def _on_forward_start(self, module, args, kwargs):
+        """Model forward pre-hook, on the inference thread before every forward of our generate():
+        the StepLayout, begin_step, and the taps this step needs registered. Timed by the agent."""
         batch = self._batch
         if batch is None:
             return
-        t0 = time.perf_counter_ns()
-        try:
-            layout = self._layout(batch, args, kwargs)
-        except Exception as e:  # noqa: BLE001 - a layout we cannot build disables capture, not the model
-            self.agent.disable(e)
-            return
-        finally:
-            self.agent.thread_ns += time.perf_counter_ns() - t0
-        self.agent.begin_step(layout)   # times itself
-        t0 = time.perf_counter_ns()
-        try:
-            self._sync_taps(self.agent.step_hooks())
-        except Exception as e:  # noqa: BLE001
-            self.agent.disable(e)
-        self.agent.thread_ns += time.perf_counter_ns() - t0
+        agent = self.agent
+        with agent.timed():
+            try:
+                layout = self._layout(batch, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a layout we cannot build disables capture, not the model
+                agent.disable(e)
+                return
+            agent.begin_step(layout)
+            try:
+                self._sync_taps(agent.step_hooks())
+            except Exception as e:  # noqa: BLE001
+                agent.disable(e)
 
     def _on_forward_end(self, module, args, output):
+        """Model forward hook (always_call: also when the forward raised): end_step."""
         if self._batch is not None:
             self._batch.forwards += 1
-            self.agent.end_step()
+            self.agent.end_step()   # times itself
 
     def _layout(self, batch: _Batch, args, kwargs) -> StepLayout:
         ids = kwargs.get("input_ids")
@@ -345,14 +373,14 @@ class HFBackend(Backend):
         B, S = ids.shape
         if B != len(batch.request_ids):
             raise ValueError(f"forward batch {B} != {len(batch.request_ids)} requests")
-        spans = []
+        requests = []
         if batch.forwards == 0:
             if S != batch.padded_len:
                 raise ValueError(f"prefill input has {S} tokens, the prompt batch {batch.padded_len}")
             for b, rid in enumerate(batch.request_ids):
                 n = batch.prompt_lens[b]
                 if n:
-                    spans.append(RequestRows(rid, b * S + S - n, n, 0, Phase.PREFILL, b))
+                    requests.append(RequestRows(rid, b * S + S - n, n, 0, Phase.PREFILL, b))
         else:
             if S != 1:
                 raise ValueError(f"decode input has {S} tokens per sequence; the HF backend expects 1")
@@ -366,8 +394,8 @@ class HFBackend(Backend):
                 if last[b] in batch.eos:   # its EOS is this step's input: the request has ended
                     batch.finished.add(b)
                     continue
-                spans.append(RequestRows(rid, b, 1, batch.prompt_lens[b] + batch.forwards - 1, Phase.DECODE, b))
-        return StepLayout(tuple(spans), total_rows=B * S, num_sequences=B)
+                requests.append(RequestRows(rid, b, 1, batch.prompt_lens[b] + batch.forwards - 1, Phase.DECODE, b))
+        return StepLayout(tuple(requests), total_rows=B * S, num_sequences=B)
 
     # -- generate --------------------------------------------------------------------------------
     def generate(self, input_ids, attention_mask=None, *, request_ids=None, traceparents=None,
@@ -375,29 +403,31 @@ class HFBackend(Backend):
         """model.generate with capture. Returns (generate's output, [RequestContext per row]).
 
         `attention_mask` must be left padded; `request_ids`, `traceparents`, `options` are per row.
+        The request bookkeeping before and after `model.generate` runs under `agent.timed()`.
         """
         import torch
 
         B, P = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.detach().to("cpu")
-        lens = [int(v) for v in mask.sum(1).tolist()]
-        for b in range(B):
-            pad = P - lens[b]
-            if bool(mask[b, :pad].any()) or not bool(mask[b, pad:].all()):
-                raise ValueError(f"row {b}: attention_mask is not left padded; the HF backend needs "
-                                 "padding_side='left'")
-        request_ids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in range(B)]
-        if len(request_ids) != B or len(set(request_ids)) != B:
-            raise ValueError("request_ids must be one distinct id per row")
-        eos = generate_kwargs.get("eos_token_id", getattr(self.model.generation_config, "eos_token_id", None))
-        eos_set = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-        contexts = []
-        for b, rid in enumerate(request_ids):
-            contexts.append(self.agent.begin_request(
-                rid, traceparents[b] if traceparents else None, options[b] if options else None,
-                prompt_tokens=lens[b]))
+        with self.agent.timed():
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            mask = attention_mask.detach().to("cpu")
+            lens = [int(v) for v in mask.sum(1).tolist()]
+            for b in range(B):
+                pad = P - lens[b]
+                if bool(mask[b, :pad].any()) or not bool(mask[b, pad:].all()):
+                    raise ValueError(f"row {b}: attention_mask is not left padded; the HF backend needs "
+                                     "padding_side='left'")
+            request_ids = list(request_ids) if request_ids is not None else [uuid.uuid4().hex for _ in range(B)]
+            if len(request_ids) != B or len(set(request_ids)) != B:
+                raise ValueError("request_ids must be one distinct id per row")
+            eos = generate_kwargs.get("eos_token_id", getattr(self.model.generation_config, "eos_token_id", None))
+            eos_set = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+            contexts = []
+            for b, rid in enumerate(request_ids):
+                contexts.append(self.agent.begin_request(
+                    rid, traceparents[b] if traceparents else None, options[b] if options else None,
+                    prompt_tokens=lens[b]))
         self._batch = _Batch(request_ids, lens, P, eos_set)
         from transformers import StoppingCriteriaList
 
@@ -410,17 +440,20 @@ class HFBackend(Backend):
             return out, contexts
         finally:
             self._batch = None
-            sequences = getattr(out, "sequences", out)
-            for b, rid in enumerate(request_ids):
-                if sequences is None:
-                    self.agent.end_request(rid, finish_reason="abort")
-                    continue
-                gen = sequences[b, P:].tolist()
-                stop = next((j for j, t in enumerate(gen) if t in eos_set), None)
-                if stop is None:
-                    self.agent.end_request(rid, finish_reason="length", generated_tokens=len(gen))
-                else:
-                    self.agent.end_request(rid, finish_reason="stop", generated_tokens=stop + 1)
+            with self.agent.timed():
+                self._end_requests(request_ids, getattr(out, "sequences", out), P, eos_set)
+
+    def _end_requests(self, request_ids, sequences, P: int, eos_set: set) -> None:
+        for b, rid in enumerate(request_ids):
+            if sequences is None:
+                self.agent.end_request(rid, finish_reason="abort")
+                continue
+            gen = sequences[b, P:].tolist()
+            stop = next((j for j, t in enumerate(gen) if t in eos_set), None)
+            if stop is None:
+                self.agent.end_request(rid, finish_reason="length", generated_tokens=len(gen))
+            else:
+                self.agent.end_request(rid, finish_reason="stop", generated_tokens=stop + 1)
 
 
 def _compress(reasons: list[str]) -> list[str]:

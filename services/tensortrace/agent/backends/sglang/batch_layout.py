@@ -6,7 +6,7 @@ Reads only host-side fields of the ForwardBatch (no device sync): `forward_mode`
 Per forward mode (v0_5.MODES_CAPTURED / MODES_SKIPPED; docs/sglang.md):
 - EXTEND: rows are the *new* tokens of each request, concatenated in batch order. Tokens served
   from the radix cache (prefix hits) and earlier chunks of a chunked prefill are not recomputed,
-  so they have no rows: a request's span starts at position `extend_prefix_lens_cpu[i]`.
+  so they have no rows: a request's rows start at position `extend_prefix_lens_cpu[i]`.
 - MIXED (chunked prefill mixed with running decodes): laid out like EXTEND; the running decode
   requests are appended with one new token each.
 - DECODE: one row per request, at position `seq_lens_cpu[i] - 1`. Rows past `batch_size` (CUDA
@@ -14,12 +14,12 @@ Per forward mode (v0_5.MODES_CAPTURED / MODES_SKIPPED; docs/sglang.md):
 - IDLE, TARGET_VERIFY, DRAFT_EXTEND_V2, PREBUILT, SPLIT_PREFILL, DLLM_EXTEND: not captured (the
   reason is returned and counted).
 
-Phase: a row span is DECODE when its first position is at or past the request's prompt length
-(a generated token), else PREFILL. The prompt length comes from the request registry; when it
-is unknown, EXTEND spans are PREFILL and DECODE spans DECODE.
+Phase: a request's rows are DECODE when their first position is at or past the request's prompt
+length (a generated token), else PREFILL. The prompt length comes from the request registry; when
+it is unknown, EXTEND rows are PREFILL and DECODE rows DECODE.
 
 >>> plan = plan_step(forward_batch, prompt_len={"a": 5, "b": 3}.get)
->>> plan.layout.spans[0]   # RequestRows('a', row_start=0, row_count=5, position_start=0, PREFILL)
+>>> plan.layout.requests[0]   # RequestRows('a', row_start=0, row_count=5, position_start=0, PREFILL)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
     if len(rids) != bs:
         raise LayoutError(f"{mode}: {len(rids)} request ids for batch_size {bs} (ForwardBatch.rids)")
     total_rows = int(fb.input_ids.shape[0])
-    spans: list[RequestRows] = []
+    requests: list[RequestRows] = []
     if mode == "DECODE":
         seq_lens = _as_list(fb.seq_lens_cpu)[:bs]  # padded graph batches carry extra entries
         if len(seq_lens) != bs:
@@ -77,8 +77,8 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
         for i, (rid, n) in enumerate(zip(rids, seq_lens)):
             pos = n - 1
-            spans.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,
-                                     phase=_phase(pos, prompt_len(rid), Phase.DECODE), seq_index=i))
+            requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,
+                                        phase=_phase(pos, prompt_len(rid), Phase.DECODE), seq_index=i))
     else:  # EXTEND, MIXED
         ext = _as_list(fb.extend_seq_lens_cpu)
         pre = _as_list(fb.extend_prefix_lens_cpu)
@@ -88,13 +88,13 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
         row = 0
         for i, (rid, n, p) in enumerate(zip(rids, ext, pre)):
             if n > 0:
-                spans.append(RequestRows(rid, row_start=row, row_count=n, position_start=p,
-                                         phase=_phase(p, prompt_len(rid), Phase.PREFILL), seq_index=i))
+                requests.append(RequestRows(rid, row_start=row, row_count=n, position_start=p,
+                                            phase=_phase(p, prompt_len(rid), Phase.PREFILL), seq_index=i))
             row += n
         if row > total_rows:
             raise LayoutError(f"{mode}: extend_seq_lens_cpu sums to {row} rows, input_ids has {total_rows}")
     try:
-        return StepPlan(mode, StepLayout(spans=tuple(spans), total_rows=total_rows, num_sequences=bs))
+        return StepPlan(mode, StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs))
     except ValueError as e:
         raise LayoutError(f"{mode}: {e}") from None
 

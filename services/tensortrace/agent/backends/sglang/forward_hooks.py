@@ -17,6 +17,10 @@ options) and ended when they leave the decode batch (finish_reason "unknown"). T
 output must be the (hidden_states, residual) pair of SGLang <= 0.5.9; from 0.5.23 a layer may
 return an unreduced handle, and the tap disables itself with that reason — use the plugin there.
 
+SGLang's hook manager places this hook, so it is not a `Backend` (it cannot attach or detach
+itself), but it makes the same AgentPort calls and keeps the same timing rule: its layout and
+request bookkeeping, and the residual sum it captures, run under `agent.timed()`.
+
 >>> hook = decoder_layer_hook({"ring_dir": "/tmp/tt"})   # what SGLang's hook manager calls
 """
 
@@ -102,7 +106,8 @@ class DecoderLayerTap:
             raise TypeError(f"{type(module).__name__} returned {type(output).__name__}, not the "
                             "(hidden_states, residual) pair of SGLang <= 0.5.9")
         hidden, residual = output
-        self._stash = (L + 1, hidden + residual)  # a new tensor: later in-place kernels cannot touch it
+        with agent.timed():   # capture's own work on the inference thread: the agent counts it
+            self._stash = (L + 1, hidden + residual)  # a new tensor: later in-place kernels cannot touch it
 
     def _new_step(self, agent, fb):
         if self._open:
@@ -110,22 +115,23 @@ class DecoderLayerTap:
             self._open = False
         self._fb = fb
         self._stash = None
-        plan = plan_step(fb)
-        if plan.layout is None:
-            return
-        rids = [s.request_id for s in plan.layout.spans]
-        for rid in rids:
-            if rid not in self._seen:
-                agent.begin_request(rid)
-                self._seen.add(rid)
-        if plan.mode == "DECODE":
-            now = set(rids)
-            for rid in sorted(self._decoding - now):  # left the running batch: finished
-                agent.end_request(rid, finish_reason="unknown")
-                self._seen.discard(rid)
-            self._decoding = now
-        agent.begin_step(plan.layout)
-        self._open = True
+        with agent.timed():
+            plan = plan_step(fb)
+            if plan.layout is None:
+                return
+            rids = [rr.request_id for rr in plan.layout.requests]
+            for rid in rids:
+                if rid not in self._seen:
+                    agent.begin_request(rid)
+                    self._seen.add(rid)
+            if plan.mode == "DECODE":
+                now = set(rids)
+                for rid in sorted(self._decoding - now):  # left the running batch: finished
+                    agent.end_request(rid, finish_reason="unknown")
+                    self._seen.discard(rid)
+                self._decoding = now
+            agent.begin_step(plan.layout)
+            self._open = True
 
     def close(self):
         if self.agent is None:

@@ -17,6 +17,11 @@ scheduler process (one per TP rank)
                               before, logits after, the module taps in between; see SGLangCapture.
     SchedulerOutputStreamer.stream_output AFTER: end every finished request (its summary).
 
+SGLangCapture is the SGLang backend of the engine contract (backends/base.py): it implements
+`Backend` (attach after load_model, detach) and makes the AgentPort calls from these hooks. Its
+own work on the scheduler thread — the layout, the request bookkeeping, the graph-mode decisions —
+runs under `agent.timed()`, so `agent.stats().thread_seconds` includes it.
+
 Configuration: environment variables (config.py). Without plugins (SGLang <= 0.5.9) use the
 `--forward-hooks` fallback in forward_hooks.py.
 
@@ -28,8 +33,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 
+from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.backends.sglang.batch_layout import plan_step
 from tensortrace.agent.backends.sglang.config import SGLangBackendConfig
@@ -127,27 +132,32 @@ def _after_stream_output(result, streamer, reqs, *args, **kwargs):
     return None
 
 
-class SGLangCapture:
-    """The agent inside one SGLang scheduler process, bound to its (target) ModelRunner.
+class SGLangCapture(Backend):
+    """The agent inside one SGLang scheduler process, bound to its (target) ModelRunner: the SGLang
+    backend of the engine contract. All its methods run on the scheduler thread that runs the model.
 
         rt = SGLangCapture(SGLangBackendConfig.from_env())
-        rt.attach(model_runner)                  # after load_model
-        rt.observe_batch(forward_batch, batch)   # after ForwardBatch.init_new
-        out = rt.forward(ModelRunner.forward, model_runner, forward_batch)
-        rt.finish_requests(reqs)                 # after stream_output
+        rt.attach(model_runner)                  # after load_model: creates the agent, places taps
+        rt.observe_batch(forward_batch, batch)   # after ForwardBatch.init_new: begin_request
+        out = rt.forward(ModelRunner.forward, model_runner, forward_batch)   # begin_step .. end_step
+        rt.finish_requests(reqs)                 # after stream_output: end_request
+        rt.detach()                              # taps removed (the agent stays open)
     """
 
+    name = "sglang"
+
     def __init__(self, config: SGLangBackendConfig, agent=None):
+        super().__init__(agent)   # agent None: created at attach, when the TP rank and model are known
         self.config = config
-        self.agent = agent
         self.taps: SGLangTaps | None = None
+        self._runner = None
         self._runner_id: int | None = None
         self._requests: dict[str, dict] = {}   # rid -> {"prompt": n, "sampled": bool, "missed": str}
         self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
         self._checked = False
         self._force_eager = False
         self._wrapped_graph_runner: int | None = None
-        self._thread = None
+        self._graph_runner_unwrap = None
         self.skipped_steps: dict[str, int] = {}
         self.layout_errors = 0
         self.tp_rank, self.tp_size = 0, 1
@@ -156,15 +166,38 @@ class SGLangCapture:
     def attached_to(self, runner) -> bool:
         return self._runner_id is not None and id(runner) == self._runner_id and self.agent is not None
 
-    def attach(self, runner) -> None:
+    def attach(self, runner=None) -> list[tuple[str, str]]:
+        """Backend.attach: called by the ModelRunner.load_model AFTER hook with the runner whose model
+        was just loaded, on the scheduler thread, before SGLang captures its CUDA graphs. Creates
+        the agent (unless one was given), places the taps, reports the unplaced hooks and returns
+        them. A draft (speculative) runner, a second runner, or a failure leaves capture off and
+        serving on."""
+        runner = runner if runner is not None else self._runner
+        if runner is None:
+            raise TypeError("SGLangCapture.attach needs the ModelRunner (SGLang's load_model hook passes it)")
         if getattr(runner, "is_draft_worker", False) or self._runner_id is not None:
-            return  # speculative draft models are not captured; one target runner per process
+            return list(self.unplaced)  # speculative draft models are not captured; one target runner per process
         try:
             self._attach(runner)
         except Exception:  # noqa: BLE001
             log.exception("tensortrace: could not attach to the SGLang model; serving continues without capture")
             self.agent = None
             self._runner_id = None
+            self._runner = None
+        return list(self.unplaced)
+
+    def detach(self) -> None:
+        """Backend.detach: remove the taps and the graph-runner wrapper; later forwards pass straight
+        through. Called between forwards on the scheduler thread; the agent stays open."""
+        if self.taps is not None:
+            self.taps.remove()
+        if self._graph_runner_unwrap is not None:
+            self._graph_runner_unwrap()
+            self._graph_runner_unwrap = None
+        self._wrapped_graph_runner = None
+        self._checked = False   # taps placed by a later attach get their own self-check
+        self._runner_id = None
+        self._runner = None
 
     def _attach(self, runner) -> None:
         from tensortrace.agent.config import AgentConfig
@@ -187,15 +220,16 @@ class SGLangCapture:
         hidden = int(getattr(mc, "hidden_size", 0) or mc.hf_config.hidden_size)
         self.taps = SGLangTaps(runner.model, self.agent, hidden_size=hidden, tp_rank=self.tp_rank,
                                tp_size=self.tp_size)
-        self._unplaced = self.taps.place()
+        unplaced = self.taps.place()
         archs = getattr(mc.hf_config, "architectures", None) or ["?"]
         if archs[0] not in v0_5.ARCHITECTURES:
-            self._unplaced.append(("*", f"architecture {archs[0]} is not in the tested list; taps placed by name"))
-        self.agent.report_placement(self._unplaced)
+            unplaced.append(("*", f"architecture {archs[0]} is not in the tested list; taps placed by name"))
+        self.unplaced = unplaced
+        self.agent.report_placement(self.unplaced)
         self._runner_id = id(runner)
-        self._thread = threading.get_ident()
+        self._runner = runner
         log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed, %d unplaced", model_id,
-                 self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps), len(self._unplaced))
+                 self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps), len(self.unplaced))
 
     def _wrap_graph_runner(self, runner) -> None:
         """Make the decode graph runner's can_run_graph answer False while _force_eager is set: that
@@ -205,6 +239,7 @@ class SGLangCapture:
         if graph_runner is None or id(graph_runner) == self._wrapped_graph_runner:
             return
         can_run = graph_runner.can_run_graph
+        own = "can_run_graph" in vars(graph_runner)   # an instance attribute already (not the class's method)
         rt = self
 
         def can_run_graph(forward_batch, *a, **kw):
@@ -213,11 +248,25 @@ class SGLangCapture:
         graph_runner.can_run_graph = can_run_graph
         self._wrapped_graph_runner = id(graph_runner)
 
+        def unwrap():
+            if vars(graph_runner).get("can_run_graph") is not can_run_graph:
+                return   # replaced by someone else since: leave it
+            if own:
+                graph_runner.can_run_graph = can_run
+            else:
+                del graph_runner.can_run_graph   # the class's method again
+        self._graph_runner_unwrap = unwrap
+
     # -- requests --------------------------------------------------------------------------
     def observe_batch(self, forward_batch, batch) -> None:
-        """Begin every request of a ScheduleBatch the agent has not seen yet."""
+        """Begin every request of a ScheduleBatch the agent has not seen yet (ForwardBatch.init_new
+        AFTER hook, before that batch's forward). Timed by the agent."""
         if self.agent is None:
             return
+        with self.agent.timed():
+            self._observe_batch(forward_batch, batch)
+
+    def _observe_batch(self, forward_batch, batch) -> None:
         try:
             reqs = list(getattr(batch, "reqs", None) or ())
             if getattr(forward_batch, "rids", None) is None:
@@ -241,8 +290,14 @@ class SGLangCapture:
             log.exception("tensortrace: observing a batch failed (capture of its requests may be incomplete)")
 
     def finish_requests(self, reqs) -> None:
+        """End every finished request of `reqs` (stream_output AFTER hook, after the forward that
+        finished it): its summary. Timed by the agent."""
         if self.agent is None:
             return
+        with self.agent.timed():
+            self._finish_requests(reqs)
+
+    def _finish_requests(self, reqs) -> None:
         for req in reqs or ():
             try:
                 if not req.finished() or req.rid not in self._requests:
@@ -260,7 +315,60 @@ class SGLangCapture:
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, original, runner, fb, *args, **kwargs):
+        """ModelRunner.forward AROUND hook, on the scheduler thread: begin_step(layout) before the
+        forward (token ids captured), the module taps during it, logits and end_step after. The
+        plugin's own work before and after the forward runs under agent.timed(); the forward never."""
         agent = self.agent
+        with agent.timed():
+            plan = self._plan(fb)
+            if plan is not None:
+                agent.begin_step(plan.layout)
+        if plan is None:
+            return original(runner, fb, *args, **kwargs)
+        layout = plan.layout
+        taps = self.taps
+        checking = False
+        try:
+            with agent.timed():
+                checking = not self._checked and layout.total_rows > 0
+                if checking:
+                    taps.begin_check()
+                # the taps this step selects (graph-mode decisions); none when it captures nothing
+                wanted = [k for k in taps.taps if agent.wants(*k)] if agent.step_open else []
+                if agent.wants("token_ids") and self._exports("token_ids"):
+                    agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
+                mode = self.config.cuda_graph
+                if mode == "eager":
+                    self._force_eager = bool(wanted)
+                elif mode == "static":  # eager only when a wanted tap is not recorded inside the graph
+                    self._force_eager = any(not taps.static_ready(k) for k in wanted)
+                self._wrap_graph_runner(runner)
+                fired_before = taps.fired
+            try:
+                out = original(runner, fb, *args, **kwargs)
+            finally:
+                self._force_eager = False
+            with agent.timed():
+                if wanted and getattr(out, "can_run_graph", False) and taps.fired == fired_before:
+                    self._after_graph_replay(plan, layout, wanted)
+                if agent.wants("logits") and self._exports("logits"):
+                    logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
+                    if logits is not None:
+                        agent.capture("logits", -1, logits)
+                if checking:
+                    self._checked = True
+                    failed = taps.end_check(layout.total_rows)
+                    if failed:
+                        agent.report_placement(self.unplaced + failed)
+            return out
+        finally:
+            if checking and taps.checking:  # the forward raised during the check
+                taps.checking = False
+            agent.end_step()   # times itself
+
+    def _plan(self, fb):
+        """The StepPlan of a forward to capture, or None (this forward is not captured: a mode that
+        is skipped, or a layout that cannot be read — its requests are then marked incomplete)."""
         try:
             plan = plan_step(fb, self._prompt_len, rids=self._batch_rids.pop(id(fb), None))
         except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
@@ -268,50 +376,13 @@ class SGLangCapture:
             if self.layout_errors == 1:
                 log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
             self._mark_missed(getattr(fb, "rids", None), f"a forward's batch layout could not be read: {e}")
-            plan = None
-        if plan is None or plan.layout is None:
-            if plan is not None:
-                self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
-                # rows of these requests were computed but are not captured: say so in their summary
-                self._mark_missed(getattr(fb, "rids", None), f"{plan.mode} forwards are not captured ({plan.skip_reason})")
-            return original(runner, fb, *args, **kwargs)
-        layout = plan.layout
-        agent.begin_step(layout)
-        checking = not self._checked and layout.total_rows > 0
-        if checking:
-            self.taps.begin_check()
-        taps = self.taps
-        wanted = [k for k in taps.taps if agent.wants(*k)]
-        try:
-            if agent.wants("token_ids") and self._exports("token_ids"):
-                agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
-            mode = self.config.cuda_graph
-            if mode == "eager":
-                self._force_eager = bool(wanted)
-            elif mode == "static":  # eager only when a wanted tap is not recorded inside the graph
-                self._force_eager = any(not taps.static_ready(k) for k in wanted)
-            self._wrap_graph_runner(runner)
-            fired_before = taps.fired
-            try:
-                out = original(runner, fb, *args, **kwargs)
-            finally:
-                self._force_eager = False
-            if wanted and getattr(out, "can_run_graph", False) and taps.fired == fired_before:
-                self._after_graph_replay(plan, layout, wanted)
-            if agent.wants("logits") and self._exports("logits"):
-                logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
-                if logits is not None:
-                    agent.capture("logits", -1, logits)
-            if checking:
-                self._checked = True
-                failed = self.taps.end_check(layout.total_rows)
-                if failed:
-                    self.agent.report_placement(self._unplaced + failed)
-            return out
-        finally:
-            if checking and self.taps.checking:  # the forward raised during the check
-                self.taps.checking = False
-            agent.end_step()
+            return None
+        if plan.layout is None:
+            self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
+            # rows of these requests were computed but are not captured: say so in their summary
+            self._mark_missed(getattr(fb, "rids", None), f"{plan.mode} forwards are not captured ({plan.skip_reason})")
+            return None
+        return plan
 
     def _mark_missed(self, rids, reason: str) -> None:
         for rid in rids or ():
@@ -326,7 +397,7 @@ class SGLangCapture:
         """The forward replayed a CUDA graph, so no module tap fired. `static`: hand the agent the
         real rows of the buffers the graph wrote; otherwise the rows are not captured and the
         requests say so in their summaries."""
-        rids = [s.request_id for s in layout.spans]
+        rids = [rr.request_id for rr in layout.requests]
         if plan.mode == "DECODE" and self.config.cuda_graph == "static" and \
                 all(self.taps.static_ready(k) for k in wanted):
             for hook, L in wanted:

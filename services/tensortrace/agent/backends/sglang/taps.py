@@ -22,6 +22,11 @@ unreduced "layer boundary" handle whose meaning differs between versions; the no
 outputs mean the same thing across 0.5.x. SGLang's fused kernels write in place, so every tap
 hands the agent the tensor at hook time and the agent copies it before returning.
 
+A tap is one agent call (the engine contract, backends/base.py): `agent.tap(hook, layer, extract,
+module, args[, output])`, which asks whether the step selects the tap, then times the extraction
+and the copy. Only two rarer paths do more, under `agent.timed()`: the start-up self-check, and
+recording into static buffers while SGLang captures a CUDA graph.
+
 Start-up self-check: the first forward with rows runs `check` mode; every placed tap records
 the shape it saw. A tap that did not fire, or fired with the wrong row count or width, is
 removed and reported (agent.report_placement + CaptureAgent.stats().unplaced_taps).
@@ -35,7 +40,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.catalog import HOOKS
 
@@ -48,14 +52,16 @@ REPLICATED_HOOKS = frozenset({"token_ids", "embeddings", "resid_pre", "resid_mid
 STEP_HOOKS = ("token_ids", "logits")  # read by the plugin, not by module taps
 
 
-def _graph_capturing() -> bool:
-    import torch
-
-    return torch.cuda.is_current_stream_capturing()
-
-
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _rows(value):
+    """A tap's value as rows [rows, *row_shape] (a 1-D tensor: one column); None when it is not a
+    tensor with at least one dimension (the tap produced nothing this time)."""
+    if value is None or not hasattr(value, "shape") or value.dim() < 1:
+        return None
+    return value if value.dim() >= 2 else value.unsqueeze(-1)
 
 
 @dataclass
@@ -69,13 +75,12 @@ class _Tap:
     removed_reason: str = ""
 
 
-class SGLangTaps(Backend):
-    """The module taps of one SGLang model (the Backend interface: attach / detach)."""
-
-    name = "sglang"
+class SGLangTaps:
+    """The module taps of one SGLang model: placed and removed by SGLangCapture (plugin.py), the
+    SGLang backend of the engine contract."""
 
     def __init__(self, model, agent, hidden_size: int, tp_rank: int = 0, tp_size: int = 1):
-        super().__init__(agent)
+        self.agent = agent
         self.model = model
         self.hidden_size = hidden_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -88,18 +93,18 @@ class SGLangTaps(Backend):
         # batch order) capture; a tap that sees a larger one is dropped from the static set.
         self.static_keys: set | None = None
         self.static_bufs: dict = {}
-
-    def attach(self) -> list[tuple[str, str]]:
-        unplaced = self.place()
-        self.agent.report_placement(unplaced)
-        return unplaced
-
-    def detach(self) -> None:
-        self.remove()
+        # A model on CUDA can be inside a CUDA-graph capture when a tap fires (checked per firing,
+        # before any extraction); a CPU model never is.
+        self._is_capturing = None
 
     # -- placement -------------------------------------------------------------------------
     def place(self) -> list[tuple[str, str]]:
         """Place every catalog hook this model has; returns [(hook, reason)] for those it cannot."""
+        param = next(iter(self.model.parameters()), None)
+        if param is not None and param.is_cuda:
+            import torch
+
+            self._is_capturing = torch.cuda.is_current_stream_capturing
         named = dict(self.model.named_modules())
         unplaced: list[tuple[str, str]] = []
         layers = named.get(v0_5.MODULES["layers"])
@@ -133,32 +138,34 @@ class SGLangTaps(Backend):
 
     def _place_one(self, named, hook: str, L: int) -> str:
         H = self.hidden_size
+        # Each extractor gets the torch hook's arguments ((module, args, output) after a forward,
+        # (module, args) before one) and returns the rows, or None.
         if hook == "embeddings":
             name, m = self._mod(named, "embed_tokens", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
         if hook == "resid_pre":
             name, m = self._mod(named, "input_layernorm", L)
             # (normed, residual) when a residual was passed; layer 0 gets the stream as its input.
             return self._add(hook, L, name, m, H,
-                             post=lambda mod, a, out: out[1] if isinstance(out, tuple) else a[0])
+                             post=lambda mod, a, out: _rows(out[1] if isinstance(out, tuple) else a[0]))
         if hook in ("resid_mid", "mlp_in"):
             name, m = self._mod(named, "post_attention_layernorm", L)
             if hook == "resid_mid":
                 return self._add(hook, L, name, m, H,
-                                 post=lambda mod, a, out: out[1] if isinstance(out, tuple) else None)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+                                 post=lambda mod, a, out: _rows(out[1]) if isinstance(out, tuple) else None)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
         if hook == "resid_final":
             name, m = self._mod(named, "final_norm", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
         if hook == "attn_out":
             name, m = self._mod(named, "self_attn", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
         if hook == "mlp_out":
             name, m = self._mod(named, "mlp", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _first(out))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
         if hook == "mlp_act":
             name, m = self._mod(named, "down_proj", L)
-            return self._add(hook, L, name, m, None, pre=lambda mod, a: a[0])
+            return self._add(hook, L, name, m, None, pre=lambda mod, a: _rows(a[0]))
         if hook in ("attn_q", "attn_k", "attn_v"):
             name, m = self._mod(named, "qkv_proj", L)
             _, attn = self._mod(named, "self_attn", L)
@@ -167,53 +174,73 @@ class SGLangTaps(Backend):
                 return f"{name} (with self_attn.q_size / kv_size) not found"
             lo, width = {"attn_q": (0, q), "attn_k": (q, kv), "attn_v": (q + kv, kv)}[hook]
             return self._add(hook, L, name, m, width,
-                             post=lambda mod, a, out, lo=lo, w=width: _first(out)[:, lo:lo + w])
+                             post=lambda mod, a, out, lo=lo, w=width: _rows(_first(out)[:, lo:lo + w]))
         if hook == "moe_router_logits":
             name, m = self._mod(named, "moe_gate", L)
-            return self._add(hook, L, name, m, None, post=lambda mod, a, out: _first(out))
+            return self._add(hook, L, name, m, None, post=lambda mod, a, out: _rows(_first(out)))
         if hook in ("moe_topk_ids", "moe_topk_weights"):
             name, m = self._mod(named, "moe_topk", L)
             attr = "topk_ids" if hook == "moe_topk_ids" else "topk_weights"
-            return self._add(hook, L, name, m, None, post=lambda mod, a, out, attr=attr: getattr(out, attr, None))
+            return self._add(hook, L, name, m, None,
+                             post=lambda mod, a, out, attr=attr: _rows(getattr(out, attr, None)))
         return f"no SGLang module mapping for {hook}"
 
     def _add(self, hook, L, name, module, width, post=None, pre=None) -> str:
         if module is None:
             return f"module {name} not found"
         tap = _Tap(hook, L, name, width)
-        agent = self.agent
+        extract = pre if pre is not None else post
+        agent_tap = self.agent.tap
 
-        key = (hook, L)
-
-        def fire(extract, *hook_args):
-            try:
-                value = extract(*hook_args)
-            except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
-                agent.tap_failed(hook, L, e)
-                return
-            if value is None or not hasattr(value, "shape") or value.dim() < 1:
-                if self.checking:
-                    tap.seen = ("no tensor", ())
-                return
+        def fire(*hook_args):
+            # The hot path is the last line: one agent call, which returns at once when the step
+            # does not select this tap, else times extract(*hook_args) and the copy.
             self.fired += 1
-            if value.is_cuda and _graph_capturing():
-                self._record_static(key, value)  # inside CUDA-graph capture: graph-safe copy only
-                return
-            if self.checking:
-                tap.seen = (int(value.shape[0]), tuple(value.shape[1:]))
-            if agent.wants(hook, L):
-                rows = value if value.dim() >= 2 else value.unsqueeze(-1)
-                agent.capture(hook, L, rows)
+            capturing = self._is_capturing
+            if capturing is not None and capturing():
+                self._fire_in_graph_capture(tap, extract, hook_args)
+            elif self.checking:
+                self._fire_checked(tap, extract, hook_args)
+            else:
+                agent_tap(hook, L, extract, *hook_args)
 
         if pre is not None:
-            tap.handle = module.register_forward_pre_hook(lambda mod, args: fire(pre, mod, args))
+            tap.handle = module.register_forward_pre_hook(fire)
         else:
-            tap.handle = module.register_forward_hook(lambda mod, args, out: fire(post, mod, args, out))
+            tap.handle = module.register_forward_hook(fire)
         self.taps[(hook, L)] = tap
         return ""
 
+    def _fire_checked(self, tap: _Tap, extract, hook_args) -> None:
+        """The start-up self-check's firing: record what the tap saw, and capture as usual."""
+        agent = self.agent
+        with agent.timed():
+            try:
+                rows = extract(*hook_args)
+            except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
+                agent.tap_failed(tap.hook, tap.layer, e)
+                return
+            if rows is None:
+                tap.seen = ("no tensor", ())
+                return
+            tap.seen = (int(rows.shape[0]), tuple(rows.shape[1:]))
+            if agent.wants(tap.hook, tap.layer):
+                agent.capture(tap.hook, tap.layer, rows)
+
+    def _fire_in_graph_capture(self, tap: _Tap, extract, hook_args) -> None:
+        """Inside a CUDA-graph capture: only a graph-safe copy into the tap's static buffer."""
+        agent = self.agent
+        with agent.timed():
+            try:
+                rows = extract(*hook_args)
+            except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
+                agent.tap_failed(tap.hook, tap.layer, e)
+                return
+            if rows is not None and rows.is_cuda:
+                self._record_static((tap.hook, tap.layer), rows)
+
     # -- CUDA graphs -----------------------------------------------------------------------
-    def _record_static(self, key, value) -> None:
+    def _record_static(self, key, rows) -> None:
         if self.static_keys is None:  # first capture: freeze the graph's tap set from the selection
             sel = self.agent.selection
             self.static_keys = {k for k in self.taps if sel.enabled and sel.wants(*k)}
@@ -221,7 +248,6 @@ class SGLangTaps(Backend):
             return
         import torch
 
-        rows = value if value.dim() >= 2 else value.unsqueeze(-1)
         buf = self.static_bufs.get(key)
         if buf is None:
             buf = self.static_bufs[key] = torch.empty_like(rows)
@@ -238,6 +264,7 @@ class SGLangTaps(Backend):
 
     # -- self-check ------------------------------------------------------------------------
     def begin_check(self) -> None:
+        """Called by SGLangCapture before the first forward with rows (under agent.timed())."""
         self.checking = True
         for t in self.taps.values():
             t.seen = None
