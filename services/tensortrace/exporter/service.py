@@ -4,9 +4,12 @@ One main thread does all ring work (scan, read, build messages, handle acknowled
 kafka-python's sender thread does the network I/O; the gRPC and HTTP servers run in their own
 threads and touch ring state only under `self.lock`.
 
->>> exp = Exporter(ExporterConfig(ring_dir="/tmp/rings", bootstrap_servers="127.0.0.1:9092"))
->>> exp.start()          # control + metrics endpoints
->>> exp.run()            # until exp.stop() (or SIGTERM in main.py)
+>>> exp = Exporter(ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092")))
+>>> exp.start()          # control endpoint
+>>> exp.run()            # until exp.stop() (SIGTERM: the service runtime, main.py)
+
+It is a `tensortrace.service.Service`: the runtime serves its `registry` at /metrics, `live()` at
+/healthz and `ready()` at /readyz, and reports `ports()`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import stat
 import threading
 import time
 
+from prometheus_client import CollectorRegistry
+
 from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.drain import RingDrain
-from tensortrace.exporter.metrics import ExporterMetrics, HealthServer
+from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.exporter.publisher import KafkaPublisher
 from tensortrace.ring.format import (RingError, RingFormatError, RingLockedError, RingReader,
                                      ring_files)
@@ -46,33 +51,41 @@ class Exporter:
         self._last_housekeeping = 0.0
         self._heartbeat = time.monotonic()
         self._started = time.monotonic()
-        self.health: HealthServer | None = None
         self.control_server = None
         self.control_port = -1
-        self.metrics_port = -1
 
     # -- endpoints -------------------------------------------------------------------------
     def start(self) -> "Exporter":
+        """Open the control endpoint (the HTTP endpoint is the service runtime's)."""
         cfg = self.cfg
-        if cfg.metrics_port >= 0:
-            self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
-                                       ready=self.publisher.ready, live=self.live).start()
-            self.metrics_port = self.health.port
         if cfg.control_port >= 0:
             from tensortrace.exporter.control import serve_control
             self.control_server, self.control_port = serve_control(self, cfg.control_host, cfg.control_port)
-        if cfg.status_file:
-            tmp = cfg.status_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"pid": os.getpid(), "control_port": self.control_port,
-                           "metrics_port": self.metrics_port}, f)
-            os.rename(tmp, cfg.status_file)
-        log.info("exporter: ring dir %s, topic %s, control port %d, metrics port %d",
-                 cfg.ring_dir, cfg.topic, self.control_port, self.metrics_port)
+        log.info("exporter: ring dir %s, topic %s, Kafka %s, control port %d",
+                 cfg.ring_dir, cfg.topic, cfg.kafka.describe(), self.control_port)
         return self
 
+    # -- tensortrace.service.Service ---------------------------------------------------------
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    def ports(self) -> dict[str, int]:
+        return {"control": self.control_port} if self.control_port >= 0 else {}
+
     def live(self) -> bool:
+        """The main loop turns (it beats every pass, at least every few ms)."""
         return time.monotonic() - self._heartbeat < 30.0
+
+    def not_live_reason(self) -> str:
+        return f"main loop stalled for {time.monotonic() - self._heartbeat:.0f}s"
+
+    def ready(self) -> bool:
+        """A producer exists, deliveries are not failing, a bootstrap broker accepts a connection."""
+        return self.publisher.ready()
+
+    def not_ready_reason(self) -> str:
+        return f"not connected to Kafka ({self.cfg.kafka.describe()})"
 
     def stop(self) -> None:
         self._stop.set()
@@ -396,5 +409,3 @@ class Exporter:
             self.rings.clear()
         if self.control_server is not None:
             self.control_server.stop(grace=1)
-        if self.health is not None:
-            self.health.stop()
