@@ -7,6 +7,7 @@ one thread.
 
 >>> pub = KafkaPublisher(cfg, metrics)
 >>> pub.connect()                  # False while the broker is unreachable; call again later
+>>> pub.last_connect_error         # why not, e.g. "SASL_SSL listener ... authentication failed: ..."
 >>> pub.send(b"r1", value, token)  # token comes back from completions() with the outcome
 """
 
@@ -18,8 +19,9 @@ import socket
 import threading
 import time
 
-from tensortrace.exporter.config import ExporterConfig
+from tensortrace.exporter.config import CLIENT_ID, ExporterConfig
 from tensortrace.exporter.metrics import ExporterMetrics
+from tensortrace.service.kafka import KafkaAuthError, KafkaUnavailable, probe
 
 log = logging.getLogger("tensortrace.exporter")
 
@@ -40,6 +42,8 @@ class KafkaPublisher:
         self._last_failure = 0.0
         self._last_success = 0.0
         self._connect_error_logged = ""
+        self.last_connect_error = ""    # why the last connection attempt failed ("" once connected)
+        self.retry_interval_s = 2.0
         self._connect_thread: threading.Thread | None = None
         self.wake = threading.Event()   # set on every completion: the main loop sleeps on it
         self.epoch = 0   # bumped by reset(): completions of an abandoned producer are ignored
@@ -54,7 +58,7 @@ class KafkaPublisher:
         a TCP connection (probed here, on the caller's thread: the /readyz handler, not the main loop)."""
         if self.producer is None or self._last_failure > self._last_success:
             return False
-        for server in self.cfg.bootstrap_servers.split(","):
+        for server in self.cfg.kafka.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             try:
                 socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=1.0).close()
@@ -69,6 +73,7 @@ class KafkaPublisher:
         the main loop keeps scanning rings and serving control while Kafka is unreachable."""
         if self.producer is not None:
             return True
+        self.retry_interval_s = retry_interval_s
         now = time.monotonic()
         if (self._connect_thread is not None and self._connect_thread.is_alive()) or \
                 now - self._last_connect_try < retry_interval_s:
@@ -81,9 +86,17 @@ class KafkaPublisher:
     def _connect(self) -> None:
         from kafka import KafkaProducer
         cfg = self.cfg
+        # kafka-python reports a wrong password, an untrusted certificate or a listener of another
+        # protocol as a bare bootstrap timeout; the probe names the cause (KafkaAuthError) and the
+        # listener. Either way: log it (once per distinct message), count it, retry later; the
+        # records stay in the rings. The password file is read again on every attempt.
+        try:
+            probe(cfg.kafka, timeout_s=5.0, metadata=False)
+        except KafkaUnavailable as e:
+            self._connect_failed("auth" if isinstance(e, KafkaAuthError) else "connect", str(e))
+            return
         kwargs = dict(
-            bootstrap_servers=cfg.bootstrap_servers.split(","),
-            client_id=cfg.client_id,
+            **cfg.kafka.client_kwargs(CLIENT_ID),
             acks=-1 if str(cfg.acks) in ("all", "-1") else int(cfg.acks),
             compression_type=_COMPRESSION[cfg.compression],
             batch_size=cfg.batch_size,
@@ -105,12 +118,7 @@ class KafkaPublisher:
         try:
             producer = KafkaProducer(**kwargs)
         except Exception as e:  # NoBrokersAvailable, KafkaTimeoutError, ...
-            msg = f"{type(e).__name__}: {e}"
-            if msg != self._connect_error_logged:
-                log.warning("kafka: cannot connect to %s (%s); retrying every %.0fs while rings fill",
-                            cfg.bootstrap_servers, msg, 2.0)
-                self._connect_error_logged = msg
-            self.metrics.kafka_errors.labels("connect").inc()
+            self._connect_failed("connect", f"{cfg.kafka.describe()}: cannot connect: {type(e).__name__}: {e}")
             return
         try:
             if cfg.partitions:
@@ -119,21 +127,31 @@ class KafkaPublisher:
                 raise RuntimeError(f"topic {cfg.topic} has no partitions")
         except Exception as e:
             log.warning("kafka: connected to %s but topic %s is not usable: %s: %s",
-                        cfg.bootstrap_servers, cfg.topic, type(e).__name__, e)
+                        cfg.kafka.describe(), cfg.topic, type(e).__name__, e)
             self.metrics.kafka_errors.labels("topic").inc()
             producer.close(timeout=1)
             return
         self.producer = producer
+        if self._connect_error_logged:
+            log.info("kafka: the connection works again (was: %s)", self._connect_error_logged)
         self._connect_error_logged = ""
+        self.last_connect_error = ""
         self.metrics.kafka_connected.set(1)
         log.info("kafka: connected to %s, topic %s (compression %s, idempotent %s)",
-                 cfg.bootstrap_servers, cfg.topic, cfg.compression, cfg.idempotent)
+                 cfg.kafka.describe(), cfg.topic, cfg.compression, cfg.idempotent)
+
+    def _connect_failed(self, kind: str, message: str) -> None:
+        self.last_connect_error = message
+        if message != self._connect_error_logged:
+            log.warning("kafka: %s; retrying every %.0fs, records stay in the rings", message, self.retry_interval_s)
+            self._connect_error_logged = message
+        self.metrics.kafka_errors.labels(kind).inc()
 
     def _ensure_topic(self) -> None:
         from kafka.admin import KafkaAdminClient, NewTopic
         from kafka.errors import TopicAlreadyExistsError
-        admin = KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers.split(","),
-                                 client_id=self.cfg.client_id + "-admin")
+        kw = self.cfg.kafka.client_kwargs(CLIENT_ID)
+        admin = KafkaAdminClient(**{**kw, "client_id": kw["client_id"] + "-admin"})
         try:
             admin.create_topics([NewTopic(self.cfg.topic, self.cfg.partitions, self.cfg.replication_factor)])
             log.info("kafka: created topic %s with %d partitions", self.cfg.topic, self.cfg.partitions)

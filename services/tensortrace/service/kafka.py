@@ -418,7 +418,15 @@ def _probe_socket(kc: KafkaConfig, sock, host: str, server: str, password: str, 
         raise KafkaAuthError(f"{where}: authentication failed: wrong password or unknown user "
                              f"({server} said: {_scrub(msg, password) or 'SASL_AUTHENTICATION_FAILED'})")
     if err:
-        raise KafkaAuthError(f"{where}: SASL authentication at {server} failed with error {err}: {_scrub(msg, password)}")
+        raise KafkaAuthError(f"{where}: SASL authentication at {server} failed with error {err}: "
+                             f"{_scrub(msg, password)}")
+
+
+def supported_kwargs(client_class, kwargs: dict) -> dict:
+    """`kwargs` less the settings this kafka-python version's client class does not know (2.x has
+    no bootstrap_timeout_ms, 3.x no api_version_auto_timeout_ms; both refuse unknown ones)."""
+    known = getattr(client_class, "DEFAULT_CONFIG", None)
+    return dict(kwargs) if not known else {k: v for k, v in kwargs.items() if k in known}
 
 
 def _bootstrap_metadata(kc: KafkaConfig, server: str, deadline: float, where: str, password: str,
@@ -428,8 +436,9 @@ def _bootstrap_metadata(kc: KafkaConfig, server: str, deadline: float, where: st
     left_ms = max(500, int((deadline - time.monotonic()) * 1000))
     admin = None
     try:
-        admin = KafkaAdminClient(**kc.client_kwargs("tensortrace-probe"), bootstrap_timeout_ms=left_ms,
-                                 request_timeout_ms=left_ms, reconnect_backoff_max_ms=1000)
+        admin = KafkaAdminClient(**supported_kwargs(KafkaAdminClient, dict(
+            kc.client_kwargs("tensortrace-probe"), bootstrap_timeout_ms=left_ms, api_version_auto_timeout_ms=left_ms,
+            request_timeout_ms=left_ms, reconnect_backoff_max_ms=1000)))
         return len(admin.describe_cluster().get("brokers", []))
     except Exception as e:
         text = str(e) if str(e).startswith(type(e).__name__) else f"{type(e).__name__}: {e}"
