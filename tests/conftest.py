@@ -5,6 +5,13 @@
         KafkaProducer(bootstrap_servers=kafka_broker.bootstrap).send(topic, b"...")
         ch_client.command("CREATE TABLE t (x UInt8) ENGINE = MergeTree ORDER BY x")  # per-test database
 
+    def test_y(tt_db, ring_dir):
+        client, db = tt_db                           # the per-test database, migrated to the loader schema
+        # ring_dir: an empty directory (mode 0700) for ring files
+
+Fixtures live here when more than one test folder uses them; helpers that are plain functions
+(topics, offsets, waits, test data) are in tensortrace.testing.
+
 Backends: where a Docker engine answers, testcontainers' Kafka and ClickHouse server; otherwise the
 local Apache Kafka broker (tensortrace.devkafka, jars from Maven Central) and chDB embedded through
 clickhouse-connect's `chdb://` DSN. TENSORTRACE_TEST_DOCKER=0 forces the local ones. The header and
@@ -30,6 +37,7 @@ import pytest
 
 from tensortrace.devkafka import LocalKafka, LocalKafkaError
 from tensortrace.devkafka.container import ContainerKafka, docker_answers
+from tensortrace.testing.kafka import admin_client, create_topics
 
 _BACKENDS_KEY = pytest.StashKey[dict]()
 _started_brokers: list = []  # the session broker once it started (for _broker_running_after_each_test)
@@ -120,18 +128,11 @@ def _broker_running_after_each_test(request: pytest.FixtureRequest):
             broker.start()
 
 
-def _admin_client(bootstrap: str):
-    from kafka import KafkaAdminClient
-
-    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tensortrace-tests",
-                            request_timeout_ms=30_000)
-
-
 @pytest.fixture
 def kafka_admin(kafka_broker):
     """A KafkaAdminClient for this test. Per test, not per session: after a broker outage a
     long-lived kafka-python client can sit in reconnect backoff for many seconds."""
-    admin = _admin_client(kafka_broker.bootstrap)
+    admin = admin_client(kafka_broker.bootstrap)
     yield admin
     admin.close()
 
@@ -142,39 +143,16 @@ def _safe_name(s: str, n: int = 40) -> str:
 
 @pytest.fixture
 def fresh_topic(request: pytest.FixtureRequest, kafka_broker):
-    """Factory: `fresh_topic(partitions=1, **configs)` creates a uniquely named topic and returns its
-    name once every partition has a leader. Config keys use underscores: retention_ms="1000"."""
-    from kafka.admin import NewTopic
+    """Factory: `fresh_topic(partitions=1, dlq=False, **configs)` creates a uniquely named topic (and
+    `<name>.dlq` with dlq=True) and returns its name once every partition has a leader (retried
+    while a just restarted broker cannot be reached). Config keys use underscores: retention_ms="1000"."""
 
-    def make(partitions: int = 1, **configs: str) -> str:
+    def make(partitions: int = 1, dlq: bool = False, **configs: str) -> str:
         kafka_broker.start()  # no-op while running
-        name = f"tt-{_safe_name(request.node.name)}-{uuid.uuid4().hex[:8]}"
-        # A fresh admin client per topic: robust right after a broker restart (see kafka_admin).
-        admin = _admin_client(kafka_broker.bootstrap)
-        try:
-            admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1,
-                                          topic_configs={k.replace("_", "."): str(v) for k, v in configs.items()})])
-            _wait_for_leaders(admin, name, partitions)
-        finally:
-            admin.close()
-        return name
+        return create_topics(kafka_broker.bootstrap, partitions, prefix=f"tt-{_safe_name(request.node.name)}",
+                             dlq=dlq, configs={k.replace("_", "."): str(v) for k, v in configs.items()})
 
     return make
-
-
-def _wait_for_leaders(admin, topic: str, partitions: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            [desc] = admin.describe_topics([topic])
-            parts = desc.get("partitions") or []
-            if len(parts) == partitions and all(p.get("leader_id", -1) >= 0 and p.get("error_code", 0) == 0 for p in parts):
-                return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic}: partitions without a leader after {timeout_s:.0f}s")
-        time.sleep(0.05)
 
 
 # -- ClickHouse ------------------------------------------------------------------------------
@@ -233,3 +211,22 @@ def ch_client(ch_dsn, ch_database):
     client = clickhouse_connect.get_client(dsn=ch_dsn, database=ch_database)
     yield client
     client.close()
+
+
+@pytest.fixture
+def tt_db(ch_client, ch_database):
+    """(client, database): this test's own database, migrated to the loader schema."""
+    from tensortrace.storage.schema import apply_migrations
+
+    apply_migrations(ch_client, ch_database)
+    return ch_client, ch_database
+
+
+# -- rings ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ring_dir(tmp_path) -> str:
+    """An empty directory for ring files, mode 0700 (as the capture agent creates one)."""
+    d = tmp_path / "rings"
+    d.mkdir(mode=0o700)
+    return str(d)

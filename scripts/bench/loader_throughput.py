@@ -211,7 +211,7 @@ def phase_freshness(bootstrap, client, rate_mbps, seconds, hidden=2048, per_mess
 def phase_readback(bootstrap, client, repeats=5) -> dict:
     import torch
 
-    from tensortrace.loader.synthetic import SyntheticRequest
+    from tensortrace.testing.synthetic import SyntheticRequest
     from tensortrace.query import TensorTraceClient
     from tensortrace.query.server import serve
 

@@ -17,17 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests", "sglang"))
-sys.path.insert(0, os.path.join(ROOT, "scripts", "sglang"))
-
-from sglang_harness import SGLangServer  # noqa: E402
-from tiny_model import make_tiny_model  # noqa: E402
+from tensortrace.devstack.sglang_server import SGLangServer
+from tensortrace.devstack.tiny_model import make_tiny_model
 
 
 class RingDrain(threading.Thread):

@@ -1,5 +1,5 @@
 """Services that must share a process, assembled here so that no service package imports another
-(tests/foundation/test_repo_contracts.py checks the rule).
+(tests/repo/test_repo_contracts.py checks the rule).
 
 `tensortrace loader` = the loader (loader/) + the gRPC query service (query/) over the loader's
 own ClickHouse client. An embedded chDB engine can be opened by one process only, so with

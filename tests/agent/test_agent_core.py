@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from ringread import ReadBack, drain
 from tensortrace.agent import (AgentConfig, CaptureAgent, Phase, RequestRows, Selection, SelectionError,
                                StepLayout, parse_layers)
+from tensortrace.devstack.ringread import RingContents, drain
 from tensortrace.ring.format import RingReader
 
 pytestmark = pytest.mark.unit
@@ -55,7 +55,7 @@ def rows_tensor(layout, layer):
     return t
 
 
-def check_accounting(agent, got: ReadBack, rids):
+def check_accounting(agent, got: RingContents, rids):
     st = agent.stats()
     assert st.produced == st.written + st.dropped
     for name, h in st.by_hook.items():
@@ -122,7 +122,7 @@ def test_drop_request_stops_capture_for_the_rest_of_the_request(ring_dir):
     for r in rids:
         agent.begin_request(r)
     reader = RingReader.open(agent.ring_path)
-    got = ReadBack()
+    got = RingContents()
     run_steps_one(agent, rids, 0)          # prefill of 4 requests overflows the 8 KiB ring
     drain(reader, into=got)                 # a consumer drains between steps: room comes back
     agent.begin_request("late")
@@ -157,7 +157,7 @@ def test_block_policy_loses_nothing_while_a_consumer_drains(ring_dir):
     agent = make_agent(ring_dir, ring_capacity=16 << 10, overflow_policy="block", block_timeout_s=30)
     rids = [f"r{i}" for i in range(4)]
     reader = RingReader.open(agent.ring_path)
-    got = ReadBack()
+    got = RingContents()
     stop = threading.Event()
 
     def consume():

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from ringread import drain
-from tiny_models import left_padded, make
 from tensortrace.agent import AgentConfig, CaptureAgent, Phase, RequestRows, Selection, StepLayout
 from tensortrace.agent.backends.hf import HFBackend
+from tensortrace.devstack.ringread import drain
 from tensortrace.ring.format import RingReader
+from tensortrace.testing.tiny_models import left_padded, make
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

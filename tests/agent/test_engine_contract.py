@@ -13,8 +13,6 @@ import time
 import pytest
 import torch
 
-from ringread import drain
-from tiny_models import left_padded, make
 from tensortrace.agent import (DROP_REASONS, AgentConfig, CaptureAgent, Phase, RequestRows, Selection,
                                StepLayout)
 from tensortrace.agent.backends.base import AgentPort, Backend
@@ -22,7 +20,9 @@ from tensortrace.agent.backends.hf import HFBackend
 from tensortrace.agent.backends.hf import backend as hf_backend
 from tensortrace.agent.backends.sglang.plugin import SGLangCapture
 from tensortrace.agent.stats import DropReason
+from tensortrace.devstack.ringread import drain
 from tensortrace.ring.format import RingReader
+from tensortrace.testing.tiny_models import left_padded, make
 
 pytestmark = pytest.mark.unit
 

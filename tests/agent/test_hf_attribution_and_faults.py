@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringread import drain
-from tiny_models import left_padded, make
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection
 from tensortrace.agent.backends.hf import HFBackend
 from tensortrace.agent.backends.hf import backend as hf_backend
+from tensortrace.devstack.ringread import drain
 from tensortrace.ring.format import RingReader
+from tensortrace.testing.tiny_models import left_padded, make
 
 pytestmark = pytest.mark.unit
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringread import drain
-from tiny_models import FAMILIES, left_padded, make
 from tensortrace.agent import HOOKS, AgentConfig, CaptureAgent, Selection
 from tensortrace.agent.backends.hf import HFBackend, arch_for
 from tensortrace.agent.backends.hf.archs import find_module
+from tensortrace.devstack.ringread import drain
 from tensortrace.ring.format import RingReader
+from tensortrace.testing.tiny_models import FAMILIES, left_padded, make
 
 pytestmark = pytest.mark.unit
 

@@ -3,46 +3,19 @@ re-reads an unreleased request whole, dead letters carry a typed reason."""
 
 import threading
 import time
-import uuid
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka import KafkaConsumer
 
 from tensortrace.consume import ConsumerConfig, ConsumerCore, RequestView
 from tensortrace.consume.deadletter import DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER
-from tensortrace.loader.synthetic import SyntheticRequest, produce
 from tensortrace.service.kafka import KafkaConfig
+from tensortrace.testing.kafka import committed, create_topics
+from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.waiting import wait_until
 from tensortrace.wire import codec
 
 pytestmark = pytest.mark.integration
-
-
-def topics(bootstrap, partitions=1):
-    name = f"tt-core-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, partitions, 1), NewTopic(name + ".dlq", 1, 1)])
-    finally:
-        admin.close()
-    return name
-
-
-def wait_until(pred, timeout_s=60):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
-def committed(bootstrap, group, topic):
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return c.committed(TopicPartition(topic, 0)) or 0
-    finally:
-        c.close()
 
 
 class Collect:
@@ -72,7 +45,7 @@ def config(bootstrap, topic, **kw):
 
 def test_commits_stay_behind_an_unreleased_request_and_a_restart_delivers_it_whole(kafka_broker):
     bs = kafka_broker.bootstrap
-    topic = topics(bs)
+    topic = create_topics(bs, prefix="tt-core", dlq=True)
     slow = SyntheticRequest.make("slow", layers=2, hidden=16, prompt=6, generated=4)
     quick = SyntheticRequest.make("quick", layers=2, hidden=16)
     produce(bs, topic, slow.messages(with_summary=False, per_message=3))          # offsets 0..k-1
@@ -84,7 +57,7 @@ def test_commits_stay_behind_an_unreleased_request_and_a_restart_delivers_it_who
     assert wait_until(lambda: [r.request_id for r in handler.requests] == ["quick"])
     assert handler.requests[0].completeness.complete
     time.sleep(0.5)   # several flush rounds: the commit must still not pass the slow request's first record
-    assert committed(bs, cfg.group_id, topic) == 0
+    assert committed(bs, cfg.group_id, topic) == {0: 0}
     run.stop()        # the slow request is still open: it is not delivered, and not committed past
 
     produce(bs, topic, [(b"slow", codec.encode_envelope([slow.summary]))])
@@ -98,13 +71,13 @@ def test_commits_stay_behind_an_unreleased_request_and_a_restart_delivers_it_who
     for rec, want in zip(got.records, slow.records):
         assert rec.payload == want.payload
     total = first_quick + len(quick.messages(per_message=3)) + 1
-    assert committed(bs, cfg.group_id, topic) == total
+    assert committed(bs, cfg.group_id, topic) == {0: total}
     assert min(got.sources[0]) == 0
 
 
 def test_undecodable_messages_and_refused_records_are_dead_lettered_with_a_typed_reason(kafka_broker):
     bs = kafka_broker.bootstrap
-    topic = topics(bs)
+    topic = create_topics(bs, prefix="tt-core", dlq=True)
     good = SyntheticRequest.make("good", layers=1, hidden=8)
     bad = SyntheticRequest.make("bad", layers=1, hidden=8)
     bad.records[0].raw_size += 2

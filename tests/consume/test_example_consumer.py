@@ -11,14 +11,14 @@ import sys
 import threading
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
-from kafka.admin import KafkaAdminClient, NewTopic
 
-from tensortrace.loader.synthetic import SyntheticRequest, produce
 from tensortrace.service.kafka import KafkaConfig
+from tensortrace.testing.kafka import create_topics
+from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "token_counter.py"
@@ -30,25 +30,6 @@ def load_example():
     sys.modules[spec.name] = mod   # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
-
-
-def new_topic(bootstrap):
-    name = f"tt-example-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, 2, 1), NewTopic(name + ".dlq", 1, 1)])
-    finally:
-        admin.close()
-    return name
-
-
-def wait_until(pred, timeout_s=60):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @pytest.mark.unit
@@ -63,7 +44,7 @@ def test_the_docs_show_the_example_as_it_is_and_it_is_under_100_lines():
 def test_token_counter_counts_tokens_per_model_in_process(kafka_broker):
     mod = load_example()
     bs = kafka_broker.bootstrap
-    topic = new_topic(bs)
+    topic = create_topics(bs, 2, prefix="tt-example", dlq=True)
     a = [SyntheticRequest.make(f"a{i}", layers=2, hidden=8, prompt=5, generated=3, model_id="model-a") for i in range(3)]
     b = [SyntheticRequest.make("b0", layers=1, hidden=8, prompt=7, generated=2, model_id="model-b")]
     for r in a + b:
@@ -88,7 +69,7 @@ def test_token_counter_counts_tokens_per_model_in_process(kafka_broker):
 @pytest.mark.integration
 def test_token_counter_runs_as_a_service_with_metrics_and_stops_on_sigterm(kafka_broker, tmp_path):
     bs = kafka_broker.bootstrap
-    topic = new_topic(bs)
+    topic = create_topics(bs, 2, prefix="tt-example", dlq=True)
     req = SyntheticRequest.make("svc", layers=1, hidden=8, prompt=4, generated=2, model_id="model-s")
     produce(bs, topic, req.messages())
     status = tmp_path / "status.json"

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from tensortrace.consume import InvalidRecord, DeadLetterReason, Release, RequestView, SealedBatch, Source
-from tensortrace.loader.synthetic import SyntheticRequest
+from tensortrace.testing.synthetic import SyntheticRequest
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire.completeness import completeness
 

@@ -1,25 +1,13 @@
 """Fixtures for exporter tests: an exporter *process* (`tensortrace exporter`, launched by
-tensortrace.devstack.processes.ExporterProcess, with its control client), and a ring directory.
-The Kafka broker comes from the shared `kafka_broker` / `fresh_topic` fixtures (tests/conftest.py,
-a real Apache Kafka)."""
+tensortrace.devstack.processes.ExporterProcess, with its control client). The ring directory and
+the Kafka broker come from the shared `ring_dir`, `kafka_broker` and `fresh_topic` fixtures
+(tests/conftest.py, a real Apache Kafka)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from tensortrace.devstack.processes import ExporterProcess  # noqa: E402
-
-
-@pytest.fixture
-def ring_dir(tmp_path):
-    d = tmp_path / "rings"
-    d.mkdir(mode=0o700)
-    return str(d)
+from tensortrace.devstack.processes import ExporterProcess
 
 
 @pytest.fixture

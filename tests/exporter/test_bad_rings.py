@@ -9,10 +9,9 @@ import struct
 
 import pytest
 
-from exporter_topics import topic_name
-from ringgen import Arrivals, TrafficGen, consume_all
 from tensortrace.ring.format import HEADER_SIZE, RingIdentity, RingReader, RingWriter
 from tensortrace.ring.slabs import SEQ_PARTS_PER_FRAME
+from tensortrace.testing.ringgen import Arrivals, TrafficGen, consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +32,7 @@ def _good_ring(ring_dir, name, prefix):
 
 
 def test_corrupt_rings_are_quarantined_and_the_others_keep_flowing(kafka_broker, fresh_topic, ring_dir, exporter_factory):
-    topic = topic_name(fresh_topic, 1)
+    topic = fresh_topic(partitions=1)
     with open(os.path.join(ring_dir, "junk.ring"), "wb") as f:      # wrong magic
         f.write(os.urandom(HEADER_SIZE + 4096))
     os.chmod(os.path.join(ring_dir, "junk.ring"), 0o600)
@@ -83,7 +82,7 @@ def test_corrupt_rings_are_quarantined_and_the_others_keep_flowing(kafka_broker,
 
 
 def test_rings_with_loose_permissions_or_a_foreign_owner_are_refused(kafka_broker, fresh_topic, ring_dir, exporter_factory):
-    topic = topic_name(fresh_topic, 1)
+    topic = fresh_topic(partitions=1)
     loose = RingWriter.create(os.path.join(ring_dir, "world.ring"), 1 << 16, RingIdentity(pod="w"), mode=0o644)
     group = RingWriter.create(os.path.join(ring_dir, "group.ring"), 1 << 16, RingIdentity(pod="gr"), mode=0o660)
     os.symlink(loose.path, os.path.join(ring_dir, "link.ring"))
@@ -111,7 +110,7 @@ def test_rings_with_loose_permissions_or_a_foreign_owner_are_refused(kafka_broke
     exp.stop()
     # with the ring group configured, the group-readable ring is accepted
     os.chown(group.path, -1, os.getgid())
-    topic2 = topic_name(fresh_topic, 1)
+    topic2 = fresh_topic(partitions=1)
     exp2 = exporter_factory(ring_dir, kafka_broker.bootstrap, topic2, extra=["--ring-group", str(os.getgid())])
     exp2.wait_for(lambda: (r := exp2.ring("group.ring")) and r.records_published > 0, what="group ring drained")
     for w in (loose, group, wg) + ((foreign,) if foreign else ()):

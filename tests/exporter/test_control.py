@@ -14,6 +14,7 @@ from tensortrace.exporter import ctl
 from tensortrace.exporter.config import ExporterConfig, KafkaConfig
 from tensortrace.exporter.service import Exporter
 from tensortrace.ring.format import RingIdentity, RingWriter
+from tensortrace.testing.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +44,7 @@ def exporter_http_port(exporter_without_kafka):
 
 
 def _wait_attached(exp, n):
-    import time
-    deadline = time.monotonic() + 30
-    while len([r for r in exp.status().rings if r.state == "attached"]) < n:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_until(lambda: len([r for r in exp.status().rings if r.state == "attached"]) >= n, 30, 0.02)
 
 
 def test_set_and_status_through_exporterctl_reach_every_ring(ring_dir, exporter_without_kafka, capsys):

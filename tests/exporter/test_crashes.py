@@ -14,29 +14,23 @@ import time
 
 import pytest
 
-from exporter_topics import topic_name
-from ringgen import consume_all, rows_bytes
 from tensortrace.ring.format import HEADER_SIZE, OFF_TAIL
 from tensortrace.ring.slabs import SEQ_PARTS_PER_FRAME
+from tensortrace.testing.ringgen import consume_all, rows_bytes
+from tensortrace.testing.waiting import wait_until
 from tensortrace.wire import codec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-HERE = os.path.dirname(__file__)
-
-
 def start_producer(ring_dir, tmp_path, name="pod-p", *args):
     out = str(tmp_path / f"{name}.json")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "producer_proc.py"),
+    proc = subprocess.Popen([sys.executable, "-m", "tensortrace.testing.producer_proc",
                              os.path.join(ring_dir, f"{name}-r0.ring"), out, "--pod", name, *args])
     return proc, out
 
 
 def wait_file(path, proc, timeout_s=120):
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, "producer did not finish"
-        time.sleep(0.05)
+    assert wait_until(lambda: os.path.exists(path), timeout_s), "producer did not finish"
     proc.wait(30)
     with open(path) as f:
         return json.load(f)
@@ -76,7 +70,7 @@ def collect(bootstrap, topic, dump, timeout_s=120):
 
 
 def test_exporter_killed_mid_stream_restarts_and_loses_nothing(kafka_broker, fresh_topic, ring_dir, tmp_path, exporter_factory):
-    topic = topic_name(fresh_topic, 3)
+    topic = fresh_topic(partitions=3)
     exp = exporter_factory(ring_dir, kafka_broker.bootstrap, topic, extra=["--cleanup-grace-s", "60"])
     proc, out = start_producer(ring_dir, tmp_path, "pod-k", "--steps", "300", "--interval", "0.004", "--capacity", str(1 << 20))
     ring_name = "pod-k-r0.ring"
@@ -108,7 +102,7 @@ def test_exporter_killed_mid_stream_restarts_and_loses_nothing(kafka_broker, fre
 @pytest.mark.parametrize("delivery_timeout_ms", [120_000, 4_000], ids=["kafka-retries", "delivery-timeout-rewind"])
 def test_broker_outage_exporter_reconnects_and_accounting_is_exact(kafka_broker, fresh_topic, ring_dir, tmp_path,
                                                                    exporter_factory, delivery_timeout_ms):
-    topic = topic_name(fresh_topic, 3)
+    topic = fresh_topic(partitions=3)
     exp = exporter_factory(ring_dir, kafka_broker.bootstrap, topic,
                            extra=["--cleanup-grace-s", "60", "--delivery-timeout-ms", str(delivery_timeout_ms),
                                   "--request-timeout-ms", "2000"])
@@ -142,7 +136,7 @@ def test_broker_outage_exporter_reconnects_and_accounting_is_exact(kafka_broker,
 
 def test_producer_killed_mid_frame_half_frame_never_exported_ring_cleaned_up(kafka_broker, fresh_topic, ring_dir,
                                                                             tmp_path, exporter_factory):
-    topic = topic_name(fresh_topic, 1)
+    topic = fresh_topic(partitions=1)
     exp = exporter_factory(ring_dir, kafka_broker.bootstrap, topic)
     proc, out = start_producer(ring_dir, tmp_path, "pod-x", "--steps", "20", "--interval", "0.002", "--die-mid-frame")
     dump = wait_file(out, proc)

@@ -12,7 +12,7 @@ from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.ring.format import RingReader, RingWriter, RingIdentity
 from tensortrace.wire import codec
 
-from ringgen import TrafficGen
+from tensortrace.testing.ringgen import TrafficGen
 
 pytestmark = pytest.mark.unit
 

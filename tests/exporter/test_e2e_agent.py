@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "agent"))
 
-from exporter_topics import topic_name  # noqa: E402
-from ringgen import consume_all  # noqa: E402
-from tiny_models import left_padded, make  # noqa: E402
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
+from tensortrace.testing.ringgen import consume_all  # noqa: E402
+from tensortrace.testing.tiny_models import left_padded, make  # noqa: E402
 from tensortrace.wire import codec  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -28,7 +25,7 @@ NEW_TOKENS = 4
 
 
 def test_tiny_model_to_kafka_bit_exact_with_matching_summaries(kafka_broker, fresh_topic, ring_dir, exporter_factory):
-    topic = topic_name(fresh_topic, 3)
+    topic = fresh_topic(partitions=3)
     exp = exporter_factory(ring_dir, kafka_broker.bootstrap, topic, extra=["--compression", "zstd", "--cleanup-grace-s", "30"])
     model = make("llama")
     ids, mask = left_padded(PROMPTS)

@@ -8,16 +8,15 @@ import os
 
 import pytest
 
-from exporter_topics import topic_name
-from ringgen import Arrivals, TrafficGen, consume_all
 from tensortrace.ring.format import RingIdentity, RingWriter
+from tensortrace.testing.ringgen import Arrivals, TrafficGen, consume_all
 from tensortrace.wire import codec
 
 pytestmark = pytest.mark.integration
 
 
 def test_every_ring_is_drained_bit_exact_with_summaries_last_and_exact_accounting(kafka_broker, fresh_topic, ring_dir, exporter_factory):
-    topic = topic_name(fresh_topic, 3)
+    topic = fresh_topic(partitions=3)
     # two producers; ring b carries 300 KiB rows so some records are chunked (> 900 kB payload)
     wa = RingWriter.create(os.path.join(ring_dir, "pod-a-r0.ring"), 8 << 20, RingIdentity(pod="pod-a", node="n1"))
     wb = RingWriter.create(os.path.join(ring_dir, "pod-b-r0.ring"), 16 << 20, RingIdentity(pod="pod-b", node="n1"))
@@ -79,7 +78,7 @@ def _distinct(records) -> int:
 
 
 def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, exporter_factory):
-    topic = topic_name(fresh_topic, 1)
+    topic = fresh_topic(partitions=1)
     w = RingWriter.create(os.path.join(ring_dir, "pod-m-r0.ring"), 1 << 20, RingIdentity(pod="pod-m"))
     gen = TrafficGen(w, n_requests=2, prefix="m")
     gen.run(steps=3)
@@ -105,7 +104,7 @@ def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, expor
 
 def test_sigterm_delivers_what_is_in_flight_releases_it_and_exits_zero(kafka_broker, fresh_topic, ring_dir, exporter_factory):
     from tensortrace.ring.format import RingReader
-    topic = topic_name(fresh_topic, 1)
+    topic = fresh_topic(partitions=1)
     w = RingWriter.create(os.path.join(ring_dir, "pod-t-r0.ring"), 4 << 20, RingIdentity(pod="pod-t"))
     gen = TrafficGen(w, n_requests=4, prefix="t", row_shape=(1024,))
     gen.run(steps=20)

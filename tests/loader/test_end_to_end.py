@@ -6,24 +6,22 @@ the requests table says each request is complete, and after a merge no row is du
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "agent"))
 
-from test_loader import committed, end_offsets, wait_until  # noqa: E402
-from test_loader_restart import count_rows  # noqa: E402
-from tensortrace.devstack.processes import LoaderProcess  # noqa: E402
-from tiny_models import left_padded, make  # noqa: E402
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
+from tensortrace.devstack.processes import LoaderProcess  # noqa: E402
 from tensortrace.query import TensorTraceClient  # noqa: E402
+from tensortrace.testing.clickhouse import count_rows  # noqa: E402
+from tensortrace.testing.kafka import committed, end_offsets  # noqa: E402
+from tensortrace.testing.tiny_models import left_padded, make  # noqa: E402
+from tensortrace.testing.waiting import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

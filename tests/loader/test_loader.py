@@ -2,38 +2,27 @@
 kill -9 test runs loaders as subprocesses)."""
 
 import threading
-import time
-import uuid
 
 import pytest
 import torch
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka import KafkaConsumer
 
+from tensortrace.consume.deadletter import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER
 from tensortrace.loader.config import KafkaConfig, LoaderConfig
-from tensortrace.loader.service import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER, Loader
-from tensortrace.storage import ThreadSafeClient
-from tensortrace.loader.synthetic import SyntheticRequest, produce
+from tensortrace.loader.service import Loader
 from tensortrace.query import TensorTraceClient
+from tensortrace.storage import ThreadSafeClient
+from tensortrace.testing.kafka import committed, create_topics, end_offsets
+from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.waiting import wait_until
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
 
 pytestmark = pytest.mark.integration
 
 
-def make_topics(bootstrap, partitions=1, dlq=True):
-    name = f"tt-loader-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        topics = [NewTopic(name, partitions, 1)] + ([NewTopic(name + ".dlq", 1, 1)] if dlq else [])
-        admin.create_topics(topics)
-    finally:
-        admin.close()
-    return name, name + ".dlq"
-
-
-def loader_config(bootstrap, topic, dlq, db, **kw):
-    return LoaderConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=dlq, group_id=f"g-{topic}",
+def loader_config(bootstrap, topic, db, **kw):
+    return LoaderConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq", group_id=f"g-{topic}",
                         clickhouse_dsn="chdb://memory", database=db, batch_max_delay_s=0.1, **kw)
 
 
@@ -67,34 +56,6 @@ def distinct_records(client, db):
     return client.query(f"SELECT uniqExact(producer_pod, producer_pid, producer_generation, seq) FROM {db}.activations").result_rows[0][0]
 
 
-def wait_until(pred, timeout_s=90, interval=0.1):
-    """Bounded wait for a condition (not a timing assertion: the limit only stops a hung test)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-def committed(bootstrap, group, topic, partitions):
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        # None (never committed) and 0 both mean "nothing consumed yet"
-        return {p: c.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)}
-    finally:
-        c.close()
-
-
-def end_offsets(bootstrap, topic, partitions):
-    c = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        return {tp.partition: o for tp, o in c.end_offsets(tps).items()}
-    finally:
-        c.close()
-
-
 def assert_bit_exact(client, db, requests):
     tt = TensorTraceClient(client, database=db)
     for req in requests:
@@ -118,13 +79,13 @@ def assert_each_record_once(client, db, n_records, n_summaries):
 def test_loader_loads_chunked_and_plain_records_bit_exact_and_commits(kafka_broker, tt_db, loaders):
     client, db = tt_db
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs, partitions=3)
+    topic = create_topics(bs, 3, prefix="tt-loader", dlq=True)
     reqs = [SyntheticRequest.make(f"req-{i}", layers=3, hidden=64, prompt=16, generated=4,
                                   encoding=pb.SHUFFLE_ZSTD if i % 2 else pb.RAW,
                                   producer=pb.Producer(pod="pod-a", pid=100 + i, generation=1)) for i in range(6)]
     for r in reqs:
         produce(bs, topic, r.messages(max_payload=700))  # prefill records (2 KiB) arrive in chunks
-    cfg = loader_config(bs, topic, dlq, db)
+    cfg = loader_config(bs, topic, db)
     run = loaders(Loader(cfg, client=ThreadSafeClient(client)))
     n = sum(len(r.records) for r in reqs)
     assert wait_until(lambda: distinct_records(client, db) == n)
@@ -139,7 +100,7 @@ def test_loader_loads_chunked_and_plain_records_bit_exact_and_commits(kafka_brok
 def test_undecodable_messages_go_to_the_dlq_with_a_reason_and_nothing_else_is_lost(kafka_broker, tt_db, loaders):
     client, db = tt_db
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs)
+    topic = create_topics(bs, 1, prefix="tt-loader", dlq=True)
     good = [SyntheticRequest.make(f"good-{i}", layers=2, hidden=32) for i in range(3)]
     bad_record = SyntheticRequest.make("bad-rec", layers=1, hidden=8, final_hook=None).records[0]
     bad_record.raw_size += 2  # does not match shape x dtype
@@ -149,12 +110,12 @@ def test_undecodable_messages_go_to_the_dlq_with_a_reason_and_nothing_else_is_lo
                         (b"v9", pb.Envelope(version=9).SerializeToString()),
                         (b"mixed", codec.encode_envelope([bad_record] + ok_neighbour.records + [ok_neighbour.summary]))])
     produce(bs, topic, good[1].messages() + good[2].messages())
-    run = loaders(Loader(loader_config(bs, topic, dlq, db), client=ThreadSafeClient(client)))
+    run = loaders(Loader(loader_config(bs, topic, db), client=ThreadSafeClient(client)))
     n = sum(len(r.records) for r in good) + len(ok_neighbour.records)
     assert wait_until(lambda: distinct_records(client, db) == n and run.loader.stats.dlq_messages == 3)
     run.stop()
     assert_bit_exact(client, db, good + [ok_neighbour])
-    c = KafkaConsumer(dlq, bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    c = KafkaConsumer(topic + ".dlq", bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
     dead = list(c)
     c.close()
     assert len(dead) == 3
@@ -172,20 +133,20 @@ def test_undecodable_messages_go_to_the_dlq_with_a_reason_and_nothing_else_is_lo
 def test_chunks_that_never_complete_go_to_the_dlq_and_offsets_move_on(kafka_broker, tt_db, loaders):
     client, db = tt_db
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs)
+    topic = create_topics(bs, 1, prefix="tt-loader", dlq=True)
     orphan = SyntheticRequest.make("orphan", layers=1, hidden=512, prompt=8, generated=1, final_hook=None)
     chunks = codec.chunk_record(orphan.records[0], max_payload=2048)
     assert len(chunks) == 4
     good = SyntheticRequest.make("after", layers=2, hidden=32)
     produce(bs, topic, [(b"orphan", codec.encode_envelope(chunks[:2]))] + good.messages())
-    cfg = loader_config(bs, topic, dlq, db, chunk_timeout_s=1.0)
+    cfg = loader_config(bs, topic, db, chunk_timeout_s=1.0)
     run = loaders(Loader(cfg, client=ThreadSafeClient(client)))
     assert wait_until(lambda: run.loader.stats.dlq_messages == 1 and distinct_records(client, db) == len(good.records))
     ends = end_offsets(bs, topic, 1)
     assert wait_until(lambda: committed(bs, cfg.group_id, topic, 1) == ends)
     run.stop()
     assert run.loader.stats.dlq_by_reason == {"chunks": 1}
-    c = KafkaConsumer(dlq, bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    c = KafkaConsumer(topic + ".dlq", bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
     [dead] = list(c)
     c.close()
     assert "chunks incomplete" in dict(dead.headers)[DLQ_REASON_HEADER].decode()
@@ -215,9 +176,9 @@ class FaultInjectingClient:
 def test_clickhouse_outage_backs_off_commits_nothing_and_catches_up(kafka_broker, tt_db, loaders):
     client, db = tt_db
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs, partitions=2)
+    topic = create_topics(bs, 2, prefix="tt-loader", dlq=True)
     faulty = FaultInjectingClient(client)
-    cfg = loader_config(bs, topic, dlq, db, retry_initial_s=0.05, retry_max_s=0.2)
+    cfg = loader_config(bs, topic, db, retry_initial_s=0.05, retry_max_s=0.2)
     loader = Loader(cfg, client=ThreadSafeClient(faulty))
     faulty.down.set()
     run = loaders(loader)
@@ -241,9 +202,9 @@ def test_clickhouse_outage_backs_off_commits_nothing_and_catches_up(kafka_broker
 def test_two_loaders_in_one_group_rebalance_and_leave_each_record_once(kafka_broker, tt_db, loaders):
     client, db = tt_db
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs, partitions=4)
+    topic = create_topics(bs, 4, prefix="tt-loader", dlq=True)
     shared = ThreadSafeClient(client)
-    cfg = loader_config(bs, topic, dlq, db)
+    cfg = loader_config(bs, topic, db)
     first_half = [SyntheticRequest.make(f"rb-{i}", layers=2, hidden=64, seed=i) for i in range(8)]
     second_half = [SyntheticRequest.make(f"rb-{i}", layers=2, hidden=64, seed=i) for i in range(8, 16)]
     a = loaders(Loader(cfg, client=shared))

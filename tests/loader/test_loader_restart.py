@@ -4,11 +4,7 @@ The loaders run as real subprocesses (`tensortrace loader`) on their own chDB pa
 through the restarted loader's query service (the only way to reach an engine another process owns)
 and, after it exits, counts rows with a separate process on the same path."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,10 +12,11 @@ import pytest
 import torch
 
 from tensortrace.devstack.processes import LoaderProcess
-from tensortrace.loader.synthetic import SyntheticRequest, produce
 from tensortrace.query import TensorTraceClient
-
-from test_loader import committed, end_offsets, make_topics, wait_until
+from tensortrace.testing.clickhouse import count_rows
+from tensortrace.testing.kafka import committed, create_topics, end_offsets
+from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,34 +34,14 @@ def loader_procs():
         p.kill()
 
 
-def count_rows(path, db):
-    code = f"""
-import json, clickhouse_connect
-c = clickhouse_connect.get_client(dsn="chdb://{path}")
-q = lambda s: c.query(s).result_rows[0][0]
-out = {{"raw": q("SELECT count() FROM {db}.activations"),
-       "distinct": q("SELECT uniqExact(producer_pod, producer_pid, producer_generation, seq) FROM {db}.activations"),
-       "final": q("SELECT count() FROM {db}.activations FINAL"),
-       "summaries_final": q("SELECT count() FROM {db}.requests FINAL")}}
-c.command("OPTIMIZE TABLE {db}.activations FINAL")
-c.command("OPTIMIZE TABLE {db}.requests FINAL")
-out["raw_after_merge"] = q("SELECT count() FROM {db}.activations")
-out["summaries_after_merge"] = q("SELECT count() FROM {db}.requests")
-print(json.dumps(out))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def test_loader_killed_mid_stream_and_restarted_leaves_each_record_once(kafka_broker, tmp_path, loader_procs):
     bs = kafka_broker.bootstrap
-    topic, dlq = make_topics(bs, partitions=2)
+    topic = create_topics(bs, 2, prefix="tt-loader", dlq=True)
     reqs = [SyntheticRequest.make(f"kill-{i}", layers=4, hidden=256, prompt=32, generated=24, seed=i)
             for i in range(24)]
     n = sum(len(r.records) for r in reqs)
     path = tmp_path / "chdb"
-    args = ["--bootstrap", bs, "--topic", topic, "--dlq-topic", dlq, "--group", "kill-test",
+    args = ["--bootstrap", bs, "--topic", topic, "--dlq-topic", topic + ".dlq", "--group", "kill-test",
             "--clickhouse", f"chdb://{path}", "--batch-max-rows", "100", "--batch-max-delay", "0.05",
             "--stats-interval", "0.02", "--session-timeout-ms", "6000"]
 

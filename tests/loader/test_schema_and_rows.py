@@ -4,11 +4,10 @@ import time
 
 import pytest
 
-from tensortrace.storage import schema
 from tensortrace.loader.config import ConfigError, KafkaConfig, LoaderConfig
 from tensortrace.loader.rows import ColumnBatch, InvalidRecord
-from tensortrace.loader.synthetic import SyntheticRequest
-from tensortrace.v1 import records_pb2 as pb
+from tensortrace.storage import schema
+from tensortrace.testing.synthetic import SyntheticRequest
 
 
 @pytest.mark.integration

@@ -4,28 +4,20 @@ against the record-by-record path on every record shape the store can hold, on r
 
 import gc
 import os
-import time
 
 import pytest
 import torch
 
-from tensortrace.loader.rows import ColumnBatch
-from tensortrace.loader.synthetic import SyntheticRequest
 from tensortrace.query.assemble import assemble, assemble_pages
 from tensortrace.query.backend import ClickHouseBackend
 from tensortrace.query.native import NativeFormatError, StringColumn, read_native
+from tensortrace.testing.clickhouse import insert_rows
+from tensortrace.testing.synthetic import SyntheticRequest
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
 from tensortrace.wire.codec import WireError
 
 pytestmark = pytest.mark.integration
-
-
-def store(client, db, records):
-    b = ColumnBatch()
-    for i, r in enumerate(records):
-        b.add_tensor(r, 0, i)
-    client.insert_arrow(f"{db}.activations", b.activations_table(time.time_ns()))
 
 
 # -- Native reader -----------------------------------------------------------------------------
@@ -137,8 +129,8 @@ def test_column_pages_assemble_exactly_like_records(tt_db, page_records, via):
     Native bytes), here answered by the embedded engine since no server runs on this machine."""
     client, db = tt_db
     req, recs = mixed_request()
-    store(client, db, recs)
-    store(client, db, recs[:9])   # at-least-once delivery: duplicates in the table
+    insert_rows(client, db, recs)
+    insert_rows(client, db, recs[:9])   # at-least-once delivery: duplicates in the table
     be = ClickHouseBackend(client, db)
     if via == "raw_query":
         be._handle_cache = None   # as for an http(s):// client
@@ -160,7 +152,7 @@ def test_column_pages_assemble_exactly_like_records(tt_db, page_records, via):
 def test_a_stored_row_whose_payload_disagrees_with_its_shape_is_a_clear_error(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-bad-row", layers=1, hidden=8, prompt=3, generated=2)
-    store(client, db, req.records)
+    insert_rows(client, db, req.records)
     # a row altered in storage (the loader refuses such records, so only tampering makes one)
     client.command(f"INSERT INTO {db}.activations SELECT * REPLACE (raw_size + 2 AS raw_size, seq + 1000 AS seq, "
                    f"token_start + 50 AS token_start, token_end + 50 AS token_end) FROM (SELECT * FROM {db}.activations "
@@ -177,7 +169,7 @@ def test_uint64_sequence_numbers_read_back_unchanged(tt_db):
     """seq is UInt64 end to end: a value above 2**63 must not wrap on the way through numpy."""
     client, db = tt_db
     req = SyntheticRequest.make("req-big-seq", layers=1, hidden=8, prompt=2, generated=2, seq_start=2**63 + 7)
-    store(client, db, req.records)
+    insert_rows(client, db, req.records)
     be = ClickHouseBackend(client, db)
     [ref] = be.lookup(request_id="req-big-seq")
     assert sorted(r.seq for r in be.fetch(ref)) == sorted(r.seq for r in req.records)

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 
-from tensortrace.storage import ThreadSafeClient
-from tensortrace.loader.synthetic import SyntheticRequest
 from tensortrace.query import InvalidQuery, NotFound, TensorTraceClient
 from tensortrace.query.server import serve
-
-from test_readback import store
+from tensortrace.storage import ThreadSafeClient
+from tensortrace.testing.clickhouse import insert_rows
+from tensortrace.testing.synthetic import SyntheticRequest
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +25,7 @@ def query_service(tt_db):
 def test_grpc_backend_returns_the_same_tensors_as_direct_reads(query_service):
     client, db, addr = query_service
     req = SyntheticRequest.make("req-grpc", layers=3, hidden=16, prompt=5, generated=4)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     seen = []
     with TensorTraceClient(f"grpc://{addr}") as tt:
         got = tt.tensors(trace_id=req.trace_id.hex(), progress=lambda done, total: seen.append((done, total)))
@@ -67,7 +66,7 @@ def test_show_prints_hooks_layers_tokens_and_completeness(query_service, capsys)
 
     client, db, addr = query_service
     req = SyntheticRequest.make("req-show", layers=4, hidden=8, prompt=6, generated=3)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     assert show([req.trace_id.hex(), "--server", addr, "--tensors", "--progress"]) == 0
     out, err = capsys.readouterr()
     assert "req-show" in out and "resid_pre" in out and "0-3" in out and "0-7" in out

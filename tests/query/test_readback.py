@@ -1,36 +1,25 @@
 """Read-back SDK against the real chDB engine: rows are inserted the way the loader inserts them
-(ColumnBatch -> insert_arrow), then read back through TensorTraceClient."""
+(tensortrace.testing.clickhouse.insert_rows: ColumnBatch -> insert_arrow), then read back through
+TensorTraceClient."""
 
 import time
 
 import pytest
 import torch
 
-from tensortrace.loader.rows import ColumnBatch
-from tensortrace.loader.synthetic import SyntheticRequest
 from tensortrace.query import (AmbiguousRequest, IncompleteData, InvalidQuery, NotFound, QueryTimeout,
                                TensorTraceClient)
+from tensortrace.testing.clickhouse import insert_rows
+from tensortrace.testing.synthetic import SyntheticRequest
 from tensortrace.v1 import records_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
 
-def store(client, db, records=(), summaries=(), partition=0):
-    b = ColumnBatch()
-    for i, r in enumerate(records):
-        b.add_tensor(r, partition, i)
-    for s in summaries:
-        b.add_summary(s, partition, 10**6)
-    if b.tensor_rows:
-        client.insert_arrow(f"{db}.activations", b.activations_table(time.time_ns()))
-    if b.summary_rows:
-        client.insert_arrow(f"{db}.requests", b.requests_table(time.time_ns()))
-
-
 def test_tensors_reassemble_prefill_and_decode_bit_exact(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-1", layers=3, hidden=16, prompt=6, generated=5, encoding=pb.SHUFFLE_ZSTD)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     got = TensorTraceClient(client, database=db).tensors(trace_id=req.trace_id.hex())
     assert got.request_id == "req-1" and got.completeness.state == "complete"
     assert set(got.tensors) == set(req.truth)
@@ -45,7 +34,7 @@ def test_tensors_reassemble_prefill_and_decode_bit_exact(tt_db):
 def test_request_id_lookup_and_hook_layer_filter(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-filter", layers=4, hidden=8)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     got = TensorTraceClient(client, database=db).tensors(request_id="req-filter", hooks=["resid_pre"], layers=[1, 3])
     assert sorted(got.tensors) == [("resid_pre", 1), ("resid_pre", 3)]
     assert torch.equal(got["resid_pre", 3].tensor, req.truth["resid_pre", 3])
@@ -54,8 +43,8 @@ def test_request_id_lookup_and_hook_layer_filter(tt_db):
 def test_duplicate_rows_are_read_once(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-dup", layers=2, hidden=8)
-    store(client, db, req.records, [req.summary])
-    store(client, db, req.records[:7], [req.summary])  # a re-read after a crash inserts these again
+    insert_rows(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records[:7], [req.summary])  # a re-read after a crash inserts these again
     tt = TensorTraceClient(client, database=db)
     got = tt.tensors(request_id="req-dup")
     assert got.completeness.records_loaded == len(req.records)
@@ -67,7 +56,7 @@ def test_duplicate_rows_are_read_once(tt_db):
 def test_hidden_states_view_is_like_output_hidden_states(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-hs", layers=3, hidden=8, prompt=4, generated=3)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     hs = TensorTraceClient(client, database=db).tensors(request_id="req-hs").hidden_states()
     assert len(hs) == 4  # embeddings/resid_pre[0], resid_pre[1], resid_pre[2], final norm output
     assert all(h.shape == (1, 6, 8) for h in hs)
@@ -79,7 +68,7 @@ def test_missing_positions_are_reported_as_gaps(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-gap", layers=1, hidden=8, prompt=4, generated=5)
     lost = [r for r in req.records if r.token_start in (5, 6)]
-    store(client, db, [r for r in req.records if r not in lost], [req.summary])
+    insert_rows(client, db, [r for r in req.records if r not in lost], [req.summary])
     got = TensorTraceClient(client, database=db).tensors(request_id="req-gap")
     c = got["resid_pre", 0]
     assert c.gaps == [(5, 7)]
@@ -98,7 +87,7 @@ def test_completeness_reports_drops_by_reason(tt_db):
     s.records_dropped = 3
     s.dropped_by_reason["ring_full"] = 3
     s.incomplete_reason = "ring full"
-    store(client, db, req.records, [s])
+    insert_rows(client, db, req.records, [s])
     comp = TensorTraceClient(client, database=db).status(request_id="req-drop")
     assert comp.state == "incomplete" and not comp.complete
     assert comp.dropped_by_reason == {"ring_full": 3} and comp.incomplete_reason == "ring full"
@@ -107,7 +96,7 @@ def test_completeness_reports_drops_by_reason(tt_db):
 def test_tensors_without_summary_are_marked_no_summary(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-nosum", layers=1, hidden=8)
-    store(client, db, req.records)
+    insert_rows(client, db, req.records)
     assert TensorTraceClient(client, database=db).tensors(request_id="req-nosum").completeness.state == "no_summary"
 
 
@@ -126,8 +115,8 @@ def test_wait_returns_once_the_request_finishes_loading(tt_db):
     client, db = tt_db
     req = SyntheticRequest.make("req-late", layers=2, hidden=8)
     half = len(req.records) // 2
-    store(client, db, req.records[:half])
-    timer = threading.Timer(0.3, lambda: store(client, db, req.records[half:], [req.summary]))
+    insert_rows(client, db, req.records[:half])
+    timer = threading.Timer(0.3, lambda: insert_rows(client, db, req.records[half:], [req.summary]))
     timer.start()
     try:
         got = TensorTraceClient(client, database=db, poll_interval_s=0.05).tensors(request_id="req-late", wait_s=30)
@@ -147,8 +136,8 @@ def test_wait_sees_records_captured_after_the_first_lookup(tt_db):
     half = len(req.records) // 2
     for r in req.records[half:]:
         r.capture_time_unix_nano += 2 * 10**9  # the decode steps ran 2 s after the prefill
-    store(client, db, req.records[:half])
-    timer = threading.Timer(0.3, lambda: store(client, db, req.records[half:], [req.summary]))
+    insert_rows(client, db, req.records[:half])
+    timer = threading.Timer(0.3, lambda: insert_rows(client, db, req.records[half:], [req.summary]))
     timer.start()
     try:
         got = TensorTraceClient(client, database=db, poll_interval_s=0.05).tensors(request_id="req-later", wait_s=30)
@@ -166,7 +155,7 @@ def test_trace_with_two_requests_needs_request_id(tt_db):
     for r in b.records:
         r.trace_id = a.trace_id
     b.summary.trace_id = a.trace_id
-    store(client, db, a.records + b.records, [a.summary, b.summary])
+    insert_rows(client, db, a.records + b.records, [a.summary, b.summary])
     tt = TensorTraceClient(client, database=db)
     with pytest.raises(AmbiguousRequest) as e:
         tt.tensors(trace_id=a.trace_id.hex())
@@ -202,14 +191,14 @@ def test_injection_in_request_id_is_only_ever_a_value(tt_db, bad):
     """Request ids are free text, so they are not rejected: they must reach SQL only as a bound value."""
     client, db = tt_db
     req = SyntheticRequest.make("req-safe", layers=1, hidden=8)
-    store(client, db, req.records, [req.summary])
+    insert_rows(client, db, req.records, [req.summary])
     tt = TensorTraceClient(client, database=db)
     with pytest.raises(NotFound):
         tt.tensors(request_id=bad)
     assert tt.requests(request_id=bad) == []
     # a request whose id *is* the injection string round-trips like any other
     evil = SyntheticRequest.make(bad, layers=1, hidden=8)
-    store(client, db, evil.records, [evil.summary])
+    insert_rows(client, db, evil.records, [evil.summary])
     got = tt.tensors(request_id=bad)
     assert got.request_id == bad and torch.equal(got["resid_pre", 0].tensor, evil.truth["resid_pre", 0])
     assert client.query(f"SELECT count() FROM {db}.activations").result_rows[0][0] == len(req.records) + len(evil.records)
@@ -225,7 +214,7 @@ def test_invalid_database_name_is_refused():
 def test_one_hook_layer_across_requests_for_probe_training(tt_db):
     client, db = tt_db
     reqs = [SyntheticRequest.make(f"probe-{i}", layers=3, hidden=8) for i in range(4)]
-    store(client, db, [r for q in reqs for r in q.records], [q.summary for q in reqs])
+    insert_rows(client, db, [r for q in reqs for r in q.records], [q.summary for q in reqs])
     tt = TensorTraceClient(client, database=db)
     got = tt.across_requests("resid_pre", 2, since_s=time.time() - 600, model="synthetic/tiny")
     assert sorted(got) == [q.request_id for q in reqs]

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from tensortrace.service.config import Problems
 from tensortrace.service.runtime import RuntimeConfig, Service, ServiceRunner, ServiceSpec, service_main
+from tensortrace.testing.waiting import wait_until
 
 pytestmark = pytest.mark.unit
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,16 +69,6 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def _wait(cond, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def _start(service, tmp_path, **runtime):
     runner = ServiceRunner("fake", RuntimeConfig(http_host="127.0.0.1", http_port=0,
                                                  status_file=str(tmp_path / "st.json"), **runtime))
@@ -99,7 +90,8 @@ def test_a_fake_service_satisfies_the_protocol():
 def test_probes_and_metrics_on_one_port_ports_reported_and_stop_drains(tmp_path, capsys):
     svc = FakeService(drain_s=0.2)
     runner, t, result = _start(svc, tmp_path)
-    st = _wait(lambda: _status(tmp_path))
+    st = wait_until(lambda: _status(tmp_path), 20, 0.02)
+    assert st, "no status file"
     port = st["ports"]["http"]
     assert (st["service"], st["pid"], st["http_port"], st["metrics_port"]) == ("fake", os.getpid(), port, port)
     assert _get(port, "/healthz") == (200, "ok\n")
@@ -111,7 +103,7 @@ def test_probes_and_metrics_on_one_port_ports_reported_and_stop_drains(tmp_path,
     assert "python_gc_objects_collected_total" not in text, "/metrics serves the service's registry, not the global one"
     assert _get(port, "/nope")[0] == 404
     svc.open_ports = {"query": 50052}   # a port opened later is reported again
-    _wait(lambda: _status(tmp_path)["ports"] == {"http": port, "query": 50052})
+    assert wait_until(lambda: _status(tmp_path)["ports"] == {"http": port, "query": 50052}, 20, 0.02)
     runner.stopping.set()               # what SIGTERM does
     t.join(10)
     assert result["rc"] == 0 and svc.drained
@@ -123,7 +115,7 @@ def test_probes_and_metrics_on_one_port_ports_reported_and_stop_drains(tmp_path,
 def test_a_drain_longer_than_the_timeout_exits_1(tmp_path):
     svc = FakeService(drain_s=30)
     runner, t, result = _start(svc, tmp_path, drain_timeout_s=0.3)
-    _wait(lambda: _status(tmp_path))
+    assert wait_until(lambda: _status(tmp_path), 20, 0.02), "no status file"
     t0 = time.monotonic()
     runner.stopping.set()
     t.join(10)
@@ -182,7 +174,7 @@ def test_sigterm_stops_a_real_service_process_with_exit_0(tmp_path):
                           f"http://u:p@127.0.0.1:{_free_port()}", "--http-port", "0", "--http-host", "127.0.0.1",
                           "--status-file", str(status)], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: status.exists() or p.poll() is not None, timeout_s=60)
+        assert wait_until(lambda: status.exists() or p.poll() is not None, 60, 0.02)
         assert p.poll() is None, p.stderr.read()
         port = json.loads(status.read_text())["ports"]["http"]
         assert _get(port, "/healthz")[0] == 200

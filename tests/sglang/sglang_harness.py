@@ -16,7 +16,6 @@ import pytest
 
 from tensortrace.devstack.sglang_server import ROOT, STUB_DIR, SGLangServer, free_port  # noqa: F401 (re-exported)
 
-sys.path.insert(0, os.path.join(ROOT, "scripts", "sglang"))
 
 def _has_sglang() -> bool:
     # tests/ is on sys.path under pytest, so this very directory is a namespace package called

@@ -18,7 +18,6 @@ the agent's own tests; here we prove attribution and that the taps read the righ
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
@@ -56,7 +55,6 @@ def served(request, tmp_path_factory):
 def _hf_reference(model_path: str, token_ids: list[int]) -> dict:
     """Eager HF forward over `token_ids`: every catalog tensor, per position, keyed (hook, layer)."""
     import torch
-    import transformers
 
     model = _hf_model(model_path)
     got: dict = {}

@@ -92,6 +92,11 @@ def _field_names(cls):
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
+def test_forward_hooks_registrar_exists():
+    """The `--forward-hooks` fallback (forward_hooks.py) is registered through SGLang's hook manager."""
+    assert callable(resolve(v0_5.FORWARD_HOOKS_REGISTRAR))
+
+
 def test_forward_batch_fields():
     fb = resolve(v0_5.FORWARD_BATCH)
     missing = set(v0_5.FORWARD_BATCH_FIELDS) - _field_names(fb)

@@ -1,10 +1,10 @@
 """TensorTrace capture agent: taps inside the inference process -> Ring² shared-memory ring.
 
->>> from tensortrace.agent import AgentConfig, CaptureAgent, Selection
->>> from tensortrace.agent.backends.hf import HFBackend
->>> agent = CaptureAgent(AgentConfig(ring_dir="/run/tensortrace", model_id="llama"), Selection.preset("hidden-states"))
->>> backend = HFBackend(model, agent)
->>> out, contexts = backend.generate(input_ids, attention_mask=mask, max_new_tokens=8)
+    from tensortrace.agent import AgentConfig, CaptureAgent, Selection
+    from tensortrace.agent.backends.hf import HFBackend
+    agent = CaptureAgent(AgentConfig(ring_dir="/run/tensortrace", model_id="llama"), Selection.preset("hidden-states"))
+    backend = HFBackend(model, agent)
+    out, contexts = backend.generate(input_ids, attention_mask=mask, max_new_tokens=8)
 
 docs/agent.md documents the catalog, selection, control document, overflow policies, accounting
 and the engine contract between backends and the agent (backends/base.py: Backend, AgentPort).

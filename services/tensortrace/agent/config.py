@@ -1,8 +1,12 @@
 """Agent configuration: one dataclass, defaults in one place, validate() says what is wrong.
 
->>> cfg = AgentConfig(ring_dir="/tmp/tt", model_id="llama-tiny", ring_capacity=8 << 20)
+>>> cfg = AgentConfig(ring_dir="/tmp/tt", model_id="llama-tiny", pod="pod-a", ring_capacity=8 << 20)
 >>> cfg.validate()
->>> cfg.ring_path()   # '/tmp/tt/<pod>-<pid>-r0.ring'
+>>> cfg.ring_path(pid=4242)           # default: this process's pid
+'/tmp/tt/pod-a-4242-r0.ring'
+>>> AgentConfig(ring_capacity=1000, tp_rank=2).validate()
+Traceback (most recent call last):
+ValueError: invalid AgentConfig: ring_capacity 1000 must be a positive multiple of 64; tp_rank 2 must be within [0, tp_size=1)
 """
 
 from __future__ import annotations

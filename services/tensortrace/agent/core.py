@@ -9,14 +9,14 @@ CaptureAgent is the agent side of the engine contract (backends/base.py: `AgentP
 calls a backend may make, who makes them, when and on which thread; docs/agent.md "Engine
 contract"):
 
->>> agent = CaptureAgent(AgentConfig(ring_dir="/tmp/tt", model_id="tiny"))
->>> ctx = agent.begin_request("r1", traceparent=None, prompt_tokens=5)
->>> agent.begin_step(layout)                               # per forward, from the backend
->>> agent.tap("resid_pre", 0, extract, module, args)       # in a tap: extract(module, args) -> rows
->>> agent.capture("logits", -1, rows)                      # rows the backend already holds
->>> agent.end_step()
->>> agent.end_request("r1", finish_reason="stop", generated_tokens=3)
->>> agent.close()
+    agent = CaptureAgent(AgentConfig(ring_dir="/tmp/tt", model_id="tiny"))
+    ctx = agent.begin_request("r1", traceparent=None, prompt_tokens=5)
+    agent.begin_step(layout)                               # per forward, from the backend
+    agent.tap("resid_pre", 0, extract, module, args)       # in a tap: extract(module, args) -> rows
+    agent.capture("logits", -1, rows)                      # rows the backend already holds
+    agent.end_step()
+    agent.end_request("r1", finish_reason="stop", generated_tokens=3)
+    agent.close()
 
 Threading: one inference thread calls everything here. The CUDA path adds one background commit
 thread that only publishes frames whose copies have completed.

@@ -124,7 +124,12 @@ class Selection:
 
     @classmethod
     def preset(cls, name: str, **kw) -> "Selection":
-        """>>> Selection.preset("full", layers=parse_layers("0-3"), positions="last")"""
+        """A selection of a preset's hooks (catalog.PRESETS); other fields as keywords.
+
+        >>> sel = Selection.preset("full", layers=parse_layers("0-3"), positions="last")
+        >>> sel.wants("mlp_out", 3), sel.wants("mlp_out", 4), sel.positions
+        (True, False, 'last')
+        """
         return cls(hooks=_hooks_from(name, None), **kw)
 
     # -- queries on the hot path -----------------------------------------------------------

@@ -23,7 +23,7 @@ destination is never used: cudaMemcpyAsync into pageable memory blocks the calli
 When the staging ring or the commit queue is full, a slab is dropped and counted
 ("staging_full"); the inference thread never waits.
 
->>> staging = CudaStaging(writer, ring_u8, torch.device("cuda"), config)   # made by the agent
+    staging = CudaStaging(writer, ring_u8, torch.device("cuda"), config)   # made by the agent
 """
 
 from __future__ import annotations

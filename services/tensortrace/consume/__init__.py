@@ -1,8 +1,8 @@
 """`tensortrace.consume`: the one implementation of reading the activation topic.
 
->>> from tensortrace.consume import ConsumerConfig, ConsumerCore, RequestView
->>> core = ConsumerCore(ConsumerConfig(group_id="token-counter"), RequestView(my_handler), name="token-counter")
->>> core.run()     # until core.stop()
+    from tensortrace.consume import ConsumerConfig, ConsumerCore, RequestView
+    core = ConsumerCore(ConsumerConfig(group_id="token-counter"), RequestView(my_handler), name="token-counter")
+    core.run()     # until core.stop()
 
 Pieces (docs/consumers.md):
   ConsumerCore   poll -> decode -> reassemble chunks -> a Sink; offsets committed only behind what

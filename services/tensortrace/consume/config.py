@@ -2,7 +2,10 @@
 services' own configs (loader, bridge, probes) so their flags are the same everywhere.
 
 >>> cfg = ConsumerConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), group_id="my-probes")
->>> cfg.consumer_problems()     # [] when usable
+>>> cfg.consumer_problems(), cfg.dlq_topic
+([], 'tensortrace.activations.dlq')
+>>> ConsumerConfig(group_id="").consumer_problems()
+["group_id: '' must be a non-empty name without spaces"]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The consumer core: the one implementation of reading the activation topic.
 
->>> core = ConsumerCore(ConsumerConfig(group_id="my-sink"), MySink(), name="my-sink")
->>> threading.Thread(target=core.run).start(); ...; core.stop()
+    core = ConsumerCore(ConsumerConfig(group_id="my-sink"), MySink(), name="my-sink")
+    threading.Thread(target=core.run).start(); ...; core.stop()
 
 Two threads, one bounded queue between them:
   consume thread  poll -> decode envelopes -> reassemble chunks -> sink.add_tensor / add_summary;

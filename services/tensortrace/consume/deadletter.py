@@ -1,6 +1,8 @@
 """Dead letters: why a message or record is not processed, as a type, and where it goes.
 
->>> raise InvalidRecord(DeadLetterReason.RAW_SIZE, "raw_size 10 != 64 implied by shape [4, 8]")
+>>> e = InvalidRecord("raw_size", "raw_size 10 != 64 implied by shape [4, 8]")
+>>> e.reason is DeadLetterReason.RAW_SIZE, e.reason.value, str(e)
+(True, 'raw_size', 'raw_size 10 != 64 implied by shape [4, 8]')
 
 The reason travels as an enum on the error (`InvalidRecord.reason`), never as text to be searched:
 the consumer core counts dead letters by `reason.value` (the `reason` label of the services'

@@ -1,9 +1,9 @@
 """The per-request view: for consumers that think in requests (the OTel bridge, probes).
 
->>> class TokenCounter:                          # a RequestHandler
-...     def on_request(self, req: CapturedRequest) -> None:
-...         print(req.request_id, req.completeness.state, len(req.records))
->>> core = ConsumerCore(ConsumerConfig(group_id="tokens"), RequestView(TokenCounter()), name="tokens")
+    class TokenCounter:                          # a RequestHandler
+        def on_request(self, req: CapturedRequest) -> None:
+            print(req.request_id, req.completeness.state, len(req.records))
+    core = ConsumerCore(ConsumerConfig(group_id="tokens"), RequestView(TokenCounter()), name="tokens")
 
 Records of one request (same trace id and request id; the exporter keys them by request id, so
 they share a partition) are gathered, de-duplicated by record identity (producer pod, pid,

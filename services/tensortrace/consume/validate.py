@@ -1,6 +1,6 @@
 """Structural checks of a decoded record: what must hold before any consumer uses it.
 
->>> check_tensor_record(rec)     # raises InvalidRecord(DeadLetterReason.RAW_SIZE, "...") and the like
+    check_tensor_record(rec)     # raises InvalidRecord(DeadLetterReason.RAW_SIZE, "...") and the like
 
 Cheap (no payload decode), and the same for every consumer: a record that passes can be stored,
 assembled and scored; one that does not is dead-lettered with its typed reason.

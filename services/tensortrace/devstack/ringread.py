@@ -1,9 +1,9 @@
 """Read back what an agent wrote, the way the exporter does (the split rule in tensortrace.ring.slabs),
 without Kafka: for tests, the demo's checks and benchmarks.
 
->>> got = read_rings("/run/tensortrace")            # every ring in a directory, nothing released
->>> got.tensor("req-1", "resid_pre", 0)             # (rows in position order, their positions)
->>> got = drain(RingReader.open(path))              # one ring, releasing what was read
+    got = read_rings("/run/tensortrace")            # every ring in a directory, nothing released
+    got.tensor("req-1", "resid_pre", 0)             # (rows in position order, their positions)
+    got = drain(RingReader.open(path))              # one ring, releasing what was read
 """
 
 from __future__ import annotations

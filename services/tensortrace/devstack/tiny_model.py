@@ -5,7 +5,9 @@ tokenizer (built with the `tokenizers` library, wrapped as PreTrainedTokenizerFa
 to a directory SGLang's `--model-path` accepts.
 
     python scripts/sglang/tiny_model.py /tmp/tiny-llama --arch llama
-    >>> from tensortrace.devstack.tiny_model import make_tiny_model; make_tiny_model("/tmp/tiny-qwen3", arch="qwen3")
+
+    from tensortrace.devstack.tiny_model import make_tiny_model
+    make_tiny_model("/tmp/tiny-qwen3", arch="qwen3")
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Exporter configuration: every default in one place, `problems()` lists everything that is wrong.
 
 >>> cfg = ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"))
->>> cfg.validate()
+>>> cfg.problems(), cfg.validate() is cfg
+([], True)
+>>> ExporterConfig(ring_dir="").problems()
+['ring_dir: is empty']
 
 Flags (`tensortrace exporter --help`) are generated from the fields (tensortrace.service.config):
 `--ring-dir`, `--linger-ms`, `--kafka-bootstrap-servers` (alias `--bootstrap-servers`), ...

@@ -3,7 +3,7 @@
 The exporter forwards control documents into each ring's control block; it checks only that the
 document is a JSON object (its schema belongs to the capture agent).
 
->>> server, port = serve_control(exporter, "127.0.0.1", 0)
+    server, port = serve_control(exporter, "127.0.0.1", 0)
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ frame: nothing more is read from it). Frame drop reasons: `FrameDropReason`. Bot
 their members equal, print and serialize as the strings they replaced (control RingStatus.state,
 the `reason` label of tensortrace_exporter_frames_dropped_total).
 
->>> d = RingDrain(reader, cfg, metrics)
->>> d.drain_pass(publisher)   # read frames, send messages
->>> d.on_complete(unit, exc)  # called per message outcome; then d.release_acked()
+    d = RingDrain(reader, cfg, metrics)
+    d.drain_pass(publisher)   # read frames, send messages
+    d.on_complete(unit, exc)  # called per message outcome; then d.release_acked()
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ fields in any order, so the bytes decode with `codec.decode_envelope` to exactly
 (tests/exporter/test_envelopes.py checks that). The payload is copied once: from the ring mapping
 into the message.
 
->>> b = EnvelopeBatcher(max_message_bytes=1_000_000)
->>> b.add(b"r1", tensor_entry(rec, payload_view))
->>> for key, value, n_records in b.messages(): producer.send(topic, value, key)
+    b = EnvelopeBatcher(max_message_bytes=1_000_000)
+    b.add(b"r1", tensor_entry(rec, payload_view))
+    for key, value, n_records in b.messages(): producer.send(topic, value, key)
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ prometheus_client.
 
 >>> m = ExporterMetrics()
 >>> m.records_in.labels("pod-a-r0.ring").inc()
->>> m.exposition()   # Prometheus text
+>>> [line for line in m.exposition().decode().splitlines() if line.startswith("tensortrace_exporter_records_in_total")]
+['tensortrace_exporter_records_in_total{ring="pod-a-r0.ring"} 1.0']
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ One main thread does all ring work (scan, read, build messages, handle acknowled
 kafka-python's sender thread does the network I/O; the gRPC and HTTP servers run in their own
 threads and touch ring state only under `self.lock`.
 
->>> exp = Exporter(ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092")))
->>> exp.start()          # control endpoint
->>> exp.run()            # until exp.stop() (SIGTERM: the service runtime, main.py)
+    exp = Exporter(ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092")))
+    exp.start()          # control endpoint
+    exp.run()            # until exp.stop() (SIGTERM: the service runtime, main.py)
 
 It is a `tensortrace.service.Service`: the runtime serves its `registry` at /metrics, `live()` at
 /healthz and `ready()` at /readyz, and reports `ports()`.

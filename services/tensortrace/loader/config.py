@@ -2,7 +2,10 @@
 topic, group, dead letters, batching, retries), plus the ClickHouse sink's own.
 
 >>> cfg = LoaderConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), clickhouse_dsn="chdb:///tmp/tt")
->>> cfg.validate()
+>>> cfg.validate() is cfg
+True
+>>> LoaderConfig(clickhouse_dsn="mysql://db", batch_max_rows=0).problems()
+["clickhouse_dsn: 'mysql://db': expected chdb:///path, chdb://memory or http(s)://user:pw@host:port", 'batch_max_rows: 0 < 1']
 
 Flags are generated from the fields (tensortrace.service.config): `--kafka-bootstrap-servers`,
 `--group-id`, `--clickhouse-dsn`, ...; `flag_aliases` keeps the short names scripts and the demo use.
@@ -13,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tensortrace.consume.config import DEFAULT_DLQ_TOPIC, DEFAULT_TOPIC, ConsumerConfig  # noqa: F401
+from tensortrace.consume.config import ConsumerConfig
 from tensortrace.service.config import ConfigError, option, raise_problems  # noqa: F401 (ConfigError re-exported)
 from tensortrace.service.kafka import KafkaConfig  # noqa: F401 (re-exported for callers)
 from tensortrace.storage import schema

@@ -1,8 +1,8 @@
 """Prometheus metrics of the loader, on the loader's own registry: the LoaderStats counters, read
 at scrape time (served at /metrics by the service runtime's HTTP endpoint, with /healthz, /readyz).
 
->>> metrics = LoaderMetrics(service)      # anything with `.stats` (a LoaderStats) and `ready()`
->>> generate_latest(metrics.registry)
+    metrics = LoaderMetrics(service)      # anything with `.stats` (a LoaderStats) and `ready()`
+    generate_latest(metrics.registry)
 
 Declared metrics (counters unless noted; documented in docs/storage.md):
   tensortrace_loader_messages_total                 Kafka messages read

@@ -1,8 +1,8 @@
 """Records -> column batches (Arrow tables) for the activations and requests tables.
 
->>> batch = ColumnBatch()
->>> batch.add_tensor(record, partition=0, offset=17)
->>> table = batch.activations_table(load_time_ns=time.time_ns())   # pyarrow.Table, insert_arrow-ready
+    batch = ColumnBatch()
+    batch.add_tensor(record, partition=0, offset=17)
+    table = batch.activations_table(load_time_ns=time.time_ns())   # pyarrow.Table, insert_arrow-ready
 
 Column-oriented on purpose: building Python lists per column and handing them to Arrow once per
 batch is what makes the insert fast (docs/BENCHMARKS.md, loader section).

@@ -1,7 +1,7 @@
 """The loader: the activation topic -> ClickHouse, exactly-once in effect. A sink on the consumer core.
 
->>> loader = Loader(LoaderConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), clickhouse_dsn="chdb:///tmp/tt"))
->>> threading.Thread(target=loader.run).start(); ...; loader.stop()
+    loader = Loader(LoaderConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), clickhouse_dsn="chdb:///tmp/tt"))
+    threading.Thread(target=loader.run).start(); ...; loader.stop()
 
 `tensortrace.consume.ConsumerCore` reads the topic (poll, decode, chunk reassembly, offsets,
 rebalances, dead letters; its docstring says why nothing is lost). This module is the sink:
@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 
 from tensortrace.consume import ConsumerCore, ConsumerStats, SealedBatch, Source
-from tensortrace.consume.deadletter import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER  # noqa: F401 (re-exported)
 from tensortrace.loader.config import LoaderConfig
 from tensortrace.loader.rows import ColumnBatch
 from tensortrace.service.backoff import Backoff

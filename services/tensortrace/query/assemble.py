@@ -1,8 +1,8 @@
 """Records of one request -> whole-sequence tensors per (hook, layer), and the request's completeness.
 
->>> captured = assemble(records)                # {(hook, layer): CapturedTensor}
->>> captured["resid_pre", 3].tensor.shape       # [positions, *row_shape], prefill and decode joined
->>> captured["resid_pre", 3].gaps               # [(start, end), ...] positions missing inside the range
+    captured = assemble(records)                # {(hook, layer): CapturedTensor}
+    captured["resid_pre", 3].tensor.shape       # [positions, *row_shape], prefill and decode joined
+    captured["resid_pre", 3].gaps               # [(start, end), ...] positions missing inside the range
 
 Rules (docs/storage.md, "Read-back"):
   * TOKEN_RANGE records are placed at rows token_start - start of the covered range
@@ -23,7 +23,6 @@ import numpy as np
 
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
-from tensortrace.wire.completeness import Completeness, completeness  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -38,10 +37,6 @@ class CapturedTensor:
     records: int = 0
     prefill_rows: int = 0
     decode_rows: int = 0
-
-    @property
-    def complete_range(self) -> bool:
-        return not self.gaps
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -1,9 +1,9 @@
 """Where the read-back SDK gets rows from: ClickHouse directly (this module) or the gRPC query
 service (remote.py). Both return the same small types, so assembly happens in one place.
 
->>> backend = ClickHouseBackend(clickhouse_connect.get_client(dsn="http://localhost:8123"))
->>> [ref] = backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
->>> records = list(backend.fetch(ref, hooks=["resid_pre"], layers=None))
+    backend = ClickHouseBackend(clickhouse_connect.get_client(dsn="http://localhost:8123"))
+    [ref] = backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
+    records = list(backend.fetch(ref, hooks=["resid_pre"], layers=None))
 
 Every value reaches SQL as a bound parameter ({name:Type}); only the database name is spliced in,
 and it is validated as an identifier when the backend is made.

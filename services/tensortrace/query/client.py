@@ -1,11 +1,10 @@
 """The read-back SDK: a request's captured tensors, back as torch tensors.
 
->>> from tensortrace.query import TensorTraceClient
->>> tt = TensorTraceClient("grpc://127.0.0.1:50052")          # or "http://user:pw@ch:8123", "chdb:///path"
->>> req = tt.tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", hooks=["resid_pre"], wait_s=5)
->>> req["resid_pre", 3].tensor.shape, req.completeness.state
-(torch.Size([37, 2048]), 'complete')
->>> hs = req.hidden_states()    # like output_hidden_states: tuple of [1, seq, hidden]
+    from tensortrace.query import TensorTraceClient
+    tt = TensorTraceClient("grpc://127.0.0.1:50052")          # or "http://user:pw@ch:8123", "chdb:///path"
+    req = tt.tensors(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", hooks=["resid_pre"], wait_s=5)
+    req["resid_pre", 3].tensor.shape, req.completeness.state     # (torch.Size([37, 2048]), 'complete')
+    hs = req.hidden_states()    # like output_hidden_states: tuple of [1, seq, hidden]
 
 Backends: `grpc://host:port` talks to the query service (`tensortrace loader --query-port` or
 `tensortrace query-server`); `http(s)://` and `chdb://` read ClickHouse directly. An embedded chDB
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tensortrace.query import validate
-from tensortrace.query.assemble import CapturedTensor, Completeness, assemble_pages, completeness
+from tensortrace.query.assemble import CapturedTensor, assemble_pages
 from tensortrace.query.backend import ClickHouseBackend, HookLayerStats, RequestRef
 from tensortrace.query.errors import AmbiguousRequest, IncompleteData, InvalidQuery, NotFound, QueryTimeout
+from tensortrace.wire.completeness import Completeness, completeness
 
 # hidden_states[i] for i < num_layers is the residual stream entering layer i; the last one is the
 # final norm output. This is what transformers' output_hidden_states returns (catalog.py says the same).
@@ -95,8 +95,8 @@ def _backend_for(target, database: str):
 class TensorTraceClient:
     """Reads captured requests. Thread-safe for reads when its backend is.
 
-    >>> tt = TensorTraceClient("grpc://127.0.0.1:50052", default_wait_s=2.0)
-    >>> tt.requests(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")   # -> [RequestRef, ...]
+        tt = TensorTraceClient("grpc://127.0.0.1:50052", default_wait_s=2.0)
+        tt.requests(trace_id="4bf92f3577b34da6a3ce929d0e0e4736")   # -> [RequestRef, ...]
     """
 
     def __init__(self, target, database: str = "tensortrace", default_wait_s: float = 0.0,
@@ -196,7 +196,7 @@ class TensorTraceClient:
                         model: str | None = None, limit: int = 1000) -> dict[str, CapturedTensor]:
         """One (hook, layer) across many requests, e.g. to train a probe: request id -> tensor.
 
-        >>> acts = tt.across_requests("resid_pre", 12, since_s=time.time() - 3600, model="llama-3-8b")
+            acts = tt.across_requests("resid_pre", 12, since_s=time.time() - 3600, model="llama-3-8b")
 
         Two reads, each on a sort order made for it: the by_hook_layer projection finds the
         requests (no payloads), then each request's rows come from the trace-id primary key.

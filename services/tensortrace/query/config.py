@@ -2,6 +2,10 @@
 the loader's embedded query service, the chart and the docs use the same 50052).
 
 >>> cfg = QueryServerConfig(clickhouse_dsn="http://user:pw@clickhouse:8123").validate()
+>>> cfg.listen_ports()
+{'query': 50052}
+>>> QueryServerConfig().problems()
+['clickhouse_dsn: empty; give http(s)://user:password@host:port or chdb:///path']
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """One exception hierarchy for the read-back SDK, the query service and `tensortrace show`.
 
->>> try:
-...     client.tensors(trace_id="not-hex")
-... except InvalidQuery as e:
-...     print(e)
+    try:
+        client.tensors(trace_id="not-hex")
+    except InvalidQuery as e:
+        print(e)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A reader for ClickHouse's Native output format, for the few column types the read path selects.
 
->>> cols = read_native(memoryview(chdb_conn.query(sql, "Native").get_memview()))
->>> cols["layer"]            # numpy array (fixed-width integer columns)
->>> cols["payload"]          # StringColumn: .data (the memoryview) and .offsets (row i = data[o[i]:o[i+1]])
+    cols = read_native(memoryview(chdb_conn.query(sql, "Native").get_memview()))
+    cols["layer"]            # numpy array (fixed-width integer columns)
+    cols["payload"]          # StringColumn: .data (the memoryview) and .offsets (row i = data[o[i]:o[i+1]])
 
 Why: the read-back of one request is tens of MiB of payload. Arrow output costs ClickHouse an
 extra conversion and the Python side a copy (160 ms for 67 MB here); Native output is about half

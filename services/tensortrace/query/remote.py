@@ -1,7 +1,7 @@
 """GrpcBackend: the read-back SDK's backend over the query service (grpc://host:port).
 
->>> backend = GrpcBackend("127.0.0.1:50052")
->>> backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
+    backend = GrpcBackend("127.0.0.1:50052")
+    backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
     tensortrace query-server --clickhouse-dsn http://user:pw@clickhouse:8123    # query/main.py, port 50052
 
->>> server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port` (compose.py)
->>> server.stop(grace=1)
+    server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port` (compose.py)
+    server.stop(grace=1)
 
 A chDB path can be opened by one process only, so for an embedded engine this service runs inside
 the loader (`tensortrace loader --query-port`), sharing its client; `tensortrace query-server`

@@ -232,8 +232,8 @@ def read_header(mm) -> RingHeader:
 class RingWriter:
     """The producer side. Not thread-safe: one inference thread writes.
 
-    >>> w = RingWriter.create("/run/tensortrace/pod-0.ring", capacity=64 << 20)
-    >>> w.write(FrameKind.SUMMARY, meta=b"...", payload=b"")   # True, or False when full
+        w = RingWriter.create("/run/tensortrace/pod-0.ring", capacity=64 << 20)
+        w.write(FrameKind.SUMMARY, meta=b"...", payload=b"")   # True, or False when full
     """
 
     def __init__(self, mapping: _Mapping, header: RingHeader, lock_fd: int | None):
@@ -297,9 +297,6 @@ class RingWriter:
         return w
 
     # -- writing -------------------------------------------------------------------------
-    def free_bytes(self) -> int:
-        return self.capacity - (self._reserved - self._m.tail.get())
-
     def reserve(self, kind: int, meta: bytes, payload_len: int) -> tuple[int, int] | None:
         """Reserve a frame and write its header and meta; returns (position, payload offset in
         `data`), or None when the ring has no room (the caller drops by its policy).
@@ -423,10 +420,10 @@ class Frame:
 class RingReader:
     """The consumer side (the exporter). One reader per ring, enforced with a lock file.
 
-    >>> r = RingReader.open("/run/tensortrace/pod-0.ring")
-    >>> for frame in r.frames():
-    ...     publish(frame)
-    >>> r.release(frame.end)
+        r = RingReader.open("/run/tensortrace/pod-0.ring")
+        for frame in r.frames():
+            publish(frame)
+        r.release(frame.end)
     """
 
     def __init__(self, mapping: _Mapping, header: RingHeader, lock_fd: int):

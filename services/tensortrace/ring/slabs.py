@@ -9,9 +9,8 @@ shape = [row_count, *row_shape];
 positions TOKEN_RANGE [part.position_start, + row_count); payload = the part's rows of the slab
 payload; producer from the ring header; seq = frame_seq * 65536 + part_index.
 
->>> recs = split_slab(step, slab, payload, frame_seq=7, producer=producer)
->>> [(r.request_id, r.seq) for r in recs]
-[('r1', 458752), ('r2', 458753)]
+    recs = split_slab(step, slab, payload, frame_seq=7, producer=producer)
+    [(r.request_id, r.seq) for r in recs]       # [('r1', 458752), ('r2', 458753)]
 """
 
 from __future__ import annotations
@@ -149,9 +148,9 @@ def decode_frame(frame, steps: dict, producer: pb.Producer):
     A STEP frame is remembered in `steps` (step number -> RingStep) for the slabs that follow it and
     returned; a SLAB becomes one RAW TensorRecord per part; a SUMMARY its RequestSummary.
 
-    >>> steps, producer = {}, ring_producer(reader.header)
-    >>> for frame in reader.frames():
-    ...     step, records = decode_frame(frame, steps, producer)
+        steps, producer = {}, ring_producer(reader.header)
+        for frame in reader.frames():
+            step, records = decode_frame(frame, steps, producer)
     """
     from tensortrace.ring.format import FrameKind
 

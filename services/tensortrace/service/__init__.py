@@ -1,9 +1,9 @@
 """`tensortrace.service`: the machinery every long-running service shares (no service logic here,
 and no imports of any service package).
 
->>> from tensortrace.service import service_main
->>> def main(argv=None) -> int:      # `tensortrace loader`
-...     return service_main("loader", LoaderConfig, LoaderService, argv, http_port=9465)
+    from tensortrace.service import service_main
+    def main(argv=None) -> int:      # `tensortrace loader`
+        return service_main("loader", LoaderConfig, LoaderService, argv, http_port=9465)
 
   config.py    ConfigError, Problems (every problem at once), flags generated from a config dataclass
   runtime.py   service_main / ServiceSpec: flags -> validate -> logging -> build -> HTTP endpoint ->

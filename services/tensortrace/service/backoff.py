@@ -1,9 +1,18 @@
 """The one retry backoff of every service: doubling delays, capped, interruptible by a stop event.
 
->>> backoff = Backoff(initial_s=0.2, max_s=10.0)
->>> while not try_once():
-...     if backoff.wait(stopping):     # True: stopping was set while waiting -> give up
-...         break
+    backoff = Backoff(initial_s=0.2, max_s=10.0)
+    while not try_once():
+        if backoff.wait(stopping):     # True: stopping was set while waiting -> give up
+            break
+
+>>> b = Backoff(initial_s=0.5, max_s=3.0)
+>>> [b.next_delay() for _ in range(5)]
+[0.5, 1.0, 2.0, 3.0, 3.0]
+>>> b.reset(); b.next_delay()
+0.5
+>>> stopping = threading.Event(); stopping.set()
+>>> b.wait(stopping)                   # returns at once: the service is stopping
+True
 """
 
 from __future__ import annotations

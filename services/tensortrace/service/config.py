@@ -2,24 +2,24 @@
 lists every problem at once, `validate()` that raises them together, and command-line flags
 generated from the fields.
 
->>> @dataclass
-... class LoaderConfig:
-...     kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap",)})
-...     topic: str = option("tensortrace.activations", "topic to read")
-...     batch_max_rows: int = 20_000
-...
-...     def problems(self) -> list[str]:
-...         p = Problems()
-...         p.check(bool(self.topic), "topic", "empty")
-...         p.check(self.batch_max_rows >= 1, "batch_max_rows", f"{self.batch_max_rows} < 1")
-...         p.extend(self.kafka.problems(), prefix="kafka.")
-...         return p.items
-...
-...     def validate(self) -> "LoaderConfig":
-...         return raise_problems(self, "loader config")
->>> cfg = config_from_args(LoaderConfig, ["--bootstrap", "k:9092", "--batch-max-rows", "500"])
->>> cfg.kafka.bootstrap_servers, cfg.batch_max_rows
-('k:9092', 500)
+    @dataclass
+    class LoaderConfig:
+        kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap",)})
+        topic: str = option("tensortrace.activations", "topic to read")
+        batch_max_rows: int = 20_000
+
+        def problems(self) -> list[str]:
+            p = Problems()
+            p.check(bool(self.topic), "topic", "empty")
+            p.check(self.batch_max_rows >= 1, "batch_max_rows", f"{self.batch_max_rows} < 1")
+            p.extend(self.kafka.problems(), prefix="kafka.")
+            return p.items
+
+        def validate(self) -> "LoaderConfig":
+            return raise_problems(self, "loader config")
+
+    cfg = config_from_args(LoaderConfig, ["--bootstrap", "k:9092", "--batch-max-rows", "500"])
+    cfg.kafka.bootstrap_servers, cfg.batch_max_rows      # ('k:9092', 500)
 
 Flags: a field `batch_max_rows` is `--batch-max-rows`; a nested dataclass field `kafka` contributes
 `--kafka-bootstrap-servers`, `--kafka-security-protocol`, ... (one per field of the nested class).
@@ -67,10 +67,12 @@ class ConfigError(ValueError):
 class Problems:
     """Collects configuration problems so that all of them are reported at once.
 
-    >>> p = Problems()
+    >>> p, port = Problems(), 70000
     >>> p.check(port <= 65535, "port", f"{port} is not a TCP port")
-    >>> p.extend(kafka.problems(), prefix="kafka.")
-    >>> p.items        # ["port: 70000 is not a TCP port", "kafka.bootstrap_servers: ..."]
+    False
+    >>> p.extend(["bootstrap_servers: empty"], prefix="kafka.")    # a nested config's problems()
+    >>> p.items
+    ['port: 70000 is not a TCP port', 'kafka.bootstrap_servers: empty']
     """
 
     def __init__(self) -> None:
@@ -107,8 +109,8 @@ def option(default: Any = dataclasses.MISSING, help: str | dict = "", *, aliases
            factory: Any = dataclasses.MISSING, flag: bool = True) -> Any:
     """A config field with its help text and alias flags, read by flags_from_dataclass.
 
-    >>> ring_dir: str = option("/run/tensortrace", "directory watched for *.ring files")
-    >>> kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap-servers",)})
+        ring_dir: str = option("/run/tensortrace", "directory watched for *.ring files")
+        kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap-servers",)})
     """
     metadata: dict[str, Any] = {"help": help, "aliases": aliases}
     if not flag:

@@ -1,9 +1,9 @@
 """The HTTP endpoint every service serves on one port: `/healthz` (liveness), `/readyz`
 (readiness) and `/metrics` (Prometheus text of the service's own CollectorRegistry).
 
->>> endpoint = HttpEndpoint(service, "0.0.0.0", 9464).start()   # service: see service.runtime.Service
->>> endpoint.port          # the bound port (0 asks for an ephemeral one)
->>> endpoint.stop()
+    endpoint = HttpEndpoint(service, "0.0.0.0", 9464).start()   # service: see service.runtime.Service
+    endpoint.port          # the bound port (0 asks for an ephemeral one)
+    endpoint.stop()
 
 Liveness and readiness are the service's `live()` and `ready()`. A failing probe answers 503 with
 a reason when the service has one (`not_ready_reason()` / `not_live_reason()`), so

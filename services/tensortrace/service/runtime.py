@@ -1,9 +1,9 @@
 """One way to run a service: `tensortrace exporter`, `tensortrace loader`, `tensortrace query-server`
 (and the bridge and probes to come) all start through `service_main`.
 
->>> def main(argv=None) -> int:
-...     return service_main("exporter", ExporterConfig, lambda cfg: Exporter(cfg).start(), argv,
-...                         http_port=9464)
+    def main(argv=None) -> int:
+        return service_main("exporter", ExporterConfig, lambda cfg: Exporter(cfg).start(), argv,
+                            http_port=9464)
 
 What every service gets from it, the same way:
   1. flags generated from its config dataclass (service.config), plus the runtime's own below;
@@ -167,14 +167,6 @@ class ServiceSpec:
     def print_problems(self, e: ConfigError) -> None:
         for problem in e.problems:
             print(f"tensortrace {self.name}: config: {problem}", file=sys.stderr)
-
-    def parse_or_exit(self, argv: list[str]) -> tuple[Any, RuntimeConfig]:
-        """parse(), printing every problem and exiting 2 when there are any (what main() does)."""
-        try:
-            return self.parse(argv)
-        except ConfigError as e:
-            self.print_problems(e)
-            raise SystemExit(2) from None
 
     def main(self, argv: list[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,12 +1,12 @@
 """The ClickHouse contract, in one place: schema, migrations, identifier checks, `connect`, and the
 thread-safe client that the loader's insert thread and the query service share.
 
->>> from tensortrace.storage import connect, apply_migrations, ThreadSafeClient
->>> client = ThreadSafeClient(connect("chdb:///tmp/tt"))
->>> apply_migrations(client, database="tensortrace", ttl_days=7)
+    from tensortrace.storage import connect, apply_migrations, ThreadSafeClient
+    client = ThreadSafeClient(connect("chdb:///tmp/tt"))
+    apply_migrations(client, database="tensortrace", ttl_days=7)
 
 Every service that reads or writes ClickHouse (loader, query, and the bridge and probes to come)
-imports this package; no service package imports another (tests/foundation/test_repo_contracts.py checks it).
+imports this package; no service package imports another (tests/repo/test_repo_contracts.py checks it).
 """
 
 from tensortrace.storage.client import ThreadSafeClient

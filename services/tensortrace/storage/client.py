@@ -1,6 +1,6 @@
 """One clickhouse-connect client shared by threads.
 
->>> shared = ThreadSafeClient(connect("chdb:///tmp/tt"))
+    shared = ThreadSafeClient(connect("chdb:///tmp/tt"))
 
 chDB runs the engine inside this process and a path can be opened by one process only, so the
 loader's insert thread and the query service's handlers share one client; clickhouse-connect

@@ -106,8 +106,8 @@ SETTINGS non_replicated_deduplication_window = 1000, ttl_only_drop_parts = 1
 # trace id -> (request ids, capture time bounds): the read path's first hop, like otel_traces'
 # trace_id_ts. It turns "find this trace" into a primary-key lookup in a tiny table, and its time
 # bounds let the activations query prune every partition but the request's own day(s).
-_ACTIVATION_TRACES = f"""
-CREATE TABLE IF NOT EXISTS {{db}}.activation_traces (
+_ACTIVATION_TRACES = """
+CREATE TABLE IF NOT EXISTS {db}.activation_traces (
     trace_id     FixedString(16),
     request_id   String,
     model        LowCardinality(String),
@@ -118,7 +118,7 @@ CREATE TABLE IF NOT EXISTS {{db}}.activation_traces (
 ENGINE = AggregatingMergeTree
 PARTITION BY toDate(first_capture)
 ORDER BY (trace_id, request_id, model)
-TTL toDateTime(last_capture) + INTERVAL {{ttl_days}} DAY
+TTL toDateTime(last_capture) + INTERVAL {ttl_days} DAY
 SETTINGS ttl_only_drop_parts = 1
 """
 

@@ -1,8 +1,7 @@
 """The ClickHouse schema (loader <-> readers contract): migrations, column lists, client creation.
 
->>> client = connect("chdb:///var/lib/tensortrace")
->>> apply_migrations(client, database="tensortrace", ttl_days=7)
-1
+    client = connect("chdb:///var/lib/tensortrace")
+    apply_migrations(client, database="tensortrace", ttl_days=7)   # the schema version now applied
 
 Tables (docs/storage.md has the reasoning):
   activations        one row per TensorRecord (chunks reassembled); ReplacingMergeTree on the dedup

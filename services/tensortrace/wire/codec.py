@@ -3,6 +3,7 @@
 The schema is proto/tensortrace/v1/records.proto; this module is the only place that turns it into
 bytes and back. It imports torch lazily: the exporter and loader never need it.
 
+>>> import torch
 >>> rec = tensor_to_record(torch.ones(2, 4), request_id="r1", hook="resid_pre", layer=0)
 >>> data = encode_envelope([rec])
 >>> [back] = decode_envelope(data)
@@ -16,7 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import zstandard
@@ -279,8 +280,13 @@ class ChunkAssembler:
     """Reassembles chunked TensorRecords. Bounded: chunk sets that never complete within
     `timeout_s`, or beyond `max_pending`, are evicted and returned by `expired()`.
 
+    >>> rec = pb.TensorRecord(request_id="r1", seq=7, payload=bytes(10), raw_size=10)
+    >>> first, second = chunk_record(rec, max_payload=6)
     >>> asm = ChunkAssembler()
-    >>> whole = asm.add(chunk)   # None until the last chunk arrives
+    >>> asm.add(first) is None        # None until the last chunk arrives
+    True
+    >>> asm.add(second).payload == rec.payload
+    True
     """
 
     def __init__(self, timeout_s: float = 300.0, max_pending: int = 10_000):
@@ -350,6 +356,12 @@ def parse_traceparent(header: str | None) -> tuple[bytes, bytes] | None:
 
     W3C Trace Context: lower-case hex only, version ff is invalid, version 00 has exactly four
     fields, a later version may append fields, all-zero ids are invalid.
+
+    >>> tid, sid = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    >>> tid.hex(), sid.hex()
+    ('4bf92f3577b34da6a3ce929d0e0e4736', '00f067aa0ba902b7')
+    >>> parse_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01") is None   # upper case
+    True
     """
     if not header:
         return None
@@ -366,4 +378,9 @@ def parse_traceparent(header: str | None) -> tuple[bytes, bytes] | None:
 
 
 def format_traceparent(trace_id: bytes, span_id: bytes, sampled: bool = True) -> str:
+    """The W3C traceparent header (version 00) of a trace id and span id.
+
+    >>> format_traceparent(bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"), bytes.fromhex("00f067aa0ba902b7"))
+    '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'
+    """
     return f"00-{trace_id.hex()}-{span_id.hex()}-{'01' if sampled else '00'}"

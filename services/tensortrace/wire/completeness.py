@@ -1,8 +1,14 @@
 """Is a request complete? One rule, applied by every reader: the query SDK (rows in ClickHouse) and
 the per-request view of the stream consumers (records off Kafka: bridge, probes).
 
->>> c = completeness(summaries, records_seen=40)
->>> c.state, c.complete          # ('complete', True)
+>>> summary = pb.RequestSummary(request_id="r1", records_captured=40, complete=True)
+>>> completeness([summary], records_loaded=40).state
+'complete'
+>>> completeness([summary], records_loaded=38).state               # the rest may still arrive
+'loading'
+>>> c = completeness([summary], records_loaded=38, final=True)      # the reader waits no longer
+>>> c.state, c.incomplete_reason
+('incomplete', '38 of 40 captured records arrived')
 
 A request's producer (one per TP rank) writes one RequestSummary after its last record. The
 summary counts the records it captured and the ones it dropped (by reason). So:

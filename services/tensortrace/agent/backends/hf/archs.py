@@ -7,7 +7,7 @@ decoder layer (per layer). The tap kinds say how the tensor is read:
     qkv     GPT-2's fused c_attn output, split into q, k, v exactly as GPT2Attention splits it
     router  MoE router output (router_logits, routing weights, expert ids)
 
->>> arch_for(model)   # ArchMap for model.config.model_type
+    arch_for(model)   # ArchMap for model.config.model_type
 """
 
 from __future__ import annotations

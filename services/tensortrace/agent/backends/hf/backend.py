@@ -14,10 +14,10 @@ The engine contract (backends/base.py): every tap is `functools.partial(agent.ta
 extract)` registered as the torch hook, so the tap body is one agent call; the layout, the
 next-token criterion and the request bookkeeping run under `agent.timed()`.
 
->>> agent = CaptureAgent(AgentConfig(ring_dir=tmp, model_id="tiny-llama"))
->>> backend = HFBackend(model, agent)          # agent.unplaced lists hooks it could not place
->>> out, ctxs = backend.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
->>> ctxs[0].traceparent                          # the trace context of request 0
+    agent = CaptureAgent(AgentConfig(ring_dir=tmp, model_id="tiny-llama"))
+    backend = HFBackend(model, agent)          # agent.unplaced lists hooks it could not place
+    out, ctxs = backend.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    ctxs[0].traceparent                          # the trace context of request 0
 """
 
 from __future__ import annotations

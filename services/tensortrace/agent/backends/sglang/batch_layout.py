@@ -18,8 +18,8 @@ Phase: a request's rows are DECODE when their first position is at or past the r
 length (a generated token), else PREFILL. The prompt length comes from the request registry; when
 it is unknown, EXTEND rows are PREFILL and DECODE rows DECODE.
 
->>> plan = plan_step(forward_batch, prompt_len={"a": 5, "b": 3}.get)
->>> plan.layout.requests[0]   # RequestRows('a', row_start=0, row_count=5, position_start=0, PREFILL)
+    plan = plan_step(forward_batch, prompt_len={"a": 5, "b": 3}.get)
+    plan.layout.requests[0]   # RequestRows('a', row_start=0, row_count=5, position_start=0, PREFILL)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ SGLang's hook manager places this hook, so it is not a `Backend` (it cannot atta
 itself), but it makes the same AgentPort calls and keeps the same timing rule: its layout and
 request bookkeeping, and the residual sum it captures, run under `agent.timed()`.
 
->>> hook = decoder_layer_hook({"ring_dir": "/tmp/tt"})   # what SGLang's hook manager calls
+    hook = decoder_layer_hook({"ring_dir": "/tmp/tt"})   # what SGLang's hook manager calls
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ runs under `agent.timed()`, so `agent.stats().thread_seconds` includes it.
 Configuration: environment variables (config.py). Without plugins (SGLang <= 0.5.9) use the
 `--forward-hooks` fallback in forward_hooks.py.
 
->>> install()   # what SGLang calls; a no-op outside SGLang processes it recognises
+    install()   # what SGLang calls; a no-op outside SGLang processes it recognises
 """
 
 from __future__ import annotations

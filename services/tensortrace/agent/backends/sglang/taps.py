@@ -31,8 +31,8 @@ Start-up self-check: the first forward with rows runs `check` mode; every placed
 the shape it saw. A tap that did not fire, or fired with the wrong row count or width, is
 removed and reported (agent.report_placement + CaptureAgent.stats().unplaced_taps).
 
->>> taps = SGLangTaps(model_runner.model, agent, hidden_size=4096, tp_rank=0, tp_size=1)
->>> unplaced = taps.place()
+    taps = SGLangTaps(model_runner.model, agent, hidden_size=4096, tp_rank=0, tp_size=1)
+    unplaced = taps.place()
 """
 
 from __future__ import annotations

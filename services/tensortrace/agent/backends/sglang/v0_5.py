@@ -1,7 +1,7 @@
 """Every SGLang symbol the TensorTrace plugin touches, for SGLang 0.5.x (pinned and tested: 0.5.23).
 
 One place per SGLang version range (docs/sglang.md lists them): when SGLang moves something, this
-module changes and nothing else does. tests/sglang/test_version_contract.py resolves every entry
+module changes and nothing else does. tests/sglang/test_sglang_version_contract.py resolves every entry
 below against the installed SGLang and fails naming the symbol that moved.
 
 Nothing here imports SGLang at import time: the plugin resolves the dotted paths lazily, inside
@@ -17,9 +17,7 @@ from __future__ import annotations
 # The range this module speaks for. Plugins (entry point group `sglang.srt.plugins` + HookRegistry)
 # exist from 0.5.10; `ForwardBatch.rids` from 0.5.15 (older: taken from the ScheduleBatch's reqs).
 VERSION_RANGE = (">=0.5.10", "<0.6")
-TESTED_VERSIONS = ("0.5.23",)
 PLUGIN_GROUP = "sglang.srt.plugins"
-PLUGIN_FILTER_ENV = "SGLANG_PLUGINS"
 
 # HookRegistry (sglang/srt/plugins/hook_registry.py): register(target, fn, HookType.X).
 HOOK_REGISTRY = "sglang.srt.plugins.hook_registry.HookRegistry"

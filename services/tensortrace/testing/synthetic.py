@@ -1,8 +1,14 @@
-"""Synthetic requests as the exporter would publish them, for loader tests and benchmarks.
+"""Synthetic requests as the exporter would publish them, for the tests of every consumer (loader,
+read-back, consumer core) and the loader benchmark.
 
->>> req = SyntheticRequest.make("r1", layers=4, hidden=64, prompt=8, generated=4)
->>> msgs = req.messages(max_payload=4096)          # [(key, value)] Kafka messages, chunked if needed
->>> req.truth["resid_pre", 2]                       # the full [positions, hidden] tensor expected back
+>>> req = SyntheticRequest.make("r1", layers=2, hidden=8, prompt=3, generated=2)
+>>> req.truth["resid_pre", 1].shape          # the full [positions, hidden] tensor expected back
+torch.Size([4, 8])
+>>> len(req.records)                         # (prefill + 1 decode step) x (2 layers + resid_final)
+6
+>>> msgs = req.messages(max_payload=4096)    # [(key, value)] Kafka messages, chunked if needed
+>>> {key for key, _ in msgs}
+{b'r1'}
 
 Exporter split rule (docs/ARCHITECTURE.md): one record per prefill (all prompt rows) and one per
 decode step (one row), per hook and layer; then the RequestSummary on the same key.

@@ -1,11 +1,11 @@
 """Repository-level guarantees: generated protobuf code is current, no pickle on any wire, no service
-package imports another (and no import cycles between packages)."""
+package imports another, nothing but tests and benchmarks imports the test helpers (and no import
+cycles between packages)."""
 
 from __future__ import annotations
 
 import ast
 import glob
-import os
 import re
 import shlex
 import subprocess
@@ -80,12 +80,14 @@ def test_the_pickle_check_would_catch_an_offender(tmp_path):
 # -- import rules between the packages under services/tensortrace/ --------------------------------
 # Services are deployed, versioned and reasoned about on their own: none imports another. Contracts
 # (formats, schema) and machinery (the service runtime, the consumer core) are shared by services,
-# so they import none. What must run services together (one process owns an embedded chDB engine)
-# is assembled at the top level: cli.py, compose.py, and the dev/demo tooling.
+# so they import none; contracts, the bottom layer, do not import machinery either. What must run services together (one process owns an embedded chDB engine)
+# is assembled at the top level: cli.py, compose.py, and the dev/demo tooling. The test helpers
+# (tensortrace.testing) may import anything, and only tests and benchmarks import them.
 SERVICE_PACKAGES = {"agent", "exporter", "loader", "query", "bridge", "probes"}
 CONTRACT_PACKAGES = {"ring", "wire", "storage", "v1"}
 MACHINERY_PACKAGES = {"service", "consume"}
-TOP_LEVEL = {"cli", "compose", "demo", "devstack", "devkafka", ""}   # "": tensortrace/__init__.py
+TEST_HELPERS = {"testing"}
+TOP_LEVEL = {"cli", "compose", "demo", "devstack", "devkafka", ""} | TEST_HELPERS   # "": tensortrace/__init__.py
 PACKAGE_ROOT = ROOT / "services" / "tensortrace"
 
 
@@ -147,6 +149,10 @@ def import_rule_violations(graph: dict[str, dict[str, list[str]]]) -> list[str]:
                 why = "a service imports another service (assemble them in compose.py)"
             elif pkg in CONTRACT_PACKAGES | MACHINERY_PACKAGES and target in SERVICE_PACKAGES:
                 why = f"{'a contract' if pkg in CONTRACT_PACKAGES else 'shared machinery'} imports a service"
+            elif pkg in CONTRACT_PACKAGES and target in MACHINERY_PACKAGES:
+                why = "a contract imports shared machinery"
+            elif target in TEST_HELPERS and pkg not in TEST_HELPERS:
+                why = "imports the test helpers (only tests and benchmarks may)"
             elif pkg not in TOP_LEVEL and target in TOP_LEVEL:
                 why = "imports top-level assembly or tooling"
             if why:
@@ -177,7 +183,7 @@ def test_no_service_imports_another_and_packages_have_no_import_cycles():
     graph = import_graph()
     assert "loader" in graph and "compose" in graph and "service" in graph
     violations = import_rule_violations(graph)
-    assert not violations, "import rules (tests/foundation/test_repo_contracts.py):\n" + "\n".join(violations)
+    assert not violations, "import rules (tests/repo/test_repo_contracts.py):\n" + "\n".join(violations)
 
 
 def test_the_import_rules_would_catch_an_offender():
@@ -188,15 +194,22 @@ def test_the_import_rules_would_catch_an_offender():
         p("loader/main.py"): "def f():\n    from tensortrace.query.server import serve\n",   # lazy, still counted
         p("query/backend.py"): "from ..loader import rows\n",                               # relative
         p("wire/codec.py"): "import tensortrace.exporter.envelopes\n",
+        p("storage/schema.py"): "from tensortrace.service.backoff import Backoff\n",
         p("service/runtime.py"): "from tensortrace import compose\n",
         p("ring/format.py"): "from tensortrace.wire import codec\n",                          # allowed
         p("newthing/x.py"): "",
+        p("exporter/drain.py"): "from tensortrace.testing.ringgen import TrafficGen\n",
+        p("demo/run.py"): "from tensortrace.testing import synthetic\n",
+        p("testing/synthetic.py"): "from tensortrace.loader import rows\nfrom tensortrace.devstack import ringread\n",
     }
     found = import_rule_violations(import_graph(sources))
     assert any(v.startswith("loader -> query: a service imports another service") for v in found)
     assert any(v.startswith("query -> loader: a service imports another service") for v in found)
     assert any(v.startswith("wire -> exporter: a contract imports a service") for v in found)
+    assert any(v.startswith("storage -> service: a contract imports shared machinery") for v in found)
     assert any(v.startswith("service -> compose: imports top-level assembly") for v in found)
     assert any(v.startswith("import cycle: loader -> query -> loader") for v in found)
     assert any(v.startswith("newthing: a package the import rules do not know") for v in found)
-    assert not any(v.startswith("ring ->") for v in found)
+    assert any(v.startswith("exporter -> testing: imports the test helpers") for v in found)
+    assert any(v.startswith("demo -> testing: imports the test helpers") for v in found)
+    assert not any(v.startswith(("ring ->", "testing ->")) for v in found)

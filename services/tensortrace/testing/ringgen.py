@@ -4,16 +4,14 @@ writes: STEP, SLAB, SUMMARY frames), and a checker for what arrives on Kafka.
 Payload bytes are a pure function of (request, step, hook, row), so a consumer can verify every
 byte it receives without the producer's help.
 
->>> gen = TrafficGen(writer, n_requests=3, hooks=("resid_pre",), row_shape=(16,))
->>> gen.run(steps=5)        # writes frames; counts what was written and dropped
->>> gen.expected            # {seq: (request_id, hook, step, token_start, raw bytes)}
+    gen = TrafficGen(writer, n_requests=3, hooks=("resid_pre",), row_shape=(16,))
+    gen.run(steps=5)        # writes frames; counts what was written and dropped
+    gen.expected            # {seq: (request_id, hook, step, token_start, raw bytes)}
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import struct
 import time
 from dataclasses import dataclass, field
 
@@ -183,6 +181,3 @@ class Arrivals:
         if key != t.request_id.encode():
             self.key_mismatch += 1
         self.tensors.setdefault((t.producer.pod, t.seq), []).append(t)
-
-    def distinct(self) -> int:
-        return len(self.tensors) + len(self.summaries)

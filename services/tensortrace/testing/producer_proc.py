@@ -3,7 +3,7 @@
 wrote as JSON and closes the ring. `--die-mid-frame` reserves a frame, fills half of its payload
 and kills itself with SIGKILL (no commit, no close).
 
-    python producer_proc.py RING_PATH OUT_JSON --steps 200 --interval 0.005
+    python -m tensortrace.testing.producer_proc RING_PATH OUT_JSON --steps 200 --interval 0.005
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from ringgen import TrafficGen  # noqa: E402
-from tensortrace.ring.format import FrameKind, RingIdentity, RingWriter  # noqa: E402
-from tensortrace.v1 import records_pb2 as pb, ring_pb2  # noqa: E402
+from tensortrace.ring.format import FrameKind, RingIdentity, RingWriter
+from tensortrace.testing.ringgen import TrafficGen
+from tensortrace.v1 import records_pb2 as pb, ring_pb2
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
@@ -388,8 +387,7 @@ def test_a_ring_that_does_not_fit_fails_at_creation_naming_the_directory(tmp_pat
     """Out of space at creation is a clear error and leaves no file behind (the file-size limit
     stands in for a full tmpfs: both make fallocate fail)."""
     code = f"""
-import os, resource, signal, sys
-sys.path.insert(0, {os.path.join(os.path.dirname(__file__), '..', '..', 'services')!r})
+import resource, signal
 from tensortrace.ring.format import RingWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

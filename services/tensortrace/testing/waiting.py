@@ -1,0 +1,28 @@
+"""A bounded wait for a condition. The limit only stops a hung test; it is not a timing assertion.
+
+    assert wait_until(lambda: loader.stats.get("tensor_rows", 0) > 0, timeout_s=120), "".join(loader.lines)
+
+>>> wait_until(lambda: 42, timeout_s=1)
+42
+>>> wait_until(lambda: [], timeout_s=0.1, interval=0.02)
+[]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(pred: Callable[[], T], timeout_s: float = 90.0, interval: float = 0.05) -> T:
+    """Call `pred` every `interval` seconds until it returns something truthy, and return that; at
+    the deadline, return what one last call returns (falsy if the condition never held)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return pred()
