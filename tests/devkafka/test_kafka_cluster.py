@@ -18,6 +18,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from tensortrace.devkafka import LocalKafka
 from tensortrace.service.kafka import KafkaAuthError, KafkaConfig, KafkaUnavailable, probe
+from tensortrace.testing.kafka import create_topics
+from tensortrace.testing.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +37,8 @@ def admin(cluster):
 
 
 def _topic(admin, partitions=3, rf=3, **configs) -> str:
-    name = f"tt-cluster-{uuid.uuid4().hex[:8]}"
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=rf,
-                                  topic_configs={k.replace("_", "."): str(v) for k, v in configs.items()})])
-    _wait(lambda: _partitions(admin, name) and all(p["leader"] >= 0 for p in _partitions(admin, name)),
-          30, f"leaders for {name}")
-    return name
+    return create_topics(admin.config["bootstrap_servers"], partitions, prefix="tt-cluster", replication=rf,
+                         configs={k.replace("_", "."): str(v) for k, v in configs.items()})
 
 
 def _partitions(admin, topic) -> list[dict]:
@@ -53,12 +51,7 @@ def _partitions(admin, topic) -> list[dict]:
 
 
 def _wait(pred, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    assert pred(), f"timed out after {timeout_s}s waiting for {what}"
+    assert wait_until(pred, timeout_s, 0.1), f"timed out after {timeout_s}s waiting for {what}"
 
 
 def _consume(kwargs: dict, topic: str, partitions: int, expected: int, timeout_s: float = 60) -> dict[int, list]:

@@ -20,15 +20,15 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient
 
 from tensortrace.devstack.processes import ExporterProcess, LoaderProcess
 from tensortrace.ring.format import RingIdentity, RingWriter
+from tensortrace.testing.kafka import committed, create_topics, end_offsets
 from tensortrace.testing.ringgen import TrafficGen
+from tensortrace.testing.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,32 +38,9 @@ AUTH_FAILED = "authentication failed: wrong password or unknown user"
 
 # -- helpers -----------------------------------------------------------------------------------
 
-def wait_until(pred, timeout_s=90.0, interval=0.1, what="condition"):
-    """Bounded wait (the limit only stops a hung test; it is not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    assert pred(), f"timed out after {timeout_s:.0f}s waiting for {what}"
-
-
 def make_topics(bootstrap: str) -> tuple[str, str]:
-    name = f"tt-pipe-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
-    try:
-        admin.create_topics([NewTopic(name, PARTITIONS, 3, topic_configs={"min.insync.replicas": "2"}),
-                             NewTopic(name + ".dlq", 1, 3)])
-
-        def leaders():
-            try:
-                return all(p["leader_id"] >= 0 for d in admin.describe_topics([name, name + ".dlq"])
-                           for p in d["partitions"])
-            except Exception:
-                return False
-        wait_until(leaders, 30, what="partition leaders")
-    finally:
-        admin.close()
+    name = create_topics(bootstrap, PARTITIONS, prefix="tt-pipe", dlq=True, replication=3,
+                         configs={"min.insync.replicas": "2"})
     return name, name + ".dlq"
 
 
@@ -79,17 +56,9 @@ def leader_of(bootstrap: str, topic: str, partition: int) -> int:
 def lag_is_zero(bootstrap: str, group: str, topic: str) -> bool:
     """The group's committed offsets equal the end offsets of every partition (all loaded)."""
     try:
-        c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    except Exception:
+        return committed(bootstrap, group, topic, PARTITIONS) == end_offsets(bootstrap, topic, PARTITIONS)
+    except Exception:   # a broker just killed or restarting: not yet
         return False
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        ends = c.end_offsets(tps)
-        return all((c.committed(tp) or 0) == ends[tp] for tp in tps)
-    except Exception:
-        return False
-    finally:
-        c.close()
 
 
 def without_bootstrap(args: list[str]) -> list[str]:
@@ -198,8 +167,8 @@ def test_a_broker_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothin
     writer = threading.Thread(target=stream, name="ring-traffic")
     try:
         phase(gen, rids[0:2])
-        wait_until(lambda: loader.stats.get("tensor_rows", 0) > 0 or loader.proc.poll() is not None, 120,
-                   0.02, "the loader's first insert")
+        assert wait_until(lambda: loader.stats.get("tensor_rows", 0) > 0 or loader.proc.poll() is not None, 120,
+                          0.02), "the loader's first insert"
         assert loader.proc.poll() is None, "".join(loader.lines[-20:])
         victim = cluster.brokers[leader_of(bs, topic, 0) - 1]
         writer.start()
@@ -213,7 +182,7 @@ def test_a_broker_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothin
         st = exp.ring("pod-k-r0.ring")
         assert st.frames_committed == st.frames_released == gen.frames_written
         assert st.frames_dropped_by_producer == 0 and not st.frames_dropped_by_reason
-        wait_until(lambda: lag_is_zero(bs, "pipe-kill", topic), 120, 0.2, "the loader to commit everything")
+        assert wait_until(lambda: lag_is_zero(bs, "pipe-kill", topic), 120, 0.2), "the loader to commit everything"
         loader.kill(signal.SIGTERM)
         assert loader.proc.returncode == 0, "".join(loader.lines[-20:])
         assert loader.final_stats.get("dlq_messages", 0) == 0, loader.final_stats
@@ -263,8 +232,8 @@ def test_b_pipeline_over_sasl_ssl_reports_a_wrong_password_and_loses_nothing_onc
         phase(gen, rids[3:6])
         exp.wait_for(lambda: drained(exp, "pod-s-r0.ring", gen), 60, "everything published after the fix")
         assert "the connection works again" in exp.log()
-        wait_until(lambda: lag_is_zero(cluster.bootstrap, "pipe-sasl", topic), 120, 0.2,
-                   "the loader (over SASL_SSL) to commit everything")
+        assert wait_until(lambda: lag_is_zero(cluster.bootstrap, "pipe-sasl", topic), 120, 0.2), \
+            "the loader (over SASL_SSL) to commit everything"
         loader.kill(signal.SIGTERM)
         assert loader.proc.returncode == 0, "".join(loader.lines[-20:])
     finally:
@@ -296,14 +265,14 @@ def test_b_loader_reports_a_wrong_password_and_loads_everything_once_fixed(kafka
     loader = LoaderProcess(loader_args(topic, dlq, "pipe-sasl-loader", path, bad.cli_args()))
     try:
         exp.wait_for(lambda: drained(exp, "pod-l-r0.ring", gen), 60, "the exporter to publish")
-        wait_until(lambda: any(AUTH_FAILED in x for x in loader.lines) or loader.proc.poll() is not None, 8,
-                   what="the loader's authentication error")
+        assert wait_until(lambda: any(AUTH_FAILED in x for x in loader.lines) or loader.proc.poll() is not None,
+                          8), "the loader's authentication error"
         line = next(x for x in loader.lines if AUTH_FAILED in x)
         assert bad.describe() in line and good.password() not in "".join(loader.lines)
         assert loader.proc.poll() is None, "the loader must keep retrying, not exit"
         password_file.write_text(good.password() + "\n")
-        wait_until(lambda: lag_is_zero(cluster.bootstrap, "pipe-sasl-loader", topic), 60, 0.2,
-                   "the loader to commit everything after the fix")
+        assert wait_until(lambda: lag_is_zero(cluster.bootstrap, "pipe-sasl-loader", topic), 60, 0.2), \
+            "the loader to commit everything after the fix"
         loader.kill(signal.SIGTERM)
         assert loader.proc.returncode == 0
     finally:

@@ -26,9 +26,6 @@ OPTIONAL_IMPORTS = {"sglang", "torch", "transformers"}
 NOT_YET = {
     "tensortrace.bridge",                       # the OTel bridge (docs/bridge.md), in progress
     "tensortrace.storage.otel",                 # same
-    "tensortrace.devkafka",                     # the Kafka cluster + SASL work, in progress
-    "tensortrace.exporter.publisher",           # same
-    "tensortrace.service.kafka",                # same
 }
 
 

@@ -3,13 +3,13 @@
 Runs the broker from the Maven Central jars that `make kafka-jars` resolves into .cache/kafka-libs
 (scripts/kafka/pom.xml). For tests and the demo, never for production.
 
->>> with LocalKafka() as kafka:            # formats a temp data dir, waits until ready
-...     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
->>> kafka.stop(); kafka.start()            # same ports, same data: a broker outage
+    with LocalKafka() as kafka:            # formats a temp data dir, waits until ready
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
+    kafka.stop(); kafka.start()            # same ports, same data: a broker outage
 
->>> with LocalKafka(security="SASL_SSL") as kafka:   # + a SASL_SSL listener (SCRAM-SHA-512/256, PLAIN)
-...     kc = kafka.client_config()                   # a tensortrace.service.kafka.KafkaConfig for it
-...     KafkaProducer(**kc.client_kwargs())
+    with LocalKafka(security="SASL_SSL") as kafka:   # + a SASL_SSL listener (SCRAM-SHA-512/256, PLAIN)
+        kc = kafka.client_config()                   # a tensortrace.service.kafka.KafkaConfig for it
+        KafkaProducer(**kc.client_kwargs())
 
 `.bootstrap` is always the PLAINTEXT listener (inter-broker traffic and test setup); with
 security="SASL_SSL" the SASL_SSL listener is `.secure_bootstrap`, with certificates made at start

@@ -1,10 +1,10 @@
 """A real three-node Apache Kafka cluster on 127.0.0.1 (KRaft), from the same jars as LocalKafka.
 
->>> with LocalKafkaCluster() as kafka:                # 3 nodes, each broker + controller
-...     kafka.bootstrap                               # "127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3"
-...     kafka.brokers[1].kill()                       # SIGKILL one node (the quorum of 3 keeps 2)
-...     kafka.brokers[1].start()                      # same ports, same data; back once unfenced
->>> LocalKafkaCluster(security="SASL_SSL").client_config()   # KafkaConfig for the SASL_SSL listeners
+    with LocalKafkaCluster() as kafka:                # 3 nodes, each broker + controller
+        kafka.bootstrap                               # "127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3"
+        kafka.brokers[1].kill()                       # SIGKILL one node (the quorum of 3 keeps 2)
+        kafka.brokers[1].start()                      # same ports, same data; back once unfenced
+    LocalKafkaCluster(security="SASL_SSL").client_config()   # KafkaConfig for the SASL_SSL listeners
 
 Topology: N combined broker+controller nodes with a static controller quorum of all N (three
 JVMs, not four: the fastest to start on a small machine, and any single node may die). Topic

@@ -1,8 +1,8 @@
 """Kafka in a container via testcontainers, used by the test fixtures only where a Docker engine
 answers. Same surface as LocalKafka: `.bootstrap`, `.start()`, `.stop()`, `.close()`, `.kind`.
 
->>> if docker_answers():
-...     kafka = ContainerKafka().start()
+    if docker_answers():
+        kafka = ContainerKafka().start()
 
 stop()/start() pause and unpause the container: the broker becomes unreachable and comes back on
 the same address with its data (a restart could move Docker's ephemeral host port).

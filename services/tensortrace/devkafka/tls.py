@@ -1,7 +1,7 @@
 """Throw-away TLS material for the local Kafka broker, made with the JDK's `keytool`.
 
->>> tls = make_dev_tls("/tmp/x/tls")   # ~1.5 s: three rounds of keytool JVMs
->>> tls.keystore, tls.password, tls.ca_pem   # broker keystore signed by a fresh CA; the CA in PEM
+    tls = make_dev_tls("/tmp/x/tls")   # ~1.5 s: three rounds of keytool JVMs
+    tls.keystore, tls.password, tls.ca_pem   # broker keystore signed by a fresh CA; the CA in PEM
 
 - `ca.p12`: the CA's EC key pair (PKCS12), CN "TensorTrace dev CA", basicConstraints CA:true.
 - `broker.p12`: the brokers' EC key (PKCS12) with the chain broker <- CA; SAN ip:127.0.0.1, dns:localhost

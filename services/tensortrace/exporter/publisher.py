@@ -5,10 +5,10 @@ Completions (acknowledgements and failures) arrive on kafka-python's sender thre
 queued and handled on the exporter's main thread by `completions()`, so all accounting happens in
 one thread.
 
->>> pub = KafkaPublisher(cfg, metrics)
->>> pub.connect()                  # False while the broker is unreachable; call again later
->>> pub.last_connect_error         # why not, e.g. "SASL_SSL listener ... authentication failed: ..."
->>> pub.send(b"r1", value, token)  # token comes back from completions() with the outcome
+    pub = KafkaPublisher(cfg, metrics)
+    pub.connect()                  # False while the broker is unreachable; call again later
+    pub.last_connect_error         # why not, e.g. "SASL_SSL listener ... authentication failed: ..."
+    pub.send(b"r1", value, token)  # token comes back from completions() with the outcome
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """One Kafka client configuration for every service: the exporter (producer), the consumers
 (loader, bridge, probes) and the demo.
 
->>> kc = KafkaConfig(bootstrap_servers="kafka-0:9093,kafka-1:9093", security_protocol="SASL_SSL",
-...                  sasl_mechanism="SCRAM-SHA-512", sasl_username="tensortrace",
-...                  sasl_password_file="/var/run/secrets/kafka/password", ssl_cafile="/etc/kafka/ca.pem")
->>> KafkaConsumer(**kc.client_kwargs(), group_id="g")      # also KafkaProducer, KafkaAdminClient
+    kc = KafkaConfig(bootstrap_servers="kafka-0:9093,kafka-1:9093", security_protocol="SASL_SSL",
+                     sasl_mechanism="SCRAM-SHA-512", sasl_username="tensortrace",
+                     sasl_password_file="/var/run/secrets/kafka/password", ssl_cafile="/etc/kafka/ca.pem")
+    KafkaConsumer(**kc.client_kwargs(), group_id="g")      # also KafkaProducer, KafkaAdminClient
 
 No production Kafka is open, so SASL (PLAIN, SCRAM-SHA-256/512) and TLS (server CA, client
 certificate for mTLS) are first-class. Secrets never come from the command line (they would show
