@@ -97,3 +97,47 @@ def test_undecodable_messages_and_refused_records_are_dead_lettered_with_a_typed
     codes = sorted(dict(m.headers)[DLQ_REASON_CODE_HEADER].decode() for m in dead)
     assert codes == ["envelope", "raw_size"]
     assert all(dict(m.headers)[DLQ_REASON_HEADER] for m in dead)
+
+
+class GiveUpAtStop:
+    """A sink whose store never accepts: flush waits until the service stops, then gives up."""
+
+    def __init__(self):
+        self.open = []
+        self.flushing = threading.Event()
+
+    def add_tensor(self, rec, source):
+        self.open.append(rec)
+
+    def add_summary(self, s, source):
+        self.open.append(s)
+
+    def due(self):
+        return False
+
+    def seal(self):
+        out, self.open = self.open, []
+        return out or None
+
+    def flush(self, batch, stopping):
+        self.flushing.set()
+        stopping.wait()
+        return False
+
+
+def test_a_batch_given_up_at_stop_keeps_every_later_offset_uncommitted(kafka_broker):
+    bs = kafka_broker.bootstrap
+    topic = create_topics(bs, prefix="tt-core", dlq=True)
+    req = SyntheticRequest.make("kept", layers=1, hidden=8)
+    produce(bs, topic, req.messages())
+    cfg = config(bs, topic)
+    sink = GiveUpAtStop()
+    core = ConsumerCore(cfg, sink, name="test")
+    run = Running(core)
+    assert wait_until(sink.flushing.is_set)
+    # a later batch that only moves offsets (a dead letter), queued behind the stuck one
+    produce(bs, topic, [(b"junk", b"\x00not an envelope")])
+    assert wait_until(lambda: core.stats.dlq_messages == 1)
+    time.sleep(3 * cfg.batch_max_delay_s)
+    run.stop()
+    assert committed(bs, cfg.group_id, topic) == {0: 0}   # nothing is durable: a restart re-reads it all

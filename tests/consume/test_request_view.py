@@ -155,18 +155,38 @@ def test_unsampled_summary_releases_at_once_with_no_tensors():
     assert got.records == [] and got.completeness.state == "complete" and not got.completeness.sampled
 
 
-def test_held_offsets_keep_commits_behind_every_unreleased_request():
+def test_commits_stay_behind_every_unreleased_request():
     v, h, _ = view()
     a = SyntheticRequest.make("a", layers=1, hidden=8)
     b = SyntheticRequest.make("b", layers=1, hidden=8)
     feed(v, a, offset=10, summary=False)
     feed(v, b, offset=20, partition=1, summary=False)
-    assert v.held_offsets() == {0: 10, 1: 20}
+    assert (v.commit_offset(0, 100), v.commit_offset(1, 100), v.commit_offset(2, 100)) == (10, 20, 100)
     v.add_summary(a.summary, Source("t", 0, 40))
     flush(v)
-    assert v.held_offsets() == {1: 20}
+    assert (v.commit_offset(0, 100), v.commit_offset(1, 100)) == (100, 20)
     v.revoked({1})                              # partition moved: its new owner re-reads b whole
-    assert v.held_offsets() == {} and v.stats.requests_open == 0
+    assert v.commit_offset(1, 100) == 100 and v.stats.requests_open == 0
+
+
+def test_a_commit_never_falls_inside_a_released_request():
+    # r1 at offsets 0..9, r2 interleaved from 5 on; r1 is released while r2 is open. A commit at
+    # r2's first offset (5) would make a restart re-read r1's tail alone and release it again, partial.
+    v, h, _ = view()
+    r1 = SyntheticRequest.make("r1", layers=2, hidden=8, prompt=4, generated=3)
+    r2 = SyntheticRequest.make("r2", layers=2, hidden=8, prompt=4, generated=3)
+    feed(v, r1, records=r1.records[:5], summary=False, offset=0)
+    feed(v, r2, records=r2.records[:2], summary=False, offset=5)
+    feed(v, r1, records=r1.records[5:], summary=False, offset=7)
+    v.add_summary(r1.summary, Source("t", 0, 7 + len(r1.records) - 5))
+    [got] = flush(v)
+    assert got.request_id == "r1" and got.completeness.complete
+    assert v.commit_offset(0, 50) == 0            # not 5: r1 spans 0..12 and would be cut
+    feed(v, r2, records=r2.records[2:], offset=30)
+    v.add_summary(r2.summary, Source("t", 0, 45))
+    flush(v)
+    assert v.commit_offset(0, 50) == 50           # nothing held: both ranges are behind the commit
+    assert v._released_ranges == {0: []}
 
 
 def test_keep_filter_counts_every_record_but_keeps_only_the_wanted_payloads():

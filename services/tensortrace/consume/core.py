@@ -14,7 +14,7 @@ Two threads, one bounded queue between them:
 Why nothing is lost and nothing is counted twice (docs/consumers.md):
   * an offset is committed only once every record read before it is durable in the sink, and never
     past the first message of a chunk set still being reassembled, nor past the first record of
-    anything the sink still holds (`held_offsets`, e.g. a request not yet released) -> a crash or a
+    anything the sink still holds (`commit_offset`, e.g. a request not yet released) -> a crash or a
     rebalance re-reads from there, nothing is lost;
   * a re-read delivers records again with the same identity (producer pod, pid, generation, seq):
     sinks are idempotent on it (the loader's tables collapse on it; the per-request view
@@ -43,7 +43,7 @@ from kafka.structs import OffsetAndMetadata
 from tensortrace.consume.config import ConsumerConfig
 from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER,
                                             DeadLetterReason, InvalidRecord)
-from tensortrace.consume.sink import SealedBatch, Source, held_offsets
+from tensortrace.consume.sink import SealedBatch, Source, commit_offset
 from tensortrace.service.backoff import Backoff
 from tensortrace.service.kafka import KafkaUnavailable
 from tensortrace.wire import codec
@@ -245,17 +245,12 @@ class ConsumerCore:
 
     def _commit_positions(self) -> dict[TopicPartition, int]:
         """Per partition: the next offset to read, held back to the first chunk of any open chunk
-        set and to the first record the sink still holds."""
+        set, then to where the sink says a restart must resume (commit_offset)."""
         out = dict(self._read_upto)
         for tp, offset in self._holds.values():
             if tp in out and offset < out[tp]:
                 out[tp] = offset
-        held = held_offsets(self.sink)
-        if held:
-            for tp in out:
-                o = held.get(tp.partition)
-                if o is not None and o < out[tp]:
-                    out[tp] = o
+        out = {tp: commit_offset(self.sink, tp.partition, o) for tp, o in out.items()}
         return {tp: o for tp, o in out.items() if o > self._committed.get(tp, -1)}
 
     def _maybe_hand_off(self) -> None:
@@ -356,15 +351,22 @@ class ConsumerCore:
     # -- flush side -----------------------------------------------------------------------------
 
     def _flush_loop(self) -> None:
+        # Once a batch was not made durable (the sink gave up at stop, or raised), no later batch's
+        # offsets may be committed either: they lie past it (a later batch that only moves offsets
+        # would otherwise commit over the lost one).
+        gave_up = False
         while True:
             b = self._queue.get()
             if b is None:
                 return
             try:
-                if b.data is None or self.sink.flush(b, self.stopping):
+                if not gave_up and (b.data is None or self.sink.flush(b, self.stopping)):
                     self._done.put(b.commit)
+                else:
+                    gave_up = True
             except Exception:  # a sink bug: never commit past it; the next owner re-reads
-                log.exception("%s: flush failed; its offsets are not committed", self.name)
+                gave_up = True
+                log.exception("%s: flush failed; its offsets and every later batch's are not committed", self.name)
                 self.stopping.set()
             finally:
                 with self._inflight_lock:

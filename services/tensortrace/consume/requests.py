@@ -24,14 +24,21 @@ dropped. A record or summary arriving after its request was released is counted 
 and dropped; the released identities are remembered (bounded) so a late duplicate never releases
 a second, partial copy of a request.
 
-Offsets: the view tells the core the lowest offset of every request it still holds
-(`held_offsets`), so a commit never passes a record of an unreleased request: after a crash the
-request is re-read whole. Handlers run on the flush thread and must be idempotent per request
+Offsets: the view tells the core where a commit may go (`commit_offset`): never past the first
+record of a request it still holds, so after a crash the request is re-read whole; and never
+inside a request it already released (requests interleave in a partition: with r1 at offsets 0..9,
+r2 from 5 on, r1 released and r2 open, a commit at 5 would make a restart re-read r1's tail alone
+and release it again, partial). It remembers the offset ranges of released requests until commits
+have passed them, and moves a commit point that falls inside one back to its start: a restart
+re-reads every request it touches whole (and releases it again; handlers are idempotent). Handlers run on the flush thread and must be idempotent per request
 (a re-read after a crash can release a request again): derive output ids from the request's
 identity, as the bridge's span ids and the probes' score keys do.
 
 `keep(record) -> bool` lets a consumer take only the records it needs (e.g. one hook and layer):
-the others are counted for completeness, and their payloads are not kept.
+the others are counted for completeness, and their payloads are not kept. It is called exactly once
+per distinct record of an open request (after de-duplication, never for a late record), on the
+consume thread, so it can also fold a record's metadata into the consumer's own per-request state
+(the bridge keeps times, hooks and steps that way and no payload at all).
 """
 
 from __future__ import annotations
@@ -139,6 +146,7 @@ class RequestView:
         self._open: OrderedDict[tuple, _Open] = OrderedDict()   # oldest first (by first arrival)
         self._released: OrderedDict[tuple, None] = OrderedDict()
         self._ready: list[CapturedRequest] = []
+        self._released_ranges: dict[int, list[tuple[int, int]]] = {}   # partition -> (first, last) offsets
         self._last_scan = 0
 
     # -- Sink: consume thread -------------------------------------------------------------------
@@ -198,13 +206,25 @@ class RequestView:
         out, self._ready = self._ready, []
         return out
 
-    def held_offsets(self) -> dict[int, int]:
-        held: dict[int, int] = {}
+    def commit_offset(self, partition: int, candidate: int) -> int:
+        """Where a commit of `partition` may go (module docstring): at most `candidate`, never past
+        an open request's first record, never inside a released request's offset range."""
+        at = candidate
         for o in self._open.values():
-            for part, off in o.offsets.items():
-                if off < held.get(part, off + 1):
-                    held[part] = off
-        return held
+            off = o.offsets.get(partition)
+            if off is not None and off < at:
+                at = off
+        ranges = self._released_ranges.get(partition)
+        if ranges:
+            moved = True
+            while moved:
+                moved = False
+                for lo, hi in ranges:
+                    if lo < at <= hi:
+                        at, moved = lo, True
+            # ranges wholly behind the commit point are never re-read in part: forget them
+            self._released_ranges[partition] = [r for r in ranges if r[1] >= at]
+        return at
 
     def revoked(self, partitions: set[int]) -> None:
         """The core lost these partitions: forget their open requests (the new owner re-reads
@@ -212,6 +232,8 @@ class RequestView:
         for key in [k for k, o in self._open.items() if set(o.offsets) & partitions]:
             o = self._open.pop(key)
             self.stats.kept_bytes -= o.kept_bytes
+        for partition in partitions:
+            self._released_ranges.pop(partition, None)
         self.stats.requests_open = len(self._open)
 
     # -- Sink: flush thread ---------------------------------------------------------------------
@@ -284,6 +306,8 @@ class RequestView:
             self.stats.released_complete += 1
         else:
             self.stats.released_incomplete += 1
+        for partition, span in req.sources.items():
+            self._released_ranges.setdefault(partition, []).append(span)
         self._released[key] = None
         while len(self._released) > self.remember:
             self._released.popitem(last=False)

@@ -10,7 +10,7 @@
 ...         return batch or None
 ...     def flush(self, batch, stopping): print(len(batch.data)); return True
 
-Threads: `add_*`, `due`, `seal` and `held_offsets` run on the consume thread; `flush` on the flush
+Threads: `add_*`, `due`, `seal` and `commit_offset` run on the consume thread; `flush` on the flush
 thread, one batch at a time, while the consume thread decodes the next (so they must not share
 unlocked state beyond the sealed batch). `flush` returns True once the batch is durable (inserted,
 produced with acks, handed to the handler): only then are the offsets read before it committed.
@@ -66,10 +66,15 @@ class Sink(Protocol):
     def flush(self, batch: SealedBatch, stopping: threading.Event) -> bool:
         """Make `batch.data` durable; True when done, False only if `stopping` was set first."""
 
+    # optional: commit_offset(partition, candidate) -> int (see commit_offset below), and
+    # revoked(partitions: set[int]) -> None (forget what was held for partitions that moved)
 
-def held_offsets(sink) -> dict[int, int]:
-    """Per partition, the lowest offset the sink still holds un-flushed outside its open batch
-    (a per-request view holds a request's early records until the request is released): commits
-    never pass it. Sinks without such state need not implement `held_offsets`."""
-    f = getattr(sink, "held_offsets", None)
-    return f() if f is not None else {}
+
+def commit_offset(sink, partition: int, candidate: int) -> int:
+    """Where a commit of `partition` may go, given the core's candidate (the next offset to read,
+    held back to any chunk set still being reassembled). A sink that holds records outside its
+    batch (the per-request view holds each request until it is released) implements
+    `commit_offset(partition, candidate) -> int` and returns an offset <= candidate that a restart
+    can resume from without losing or cutting anything it holds; other sinks need not."""
+    f = getattr(sink, "commit_offset", None)
+    return candidate if f is None else min(candidate, f(partition, candidate))
