@@ -13,12 +13,12 @@ import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from tensortrace.devkafka import LocalKafka
 from tensortrace.service.kafka import KafkaAuthError, KafkaConfig, KafkaUnavailable, probe
-from tensortrace.testing.kafka import create_topics
+from tensortrace.testing.kafka import consume_all, create_topics, produce
 from tensortrace.testing.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,26 +52,6 @@ def _partitions(admin, topic) -> list[dict]:
 
 def _wait(pred, timeout_s, what):
     assert wait_until(pred, timeout_s, 0.1), f"timed out after {timeout_s}s waiting for {what}"
-
-
-def _consume(kwargs: dict, topic: str, partitions: int, expected: int, timeout_s: float = 60) -> dict[int, list]:
-    """Every record of the topic from the beginning, per partition, in offset order."""
-    consumer = KafkaConsumer(**kwargs, enable_auto_commit=False, auto_offset_reset="earliest")
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out: dict[int, list] = {p: [] for p in range(partitions)}
-        deadline = time.monotonic() + timeout_s
-        while sum(map(len, out.values())) < expected and time.monotonic() < deadline:
-            for tp, batch in consumer.poll(timeout_ms=500).items():
-                out[tp.partition].extend((m.key, m.value) for m in batch)
-        # nothing more arrives: no duplicates hiding behind the expected count
-        for tp, batch in consumer.poll(timeout_ms=500).items():
-            out[tp.partition].extend((m.key, m.value) for m in batch)
-        return out
-    finally:
-        consumer.close()
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -146,7 +126,7 @@ def test_acks_all_through_a_sigkilled_and_restarted_broker_loses_and_duplicates_
     # the restarted broker catches up: every partition has all three replicas in sync again
     _wait(lambda: all(len(p["isr"]) == 3 for p in _partitions(admin, topic)), 60, "the ISR to be 3 again")
 
-    got = _consume({"bootstrap_servers": cluster.bootstrap}, topic, partitions, len(sent))
+    got = consume_all(cluster.bootstrap, topic, len(sent), partitions)
     flat = [kv for p in range(partitions) for kv in got[p]]
     assert len(flat) == len(sent), f"consumed {len(flat)} records, sent {len(sent)}"
     assert sorted(flat) == sorted(sent), "the records consumed are not the records sent"
@@ -169,14 +149,10 @@ def test_sasl_ssl_produce_consume_with_client_kwargs(cluster, admin, mechanism):
     assert open(kc.ssl_cafile).read().startswith("-----BEGIN CERTIFICATE-----")
     topic = _topic(admin, partitions=2)
     values = [os.urandom(50 + i) for i in range(20)]
-    producer = KafkaProducer(**kc.client_kwargs("tt-test"), acks="all")
-    try:
-        for i, v in enumerate(values):
-            producer.send(topic, key=str(i).encode(), value=v)
-        producer.flush(30)
-    finally:
-        producer.close(10)
-    got = _consume(kc.client_kwargs("tt-test"), topic, 2, len(values))
+    client = kc.client_kwargs("tt-test")
+    bootstrap = client.pop("bootstrap_servers")
+    produce(bootstrap, topic, values, **client)
+    got = consume_all(bootstrap, topic, len(values), 2, **client)
     assert sorted(v for p in got.values() for _, v in p) == sorted(values)
 
 
@@ -245,15 +221,13 @@ def test_single_node_broker_with_sasl_ssl_and_a_restart(tmp_path):
         kc = k.client_config()
         assert kc.bootstrap_servers == k.secure_bootstrap != k.bootstrap
         assert probe(kc, 10).brokers == 1
-        producer = KafkaProducer(**kc.client_kwargs(), acks="all")
-        producer.send("tt-single", b"before").get(30)
-        producer.close(10)
+        client = kc.client_kwargs()
+        bootstrap = client.pop("bootstrap_servers")
+        produce(bootstrap, "tt-single", [b"before"], **client)
         k.stop()
         k.start()   # same ports, data, certificates and SCRAM credentials
-        producer = KafkaProducer(**kc.client_kwargs(), acks="all")
-        producer.send("tt-single", b"after").get(30)
-        producer.close(10)
-        got = _consume(kc.client_kwargs(), "tt-single", 1, 2)
+        produce(bootstrap, "tt-single", [b"after"], **client)
+        got = consume_all(bootstrap, "tt-single", 2, **client)
         assert [v for _, v in got[0]] == [b"before", b"after"]
         (tmp_path / "pw").write_text("wrong\n")
         with pytest.raises(KafkaAuthError, match="authentication failed"):

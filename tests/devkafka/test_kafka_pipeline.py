@@ -14,7 +14,6 @@ other modules here (conftest.py)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -77,8 +76,23 @@ def exporter_args() -> list[str]:
     return ["--payload-encoding", "RAW", "--request-timeout-ms", "5000"]
 
 
-def ring(ring_dir: str, pod: str) -> RingWriter:
-    return RingWriter.create(os.path.join(ring_dir, f"{pod}-r0.ring"), 8 << 20, RingIdentity(pod=pod, node="n1"))
+def traffic(tmp_path, pod: str, **gen) -> tuple[str, RingWriter, TrafficGen]:
+    """(ring dir, writer, generator): the ring <tmp_path>/rings/<pod>-r0.ring (dir 0700) and a
+    TrafficGen(**gen) writing into it."""
+    ring_dir = tmp_path / "rings"
+    ring_dir.mkdir(mode=0o700)
+    w = RingWriter.create(str(ring_dir / f"{pod}-r0.ring"), 8 << 20, RingIdentity(pod=pod, node="n1"))
+    return str(ring_dir), w, TrafficGen(w, **gen)
+
+
+def wrong_password(cluster, tmp_path):
+    """(good, bad, password file): the cluster's SASL_SSL client config (SCRAM-SHA-512, every node's
+    listener), and the same whose 0600 password file holds a wrong password; writing the right
+    one into that file fixes `bad` in place (a rotated Secret)."""
+    password_file = tmp_path / "kafka-password"
+    password_file.write_text("not-the-password\n")
+    password_file.chmod(0o600)
+    return cluster.client_config(), cluster.client_config(sasl_password_file=str(password_file)), password_file
 
 
 def phase(gen: TrafficGen, rids: list[str], steps: int = 3) -> None:
@@ -144,12 +158,9 @@ def test_a_broker_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothin
     cluster = kafka_cluster
     bs = cluster.bootstrap
     topic, dlq = make_topics(bs)
-    ring_dir = tmp_path / "rings"
-    ring_dir.mkdir(mode=0o700)
-    w = ring(str(ring_dir), "pod-k")
-    gen = TrafficGen(w, n_requests=32, prefix="k", row_shape=(256,))
+    ring_dir, w, gen = traffic(tmp_path, "pod-k", n_requests=32, prefix="k", row_shape=(256,))
     rids = gen.request_ids()
-    exp = ExporterProcess(str(ring_dir), bs, topic, str(tmp_path), extra=exporter_args()).start()
+    exp = ExporterProcess(ring_dir, bs, topic, str(tmp_path), extra=exporter_args()).start()
     path = tmp_path / "chdb"
     loader = LoaderProcess(loader_args(topic, dlq, "pipe-kill", path, ["--kafka-bootstrap-servers", bs]))
     stream_error: list[BaseException] = []
@@ -199,20 +210,13 @@ def test_a_broker_sigkilled_mid_stream_and_restarted_loses_and_duplicates_nothin
 
 def test_b_pipeline_over_sasl_ssl_reports_a_wrong_password_and_loses_nothing_once_fixed(kafka_cluster, tmp_path):
     cluster = kafka_cluster
-    good = cluster.client_config()                     # SCRAM-SHA-512 over TLS, every node's SASL_SSL listener
+    good, bad, password_file = wrong_password(cluster, tmp_path)
     right = good.password()
-    password_file = tmp_path / "kafka-password"
-    password_file.write_text("not-the-password\n")
-    password_file.chmod(0o600)
-    bad = cluster.client_config(sasl_password_file=str(password_file))
     topic, dlq = make_topics(cluster.bootstrap)
-    ring_dir = tmp_path / "rings"
-    ring_dir.mkdir(mode=0o700)
-    w = ring(str(ring_dir), "pod-s")
-    gen = TrafficGen(w, n_requests=6, prefix="s", row_shape=(128,))
+    ring_dir, w, gen = traffic(tmp_path, "pod-s", n_requests=6, prefix="s", row_shape=(128,))
     rids = gen.request_ids()
     phase(gen, rids[0:3])                              # waiting in the ring before the exporter can publish
-    exp = ExporterProcess(str(ring_dir), bad.bootstrap_servers, topic, str(tmp_path),
+    exp = ExporterProcess(ring_dir, bad.bootstrap_servers, topic, str(tmp_path),
                           extra=without_bootstrap(bad.cli_args()) + exporter_args()).start()
     path = tmp_path / "chdb"
     loader = LoaderProcess(loader_args(topic, dlq, "pipe-sasl", path, good.cli_args()))
@@ -248,18 +252,11 @@ def test_b_loader_reports_a_wrong_password_and_loads_everything_once_fixed(kafka
     creates its consumer: one clear line per attempt, it keeps retrying, reads the password file
     again, and loads everything once the file is fixed."""
     cluster = kafka_cluster
-    good = cluster.client_config()
-    password_file = tmp_path / "kafka-password"
-    password_file.write_text("not-the-password\n")
-    password_file.chmod(0o600)
-    bad = cluster.client_config(sasl_password_file=str(password_file))
+    good, bad, password_file = wrong_password(cluster, tmp_path)
     topic, dlq = make_topics(cluster.bootstrap)
-    ring_dir = tmp_path / "rings"
-    ring_dir.mkdir(mode=0o700)
-    w = ring(str(ring_dir), "pod-l")
-    gen = TrafficGen(w, n_requests=3, prefix="l", row_shape=(64,))
+    ring_dir, w, gen = traffic(tmp_path, "pod-l", n_requests=3, prefix="l", row_shape=(64,))
     phase(gen, gen.request_ids())
-    exp = ExporterProcess(str(ring_dir), good.bootstrap_servers, topic, str(tmp_path),
+    exp = ExporterProcess(ring_dir, good.bootstrap_servers, topic, str(tmp_path),
                           extra=without_bootstrap(good.cli_args()) + exporter_args()).start()
     path = tmp_path / "chdb"
     loader = LoaderProcess(loader_args(topic, dlq, "pipe-sasl-loader", path, bad.cli_args()))

@@ -9,47 +9,21 @@ import sys
 import time
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from tensortrace.devkafka import LocalKafka, LocalKafkaConfig, LocalKafkaError
 from tensortrace.devkafka.broker import sweep_stale_data_dirs
+from tensortrace.testing.kafka import consume_all, produce
+from tensortrace.testing.waiting import wait_for_exit
 
 pytestmark = pytest.mark.integration
-
-
-def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
-    try:
-        for i, v in enumerate(values):
-            producer.send(topic, key=str(i).encode(), value=v)
-        producer.flush(30)
-    finally:
-        producer.close(10)
-
-
-def _consume_all(bootstrap: str, topic: str, expected: int, partitions: int = 1) -> list[bytes]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=1000)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out: list[bytes] = []
-        deadline = time.monotonic() + 60
-        while len(out) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                out.extend(m.value for m in batch)
-        return out
-    finally:
-        consumer.close()
 
 
 def test_produce_consume_round_trip_on_a_real_broker(kafka_broker, fresh_topic):
     topic = fresh_topic(partitions=3)
     values = [os.urandom(100 + i) for i in range(30)]
-    _produce(kafka_broker.bootstrap, topic, values)
-    got = _consume_all(kafka_broker.bootstrap, topic, len(values), partitions=3)
-    assert sorted(got) == sorted(values)
+    produce(kafka_broker.bootstrap, topic, values)
+    got = consume_all(kafka_broker.bootstrap, topic, len(values), partitions=3)
+    assert sorted(v for p in got.values() for _, v in p) == sorted(values)
 
 
 def test_fresh_topic_is_unique_and_has_the_requested_partitions(kafka_broker, fresh_topic, kafka_admin):
@@ -64,15 +38,15 @@ def test_broker_stop_start_keeps_data_and_address(kafka_broker, fresh_topic):
         pytest.skip("restart-keeps-data is a LocalKafka property (the container backend pauses)")
     topic = fresh_topic()
     bootstrap = kafka_broker.bootstrap
-    _produce(bootstrap, topic, [b"before-outage"])
+    produce(bootstrap, topic, [b"before-outage"])
     kafka_broker.stop()
     assert not kafka_broker.running
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", kafka_broker.broker_port), timeout=1).close()
     kafka_broker.start()
     assert kafka_broker.bootstrap == bootstrap
-    _produce(bootstrap, topic, [b"after-outage"])
-    assert _consume_all(bootstrap, topic, 2) == [b"before-outage", b"after-outage"]
+    produce(bootstrap, topic, [b"after-outage"])
+    assert [v for _, v in consume_all(bootstrap, topic, 2)[0]] == [b"before-outage", b"after-outage"]
 
 
 def test_requested_port_taken_fails_fast_with_one_line():
@@ -156,14 +130,7 @@ def test_no_broker_survives_a_killed_test_process_and_its_dir_is_swept():
         os.kill(broker_pid, 0)  # alive
         child.kill()
         child.wait(10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(broker_pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
+        if not wait_for_exit(broker_pid, 30):
             os.killpg(broker_pid, 9)
             pytest.fail(f"broker pid {broker_pid} outlived its parent")
         # The data dir the dead owner could not remove is swept by the next LocalKafka.

@@ -8,10 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tensortrace.testing.waiting import wait_for_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,12 +62,5 @@ def test_inner_session_reports_backends_skips_gpu_recovers_broker_and_leaves_not
     assert "deliberate failure with the broker stopped" in out
     # The session's broker is gone once the inner pytest exited.
     broker_pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(broker_pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    if not wait_for_exit(broker_pid, 20):
         pytest.fail(f"broker pid {broker_pid} outlived the test session")

@@ -42,6 +42,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_LIBS_DIR = REPO_ROOT / ".cache" / "kafka-libs"
@@ -222,15 +223,16 @@ _FORMAT_TIMEOUT_S = 120
 _live: "weakref.WeakSet[LocalKafka]" = weakref.WeakSet()
 
 
-def _stop_all_at_exit() -> None:
-    for kafka in list(_live):
+def _close_all_at_exit(live: weakref.WeakSet) -> None:
+    """close() every object still in `live`, ignoring errors (an atexit hook; cluster.py has one too)."""
+    for obj in list(live):
         try:
-            kafka.close()
+            obj.close()
         except Exception:
             pass
 
 
-atexit.register(_stop_all_at_exit)
+atexit.register(_close_all_at_exit, _live)
 
 
 def random_cluster_id() -> str:
@@ -306,7 +308,25 @@ def write_secret(path: str, text: str) -> str:
     return path
 
 
-class LocalKafka:
+_W = TypeVar("_W", bound="_StartedInWith")
+
+
+class _StartedInWith:
+    """`with X() as x:` starts x and closes it at the end, or at once when start() fails
+    (LocalKafka and LocalKafkaCluster)."""
+
+    def __enter__(self: _W) -> _W:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalKafka(_StartedInWith):
     """One broker process. start() / stop() may be repeated; close() also removes a temp data dir.
 
     Also one node of a LocalKafkaCluster (`cluster.brokers[i]`): then `start()` restarts just this
@@ -317,13 +337,7 @@ class LocalKafka:
         config = config or LocalKafkaConfig(**overrides)
         config.validate()
         self.config = config
-        self._own_data_dir = config.data_dir is None
-        if self._own_data_dir:
-            sweep_stale_data_dirs()
-        self.data_dir = config.data_dir or tempfile.mkdtemp(prefix=_TEMP_PREFIX)
-        os.makedirs(self.data_dir, exist_ok=True)
-        if self._own_data_dir:
-            _write_pid(os.path.join(self.data_dir, "owner.pid"), os.getpid())
+        self.data_dir, self._own_data_dir = _open_data_dir(config)
         self.log_path = os.path.join(self.data_dir, "broker.log")
         self.broker_port = config.broker_port
         self.controller_port = config.controller_port
@@ -454,16 +468,6 @@ class LocalKafka:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> "LocalKafka":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -733,6 +737,19 @@ def _write_pid(path: str, pid: int) -> None:
         f.write(str(pid))
 
 
+def _open_data_dir(config: LocalKafkaConfig) -> tuple[str, bool]:
+    """(data dir, own): config.data_dir (made if missing), or a fresh temp dir that this process
+    owns (owner.pid in it, for sweep_stale_data_dirs; stale ones of dead owners swept first)."""
+    own = config.data_dir is None
+    if own:
+        sweep_stale_data_dirs()
+    data_dir = config.data_dir or tempfile.mkdtemp(prefix=_TEMP_PREFIX)
+    os.makedirs(data_dir, exist_ok=True)
+    if own:
+        _write_pid(os.path.join(data_dir, "owner.pid"), os.getpid())
+    return data_dir, own
+
+
 def _pid_alive(path: str) -> bool:
     try:
         with open(path) as f:
@@ -790,17 +807,11 @@ def _metadata_ok(bootstrap: str, timeout_s: float, node_id: int | None = None,
     result: list[bool] = []
 
     def probe() -> None:
-        from kafka import KafkaAdminClient
+        from tensortrace.service.kafka import describe_cluster
 
-        from tensortrace.service.kafka import supported_kwargs
-
-        admin = None
         try:
-            ms = int(max(timeout_s, 1.0) * 1000)
-            admin = KafkaAdminClient(**supported_kwargs(KafkaAdminClient, dict(
-                bootstrap_servers=bootstrap, bootstrap_timeout_ms=ms, api_version_auto_timeout_ms=ms,
-                request_timeout_ms=ms, client_id="tensortrace-devkafka-ready")))
-            cluster = admin.describe_cluster()
+            cluster = describe_cluster(dict(bootstrap_servers=bootstrap, client_id="tensortrace-devkafka-ready"),
+                                       int(max(timeout_s, 1.0) * 1000))
             unfenced = {b.get("broker_id") for b in cluster.get("brokers", []) if not b.get("is_fenced", False)}
             if node_id is not None:
                 ok = node_id in unfenced
@@ -809,12 +820,6 @@ def _metadata_ok(bootstrap: str, timeout_s: float, node_id: int | None = None,
             result.append(ok)
         except Exception:
             result.append(False)
-        finally:
-            if admin is not None:
-                try:
-                    admin.close()
-                except Exception:
-                    pass
 
     t = threading.Thread(target=probe, name="devkafka-ready-probe", daemon=True)
     t.start()

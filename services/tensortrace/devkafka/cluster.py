@@ -31,45 +31,37 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import weakref
 
 from tensortrace.devkafka.broker import (
-    _TEMP_PREFIX,
     HOST,
+    _StartedInWith,
     LocalKafka,
     LocalKafkaConfig,
     LocalKafkaError,
     TLSJob,
     _client_config,
+    _close_all_at_exit,
+    _live,
     _metadata_ok,
-    _write_pid,
+    _open_data_dir,
+    _signal_group,
     free_ports,
     random_cluster_id,
     sasl_password_for,
-    sweep_stale_data_dirs,
 )
 
 DEFAULT_CLUSTER_HEAP = "320m"
 
 _live_clusters: "weakref.WeakSet[LocalKafkaCluster]" = weakref.WeakSet()
 
-
-def _close_all_at_exit() -> None:
-    # Registered after broker.py's hook, so it runs first: a temp cluster is killed and its dir
-    # removed at once, instead of each node stopping gracefully on its own.
-    for cluster in list(_live_clusters):
-        try:
-            cluster.close()
-        except Exception:
-            pass
+# Registered after broker.py's hook, so it runs first: a temp cluster is killed and its dir
+# removed at once, instead of each node stopping gracefully on its own.
+atexit.register(_close_all_at_exit, _live_clusters)
 
 
-atexit.register(_close_all_at_exit)
-
-
-class LocalKafkaCluster:
+class LocalKafkaCluster(_StartedInWith):
     """N local Kafka nodes (default 3). start() / stop() may be repeated; close() also removes a
     temp data dir. Config fields as LocalKafkaConfig (heap is per node, default 320m); the ports
     are picked per node and must stay 0."""
@@ -84,13 +76,7 @@ class LocalKafkaCluster:
         if config.broker_port or config.controller_port or config.secure_port:
             raise LocalKafkaError("a LocalKafkaCluster picks every node's ports itself: leave the ports 0")
         self.config = config
-        self._own_data_dir = config.data_dir is None
-        if self._own_data_dir:
-            sweep_stale_data_dirs()
-        self.data_dir = config.data_dir or tempfile.mkdtemp(prefix=_TEMP_PREFIX)
-        os.makedirs(self.data_dir, exist_ok=True)
-        if self._own_data_dir:
-            _write_pid(os.path.join(self.data_dir, "owner.pid"), os.getpid())
+        self.data_dir, self._own_data_dir = _open_data_dir(config)
         self.sasl_username = config.sasl_username
         secure = config.security == "SASL_SSL"
         self.sasl_password = sasl_password_for(self.data_dir, config) if secure else ""
@@ -192,17 +178,15 @@ class LocalKafkaCluster:
             if proc is not None:
                 procs.append((n, proc))
                 if proc.poll() is None:
-                    _killpg(proc, signal.SIGTERM)
+                    _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.config.stop_timeout_s
         for n, proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _killpg(proc, signal.SIGKILL)
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait(10)
-            _killpg(proc, signal.SIGKILL)  # any stragglers in its group
-            from tensortrace.devkafka.broker import _live
-
+            _signal_group(proc, signal.SIGKILL)  # any stragglers in its group
             _live.discard(n)
             n._end_cds_dump(keep=proc.returncode != -signal.SIGKILL)
 
@@ -233,16 +217,6 @@ class LocalKafkaCluster:
                 return
             time.sleep(0.2)
         raise LocalKafkaError(f"fewer than {count} unfenced brokers after {timeout_s:.0f}s")
-
-    def __enter__(self) -> "LocalKafkaCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         up = sum(n.running for n in self.brokers)
@@ -304,10 +278,3 @@ def _read_properties(path: str) -> dict[str, str]:
                 k, _, v = line.partition("=")
                 out[k.strip()] = v.strip()
     return out
-
-
-def _killpg(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -46,7 +46,7 @@ import json
 import re
 import types
 import typing
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 C = TypeVar("C")
 
@@ -214,8 +214,13 @@ def flag_name(field_path: str) -> str:
     return "--" + field_path.replace(".", "-").replace("_", "-")
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _flag_fields(cls: type, prefix: str) -> Iterator[tuple[dataclasses.Field, str, Any]]:
+    """(field, path, type) of each field of `cls` that is on the command line: every init field
+    without metadata flag=False. The path is `prefix` + the field's name."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init and f.metadata.get("flag", True) is not False:
+            yield f, prefix + f.name, hints[f.name]
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -281,13 +286,8 @@ def flags_from_dataclass(cls: type, parser: argparse.ArgumentParser | argparse._
         for k, v in (table or {}).items():
             out_table.setdefault(prefix + k, v)
     defaults = cls() if defaults is None else defaults
-    hints = _hints(cls)
     flags: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("flag", True) is False:
-            continue
-        path = prefix + f.name
-        tp = hints[f.name]
+    for f, path, tp in _flag_fields(cls, prefix):
         if dataclasses.is_dataclass(tp):
             sub_aliases = f.metadata.get("aliases") if isinstance(f.metadata.get("aliases"), dict) else {}
             sub_help = f.metadata.get("help") if isinstance(f.metadata.get("help"), dict) else {}
@@ -318,13 +318,8 @@ def config_from_namespace(cls: type[C], ns: argparse.Namespace | dict, prefix: s
     """The dataclass built from the flags that were given; the others keep their defaults (or the
     values of `base`)."""
     given = vars(ns) if isinstance(ns, argparse.Namespace) else ns
-    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("flag", True) is False:
-            continue
-        path = prefix + f.name
-        tp = hints[f.name]
+    for f, path, tp in _flag_fields(cls, prefix):
         if dataclasses.is_dataclass(tp):
             if any(k.startswith(path + ".") for k in given):
                 kwargs[f.name] = config_from_namespace(tp, given, path + ".",

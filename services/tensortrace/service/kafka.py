@@ -429,24 +429,30 @@ def supported_kwargs(client_class, kwargs: dict) -> dict:
     return dict(kwargs) if not known else {k: v for k, v in kwargs.items() if k in known}
 
 
-def _bootstrap_metadata(kc: KafkaConfig, server: str, deadline: float, where: str, password: str,
-                        timeout_s: float) -> int:
+def describe_cluster(client_kwargs: dict, timeout_ms: int) -> dict:
+    """kafka-python's KafkaAdminClient.describe_cluster() from a new admin client (`client_kwargs`;
+    bootstrap, version probe and each request wait at most `timeout_ms`), closed whatever happens."""
     from kafka import KafkaAdminClient
 
-    left_ms = max(500, int((deadline - time.monotonic()) * 1000))
-    admin = None
+    admin = KafkaAdminClient(**supported_kwargs(KafkaAdminClient, dict(
+        client_kwargs, bootstrap_timeout_ms=timeout_ms, api_version_auto_timeout_ms=timeout_ms,
+        request_timeout_ms=timeout_ms)))
     try:
-        admin = KafkaAdminClient(**supported_kwargs(KafkaAdminClient, dict(
-            kc.client_kwargs("tensortrace-probe"), bootstrap_timeout_ms=left_ms, api_version_auto_timeout_ms=left_ms,
-            request_timeout_ms=left_ms, reconnect_backoff_max_ms=1000)))
-        return len(admin.describe_cluster().get("brokers", []))
+        return admin.describe_cluster()
+    finally:
+        try:
+            admin.close()
+        except Exception:
+            pass
+
+
+def _bootstrap_metadata(kc: KafkaConfig, server: str, deadline: float, where: str, password: str,
+                        timeout_s: float) -> int:
+    left_ms = max(500, int((deadline - time.monotonic()) * 1000))
+    try:
+        cluster = describe_cluster(dict(kc.client_kwargs("tensortrace-probe"), reconnect_backoff_max_ms=1000), left_ms)
+        return len(cluster.get("brokers", []))
     except Exception as e:
         text = str(e) if str(e).startswith(type(e).__name__) else f"{type(e).__name__}: {e}"
         raise KafkaUnavailable(f"{where}: {server} accepted the connection, but kafka-python got no cluster "
                                f"metadata within {timeout_s:g}s: {_scrub(text, password)}") from None
-    finally:
-        if admin is not None:
-            try:
-                admin.close()
-            except Exception:
-                pass

@@ -4,6 +4,8 @@ a consumer group's committed offsets against the end of the log.
     topic = create_topics(bootstrap, partitions=3, dlq=True)     # also f"{topic}.dlq", 1 partition
     ends = end_offsets(bootstrap, topic, 3)                       # {partition: offset}
     assert wait_until(lambda: committed(bootstrap, "g-loader", topic, 3) == ends)
+    produce(bootstrap, topic, [b"a", b"b"])                       # acks=all, keys b"0", b"1"
+    consume_all(bootstrap, topic, 2, partitions=3)                # {partition: [(key, value), ...]}
 
 Extra keyword arguments go to every kafka-python client this module opens (e.g. security_protocol,
 sasl_mechanism, sasl_plain_username for a SASL listener). Each call opens its own client and closes
@@ -84,6 +86,44 @@ def end_offsets(bootstrap: str, topic: str, partitions: int = 1, **client) -> di
         return {tp.partition: offset for tp, offset in ends.items()}
     finally:
         c.close()
+
+
+def produce(bootstrap, topic: str, values: list[bytes], **client) -> None:
+    """Send `values` (keys b"0", b"1", ...) with acks=all and return once every one is acknowledged."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **client)
+    try:
+        for i, v in enumerate(values):
+            producer.send(topic, key=str(i).encode(), value=v)
+        producer.flush(30)
+    finally:
+        producer.close(10)
+
+
+def consume_all(bootstrap, topic: str, expected: int, partitions: int = 1, *, timeout_s: float = 60.0,
+                **client) -> dict[int, list[tuple[bytes | None, bytes]]]:
+    """Every record of the topic from the beginning: {partition: [(key, value), ...]} in offset
+    order. Reads until `expected` records came (or `timeout_s`), then polls once more, so that
+    duplicates behind the expected count show."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                             **client)
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out: dict[int, list] = {p: [] for p in range(partitions)}
+        deadline = time.monotonic() + timeout_s
+        while sum(map(len, out.values())) < expected and time.monotonic() < deadline:
+            for tp, batch in consumer.poll(timeout_ms=500).items():
+                out[tp.partition].extend((m.key, m.value) for m in batch)
+        for tp, batch in consumer.poll(timeout_ms=500).items():
+            out[tp.partition].extend((m.key, m.value) for m in batch)
+        return out
+    finally:
+        consumer.close()
 
 
 def admin_client(bootstrap: str, **client):

@@ -198,9 +198,9 @@ class SGLangTaps:
             self.fired += 1
             capturing = self._is_capturing
             if capturing is not None and capturing():
-                self._fire_in_graph_capture(tap, extract, hook_args)
+                self._fire_off_hot_path(tap, extract, hook_args, in_graph_capture=True)
             elif self.checking:
-                self._fire_checked(tap, extract, hook_args)
+                self._fire_off_hot_path(tap, extract, hook_args, in_graph_capture=False)
             else:
                 agent_tap(hook, L, extract, *hook_args)
 
@@ -211,8 +211,10 @@ class SGLangTaps:
         self.taps[(hook, L)] = tap
         return ""
 
-    def _fire_checked(self, tap: _Tap, extract, hook_args) -> None:
-        """The start-up self-check's firing: record what the tap saw, and capture as usual."""
+    def _fire_off_hot_path(self, tap: _Tap, extract, hook_args, in_graph_capture: bool) -> None:
+        """A firing under the agent's timer, where an exception in extract disables only this tap.
+        Inside a CUDA-graph capture: only a graph-safe copy into the tap's static buffer. During
+        the start-up self-check: record what the tap saw, and capture as usual."""
         agent = self.agent
         with agent.timed():
             try:
@@ -220,24 +222,15 @@ class SGLangTaps:
             except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
                 agent.tap_failed(tap.hook, tap.layer, e)
                 return
-            if rows is None:
+            if in_graph_capture:
+                if rows is not None and rows.is_cuda:
+                    self._record_static((tap.hook, tap.layer), rows)
+            elif rows is None:
                 tap.seen = ("no tensor", ())
-                return
-            tap.seen = (int(rows.shape[0]), tuple(rows.shape[1:]))
-            if agent.wants(tap.hook, tap.layer):
-                agent.capture(tap.hook, tap.layer, rows)
-
-    def _fire_in_graph_capture(self, tap: _Tap, extract, hook_args) -> None:
-        """Inside a CUDA-graph capture: only a graph-safe copy into the tap's static buffer."""
-        agent = self.agent
-        with agent.timed():
-            try:
-                rows = extract(*hook_args)
-            except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
-                agent.tap_failed(tap.hook, tap.layer, e)
-                return
-            if rows is not None and rows.is_cuda:
-                self._record_static((tap.hook, tap.layer), rows)
+            else:
+                tap.seen = (int(rows.shape[0]), tuple(rows.shape[1:]))
+                if agent.wants(tap.hook, tap.layer):
+                    agent.capture(tap.hook, tap.layer, rows)
 
     # -- CUDA graphs -----------------------------------------------------------------------
     def _record_static(self, key, rows) -> None:
