@@ -15,6 +15,7 @@ COMMANDS = {
     "exporterctl": ("tensortrace.exporter.ctl:main", "change capture selection / read status via an exporter's control endpoint"),
     "loader": ("tensortrace.compose:LOADER", "load the activations topic into ClickHouse (and serve reads: --query-port)"),
     "query-server": ("tensortrace.query.main:SERVICE", "serve the gRPC read-back API in front of ClickHouse"),
+    "bridge": ("tensortrace.bridge.main:SERVICE", "turn captured requests into OpenTelemetry spans (OTLP, otel_traces)"),
     "show": ("tensortrace.query.show:main", "print what was captured for a request (by trace id)"),
     "kafka": ("tensortrace.devkafka.main:main", "run a local Apache Kafka broker (development and tests)"),
     "demo": ("tensortrace.demo:main", "run the end-to-end demo"),

@@ -1,0 +1,15 @@
+"""`tensortrace bridge`: the OpenTelemetry bridge, a consumer service on `tensortrace.consume`.
+
+Each captured request (records and summary off the activation topic, grouped and judged complete
+by the RequestView) becomes spans in the request's own W3C trace: `tensortrace.capture` (child of
+the request's span), `tensortrace.export` and `tensortrace.kafka` (children of capture) and, opt-in,
+one `tensortrace.step` per forward step linked to the requests of that batch, with
+deterministic ids, exported over OTLP (the SDK's exporters) and/or into ClickHouse's `otel_traces`
+(the OTel Collector ClickHouse exporter's shape). docs/bridge.md.
+
+  config.py   BridgeConfig (ConsumerConfig + destinations)
+  spans.py    pure: CapturedRequest (+ RecordStats) -> SpanData; otel_traces columns
+  export.py   OtlpWriter, ClickHouseWriter: durable before returning, retried with Backoff
+  service.py  BridgeSink (RequestView + batch export), BridgeService, metrics
+  main.py     the `tensortrace bridge` ServiceSpec
+"""

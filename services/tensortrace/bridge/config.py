@@ -1,0 +1,95 @@
+"""Bridge configuration: the consumer settings every stream consumer has (ConsumerConfig: Kafka,
+topic, group, dead letters, batching, retries), plus where the spans go.
+
+>>> BridgeConfig(otlp_endpoint="127.0.0.1:4317").problems()
+[]
+>>> BridgeConfig().problems()
+['otlp_endpoint/clickhouse_dsn: set at least one destination for the spans']
+
+Destinations (one or both): `--otlp-endpoint` (an OTLP/gRPC `host:port`, or an OTLP/HTTP URL with
+`--otlp-protocol http/protobuf`: a Collector, Tempo, Jaeger, a vendor) and `--clickhouse-dsn` (the
+`otel_traces` table in the OTel Collector ClickHouse exporter's shape, storage/otel.py). OTLP
+headers (auth) are not flags: the SDK exporter reads `OTEL_EXPORTER_OTLP_HEADERS` /
+`OTEL_EXPORTER_OTLP_TRACES_HEADERS` from the environment (a Kubernetes Secret), as do its TLS
+settings (`OTEL_EXPORTER_OTLP_CERTIFICATE`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tensortrace.consume.config import ConsumerConfig
+from tensortrace.service.config import option, raise_problems
+from tensortrace.storage import schema
+from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
+
+DEFAULT_GROUP = "tensortrace-bridge"
+DEFAULT_SERVICE_NAME = "tensortrace-bridge"
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+@dataclass
+class BridgeConfig(ConsumerConfig):
+    group_id: str = option(DEFAULT_GROUP, "Kafka consumer group")
+    request_timeout_s: float = option(30.0, "a request still missing records or summaries after this is released incomplete")
+    max_open_requests: int = option(10_000, "requests held at once; beyond, the oldest is released incomplete")
+
+    otlp_endpoint: str = option("", "OTLP destination: host:port (grpc) or http(s)://host:4318/v1/traces (http/protobuf); '': off")
+    otlp_protocol: str = option("grpc", "grpc | http/protobuf")
+    otlp_insecure: bool = option(True, "grpc: plaintext (no TLS) to the OTLP endpoint")
+    otlp_timeout_s: float = option(10.0, "one OTLP export call, including the SDK exporter's own retries")
+    otlp_batch_spans: int = option(512, "spans per OTLP export call")
+
+    clickhouse_dsn: str = option("", "ClickHouse for otel_traces: http(s)://user:password@host:port or chdb:///path; '': off")
+    traces_database: str = option(DEFAULT_OTEL_DATABASE, "database of the traces table")
+    traces_table: str = option(DEFAULT_TRACES_TABLE, "traces table (the OTel Collector ClickHouse exporter's shape)")
+    traces_ttl_days: int = option(schema.DEFAULT_TTL_DAYS, "span rows older than this are dropped; 0: kept forever")
+
+    step_spans: bool = option(False, "also one tensortrace.step span per (producer, forward step), linked to every "
+                                     "request in that batch; needs one bridge to read every partition (docs/bridge.md)")
+    step_linger_s: float = option(2.0, "a step's span is made when no record of it arrived for this long")
+    step_max_links: int = option(128, "links per step span (the SDK's default span link limit); the rest are counted")
+
+    service_name: str = option(DEFAULT_SERVICE_NAME, "resource service.name of the spans")
+    tensors_table: str = option(f"{schema.DEFAULT_DATABASE}.activations",
+                                "where the tensors are (the capture span's tensortrace.table)")
+
+    def problems(self) -> list[str]:
+        out = self.consumer_problems()
+        if not self.otlp_endpoint and not self.clickhouse_dsn:
+            out.append("otlp_endpoint/clickhouse_dsn: set at least one destination for the spans")
+        if self.otlp_protocol not in OTLP_PROTOCOLS:
+            out.append(f"otlp_protocol: {self.otlp_protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)}")
+        elif self.otlp_endpoint:
+            is_url = self.otlp_endpoint.startswith(("http://", "https://"))
+            if self.otlp_protocol == "http/protobuf" and not is_url:
+                out.append(f"otlp_endpoint: {self.otlp_endpoint!r}: http/protobuf needs a URL (http://host:4318/v1/traces)")
+            if self.otlp_protocol == "grpc" and not is_url and ":" not in self.otlp_endpoint:
+                out.append(f"otlp_endpoint: {self.otlp_endpoint!r} is not host:port")
+        if self.otlp_timeout_s <= 0:
+            out.append(f"otlp_timeout_s: {self.otlp_timeout_s} must be > 0")
+        if self.otlp_batch_spans < 1:
+            out.append(f"otlp_batch_spans: {self.otlp_batch_spans} < 1")
+        if self.clickhouse_dsn and not self.clickhouse_dsn.startswith(("chdb://", "http://", "https://")):
+            out.append(f"clickhouse_dsn: {self.clickhouse_dsn!r}: expected chdb:///path or http(s)://user:pw@host:port")
+        for name in ("traces_database", "traces_table"):
+            try:
+                schema.check_identifier(getattr(self, name), name)
+            except ValueError as e:
+                out.append(f"{name}: {e}")
+        if self.traces_ttl_days < 0:
+            out.append(f"traces_ttl_days: {self.traces_ttl_days} < 0")
+        if self.request_timeout_s <= 0:
+            out.append(f"request_timeout_s: {self.request_timeout_s} must be > 0")
+        if self.max_open_requests < 1:
+            out.append(f"max_open_requests: {self.max_open_requests} < 1")
+        if self.step_linger_s <= 0:
+            out.append(f"step_linger_s: {self.step_linger_s} must be > 0")
+        if self.step_max_links < 1:
+            out.append(f"step_max_links: {self.step_max_links} < 1")
+        if not self.service_name:
+            out.append("service_name: empty")
+        return out
+
+    def validate(self) -> "BridgeConfig":
+        return raise_problems(self, "bridge config")
