@@ -15,6 +15,7 @@ import uuid
 import pytest
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError
 
 from tensortrace.devkafka import LocalKafka
 from tensortrace.service.kafka import KafkaAuthError, KafkaConfig, KafkaUnavailable, probe
@@ -68,10 +69,18 @@ def test_three_unfenced_brokers_with_replicated_test_defaults(cluster, admin):
     _wait(lambda: len(_partitions(admin, name)) == 2, 30, "the topic")
     assert all(len(p["replicas"]) == 3 for p in _partitions(admin, name))
     from kafka.admin import ConfigResource, ConfigResourceType
-    res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, ["min.insync.replicas"])],
-                                 config_filter="all")
-    entry = res["topic"][name]["min.insync.replicas"]
-    assert (entry.get("value") if isinstance(entry, dict) else entry) == "2", res
+
+    def min_insync():
+        # right after creation a broker may answer before the topic's configs are visible to it
+        try:
+            res = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, ["min.insync.replicas"])],
+                                         config_filter="all")
+        except KafkaError:
+            return None
+        entry = res.get("topic", {}).get(name, {}).get("min.insync.replicas")
+        return entry.get("value") if isinstance(entry, dict) else entry
+    assert wait_until(lambda: min_insync() is not None, 30, 0.2), "min.insync.replicas never visible"
+    assert min_insync() == "2"
 
 
 @pytest.mark.slow
