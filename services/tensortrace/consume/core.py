@@ -22,6 +22,12 @@ Why nothing is lost and nothing is counted twice (docs/consumers.md):
   * a message that cannot be decoded, a record a sink refuses (InvalidRecord) and a chunk set that
     never completes go to the dead-letter topic with a typed reason, acknowledged by the broker
     before the offset after them may be committed.
+Foreign payloads (`decode=`): a topic whose messages are not v1 envelopes (the bridge's spans
+topic holds OTLP ExportTraceServiceRequests) is read by the same core with a decoder,
+`ConsumerCore(config, sink, decode=fn)`: each message's value goes through `fn(value)` and what it
+returns to `sink.add_message(decoded, source)` (no chunk reassembly, no add_tensor/add_summary).
+`fn` raises InvalidRecord for a message it cannot decode, which is dead-lettered as it came. Offsets,
+batching, backpressure, rebalances and dead letters are the same as for envelopes.
 Backpressure: when the queue is full (the sink is slow or down) the consumer pauses its partitions
 but keeps polling, so it stays in the group. A rebalance flushes what was read, commits, and drops
 the state of the partitions that moved (their new owner re-reads from the last commit).
@@ -34,6 +40,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -71,7 +78,9 @@ class ConsumerStats:
 
 class ConsumerCore:
     def __init__(self, config: ConsumerConfig, sink, *, name: str = "consumer", stats: ConsumerStats | None = None,
-                 producer=None):
+                 producer=None, decode: Callable[[bytes], Any] | None = None):
+        """`decode`: None (the default) reads v1 envelopes into sink.add_tensor / add_summary; a
+        function `bytes -> object` reads any other payload into sink.add_message (module docstring)."""
         problems = config.consumer_problems()
         if problems:
             from tensortrace.service.config import ConfigError
@@ -79,6 +88,7 @@ class ConsumerCore:
         self.config = config
         self.sink = sink
         self.name = name
+        self.decode = decode
         self.stats = stats if stats is not None else ConsumerStats()
         self.stopping = threading.Event()
         self.ready = threading.Event()   # set once the consumer has partitions assigned
@@ -179,6 +189,9 @@ class ConsumerCore:
         else:
             r[1] = m.offset
         self._read_upto[tp] = m.offset + 1
+        if self.decode is not None:
+            self._handle_decoded(tp, m)
+            return
         try:
             records = codec.decode_envelope(m.value)
         except codec.WireError as e:
@@ -209,6 +222,14 @@ class ConsumerCore:
                 sink.add_tensor(t, source)
             except InvalidRecord as e:
                 self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([rec]), e.reason, str(e))
+
+    def _handle_decoded(self, tp: TopicPartition, m) -> None:
+        """A message of a foreign payload: decode(value) -> sink.add_message; InvalidRecord from
+        either dead-letters the message as it came."""
+        try:
+            self.sink.add_message(self.decode(m.value), Source(tp.topic, tp.partition, m.offset))
+        except InvalidRecord as e:
+            self._dead_letter(tp, m.offset, m.key, m.value, e.reason, str(e))
 
     def _expire_chunks(self) -> None:
         for key, parts, reason in self._assembler.expire():
@@ -329,8 +350,11 @@ class ConsumerCore:
         return ok
 
     def _on_revoked(self, revoked) -> None:
-        self._hand_off(in_rebalance=True)
-        self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
+        # A revocation while closing (leaving the group) comes after the final flush and after the
+        # flush thread ended: nothing is left to hand off, and nobody would flush it.
+        if self._flusher is not None and self._flusher.is_alive():
+            self._hand_off(in_rebalance=True)
+            self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
         revoked = set(revoked)
         for key in [k for k, (tp, _) in self._holds.items() if tp in revoked]:
             self._holds.pop(key)
