@@ -255,7 +255,8 @@ def phase_e2e(n: int, records_per_request: int, destination: str) -> dict:
             msgs.append((rid.encode(), codec.encode_envelope(recs[k:k + 8])))
     produce(bs, topic, msgs)
     kw = dict(kafka=KafkaConfig(bootstrap_servers=bs), topic=topic, dlq_topic=topic + ".dlq",
-              group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_max_delay_s=0.1)
+              group_id=f"bench-{uuid.uuid4().hex[:6]}", batch_max_delay_s=0.1,
+              otlp_receiver_port=-1, spans_consumer=False)   # the activation path only
     path = receiver = None
     if destination == "clickhouse":
         path = tempfile.mkdtemp(prefix="bridge-bench-e2e-")

@@ -9,13 +9,16 @@
 # --no-deps so the SGLang-pinned torch/transformers stay as SGLang wants them.
 # On a CPU-only machine SGLang's CPU engine imports `sgl_kernel`, whose CPU build is not on PyPI:
 # scripts/sglang/sgl_kernel_stub/ holds a labelled pure-torch stand-in that callers put on PYTHONPATH.
+# SGLang comes with its `tracing` extra (the OpenTelemetry SDK and OTLP exporters that
+# `--enable-trace --otlp-traces-endpoint` needs; docs/bridge.md); a venv built before that gets it
+# on the next run (the stamp name changed), in a few seconds.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 SGLANG_VERSION="${SGLANG_VERSION:-0.5.23}"
 VENV="${SGLANG_VENV:-$ROOT/.cache/sglang-venv}"
 PYTHON="${PYTHON:-python3}"
-STAMP="$VENV/.installed-sglang-$SGLANG_VERSION"
+STAMP="$VENV/.installed-sglang-$SGLANG_VERSION-tracing"
 # The stamp also depends on pyproject.toml (entry points are installed from it).
 if [[ -f "$STAMP" && "$STAMP" -nt "$ROOT/pyproject.toml" ]]; then
   echo "sglang venv ready: $VENV (sglang $SGLANG_VERSION)"
@@ -32,7 +35,11 @@ t0=$(date +%s)
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip wheel setuptools
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('sglang') != '$SGLANG_VERSION')" 2>/dev/null; then
-  "$VENV/bin/pip" install -q "sglang==$SGLANG_VERSION"
+  "$VENV/bin/pip" install -q "sglang[tracing]==$SGLANG_VERSION"
+fi
+# SGLang's tracing extra, for a venv that has SGLang without it (pip adds only the missing packages).
+if ! "$VENV/bin/python" -c "import opentelemetry.sdk.trace, opentelemetry.exporter.otlp.proto.grpc.trace_exporter, opentelemetry.exporter.otlp.proto.http.trace_exporter" 2>/dev/null; then
+  "$VENV/bin/pip" install -q "sglang[tracing]==$SGLANG_VERSION"
 fi
 # Our package, editable, without letting pip touch SGLang's pinned dependency set; plus what our
 # package needs that sglang does not already bring (checked, installed only if missing).

@@ -11,11 +11,11 @@ import urllib.request
 import uuid
 
 import pytest
-from kafka.admin import KafkaAdminClient, NewTopic
 
 from tensortrace.bridge.config import BridgeConfig
 from tensortrace.bridge.service import BridgeService
 from tensortrace.bridge.spans import CAPTURE, EXPORT, KAFKA, span_id
+from tensortrace.testing.kafka import create_topics
 from tensortrace.testing.synthetic import SyntheticRequest, produce
 from tensortrace.service.kafka import KafkaConfig
 from tensortrace.wire import codec
@@ -24,18 +24,16 @@ pytestmark = pytest.mark.integration
 
 
 def new_topic(bootstrap: str, partitions: int = 2) -> str:
-    name = f"tt-bridge-{uuid.uuid4().hex[:10]}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(name, partitions, 1), NewTopic(name + ".dlq", 1, 1)])
-    finally:
-        admin.close()
-    return name
+    """A new topic and its `.dlq`, returned once every partition has a leader (a consumer that joins
+    before that can be assigned nothing until its next metadata refresh)."""
+    return create_topics(bootstrap, partitions, prefix="tt-bridge", dlq=True)
 
 
 def config(bootstrap: str, topic: str, **kw) -> BridgeConfig:
     kw.setdefault("group_id", f"bridge-{uuid.uuid4().hex[:8]}")
     kw.setdefault("request_timeout_s", 2.0)
+    kw.setdefault("otlp_receiver_port", -1)     # the engine-spans receiver and consumer: test_bridge_receiver.py
+    kw.setdefault("spans_consumer", False)
     return BridgeConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq",
                         batch_max_delay_s=0.05, retry_initial_s=0.05, retry_max_s=0.5, **kw)
 
@@ -249,16 +247,34 @@ def test_tensortrace_bridge_runs_as_a_service_with_metrics_and_stops_on_sigterm(
     topic = new_topic(bs, partitions=1)
     r = SyntheticRequest.make("svc", layers=1, hidden=8)
     produce(bs, topic, r.messages() + [(b"x", codec.encode_envelope([r.summary]))])
+    spans_topic = new_topic(bs, partitions=1)
     status = tmp_path / "status.json"
     proc = subprocess.Popen([sys.executable, "-m", "tensortrace.cli", "bridge", "--kafka-bootstrap-servers", bs,
                              "--topic", topic, "--dlq-topic", topic + ".dlq", "--otlp-endpoint", otlp_grpc.endpoint,
                              "--http-port", "0", "--http-host", "127.0.0.1", "--status-file", str(status),
-                             "--batch-max-delay-s", "0.05"],
+                             "--batch-max-delay-s", "0.05", "--otlp-receiver-port", "0",
+                             "--otlp-receiver-host", "127.0.0.1", "--spans-topic", spans_topic,
+                             "--spans-group-id", f"spans-{uuid.uuid4().hex[:8]}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_until(status.exists, 30), "no status file"
-        port = json.loads(status.read_text())["ports"]["http"]
+        assert wait_until(lambda: status.exists() and "otlp" in json.loads(status.read_text())["ports"], 30), \
+            "no status file with the OTLP receiver's port"
+        ports = json.loads(status.read_text())["ports"]
+        port = ports["http"]
         otlp_grpc.wait_for(3)
+        # the serving engine's spans: SDK -> the process's OTLP receiver -> Kafka -> forwarded to the
+        # OTLP destination, as they were sent
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        provider = TracerProvider(resource=Resource.create({"service.name": "engine"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{ports['otlp']}",
+                                                                         insecure=True)))
+        provider.get_tracer("engine").start_span("request_process").end()
+        provider.shutdown()
+        engine = [s for s in otlp_grpc.wait_for(4) if s["name"] == "request_process"]
+        assert len(engine) == 1 and engine[0]["resource"]["service.name"] == "engine"
 
         def metric(name, labels):
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -266,6 +282,8 @@ def test_tensortrace_bridge_runs_as_a_service_with_metrics_and_stops_on_sigterm(
             return float(line[0].split()[-1]) if line else None
         assert wait_until(lambda: metric("tensortrace_bridge_spans_total", 'destination="otlp"') == 3.0)
         assert metric("tensortrace_bridge_requests_total", 'state="complete"') == 1.0
+        assert wait_until(lambda: metric("tensortrace_bridge_engine_spans_total", 'destination="otlp"') == 1.0)
+        assert metric("tensortrace_bridge_otlp_requests_total", 'result="accepted"') == 1.0
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

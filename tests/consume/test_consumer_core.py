@@ -141,3 +141,55 @@ def test_a_batch_given_up_at_stop_keeps_every_later_offset_uncommitted(kafka_bro
     time.sleep(3 * cfg.batch_max_delay_s)
     run.stop()
     assert committed(bs, cfg.group_id, topic) == {0: 0}   # nothing is durable: a restart re-reads it all
+
+
+class Lines:
+    """A sink of a foreign payload (ConsumerCore(..., decode=...)): keeps what decode returned."""
+
+    def __init__(self):
+        self.open, self.flushed = [], []
+
+    def add_message(self, decoded, source):
+        if decoded == "refuse":
+            from tensortrace.consume import DeadLetterReason, InvalidRecord
+            raise InvalidRecord(DeadLetterReason.INVALID_RECORD, "the sink refuses this one")
+        self.open.append((decoded, source.offset))
+
+    def due(self):
+        return False
+
+    def seal(self):
+        out, self.open = self.open, []
+        return out or None
+
+    def flush(self, batch, stopping):
+        self.flushed.extend(batch.data)
+        return True
+
+
+def test_a_decode_hook_reads_a_foreign_payload_into_add_message_with_the_same_offsets_and_dead_letters(
+        kafka_broker):
+    from tensortrace.consume import DeadLetterReason, InvalidRecord
+
+    def decode(value: bytes) -> str:
+        if not value.startswith(b"line:"):
+            raise InvalidRecord(DeadLetterReason.ENVELOPE, f"not a line: {value[:10]!r}")
+        return value[5:].decode()
+
+    bs = kafka_broker.bootstrap
+    topic = create_topics(bs, prefix="tt-core", dlq=True)
+    produce(bs, topic, [(b"k", b"line:a"), (b"k", b"\x00junk"), (b"k", b"line:refuse"), (b"k", b"line:b")])
+    cfg = config(bs, topic)
+    sink = Lines()
+    core = ConsumerCore(cfg, sink, name="lines", decode=decode)
+    run = Running(core)
+    assert wait_until(lambda: committed(bs, cfg.group_id, topic) == {0: 4})
+    run.stop()
+    assert sink.flushed == [("a", 0), ("b", 3)]
+    assert core.stats.dlq_by_reason == {"envelope": 1, "invalid_record": 1}
+    dlq = KafkaConsumer(topic + ".dlq", bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    try:
+        got = [(m.value, dict(m.headers)[DLQ_REASON_CODE_HEADER]) for m in dlq]
+    finally:
+        dlq.close()
+    assert got == [(b"\x00junk", b"envelope"), (b"line:refuse", b"invalid_record")]

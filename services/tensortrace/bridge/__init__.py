@@ -5,11 +5,18 @@ by the RequestView) becomes spans in the request's own W3C trace: `tensortrace.c
 the request's span), `tensortrace.export` and `tensortrace.kafka` (children of capture) and, opt-in,
 one `tensortrace.step` per forward step linked to the requests of that batch, with
 deterministic ids, exported over OTLP (the SDK's exporters) and/or into ClickHouse's `otel_traces`
-(the OTel Collector ClickHouse exporter's shape). docs/bridge.md.
+(the OTel Collector ClickHouse exporter's shape). It also receives the serving engine's own spans
+over OTLP and stores them the same way, so both share one trace in one table. docs/bridge.md.
 
   config.py   BridgeConfig (ConsumerConfig + destinations)
   spans.py    pure: CapturedRequest (+ RecordStats) -> SpanData; otel_traces columns
-  export.py   OtlpWriter, ClickHouseWriter: durable before returning, retried with Backoff
+  export.py   OtlpWriter, ClickHouseWriter, OtlpForwarder: durable before returning, retried with Backoff
   service.py  BridgeSink (RequestView + batch export), BridgeService, metrics
   main.py     the `tensortrace bridge` ServiceSpec
+
+The serving engine's own spans (SGLang --enable-trace) through the bridge:
+  receiver.py OTLP/gRPC + OTLP/HTTP receivers -> the spans topic (acks=all before the export returns)
+  otlp.py     pure: validation, splitting for Kafka, otel_traces rows as the Collector's exporter writes them
+  engine.py   EngineSpansSink: the spans topic (a second ConsumerCore, decode=otlp.decode_message) ->
+              the same destinations
 """

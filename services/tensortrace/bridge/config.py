@@ -12,11 +12,17 @@ Destinations (one or both): `--otlp-endpoint` (an OTLP/gRPC `host:port`, or an O
 headers (auth) are not flags: the SDK exporter reads `OTEL_EXPORTER_OTLP_HEADERS` /
 `OTEL_EXPORTER_OTLP_TRACES_HEADERS` from the environment (a Kubernetes Secret), as do its TLS
 settings (`OTEL_EXPORTER_OTLP_CERTIFICATE`, ...).
+
+The serving engine's own spans (SGLang `--enable-trace --otlp-traces-endpoint bridge:4317`):
+`--otlp-receiver-port` (gRPC, 4317; -1: off) and `--otlp-http-receiver-port` (off) receive them,
+publish them to `--spans-topic` and acknowledge only then; `--spans-consumer` (on) reads that topic
+into the same destinations, in its own group `--spans-group-id`. docs/bridge.md, "Receiving the
+engine's spans".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from tensortrace.consume.config import ConsumerConfig
 from tensortrace.service.config import option, raise_problems
@@ -25,6 +31,8 @@ from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 
 DEFAULT_GROUP = "tensortrace-bridge"
 DEFAULT_SERVICE_NAME = "tensortrace-bridge"
+DEFAULT_SPANS_TOPIC = "tensortrace.spans"
+DEFAULT_SPANS_GROUP = "tensortrace-bridge-spans"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -49,6 +57,20 @@ class BridgeConfig(ConsumerConfig):
                                      "request in that batch; needs one bridge to read every partition (docs/bridge.md)")
     step_linger_s: float = option(2.0, "a step's span is made when no record of it arrived for this long")
     step_max_links: int = option(128, "links per step span (the SDK's default span link limit); the rest are counted")
+
+    # The serving engine's own spans (SGLang --enable-trace --otlp-traces-endpoint bridge:4317):
+    # received over OTLP, published to the spans topic (acks=all) before the export succeeds, then
+    # read back by a second consumer into the same destinations (receiver.py, engine.py).
+    otlp_receiver_port: int = option(4317, "OTLP/gRPC trace receiver for the serving engine's spans; 0: ephemeral, -1: off")
+    otlp_receiver_host: str = option("0.0.0.0", "address of the OTLP receivers (the pod IP; 127.0.0.1 for local use)")
+    otlp_http_receiver_port: int = option(-1, "OTLP/HTTP (protobuf) receiver, POST /v1/traces; 4318 is the usual port; 0: ephemeral, -1: off")
+    otlp_receiver_max_bytes: int = option(4 << 20, "largest OTLP request accepted (bytes); larger: INVALID_ARGUMENT")
+    spans_topic: str = option(DEFAULT_SPANS_TOPIC, "Kafka topic of the received spans (ExportTraceServiceRequest bytes)")
+    spans_publish_timeout_s: float = option(5.0, "an export waits this long for Kafka's acknowledgement; then UNAVAILABLE")
+    spans_message_max_bytes: int = option(1_000_000, "largest spans-topic message (keep under the topic's "
+                                                      "max.message.bytes); larger requests are split by span")
+    spans_consumer: bool = option(True, "also consume the spans topic into the destinations (otel_traces / OTLP)")
+    spans_group_id: str = option(DEFAULT_SPANS_GROUP, "Kafka consumer group of the spans-topic consumer")
 
     service_name: str = option(DEFAULT_SERVICE_NAME, "resource service.name of the spans")
     tensors_table: str = option(f"{schema.DEFAULT_DATABASE}.activations",
@@ -89,7 +111,41 @@ class BridgeConfig(ConsumerConfig):
             out.append(f"step_max_links: {self.step_max_links} < 1")
         if not self.service_name:
             out.append("service_name: empty")
+        for name in ("otlp_receiver_port", "otlp_http_receiver_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                out.append(f"{name}: {getattr(self, name)} is not a port (0: ephemeral, -1: off)")
+        if self.otlp_receiver_port > 0 and self.otlp_receiver_port == self.otlp_http_receiver_port:
+            out.append(f"otlp_http_receiver_port: {self.otlp_http_receiver_port} is also the gRPC receiver's port")
+        if not self.otlp_receiver_host:
+            out.append("otlp_receiver_host: empty")
+        if self.otlp_receiver_max_bytes < 1024:
+            out.append(f"otlp_receiver_max_bytes: {self.otlp_receiver_max_bytes} < 1024")
+        if self.spans_message_max_bytes < 1024:
+            out.append(f"spans_message_max_bytes: {self.spans_message_max_bytes} < 1024")
+        if self.spans_publish_timeout_s <= 0:
+            out.append(f"spans_publish_timeout_s: {self.spans_publish_timeout_s} must be > 0")
+        if self.receives_spans or self.spans_consumer:
+            if not self.spans_topic or any(ch.isspace() for ch in self.spans_topic):
+                out.append(f"spans_topic: {self.spans_topic!r} must be a non-empty name without spaces")
+            elif self.spans_topic in (self.topic, self.dlq_topic):
+                out.append(f"spans_topic: {self.spans_topic!r} is also the activation or dead-letter topic")
+        if self.spans_consumer:
+            if not self.spans_group_id or any(ch.isspace() for ch in self.spans_group_id):
+                out.append(f"spans_group_id: {self.spans_group_id!r} must be a non-empty name without spaces")
+            elif self.spans_group_id == self.group_id:
+                out.append("spans_group_id: must differ from group_id (the two consumers read different topics)")
         return out
+
+    @property
+    def receives_spans(self) -> bool:
+        """An OTLP receiver (gRPC or HTTP) is on."""
+        return self.otlp_receiver_port >= 0 or self.otlp_http_receiver_port >= 0
+
+    def spans_consumer_config(self) -> ConsumerConfig:
+        """The consumer settings of the spans-topic consumer: this config's, on the spans topic,
+        its own group, dead letters to `<spans_topic>.dlq`."""
+        return ConsumerConfig(**{f.name: getattr(self, f.name) for f in fields(ConsumerConfig)} | dict(
+            topic=self.spans_topic, group_id=self.spans_group_id, dlq_topic=self.spans_topic + ".dlq"))
 
     def validate(self) -> "BridgeConfig":
         return raise_problems(self, "bridge config")

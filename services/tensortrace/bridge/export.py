@@ -11,6 +11,11 @@ backoff of every service (`tensortrace.service.Backoff`) until then; they give u
 service is stopping (`stopping` set), and the caller then does not commit the Kafka offsets, so the
 requests are read again and their spans re-sent with the same ids (spans.py).
 
+The serving engine's own spans (received by the bridge's OTLP receiver, read back off the spans
+topic) go through the same writers, as they came: `ClickHouseWriter.write_requests` (rows as the
+Collector's ClickHouse exporter makes them, otlp.py) and `OtlpForwarder` (each request forwarded
+unchanged through the SDK exporter's transport).
+
 OTLP: the spans are `opentelemetry.sdk.trace.ReadableSpan`s with explicit ids, parent, times,
 status, attributes and links, handed to the SDK's `OTLPSpanExporter.export()` in batches of
 `batch_spans` — no tracer, no span processor: the spans describe what already happened, and a
@@ -161,7 +166,20 @@ class ClickHouseWriter:
     def write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
         if not spans:
             return True
-        cols = self.columns(spans)
+        return self.insert(self.columns(spans), stopping)
+
+    def write_requests(self, requests: list, stopping: threading.Event) -> bool:
+        """The serving engine's spans (OTLP ExportTraceServiceRequests off the spans topic) as the
+        Collector's ClickHouse exporter would write them (otlp.py), with their own resources and
+        scopes; durable like `write`."""
+        from tensortrace.bridge.otlp import otlp_trace_columns
+
+        cols = otlp_trace_columns(requests)
+        return True if not len(cols) else self.insert(cols, stopping)
+
+    def insert(self, cols: TraceColumns, stopping: threading.Event) -> bool:
+        """Insert otel_traces rows, retried with the backoff until ClickHouse acknowledged them;
+        False only when `stopping` was set first."""
         backoff = Backoff(*self.retry)
         while True:
             t0 = time.perf_counter()
@@ -186,6 +204,95 @@ class ClickHouseWriter:
         pass   # the service owns the client
 
 
+class OtlpForwarder:
+    """The serving engine's spans to the OTLP destination, each ExportTraceServiceRequest as it
+    was received (its own resource, scope, ids, flags, dropped counts: nothing is re-encoded),
+    through the SDK exporter's own transport (headers, TLS, compression and retries from the
+    OTEL_EXPORTER_OTLP_* environment, as for the bridge's spans). Retried with the backoff until
+    the receiver accepts; False only when stopping."""
+
+    destination = "otlp"
+
+    def __init__(self, exporter, *, retry_initial_s: float = 0.2, retry_max_s: float = 10.0):
+        self.exporter = exporter
+        self.retry = (retry_initial_s, retry_max_s)
+        self.stats = WriterStats()
+
+    @classmethod
+    def create(cls, endpoint: str, *, protocol: str = "grpc", insecure: bool = True, timeout_s: float = 10.0,
+               retry_initial_s: float = 0.2, retry_max_s: float = 10.0) -> "OtlpForwarder":
+        if protocol == "grpc":
+            exporter = _raw_grpc_exporter_class()(endpoint=endpoint, insecure=insecure, timeout=timeout_s)
+        elif protocol == "http/protobuf":
+            exporter = _raw_http_exporter_class()(endpoint=endpoint, timeout=timeout_s)
+        else:
+            raise ValueError(f"OTLP protocol {protocol!r} is not grpc or http/protobuf")
+        return cls(exporter, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
+
+    def write_requests(self, requests: list, stopping: threading.Event) -> bool:
+        for req in requests:
+            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            if not n:
+                continue
+            backoff = Backoff(*self.retry)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    error = "" if self.exporter.export_request(req) else "the receiver refused the request"
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+                self.stats.seconds += time.perf_counter() - t0
+                if not error:
+                    self.stats.spans += n
+                    self.stats.batches += 1
+                    break
+                self.stats.failures += 1
+                self.stats.last_error = error
+                log.warning("OTLP forward of %d engine spans failed (%s); retrying in %.1fs", n, error, backoff.delay)
+                if backoff.wait(stopping):
+                    return False
+        return True
+
+    def close(self) -> None:
+        self.exporter.shutdown()
+
+
+def _raw_grpc_exporter_class():
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    class RawGrpcExporter(OTLPSpanExporter):
+        """The SDK's OTLP/gRPC span exporter, sending an ExportTraceServiceRequest as it is: its
+        request translation hook (`_translate_data`, the mixin's abstract method) is the identity."""
+
+        def _translate_data(self, data):
+            return data
+
+        def _count_data(self, data):
+            return sum(len(ss.spans) for rs in data.resource_spans for ss in rs.scope_spans)
+
+        def export_request(self, req) -> bool:
+            return self._export(req) is SpanExportResult.SUCCESS
+
+    return RawGrpcExporter
+
+
+def _raw_http_exporter_class():
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    class RawHttpExporter(OTLPSpanExporter):
+        """The SDK's OTLP/HTTP span exporter, POSTing an ExportTraceServiceRequest's bytes as they
+        are through the exporter's own client (its headers, compression and retries)."""
+
+        def export_request(self, req) -> bool:
+            body = req.SerializeToString()
+            client = getattr(self, "_client", None)
+            if client is not None and hasattr(client, "export"):   # opentelemetry-exporter-otlp-proto-http >= 1.4x
+                return bool(client.export(body).success)
+            return bool(self._export(body).ok)                        # older: a requests.Response
+
+    return RawHttpExporter
+
+
 @dataclass
 class Writers:
     """The configured writers, written to in order; each retries until durable."""
@@ -193,6 +300,10 @@ class Writers:
 
     def write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
         return all(w.write(spans, stopping) for w in self.items)
+
+    def write_requests(self, requests: list, stopping: threading.Event) -> bool:
+        """The serving engine's spans (ExportTraceServiceRequests) to every writer in turn."""
+        return all(w.write_requests(requests, stopping) for w in self.items)
 
     def close(self) -> None:
         for w in self.items:

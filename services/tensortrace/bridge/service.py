@@ -49,7 +49,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tensortrace.bridge.config import BridgeConfig
-from tensortrace.bridge.export import ClickHouseWriter, OtlpWriter, Writers, bridge_resource
+from tensortrace.bridge.engine import EngineSpansSink, EngineStats
+from tensortrace.bridge.export import ClickHouseWriter, OtlpForwarder, OtlpWriter, Writers, bridge_resource
+from tensortrace.bridge.otlp import decode_message
+from tensortrace.bridge.receiver import (OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverStats, SpansIntake,
+                                         SpansPublisher)
 from tensortrace.bridge.spans import (RecordStats, SpanData, SpanSource, StepStats, request_spans, skip_reason,
                                       step_span)
 from tensortrace.consume import CapturedRequest, ConsumerCore, Release, RequestView
@@ -252,6 +256,17 @@ class BridgeService:
                                step_spans=cfg.step_spans, step_linger_s=cfg.step_linger_s,
                                step_max_links=cfg.step_max_links)
         self.core = ConsumerCore(cfg, self.sink, name="bridge")
+        # the serving engine's spans: OTLP receiver(s) -> spans topic -> a second consumer
+        self.receiver_stats = ReceiverStats()
+        self.publisher: SpansPublisher | None = None
+        self.intake: SpansIntake | None = None
+        self.grpc_receiver: OtlpGrpcReceiver | None = None
+        self.http_receiver: OtlpHttpReceiver | None = None
+        self.engine_writers = Writers()
+        self.engine_stats = EngineStats()
+        self.engine_sink = EngineSpansSink(self._write_engine, stats=self.engine_stats)
+        self.spans_core = (ConsumerCore(cfg.spans_consumer_config(), self.engine_sink, name="bridge-spans",
+                                        decode=decode_message) if cfg.spans_consumer else None)
         self._stop = threading.Event()
         self._opened = threading.Event()
         self._client = None
@@ -261,15 +276,30 @@ class BridgeService:
     def _write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
         return self.writers.write(spans, stopping)
 
+    def _write_engine(self, requests: list, stopping: threading.Event) -> bool:
+        return self.engine_writers.write_requests(requests, stopping)
+
     # -- Service ----------------------------------------------------------------------------------
 
     def run(self) -> None:
-        if not self._open_writers():
-            return   # stopped while a destination was unreachable
+        # The receivers first: they need Kafka only, so the engine's spans are taken (and kept in
+        # the spans topic) while ClickHouse is still unreachable.
+        self._start_receivers()
+        spans_thread = None
         try:
+            if not self._open_writers():
+                return   # stopped while a destination was unreachable
+            if self.spans_core is not None:
+                spans_thread = threading.Thread(target=self.spans_core.run, name="bridge-spans-consume", daemon=True)
+                spans_thread.start()
             self.core.run()
         finally:
+            if spans_thread is not None:
+                self.spans_core.stop()
+                spans_thread.join(timeout=self.cfg.rebalance_flush_timeout_s + 5)
+            self._stop_receivers()
             self.writers.close()
+            self.engine_writers.close()
             # An embedded chDB engine is one per process and may be shared (tests, a composed
             # process): closing a client must not end it. A server connection is closed.
             if self._client is not None and not self.cfg.clickhouse_dsn.startswith("chdb://"):
@@ -278,20 +308,69 @@ class BridgeService:
     def stop(self) -> None:
         self._stop.set()
         self.core.stop()
+        if self.spans_core is not None:
+            self.spans_core.stop()
 
     def live(self) -> bool:
-        return self.core.live()
+        return self.core.live() and (self.spans_core is None or self.spans_core.live())
 
     def ready(self) -> bool:
-        return self._opened.is_set() and self.core.ready.is_set()
+        return (self._opened.is_set() and self.core.ready.is_set()
+                and (self.spans_core is None or self.spans_core.ready.is_set())
+                and (self.publisher is None or self.publisher.connected))
 
     def not_ready_reason(self) -> str:
         if not self._opened.is_set():
             return "ClickHouse not reachable yet"
-        return self.core.kafka_error or "consumer has not joined the group (no partitions assigned)"
+        if not self.core.ready.is_set():
+            return self.core.kafka_error or "consumer has not joined the group (no partitions assigned)"
+        if self.spans_core is not None and not self.spans_core.ready.is_set():
+            return self.spans_core.kafka_error or f"spans-topic consumer has no partitions of {self.cfg.spans_topic} yet"
+        if self.publisher is not None and not self.publisher.connected:
+            return f"OTLP receiver: spans topic {self.cfg.spans_topic} not writable: {self.publisher.error}"
+        return ""
 
     def ports(self) -> dict[str, int]:
-        return {}
+        out = {}
+        if self.grpc_receiver is not None:
+            out["otlp"] = self.grpc_receiver.port
+        if self.http_receiver is not None:
+            out["otlp_http"] = self.http_receiver.port
+        return out
+
+    # -- the OTLP receivers -------------------------------------------------------------------------
+
+    def _start_receivers(self) -> None:
+        cfg = self.cfg
+        if not cfg.receives_spans:
+            return
+        self.publisher = SpansPublisher(cfg.kafka, cfg.spans_topic, timeout_s=cfg.spans_publish_timeout_s,
+                                        max_message_bytes=cfg.spans_message_max_bytes,
+                                        retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s).start()
+        self.intake = SpansIntake(self.publisher, self.receiver_stats, max_request_bytes=cfg.otlp_receiver_max_bytes,
+                                  max_message_bytes=cfg.spans_message_max_bytes)
+        try:
+            if cfg.otlp_receiver_port >= 0:
+                self.grpc_receiver = OtlpGrpcReceiver(self.intake, cfg.otlp_receiver_host, cfg.otlp_receiver_port).start()
+                log.info("OTLP/gRPC trace receiver on %s:%d -> Kafka topic %s", cfg.otlp_receiver_host,
+                         self.grpc_receiver.port, cfg.spans_topic)
+            if cfg.otlp_http_receiver_port >= 0:
+                self.http_receiver = OtlpHttpReceiver(self.intake, cfg.otlp_receiver_host,
+                                                      cfg.otlp_http_receiver_port).start()
+                log.info("OTLP/HTTP trace receiver on http://%s:%d/v1/traces -> Kafka topic %s",
+                         cfg.otlp_receiver_host, self.http_receiver.port, cfg.spans_topic)
+        except OSError:
+            self._stop_receivers()
+            raise
+
+    def _stop_receivers(self) -> None:
+        """Refuse new exports, let the ones in flight finish publishing, then close the producer."""
+        if self.grpc_receiver is not None:
+            self.grpc_receiver.stop()
+        if self.http_receiver is not None:
+            self.http_receiver.stop()
+        if self.publisher is not None:
+            self.publisher.close()
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -303,12 +382,19 @@ class BridgeService:
             self.writers.items.append(OtlpWriter.create(cfg.otlp_endpoint, protocol=cfg.otlp_protocol,
                                                         insecure=cfg.otlp_insecure, timeout_s=cfg.otlp_timeout_s,
                                                         resource=resource, batch_spans=cfg.otlp_batch_spans, **retry))
+            if cfg.spans_consumer:
+                self.engine_writers.items.append(OtlpForwarder.create(
+                    cfg.otlp_endpoint, protocol=cfg.otlp_protocol, insecure=cfg.otlp_insecure,
+                    timeout_s=cfg.otlp_timeout_s, **retry))
         if cfg.clickhouse_dsn:
             client = self._open_clickhouse()
             if client is None:
                 return False
             self.writers.items.append(ClickHouseWriter(client, cfg.traces_database, cfg.traces_table,
                                                        resource=resource, **retry))
+            if cfg.spans_consumer:   # its own instance: its own counters (engine spans)
+                self.engine_writers.items.append(ClickHouseWriter(client, cfg.traces_database, cfg.traces_table,
+                                                                  resource=resource, **retry))
         self._opened.set()
         return True
 
@@ -389,3 +475,44 @@ class BridgeCollector:
                                 value=svc.sink.open_steps)
         yield GaugeMetricFamily(P + "ready", "1 once a destination is open and the consumer holds partitions",
                                 value=1.0 if svc.ready() else 0.0)
+        # the serving engine's spans: receiver (OTLP -> spans topic) and the spans-topic consumer
+        rx = svc.receiver_stats
+        with rx.lock:
+            results, rejected = dict(rx.requests), dict(rx.rejected)
+            rx_spans, rx_messages, rx_bytes, rx_seconds = rx.spans, rx.messages, rx.bytes, rx.publish_seconds
+        req = CounterMetricFamily(P + "otlp_requests", "OTLP export requests received, by result "
+                                  "(accepted: in Kafka; rejected: INVALID_ARGUMENT; unavailable: UNAVAILABLE)",
+                                  labels=["result"])
+        for result, n in sorted(results.items()):
+            req.add_metric([result], n)
+        yield req
+        rej = CounterMetricFamily(P + "otlp_rejected", "OTLP export requests refused, by reason", labels=["reason"])
+        for reason, n in sorted(rejected.items()):
+            rej.add_metric([reason], n)
+        yield rej
+        yield CounterMetricFamily(P + "otlp_spans_received", "spans of accepted OTLP requests (in the spans topic)",
+                                  value=rx_spans)
+        yield CounterMetricFamily(P + "otlp_messages_published", "spans-topic messages Kafka acknowledged",
+                                  value=rx_messages)
+        yield CounterMetricFamily(P + "otlp_bytes_received", "bytes of accepted OTLP requests", value=rx_bytes)
+        yield CounterMetricFamily(P + "otlp_publish_seconds", "time spent waiting for Kafka's acknowledgements",
+                                  value=rx_seconds)
+        yield GaugeMetricFamily(P + "otlp_kafka_connected", "1 while the receiver can publish to the spans topic",
+                                value=1.0 if svc.publisher is not None and svc.publisher.connected else 0.0)
+        espans = CounterMetricFamily(P + "engine_spans", "engine spans (spans topic) accepted by a destination "
+                                     "(re-sends included)", labels=["destination"])
+        efails = CounterMetricFamily(P + "engine_export_failures", "failed attempts to write engine spans (retried)",
+                                     labels=["destination"])
+        for w in svc.engine_writers.items:
+            espans.add_metric([w.destination], w.stats.spans)
+            efails.add_metric([w.destination], w.stats.failures)
+        yield espans
+        yield efails
+        if svc.spans_core is not None:
+            sc = svc.spans_core.stats
+            yield CounterMetricFamily(P + "spans_topic_messages", "spans-topic messages read", value=sc.messages)
+            sdl = CounterMetricFamily(P + "spans_dead_letters", "spans-topic messages sent to <spans topic>.dlq",
+                                      labels=["reason"])
+            for reason, n in sorted(sc.dlq_by_reason.items()):
+                sdl.add_metric([reason], n)
+            yield sdl

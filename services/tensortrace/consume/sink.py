@@ -67,7 +67,10 @@ class Sink(Protocol):
         """Make `batch.data` durable; True when done, False only if `stopping` was set first."""
 
     # optional: commit_offset(partition, candidate) -> int (see commit_offset below), and
-    # revoked(partitions: set[int]) -> None (forget what was held for partitions that moved)
+    # revoked(partitions: set[int]) -> None (forget what was held for partitions that moved).
+    # A sink of a topic that does not hold v1 envelopes (ConsumerCore(..., decode=fn)) implements
+    # add_message(decoded, source) -> None instead of add_tensor / add_summary: `decoded` is what
+    # fn returned for one Kafka message; raise InvalidRecord to dead-letter that message.
 
 
 def commit_offset(sink, partition: int, candidate: int) -> int:

@@ -1,0 +1,329 @@
+"""The bridge's OTLP trace receiver: the serving engine (SGLang `--enable-trace
+--otlp-traces-endpoint bridge:4317`) sends its spans here, and they go to Kafka, not to a database.
+
+    publisher = SpansPublisher(KafkaConfig(bootstrap_servers="kafka:9092"), "tensortrace.spans").start()
+    intake = SpansIntake(publisher, ReceiverStats())
+    grpc_rx = OtlpGrpcReceiver(intake, "0.0.0.0", 4317).start()      # TraceService/Export
+    http_rx = OtlpHttpReceiver(intake, "0.0.0.0", 4318).start()      # POST /v1/traces (optional)
+    ...; grpc_rx.stop(); http_rx.stop(); publisher.close()
+
+An Export succeeds only once Kafka acknowledged every message of it (acks=all): the spans are then
+as safe as the activation records, and a ClickHouse outage loses none (the spans-topic consumer,
+engine.py, writes them when it can). The outcomes, the same over gRPC and HTTP:
+
+| outcome | gRPC | HTTP | when |
+|---|---|---|---|
+| accepted | OK | 200 | parsed, every span's ids well formed, published and acknowledged |
+| refused | INVALID_ARGUMENT | 400 | not an ExportTraceServiceRequest, over --otlp-receiver-max-bytes, a malformed id (otlp.py); the message names the problem; the client must not retry |
+| unavailable | UNAVAILABLE | 503 | Kafka not connected, or it did not acknowledge within --spans-publish-timeout-s; OTLP clients retry these with backoff |
+
+A refused request changes nothing else: other requests keep flowing; refusals are counted by reason
+(`tensortrace_bridge_otlp_rejected_total{reason}`) and logged at most once per reason per 10 s.
+Kafka sees at-least-once delivery (a retried Export that had been published is published again):
+the copies are rows of the same span ids, which readers of otel_traces collapse (docs/bridge.md).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+import zlib
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from tensortrace.bridge.otlp import Rejected, check_request, kafka_messages, parse_request
+from tensortrace.service.backoff import Backoff
+from tensortrace.service.kafka import KafkaConfig
+
+log = logging.getLogger("tensortrace.bridge.receiver")
+
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_OK_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+
+
+class Unavailable(RuntimeError):
+    """Kafka cannot take the spans now (not connected, no acknowledgement in time): retryable."""
+
+
+@dataclass
+class ReceiverStats:
+    requests: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "rejected": 0, "unavailable": 0})
+    rejected: dict[str, int] = field(default_factory=dict)      # reason -> requests
+    spans: int = 0                  # spans in accepted requests
+    messages: int = 0               # spans-topic messages acknowledged by Kafka
+    bytes: int = 0                  # bytes of accepted requests
+    publish_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class SpansPublisher:
+    """A Kafka producer for the spans topic (acks=all), connected in the background with the
+    service backoff; `publish` waits for the acknowledgement of every message."""
+
+    def __init__(self, kafka: KafkaConfig, topic: str, *, timeout_s: float = 5.0, max_message_bytes: int = 1_000_000,
+                 retry_initial_s: float = 0.2, retry_max_s: float = 10.0):
+        self.kafka = kafka
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.retry = (retry_initial_s, retry_max_s)
+        self.error = "connecting"
+        self._producer = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    def start(self) -> "SpansPublisher":
+        self._thread = threading.Thread(target=self._connect_loop, name="bridge-spans-producer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _connect_loop(self) -> None:
+        from kafka import KafkaProducer
+
+        backoff = Backoff(*self.retry)
+        timeout_ms = max(1000, int(self.timeout_s * 1000))
+        while not self._stop.is_set():
+            producer = None
+            try:
+                self.kafka.check_connection(timeout_s=10.0)
+                producer = KafkaProducer(
+                    **self.kafka.client_kwargs(client_id="tensortrace-bridge-spans"), acks="all", linger_ms=2,
+                    compression_type="lz4", max_request_size=self.max_message_bytes + (64 << 10),
+                    request_timeout_ms=timeout_ms, delivery_timeout_ms=timeout_ms + 1000, max_block_ms=timeout_ms,
+                    retry_backoff_ms=100, reconnect_backoff_ms=100, reconnect_backoff_max_ms=1000)
+                if not producer.partitions_for(self.topic):
+                    raise RuntimeError(f"spans topic {self.topic} does not exist (and the broker did not create it)")
+                self._producer = producer
+                if self.error != "connecting":
+                    log.info("spans topic %s: Kafka works again (was: %s)", self.topic, self.error)
+                self.error = ""
+                return
+            except Exception as e:   # KafkaUnavailable (named cause), NoBrokersAvailable, no topic
+                if producer is not None:
+                    producer.close(timeout=1)
+                text = str(e) if str(e).startswith(type(e).__name__) else f"{type(e).__name__}: {e}"
+                if text != self.error:
+                    log.error("spans topic %s: Kafka not usable: %s; OTLP exports get UNAVAILABLE until it is; "
+                              "retrying", self.topic, text)
+                self.error = text
+                backoff.wait(self._stop)
+
+    def publish(self, messages: list[tuple[bytes | None, bytes, int]], timeout_s: float | None = None) -> None:
+        """Send (key, value, spans) messages; return once Kafka acknowledged all of them.
+        Unavailable when it cannot within `timeout_s`; Rejected(too_large) when Kafka refuses a
+        message as too large (a configuration problem that retrying does not fix)."""
+        from kafka.errors import KafkaError, MessageSizeTooLargeError
+
+        producer = self._producer
+        if producer is None:
+            raise Unavailable(f"Kafka is not connected ({self.error}); retry later")
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            sent = [producer.send(self.topic, key=key, value=value) for key, value, _ in messages]
+            for f in sent:
+                f.get(timeout=max(0.001, deadline - time.monotonic()))
+        except MessageSizeTooLargeError as e:
+            raise Rejected("too_large", f"Kafka refused a spans-topic message as too large ({e}); set "
+                                        "--spans-message-max-bytes below the topic's max.message.bytes") from None
+        except KafkaError as e:   # KafkaTimeoutError (no ack in time, buffer full), broker errors
+            raise Unavailable(f"Kafka did not acknowledge the spans within {self.timeout_s:g}s "
+                              f"({type(e).__name__}: {e}); retry later") from None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        if self._producer is not None:
+            self._producer.flush(timeout=10)
+            self._producer.close(timeout=10)
+            self._producer = None
+
+
+@dataclass
+class Outcome:
+    status: str            # "accepted" | "rejected" | "unavailable"
+    message: str = ""
+    reason: str = ""       # why rejected (otlp.REASONS)
+    spans: int = 0
+
+
+class SpansIntake:
+    """What both receivers do with a request body: parse and check it (otlp.py), publish it to the
+    spans topic, count the outcome."""
+
+    def __init__(self, publisher, stats: ReceiverStats, *, max_request_bytes: int = 4 << 20,
+                 max_message_bytes: int = 1_000_000):
+        self.publisher = publisher
+        self.stats = stats
+        self.max_request_bytes = max_request_bytes
+        self.max_message_bytes = max_message_bytes
+        self._logged: dict[str, float] = {}
+
+    def accept(self, raw: bytes) -> Outcome:
+        try:
+            req = parse_request(raw, self.max_request_bytes)
+            n = check_request(req)
+            messages = kafka_messages(raw, req, self.max_message_bytes)
+            t0 = time.perf_counter()
+            if messages:
+                self.publisher.publish(messages)
+        except Rejected as e:
+            with self.stats.lock:
+                self.stats.requests["rejected"] += 1
+                self.stats.rejected[e.reason] = self.stats.rejected.get(e.reason, 0) + 1
+            self._log(e.reason, f"OTLP export refused (INVALID_ARGUMENT, {e.reason}): {e}")
+            return Outcome("rejected", str(e), e.reason)
+        except Unavailable as e:
+            with self.stats.lock:
+                self.stats.requests["unavailable"] += 1
+            self._log("unavailable", f"OTLP export answered UNAVAILABLE: {e}")
+            return Outcome("unavailable", str(e))
+        with self.stats.lock:
+            self.stats.requests["accepted"] += 1
+            self.stats.spans += n
+            self.stats.messages += len(messages)
+            self.stats.bytes += len(raw)
+            self.stats.publish_seconds += time.perf_counter() - t0
+        return Outcome("accepted", spans=n)
+
+    def _log(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(key, -1e9) >= 10.0:
+            self._logged[key] = now
+            log.warning("%s", text)
+
+
+class OtlpGrpcReceiver:
+    """`opentelemetry.proto.collector.trace.v1.TraceService/Export` on grpcio. The request is taken
+    as raw bytes (no generated deserializer), so a body that is not a protobuf gets
+    INVALID_ARGUMENT with the reason rather than grpc's own INTERNAL "Exception deserializing"."""
+
+    def __init__(self, intake: SpansIntake, host: str, port: int, *, max_workers: int = 8,
+                 max_concurrent_rpcs: int = 64):
+        self.intake = intake
+        # grpc's own limit is kept above ours, so that an oversized request reaches accept() and
+        # gets INVALID_ARGUMENT naming the limit (beyond twice it, grpc answers RESOURCE_EXHAUSTED).
+        limit = 2 * intake.max_request_bytes + (1 << 20)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="otlp-grpc"),
+                                  options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit)],
+                                  maximum_concurrent_rpcs=max_concurrent_rpcs)
+        handler = grpc.method_handlers_generic_handler(TRACE_SERVICE, {
+            "Export": grpc.unary_unary_rpc_method_handler(self._export)})
+        self.server.add_generic_rpc_handlers((handler,))
+        self.address = f"{host}:{port}"
+        try:
+            self.port = self.server.add_insecure_port(self.address)
+        except RuntimeError as e:
+            raise OSError(f"OTLP/gRPC receiver cannot listen on {self.address}: {e}") from None
+        if not self.port:
+            raise OSError(f"OTLP/gRPC receiver cannot listen on {self.address} (in use?)")
+
+    def start(self) -> "OtlpGrpcReceiver":
+        self.server.start()
+        return self
+
+    def _export(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        out = self.intake.accept(raw)
+        if out.status == "accepted":
+            return _OK_RESPONSE
+        code = grpc.StatusCode.INVALID_ARGUMENT if out.status == "rejected" else grpc.StatusCode.UNAVAILABLE
+        context.abort(code, out.message)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.server.stop(grace=grace_s).wait(grace_s + 1)
+
+
+class OtlpHttpReceiver:
+    """OTLP/HTTP with protobuf bodies: `POST /v1/traces` (Content-Type application/x-protobuf,
+    optionally Content-Encoding gzip). 200 with an ExportTraceServiceResponse; 400 / 503 with a
+    google.rpc.Status whose message names the problem (OTLP/HTTP's error shape); OTLP/JSON: 415."""
+
+    PATH = "/v1/traces"
+
+    def __init__(self, intake: SpansIntake, host: str, port: int):
+        receiver = self
+        self.intake = intake
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                receiver._post(self)
+
+            def log_message(self, *args):
+                pass
+
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:
+            raise OSError(f"OTLP/HTTP receiver cannot listen on {host}:{port}: {e}") from None
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="otlp-http", daemon=True)
+
+    def start(self) -> "OtlpHttpReceiver":
+        self._thread.start()
+        return self
+
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        if path != self.PATH:
+            return self._reply(h, 404, 5, f"no OTLP endpoint at {path}; traces go to {self.PATH}")
+        ctype = (h.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype != "application/x-protobuf":
+            return self._reply(h, 415, 3, f"Content-Type {ctype or 'none'!r} is not supported: send OTLP "
+                                          "protobuf (application/x-protobuf); OTLP/JSON is not accepted")
+        try:
+            length = int(h.headers.get("Content-Length", ""))
+        except ValueError:
+            return self._reply(h, 411, 3, "Content-Length is required")
+        limit = self.intake.max_request_bytes
+        if length > 2 * limit:
+            return self._reply(h, 400, 3, f"the request is {length} bytes, more than this receiver accepts "
+                                          f"({limit} bytes, --otlp-receiver-max-bytes)")
+        body = h.rfile.read(length)
+        encoding = (h.headers.get("Content-Encoding") or "").strip().lower()
+        if encoding == "gzip":
+            try:
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                body = d.decompress(body, limit + 1)
+            except (zlib.error, gzip.BadGzipFile) as e:
+                return self._reply(h, 400, 3, f"the gzip body does not decompress: {e}")
+        elif encoding not in ("", "identity"):
+            return self._reply(h, 415, 3, f"Content-Encoding {encoding!r} is not supported (gzip is)")
+        out = self.intake.accept(body)
+        if out.status == "accepted":
+            return self._reply(h, 200, 0, "", payload=_OK_RESPONSE)
+        if out.status == "rejected":
+            return self._reply(h, 400, 3, out.message)
+        return self._reply(h, 503, 14, out.message, retry_after=True)
+
+    @staticmethod
+    def _reply(h: BaseHTTPRequestHandler, http_status: int, grpc_code: int, message: str, *, payload: bytes | None = None,
+               retry_after: bool = False) -> None:
+        if payload is None:
+            payload = status_pb2.Status(code=grpc_code, message=message).SerializeToString()
+        h.send_response(http_status)
+        if http_status >= 400:
+            h.send_header("Connection", "close")   # the body may not have been read: never parse it as a request
+        h.send_header("Content-Type", "application/x-protobuf")
+        h.send_header("Content-Length", str(len(payload)))
+        if retry_after:
+            h.send_header("Retry-After", "1")
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
