@@ -37,11 +37,11 @@ def leaves(d, prefix=""):
     return out
 
 
-def run_once(tree: Path, script: str, args: list[str], out_json: str) -> dict:
+def run_once(tree: Path, script: str, args: list[str], out_json: str, script_tree: Path | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree / "services") + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TENSORTRACE_KAFKA_LIBS", str(ROOT / ".cache" / "kafka-libs"))
-    cmd = [sys.executable, str(tree / script), *args, "--json", out_json]
+    cmd = [sys.executable, str((script_tree or tree) / script), *args, "--json", out_json]
     print(f"$ (cd {tree}) {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=tree, env=env, check=True)
     with open(out_json) as f:
@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline", required=True, help="git ref of the baseline (e.g. HEAD~3, a commit)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--script-from", choices=("each", "current"), default="each",
+                   help="each: every side runs its own copy of the script (default); current: both run this "
+                        "tree's script, each over its own code (for a script newer than the baseline)")
     p.add_argument("--json", default="compare_refs.json")
     p.add_argument("script", help="benchmark script, relative to the repository root; it must take --json FILE")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
             if i % 2:
                 order.reverse()
             for side, tree in order:
-                runs[side].append(run_once(tree, a.script, args, str(tmp / f"{side}-{i}.json")))
+                runs[side].append(run_once(tree, a.script, args, str(tmp / f"{side}-{i}.json"),
+                                           ROOT if a.script_from == "current" else None))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

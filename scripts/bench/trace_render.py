@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,14 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tt-trace-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return measure(args, work)
+    finally:
+        if not args.workdir:   # the chDB path and the outputs (~70 MB) go; --workdir keeps them
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> int:
     path = work / "chdb"
     dsn = f"chdb://{path}"
     t0 = time.perf_counter()
@@ -114,7 +123,7 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.2f}; html {result['html_bytes'] / 1e3:.0f} kB, png {result['png_bytes'] / 1e3:.0f} kB")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.json} (outputs in {work})")
+    print(f"wrote {args.json}" + (f" (outputs in {work})" if args.workdir else ""))
     return 0
 
 

@@ -29,6 +29,13 @@ STUB_DIR = os.path.join(ROOT, "scripts", "sglang", "sgl_kernel_stub")
 DEFAULT_VENV = os.path.join(ROOT, ".cache", "sglang-venv")
 
 
+def _sglang_shm_files() -> set[str]:
+    try:
+        return {os.path.join("/dev/shm", n) for n in os.listdir("/dev/shm") if n.startswith("sglang_loads_")}
+    except OSError:
+        return set()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +69,7 @@ class SGLangServer:
         return self.launch().wait_healthy(timeout_s)
 
     def launch(self) -> "SGLangServer":
+        self._shm_before = _sglang_shm_files()
         """Start the process and return at once (wait_healthy() waits for it)."""
         self.port = self.port or free_port()
         env = dict(os.environ)
@@ -117,6 +125,13 @@ class SGLangServer:
         self.proc.wait(timeout=10)
         self.proc = None
         self._log.close()
+        # SGLang leaves its load-report segments in /dev/shm when its processes are killed
+        # (sglang_loads_*.shm, 16 KiB each): remove the ones this server created.
+        for path in _sglang_shm_files() - getattr(self, "_shm_before", set()):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def log_tail(self, n: int = 60) -> str:
         try:
