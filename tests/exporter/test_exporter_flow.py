@@ -97,7 +97,7 @@ def test_health_and_metrics_endpoints(kafka_broker, fresh_topic, ring_dir, expor
     assert "tensortrace_exporter_oldest_undelivered_age_seconds" in text
     frames = f'tensortrace_exporter_ring_frames{{kind="committed",ring="pod-m-r0.ring"}} {float(gen.frames_written)}'
     exp.wait_for(lambda: frames in exp.http("/metrics")[1], what="frame accounting in metrics")
-    assert 'tensortrace_exporter_agent_thread_seconds{ring="pod-m-r0.ring"} 1.25' in exp.http("/metrics")[1]
+    assert 'tensortrace_exporter_agent_thread_seconds_total{ring="pod-m-r0.ring"} 1.25' in exp.http("/metrics")[1]
     assert exp.http("/nope")[0] == 404
     w.close()
 

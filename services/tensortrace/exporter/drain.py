@@ -344,7 +344,7 @@ class RingDrain:
                 self._corrupt_counted += lost
                 self.metrics.frames_dropped.labels(self.name, FrameDropReason.RING_CORRUPT).inc(lost)
         self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
-        self.metrics.agent_thread_seconds.labels(self.name).set(stats.get("thread_ns", 0) / 1e9)
+        self.metrics.agent_thread.set(self.name, stats.get("thread_ns", 0) / 1e9)
         released = self.frames_released_total()
         frames = self.metrics.ring_frames
         frames.labels(self.name, "committed").set(stats["frames_committed"])

@@ -14,6 +14,7 @@ prometheus_client.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 P = "tensortrace_exporter_"
 
@@ -32,9 +33,12 @@ class ExporterMetrics:
         self.ring_frames = Gauge(P + "ring_frames", "Frame accounting of a ring (header counters): committed and "
                                  "producer_dropped by the agent, released by the exporter, pending = committed - released",
                                  ["ring", "kind"], registry=r)
-        self.agent_thread_seconds = Gauge(P + "agent_thread_seconds", "Inference-thread time the producing agent "
-                                          "has spent capturing (cumulative, from the ring header; use rate())",
-                                          ["ring"], registry=r)
+        # A counter the producing agent keeps (the ring header's thread-ns slot): mirrored at scrape
+        # time as a counter family, so it is `_total` and `rate()`-able like any counter.
+        self.agent_thread = _MirroredCounter(P + "agent_thread_seconds", "Inference-thread time the producing "
+                                             "agent has spent capturing (from the ring header; rate() of it is "
+                                             "the share of one inference thread that capture costs)", "ring")
+        r.register(self.agent_thread)
         self.ring_fill = Gauge(P + "ring_fill_ratio", "Fraction of a ring's data area not yet released", ["ring"], registry=r)
         self.rings_attached = Gauge(P + "rings_attached", "Rings being drained", registry=r)
         self.rings_quarantined = Counter(P + "rings_quarantined", "Rings quarantined (unreadable or corrupt)", ["reason"], registry=r)
@@ -54,12 +58,12 @@ class ExporterMetrics:
 
     def forget_ring(self, ring: str) -> None:
         """Drop the label sets of a removed ring (bounded cardinality)."""
-        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds,
-                       self.agent_thread_seconds):
+        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds):
             try:
                 metric.remove(ring)
             except KeyError:
                 pass
+        self.agent_thread.values.pop(ring, None)
         for kind in ("committed", "producer_dropped", "released", "pending"):
             try:
                 self.ring_frames.remove(ring, kind)
@@ -68,3 +72,24 @@ class ExporterMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _MirroredCounter:
+    """A counter whose value another process keeps (per label value), reported as it was last read."""
+
+    def __init__(self, name: str, documentation: str, label: str):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.values: dict[str, float] = {}
+
+    def set(self, label_value: str, value: float) -> None:
+        self.values[label_value] = value
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for label_value, value in sorted(self.values.items()):
+            family.add_metric([label_value], value)
+        yield family
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation, labels=[self.label])]
+
