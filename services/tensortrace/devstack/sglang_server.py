@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -69,11 +71,15 @@ class SGLangServer:
         return self.launch().wait_healthy(timeout_s)
 
     def launch(self) -> "SGLangServer":
-        self._shm_before = _sglang_shm_files()
         """Start the process and return at once (wait_healthy() waits for it)."""
+        self._shm_before = _sglang_shm_files()
+        # SGLang names its ZMQ IPC sockets and scratch files with tempfile and leaves them behind
+        # when its processes are killed: give it a temp directory of its own, removed by stop().
+        self._tmpdir = tempfile.mkdtemp(prefix="tt-sglang-")
         self.port = self.port or free_port()
         env = dict(os.environ)
         env.update({
+            "TMPDIR": self._tmpdir,
             "PYTHONPATH": os.pathsep.join(p for p in (STUB_DIR, env.get("PYTHONPATH", "")) if p),
             "SGLANG_USE_CPU_ENGINE": "1",
             "SGLANG_PLUGINS": "tensortrace",
@@ -132,6 +138,9 @@ class SGLangServer:
                 os.unlink(path)
             except OSError:
                 pass
+        if getattr(self, "_tmpdir", None):
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def log_tail(self, n: int = 60) -> str:
         try:
