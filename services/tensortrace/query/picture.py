@@ -16,7 +16,8 @@ import io
 
 import numpy as np
 
-from tensortrace.query.timeline import TraceStory, _size, _utc, fmt_ms
+from tensortrace.query.text import byte_size
+from tensortrace.query.timeline import TraceStory, _utc, fmt_ms
 
 _COLORS = {"request": "#9e9e9e", "tokenize": "#8d6e63", "queue": "#ef6c00", "prefill": "#1e88e5",
            "decode": "#43a047", "capture": "#8e24aa", "export": "#00897b", "kafka": "#5e35b1", "load": "#c62828"}
@@ -189,8 +190,8 @@ def render_html(story: TraceStory, norms=None, link: str = "", images: dict[str,
                      "<th>stored</th></tr>")
         for h, v in sorted(cap["hooks"].items()):
             parts.append(f"<tr><td>{_e(h)}</td><td>{_e(v['layers'])}</td><td>{v['positions'][0]}-{v['positions'][1] - 1}"
-                         f"</td><td class='num'>{v['records']}</td><td class='num'>{_e(_size(v['raw_bytes']))}</td>"
-                         f"<td class='num'>{_e(_size(v['stored_bytes']))}</td></tr>")
+                         f"</td><td class='num'>{v['records']}</td><td class='num'>{_e(byte_size(v['raw_bytes']))}</td>"
+                         f"<td class='num'>{_e(byte_size(v['stored_bytes']))}</td></tr>")
         parts.append("</table>")
         if cap.get("summaries"):
             parts.append(f"<div>tokens: {cap['prompt_tokens']} prompt + {cap['generated_tokens']} generated "

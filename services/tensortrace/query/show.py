@@ -16,27 +16,7 @@ import sys
 import time
 
 from tensortrace.query.errors import QueryError
-
-
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5,6] -> '0-2,5-6'"""
-    out, vs = [], sorted(values)
-    i = 0
-    while i < len(vs):
-        j = i
-        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
-            j += 1
-        out.append(str(vs[i]) if i == j else f"{vs[i]}-{vs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from tensortrace.query.text import byte_size, int_ranges
 
 
 class ProgressBar:
@@ -136,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = sum(r.raw_bytes for r in rows)
         stored = sum(r.stored_bytes for r in rows)
         t0, t1 = min(r.token_start for r in rows), max(r.token_end for r in rows)
-        print(f"{hook:<18}{_ranges([r.layer for r in rows]):<14}{f'{t0}-{t1 - 1}':<12}"
-              f"{sum(r.records for r in rows):>8}{_size(raw):>12}{_size(stored):>12}"
+        print(f"{hook:<18}{int_ranges([r.layer for r in rows]):<14}{f'{t0}-{t1 - 1}':<12}"
+              f"{sum(r.records for r in rows):>8}{byte_size(raw):>12}{byte_size(stored):>12}"
               f"{max(r.capture_to_export_ms_p50 for r in rows):>11.1f} ms{max(r.export_to_load_ms_p50 for r in rows):>12.1f} ms"
               f"{max(r.capture_to_load_ms_max for r in rows):>12.1f} ms")
     line = f"completeness: {comp.state}  captured {comp.records_captured}  loaded {comp.records_loaded}  dropped {comp.records_dropped}"

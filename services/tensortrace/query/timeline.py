@@ -39,6 +39,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from tensortrace.query.text import byte_size, int_ranges
+
 # Span names: SGLang's request stages (sglang/srt/observability/req_time_stats.py, RequestStage) and
 # the bridge's (docs/bridge.md). Strings, not imports: query does not import the bridge service.
 SGLANG_STAGE = {"tokenize": "tokenize", "prefill_waiting": "queue", "prefill_forward": "prefill",
@@ -162,25 +164,6 @@ def _pct(values: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
-def _ranges(values) -> str:
-    out, vs, i = [], sorted(set(values)), 0
-    while i < len(vs):
-        j = i
-        while j + 1 < len(vs) and vs[j + 1] == vs[j] + 1:
-            j += 1
-        out.append(str(vs[i]) if i == j else f"{vs[i]}-{vs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _n(x) -> str:
@@ -356,7 +339,7 @@ def _captured(inp: TraceInputs) -> dict | None:
     by_hook: dict[str, list] = {}
     for s in inp.stats:
         by_hook.setdefault(s.hook, []).append(s)
-    hooks = {h: {"layers": _ranges([r.layer for r in rows if r.layer >= 0]) or "-",
+    hooks = {h: {"layers": int_ranges([r.layer for r in rows if r.layer >= 0]) or "-",
                  "n_layers": len({r.layer for r in rows}),
                  "positions": [min(r.token_start for r in rows), max(r.token_end for r in rows)],
                  "records": sum(r.records for r in rows), "raw_bytes": sum(r.raw_bytes for r in rows),
@@ -466,8 +449,8 @@ def render_text(story: TraceStory, link: str = "", width: int = 32) -> str:
         out.append(f"captured: {len(cap['hooks'])} hooks x {cap['slots']} (hook, layer) slots: {hooks}")
         out.append(f"          positions {pos[0]}-{pos[1] - 1}{tok}")
         out.append(f"          records {_n(cap.get('records_captured'))} captured, {_n(cap['records_loaded'])} loaded, "
-                   f"{_n(cap.get('records_dropped'))} dropped; {_size(cap['raw_bytes'])} raw, "
-                   f"{_size(cap['stored_bytes'])} stored")
+                   f"{_n(cap.get('records_dropped'))} dropped; {byte_size(cap['raw_bytes'])} raw, "
+                   f"{byte_size(cap['stored_bytes'])} stored")
     elif cap:
         out.append("captured: no tensors stored for this request (summary only)")
     else:
