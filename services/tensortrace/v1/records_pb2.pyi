@@ -215,3 +215,49 @@ class Envelope(_message.Message):
     version: int
     records: _containers.RepeatedCompositeFieldContainer[Record]
     def __init__(self, version: _Optional[int] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
+
+class ProbeScore(_message.Message):
+    __slots__ = ("model_id", "request_id", "trace_id", "span_id", "probe", "probe_hash", "score", "threshold", "flagged", "shadow", "complete", "incomplete_reason", "hook", "layers", "pooling", "tokens_scored", "token_scores", "token_positions", "request_end_time_unix_nano", "scored_time_unix_nano", "release")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_HASH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_REASON_FIELD_NUMBER: _ClassVar[int]
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_END_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    SCORED_TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    request_id: str
+    trace_id: bytes
+    span_id: bytes
+    probe: str
+    probe_hash: str
+    score: float
+    threshold: float
+    flagged: bool
+    shadow: bool
+    complete: bool
+    incomplete_reason: str
+    hook: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    pooling: str
+    tokens_scored: int
+    token_scores: _containers.RepeatedScalarFieldContainer[float]
+    token_positions: _containers.RepeatedScalarFieldContainer[int]
+    request_end_time_unix_nano: int
+    scored_time_unix_nano: int
+    release: str
+    def __init__(self, model_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[bytes] = ..., span_id: _Optional[bytes] = ..., probe: _Optional[str] = ..., probe_hash: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., shadow: _Optional[bool] = ..., complete: _Optional[bool] = ..., incomplete_reason: _Optional[str] = ..., hook: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[str] = ..., tokens_scored: _Optional[int] = ..., token_scores: _Optional[_Iterable[float]] = ..., token_positions: _Optional[_Iterable[int]] = ..., request_end_time_unix_nano: _Optional[int] = ..., scored_time_unix_nano: _Optional[int] = ..., release: _Optional[str] = ...) -> None: ...
