@@ -58,12 +58,16 @@ def test_commits_stay_behind_an_unreleased_request_and_a_restart_delivers_it_who
     assert handler.requests[0].completeness.complete
     time.sleep(0.5)   # several flush rounds: the commit must still not pass the slow request's first record
     assert committed(bs, cfg.group_id, topic) == {0: 0}
+    # The lag counts from the commit, not from what was read: everything held is still owed.
+    held = first_quick + len(quick.messages(per_message=3))
+    assert wait_until(lambda: run.core.lag == {0: held}) and run.core.lag_total() == held
     run.stop()        # the slow request is still open: it is not delivered, and not committed past
 
     produce(bs, topic, [(b"slow", codec.encode_envelope([slow.summary]))])
     again = Collect()
     run = Running(ConsumerCore(cfg, RequestView(again, timeout_s=600), name="test"))
     assert wait_until(lambda: {r.request_id for r in again.requests} == {"slow", "quick"})
+    assert wait_until(lambda: run.core.lag == {0: 0})   # all committed
     run.stop()
     [got] = [r for r in again.requests if r.request_id == "slow"]
     assert got.completeness.complete and len(got.records) == len(slow.records)

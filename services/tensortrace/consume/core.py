@@ -109,6 +109,11 @@ class ConsumerCore:
         self._inflight_lock = threading.Condition()
         self._flusher: threading.Thread | None = None
         self.kafka_error = ""            # why Kafka is not usable now ("" once connected)
+        # Consumer lag per partition (messages): the partition's high watermark, as the last fetch
+        # response reported it, minus the committed offset (the read position before the first
+        # commit). Updated by the consume thread, read by metrics at scrape time (a dict swap).
+        self.lag: dict[int, int] = {}
+        self._lag_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class ConsumerCore:
                 self.stats.decode_seconds += time.perf_counter() - t0
                 self._expire_chunks()
                 self._maybe_hand_off()
+                self._update_lag()
             self._hand_off()
             self._drain(timeout_s=cfg.rebalance_flush_timeout_s)
         finally:
@@ -263,6 +269,27 @@ class ConsumerCore:
                 backoff.wait()
         self.stats.dlq_messages += 1
         self.stats.dlq_by_reason[reason.value] = self.stats.dlq_by_reason.get(reason.value, 0) + 1
+
+    def _update_lag(self, every_s: float = 1.0) -> None:
+        """Refresh `lag` at most every `every_s`. highwater() is what the last fetch response said
+        (no request of its own); a partition not fetched yet has none and is left out."""
+        now = time.monotonic()
+        if now - self._lag_at < every_s or self._consumer is None:
+            return
+        self._lag_at = now
+        lag = {}
+        for tp in self.assigned:
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                continue
+            done = self._committed.get(tp, self._read_upto.get(tp))
+            if done is not None:
+                lag[tp.partition] = max(0, hw - done)
+        self.lag = lag
+
+    def lag_total(self) -> int:
+        """Messages on the assigned partitions not yet committed (the sum of `lag`)."""
+        return sum(self.lag.values())
 
     def _commit_positions(self) -> dict[TopicPartition, int]:
         """Per partition: the next offset to read, held back to the first chunk of any open chunk
