@@ -18,6 +18,7 @@ COMMANDS = {
     "bridge": ("tensortrace.bridge.main:SERVICE", "turn captured requests into OpenTelemetry spans (OTLP, otel_traces)"),
     "show": ("tensortrace.query.show:main", "print what was captured for a request (by trace id)"),
     "trace": ("tensortrace.query.trace:main", "one request end to end: timeline, where the time went, picture (--html/--png)"),
+    "ring-dir": ("tensortrace.ring.ringdir:main", "prepare the ring directory (owner, group, setgid mode) for agents and the exporter"),
     "kafka": ("tensortrace.devkafka.main:main", "run a local Apache Kafka broker (development and tests)"),
     "demo": ("tensortrace.demo:main", "run the end-to-end demo"),
 }

@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass, field
 
 from tensortrace.ring.format import ALIGN
+from tensortrace.ring.permissions import parse_id, parse_mode, ring_file_mode, ring_mode_problem
 
 
 class OverflowPolicy(str, enum.Enum):
@@ -42,6 +43,12 @@ def _default_node() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
+def _env(name: str):
+    """An optional setting from the environment, kept as text: validate() parses it and says what
+    is wrong. The SGLang plugin and the HF backend both build AgentConfig, so both honour it."""
+    return os.environ.get(name) or None
+
+
 @dataclass
 class AgentConfig:
     ring_dir: str = "/run/tensortrace"
@@ -58,6 +65,11 @@ class AgentConfig:
     prefault_ring: bool = True            # touch every ring page at start-up, not on the hot path
     device_staging_bytes: int = 256 << 20  # CUDA path: device-side staging ring
     commit_queue_max: int = 65536         # CUDA path: copies in flight awaiting their event
+    # Ring permissions (docs/operations.md "Ring permissions"): with a ring gid the ring is created
+    # 0660 in that group (and a missing ring directory 2770 setgid), so the exporter reads it as a
+    # member of the group; without one, 0600 (the exporter must then run as this uid).
+    ring_gid: int | str | None = field(default_factory=lambda: _env("TENSORTRACE_RING_GID"))
+    ring_mode: int | str | None = field(default_factory=lambda: _env("TENSORTRACE_RING_MODE"))  # octal; None: 0660 / 0600
 
     def validate(self) -> None:
         problems = []
@@ -81,11 +93,30 @@ class AgentConfig:
             problems.append("device_staging_bytes must be positive")
         if self.commit_queue_max < 1:
             problems.append("commit_queue_max must be >= 1")
+        if self.ring_gid is not None:
+            try:
+                self.ring_gid = parse_id(self.ring_gid, "TENSORTRACE_RING_GID (ring_gid)")
+            except ValueError as e:
+                problems.append(str(e))
+        if self.ring_mode is not None:
+            try:
+                self.ring_mode = parse_mode(self.ring_mode)
+            except ValueError as e:
+                problems.append(f"TENSORTRACE_RING_MODE (ring_mode): {e}")
+        if isinstance(self.ring_mode, int) and (self.ring_gid is None or isinstance(self.ring_gid, int)):
+            why = ring_mode_problem(self.ring_mode, self.ring_gid)
+            if why:
+                problems.append(f"TENSORTRACE_RING_MODE (ring_mode): {why}")
         for name in ("pod", "model_id", "node"):
             if "/" in getattr(self, name) and name == "pod":
                 problems.append(f"pod {self.pod!r} must not contain '/' (it names the ring file)")
         if problems:
             raise ValueError("invalid AgentConfig: " + "; ".join(problems))
+
+    @property
+    def ring_file_mode(self) -> int:
+        """The ring file's mode: ring_mode if set, else 0660 with a ring gid, else 0600 (after validate())."""
+        return ring_file_mode(self.ring_gid, self.ring_mode)
 
     def ring_path(self, pid: int | None = None) -> str:
         pid = os.getpid() if pid is None else pid

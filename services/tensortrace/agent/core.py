@@ -46,6 +46,7 @@ from tensortrace.agent.layout import RequestRows, RowDomain, StepLayout
 from tensortrace.agent.selection import Selection, SelectionError
 from tensortrace.agent.stats import LIFE_ENDING_DROPS, TAP_DROPS, AgentStats, Counters, DropReason
 from tensortrace.ring.format import FrameKind, RingIdentity, RingWriter, frame_size
+from tensortrace.ring.permissions import ensure_agent_ring_dir
 from tensortrace.v1 import records_pb2, ring_pb2
 from tensortrace.wire import codec
 
@@ -148,13 +149,17 @@ class CaptureAgent:
         _BITS_DTYPE.update({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64})
         self.config = config
         self.selection = selection or Selection()
-        os.makedirs(config.ring_dir, mode=0o700, exist_ok=True)
+        # Permissions (docs/operations.md "Ring permissions"): a missing directory is created 2770
+        # in the ring group (0700 without one); one this process cannot write is an error that
+        # says what it saw and what to set. All of this happens here, once, never on the hot path.
+        ensure_agent_ring_dir(config.ring_dir, config.ring_gid)
         # prefault: the ring's memory is allocated and mapped now (a ring that does not fit fails
         # here, not with a SIGBUS mid-step), so the hot path takes no page faults.
         self.writer = RingWriter.create(
             config.ring_path(), config.ring_capacity,
             RingIdentity(model_id=config.model_id, pod=config.pod, node=config.node, pid=os.getpid(),
-                         tp_rank=config.tp_rank), prefault=config.prefault_ring)
+                         tp_rank=config.tp_rank), prefault=config.prefault_ring,
+            mode=config.ring_file_mode, gid=config.ring_gid)
         self.ring_path = self.writer.path
         self._ring_u8 = torch.frombuffer(self.writer.data, dtype=torch.uint8)
         self._ring_np = np.frombuffer(self.writer.data, dtype=np.uint8)

@@ -35,8 +35,9 @@ class ExporterConfig:
     # where the rings are
     ring_dir: str = option("/run/tensortrace", "directory watched for *.ring files (a hostPath shared with the inference pods)")
     scan_interval_s: float = option(0.5, "how often the ring directory is listed")
-    ring_owner_uids: tuple[int, ...] = option((), "comma-separated uids whose rings are read (none: this process's uid)")
-    ring_group: int | None = option(None, "gid allowed to share rings through group permission bits (none: owner only)")
+    ring_owner_uids: tuple[int, ...] = option((), "comma-separated uids whose owner-only (0600) rings are read (none: this process's uid)")
+    ring_group: int | None = option(None, "ring group: 0660 rings of this gid are read whatever their owner, in a ring dir "
+                                          "others cannot write; the exporter must be in the group (none: owner only)")
     cleanup_grace_s: float = option(30.0, "a drained ring of a gone producer is deleted this long after it was detached")
     max_steps_kept: int = option(64, "STEP metas kept per ring to resolve SLAB frames (bounded)")
     idle_release_s: float = option(1.0, "a ring with no new frame for this long also releases its newest STEP frame")

@@ -29,9 +29,19 @@ from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.exporter.publisher import KafkaPublisher
 from tensortrace.ring.format import (RingError, RingFormatError, RingLockedError, RingReader,
                                      ring_files)
+from tensortrace.ring.permissions import describe_path, describe_process, dir_problem
 from tensortrace.v1 import control_pb2
 
 log = logging.getLogger("tensortrace.exporter")
+
+
+def _fingerprint(path: str) -> tuple:
+    """Owner, group and mode of a path (a refusal is logged again once any of them changes)."""
+    try:
+        st = os.stat(path)
+        return (st.st_uid, st.st_gid, st.st_mode)
+    except OSError:
+        return ()
 
 
 class Exporter:
@@ -142,7 +152,14 @@ class Exporter:
     # -- discovery -------------------------------------------------------------------------
     def scan(self) -> None:
         """Attach to new rings; detach drained rings of gone producers; remove them after grace."""
-        for path in ring_files(self.cfg.ring_dir):
+        try:
+            paths = ring_files(self.cfg.ring_dir)
+            dir_st = os.stat(self.cfg.ring_dir) if paths else None
+        except PermissionError as e:
+            self._refuse(("ring_dir",) + _fingerprint(self.cfg.ring_dir), self.cfg.ring_dir,
+                         f"ring_dir: cannot list the ring directory ({e.strerror}): {self._permission_hint(self.cfg.ring_dir)}")
+            paths = []
+        for path in paths:
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -150,37 +167,73 @@ class Exporter:
             ident = (st.st_dev, st.st_ino)
             if ident in self.known:
                 continue
-            reason = self._refusal(st)
+            reason = self._refusal(st, dir_st)
             if reason:
-                fp = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
-                if fp not in self.refused:
-                    self.refused[fp] = reason
-                    log.error("ring refused: %s: %s", path, reason)
-                    self.metrics.rings_refused.labels(reason.split(":")[0]).inc()
+                self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid) + _fingerprint(self.cfg.ring_dir),
+                             path, reason)
                 continue
             self._attach(path, st)
         now = time.monotonic()
         for ring in list(self.rings.values()):
             self._check_lifecycle(ring, now)
 
-    def _refusal(self, st: os.stat_result) -> str:
+    def _refuse(self, fingerprint: tuple, path: str, reason: str) -> None:
+        """Log a refusal once per fingerprint (file and directory owner/mode): fixing either makes it new."""
+        if fingerprint not in self.refused:
+            self.refused[fingerprint] = reason
+            log.error("ring refused: %s: %s", path, reason)
+            self.metrics.rings_refused.labels(reason.split(":")[0]).inc()
+
+    def _refusal(self, st: os.stat_result, dir_st: os.stat_result | None = None) -> str:
+        """Why a ring file must not be read ("" when it may). The security check: a ring is read
+        when its owner is one of --ring-owner-uids (owner-only 0600), or when it is shared with the
+        ring group (--ring-group, mode 0660) in a directory other users cannot write — there only a
+        member of the group (or root) can have made a file of that group. docs/operations.md
+        "Ring permissions"."""
         cfg = self.cfg
         if stat.S_ISLNK(st.st_mode):
             return "not_regular: a symbolic link (rings must be regular files)"
         if not stat.S_ISREG(st.st_mode):
             return "not_regular: not a regular file"
-        if st.st_uid not in cfg.owner_uids:
-            return (f"owner: owned by uid {st.st_uid}; this exporter reads rings of uids "
-                    f"{','.join(map(str, cfg.owner_uids))} (--ring-owner-uids)")
         mode = stat.S_IMODE(st.st_mode)
+        seen = f"uid {st.st_uid}, gid {st.st_gid}, mode {mode:04o}"
         if mode & 0o007:
-            return f"permissions: mode {mode:04o} gives other users access; rings must be 0600 (or 0660 with --ring-group)"
+            return (f"permissions: mode {mode:04o} gives other users access ({seen}); rings must be 0600 "
+                    "(or 0660 with --ring-group)")
         if mode & 0o070:
             if cfg.ring_group is None:
-                return f"permissions: mode {mode:04o} gives group access but no --ring-group is configured; rings must be 0600"
+                return (f"permissions: mode {mode:04o} gives group access but no --ring-group is configured ({seen}); "
+                        f"rings must be 0600, or run the exporter with --ring-group {st.st_gid} if that is the ring group")
             if st.st_gid != cfg.ring_group:
-                return f"group: group-accessible (mode {mode:04o}) by gid {st.st_gid}, configured ring group is {cfg.ring_group}"
+                return (f"group: group-accessible (mode {mode:04o}) by gid {st.st_gid}, configured ring group is "
+                        f"{cfg.ring_group} ({seen}); set TENSORTRACE_RING_GID={cfg.ring_group} in the inference "
+                        "container, or prepare the ring directory setgid with that group (`tensortrace ring-dir prepare`)")
+            if mode & 0o060 != 0o060:
+                return (f"permissions: mode {mode:04o}: a group-shared ring must be 0660 ({seen}); the exporter "
+                        "stores the ring's tail and writes its control block")
+            if st.st_uid in cfg.owner_uids:
+                return ""
+            why = dir_problem(cfg.ring_dir, dir_st, cfg.ring_group) if dir_st is not None else ""
+            return f"group: {why}" if why else ""
+        if st.st_uid not in cfg.owner_uids:
+            group = (f" or group-shared rings (0660) of gid {cfg.ring_group} (--ring-group)" if cfg.ring_group is not None
+                     else "; to share rings with a group, set TENSORTRACE_RING_GID=<gid> in the inference container "
+                          "and --ring-group <gid> here")
+            return (f"owner: owned by uid {st.st_uid} ({seen}); this exporter reads rings of uids "
+                    f"{','.join(map(str, cfg.owner_uids))} (--ring-owner-uids){group}")
         return ""
+
+    def _permission_hint(self, path: str) -> str:
+        """What the exporter saw and what to set, for a permission error on `path` (ring, lock or directory)."""
+        d = self.cfg.ring_dir
+        g = self.cfg.ring_group
+        gid = str(g) if g is not None else "<ring gid>"
+        return (f"{path}: {describe_path(path)}; ring dir {d}: {describe_path(d)}; this exporter: {describe_process()}. "
+                f"The exporter needs read-write on the ring (a 0660 ring of group {gid} with {gid} in its "
+                f"supplementary groups, or a 0600 ring of its own uid) and write access to the ring directory "
+                f"(lock files; removing drained rings): prepare it with `tensortrace ring-dir prepare --path {d} "
+                f"--gid {gid}`, set TENSORTRACE_RING_GID={gid} in the inference container and --ring-group {gid} "
+                f"with supplementalGroups [{gid}] here")
 
     def _attach(self, path: str, st: os.stat_result) -> None:
         ident = (st.st_dev, st.st_ino)
@@ -199,6 +252,12 @@ class Exporter:
             self.metrics.rings_quarantined.labels(reason).inc()
             self.quarantined[ident] = control_pb2.RingStatus(
                 ring=os.path.basename(path), path=path, state="quarantined", reason=f"{reason}: {e}")
+            return
+        except PermissionError as e:
+            failed = e.filename or path
+            what = "the consumer lock file" if str(failed).endswith(".consumer.lock") else "the ring read-write"
+            self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid) + _fingerprint(self.cfg.ring_dir),
+                         path, f"permission_denied: cannot open {what} ({e.strerror}): {self._permission_hint(failed)}")
             return
         except (OSError, RingError) as e:
             log.warning("ring %s: cannot open: %s", path, e)

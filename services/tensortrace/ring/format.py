@@ -63,6 +63,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
+from tensortrace.ring.permissions import describe_process
+
 MAGIC = b"TTRING\x00\x01"
 FORMAT_VERSION = 1
 HEADER_SIZE = 4096
@@ -249,8 +251,13 @@ class RingWriter:
 
     @classmethod
     def create(cls, path: str, capacity: int, identity: RingIdentity | None = None,
-               generation: int | None = None, mode: int = 0o600, prefault: bool = True) -> "RingWriter":
+               generation: int | None = None, mode: int = 0o600, prefault: bool = True,
+               gid: int | None = None) -> "RingWriter":
         """Create a ring file atomically (written aside, then renamed into place).
+
+        mode, gid: owner-only `0600` by default; `mode=0o660, gid=G` shares it with the ring group G
+        (the exporter's supplementary group; docs/operations.md "Ring permissions"). The group is
+        set before the rename, so the exporter never sees the ring with another group.
 
         prefault: allocate the file's memory now (posix_fallocate) and map it populated. A sparse
         tmpfs file allocates and zeroes a page the first time a frame touches it, on the inference
@@ -267,7 +274,16 @@ class RingWriter:
         tmp = f"{path}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         try:
-            os.fchmod(fd, mode)  # not subject to umask
+            if gid is not None and os.fstat(fd).st_gid != gid:   # a setgid directory already gave it
+                try:
+                    os.fchown(fd, -1, gid)
+                except PermissionError as e:
+                    raise PermissionError(e.errno, f"cannot give ring {path} to group {gid}: {e.strerror} (this "
+                                                   f"process: {describe_process()}); run it in group {gid} "
+                                                   "(securityContext.supplementalGroups) or as root, or create the "
+                                                   "ring directory setgid with that group (`tensortrace ring-dir "
+                                                   "prepare`)") from None
+            os.fchmod(fd, mode)  # not subject to umask; after the chown, which may clear bits
             try:
                 os.ftruncate(fd, HEADER_SIZE + capacity)
                 if prefault:
