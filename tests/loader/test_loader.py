@@ -91,10 +91,24 @@ def test_loader_loads_chunked_and_plain_records_bit_exact_and_commits(kafka_brok
     assert wait_until(lambda: distinct_records(client, db) == n)
     ends = end_offsets(bs, topic, 3)
     assert wait_until(lambda: committed(bs, cfg.group_id, topic, 3) == ends)
+    # what the chart's alerts read: lag 0 once all is committed; one freshness sample per row inserted
+    assert wait_until(lambda: run.loader.core.lag and run.loader.core.lag_total() == 0)
+    text = scrape(run.loader)
+    assert f'tensortrace_loader_freshness_seconds_count {float(run.loader.stats.tensor_rows)}' in text
+    assert 'tensortrace_loader_consumer_lag_messages{partition="0"} 0.0' in text
     run.stop()
     assert run.loader.stats.dlq_messages == 0
     assert_bit_exact(client, db, reqs)
     assert_each_record_once(client, db, n, len(reqs))
+
+
+def scrape(loader) -> str:
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from tensortrace.loader.metrics import LoaderMetrics
+    return generate_latest(LoaderMetrics(SimpleNamespace(stats=loader.stats, loader=loader)).registry).decode()
 
 
 def test_undecodable_messages_go_to_the_dlq_with_a_reason_and_nothing_else_is_lost(kafka_broker, tt_db, loaders):

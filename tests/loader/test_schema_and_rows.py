@@ -201,6 +201,6 @@ def test_a_version_1_database_upgrades_and_its_old_summaries_read_as_one_produce
     table = batch.requests_table(time.time_ns()).drop_columns(["producers"]).select(cols)
     client.insert_arrow(f"{db}.requests", table)
     assert schema.apply_migrations(client, db) == schema.SCHEMA_VERSION
-    assert schema.applied_versions(client, db) == [1, 2]
+    assert schema.applied_versions(client, db) == [v for v, _, _ in migrations.MIGRATIONS]
     rows = client.query(f"SELECT producers FROM {db}.requests").result_rows
     assert rows == [(1,)]

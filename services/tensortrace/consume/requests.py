@@ -226,15 +226,18 @@ class RequestView:
             self._released_ranges[partition] = [r for r in ranges if r[1] >= at]
         return at
 
-    def revoked(self, partitions: set[int]) -> None:
+    def revoked(self, partitions: set[int]) -> list[tuple]:
         """The core lost these partitions: forget their open requests (the new owner re-reads
-        them whole from the last commit, which the held offsets kept behind them)."""
-        for key in [k for k, o in self._open.items() if set(o.offsets) & partitions]:
+        them whole from the last commit, which the held offsets kept behind them). Returns the
+        keys forgotten, for a consumer that keeps state of its own per open request."""
+        gone = [k for k, o in self._open.items() if set(o.offsets) & partitions]
+        for key in gone:
             o = self._open.pop(key)
             self.stats.kept_bytes -= o.kept_bytes
         for partition in partitions:
             self._released_ranges.pop(partition, None)
         self.stats.requests_open = len(self._open)
+        return gone
 
     # -- Sink: flush thread ---------------------------------------------------------------------
 

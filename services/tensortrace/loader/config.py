@@ -13,7 +13,7 @@ Flags are generated from the fields (tensortrace.service.config): `--kafka-boots
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from tensortrace.consume.config import ConsumerConfig
@@ -23,6 +23,8 @@ from tensortrace.storage import schema
 
 DEFAULT_GROUP = "tensortrace-loader"
 DEFAULT_DSN = "chdb:///var/lib/tensortrace/chdb"
+DEFAULT_SCORES_TOPIC = "tensortrace.probe_scores"
+DEFAULT_SCORES_GROUP = "tensortrace-loader-scores"
 
 
 @dataclass
@@ -53,6 +55,12 @@ class LoaderConfig(ConsumerConfig):
     batch_max_rows: int = option(20_000, "insert when a batch holds this many rows")
     batch_max_bytes: int = option(64 << 20, "insert when a batch holds this many payload bytes")
 
+    # The probe service's scores (tensortrace.v1.ProbeScore) into probe_scores: a second consumer in
+    # this process, since an embedded chDB engine has one owner (loader/scores.py).
+    scores_consumer: bool = option(True, "also load the probe scores topic into the probe_scores table")
+    scores_topic: str = option(DEFAULT_SCORES_TOPIC, "Kafka topic of the probe scores (tensortrace probes --scores-topic)")
+    scores_group_id: str = option(DEFAULT_SCORES_GROUP, "Kafka consumer group of the scores consumer")
+
     stats_interval_s: float = option(0.0, "print the counters as a JSON line on stderr every N s; 0: off",
                                      aliases=("--stats-interval",))
 
@@ -76,7 +84,22 @@ class LoaderConfig(ConsumerConfig):
             out.append(f"batch_max_bytes: {self.batch_max_bytes} < 1024")
         if self.stats_interval_s < 0:
             out.append(f"stats_interval_s: {self.stats_interval_s} < 0")
+        if self.scores_consumer:
+            for name in ("scores_topic", "scores_group_id"):
+                v = getattr(self, name)
+                if not v or any(ch.isspace() for ch in v):
+                    out.append(f"{name}: {v!r} must be a non-empty name without spaces")
+            if self.scores_topic in (self.topic, self.dlq_topic):
+                out.append(f"scores_topic: {self.scores_topic!r} is also the activation or dead-letter topic")
+            if self.scores_group_id == self.group_id:
+                out.append("scores_group_id: must differ from group_id (the two consumers read different topics)")
         return out
+
+    def scores_consumer_config(self) -> ConsumerConfig:
+        """The scores consumer's settings: this config's, on the scores topic, its own group, dead
+        letters to `<scores_topic>.dlq`."""
+        return ConsumerConfig(**{f.name: getattr(self, f.name) for f in fields(ConsumerConfig)} | dict(
+            topic=self.scores_topic, group_id=self.scores_group_id, dlq_topic=self.scores_topic + ".dlq"))
 
     def validate(self) -> "LoaderConfig":
         """Self, or a ConfigError listing every problem (one per line)."""

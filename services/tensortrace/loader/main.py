@@ -5,7 +5,9 @@ and the loader package imports no other service):
     tensortrace loader --kafka-bootstrap-servers kafka:9092 --clickhouse-dsn chdb:///var/lib/tensortrace/chdb
 
 `LoaderService` waits for ClickHouse (backing off, stoppable: a loader started while ClickHouse is
-down neither crash-loops nor ignores SIGTERM), then runs the Loader until stopped. Flags: one per
+down neither crash-loops nor ignores SIGTERM), then runs the Loader until stopped, and beside it
+(`--scores-consumer`, on by default) a second consumer that loads the probe service's scores topic
+into `probe_scores` through the same client (loader/scores.py). Flags: one per
 field of LoaderConfig plus the service runtime's; `tensortrace loader --help` lists them.
 """
 
@@ -45,6 +47,8 @@ class LoaderService:
         self.on_open: list[Callable] = []   # called with the Loader once ClickHouse is open (run thread)
         self._stop = threading.Event()
         self._idle_stats = None
+        self.scores_core = None             # the scores-topic consumer, once ClickHouse is open
+        self.scores_stats = None
         self.registry = LoaderMetrics(self).registry
 
     @property
@@ -63,6 +67,7 @@ class LoaderService:
             return  # stopped while waiting for ClickHouse
         for fn in self.on_open:
             fn(loader)
+        scores_thread = self._start_scores_consumer(loader)
         stop_stats = threading.Event()
         if self.cfg.stats_interval_s > 0:
             def report():
@@ -72,6 +77,9 @@ class LoaderService:
         try:
             loader.run()
         finally:
+            if scores_thread is not None:
+                self.scores_core.stop()
+                scores_thread.join(timeout=self.cfg.rebalance_flush_timeout_s + 5)
             stop_stats.set()
             _emit({"final_stats": loader.stats.snapshot()})
 
@@ -79,8 +87,12 @@ class LoaderService:
         self._stop.set()
         if self.loader is not None:
             self.loader.stop()
+        if self.scores_core is not None:
+            self.scores_core.stop()
 
     def live(self) -> bool:
+        if self.scores_core is not None and not self.scores_core.live():
+            return False
         return self.loader.live() if self.loader is not None else True
 
     def ready(self) -> bool:
@@ -95,6 +107,24 @@ class LoaderService:
         return {}
 
     # -- startup -----------------------------------------------------------------------------------
+    def _start_scores_consumer(self, loader) -> threading.Thread | None:
+        """The probe scores topic -> probe_scores, on the loader's own client (one chDB owner)."""
+        if not self.cfg.scores_consumer:
+            return None
+        from tensortrace.consume import ConsumerCore
+        from tensortrace.loader.scores import ScoresTableSink, ScoresTableStats, decode_probe_score
+
+        self.scores_stats = ScoresTableStats()
+        sink = ScoresTableSink(loader.client, self.cfg.database, retry_initial_s=self.cfg.retry_initial_s,
+                               retry_max_s=self.cfg.retry_max_s, stats=self.scores_stats)
+        self.scores_core = ConsumerCore(self.cfg.scores_consumer_config(), sink, name="loader-scores",
+                                        decode=decode_probe_score)
+        if self._stop.is_set():
+            self.scores_core.stop()
+        t = threading.Thread(target=self.scores_core.run, name="loader-scores-consume", daemon=True)
+        t.start()
+        return t
+
     def _open(self):
         """The Loader once ClickHouse answers and the schema is migrated; None if stopped meanwhile."""
         from tensortrace.loader.service import Loader

@@ -16,12 +16,19 @@ Declared metrics (counters unless noted; documented in docs/storage.md):
   tensortrace_loader_busy_seconds_total{stage}      time spent decoding (consume thread), building
                                                     Arrow tables and inserting (flush thread)
   tensortrace_loader_ready (gauge)                  1 once the consumer holds partitions
+  tensortrace_loader_consumer_lag_messages{partition} (gauge) activation-topic messages not yet committed
+  tensortrace_loader_freshness_seconds (histogram)  capture -> queryable per activation row (insert returned)
+  tensortrace_loader_scores_messages_total          probe scores read off the scores topic (--scores-consumer)
+  tensortrace_loader_scores_dead_letters_total{reason}  scores-topic messages sent to <scores topic>.dlq
+  (rows_total{table="probe_scores"}: score rows accepted by ClickHouse)
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from tensortrace.consume.metrics import lag_family
 
 P = "tensortrace_loader_"
 
@@ -38,6 +45,9 @@ class _LoaderCollector:
         rows = CounterMetricFamily(P + "rows", "rows accepted by ClickHouse", labels=["table"])
         rows.add_metric(["activations"], s.tensor_rows)
         rows.add_metric(["requests"], s.summary_rows)
+        scores = getattr(self.loader, "scores_stats", None)
+        if scores is not None:
+            rows.add_metric(["probe_scores"], scores.rows)
         yield rows
         yield CounterMetricFamily(P + "payload_bytes", "payload bytes inserted", value=s.payload_bytes)
         yield CounterMetricFamily(P + "batches", "successful inserts", value=s.batches)
@@ -54,6 +64,27 @@ class _LoaderCollector:
         for stage, attr in (("decode", "decode_seconds"), ("arrow", "arrow_seconds"), ("insert", "insert_seconds")):
             busy.add_metric([stage], getattr(s, attr, 0.0))
         yield busy
+        core = getattr(self.loader, "scores_core", None)
+        if core is not None:
+            yield CounterMetricFamily(P + "scores_messages", "probe scores read off the scores topic",
+                                      value=core.stats.messages)
+            sdl = CounterMetricFamily(P + "scores_dead_letters", "scores-topic messages sent to <scores topic>.dlq",
+                                      labels=["reason"])
+            for reason, n in sorted(core.stats.dlq_by_reason.items()):
+                sdl.add_metric([reason], n)
+            yield sdl
+        counts = getattr(s, "freshness_counts", None)
+        if counts is not None:
+            from tensortrace.loader.service import FRESHNESS_BUCKETS
+            buckets, acc = [], 0
+            for bound, n in zip([*map(str, FRESHNESS_BUCKETS), "+Inf"], counts):
+                acc += n
+                buckets.append((bound, acc))
+            yield HistogramMetricFamily(P + "freshness_seconds", "capture -> queryable per activation row (insert returned)",
+                                        buckets=buckets, sum_value=s.freshness_sum)
+        core = getattr(getattr(self.loader, "loader", None), "core", None)   # LoaderService.loader: the Loader
+        if core is not None:
+            yield lag_family(P, core)
         ready = getattr(self.loader, "ready", None)
         if callable(ready):
             yield GaugeMetricFamily(P + "ready", "1 once the consumer holds partitions", value=1.0 if ready() else 0.0)

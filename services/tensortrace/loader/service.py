@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from tensortrace.consume import ConsumerCore, ConsumerStats, SealedBatch, Source
 from tensortrace.loader.config import LoaderConfig
@@ -46,6 +48,22 @@ class LoaderStats(ConsumerStats):
     # waiting on ClickHouse inserts (decode_seconds, on the consume thread, is the core's)
     arrow_seconds: float = 0.0
     insert_seconds: float = 0.0
+    # capture -> queryable, per activation row: the insert's return minus the row's capture time
+    # (cumulative histogram counts per FRESHNESS_BUCKETS upper bound, then +Inf; seconds)
+    freshness_counts: list = field(default_factory=lambda: [0] * (len(FRESHNESS_BUCKETS) + 1))
+    freshness_sum: float = 0.0
+
+    def observe_freshness(self, capture_ns, now_ns: int) -> None:
+        if not len(capture_ns):
+            return
+        lag = (now_ns - np.asarray(capture_ns, dtype=np.int64)) / 1e9
+        idx = np.searchsorted(FRESHNESS_BUCKETS, lag, side="left")   # first bound >= lag
+        for i, n in enumerate(np.bincount(idx, minlength=len(FRESHNESS_BUCKETS) + 1)):
+            self.freshness_counts[i] += int(n)
+        self.freshness_sum += float(lag.sum())
+
+
+FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class ClickHouseSink:
@@ -107,8 +125,10 @@ class ClickHouseSink:
                     if backoff.wait(stopping):
                         return False
         self.stats.insert_seconds += time.perf_counter() - t1
+        done = time.time_ns()
+        self.stats.observe_freshness(c.act["capture_time"], done)
         if self.on_inserted is not None:
-            self.on_inserted(c, time.time_ns())
+            self.on_inserted(c, done)
         self.stats.batches += 1
         self.stats.tensor_rows += c.tensor_rows
         self.stats.summary_rows += c.summary_rows

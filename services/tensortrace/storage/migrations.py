@@ -133,7 +133,49 @@ GROUP BY trace_id, request_id, model
 # request; the completeness rule waits for all of them. Rows written before it read as 1.
 _REQUESTS_PRODUCERS = "ALTER TABLE {db}.requests ADD COLUMN IF NOT EXISTS producers UInt16 DEFAULT 1 AFTER sampled"
 
+# One row per (request, probe version): the probe service's scores (tensortrace.v1.ProbeScore, read
+# off the scores topic by the loader). A killed-and-restarted probe service re-publishes a score
+# with the same identity (trace_id, request_id, probe, probe_hash): the sort key, so merges collapse
+# re-reads and reads collapse them with FINAL (or LIMIT 1 BY the identity); scored_time is the
+# version, so the latest verdict on a request wins. Partitioned and expired by scored_time (always
+# set; request_end_time is 0 for a request whose summary never came).
+_PROBE_SCORES = f"""
+CREATE TABLE IF NOT EXISTS {{db}}.probe_scores (
+    trace_id            FixedString(16),
+    span_id             FixedString(8),
+    request_id          String CODEC(ZSTD(1)),
+    model               LowCardinality(String),
+    probe               LowCardinality(String),
+    probe_hash          String,
+    score               Float64,
+    threshold           Float64,
+    flagged             Bool,
+    shadow              Bool,
+    complete            Bool,
+    incomplete_reason   String,
+    hook                LowCardinality(String),
+    layers              Array(Int32),
+    pooling             LowCardinality(String),
+    tokens_scored       UInt32,
+    token_scores        Array(Float32),
+    token_positions     Array(UInt32),
+    request_end_time    {_TS},
+    scored_time         {_TS},
+    release             LowCardinality(String),
+    load_time           {_TS},
+    kafka_partition     UInt32,
+    kafka_offset        UInt64,
+    INDEX idx_request_id request_id TYPE bloom_filter(0.01) GRANULARITY 1
+)
+ENGINE = ReplacingMergeTree(scored_time)
+PARTITION BY toDate(scored_time)
+ORDER BY (trace_id, request_id, probe, probe_hash)
+TTL toDateTime(scored_time) + INTERVAL {{ttl_days}} DAY
+SETTINGS non_replicated_deduplication_window = 1000, ttl_only_drop_parts = 1
+"""
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "activations, requests, activation_traces", [_ACTIVATIONS, _REQUESTS, _ACTIVATION_TRACES, _ACTIVATION_TRACES_MV]),
     (2, "requests.producers", [_REQUESTS_PRODUCERS]),
+    (3, "probe_scores", [_PROBE_SCORES]),
 ]

@@ -8,6 +8,7 @@ Tables (docs/storage.md has the reasoning):
                      identity, ordered by trace id; projection by (model, hook, layer, time).
   requests           one row per RequestSummary.
   activation_traces  trace id -> request ids and capture time bounds (materialized view).
+  probe_scores       one row per (request, probe version) score, from the probe service's scores topic.
   schema_migrations  applied migration versions.
 """
 
@@ -44,6 +45,13 @@ REQUEST_COLUMNS = (
     "load_time", "producer_node", "producer_pod", "producer_pid", "producer_rank",
     "producer_generation", "seq", "kafka_partition", "kafka_offset",
 )
+PROBE_SCORE_COLUMNS = (
+    "trace_id", "span_id", "request_id", "model", "probe", "probe_hash", "score", "threshold", "flagged",
+    "shadow", "complete", "incomplete_reason", "hook", "layers", "pooling", "tokens_scored", "token_scores",
+    "token_positions", "request_end_time", "scored_time", "release", "load_time", "kafka_partition", "kafka_offset",
+)
+# A score's identity: a re-published score (a restarted probe service) has the same one.
+PROBE_SCORE_IDENTITY = ("trace_id", "request_id", "probe", "probe_hash")
 # Dedup identity of a stored record (codec.record_key); reads collapse on it (query/backend.py).
 IDENTITY_COLUMNS = ("producer_pod", "producer_pid", "producer_generation", "seq")
 
@@ -122,7 +130,10 @@ def apply_migrations(client, database: str = DEFAULT_DATABASE, ttl_days: int = D
         client.insert(f"{db}.schema_migrations", [[version, name, datetime.datetime.now(datetime.timezone.utc)]],
                       column_names=["version", "name", "applied_at"])
     client.command(f"ALTER TABLE {db}.activations MODIFY COLUMN payload String CODEC({payload_codec})")
-    for table, ts in (("activations", "capture_time"), ("requests", "end_time"), ("activation_traces", "last_capture")):
+    ttl_tables = [("activations", "capture_time"), ("requests", "end_time"), ("activation_traces", "last_capture")]
+    if any(version >= 3 for version, _, _ in MIGRATIONS):   # probe_scores exists from migration 3 on
+        ttl_tables.append(("probe_scores", "scored_time"))
+    for table, ts in ttl_tables:
         ttl = f"toDateTime({ts}) + INTERVAL {int(ttl_days)} DAY"
         if table == "activations" and 0 < int(recompress_after_hours) < 24 * int(ttl_days):
             ttl = (f"toDateTime({ts}) + INTERVAL {int(recompress_after_hours)} HOUR RECOMPRESS CODEC({recompress_codec}), "
