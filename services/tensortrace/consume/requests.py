@@ -108,7 +108,7 @@ class RequestViewStats:
 
 
 class _Open:
-    __slots__ = ("req", "ids", "summary_ids", "producers", "captured", "last_ns", "kept_bytes", "offsets")
+    __slots__ = ("req", "ids", "summary_ids", "producers", "captured", "last_ns", "kept_bytes", "offsets", "last_source")
 
     def __init__(self, req: CapturedRequest):
         self.req = req
@@ -119,6 +119,7 @@ class _Open:
         self.last_ns = 0
         self.kept_bytes = 0
         self.offsets: dict[int, int] = {}               # partition -> lowest offset held
+        self.last_source = None                         # the Source last folded into offsets/sources
 
 
 def _producer(rec) -> tuple:
@@ -156,7 +157,8 @@ class RequestView:
         o = self._entry(rec, source)
         if o is None:
             return
-        ident = (rec.producer.pod, rec.producer.pid, rec.producer.generation, rec.seq)
+        p = rec.producer   # one wrapper, not three (upb builds one per read)
+        ident = (p.pod, p.pid, p.generation, rec.seq)
         if ident in o.ids:
             self.stats.duplicate_records += 1
             return
@@ -273,10 +275,12 @@ class RequestView:
                 if key not in self._open:   # the new one was the oldest (cannot happen) or evicted
                     return None
         o.last_ns = self.clock()
-        if source.partition not in o.offsets or source.offset < o.offsets[source.partition]:
-            o.offsets[source.partition] = source.offset
-        first, last = o.req.sources.get(source.partition, (source.offset, source.offset))
-        o.req.sources[source.partition] = (min(first, source.offset), max(last, source.offset))
+        if source is not o.last_source:   # the records of one message share their Source: fold it once
+            o.last_source = source
+            if source.partition not in o.offsets or source.offset < o.offsets[source.partition]:
+                o.offsets[source.partition] = source.offset
+            first, last = o.req.sources.get(source.partition, (source.offset, source.offset))
+            o.req.sources[source.partition] = (min(first, source.offset), max(last, source.offset))
         return o
 
     def _check(self, o: _Open) -> None:

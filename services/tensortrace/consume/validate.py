@@ -14,6 +14,7 @@ from tensortrace.consume.deadletter import DeadLetterReason as R
 from tensortrace.consume.deadletter import InvalidRecord
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
+from tensortrace.wire.dtypes import ELEMENT_SIZE
 
 
 def fixed_id(value: bytes, size: int, what: str) -> bytes:
@@ -26,30 +27,40 @@ def fixed_id(value: bytes, size: int, what: str) -> bytes:
 
 
 def check_tensor_record(rec: pb.TensorRecord) -> None:
-    try:
-        elem = codec.element_size(rec.dtype)
-    except codec.WireError as e:
-        raise InvalidRecord(R.DTYPE, str(e)) from None
-    if rec.encoding not in _ENCODINGS:
-        raise InvalidRecord(R.ENCODING, f"unknown payload encoding {rec.encoding}")
-    if any(d < 0 for d in rec.shape):
-        raise InvalidRecord(R.SHAPE, f"negative dimension in shape {list(rec.shape)}")
-    expect = math.prod(rec.shape) * elem
-    if rec.raw_size != expect:
-        raise InvalidRecord(R.RAW_SIZE, f"raw_size {rec.raw_size} != {expect} implied by shape {list(rec.shape)} "
-                                        f"and dtype {codec.dtype_name(rec.dtype)}")
-    if rec.encoding == pb.RAW and len(rec.payload) != rec.raw_size:
-        raise InvalidRecord(R.RAW_SIZE, f"RAW payload is {len(rec.payload)} bytes, raw_size says {rec.raw_size}")
-    if rec.positions_kind == pb.TOKEN_RANGE and rec.shape and rec.token_end - rec.token_start != rec.shape[0]:
-        raise InvalidRecord(R.TOKEN_RANGE, f"token range [{rec.token_start}, {rec.token_end}) does not match {rec.shape[0]} rows")
-    if rec.positions_kind == pb.TOKEN_LIST and rec.shape and len(rec.positions) != rec.shape[0]:
-        raise InvalidRecord(R.POSITIONS, f"{len(rec.positions)} positions for {rec.shape[0]} rows")
+    # Every consumer runs this once per record on its consume thread: each field is read once
+    # (a upb field read costs ~0.1 us, a bytes field copies), the common case falls straight through.
+    dtype, enc = rec.dtype, rec.encoding
+    elem = ELEMENT_SIZE.get(dtype)
+    if elem is None:
+        raise InvalidRecord(R.DTYPE, f"unknown dtype code {dtype}")
+    if enc not in _ENCODINGS:
+        raise InvalidRecord(R.ENCODING, f"unknown payload encoding {enc}")
+    shape = rec.shape[:]   # a list; list(rec.shape) iterates the container (~3x slower)
+    if shape and min(shape) < 0:
+        raise InvalidRecord(R.SHAPE, f"negative dimension in shape {shape}")
+    expect = math.prod(shape) * elem
+    raw_size = rec.raw_size
+    if raw_size != expect:
+        raise InvalidRecord(R.RAW_SIZE, f"raw_size {raw_size} != {expect} implied by shape {shape} "
+                                        f"and dtype {codec.dtype_name(dtype)}")
+    if enc == _RAW:
+        n = len(rec.payload)
+        if n != raw_size:
+            raise InvalidRecord(R.RAW_SIZE, f"RAW payload is {n} bytes, raw_size says {raw_size}")
+    kind = rec.positions_kind
+    if kind == _TOKEN_RANGE:
+        if shape and rec.token_end - rec.token_start != shape[0]:
+            raise InvalidRecord(R.TOKEN_RANGE, f"token range [{rec.token_start}, {rec.token_end}) does not match {shape[0]} rows")
+    elif kind == _TOKEN_LIST and shape and len(rec.positions) != shape[0]:
+        raise InvalidRecord(R.POSITIONS, f"{len(rec.positions)} positions for {shape[0]} rows")
     if not rec.request_id:
         raise InvalidRecord(R.MISSING_FIELD, "tensor record has no request_id")
     if not rec.hook:
         raise InvalidRecord(R.MISSING_FIELD, "tensor record has no hook")
-    fixed_id(rec.trace_id, 16, "trace_id")
-    fixed_id(rec.span_id, 8, "span_id")
+    t, sp = rec.trace_id, rec.span_id
+    if (t and len(t) != 16) or (sp and len(sp) != 8):
+        fixed_id(t, 16, "trace_id")
+        fixed_id(sp, 8, "span_id")
 
 
 def check_summary(s: pb.RequestSummary) -> None:
@@ -60,3 +71,4 @@ def check_summary(s: pb.RequestSummary) -> None:
 
 
 _ENCODINGS = frozenset(pb.Encoding.values())
+_RAW, _TOKEN_RANGE, _TOKEN_LIST = pb.RAW, pb.TOKEN_RANGE, pb.TOKEN_LIST
