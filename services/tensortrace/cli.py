@@ -16,6 +16,8 @@ COMMANDS = {
     "loader": ("tensortrace.compose:LOADER", "load the activations topic into ClickHouse (and serve reads: --query-port)"),
     "query-server": ("tensortrace.query.main:SERVICE", "serve the gRPC read-back API in front of ClickHouse"),
     "bridge": ("tensortrace.bridge.main:SERVICE", "turn captured requests into OpenTelemetry spans (OTLP, otel_traces)"),
+    "probes": ("tensortrace.probes.main:SERVICE", "score every captured request with online probes (scores topic, alerts)"),
+    "probe-train": ("tensortrace.devstack.probe_train:main", "train a probe from labelled requests (query SDK, a capture run, or bastioncorpus)"),
     "show": ("tensortrace.query.show:main", "print what was captured for a request (by trace id)"),
     "trace": ("tensortrace.query.trace:main", "one request end to end: timeline, where the time went, picture (--html/--png)"),
     "ring-dir": ("tensortrace.ring.ringdir:main", "prepare the ring directory (owner, group, setgid mode) for agents and the exporter"),
