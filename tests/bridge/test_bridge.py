@@ -34,6 +34,7 @@ def config(bootstrap: str, topic: str, **kw) -> BridgeConfig:
     kw.setdefault("request_timeout_s", 2.0)
     kw.setdefault("otlp_receiver_port", -1)     # the engine-spans receiver and consumer: test_bridge_receiver.py
     kw.setdefault("spans_consumer", False)
+    kw.setdefault("probe_scores_consumer", False)   # test_bridge_probes.py
     return BridgeConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq",
                         batch_max_delay_s=0.05, retry_initial_s=0.05, retry_max_s=0.5, **kw)
 

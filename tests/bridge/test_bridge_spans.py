@@ -280,7 +280,7 @@ def test_step_spans_link_every_request_of_a_forward_step_once_it_is_quiet():
             again.add_tensor(rec, Source("t", 0, 0))
     now[0] += 2.5
     from tensortrace.bridge.spans import step_span
-    assert {step_span(ss).span_id for ss in again.seal().steps} == {s.span_id for s in steps.values()}   # a replay: same ids
+    assert {step_span(ss)[0].span_id for ss in again.seal().steps} == {s.span_id for s in steps.values()}   # a replay: same ids
     late = SyntheticRequest.make("late", layers=1, hidden=8)
     sink.add_tensor(late.records[0], Source("t", 0, 999))       # step 0 of this producer was emitted already
     assert sink.stats.step_late_records == 1 and sink.open_steps == 0
@@ -290,11 +290,69 @@ def test_step_spans_link_every_request_of_a_forward_step_once_it_is_quiet():
     assert {a["tensortrace.phase"] for a in row["Links.Attributes"]} == {"prefill"}
 
 
-def test_a_step_span_keeps_at_most_max_links_and_counts_the_rest():
-    from tensortrace.bridge.spans import StepStats, step_span
+def test_a_step_span_never_drops_a_link_a_cap_moves_the_rest_to_link_spans():
+    from tensortrace.bridge.spans import STEP_LINKS, StepStats, step_span
     reqs = [SyntheticRequest.make(f"m{i}", layers=1, hidden=8) for i in range(5)]
     ss = StepStats(reqs[0].records[0])
     for r in reqs:
         ss.add(r.records[0], 0, 0, 0.0)
-    s = step_span(ss, max_links=3)
-    assert len(s.links) == 3 and s.attributes["tensortrace.batch.links_dropped"] == 2
+    want = {(r.trace_id, span_id(r.trace_id, r.request_id, CAPTURE)) for r in reqs}
+    (whole,) = step_span(ss)                                       # default: every link on the step span
+    assert {(t, sid) for t, sid, _ in whole.links} == want and whole.attributes["tensortrace.batch.links"] == 5
+    step, *rest = step_span(ss, max_links=2)                       # a cap: 2 + 2 + 1, all of them
+    assert [len(s.links) for s in [step, *rest]] == [2, 2, 1] and step.attributes["tensortrace.batch.link_spans"] == 3
+    assert step.span_id == whole.span_id and {s.name for s in rest} == {STEP_LINKS}
+    assert all(s.parent_span_id == step.span_id and s.trace_id == step.trace_id for s in rest)
+    assert {(t, sid) for s in [step, *rest] for t, sid, _ in s.links} == want
+    assert [s.span_id for s in step_span(ss, max_links=2)] == [s.span_id for s in [step, *rest]]   # derived ids
+    assert len({s.span_id for s in [step, *rest]}) == 3
+
+
+def test_the_sdk_span_limits_do_not_apply_to_the_bridges_finished_spans(monkeypatch):
+    """The SDK's link limit (128, OTEL_SPAN_LINK_COUNT_LIMIT) is applied by its Tracer while a span is
+    recorded; the bridge hands finished ReadableSpans to the real OTLP encoder, which keeps every link."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from tensortrace.bridge.export import bridge_resource, bridge_scope, readable_span
+    from tensortrace.bridge.spans import StepStats, step_span
+    monkeypatch.setenv("OTEL_SPAN_LINK_COUNT_LIMIT", "128")
+    monkeypatch.setenv("OTEL_ATTRIBUTE_COUNT_LIMIT", "8")
+    base = SyntheticRequest.make("big", layers=1, hidden=8)
+    ss = StepStats(base.records[0])
+    for i in range(300):
+        rec = type(base.records[0])()
+        rec.CopyFrom(base.records[0])
+        rec.request_id, rec.trace_id = f"b{i:03d}", bytes([1 + i % 200]) * 16
+        ss.add(rec, 0, i, 0.0)
+    (s,) = step_span(ss)
+    req = encode_spans([readable_span(s, bridge_resource("t"), bridge_scope())])
+    (span,) = [x for rs in req.resource_spans for ss_ in rs.scope_spans for x in ss_.spans]
+    assert len(span.links) == 300 and span.dropped_links_count == 0
+    assert len(span.attributes) == len(s.attributes) > 8 and span.dropped_attributes_count == 0
+
+
+def test_capture_spans_name_their_step_spans_bounded():
+    from tensortrace.bridge.spans import step_ids
+    reqs = [SyntheticRequest.make("short", layers=1, hidden=8, prompt=4, generated=3),
+            SyntheticRequest.make("long", layers=1, hidden=8, prompt=4, generated=40)]
+    written = []
+    src = SpanSource("t", "g", step_spans=True, step_ids_max=8)
+    sink = BridgeSink(lambda spans, stopping: written.extend(spans) or True, src, timeout_s=60)
+    for r in reqs:
+        for rec in r.records:
+            sink.add_tensor(rec, Source("t", 0, 0))
+        sink.add_summary(r.summary, Source("t", 0, 0))
+    assert sink.flush(SealedBatch(sink.seal()), threading.Event())
+    caps = {s.attributes["tensortrace.request_id"]: s.attributes for s in written if s.name == CAPTURE}
+    p = reqs[0].records[0].producer
+    short, long_ = caps["short"], caps["long"]
+    assert short["tensortrace.step.span_ids"] == [step_ids(p.pod, p.pid, p.generation, k)[1].hex() for k in range(3)]
+    assert short["tensortrace.step.trace_ids"] == [step_ids(p.pod, p.pid, p.generation, k)[0].hex() for k in range(3)]
+    assert short["tensortrace.step.span_ids.omitted"] == 0
+    assert len(long_["tensortrace.step.span_ids"]) == 8 and long_["tensortrace.step.span_ids.omitted"] == 40 - 8
+    assert (long_["tensortrace.step.first"], long_["tensortrace.step.last"]) == (0, 39)
+    assert long_["tensortrace.step.producers"] == [f"{p.pod}/{p.pid}/{p.generation}"]
+    # not emitted without step spans: the ids would name spans that do not exist
+    req, st = released(reqs[0])
+    plain = by_name(request_spans(req, st, SOURCE, received_ns=1))[CAPTURE]
+    assert not any(k.startswith("tensortrace.step.") for k in plain.attributes)

@@ -58,7 +58,7 @@ def test_the_timeline_lists_every_stage_in_order_with_its_duration(store, capsys
     rc, out, err = run(capsys, req.trace_id, *src)
     assert rc == 0, err
     rows = stage_rows(out)
-    assert list(rows) == list(STAGE_ORDER)      # request, tokenize, queue, prefill, decode, capture, export, kafka, load
+    assert list(rows) == list(STAGE_ORDER[:-1])   # request, tokenize, queue, prefill, decode, capture, export, kafka, load (no probe)
     t0 = req.expected["request"][0]
     for name, (a, b) in req.expected.items():
         assert rows[name] == (pytest.approx((a - t0) / MS, abs=0.051), pytest.approx((b - a) / MS, abs=0.051)), name
@@ -86,7 +86,7 @@ def test_json_is_the_same_story(store, capsys, monkeypatch):
     assert rc == 0, err
     d = json.loads(out)
     assert d["trace_id"] == req.trace_id and d["request_id"] == "req-json" and d["request_ids"] == ["req-json"]
-    assert [s["name"] for s in d["stages"]] == list(STAGE_ORDER)
+    assert [s["name"] for s in d["stages"]] == list(STAGE_ORDER[:-1])   # no probe scores here
     st = {s["name"]: s for s in d["stages"]}
     for name, (a, b) in req.expected.items():
         assert (st[name]["start_unix_nano"], st[name]["end_unix_nano"]) == (a, b), name
@@ -170,15 +170,66 @@ def test_the_heatmap_marks_missing_positions_and_falls_back_to_the_sdk_for_token
     np.testing.assert_allclose(norms.norms[0], want, rtol=1e-5)
 
 
+# The probe_scores table as storage migration 3 makes it (the probe service's scores, loaded by the
+# loader): created here if the migrations did not already, with exactly its columns.
+PROBE_SCORES_DDL = """CREATE TABLE IF NOT EXISTS {db}.probe_scores (
+    trace_id FixedString(16), span_id FixedString(8), request_id String, model LowCardinality(String),
+    probe LowCardinality(String), probe_hash String, score Float64, threshold Float64, flagged Bool, shadow Bool,
+    complete Bool, incomplete_reason String, hook LowCardinality(String), layers Array(Int32),
+    pooling LowCardinality(String), tokens_scored UInt32, token_scores Array(Float32), token_positions Array(UInt32),
+    request_end_time DateTime64(9, 'UTC'), scored_time DateTime64(9, 'UTC'), release LowCardinality(String),
+    load_time DateTime64(9, 'UTC'), kafka_partition UInt32, kafka_offset UInt64)
+ENGINE = ReplacingMergeTree(scored_time) ORDER BY (trace_id, request_id, probe, probe_hash)"""
+PROBE_SCORE_COLUMNS = ["trace_id", "span_id", "request_id", "model", "probe", "probe_hash", "score", "threshold",
+                       "flagged", "shadow", "complete", "incomplete_reason", "hook", "layers", "pooling",
+                       "tokens_scored", "token_scores", "token_positions", "request_end_time", "scored_time",
+                       "release", "load_time", "kafka_partition", "kafka_offset"]
+
+
+def probe_score(req, probe: str, score: float, *, threshold: float = 0.5, shadow: bool = False, positions=range(8),
+                token_scores=None, probe_hash: str = "a1b2c3d4e5f60718", complete: bool = True,
+                after_ms: float = 30.0) -> pb.ProbeScore:
+    """A ProbeScore as the probe service publishes it for a TimedRequest."""
+    end = req.syn.summary.end_time_unix_nano
+    positions = list(positions)
+    token_scores = token_scores if token_scores is not None else [score * (i + 1) / len(positions) for i in
+                                                                  range(len(positions))]
+    return pb.ProbeScore(model_id=req.syn.summary.model_id, request_id=req.request_id, trace_id=req.syn.trace_id,
+                         span_id=req.syn.summary.span_id, probe=probe, probe_hash=probe_hash, score=score,
+                         threshold=threshold, flagged=score >= threshold and not shadow, shadow=shadow,
+                         complete=complete, incomplete_reason="" if complete else "2 records dropped: ring_full",
+                         hook="resid_pre", layers=[1, 2], pooling="mean", tokens_scored=len(positions),
+                         token_scores=token_scores, token_positions=positions, request_end_time_unix_nano=end,
+                         scored_time_unix_nano=end + int(after_ms * 1e6), release="complete")
+
+
+def insert_probe_scores(client, db: str, scores: list[pb.ProbeScore], load_ns: int = 0) -> None:
+    """Rows as the loader writes them from the scores topic (one per ProbeScore)."""
+    client.command(PROBE_SCORES_DDL.format(db=db))
+    rows = [[s.trace_id, s.span_id, s.request_id, s.model_id, s.probe, s.probe_hash, s.score, s.threshold, s.flagged,
+             s.shadow, s.complete, s.incomplete_reason, s.hook, list(s.layers), s.pooling, s.tokens_scored,
+             list(s.token_scores), list(s.token_positions), s.request_end_time_unix_nano, s.scored_time_unix_nano,
+             s.release, load_ns or s.scored_time_unix_nano + 5_000_000, 0, i] for i, s in enumerate(scores)]
+    client.insert(f"{db}.probe_scores", rows, column_names=PROBE_SCORE_COLUMNS)
+
+
+def insert_probe_spans(client, db: str, scores: list[pb.ProbeScore]) -> None:
+    """The bridge's tensortrace.probe spans of the scores, through its ClickHouse writer."""
+    import threading
+
+    from tensortrace.bridge.export import ClickHouseWriter, bridge_resource
+    from tensortrace.bridge.probes import probe_span
+    w = ClickHouseWriter(client, db, "otel_traces", resource=bridge_resource("tensortrace-bridge"))
+    assert w.write([probe_span(s) for s in scores], threading.Event())
+
+
 def test_png_is_one_valid_picture_and_probe_scores_are_drawn_when_there_are_some(store, capsys, tmp_path):
     client, db, src = store
     req = TimedRequest.make("req-png", layers=3, hidden=8, prompt=5, generated=4)
     insert_timed(client, db, req, otel_database=db)
-    client.command(f"CREATE TABLE {db}.probe_scores (trace_id FixedString(16), request_id String, probe String, "
-                   "position UInt32, score Float32) ENGINE = MergeTree ORDER BY (trace_id, probe, position)")
-    rows = [[req.syn.trace_id, "req-png", p, i, 0.1 * i + (0.5 if p == "refusal" else 0)]
-            for p in ("refusal", "toxicity") for i in range(8)]
-    client.insert(f"{db}.probe_scores", rows, column_names=["trace_id", "request_id", "probe", "position", "score"])
+    insert_probe_scores(client, db, [
+        probe_score(req, "refusal", 0.9, token_scores=[0.1 * i + 0.5 for i in range(8)]),
+        probe_score(req, "toxicity", 0.2, token_scores=[0.1 * i for i in range(8)])])
     png, page = tmp_path / "t.png", tmp_path / "t.html"
     rc, out, err = run(capsys, req.trace_id, *src, "--png", str(png), "--html", str(page), "--json")
     assert rc == 0, err
@@ -197,6 +248,91 @@ def test_png_is_one_valid_picture_and_probe_scores_are_drawn_when_there_are_some
     d = json.loads(out)
     assert sorted(d["probes"]) == ["refusal", "toxicity"] and d["probes"]["refusal"]["positions"] == list(range(8))
     assert d["probes"]["toxicity"]["scores"][3] == pytest.approx(0.3)
+    assert {v["probe"]: v["label"] for v in d["probe_verdicts"]} == {"refusal": "flagged", "toxicity": "pass"}
+
+
+def test_probe_verdicts_show_in_the_timeline_from_the_probe_spans_and_the_table(store, capsys, tmp_path):
+    client, db, src = store
+    req = TimedRequest.make("req-probed", layers=2, hidden=8, prompt=5, generated=4)
+    insert_timed(client, db, req, otel_database=db)
+    scores = [probe_score(req, "injection", 0.91, after_ms=30), probe_score(req, "sentiment", 0.12, after_ms=35),
+              probe_score(req, "jailbreak", 0.77, shadow=True, complete=False, after_ms=40)]
+    insert_probe_spans(client, db, scores)
+    insert_probe_scores(client, db, scores)
+    # a re-published score (a restarted probe service): the same identity, read once
+    insert_probe_scores(client, db, [scores[0]])
+    rc, out, err = run(capsys, req.trace_id, *src)
+    assert rc == 0, err
+    rows = stage_rows(out)
+    assert list(rows)[-1] == "probe" and list(rows) == [s for s in STAGE_ORDER if s in rows]
+    end_ms = (req.syn.summary.end_time_unix_nano - int(min(req.expected["request"][0], req.syn.records[0]
+                                                          .capture_time_unix_nano))) / 1e6
+    assert rows["probe"][0] == pytest.approx(end_ms, abs=0.15) and rows["probe"][1] == pytest.approx(40.0, abs=0.15)
+    assert "tensortrace.probe spans" in out
+    assert "probe injection: 0.910 (threshold 0.500) FLAGGED; 8 token scores" in out
+    assert "probe sentiment: 0.120 (threshold 0.500) PASS" in out
+    assert "probe jailbreak: 0.770 (threshold 0.500) SHADOW; over an incomplete request: 2 records dropped" in out
+    assert out.count("probe injection:") == 1
+    rc, out, err = run(capsys, req.trace_id, *src, "--json")
+    d = json.loads(out)
+    assert [s["name"] for s in d["stages"]][-1] == "probe" and len(d["probe_verdicts"]) == 3
+    assert {s["name"] for s in d["spans"]} >= {"tensortrace.probe", "tensortrace.capture"}
+    page = tmp_path / "p.html"
+    rc, _, err = run(capsys, req.trace_id, *src, "--html", str(page))
+    assert rc == 0 and "<img id='probes'" in page.read_text()
+
+
+def test_without_a_probe_scores_table_there_is_no_probe_panel(store, capsys, tmp_path):
+    client, db, src = store
+    client.command(f"DROP TABLE IF EXISTS {db}.probe_scores")
+    req = TimedRequest.make("req-noprobes", layers=2, hidden=8, prompt=4, generated=3)
+    insert_timed(client, db, req, otel_database=db)
+    page = tmp_path / "n.html"
+    rc, out, err = run(capsys, req.trace_id, *src, "--html", str(page), "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["probes"] is None and d["probe_verdicts"] == [] and "probe" not in [s["name"] for s in d["stages"]]
+    assert "id='probes'" not in page.read_text()
+
+
+def test_a_probe_scores_request_id_finds_its_trace_and_prints_its_link(store, capsys):
+    client, db, src = store
+    req = TimedRequest.make("req-only-scored", layers=1, hidden=8, prompt=3, generated=3)
+    score = probe_score(req, "injection", 0.8)
+    insert_probe_scores(client, db, [score])       # nothing else stored: only the probe service's row
+    link = "https://grafana.example/explore?traceId={trace_id}&request={request_id}"
+    rc, out, err = run(capsys, "--request-id", score.request_id, *src, "--link-template", link)
+    assert rc == 0, err
+    assert f"trace {req.trace_id}  request req-only-scored" in out
+    assert f"link: https://grafana.example/explore?traceId={req.trace_id}&request=req-only-scored" in out
+    assert "probe injection: 0.800 (threshold 0.500) FLAGGED" in out
+    # and once the bridge and the loader wrote the rest: the same trace, the whole story
+    insert_timed(client, db, req, otel_database=db)
+    insert_probe_spans(client, db, [score])
+    rc, out, err = run(capsys, "--request-id", score.request_id, *src, "--link-template", link, "--json")
+    d = json.loads(out)
+    assert d["trace_id"] == req.trace_id and d["link"].endswith(f"traceId={req.trace_id}&request=req-only-scored")
+    assert [s["name"] for s in d["stages"]][-1] == "probe"
+
+
+def test_a_64_bit_trace_id_is_a_trace_id(store, capsys):
+    """SGLang's own traces (a request without traceparent) have the upper 64 bits zero."""
+    client, db, src = store
+    req = TimedRequest.make("req-64", layers=1, hidden=8, prompt=3, generated=3)
+    tid = bytes(8) + bytes.fromhex("c2d62a4bd60d3cc0")
+    req.syn.trace_id = tid
+    for r in req.syn.records:
+        r.trace_id = tid
+    req.syn.summary.trace_id = tid
+    for s in req.sglang_spans:
+        s.trace_id = tid
+    insert_timed(client, db, req, otel_database=db)
+    for given in (tid.hex(), "c2d62a4bd60d3cc0"):
+        rc, out, err = run(capsys, given, *src)
+        assert rc == 0, err
+        assert f"trace {tid.hex()}  request req-64" in out and "capture" in stage_rows(out)
+    rc, out, err = run(capsys, "--request-id", "req-64", *src, "--json")
+    assert rc == 0 and json.loads(out)["trace_id"] == tid.hex()
 
 
 def test_a_malformed_a_missing_trace_id_and_an_unreachable_clickhouse(store, capsys):

@@ -17,7 +17,8 @@ The serving engine's own spans (SGLang `--enable-trace --otlp-traces-endpoint br
 `--otlp-receiver-port` (gRPC, 4317; -1: off) and `--otlp-http-receiver-port` (off) receive them,
 publish them to `--spans-topic` and acknowledge only then; `--spans-consumer` (on) reads that topic
 into the same destinations, in its own group `--spans-group-id`. docs/bridge.md, "Receiving the
-engine's spans".
+engine's spans". `--probe-scores-consumer` (on) reads the probe service's scores
+(`--probe-scores-topic`) into `tensortrace.probe` spans, in the group `--probe-scores-group-id`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ DEFAULT_GROUP = "tensortrace-bridge"
 DEFAULT_SERVICE_NAME = "tensortrace-bridge"
 DEFAULT_SPANS_TOPIC = "tensortrace.spans"
 DEFAULT_SPANS_GROUP = "tensortrace-bridge-spans"
+DEFAULT_PROBE_SCORES_TOPIC = "tensortrace.probe_scores"
+DEFAULT_PROBE_SCORES_GROUP = "tensortrace-bridge-probes"
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -56,7 +59,10 @@ class BridgeConfig(ConsumerConfig):
     step_spans: bool = option(False, "also one tensortrace.step span per (producer, forward step), linked to every "
                                      "request in that batch; needs one bridge to read every partition (docs/bridge.md)")
     step_linger_s: float = option(2.0, "a step's span is made when no record of it arrived for this long")
-    step_max_links: int = option(128, "links per step span (the SDK's default span link limit); the rest are counted")
+    step_max_links: int = option(0, "links per step span; 0: every request of the batch on the step span; N: the "
+                                    "rest on tensortrace.step.links child spans, N each (never dropped)")
+    step_ids_max: int = option(32, "step span ids recorded on each capture span (--step-spans); the rest are "
+                                   "counted and derivable (docs/bridge.md)")
 
     # The serving engine's own spans (SGLang --enable-trace --otlp-traces-endpoint bridge:4317):
     # received over OTLP, published to the spans topic (acks=all) before the export succeeds, then
@@ -71,6 +77,13 @@ class BridgeConfig(ConsumerConfig):
                                                       "max.message.bytes); larger requests are split by span")
     spans_consumer: bool = option(True, "also consume the spans topic into the destinations (otel_traces / OTLP)")
     spans_group_id: str = option(DEFAULT_SPANS_GROUP, "Kafka consumer group of the spans-topic consumer")
+
+    # The probe service's verdicts (tensortrace.v1.ProbeScore, keyed by request id): one tensortrace.probe
+    # span per (request, probe, probe version), under the request's capture span (probes.py).
+    probe_scores_consumer: bool = option(True, "consume the probe scores topic into tensortrace.probe spans")
+    probe_scores_topic: str = option(DEFAULT_PROBE_SCORES_TOPIC, "Kafka topic of the probe service's scores "
+                                                                 "(tensortrace.v1.ProbeScore)")
+    probe_scores_group_id: str = option(DEFAULT_PROBE_SCORES_GROUP, "Kafka consumer group of the probe scores consumer")
 
     service_name: str = option(DEFAULT_SERVICE_NAME, "resource service.name of the spans")
     tensors_table: str = option(f"{schema.DEFAULT_DATABASE}.activations",
@@ -107,8 +120,10 @@ class BridgeConfig(ConsumerConfig):
             out.append(f"max_open_requests: {self.max_open_requests} < 1")
         if self.step_linger_s <= 0:
             out.append(f"step_linger_s: {self.step_linger_s} must be > 0")
-        if self.step_max_links < 1:
-            out.append(f"step_max_links: {self.step_max_links} < 1")
+        if self.step_max_links < 0:
+            out.append(f"step_max_links: {self.step_max_links} < 0 (0: no limit)")
+        if self.step_ids_max < 0:
+            out.append(f"step_ids_max: {self.step_ids_max} < 0")
         if not self.service_name:
             out.append("service_name: empty")
         for name in ("otlp_receiver_port", "otlp_http_receiver_port"):
@@ -134,6 +149,17 @@ class BridgeConfig(ConsumerConfig):
                 out.append(f"spans_group_id: {self.spans_group_id!r} must be a non-empty name without spaces")
             elif self.spans_group_id == self.group_id:
                 out.append("spans_group_id: must differ from group_id (the two consumers read different topics)")
+        if self.probe_scores_consumer:
+            if not self.probe_scores_topic or any(ch.isspace() for ch in self.probe_scores_topic):
+                out.append(f"probe_scores_topic: {self.probe_scores_topic!r} must be a non-empty name without spaces")
+            elif self.probe_scores_topic in (self.topic, self.dlq_topic, self.spans_topic):
+                out.append(f"probe_scores_topic: {self.probe_scores_topic!r} is also the activation, dead-letter or "
+                           "spans topic")
+            if not self.probe_scores_group_id or any(ch.isspace() for ch in self.probe_scores_group_id):
+                out.append(f"probe_scores_group_id: {self.probe_scores_group_id!r} must be a non-empty name without "
+                           "spaces")
+            elif self.probe_scores_group_id in (self.group_id, self.spans_group_id):
+                out.append("probe_scores_group_id: must differ from group_id and spans_group_id")
         return out
 
     @property
@@ -146,6 +172,13 @@ class BridgeConfig(ConsumerConfig):
         its own group, dead letters to `<spans_topic>.dlq`."""
         return ConsumerConfig(**{f.name: getattr(self, f.name) for f in fields(ConsumerConfig)} | dict(
             topic=self.spans_topic, group_id=self.spans_group_id, dlq_topic=self.spans_topic + ".dlq"))
+
+    def probe_scores_consumer_config(self) -> ConsumerConfig:
+        """The probe scores consumer: this config's settings, on the probe scores topic, its own group,
+        dead letters to `<probe_scores_topic>.dlq`."""
+        return ConsumerConfig(**{f.name: getattr(self, f.name) for f in fields(ConsumerConfig)} | dict(
+            topic=self.probe_scores_topic, group_id=self.probe_scores_group_id,
+            dlq_topic=self.probe_scores_topic + ".dlq"))
 
     def validate(self) -> "BridgeConfig":
         return raise_problems(self, "bridge config")

@@ -47,6 +47,8 @@ from tensortrace.storage.otel import TRACES_COLUMNS
 log = logging.getLogger("tensortrace.bridge.export")
 
 SCOPE_NAME = "tensortrace.bridge"
+MAX_REQUEST_BYTES = 3 << 20    # an OTLP export call stays under the usual 4 MiB receive limit
+_SPAN_BYTES, _LINK_BYTES = 1500, 150   # generous estimates of an encoded span and link
 SCOPE_VERSION = tensortrace.__version__
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
@@ -121,9 +123,27 @@ class OtlpWriter:
             raise ValueError(f"OTLP protocol {protocol!r} is not grpc or http/protobuf")
         return cls(exporter, resource, batch_spans=batch_spans, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
 
+    def chunks(self, spans: list[SpanData]) -> list[list[SpanData]]:
+        """At most `batch_spans` spans per export call, and about `MAX_REQUEST_BYTES` at most: a step
+        span carries a link per request of its batch (~150 bytes each), so 512 of them could exceed
+        a receiver's gRPC message limit (4 MiB by default, a Collector's and ours)."""
+        out: list[list[SpanData]] = []
+        cur: list[SpanData] = []
+        size = 0
+        for s in spans:
+            est = _SPAN_BYTES + _LINK_BYTES * len(s.links)
+            if cur and (len(cur) >= self.batch_spans or size + est > MAX_REQUEST_BYTES):
+                out.append(cur)
+                cur, size = [], 0
+            cur.append(s)
+            size += est
+        if cur:
+            out.append(cur)
+        return out
+
     def write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
-        for i in range(0, len(spans), self.batch_spans):
-            chunk = [readable_span(s, self.resource, self.scope) for s in spans[i:i + self.batch_spans]]
+        for part in self.chunks(spans):
+            chunk = [readable_span(s, self.resource, self.scope) for s in part]
             backoff = Backoff(*self.retry)
             while True:
                 t0 = time.perf_counter()

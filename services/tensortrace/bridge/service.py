@@ -29,8 +29,15 @@ Offsets: the view keeps commits behind every request it holds and never inside o
 made durable; the sink adds only its pending step spans' records (`commit_offset`).
 
 Step spans (`step_spans`, opt-in): the same keep() observer folds each record into the StepStats of
-its (producer, step); a step quiet for `step_linger_s` is sealed with the next batch, and its
-records' offsets are held like a request's until its span is durable.
+its (producer, step); a step is sealed with the next batch once it is whole, and its records'
+offsets are held like a request's until its span is durable. Whole: no record of it arrived for
+`step_linger_s`, and no assigned partition can still hold one — each is either read up to its end
+(no lag: `lagging()`), or has delivered a record of the same producer pod (the same exporter,
+publishing in about export order within a partition) exported more than `step_linger_s` after the
+step's last record (the margin covers the exporter's packing of several steps into one message,
+and its batching delay). Quiet time
+alone is not enough: a bridge catching up on a backlog reads one partition's fetch after another,
+seconds apart, so one step's records arrive spread over that time.
 
 Idempotent by construction: span ids are derived from (trace id, request id, stage), so a request
 the view releases again after a crash or a replay re-sends spans with the same ids.
@@ -52,11 +59,13 @@ from tensortrace.bridge.config import BridgeConfig
 from tensortrace.bridge.engine import EngineSpansSink, EngineStats
 from tensortrace.bridge.export import ClickHouseWriter, OtlpForwarder, OtlpWriter, Writers, bridge_resource
 from tensortrace.bridge.otlp import decode_message
+from tensortrace.bridge.probes import ProbeSpansSink, ProbeStats, decode_probe_score
 from tensortrace.bridge.receiver import (OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverStats, SpansIntake,
                                          SpansPublisher)
 from tensortrace.bridge.spans import (RecordStats, SpanData, SpanSource, StepStats, request_spans, skip_reason,
                                       step_span)
 from tensortrace.consume import CapturedRequest, ConsumerCore, Release, RequestView
+from tensortrace.consume.metrics import lag_family
 from tensortrace.consume.sink import SealedBatch, Source
 from tensortrace.service.backoff import Backoff
 from tensortrace.v1 import records_pb2 as pb
@@ -91,8 +100,9 @@ class BridgeSink:
     def __init__(self, write: Callable[[list[SpanData], threading.Event], bool], source: SpanSource, *,
                  timeout_s: float = 30.0, max_requests: int = 10_000, retry_initial_s: float = 0.2,
                  retry_max_s: float = 10.0, stats: BridgeStats | None = None, clock_ns: Callable[[], int] = time.time_ns,
-                 step_spans: bool = False, step_linger_s: float = 2.0, step_max_links: int = 128,
-                 max_pending_steps: int = 10_000, monotonic: Callable[[], float] = time.monotonic):
+                 step_spans: bool = False, step_linger_s: float = 2.0, step_max_links: int = 0,
+                 max_pending_steps: int = 10_000, monotonic: Callable[[], float] = time.monotonic,
+                 lagging: Callable[[], set[int] | None] | None = None):
         self.write = write
         self.source = source
         self.stats = stats if stats is not None else BridgeStats()
@@ -110,6 +120,8 @@ class BridgeSink:
         self.monotonic = monotonic
         self._steps: OrderedDict[tuple, StepStats] = OrderedDict()
         self._emitted_steps: OrderedDict[tuple, None] = OrderedDict()
+        self._export_marks: dict[tuple[int, str], int] = {}   # (partition, pod) -> latest export time read
+        self.lagging = lagging          # -> partitions not read up to their end (None: unknown, none assumed)
         self._seq = 0
 
     # -- Sink: consume thread -------------------------------------------------------------------
@@ -134,6 +146,9 @@ class BridgeSink:
                     return False
                 ss = self._steps[skey] = StepStats(rec)
             ss.add(rec, self._source.partition, self._source.offset, self.monotonic())
+            mark = (self._source.partition, p.pod)
+            if rec.export_time_unix_nano > self._export_marks.get(mark, 0):
+                self._export_marks[mark] = rec.export_time_unix_nano
         return False
 
     def add_tensor(self, rec: pb.TensorRecord, source: Source) -> None:
@@ -155,14 +170,21 @@ class BridgeSink:
         return Released(self._seq, [(req, self._records.pop(req.key, None)) for req in released], steps)
 
     def _ready_steps(self) -> list[StepStats]:
-        """Steps with no new record for step_linger_s (every request's records of one step are
-        published together, so a quiet step is whole), and the oldest beyond max_pending_steps."""
+        """Whole steps (module docstring: quiet for step_linger_s, no partition that can still
+        hold one of their records), and the oldest beyond max_pending_steps (counted)."""
         now = self.monotonic()
-        ready = [k for k, ss in self._steps.items() if now - ss.last_seen >= self.step_linger_s]
+        quiet = [k for k, ss in self._steps.items() if now - ss.last_seen >= self.step_linger_s]
+        lagging = (self.lagging() or set()) if quiet and self.lagging is not None else set()
+        if lagging:
+            marks, margin = self._export_marks, int(self.step_linger_s * 1e9)
+            ready = [k for k in quiet
+                     if all(marks.get((p, k[0]), 0) > self._steps[k].last_export_ns + margin for p in lagging)]
+        else:
+            ready = quiet
         over = len(self._steps) - len(ready) - self.max_pending_steps
         if over > 0:
-            quiet = set(ready)
-            early = [k for k in self._steps if k not in quiet][:over]
+            chosen = set(ready)
+            early = [k for k in self._steps if k not in chosen][:over]
             self.stats.steps_emitted_early += len(early)
             ready += early
         out = []
@@ -190,6 +212,8 @@ class BridgeSink:
         for ss in self._steps.values():
             for partition in partitions:
                 ss.offsets.pop(partition, None)
+        for mark in [m for m in self._export_marks if m[0] in partitions]:
+            del self._export_marks[mark]
 
     @property
     def open_record_stats(self) -> int:
@@ -224,7 +248,8 @@ class BridgeSink:
     def flush(self, batch: SealedBatch, stopping: threading.Event) -> bool:
         t0 = time.perf_counter()
         spans, states, skipped = self.spans_of(batch.data.requests)
-        spans += [step_span(ss, self.step_max_links) for ss in batch.data.steps]
+        for ss in batch.data.steps:
+            spans += step_span(ss, self.step_max_links)
         t1 = time.perf_counter()
         self.stats.derive_seconds += t1 - t0
         if spans and not self.write(spans, stopping):
@@ -250,11 +275,12 @@ class BridgeService:
         self.cfg = cfg.validate()
         self.stats = BridgeStats()
         self.writers = Writers()
-        self.sink = BridgeSink(self._write, SpanSource(cfg.topic, cfg.group_id, cfg.tensors_table),
+        self.sink = BridgeSink(self._write, SpanSource(cfg.topic, cfg.group_id, cfg.tensors_table,
+                                                       step_spans=cfg.step_spans, step_ids_max=cfg.step_ids_max),
                                timeout_s=cfg.request_timeout_s, max_requests=cfg.max_open_requests,
                                retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s, stats=self.stats,
                                step_spans=cfg.step_spans, step_linger_s=cfg.step_linger_s,
-                               step_max_links=cfg.step_max_links)
+                               step_max_links=cfg.step_max_links, lagging=self._lagging)
         self.core = ConsumerCore(cfg, self.sink, name="bridge")
         # the serving engine's spans: OTLP receiver(s) -> spans topic -> a second consumer
         self.receiver_stats = ReceiverStats()
@@ -267,6 +293,12 @@ class BridgeService:
         self.engine_sink = EngineSpansSink(self._write_engine, stats=self.engine_stats)
         self.spans_core = (ConsumerCore(cfg.spans_consumer_config(), self.engine_sink, name="bridge-spans",
                                         decode=decode_message) if cfg.spans_consumer else None)
+        # the probe service's scores -> tensortrace.probe spans (a third consumer, same destinations)
+        self.probe_stats = ProbeStats()
+        self.probe_writers = Writers()   # writers of their own: their own flush thread and counters
+        self.probe_sink = ProbeSpansSink(self._write_probes, stats=self.probe_stats)
+        self.probe_core = (ConsumerCore(cfg.probe_scores_consumer_config(), self.probe_sink, name="bridge-probes",
+                                        decode=decode_probe_score) if cfg.probe_scores_consumer else None)
         self._stop = threading.Event()
         self._opened = threading.Event()
         self._client = None
@@ -275,6 +307,24 @@ class BridgeService:
 
     def _write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
         return self.writers.write(spans, stopping)
+
+    def _write_probes(self, spans: list[SpanData], stopping: threading.Event) -> bool:
+        return self.probe_writers.write(spans, stopping)
+
+    def _lagging(self) -> set[int] | None:
+        """Partitions of the activation topic not read up to their high watermark (consume thread,
+        from the step spans' seal: the consumer's cached high watermarks, no request to the broker).
+        None when the consumer is not open."""
+        consumer = getattr(self.core, "_consumer", None)
+        read = getattr(self.core, "_read_upto", None)
+        if consumer is None or read is None:
+            return None
+        out = set()
+        for tp in list(self.core.assigned):
+            hw = consumer.highwater(tp)
+            if hw is None or read.get(tp, -1) < hw:
+                out.add(tp.partition)
+        return out
 
     def _write_engine(self, requests: list, stopping: threading.Event) -> bool:
         return self.engine_writers.write_requests(requests, stopping)
@@ -285,21 +335,24 @@ class BridgeService:
         # The receivers first: they need Kafka only, so the engine's spans are taken (and kept in
         # the spans topic) while ClickHouse is still unreachable.
         self._start_receivers()
-        spans_thread = None
+        threads = []
         try:
             if not self._open_writers():
                 return   # stopped while a destination was unreachable
-            if self.spans_core is not None:
-                spans_thread = threading.Thread(target=self.spans_core.run, name="bridge-spans-consume", daemon=True)
-                spans_thread.start()
+            for core, name in ((self.spans_core, "bridge-spans-consume"), (self.probe_core, "bridge-probes-consume")):
+                if core is not None:
+                    t = threading.Thread(target=core.run, name=name, daemon=True)
+                    t.start()
+                    threads.append((core, t))
             self.core.run()
         finally:
-            if spans_thread is not None:
-                self.spans_core.stop()
-                spans_thread.join(timeout=self.cfg.rebalance_flush_timeout_s + 5)
+            for core, t in threads:
+                core.stop()
+                t.join(timeout=self.cfg.rebalance_flush_timeout_s + 5)
             self._stop_receivers()
             self.writers.close()
             self.engine_writers.close()
+            self.probe_writers.close()
             # An embedded chDB engine is one per process and may be shared (tests, a composed
             # process): closing a client must not end it. A server connection is closed.
             if self._client is not None and not self.cfg.clickhouse_dsn.startswith("chdb://"):
@@ -310,9 +363,14 @@ class BridgeService:
         self.core.stop()
         if self.spans_core is not None:
             self.spans_core.stop()
+        if self.probe_core is not None:
+            self.probe_core.stop()
 
     def live(self) -> bool:
-        return self.core.live() and (self.spans_core is None or self.spans_core.live())
+        # Readiness does not wait for the probe scores consumer: its topic exists only once a probe
+        # service runs, and the bridge serves its other inputs meanwhile.
+        return (self.core.live() and (self.spans_core is None or self.spans_core.live())
+                and (self.probe_core is None or self.probe_core.live()))
 
     def ready(self) -> bool:
         return (self._opened.is_set() and self.core.ready.is_set()
@@ -386,6 +444,10 @@ class BridgeService:
                 self.engine_writers.items.append(OtlpForwarder.create(
                     cfg.otlp_endpoint, protocol=cfg.otlp_protocol, insecure=cfg.otlp_insecure,
                     timeout_s=cfg.otlp_timeout_s, **retry))
+            if cfg.probe_scores_consumer:
+                self.probe_writers.items.append(OtlpWriter.create(
+                    cfg.otlp_endpoint, protocol=cfg.otlp_protocol, insecure=cfg.otlp_insecure,
+                    timeout_s=cfg.otlp_timeout_s, resource=resource, batch_spans=cfg.otlp_batch_spans, **retry))
         if cfg.clickhouse_dsn:
             client = self._open_clickhouse()
             if client is None:
@@ -395,6 +457,9 @@ class BridgeService:
             if cfg.spans_consumer:   # its own instance: its own counters (engine spans)
                 self.engine_writers.items.append(ClickHouseWriter(client, cfg.traces_database, cfg.traces_table,
                                                                   resource=resource, **retry))
+            if cfg.probe_scores_consumer:
+                self.probe_writers.items.append(ClickHouseWriter(client, cfg.traces_database, cfg.traces_table,
+                                                                 resource=resource, **retry))
         self._opened.set()
         return True
 
@@ -475,6 +540,7 @@ class BridgeCollector:
                                 value=svc.sink.open_steps)
         yield GaugeMetricFamily(P + "ready", "1 once a destination is open and the consumer holds partitions",
                                 value=1.0 if svc.ready() else 0.0)
+        yield lag_family(P, svc.core)   # the activation topic's consumer lag (tensortrace.consume.metrics)
         # the serving engine's spans: receiver (OTLP -> spans topic) and the spans-topic consumer
         rx = svc.receiver_stats
         with rx.lock:
@@ -516,3 +582,18 @@ class BridgeCollector:
             for reason, n in sorted(sc.dlq_by_reason.items()):
                 sdl.add_metric([reason], n)
             yield sdl
+        ps = svc.probe_stats
+        yield CounterMetricFamily(P + "probe_scores", "probe scores read off the probe scores topic", value=ps.scores)
+        yield CounterMetricFamily(P + "probe_spans", "tensortrace.probe spans made durable (re-sends included)",
+                                  value=ps.spans)
+        pskip = CounterMetricFamily(P + "probe_scores_skipped", "probe scores without a span, by reason",
+                                    labels=["reason"])
+        for reason, n in sorted(ps.skipped.items()):
+            pskip.add_metric([reason], n)
+        yield pskip
+        if svc.probe_core is not None:
+            pdl = CounterMetricFamily(P + "probe_dead_letters", "probe scores messages sent to "
+                                      "<probe scores topic>.dlq", labels=["reason"])
+            for reason, n in sorted(svc.probe_core.stats.dlq_by_reason.items()):
+                pdl.add_metric([reason], n)
+            yield pdl

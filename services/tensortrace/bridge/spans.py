@@ -20,7 +20,10 @@ every TensorRecord and RequestSummary), so a trace backend shows the capture und
                                     (messaging.* attributes: topic, partition, offsets, group)
 
 Opt-in (`--step-spans`): `step_span` makes one `tensortrace.step` span per (producer, forward step)
-in a trace of its own, linked to the capture span of every request in that batch (StepStats).
+in a trace of its own, linked to the capture span of every request in that batch (StepStats) —
+every link: none is dropped (a cap moves the rest to `tensortrace.step.links` child spans) — and
+each capture span names its step spans (`step_refs`: the first 32 ids, the rest counted and
+derivable).
 
 Nothing here runs on the inference thread: the spans are derived afterwards from what the
 records and summaries say (their capture / export times), by a consumer of the topic.
@@ -53,6 +56,7 @@ KAFKA = "tensortrace.kafka"
 STAGES = (CAPTURE, EXPORT, KAFKA)
 
 STORE = "clickhouse"
+STEP_IDS_MAX = 32      # step span ids recorded on a capture span; the rest are counted (and derivable)
 DEFAULT_TENSORS_TABLE = "tensortrace.activations"
 
 _ZERO_TRACE = bytes(16)
@@ -96,7 +100,7 @@ class RecordStats:
     Adding the same record twice changes nothing (bounds and sets), so duplicates are harmless."""
 
     __slots__ = ("span_id", "first_capture_ns", "last_capture_ns", "last_export_ns", "hooks", "layers", "steps",
-                 "producers", "partition", "last_seen_ns")
+                 "producer_steps", "partition", "last_seen_ns")
 
     def __init__(self) -> None:
         self.span_id = b""
@@ -106,7 +110,7 @@ class RecordStats:
         self.hooks: set[str] = set()
         self.layers: set[int] = set()
         self.steps: set[int] = set()
-        self.producers: set[tuple] = set()
+        self.producer_steps: dict[tuple, set[int]] = {}   # (pod, pid, generation) -> its forward steps
         self.partition = -1
         self.last_seen_ns = 0           # bridge wall clock when the last record arrived
 
@@ -126,7 +130,15 @@ class RecordStats:
             self.layers.add(rec.layer)
         self.steps.add(rec.step)
         p = rec.producer
-        self.producers.add((p.pod, p.pid, p.generation))
+        key = (p.pod, p.pid, p.generation)
+        ps = self.producer_steps.get(key)
+        if ps is None:
+            ps = self.producer_steps[key] = set()
+        ps.add(rec.step)
+
+    @property
+    def producers(self) -> set[tuple]:
+        return set(self.producer_steps)
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,8 @@ class SpanSource:
     topic: str
     group_id: str
     tensors_table: str = DEFAULT_TENSORS_TABLE
+    step_spans: bool = False        # step spans are emitted: record their ids on the capture span
+    step_ids_max: int = STEP_IDS_MAX
 
 
 def skip_reason(req: CapturedRequest) -> str | None:
@@ -216,6 +230,8 @@ def request_spans(req: CapturedRequest, stats: RecordStats | None, source: SpanS
         attrs[f"tensortrace.records.dropped.{reason}"] = n
     if c.incomplete_reason:
         attrs["tensortrace.incomplete_reason"] = c.incomplete_reason
+    if source.step_spans and st.producer_steps:
+        attrs.update(step_refs(st.producer_steps, source.step_ids_max))
     if c.complete:
         status, message = StatusCode.UNSET, ""
     else:
@@ -261,7 +277,7 @@ class StepStats:
     Kafka offsets of the records (the sink holds commits behind them until the span is durable)."""
 
     __slots__ = ("pod", "node", "pid", "generation", "tp_rank", "step", "model", "first_capture_ns",
-                 "last_capture_ns", "requests", "records", "last_seen", "offsets")
+                 "last_capture_ns", "last_export_ns", "requests", "records", "last_seen", "offsets")
 
     def __init__(self, rec: pb.TensorRecord):
         p = rec.producer
@@ -270,6 +286,7 @@ class StepStats:
         self.model = rec.model_id
         self.first_capture_ns = 0
         self.last_capture_ns = 0
+        self.last_export_ns = 0                             # the step's last record left the exporter
         self.requests: dict[tuple[bytes, str], list] = {}   # (trace id, request id) -> [phase, rows]
         self.records = 0
         self.last_seen = 0.0                                # monotonic seconds: the linger clock
@@ -282,6 +299,8 @@ class StepStats:
                 self.first_capture_ns = t
             if t > self.last_capture_ns:
                 self.last_capture_ns = t
+        if rec.export_time_unix_nano > self.last_export_ns:
+            self.last_export_ns = rec.export_time_unix_nano
         rows = rec.shape[0] if rec.shape else 0
         r = self.requests.get((rec.trace_id, rec.request_id))
         if r is None:
@@ -309,10 +328,39 @@ def step_ids(pod: str, pid: int, generation: int, step: int) -> tuple[bytes, byt
     return tid, span_id(tid, key, STEP, step)
 
 
-def step_span(ss: StepStats, max_links: int = 128) -> SpanData:
+STEP_LINKS = "tensortrace.step.links"
+
+
+def step_refs(producer_steps: dict[tuple, set[int]], max_ids: int = STEP_IDS_MAX) -> dict:
+    """The capture span's references to the step spans of the forwards its request was in (trace UIs
+    show one trace at a time; the step spans live in traces of their own). Bounded: the (trace id,
+    span id) of the first `max_ids` steps in (producer, step) order, the number omitted, and what
+    derives the rest with `step_ids(pod, pid, generation, step)`: the producers and the step range
+    (a request's steps are the forwards it had rows in; within [first, last] a step it sat out has
+    a step span that does not link it)."""
+    pairs = sorted((key, step) for key, steps in producer_steps.items() for step in steps)
+    shown = pairs[:max_ids]
+    tids, sids = [], []
+    for (pod, pid, generation), step in shown:
+        tid, sid = step_ids(pod, pid, generation, step)
+        tids.append(tid.hex())
+        sids.append(sid.hex())
+    all_steps = [step for _, step in pairs]
+    return {"tensortrace.step.trace_ids": tids, "tensortrace.step.span_ids": sids,
+            "tensortrace.step.span_ids.omitted": len(pairs) - len(shown),
+            "tensortrace.step.first": min(all_steps), "tensortrace.step.last": max(all_steps),
+            "tensortrace.step.producers": [f"{pod}/{pid}/{generation}" for pod, pid, generation in
+                                           sorted(producer_steps)]}
+
+
+def step_span(ss: StepStats, max_links: int = 0) -> list[SpanData]:
     """The `tensortrace.step` span of one producer's forward step: start/end = first/last capture
     time of its records (the taps of that forward), a link to the capture span of every request in
-    the batch that has a trace id (at most `max_links`, in request-id order; the rest counted)."""
+    the batch that has a trace id, in request-id order. Never a link dropped: `max_links` 0 (the
+    default) puts every link on the step span (the SDK's 128-link limit does not apply: the spans are
+    built finished, docs/bridge.md); with a cap N (a backend that limits links per span), the step
+    span holds the first N and `tensortrace.step.links` child spans (same trace, same times, derived
+    ids) hold N more each. Returns the step span first, then its link spans."""
     tid, sid = step_ids(ss.pod, ss.pid, ss.generation, ss.step)
     tokens = prefill = decode = 0
     links = []
@@ -326,18 +374,25 @@ def step_span(ss: StepStats, max_links: int = 128) -> SpanData:
             links.append((trace_id, span_id(trace_id, rid, CAPTURE),
                           {"tensortrace.request_id": rid, "tensortrace.phase": _PHASES.get(phase, "unspecified"),
                            "tensortrace.tokens": rows}))
+    per_span = max_links if max_links > 0 else max(len(links), 1)
+    chunks = [links[i:i + per_span] for i in range(0, len(links), per_span)] or [[]]
     attrs = {"gen_ai.request.model": ss.model, "tensortrace.step": ss.step, "tensortrace.producer.pod": ss.pod,
              "tensortrace.producer.node": ss.node, "tensortrace.producer.pid": ss.pid,
              "tensortrace.producer.generation": ss.generation, "tensortrace.tp_rank": ss.tp_rank,
              "tensortrace.batch.requests": len(ss.requests), "tensortrace.batch.prefill_requests": prefill,
              "tensortrace.batch.decode_requests": decode, "tensortrace.batch.tokens": tokens,
-             "tensortrace.records.received": ss.records}
-    if len(links) > max_links:
-        attrs["tensortrace.batch.links_dropped"] = len(links) - max_links
-        links = links[:max_links]
+             "tensortrace.records.received": ss.records, "tensortrace.batch.links": len(links),
+             "tensortrace.batch.link_spans": len(chunks)}
     start = ss.first_capture_ns
-    return SpanData(tid, sid, b"", STEP, SpanKind.INTERNAL, start, max(ss.last_capture_ns, start), attrs,
-                    links=tuple(links))
+    end = max(ss.last_capture_ns, start)
+    out = [SpanData(tid, sid, b"", STEP, SpanKind.INTERNAL, start, end, attrs, links=tuple(chunks[0]))]
+    key = f"{ss.pod}\x00{ss.pid}\x00{ss.generation}"
+    for part, chunk in enumerate(chunks[1:], 1):
+        out.append(SpanData(tid, span_id(tid, f"{key}\x00{part}", STEP_LINKS, ss.step), sid, STEP_LINKS,
+                            SpanKind.INTERNAL, start, end,
+                            {"tensortrace.step": ss.step, "tensortrace.step.links.part": part,
+                             "tensortrace.batch.links": len(links)}, links=tuple(chunk)))
+    return out
 
 
 # -- otel_traces rows ---------------------------------------------------------------------------

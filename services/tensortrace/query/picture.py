@@ -20,7 +20,8 @@ from tensortrace.query.text import byte_size
 from tensortrace.query.timeline import TraceStory, _utc, fmt_ms
 
 _COLORS = {"request": "#9e9e9e", "tokenize": "#8d6e63", "queue": "#ef6c00", "prefill": "#1e88e5",
-           "decode": "#43a047", "capture": "#8e24aa", "export": "#00897b", "kafka": "#5e35b1", "load": "#c62828"}
+           "decode": "#43a047", "capture": "#8e24aa", "export": "#00897b", "kafka": "#5e35b1", "load": "#c62828",
+           "probe": "#f9a825"}
 
 
 def _figure(width: float, height: float):
@@ -80,9 +81,14 @@ def _draw_heatmap(fig, ax, norms, prompt_tokens: int | None) -> None:
     fig.colorbar(im, ax=ax, label="||x||2", pad=0.01)
 
 
-def _draw_probes(ax, probes: dict) -> None:
+def _draw_probes(ax, probes: dict, verdicts: list[dict] | None = None) -> None:
+    by_name = {v["name"]: v for v in verdicts or ()}
     for name, (pos, scores) in sorted(probes.items()):
-        ax.plot(pos, scores, label=name, linewidth=1)
+        v = by_name.get(name)
+        label = name if v is None else f"{name}: {v['score']:.2f} {v['label']}"
+        (line,) = ax.plot(pos, scores, label=label, linewidth=1)
+        if v is not None and v["threshold"] == v["threshold"]:   # not NaN
+            ax.axhline(v["threshold"], color=line.get_color(), linewidth=0.8, linestyle="--")
     ax.set_xlabel("token position")
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
@@ -107,7 +113,7 @@ def panels(story: TraceStory, norms=None) -> dict[str, bytes]:
         out["heatmap"] = _png(fig)
     if story.probes:
         fig = _figure(11, 2.6)
-        _draw_probes(fig.add_subplot(), story.probes)
+        _draw_probes(fig.add_subplot(), story.probes, story.probe_verdicts)
         out["probes"] = _png(fig)
     return out
 
@@ -127,7 +133,7 @@ def render_png(story: TraceStory, norms=None) -> bytes:
         _draw_heatmap(fig, axes[i], norms, _prompt_tokens(story))
         i += 1
     if story.probes:
-        _draw_probes(axes[i], story.probes)
+        _draw_probes(axes[i], story.probes, story.probe_verdicts)
     return _png(fig)
 
 

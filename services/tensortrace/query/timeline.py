@@ -19,6 +19,8 @@ Stages, in order, each with its start and end in wall-clock ns and where it came
   export    `tensortrace.export`; else first capture .. last export time of the records/summary
   kafka     `tensortrace.kafka` (last export .. the bridge received the request's last message)
   load      last export .. the last `load_time` the loader stamped on the request's rows
+  probe     the bridge's `tensortrace.probe` spans (request end .. the probe service's verdict), else
+            the `probe_scores` rows (request_end_time .. scored_time); one line per probe verdict
 
 "Where the time went" splits [first event, last event] into exclusive time: each instant goes to
 the most specific stage running then (tokenize, queue, prefill, decode before the enclosing
@@ -45,13 +47,13 @@ from tensortrace.query.text import byte_size, int_ranges
 # the bridge's (docs/bridge.md). Strings, not imports: query does not import the bridge service.
 SGLANG_STAGE = {"tokenize": "tokenize", "prefill_waiting": "queue", "prefill_forward": "prefill",
                 "chunked_prefill": "prefill", "decode_loop": "decode", "decode_forward": "decode"}
-CAPTURE, EXPORT, KAFKA = "tensortrace.capture", "tensortrace.export", "tensortrace.kafka"
-BRIDGE_SPANS = (CAPTURE, EXPORT, KAFKA, "tensortrace.step")
+CAPTURE, EXPORT, KAFKA, PROBE = "tensortrace.capture", "tensortrace.export", "tensortrace.kafka", "tensortrace.probe"
+BRIDGE_SPANS = (CAPTURE, EXPORT, KAFKA, PROBE, "tensortrace.step", "tensortrace.step.links")
 _REQ_SPAN = re.compile(r"^\s*[\w-]*\s*Req \S+$")   # SGLang: f"{role} Req {rid[:8]}"
 
-STAGE_ORDER = ("request", "tokenize", "queue", "prefill", "decode", "capture", "export", "kafka", "load")
+STAGE_ORDER = ("request", "tokenize", "queue", "prefill", "decode", "capture", "export", "kafka", "load", "probe")
 # Exclusive-time priority: the most specific stage first; `request` catches the rest of the engine.
-_EXCLUSIVE = ("tokenize", "queue", "prefill", "decode", "request", "capture", "export", "load", "kafka")
+_EXCLUSIVE = ("tokenize", "queue", "prefill", "decode", "request", "capture", "export", "load", "kafka", "probe")
 _EXCLUSIVE_LABEL = {"request": "engine, other"}
 
 
@@ -108,6 +110,7 @@ class TraceInputs:
     completeness: object | None = None              # wire.completeness.Completeness
     stats: list = field(default_factory=list)       # backend.HookLayerStats
     probes: dict | None = None                      # probe -> (positions, scores)
+    probe_verdicts: list[dict] = field(default_factory=list)   # probe_scores rows (tracedata.probe_scores)
     where: str = ""                                 # the tables read, for the clocks / notes
     notes: list[str] = field(default_factory=list)
 
@@ -143,6 +146,7 @@ class TraceStory:
     spans: list[Span]
     probes: dict | None
     notes: list[str]
+    probe_verdicts: list[dict] = field(default_factory=list)   # per probe: score, threshold, label, ...
 
     @property
     def total_ns(self) -> int:
@@ -309,6 +313,7 @@ def _pipeline_stages(inp: TraceInputs) -> list[Stage]:
                      f"{a.get('tensortrace.kafka.offset.first', '?')}-{a.get('tensortrace.kafka.offset.last', '?')}, ")
         stages.append(Stage("kafka", kaf.start_ns, kaf.end_ns, "tensortrace.kafka span",
                             f"{where}last export -> the bridge ({a.get('messaging.consumer.group.name', '?')}) received it"))
+    stages += _probe_stage(inp)
     if last_load and last_export:
         detail = "last export -> the loader's last insert of the request"
         if e2l is not None:
@@ -317,6 +322,47 @@ def _pipeline_stages(inp: TraceInputs) -> list[Stage]:
             detail += " (load before export: clock skew between hosts)"
         stages.append(Stage("load", last_export, max(last_load, last_export), "load_time (activations, requests)", detail))
     return stages
+
+
+def _probe_spans(spans: list[Span], request_id: str) -> list[Span]:
+    return [s for s in spans if s.name == PROBE
+            and (not request_id or s.attributes.get("tensortrace.request_id", request_id) == request_id)]
+
+
+def _probe_verdicts(inp: TraceInputs) -> list[dict]:
+    """One verdict per probe version: the probe_scores rows, else what the probe spans say."""
+    if inp.probe_verdicts:
+        return inp.probe_verdicts
+    out = []
+    for s in _probe_spans(inp.spans, inp.request_id):
+        a = s.attributes
+        try:
+            score, threshold = float(a.get("gen_ai.evaluation.score.value", "nan")), float(
+                a.get("tensortrace.probe.threshold", "nan"))
+        except ValueError:
+            score = threshold = float("nan")
+        out.append({"probe": a.get("gen_ai.evaluation.name", "?"), "name": a.get("gen_ai.evaluation.name", "?"),
+                     "probe_hash": a.get("tensortrace.probe.hash", ""), "score": score, "threshold": threshold,
+                     "label": a.get("gen_ai.evaluation.score.label", "?"),
+                     "complete": a.get("tensortrace.probe.complete") == "true",
+                     "incomplete_reason": a.get("tensortrace.probe.incomplete_reason", ""),
+                     "request_end_unix_nano": s.start_ns, "scored_unix_nano": s.end_ns})
+    return out
+
+
+def _probe_stage(inp: TraceInputs) -> list[Stage]:
+    spans = _probe_spans(inp.spans, inp.request_id)
+    if spans:
+        a, b = _bounds(spans)
+        return [Stage("probe", a, b, "tensortrace.probe span" + ("s" if len(spans) > 1 else ""),
+                      f"{len(spans)} verdict(s): request end -> the probe service scored it")]
+    timed = [v for v in inp.probe_verdicts if v["scored_unix_nano"]]
+    if timed:
+        a = min(v["request_end_unix_nano"] or v["scored_unix_nano"] for v in timed)
+        b = max(v["scored_unix_nano"] for v in timed)
+        return [Stage("probe", a, max(a, b), "probe_scores (request_end_time..scored_time)",
+                      f"{len(timed)} verdict(s)")]
+    return []
 
 
 def _exclusive(stages: list[Stage], t0: int, t1: int) -> list[tuple[str, int]]:
@@ -371,6 +417,9 @@ def _clocks(inp: TraceInputs, stages: list[Stage]) -> list[str]:
         lines.append(f"kafka end: the bridge's ({', '.join(bridge)}) receive time")
     if any(s.name == "load" for s in stages):
         lines.append("load: the loader's insert time (load_time)")
+    if any(s.name == "probe" for s in stages):
+        lines.append("probe: from the request's end (its summary, the agent's clock) to the probe service's "
+                     "verdict (scored_time, its host's clock)")
     lines.append("skew between these hosts shifts their stages against each other (a negative gap is clamped to 0)")
     return lines
 
@@ -393,7 +442,8 @@ def build_story(inp: TraceInputs) -> TraceStory:
                 "summaries": c.summaries}
     return TraceStory(inp.trace_id, inp.request_id, inp.model, list(inp.request_ids), t0, t1, stages, decode,
                       _exclusive(stages, t0, t1), _captured(inp), comp, _clocks(inp, stages),
-                      sorted(inp.spans, key=lambda s: (s.start_ns, s.name)), inp.probes, list(inp.notes))
+                      sorted(inp.spans, key=lambda s: (s.start_ns, s.name)), inp.probes, list(inp.notes),
+                      _probe_verdicts(inp))
 
 
 # -- terminal and JSON -----------------------------------------------------------------------------
@@ -463,9 +513,13 @@ def render_text(story: TraceStory, link: str = "", width: int = 32) -> str:
         if c["incomplete_reason"]:
             line += f"; {c['incomplete_reason']}"
         out.append(line)
-    if story.probes:
-        out.append("probes: " + ", ".join(f"{name} ({len(pos)} positions, max {max(sc):.3f})"
-                                          for name, (pos, sc) in sorted(story.probes.items()) if len(sc)))
+    for v in story.probe_verdicts:
+        line = (f"probe {v['name']}: {v['score']:.3f} (threshold {v['threshold']:.3f}) {v['label'].upper()}"
+                + ("" if v["complete"] else f"; over an incomplete request: {v['incomplete_reason'] or '?'}"))
+        curve = (story.probes or {}).get(v["name"])
+        if curve is not None and len(curve[1]):
+            line += f"; {len(curve[0])} token scores, max {float(max(curve[1])):.3f}"
+        out.append(line)
     services: dict[str, int] = {}
     for s in story.spans:
         services[s.service or "?"] = services.get(s.service or "?", 0) + 1
@@ -497,6 +551,7 @@ def story_dict(story: TraceStory, link: str = "") -> dict:
         "captured": story.captured, "completeness": story.completeness, "clocks": story.clocks,
         "probes": ({k: {"positions": list(map(int, p)), "scores": [float(x) for x in sc]}
                     for k, (p, sc) in story.probes.items()} if story.probes else None),
+        "probe_verdicts": story.probe_verdicts,
         "spans": [{"span_id": s.span_id, "parent_span_id": s.parent_span_id, "name": s.name, "service": s.service,
                    "kind": s.kind, "start_ms": (s.start_ns - t0) / 1e6, "duration_ms": s.duration_ns / 1e6,
                    "status": s.status} for s in story.spans],

@@ -11,8 +11,11 @@ Collector ClickHouse exporter's table, docs/bridge.md), the request's summary an
 L2 norms) and `probe_scores` if that table exists. Prints the stages with offsets and durations
 from the request's first event, where the time went, and what was captured (docs/trace.md).
 
+Trace ids are 32 hex characters; 64-bit ids (the upper half zero: traces SGLang starts itself when a
+request has no traceparent) are ordinary ids here, and may also be given as their 16 low hex digits.
+
 Exit status: 0 shown; 1 not found, or ClickHouse unreachable / failing; 2 a bad argument (a trace
-id that is not 32 hex characters, a bad --since).
+id that is not 32 (or 16) hex characters, a bad --since).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tensortrace.query.errors import BackendUnavailable, NotFound, QueryError
 
 LINK_ENV = "TENSORTRACE_TRACE_LINK"
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX16 = re.compile(r"^[0-9a-fA-F]{16}$")
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?$")
 _UNIT_S = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -63,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tensortrace trace",
                                 description="the end-to-end story of one request: timeline, where the time went, "
                                             "what was captured (terminal, --json, --html, --png)")
-    p.add_argument("trace_id", nargs="?", help="W3C trace id (32 hex characters)")
+    p.add_argument("trace_id", nargs="?", help="W3C trace id (32 hex characters; 16 for a 64-bit id)")
     p.add_argument("--request-id", help="find the trace of this request id (or pick one request of a trace)")
     p.add_argument("--clickhouse", help="ClickHouse to read: http(s)://user:pw@host:8123 or chdb:///path "
                                         "(CLICKHOUSE_USER / CLICKHOUSE_PASSWORD for credentials)")
@@ -96,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return _err("give --clickhouse DSN (http(s)://user:pw@host:8123 or chdb:///path)", 2)
     if a.slowest is None and not a.trace_id and not a.request_id:
         return _err("give a trace id, --request-id ID, or --slowest N", 2)
+    if a.trace_id and _HEX16.match(a.trace_id.strip()):
+        # a 64-bit trace id (SGLang's own traces; Jaeger shows such ids without the zero upper half)
+        a.trace_id = "0" * 16 + a.trace_id.strip()
     if a.trace_id and not _HEX32.match(a.trace_id.strip()):
-        return _err(f"{a.trace_id[:80]!r} is not a trace id (32 hex characters, as in a W3C traceparent); "
-                    "for a request id use --request-id", 2)
+        return _err(f"{a.trace_id[:80]!r} is not a trace id (32 hex characters, as in a W3C traceparent, or 16 for "
+                    "a 64-bit one); for a request id use --request-id", 2)
     if a.trace_id and not any(bytes.fromhex(a.trace_id.strip())):
         return _err("the trace id is all zeros (invalid in W3C trace context)", 2)
     if a.slowest is not None and a.slowest < 1:
@@ -170,14 +177,14 @@ def _one(src, a) -> int:
             notes.append(f"request id {a.request_id!r} appears under {len(found)} traces ({', '.join(found[:5])}); "
                          "showing the latest")
     try:
-        inp, ref = src.inputs(trace_id, a.request_id, probes=bool(a.html or a.png))
+        inp, ref = src.inputs(trace_id, a.request_id)
     except NotFound:
         # SGLang's request ids are 32 hex characters too: try the argument as a request id
         found = src.traces_of_request(trace_id) if a.trace_id and not a.request_id else []
         if not found:
             raise
         notes.append(f"{trace_id} is a request id, not a trace id; its trace is {found[0]}")
-        inp, ref = src.inputs(found[0], trace_id, probes=bool(a.html or a.png))
+        inp, ref = src.inputs(found[0], trace_id)
     inp.notes[:0] = notes
     story = build_story(inp)
     link = make_link(a.link_template, story.trace_id, story.request_id)

@@ -30,10 +30,11 @@ from tensortrace.wire.completeness import completeness
 RESIDUAL_HOOK = "resid_pre"
 MAX_SPANS = 200_000
 _PHASE = {1: "prefill", 2: "decode"}
-# probe_scores has no fixed schema yet (the probes service is to come): recognised column names
-_PROBE_NAME = ("probe", "probe_name", "name", "probe_id")
-_PROBE_POS = ("position", "token_position", "pos", "token_index", "token")
-_PROBE_SCORE = ("score", "value", "probability", "prob")
+# probe_scores (storage migration 3, written by the loader from the probe service's scores topic):
+# the columns read here
+PROBE_COLUMNS = ("trace_id", "request_id", "probe", "probe_hash", "score", "threshold", "flagged", "shadow",
+                 "complete", "incomplete_reason", "hook", "layers", "pooling", "tokens_scored", "token_scores",
+                 "token_positions", "request_end_time", "scored_time")
 
 
 @dataclass
@@ -112,7 +113,8 @@ class TraceSource:
 
     def traces_of_request(self, request_id: str) -> list[str]:
         """Trace ids under which a request id is known: stored requests first, then spans (SGLang's
-        `rid` attribute, the bridge's `tensortrace.request_id`)."""
+        `rid` attribute, the bridge's `tensortrace.request_id`, on its probe spans too), then probe
+        scores."""
         found: list[str] = []
         if self.has_tensortrace:
             refs = sorted(self.backend.lookup(None, request_id), key=lambda r: -r.last_capture_ns)
@@ -123,6 +125,8 @@ class TraceSource:
                 "WHERE SpanAttributes['rid'] = {r:String} OR SpanAttributes['tensortrace.request_id'] = {r:String} "
                 "GROUP BY TraceId ORDER BY t DESC LIMIT 10", {"r": request_id})
             found += [r[0] for r in rows]
+        if not found:
+            found += self.requests_of_probe_scores(request_id)
         return list(dict.fromkeys(found))
 
     # -- request rows --------------------------------------------------------------------------
@@ -153,42 +157,61 @@ class TraceSource:
             t.producer_node, t.producer_pod = r[4], r[5]
         return t
 
-    def probe_scores(self, ref: RequestRef | None, trace_id: str) -> tuple[dict | None, str]:
-        """probe -> (positions, scores) from the probe table, if it exists and has rows for the
-        request; (None, why) otherwise (why is '' when the table simply does not exist)."""
+    def probe_scores(self, ref: RequestRef | None, trace_id: str,
+                     request_id: str | None = None) -> tuple[dict | None, list[dict], str]:
+        """The request's probe verdicts from the `probe_scores` table (storage migration 3: one row per
+        (trace, request, probe, probe_hash), re-reads collapsed to the latest scored_time), if it
+        exists: (probe -> (token positions, token scores) for the picture, the verdicts, why not)."""
         if (self.probe_db, self.probe_table) not in self.tables():
-            return None, ""
-        cols = dict(self._rows("SELECT name, type FROM system.columns WHERE database = {d:String} AND table = {t:String}",
-                               {"d": self.probe_db, "t": self.probe_table}))
-        pick = lambda names: next((n for n in names if n in cols), None)   # noqa: E731
-        pos, score, name = pick(_PROBE_POS), pick(_PROBE_SCORE), pick(_PROBE_NAME)
+            return None, [], ""
         table = f"{self.probe_db}.{self.probe_table}"
-        if "trace_id" not in cols or pos is None or score is None:
-            return None, (f"{table} has no trace_id / position / score columns ({', '.join(sorted(cols))}); "
-                          "probe scores skipped")
-        tid = "trace_id = unhex({tid:String})" if "FixedString" in cols["trace_id"] else "lower(trace_id) = {tid:String}"
-        params = {"tid": trace_id}
-        where = tid
-        if ref is not None and "request_id" in cols:
+        cols = {r[0] for r in self._rows("SELECT name FROM system.columns WHERE database = {d:String} AND "
+                                         "table = {t:String}", {"d": self.probe_db, "t": self.probe_table})}
+        missing = sorted(set(PROBE_COLUMNS) - cols)
+        if missing:
+            return None, [], f"{table} lacks the columns {', '.join(missing)} (storage migration 3): probe scores skipped"
+        where, params = "trace_id = unhex({tid:String})", {"tid": trace_id}
+        rid = ref.request_id if ref is not None else request_id
+        if rid:
             where += " AND request_id = {rid:String}"
-            params["rid"] = ref.request_id
-        label = f"toString({name})" if name else "'score'"
-        if "layer" in cols:
-            label = f"concat({label}, '@', toString(layer))"
-        rows = self._rows(f"SELECT {label} AS probe, toInt64({pos}) AS p, avg(toFloat64({score})) FROM {table} "
-                          f"WHERE {where} GROUP BY probe, p ORDER BY probe, p LIMIT 1000000", params)
+            params["rid"] = rid
+        rows = self._rows(
+            f"SELECT probe, probe_hash, score, threshold, flagged, shadow, complete, incomplete_reason, hook, layers, "
+            f"pooling, tokens_scored, token_positions, token_scores, toUnixTimestamp64Nano(request_end_time), "
+            f"toUnixTimestamp64Nano(scored_time), request_id FROM {table} WHERE {where} "
+            f"ORDER BY probe, probe_hash, scored_time DESC LIMIT 1 BY probe, probe_hash LIMIT 10000", params)
         if not rows:
-            return None, ""
-        out: dict[str, tuple[list[int], list[float]]] = {}
-        for probe, p, s in rows:
-            ps, ss = out.setdefault(probe, ([], []))
-            ps.append(int(p))
-            ss.append(float(s))
-        return {k: (np.asarray(p), np.asarray(s)) for k, (p, s) in out.items()}, ""
+            return None, [], ""
+        versions: dict[str, int] = {}
+        for r in rows:
+            versions[r[0]] = versions.get(r[0], 0) + 1
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        verdicts = []
+        for (probe, phash, score, threshold, flagged, shadow, complete, why, hook, layers, pooling, tokens, positions,
+             token_scores, end_ns, scored_ns, rid_) in rows:
+            name = probe if versions[probe] == 1 else f"{probe}@{phash[:8]}"
+            label = "shadow" if shadow else ("flagged" if flagged else "pass")
+            verdicts.append({"probe": probe, "name": name, "probe_hash": phash, "score": float(score),
+                             "threshold": float(threshold), "label": label, "complete": bool(complete),
+                             "incomplete_reason": why, "hook": hook, "layers": list(layers), "pooling": pooling,
+                             "tokens_scored": int(tokens), "request_end_unix_nano": int(end_ns),
+                             "scored_unix_nano": int(scored_ns), "request_id": rid_})
+            if len(token_scores):
+                curves[name] = (np.asarray(positions, dtype=np.int64), np.asarray(token_scores, dtype=np.float32))
+        return (curves or None), verdicts, ""
+
+    def requests_of_probe_scores(self, request_id: str) -> list[str]:
+        """Trace ids of a request known from the probe_scores table (newest first)."""
+        if (self.probe_db, self.probe_table) not in self.tables():
+            return []
+        rows = self._rows(f"SELECT lower(hex(trace_id)), max(scored_time) AS t FROM {self.probe_db}.{self.probe_table} "
+                          "WHERE request_id = {r:String} AND trace_id != unhex(repeat('00', 16)) "
+                          "GROUP BY trace_id ORDER BY t DESC LIMIT 10", {"r": request_id})
+        return [r[0] for r in rows]
 
     # -- the whole story's inputs ----------------------------------------------------------------
 
-    def inputs(self, trace_id: str, request_id: str | None = None, probes: bool = False) -> tuple[TraceInputs, RequestRef | None]:
+    def inputs(self, trace_id: str, request_id: str | None = None) -> tuple[TraceInputs, RequestRef | None]:
         """Everything the timeline needs for one trace (and one of its requests). Raises NotFound
         when neither a stored request nor a span has this trace id."""
         refs = self.requests(trace_id)
@@ -202,7 +225,7 @@ class TraceSource:
             refs_pick = chosen[0] if chosen else None
         else:
             refs_pick = refs[0] if refs else None
-        if not refs and not spans:
+        if not refs and not spans and not self.probe_scores(None, trace_id, request_id)[1]:
             raise NotFound(f"no request or span with trace id {trace_id} in {self.where()}")
         if not self.has_spans:
             notes.append(f"no {self.odb}.{self.traces} table: no spans (run `tensortrace bridge --clickhouse-dsn` "
@@ -221,6 +244,9 @@ class TraceSource:
                 inp.request_id = request_id or rid or ""
             if self.has_tensortrace:
                 notes.append(f"nothing stored for this trace in {self.db}.requests/activations")
+            self._add_probes(inp, None, trace_id, request_id or inp.request_id)
+            if not inp.request_id and inp.probe_verdicts:
+                inp.request_id = request_id or inp.probe_verdicts[0]["request_id"]
             return inp, None
         ref = refs_pick
         st = self.backend.status(ref)
@@ -230,11 +256,13 @@ class TraceSource:
         inp.timing = self.timing(ref)
         if not inp.model:
             inp.model = next((s.model_id for s in st.summaries if s.model_id), "")
-        if probes:
-            inp.probes, why = self.probe_scores(ref, trace_id)
-            if why:
-                notes.append(why)
+        self._add_probes(inp, ref, trace_id, ref.request_id)
         return inp, ref
+
+    def _add_probes(self, inp: TraceInputs, ref: RequestRef | None, trace_id: str, request_id: str | None) -> None:
+        inp.probes, inp.probe_verdicts, why = self.probe_scores(ref, trace_id, request_id)
+        if why:
+            inp.notes.append(why)
 
     # -- residual norms (the heatmap) ---------------------------------------------------------------
 

@@ -12,7 +12,9 @@ scheduler process (one per TP rank)
     ModelRunner.load_model AFTER: create the agent (ring file per process), place the taps on the
                               model's modules — before any CUDA graph is captured.
     ForwardBatch.init_new AFTER: begin every request of the batch not seen yet (trace context,
-                              options, prompt length) — from the ScheduleBatch's `reqs`.
+                              options, prompt length) — from the ScheduleBatch's `reqs`. The trace
+                              context: the caller's traceparent; without one, SGLang's own root
+                              request span when it traces (--enable-trace; v0_5.engine_root_span).
     ModelRunner.forward AROUND: StepLayout from the ForwardBatch (batch_layout.plan_step), token ids
                               before, logits after, the module taps in between; see SGLangCapture.
     SchedulerOutputStreamer.stream_output AFTER: end every finished request (its summary).
@@ -278,6 +280,12 @@ class SGLangCapture(Backend):
                     continue
                 custom = getattr(getattr(req, "sampling_params", None), v0_5.SAMPLING_PARAMS_CUSTOM, None)
                 options, traceparent = options_of(custom)
+                if not traceparent:
+                    # No traceparent from the caller: when SGLang traces the request itself, join its
+                    # trace, under its root request span (a caller's traceparent, when present, wins).
+                    root = v0_5.engine_root_span(req)
+                    if root is not None:
+                        traceparent = f"00-{root[0]:032x}-{root[1]:016x}-01"
                 prompt = len(req.origin_input_ids)
                 try:
                     ctx = self.agent.begin_request(req.rid, traceparent=traceparent, options=options,

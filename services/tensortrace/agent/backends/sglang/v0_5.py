@@ -117,3 +117,43 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "moe",
     "MixtralForCausalLM": "moe",
 }
+
+# SGLang's own trace of a request (--enable-trace; sglang/srt/observability/trace.py, req_time_stats.py):
+# Req.time_stats (SchedulerReqTimeStats) .trace_ctx is a TraceReqContext (TraceReqContextAsync with
+# SGLANG_TRACE_ASYNC=1) when tracing, else a TraceNullContext, whose __getattr__ returns itself for
+# any name, so `tracing_enable` (False on it) is checked first. `root_span_context` is an OpenTelemetry
+# Context holding the root request span (in the scheduler: rebuilt from the tokenizer's W3C carrier,
+# a NonRecordingSpan). Traces SGLang starts itself (no incoming traceparent) have 64-bit ids
+# (TraceCustomIdGenerator.generate_trace_id: getrandbits(64), so the upper 8 bytes are zero).
+REQ_TIME_STATS = "time_stats"
+TIME_STATS_TRACE_CTX = "trace_ctx"
+TRACE_CTX_ENABLED = "tracing_enable"
+TRACE_CTX_ROOT = "root_span_context"
+TRACE_REQ_CONTEXT = "sglang.srt.observability.trace.TraceReqContext"
+TRACE_NULL_CONTEXT = "sglang.srt.observability.trace.TraceNullContext"
+
+_get_current_span = None
+
+
+def engine_root_span(req) -> tuple[int, int] | None:
+    """(trace id, span id) of SGLang's root request span for a scheduler `Req`, as integers; None when
+    SGLang does not trace this request. Attribute reads and a dict lookup only (runs on the scheduler
+    thread once per new request: no I/O, no lock, no device work).
+
+    >>> engine_root_span(object()) is None
+    True
+    """
+    global _get_current_span
+    ctx = getattr(getattr(req, REQ_TIME_STATS, None), TIME_STATS_TRACE_CTX, None)
+    if ctx is None or getattr(ctx, TRACE_CTX_ENABLED, False) is not True:
+        return None
+    root = getattr(ctx, TRACE_CTX_ROOT, None)
+    if root is None:
+        return None
+    if _get_current_span is None:
+        from opentelemetry.trace import get_current_span   # imported by SGLang already when it traces
+        _get_current_span = get_current_span
+    sc = _get_current_span(root).get_span_context()
+    if not sc.is_valid:
+        return None
+    return sc.trace_id, sc.span_id
