@@ -197,3 +197,43 @@ def test_a_decode_hook_reads_a_foreign_payload_into_add_message_with_the_same_of
     finally:
         dlq.close()
     assert got == [(b"\x00junk", b"envelope"), (b"line:refuse", b"invalid_record")]
+
+
+class StallOnce(RequestView):
+    """A view whose first add_tensor blocks the consume thread past max_poll_interval_ms."""
+
+    def __init__(self, handler, stall_s: float):
+        super().__init__(handler, timeout_s=600)
+        self.stall_s = stall_s
+
+    def add_tensor(self, rec, source):
+        if self.stall_s:
+            time.sleep(self.stall_s)
+            self.stall_s = 0
+        super().add_tensor(rec, source)
+
+
+def test_a_membership_lost_while_the_consume_thread_is_busy_is_survived_and_nothing_is_lost(kafka_broker):
+    # kafka-python 3 leaves the group from its IO thread when poll() is not called for
+    # max_poll_interval_ms, and calls the rebalance listener there, where a commit raises. The
+    # core must queue the event, drop the partitions' state, re-join and re-read: every request
+    # is still delivered whole, and offsets end up committed to the end.
+    bs = kafka_broker.bootstrap
+    topic = create_topics(bs, prefix="tt-core", dlq=True)
+    reqs = [SyntheticRequest.make(f"r{i}", layers=2, hidden=16) for i in range(3)]
+    n_msgs = 0
+    for r in reqs:
+        msgs = r.messages(per_message=3)
+        produce(bs, topic, msgs)
+        n_msgs += len(msgs)
+    cfg = config(bs, topic, max_poll_interval_ms=2000)
+    handler = Collect()
+    core = ConsumerCore(cfg, StallOnce(handler, stall_s=5.0), name="test")
+    run = Running(core)
+    assert wait_until(lambda: {r.request_id for r in handler.requests} == {"r0", "r1", "r2"}, timeout_s=60)
+    assert wait_until(lambda: committed(bs, cfg.group_id, topic) == {0: n_msgs}, timeout_s=30)
+    assert run.thread.is_alive() and core.live()
+    run.stop()
+    assert core.stats.memberships_lost >= 1
+    for got in handler.requests:
+        assert got.completeness.complete

@@ -313,18 +313,8 @@ class BridgeService:
 
     def _lagging(self) -> set[int] | None:
         """Partitions of the activation topic not read up to their high watermark (consume thread,
-        from the step spans' seal: the consumer's cached high watermarks, no request to the broker).
-        None when the consumer is not open."""
-        consumer = getattr(self.core, "_consumer", None)
-        read = getattr(self.core, "_read_upto", None)
-        if consumer is None or read is None:
-            return None
-        out = set()
-        for tp in list(self.core.assigned):
-            hw = consumer.highwater(tp)
-            if hw is None or read.get(tp, -1) < hw:
-                out.add(tp.partition)
-        return out
+        from the step spans' seal). None when the consumer is not open."""
+        return self.core.unread_partitions()
 
     def _write_engine(self, requests: list, stopping: threading.Event) -> bool:
         return self.engine_writers.write_requests(requests, stopping)

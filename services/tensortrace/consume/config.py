@@ -42,6 +42,9 @@ class ConsumerConfig:
 
     # A consumer that dies without leaving the group holds its partitions until this expires.
     session_timeout_ms: int = option(10_000, "consumer group session timeout: a dead consumer's partitions move after it")
+    # The consume thread must call poll() at least this often, or the client leaves the group (its
+    # partitions move; the core then re-joins and re-reads from the last commit).
+    max_poll_interval_ms: int = option(300_000, "longest time between two polls before the consumer leaves its group")
     poll_timeout_ms: int = option(100, "longest wait of one poll")
     max_poll_records: int = option(5000, "records per poll")
     fetch_max_bytes: int = option(64 << 20, "bytes per fetch")

@@ -69,6 +69,7 @@ class ConsumerStats:
     paused: int = 0                 # times fetching paused because the flush queue was full
     connect_failures: int = 0       # attempts to reach Kafka that failed (retried with backoff)
     decode_seconds: float = 0.0     # consume thread: decoding and handing records to the sink
+    memberships_lost: int = 0       # partitions revoked outside poll (membership lost): re-read, not committed
 
     def snapshot(self) -> dict:
         d = dict(self.__dict__)
@@ -108,6 +109,8 @@ class ConsumerCore:
         self._inflight = 0
         self._inflight_lock = threading.Condition()
         self._flusher: threading.Thread | None = None
+        self._consume_thread: threading.Thread | None = None
+        self._events: queue.Queue[tuple[str, set]] = queue.Queue()   # rebalance events from the IO thread
         self.kafka_error = ""            # why Kafka is not usable now ("" once connected)
         # Consumer lag per partition (messages): the partition's high watermark, as the last fetch
         # response reported it, minus the committed offset (the read position before the first
@@ -127,6 +130,7 @@ class ConsumerCore:
     def run(self) -> None:
         """Consume until stop(); flushes and commits what it read before returning."""
         cfg = self.config
+        self._consume_thread = threading.current_thread()
         self._flusher = threading.Thread(target=self._flush_loop, name=f"{self.name}-flush", daemon=True)
         self._flusher.start()
         self._consumer = self._connect()
@@ -139,6 +143,7 @@ class ConsumerCore:
             while not self.stopping.is_set():
                 self._commit_done()
                 polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
+                self._apply_rebalance_events()
                 if not self.ready.is_set() and self._consumer.assignment():
                     self.ready.set()
                 t0 = time.perf_counter()
@@ -175,7 +180,8 @@ class ConsumerCore:
                     group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
                     max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
                     max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, session_timeout_ms=cfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3))
+                    heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
+                    max_poll_interval_ms=cfg.max_poll_interval_ms)
                 self.kafka_error = ""
                 return consumer
             except (KafkaUnavailable, KafkaError) as e:
@@ -287,6 +293,19 @@ class ConsumerCore:
                 lag[tp.partition] = max(0, hw - done)
         self.lag = lag
 
+    def unread_partitions(self) -> set[int] | None:
+        """Assigned partitions not yet read up to their high watermark (as the last fetch reported
+        it; no request to the broker). Consume thread only (a sink's seal/due). None before the
+        consumer is open."""
+        if self._consumer is None:
+            return None
+        out = set()
+        for tp in self.assigned:
+            hw = self._consumer.highwater(tp)
+            if hw is None or self._read_upto.get(tp, -1) < hw:
+                out.add(tp.partition)
+        return out
+
     def lag_total(self) -> int:
         """Messages on the assigned partitions not yet committed (the sum of `lag`)."""
         return sum(self.lag.values())
@@ -376,10 +395,22 @@ class ConsumerCore:
         self._commit_done()
         return ok
 
-    def _on_revoked(self, revoked) -> None:
+    def _on_revoked(self, revoked, lost: bool = False) -> None:
         # A revocation while closing (leaving the group) comes after the final flush and after the
         # flush thread ended: nothing is left to hand off, and nobody would flush it.
-        if self._flusher is not None and self._flusher.is_alive():
+        # kafka-python 3 calls the listener on its IO thread when the membership was lost there (a
+        # missed heartbeat deadline, max_poll_interval_ms exceeded): blocking calls (commit) raise
+        # on that thread, and the group has moved on anyway, so a commit would be refused. Then
+        # nothing is handed off or committed: the partitions' state is dropped, and their new owner
+        # (maybe this consumer again) re-reads from the last commit; duplicates collapse by identity.
+        # Such an event is queued (_Rebalance) and applied here by the consume thread right after
+        # its next poll() returns, before it handles any record: the sink's state is only ever
+        # touched by the consume thread.
+        if lost:
+            self.stats.memberships_lost += 1
+            log.warning("%s: group membership lost (partitions %s revoked outside poll); their uncommitted "
+                        "records will be re-read", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+        elif self._flusher is not None and self._flusher.is_alive():
             self._hand_off(in_rebalance=True)
             self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
         revoked = set(revoked)
@@ -393,6 +424,17 @@ class ConsumerCore:
             self._read_upto.pop(tp, None)
             self._committed.pop(tp, None)
         self.assigned -= revoked
+
+    def _apply_rebalance_events(self) -> None:
+        while True:
+            try:
+                kind, parts = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "revoked":
+                self._on_revoked(parts, lost=True)
+            else:
+                self._on_assigned(parts)
 
     def _on_assigned(self, assigned) -> None:
         self.assigned |= set(assigned)
@@ -426,11 +468,25 @@ class ConsumerCore:
 
 
 class _Rebalance(ConsumerRebalanceListener):
+    """Called inside poll() on the consume thread; or, when kafka-python's IO thread lost the
+    membership or re-joined by itself, on that thread: then the event is queued for the consume
+    thread (ConsumerCore._apply_rebalance_events), which owns all the state."""
+
     def __init__(self, core: ConsumerCore):
         self.core = core
 
     def on_partitions_revoked(self, revoked):
-        self.core._on_revoked(revoked)
+        if threading.current_thread() is self.core._consume_thread:
+            self.core._on_revoked(revoked)
+        else:
+            self.core._events.put(("revoked", set(revoked)))
+
+    def on_partitions_lost(self, lost):
+        # KIP-429: evicted from the group; a commit would be refused. Discard, never commit.
+        self.core._events.put(("revoked", set(lost)))
 
     def on_partitions_assigned(self, assigned):
-        self.core._on_assigned(assigned)
+        if threading.current_thread() is self.core._consume_thread:
+            self.core._on_assigned(assigned)
+        else:
+            self.core._events.put(("assigned", set(assigned)))
