@@ -69,7 +69,7 @@ class ConsumerStats:
     paused: int = 0                 # times fetching paused because the flush queue was full
     connect_failures: int = 0       # attempts to reach Kafka that failed (retried with backoff)
     decode_seconds: float = 0.0     # consume thread: decoding and handing records to the sink
-    memberships_lost: int = 0       # partitions revoked outside poll (membership lost): re-read, not committed
+    revoked_outside_poll: int = 0   # rebalances/evictions seen on the client's IO thread: re-read, not committed
 
     def snapshot(self) -> dict:
         d = dict(self.__dict__)
@@ -398,18 +398,19 @@ class ConsumerCore:
     def _on_revoked(self, revoked, lost: bool = False) -> None:
         # A revocation while closing (leaving the group) comes after the final flush and after the
         # flush thread ended: nothing is left to hand off, and nobody would flush it.
-        # kafka-python 3 calls the listener on its IO thread when the membership was lost there (a
-        # missed heartbeat deadline, max_poll_interval_ms exceeded): blocking calls (commit) raise
-        # on that thread, and the group has moved on anyway, so a commit would be refused. Then
-        # nothing is handed off or committed: the partitions' state is dropped, and their new owner
-        # (maybe this consumer again) re-reads from the last commit; duplicates collapse by identity.
-        # Such an event is queued (_Rebalance) and applied here by the consume thread right after
-        # its next poll() returns, before it handles any record: the sink's state is only ever
-        # touched by the consume thread.
-        if lost:
-            self.stats.memberships_lost += 1
-            log.warning("%s: group membership lost (partitions %s revoked outside poll); their uncommitted "
-                        "records will be re-read", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+        # kafka-python 3 runs the group protocol on its IO thread, and calls the listener there for
+        # a rebalance that is not driven by poll() (another member joining or leaving, a missed
+        # heartbeat deadline, max_poll_interval_ms exceeded): blocking calls (commit) raise on that
+        # thread, and after an eviction the group would refuse the commit anyway. Such an event is
+        # queued (_Rebalance) and applied here by the consume thread right after its next poll()
+        # returns, before it handles any record, so the sink's state is only ever touched by the
+        # consume thread. Nothing is handed off or committed for the revoked partitions: their
+        # state is dropped, and their next owner (maybe this consumer again) re-reads them from the
+        # last commit; duplicates collapse by identity.
+        if lost and revoked:
+            self.stats.revoked_outside_poll += 1
+            log.info("%s: partitions %s revoked outside poll (a rebalance or an eviction); not committed here, "
+                     "re-read from the last commit", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         elif self._flusher is not None and self._flusher.is_alive():
             self._hand_off(in_rebalance=True)
             self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
@@ -478,12 +479,13 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked):
         if threading.current_thread() is self.core._consume_thread:
             self.core._on_revoked(revoked)
-        else:
+        elif revoked:   # (a join announces an empty revocation first: nothing to do)
             self.core._events.put(("revoked", set(revoked)))
 
     def on_partitions_lost(self, lost):
         # KIP-429: evicted from the group; a commit would be refused. Discard, never commit.
-        self.core._events.put(("revoked", set(lost)))
+        if lost:
+            self.core._events.put(("revoked", set(lost)))
 
     def on_partitions_assigned(self, assigned):
         if threading.current_thread() is self.core._consume_thread:
