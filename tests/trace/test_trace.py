@@ -350,8 +350,8 @@ def test_a_malformed_a_missing_trace_id_and_an_unreachable_clickhouse(store, cap
     assert rc == 1 and "no request or span with request id 'nobody'" in err
     rc, _, err = run(capsys, missing, "--clickhouse", "http://tt:secret@127.0.0.1:1")
     assert rc == 1 and "cannot reach ClickHouse at http://tt:***@127.0.0.1:1" in err and "secret" not in err
-    rc, _, err = run(capsys, missing, "--server", "127.0.0.1:50052")
-    assert rc == 2 and "--clickhouse" in err
+    rc, _, err = run(capsys, missing, "--server", "127.0.0.1:50052", *src)
+    assert rc == 2 and "not both" in err          # --server: tests/trace/test_trace_server.py
 
 
 def test_a_request_id_finds_its_trace_and_a_shared_trace_picks_one_request(store, capsys):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tensortrace.service.config import Problems, option, raise_problems
 from tensortrace.storage import DEFAULT_DATABASE, check_identifier
+from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 
 DEFAULT_QUERY_PORT = 50052
 
@@ -24,6 +25,10 @@ class QueryServerConfig:
                                      "(required; CLICKHOUSE_USER / CLICKHOUSE_PASSWORD also supply credentials)",
                                  aliases=("--clickhouse",))
     database: str = option(DEFAULT_DATABASE, "ClickHouse database")
+    otel_database: str = option(DEFAULT_OTEL_DATABASE, "database of the spans table (`tensortrace trace --server`)")
+    traces_table: str = option(DEFAULT_TRACES_TABLE, "the spans table (`tensortrace trace --server`)")
+    probe_table: str = option("probe_scores", "probe scores table, [db.]table (`tensortrace trace --server`; "
+                                              "skipped if absent)")
     query_host: str = option("127.0.0.1", "gRPC listen address", aliases=("--host",))
     query_port: int = option(DEFAULT_QUERY_PORT, "gRPC listen port; 0: ephemeral", aliases=("--port",))
     workers: int = option(4, "gRPC worker threads (concurrent reads)")
@@ -35,10 +40,15 @@ class QueryServerConfig:
         if p.check(bool(self.clickhouse_dsn), "clickhouse_dsn", "empty; give http(s)://user:password@host:port or chdb:///path"):
             p.check(self.clickhouse_dsn.startswith(("chdb://", "http://", "https://", "clickhouse://", "clickhouses://")),
                     "clickhouse_dsn", f"{self.clickhouse_dsn!r}: expected http(s)://user:password@host:port or chdb:///path")
-        try:
-            check_identifier(self.database)
-        except ValueError as e:
-            p.add("database", str(e))
+        for name, value, kind in (("database", self.database, "database"),
+                                  ("otel_database", self.otel_database, "database"),
+                                  ("traces_table", self.traces_table, "table"),
+                                  ("probe_table", self.probe_table.rpartition(".")[2], "table"),
+                                  ("probe_table", self.probe_table.rpartition(".")[0] or self.database, "database")):
+            try:
+                check_identifier(value, kind)
+            except ValueError as e:
+                p.add(name, str(e))
         p.check(0 <= self.query_port <= 65535, "query_port", f"{self.query_port} is not a TCP port (0: ephemeral)")
         p.check(self.workers >= 1, "workers", f"{self.workers} < 1")
         p.check(0 < self.retry_initial_s <= self.retry_max_s, "retry_initial_s/retry_max_s",

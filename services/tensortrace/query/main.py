@@ -49,7 +49,11 @@ class QueryServer:
                 log.warning("ClickHouse not reachable (%s: %s); retrying in %.1fs", type(e).__name__, e, backoff.delay)
                 if backoff.wait(self._stop):
                     return
-        self.server, self.port = serve(client, cfg.database, cfg.query_host, cfg.query_port, cfg.workers)
+        from tensortrace.query.trace import safe_dsn
+
+        self.server, self.port = serve(client, cfg.database, cfg.query_host, cfg.query_port, cfg.workers,
+                                       otel_database=cfg.otel_database, traces_table=cfg.traces_table,
+                                       probe_table=cfg.probe_table, where=safe_dsn(cfg.clickhouse_dsn))
         log.info("query service on %s:%d (database %s)", cfg.query_host, self.port, cfg.database)
         self._stop.wait()
         self.server.stop(grace=2).wait()

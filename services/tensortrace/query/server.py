@@ -5,6 +5,10 @@
     server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port` (compose.py)
     server.stop(grace=1)
 
+Trace and SlowestTraces (`tensortrace trace --server`) run query/tracedata.py's TraceSource against
+this service's client, on the tables named when it was started (`--otel-database`, `--traces-table`,
+`--probe-table`: the defaults of `tensortrace trace`), and send what it read (query/tracewire.py).
+
 A chDB path can be opened by one process only, so for an embedded engine this service runs inside
 the loader (`tensortrace loader --query-port`), sharing its client; `tensortrace query-server`
 is for ClickHouse servers (or a chDB path no loader holds).
@@ -13,12 +17,14 @@ is for ClickHouse servers (or a chDB path no loader holds).
 from __future__ import annotations
 
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
 from tensortrace.query import validate
 from tensortrace.query.backend import ClickHouseBackend, RequestRef
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError
+from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
 
@@ -45,9 +51,72 @@ def _abort(context, e: Exception):
     context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
+DEFAULT_PROBE_TABLE = "probe_scores"
+
+
+@dataclass(frozen=True)
+class TraceTables:
+    """Where the Trace RPCs read: `tensortrace trace`'s --database / --otel-database /
+    --traces-table / --probe-table, chosen by whoever starts the service."""
+    database: str = "tensortrace"
+    otel_database: str = DEFAULT_OTEL_DATABASE
+    traces_table: str = DEFAULT_TRACES_TABLE
+    probe_table: str = DEFAULT_PROBE_TABLE
+    where: str = ""          # for messages: the ClickHouse read (no password)
+
+
+def _abort_trace(context, e: Exception):
+    """As _abort; an unreachable ClickHouse says so (the client tells it from an unreachable service)."""
+    from tensortrace.query.tracewire import CLICKHOUSE_UNAVAILABLE
+
+    if isinstance(e, BackendUnavailable):
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{CLICKHOUSE_UNAVAILABLE}{e}")
+    _abort(context, e)
+
+
 class QueryServicer(qgrpc.QueryServiceServicer):
-    def __init__(self, backend: ClickHouseBackend):
+    def __init__(self, backend: ClickHouseBackend, tables: TraceTables | None = None):
         self.backend = backend
+        self.tables = tables or TraceTables(database=backend.db)
+        self.trace_source()   # names that are not identifiers fail here, when the service starts
+
+    def trace_source(self):
+        """A TraceSource per call: it caches which tables exist, and they may appear later."""
+        from tensortrace.query.tracedata import TraceSource
+
+        t = self.tables
+        return TraceSource(self.backend.client, t.database, t.otel_database, t.traces_table, t.probe_table, t.where)
+
+    def Trace(self, request, context):
+        from tensortrace.query.tracewire import read_to_pb
+
+        try:
+            tid = validate.trace_id_bytes(request.trace_id).hex() if request.trace_id else None
+            rid = validate.request_id(request.request_id) if request.request_id else None
+            if tid is None and rid is None:
+                raise InvalidQuery("give trace_id or request_id")
+            resp = read_to_pb(self.trace_source().read(tid, rid, norms=request.residual_norms))
+        except Exception as e:   # QueryError -> its code; anything else INTERNAL, named
+            _abort_trace(context, e)
+        size = resp.ByteSize()
+        if size > MAX_MESSAGE_BYTES:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"trace {resp.trace_id}: the response would be {size / 2**20:,.0f} MiB, over the query "
+                          f"service's {MAX_MESSAGE_BYTES >> 20} MiB message bound (read it with --clickhouse)")
+        return resp
+
+    def SlowestTraces(self, request, context):
+        from tensortrace.query.tracedata import MAX_SLOWEST
+        from tensortrace.query.tracewire import slow_to_pb
+
+        try:
+            if not 1 <= request.limit <= MAX_SLOWEST:
+                raise InvalidQuery(f"limit {request.limit}: expected 1 to {MAX_SLOWEST}")
+            src = self.trace_source()
+            rows = src.slowest(request.limit, request.since_unix_nano)
+            return qpb.SlowestTracesResponse(requests=slow_to_pb(rows), where=src.where())
+        except Exception as e:
+            _abort_trace(context, e)
 
     def Lookup(self, request, context):
         try:
@@ -130,12 +199,19 @@ def torch_uint8():
     return torch.uint8
 
 
-def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: int = 0, workers: int = 4):
-    """Start the service on host:port (0: any free port). Returns (grpc.Server, bound port)."""
+def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: int = 0, workers: int = 4,
+          otel_database: str = DEFAULT_OTEL_DATABASE, traces_table: str = DEFAULT_TRACES_TABLE,
+          probe_table: str = DEFAULT_PROBE_TABLE, where: str = ""):
+    """Start the service on host:port (0: any free port). Returns (grpc.Server, bound port).
+    otel_database / traces_table / probe_table: where the Trace RPCs read spans and probe scores;
+    where: the ClickHouse read, for messages (no password). A name that is not an identifier
+    raises ValueError."""
+    tables = TraceTables(database, otel_database, traces_table, probe_table, where)
+    servicer = QueryServicer(ClickHouseBackend(client, database), tables)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="query"),
                          options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    qgrpc.add_QueryServiceServicer_to_server(QueryServicer(ClickHouseBackend(client, database)), server)
+    qgrpc.add_QueryServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"cannot listen on {host}:{port}")

@@ -4,22 +4,28 @@ load times per forward step), its per-(hook, layer) stats and completeness (the 
 per-layer residual norms over positions, probe scores, and the slowest recent requests.
 
     src = TraceSource(client, database="tensortrace", otel_database="otel")
-    inputs, ref = src.inputs("4bf92f3577b34da6a3ce929d0e0e4736")     # timeline.TraceInputs, the RequestRef
-    norms = src.residual_norms(ref)                                   # -> ResidualNorms | None
+    read = src.read("4bf92f3577b34da6a3ce929d0e0e4736", norms=True)  # TraceRead: inputs, ref, norms
+    story = timeline.build_story(read.inputs)
+
+`read()` is the one code path of `tensortrace trace`: the CLI calls it with --clickhouse, and the
+query service's Trace RPC calls it against its own client (`--server`; query/tracewire.py carries
+the result), so both tell the same story.
 
 Every value is a bound parameter; database and table names are checked identifiers. Tables that do
 not exist (no bridge writing `otel_traces`, no `probe_scores`) are skipped, and the story says so.
+Bounded: at most MAX_SPANS spans (the first by start time; the story notes the truncation), 10,000
+probe score rows, MAX_SLOWEST rows of `slowest()`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tensortrace.query.backend import ClickHouseBackend, RequestRef, _query_error
-from tensortrace.query.errors import NotFound
+from tensortrace.query.errors import InvalidQuery, NotFound
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 from tensortrace.storage.schema import DEFAULT_DATABASE, check_identifier
 from tensortrace.query.timeline import BRIDGE_SPANS, Span, StepTimes, Timing, TraceInputs
@@ -28,7 +34,8 @@ from tensortrace.wire import codec
 from tensortrace.wire.completeness import completeness
 
 RESIDUAL_HOOK = "resid_pre"
-MAX_SPANS = 200_000
+MAX_SPANS = 200_000     # spans of one trace read (the first by start time); more: truncated, and noted
+MAX_SLOWEST = 1000      # rows of `slowest()`
 _PHASE = {1: "prefill", 2: "decode"}
 # probe_scores (storage migration 3, written by the loader from the probe service's scores topic):
 # the columns read here
@@ -45,10 +52,44 @@ class ResidualNorms:
     start: int
     norms: np.ndarray                  # [len(layers), positions] float32
     hook: str = RESIDUAL_HOOK
+    truncated_from: int = 0            # > positions: only the first positions came (the query service's bound)
 
     @property
     def end(self) -> int:
         return self.start + self.norms.shape[1]
+
+
+@dataclass
+class TraceRead:
+    """What `tensortrace trace` reads for one trace: the timeline's inputs, the stored request shown
+    (None when only spans or probe scores know the trace), and, when asked for, the heatmap's norms
+    (None when no `resid_pre` rows are stored)."""
+    inputs: TraceInputs
+    ref: RequestRef | None
+    norms: ResidualNorms | None = None
+    summaries: list = field(default_factory=list)   # with ref: what inputs.completeness was computed from ...
+    records_loaded: int = 0                         # ... (the Trace RPC sends these; the client recomputes it)
+    spans_truncated: bool = False                   # more than MAX_SPANS spans (inputs.notes says so too)
+
+
+def verdict_dict(probe: str, name: str, probe_hash: str, score: float, threshold: float, label: str, complete: bool,
+                 incomplete_reason: str, hook: str, layers: list[int], pooling: str, tokens_scored: int,
+                 request_end_unix_nano: int, scored_unix_nano: int, request_id: str) -> dict:
+    """One probe verdict as the story holds it (the same keys, in the same order, from ClickHouse
+    rows and from a TraceResponse: the JSON is the same either way)."""
+    return {"probe": probe, "name": name, "probe_hash": probe_hash, "score": float(score),
+            "threshold": float(threshold), "label": label, "complete": bool(complete),
+            "incomplete_reason": incomplete_reason, "hook": hook, "layers": [int(x) for x in layers],
+            "pooling": pooling, "tokens_scored": int(tokens_scored), "request_end_unix_nano": int(request_end_unix_nano),
+            "scored_unix_nano": int(scored_unix_nano), "request_id": request_id}
+
+
+def slow_row(trace_id: str, request_id: str, start_unix_nano: int, duration_ms: float, prompt_tokens: int | None,
+             generated_tokens: int | None, complete: bool | None, model: str, found_in: list[str]) -> dict:
+    """One row of `slowest()` (the same keys and order from ClickHouse rows and from the RPC)."""
+    return {"trace_id": trace_id, "request_id": request_id, "start_unix_nano": int(start_unix_nano),
+            "duration_ms": float(duration_ms), "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+            "complete": complete, "model": model, "from": list(found_in)}
 
 
 class TraceSource:
@@ -63,6 +104,8 @@ class TraceSource:
         self.probe_table = check_identifier(ptable, "table")
         self.backend = ClickHouseBackend(client, database)
         self.where_label = where
+        self.spans_truncated = False
+        self._status = None
         self._tables: set[tuple[str, str]] | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -107,9 +150,11 @@ class TraceSource:
         sql += (f"SELECT SpanId, ParentSpanId, SpanName, SpanKind, ServiceName, toUnixTimestamp64Nano(Timestamp), "
                 f"Duration, StatusCode, StatusMessage, SpanAttributes FROM {t} WHERE TraceId = {{t:String}}"
                 + (" AND Timestamp BETWEEN b.1 AND b.2 + 1" if bounded else "")
-                + f" ORDER BY Timestamp LIMIT 1 BY SpanId LIMIT {MAX_SPANS}")
+                + f" ORDER BY Timestamp LIMIT 1 BY SpanId LIMIT {MAX_SPANS + 1}")
+        rows = self._rows(sql, {"t": trace_id})
+        self.spans_truncated = len(rows) > MAX_SPANS
         return [Span(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), r[7], r[8], dict(r[9]))
-                for r in self._rows(sql, {"t": trace_id})]
+                for r in rows[:MAX_SPANS]]
 
     def traces_of_request(self, request_id: str) -> list[str]:
         """Trace ids under which a request id is known: stored requests first, then spans (SGLang's
@@ -191,11 +236,8 @@ class TraceSource:
              token_scores, end_ns, scored_ns, rid_) in rows:
             name = probe if versions[probe] == 1 else f"{probe}@{phash[:8]}"
             label = "shadow" if shadow else ("flagged" if flagged else "pass")
-            verdicts.append({"probe": probe, "name": name, "probe_hash": phash, "score": float(score),
-                             "threshold": float(threshold), "label": label, "complete": bool(complete),
-                             "incomplete_reason": why, "hook": hook, "layers": list(layers), "pooling": pooling,
-                             "tokens_scored": int(tokens), "request_end_unix_nano": int(end_ns),
-                             "scored_unix_nano": int(scored_ns), "request_id": rid_})
+            verdicts.append(verdict_dict(probe, name, phash, score, threshold, label, complete, why, hook, layers,
+                                         pooling, tokens, end_ns, scored_ns, rid_))
             if len(token_scores):
                 curves[name] = (np.asarray(positions, dtype=np.int64), np.asarray(token_scores, dtype=np.float32))
         return (curves or None), verdicts, ""
@@ -210,6 +252,35 @@ class TraceSource:
         return [r[0] for r in rows]
 
     # -- the whole story's inputs ----------------------------------------------------------------
+
+    def read(self, trace_id: str | None, request_id: str | None = None, norms: bool = False) -> TraceRead:
+        """One trace's story inputs, by trace id (32 lowercase hex) and/or request id: the request id
+        finds its trace (the latest, when several), and a 32-hex request id given as the trace id is
+        tried as a request id when no trace has it. Raises NotFound when nothing knows the id."""
+        notes: list[str] = []
+        if trace_id is None:
+            found = self.traces_of_request(request_id)
+            if not found:
+                raise NotFound(f"no request or span with request id {request_id!r} in {self.where()}")
+            trace_id = found[0]
+            if len(found) > 1:
+                notes.append(f"request id {request_id!r} appears under {len(found)} traces ({', '.join(found[:5])}); "
+                             "showing the latest")
+            inp, ref = self.inputs(trace_id, request_id)
+        else:
+            try:
+                inp, ref = self.inputs(trace_id, request_id)
+            except NotFound:
+                # SGLang's request ids are 32 hex characters too: try the argument as a request id
+                found = self.traces_of_request(trace_id) if not request_id else []
+                if not found:
+                    raise
+                notes.append(f"{trace_id} is a request id, not a trace id; its trace is {found[0]}")
+                inp, ref = self.inputs(found[0], trace_id)
+        inp.notes[:0] = notes
+        st = self._status if ref is not None else None
+        return TraceRead(inp, ref, self.residual_norms(ref) if norms else None,
+                         list(st.summaries) if st else [], st.records_loaded if st else 0, self.spans_truncated)
 
     def inputs(self, trace_id: str, request_id: str | None = None) -> tuple[TraceInputs, RequestRef | None]:
         """Everything the timeline needs for one trace (and one of its requests). Raises NotFound
@@ -227,6 +298,9 @@ class TraceSource:
             refs_pick = refs[0] if refs else None
         if not refs and not spans and not self.probe_scores(None, trace_id, request_id)[1]:
             raise NotFound(f"no request or span with trace id {trace_id} in {self.where()}")
+        if self.spans_truncated:
+            notes.append(f"more than {MAX_SPANS:,} spans in this trace: the first {MAX_SPANS:,} by start time are "
+                         "shown (the read bound)")
         if not self.has_spans:
             notes.append(f"no {self.odb}.{self.traces} table: no spans (run `tensortrace bridge --clickhouse-dsn` "
                          "and SGLang with --enable-trace to an OTLP Collector writing there)")
@@ -249,7 +323,7 @@ class TraceSource:
                 inp.request_id = request_id or inp.probe_verdicts[0]["request_id"]
             return inp, None
         ref = refs_pick
-        st = self.backend.status(ref)
+        st = self._status = self.backend.status(ref)
         inp.request_id, inp.model = ref.request_id, ref.model
         inp.completeness = completeness(st.summaries, st.records_loaded)
         inp.stats = self.backend.describe(ref) if ref.first_capture_ns else []
@@ -303,6 +377,8 @@ class TraceSource:
         """The n longest requests that ended since `since_ns`: from the requests table (first start
         .. last end of the summaries) and from otel_traces (first span start .. last span end, the
         bridge's export/kafka/step spans left out), merged by trace id, longest first."""
+        if not 1 <= n <= MAX_SLOWEST:
+            raise InvalidQuery(f"--slowest {n}: expected 1 to {MAX_SLOWEST}")
         found: dict[str, dict] = {}
         if self.has_tensortrace:
             for tid, rid, start, end, pt, gt, complete, dropped, model in self._rows(
@@ -312,10 +388,8 @@ class TraceSource:
                     f"WHERE end_time >= fromUnixTimestamp64Nano({{since:Int64}}, 'UTC') "
                     f"AND toUnixTimestamp64Nano(start_time) > 0 GROUP BY trace_id, request_id "
                     f"ORDER BY max(end_time) - min(start_time) DESC LIMIT {{n:UInt32}}", {"since": since_ns, "n": n}):
-                found[tid] = {"trace_id": tid, "request_id": rid, "start_unix_nano": int(start),
-                              "duration_ms": (int(end) - int(start)) / 1e6, "prompt_tokens": int(pt),
-                              "generated_tokens": int(gt), "complete": bool(complete) and not dropped,
-                              "model": model, "from": ["requests"]}
+                found[tid] = slow_row(tid, rid, start, (int(end) - int(start)) / 1e6, int(pt), int(gt),
+                                      bool(complete) and not dropped, model, ["requests"])
         if self.has_spans:
             for tid, start, end, rid, svc in self._rows(
                     f"SELECT TraceId, min(toUnixTimestamp64Nano(Timestamp)) AS s, "
@@ -327,9 +401,7 @@ class TraceSource:
                 dur = (int(end) - int(start)) / 1e6
                 got = found.get(tid)
                 if got is None:
-                    found[tid] = {"trace_id": tid, "request_id": rid, "start_unix_nano": int(start), "duration_ms": dur,
-                                  "prompt_tokens": None, "generated_tokens": None, "complete": None, "model": "",
-                                  "from": ["otel_traces"]}
+                    found[tid] = slow_row(tid, rid, start, dur, None, None, None, "", ["otel_traces"])
                 else:
                     got["from"].append("otel_traces")
                     if dur > got["duration_ms"]:

@@ -136,3 +136,212 @@ class RecordBatch(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[_records_pb2.TensorRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[_records_pb2.TensorRecord, _Mapping]]] = ...) -> None: ...
+
+class TraceRequest(_message.Message):
+    __slots__ = ("trace_id", "request_id", "residual_norms")
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_NORMS_FIELD_NUMBER: _ClassVar[int]
+    trace_id: bytes
+    request_id: str
+    residual_norms: bool
+    def __init__(self, trace_id: _Optional[bytes] = ..., request_id: _Optional[str] = ..., residual_norms: _Optional[bool] = ...) -> None: ...
+
+class TraceSpan(_message.Message):
+    __slots__ = ("span_id", "parent_span_id", "name", "kind", "service", "start_unix_nano", "duration_nano", "status", "status_message", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NANO_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: str
+    service: str
+    start_unix_nano: int
+    duration_nano: int
+    status: str
+    status_message: str
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, span_id: _Optional[str] = ..., parent_span_id: _Optional[str] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., service: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., duration_nano: _Optional[int] = ..., status: _Optional[str] = ..., status_message: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TraceStepTimes(_message.Message):
+    __slots__ = ("step", "phase", "first_capture_unix_nano", "last_capture_unix_nano", "last_export_unix_nano", "last_load_unix_nano")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CAPTURE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LAST_CAPTURE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXPORT_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOAD_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    phase: str
+    first_capture_unix_nano: int
+    last_capture_unix_nano: int
+    last_export_unix_nano: int
+    last_load_unix_nano: int
+    def __init__(self, step: _Optional[int] = ..., phase: _Optional[str] = ..., first_capture_unix_nano: _Optional[int] = ..., last_capture_unix_nano: _Optional[int] = ..., last_export_unix_nano: _Optional[int] = ..., last_load_unix_nano: _Optional[int] = ...) -> None: ...
+
+class TraceTiming(_message.Message):
+    __slots__ = ("steps", "summary_start_unix_nano", "summary_end_unix_nano", "summary_export_unix_nano", "summary_load_unix_nano", "producer_node", "producer_pod")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_EXPORT_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_LOAD_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_NODE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_POD_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[TraceStepTimes]
+    summary_start_unix_nano: int
+    summary_end_unix_nano: int
+    summary_export_unix_nano: int
+    summary_load_unix_nano: int
+    producer_node: str
+    producer_pod: str
+    def __init__(self, steps: _Optional[_Iterable[_Union[TraceStepTimes, _Mapping]]] = ..., summary_start_unix_nano: _Optional[int] = ..., summary_end_unix_nano: _Optional[int] = ..., summary_export_unix_nano: _Optional[int] = ..., summary_load_unix_nano: _Optional[int] = ..., producer_node: _Optional[str] = ..., producer_pod: _Optional[str] = ...) -> None: ...
+
+class ProbeVerdict(_message.Message):
+    __slots__ = ("probe", "name", "probe_hash", "score", "threshold", "label", "complete", "incomplete_reason", "hook", "layers", "pooling", "tokens_scored", "request_end_unix_nano", "scored_unix_nano", "request_id")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROBE_HASH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    INCOMPLETE_REASON_FIELD_NUMBER: _ClassVar[int]
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    SCORED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    probe: str
+    name: str
+    probe_hash: str
+    score: float
+    threshold: float
+    label: str
+    complete: bool
+    incomplete_reason: str
+    hook: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    pooling: str
+    tokens_scored: int
+    request_end_unix_nano: int
+    scored_unix_nano: int
+    request_id: str
+    def __init__(self, probe: _Optional[str] = ..., name: _Optional[str] = ..., probe_hash: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., label: _Optional[str] = ..., complete: _Optional[bool] = ..., incomplete_reason: _Optional[str] = ..., hook: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[str] = ..., tokens_scored: _Optional[int] = ..., request_end_unix_nano: _Optional[int] = ..., scored_unix_nano: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ProbeCurve(_message.Message):
+    __slots__ = ("name", "positions", "scores")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ResidualNorms(_message.Message):
+    __slots__ = ("hook", "layers", "start", "shape", "norms", "positions_total")
+    HOOK_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NORMS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    hook: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    start: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    norms: bytes
+    positions_total: int
+    def __init__(self, hook: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., norms: _Optional[bytes] = ..., positions_total: _Optional[int] = ...) -> None: ...
+
+class TraceResponse(_message.Message):
+    __slots__ = ("trace_id", "request_id", "model", "request_ids", "request", "spans", "spans_truncated", "timing", "summaries", "records_loaded", "stats", "probe_curves", "probe_verdicts", "where", "notes", "residual_norms")
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    SPANS_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_CURVES_FIELD_NUMBER: _ClassVar[int]
+    PROBE_VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_NORMS_FIELD_NUMBER: _ClassVar[int]
+    trace_id: str
+    request_id: str
+    model: str
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    request: RequestRef
+    spans: _containers.RepeatedCompositeFieldContainer[TraceSpan]
+    spans_truncated: bool
+    timing: TraceTiming
+    summaries: _containers.RepeatedCompositeFieldContainer[_records_pb2.RequestSummary]
+    records_loaded: int
+    stats: _containers.RepeatedCompositeFieldContainer[HookLayerStats]
+    probe_curves: _containers.RepeatedCompositeFieldContainer[ProbeCurve]
+    probe_verdicts: _containers.RepeatedCompositeFieldContainer[ProbeVerdict]
+    where: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    residual_norms: ResidualNorms
+    def __init__(self, trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., request_ids: _Optional[_Iterable[str]] = ..., request: _Optional[_Union[RequestRef, _Mapping]] = ..., spans: _Optional[_Iterable[_Union[TraceSpan, _Mapping]]] = ..., spans_truncated: _Optional[bool] = ..., timing: _Optional[_Union[TraceTiming, _Mapping]] = ..., summaries: _Optional[_Iterable[_Union[_records_pb2.RequestSummary, _Mapping]]] = ..., records_loaded: _Optional[int] = ..., stats: _Optional[_Iterable[_Union[HookLayerStats, _Mapping]]] = ..., probe_curves: _Optional[_Iterable[_Union[ProbeCurve, _Mapping]]] = ..., probe_verdicts: _Optional[_Iterable[_Union[ProbeVerdict, _Mapping]]] = ..., where: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., residual_norms: _Optional[_Union[ResidualNorms, _Mapping]] = ...) -> None: ...
+
+class SlowestTracesRequest(_message.Message):
+    __slots__ = ("limit", "since_unix_nano")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    since_unix_nano: int
+    def __init__(self, limit: _Optional[int] = ..., since_unix_nano: _Optional[int] = ...) -> None: ...
+
+class SlowTrace(_message.Message):
+    __slots__ = ("trace_id", "request_id", "start_unix_nano", "duration_ms", "prompt_tokens", "generated_tokens", "complete", "model", "found_in")
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FOUND_IN_FIELD_NUMBER: _ClassVar[int]
+    trace_id: str
+    request_id: str
+    start_unix_nano: int
+    duration_ms: float
+    prompt_tokens: int
+    generated_tokens: int
+    complete: bool
+    model: str
+    found_in: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., start_unix_nano: _Optional[int] = ..., duration_ms: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., complete: _Optional[bool] = ..., model: _Optional[str] = ..., found_in: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SlowestTracesResponse(_message.Message):
+    __slots__ = ("requests", "where")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SlowTrace]
+    where: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[SlowTrace, _Mapping]]] = ..., where: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,16 @@ class QueryServiceStub:
                 request_serializer=tensortrace_dot_v1_dot_query__pb2.FetchRequest.SerializeToString,
                 response_deserializer=tensortrace_dot_v1_dot_query__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.Trace = channel.unary_unary(
+                '/tensortrace.v1.QueryService/Trace',
+                request_serializer=tensortrace_dot_v1_dot_query__pb2.TraceRequest.SerializeToString,
+                response_deserializer=tensortrace_dot_v1_dot_query__pb2.TraceResponse.FromString,
+                _registered_method=True)
+        self.SlowestTraces = channel.unary_unary(
+                '/tensortrace.v1.QueryService/SlowestTraces',
+                request_serializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.SerializeToString,
+                response_deserializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -88,6 +98,22 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Trace(self, request, context):
+        """`tensortrace trace --server`: what one request's story is drawn from (spans, request times,
+        completeness, probe scores, optionally the residual norms), read by the server with the same
+        code as `tensortrace trace --clickhouse` (query/tracedata.py), so both tell the same story.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SlowestTraces(self, request, context):
+        """`tensortrace trace --slowest N --since D --server`: the N longest recent requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +136,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=tensortrace_dot_v1_dot_query__pb2.FetchRequest.FromString,
                     response_serializer=tensortrace_dot_v1_dot_query__pb2.FetchResponse.SerializeToString,
+            ),
+            'Trace': grpc.unary_unary_rpc_method_handler(
+                    servicer.Trace,
+                    request_deserializer=tensortrace_dot_v1_dot_query__pb2.TraceRequest.FromString,
+                    response_serializer=tensortrace_dot_v1_dot_query__pb2.TraceResponse.SerializeToString,
+            ),
+            'SlowestTraces': grpc.unary_unary_rpc_method_handler(
+                    servicer.SlowestTraces,
+                    request_deserializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.FromString,
+                    response_serializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +256,60 @@ class QueryService:
             '/tensortrace.v1.QueryService/Fetch',
             tensortrace_dot_v1_dot_query__pb2.FetchRequest.SerializeToString,
             tensortrace_dot_v1_dot_query__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Trace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensortrace.v1.QueryService/Trace',
+            tensortrace_dot_v1_dot_query__pb2.TraceRequest.SerializeToString,
+            tensortrace_dot_v1_dot_query__pb2.TraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SlowestTraces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensortrace.v1.QueryService/SlowestTraces',
+            tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.SerializeToString,
+            tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.FromString,
             options,
             channel_credentials,
             insecure,
