@@ -46,6 +46,26 @@ def test_hf_demo_runs_the_whole_pipeline_and_proves_bit_exact_read_back(tmp_path
     assert re.search(r"records: published (\d+) = \d+ captured for the 4 requests \+ 4 summaries  ok", out)
     # the pieces really ran: chDB files written by the loader process, the exporter's log
     assert (workdir / "chdb").is_dir() and (workdir / "exporter.log").is_file()
+    # the trace of one request: the bridge in the loader process wrote its spans into the same chDB
+    # engine, `tensortrace trace` prints its timeline and writes the page
+    m = re.search(r"^7\. the trace of (req-\d): ", out, re.M)
+    assert m, out
+    traced = dict((name, trace) for name, trace, *_ in rows)[m.group(1)]
+    assert re.search(r"^   bridge: 12 TensorTrace spans for 4 requests, 0 engine spans written", out, re.M), out
+    # through the loader's query service while it runs; else (a query service without the Trace RPC)
+    # from the chDB path after the loader stopped
+    assert re.search(rf"^   \$ tensortrace trace {traced} (--server 127\.0\.0\.1:\d+|--clickhouse "
+                     rf"chdb://{re.escape(str(workdir))}/chdb) --html {re.escape(str(workdir))}/trace\.html$",
+                     out, re.M), out
+    assert re.search(rf"^   trace {traced}  request req-\d  model tiny-llama$", out, re.M), out
+    for stage in ("prefill", "decode", "capture", "export", "kafka", "load"):
+        assert re.search(rf"^   {stage} +\+[\d,.]+ ms +[\d,.]+ ms  \|", out, re.M), (stage, out)
+    assert re.search(r"^   capture .* tensortrace\.capture span; 24 records, hooks logits, resid_final, resid_pre, "
+                     r"complete$", out, re.M), out
+    assert re.search(r"^   spans: tensortrace-bridge 3$", out, re.M), out
+    page = (workdir / "trace.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and traced in page and len(page) > 10_000
+    assert f"the picture (timeline, per-layer residual norms over tokens): {workdir}/trace.html" in out
 
 
 def test_demo_without_kafka_jars_fails_with_one_line(tmp_path):
@@ -60,3 +80,24 @@ def test_sglang_demo_without_the_sglang_venv_says_how_to_build_it(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"error: SGLang venv not found ({tmp_path / 'no-venv' / 'bin' / 'python'} missing): run `make sglang-env`, "
         "or `make demo BACKEND=hf` for the Hugging Face fallback"]
+
+
+@pytest.mark.unit
+def test_loader_bridge_flag_composes_a_bridge_config_from_the_loaders_consumer_settings():
+    from tensortrace.compose import LoaderWithQueryConfig
+    from tensortrace.service.kafka import KafkaConfig
+
+    cfg = LoaderWithQueryConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), topic="acts",
+                                clickhouse_dsn="chdb:///tmp/tt", bridge=True, bridge_otlp_receiver_port=0,
+                                bridge_spans_topic="spans")
+    assert cfg.problems() == []
+    b = cfg.bridge_config()
+    assert (b.topic, b.kafka.bootstrap_servers, b.clickhouse_dsn, b.group_id, b.spans_topic, b.otlp_receiver_host) == \
+        ("acts", "127.0.0.1:9092", "chdb:///tmp/tt", "tensortrace-bridge", "spans", "127.0.0.1")
+    assert cfg.listen_ports() == {"query": -1, "otlp": 0}
+    bad = LoaderWithQueryConfig(clickhouse_dsn="chdb:///tmp/tt", bridge=True, bridge_group_id=cfg.group_id,
+                                bridge_spans_topic="tensortrace.activations")
+    assert bad.problems() == [
+        "bridge: spans_topic: 'tensortrace.activations' is also the activation or dead-letter topic",
+        "bridge_group_id: must differ from group_id (the bridge reads every request too)"]
+    assert "otlp" not in LoaderWithQueryConfig().listen_ports()   # no --bridge: no receiver

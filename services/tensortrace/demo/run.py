@@ -24,10 +24,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", choices=("sglang", "hf"), default="sglang",
                    help="sglang: a real SGLang server with the plugin (default); hf: Hugging Face generate "
                         "in this process with the capture agent (the fallback)")
+    p.add_argument("--model", choices=("smollm2", "tiny"), default=None,
+                   help="smollm2: SmolLM2-135M-Instruct (dequantized from Q4_1; `make model`) with a live "
+                        "prompt-injection probe (the default with SGLang); tiny: a 2-layer random Llama, "
+                        "nothing to prepare (the default with --backend hf)")
+    p.add_argument("--prompts", type=int, default=0,
+                   help="smollm2: send N of the held-out prompts, injections and benign ones in turn "
+                        "(default: all 72 of the test split)")
     p.add_argument("--sglang-venv", default=None,
                    help="the SGLang virtualenv (default $SGLANG_VENV or .cache/sglang-venv; `make sglang-env`)")
     p.add_argument("--workdir", default=None, help="keep rings, chDB, logs and the model here (default: a temp dir, removed)")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for each request to be loaded")
+    p.add_argument("--html", default=None,
+                   help="write the traced request's page here (default: WORKDIR/trace.html with --workdir, "
+                        "else .cache/demo/trace.html)")
+    p.add_argument("--png", default=None, help="also write the traced request's picture as a PNG here "
+                                               "(`tensortrace trace --png`)")
     return p.parse_args(argv)
 
 
@@ -52,11 +64,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: SGLang venv not found ({sglang_py} missing): run `make sglang-env`, "
                   "or `make demo BACKEND=hf` for the Hugging Face fallback", file=sys.stderr)
             return 1
+    model = args.model or ("smollm2" if args.backend == "sglang" else "tiny")
+    if model == "smollm2" and args.backend != "sglang":
+        print("error: --model smollm2 runs on the SGLang backend (the HF fallback uses the tiny model)", file=sys.stderr)
+        return 2
+    if model == "smollm2":
+        from tensortrace.probes.data import ModelNotPrepared, smollm2_path
+
+        try:
+            smollm2_path()
+        except ModelNotPrepared as e:
+            print(f"error: {e} (or `--model tiny` for the random tiny model)", file=sys.stderr)
+            return 1
     workdir = args.workdir or tempfile.mkdtemp(prefix="tensortrace-demo-")
     os.makedirs(workdir, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM unwinds like Ctrl-C: everything is stopped
     t_start = time.monotonic()
     try:
+        if model == "smollm2":
+            from tensortrace.demo.run_smollm2 import run_smollm2
+
+            return run_smollm2(args, workdir, sglang_py, t_start)
         return _run(args, workdir, sglang_py, t_start)
     except LocalKafkaError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -98,7 +126,11 @@ def _run(args, workdir: str, sglang_py: str | None, t_start: float) -> int:
             server = SGLangServer(model_path, ring_dir=pipeline.ring_dir, log_path=os.path.join(workdir, "sglang.log"),
                                   python=sglang_py, env_extra={
                                       "TENSORTRACE_SELECTION": json.dumps({"preset": "hidden-states", "hooks": ["token_ids"]}),
-                                      "TENSORTRACE_MODEL_ID": "tiny-llama"})
+                                      "TENSORTRACE_MODEL_ID": "tiny-llama",
+                                      # SGLang's own spans: batched every 100 ms (default 5 s) to the bridge
+                                      "SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100",
+                                      "OTEL_SERVICE_NAME": "sglang"},
+                                  args_extra=("--enable-trace", "--otlp-traces-endpoint", pipeline.otlp_endpoint))
             stack.callback(server.stop)
             server.launch()
         log("1. starting the pipeline's server side (127.0.0.1, free ports, temp dirs):")
@@ -110,7 +142,8 @@ def _run(args, workdir: str, sglang_py: str | None, t_start: float) -> int:
         if backend == "sglang":
             server.wait_healthy(timeout_s=240)
             log(f"   SGLang server pid {server.proc.pid} (own process group) healthy at {server.url} after "
-                f"{server.startup_s:.1f}s; plugin loaded via SGLANG_PLUGINS=tensortrace, rings in {pipeline.ring_dir}")
+                f"{server.startup_s:.1f}s; plugin loaded via SGLANG_PLUGINS=tensortrace, rings in {pipeline.ring_dir}; "
+                f"--enable-trace --otlp-traces-endpoint {pipeline.otlp_endpoint} (the bridge's receiver)")
             from tensortrace.demo.serve import serve_sglang
 
             t0 = time.monotonic()
@@ -166,13 +199,18 @@ def _run(args, workdir: str, sglang_py: str | None, t_start: float) -> int:
             log(f"   loader: {s.get('tensor_rows', 0)} tensor rows and {s.get('summary_rows', 0)} summaries inserted, "
                 f"{s.get('dlq_messages', 0)} dead-lettered")
 
+        traced = _pick_traced(checks, requests)
+        trace_problems = _print_trace(pipeline, traced, backend, len(requests), html_path(args, workdir),
+                                  png=os.path.abspath(args.png) if args.png else None)
+
         failed = [c for c in checks if not c.ok]
         problems = [f"{c.name}: {p}" for c in failed for p in c.problems]
         if show_rc != 0:
             problems.append(f"tensortrace show exited {show_rc}")
         if not accounting_ok:
             problems.append("exporter accounting does not add up (see above)")
-        log("7. stopping everything this demo started ...")
+        problems += trace_problems
+        log("8. stopping everything this demo started ...")
     elapsed = time.monotonic() - t_start
     if problems:
         log(f"RESULT: FAIL after {elapsed:.0f}s")
@@ -184,6 +222,85 @@ def _run(args, workdir: str, sglang_py: str | None, t_start: float) -> int:
     log(f"RESULT: PASS: {len(checks)} requests complete, trace ids match their traceparent headers, {verdict} "
         f"({elapsed:.0f}s)")
     return 0
+
+
+def html_path(args, workdir: str) -> str:
+    """Where the trace page goes: --html, else the work directory when kept, else .cache/demo/ (it
+    outlives the demo's temp directory)."""
+    if args.html:
+        return os.path.abspath(args.html)
+    return os.path.abspath(os.path.join(args.workdir or os.path.join(".cache", "demo"), "trace.html"))
+
+
+def _pick_traced(checks, requests):
+    """The request whose trace is shown: the one with the most generated tokens (most decode steps)."""
+    ok = [c for c in checks if c.ok] or list(checks)
+    return max(ok, key=lambda c: (c.generated_tokens, c.prompt_tokens))
+
+
+def _print_trace(pipeline, shown, backend: str, n_requests: int, html: str, step: int = 7,
+                 png: str | None = None) -> list[str]:
+    """Wait for the bridge's spans, then `tensortrace trace` on the request: its timeline here, its
+    picture as an HTML page. Read through the loader's query service while everything runs (the
+    chDB engine has one owner: the loader process); where that service does not serve traces, the
+    loader is stopped and the chDB path read directly."""
+    problems: list[str] = []
+    engine = backend == "sglang"
+    log(f"{step}. the trace of {shown.name}: SGLang's spans (received over OTLP by the bridge in the loader process) and "
+        f"TensorTrace's capture/export/kafka spans, in otel_traces of the same chDB engine"
+        if engine else f"{step}. the trace of {shown.name}: TensorTrace's capture/export/kafka spans (the bridge in the "
+                       "loader process), in otel_traces of the same chDB engine; no engine spans with the HF backend")
+    t0 = time.monotonic()
+    m = pipeline.wait_for_spans(n_requests, engine_spans=10 if engine else 0)
+    spans = m.get('tensortrace_bridge_spans_total{destination="clickhouse"}', 0)
+    engine_spans = m.get('tensortrace_bridge_engine_spans_total{destination="clickhouse"}', 0)
+    received = m.get("tensortrace_bridge_otlp_spans_received_total", 0)
+    log(f"   bridge: {spans:.0f} TensorTrace spans for {sum(v for k, v in m.items() if k.startswith('tensortrace_bridge_requests_total')):.0f} "
+        f"requests, {engine_spans:.0f} engine spans written ({received:.0f} received over OTLP)  "
+        f"[{time.monotonic() - t0:.1f}s]")
+    os.makedirs(os.path.dirname(html), exist_ok=True)
+    outputs = ["--html", html] + (["--png", png] if png else [])
+    t0 = time.monotonic()
+    cmd = ["tensortrace", "trace", shown.trace_id, "--server", pipeline.query_address, *outputs]
+    r = _trace(cmd)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        rc = pipeline.stop_loader()
+        log(f"   the query service did not serve the trace ({why[:200]}); loader stopped (exit {rc}; SIGTERM "
+            "drains) so that its chDB path can be read directly")
+        t0 = time.monotonic()
+        cmd = ["tensortrace", "trace", shown.trace_id, "--clickhouse", f"chdb://{pipeline.ch_path}", *outputs]
+        r = _trace(cmd)
+    log(f"   $ {' '.join(cmd)}")
+    for line in r.stdout.rstrip().splitlines():
+        log(f"   {line}")
+    for line in r.stderr.rstrip().splitlines()[-5:]:
+        log(f"   {line}")
+    if r.returncode != 0:
+        return [f"tensortrace trace exited {r.returncode}"]
+    size = os.path.getsize(html) if os.path.exists(html) else 0
+    log(f"   the picture (timeline, per-layer residual norms over tokens): {html} ({size:,} bytes, "
+        f"{time.monotonic() - t0:.1f}s); open file://{html} in a browser, or from another machine: "
+        f"`python3 -m http.server -b 127.0.0.1 -d {os.path.dirname(html)} 8000` + `ssh -L 8000:127.0.0.1:8000 <host>`, "
+        f"then http://127.0.0.1:8000/{os.path.basename(html)}")
+    if size == 0:
+        problems.append(f"tensortrace trace wrote no page at {html}")
+    if spans < 3 * n_requests:
+        problems.append(f"the bridge wrote {spans:.0f} spans, expected 3 per request ({3 * n_requests}); "
+                        "see loader.log in the work directory (--workdir keeps it)")
+    if engine and engine_spans == 0:
+        problems.append("no SGLang spans reached otel_traces (see sglang.log in the work directory)")
+    if "tensortrace.capture" not in r.stdout:
+        problems.append("the trace shows no tensortrace.capture span")
+    return problems
+
+
+def _trace(cmd: list[str]):
+    """`tensortrace trace ...` as a subprocess of this interpreter (what a user would type)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "tensortrace.cli", *cmd[1:]], capture_output=True, text=True,
+                          timeout=180)
 
 
 def _print_checks(checks, backend: str) -> None:
@@ -205,8 +322,8 @@ def _print_checks(checks, backend: str) -> None:
             log(f"      ! {p}")
 
 
-def _print_accounting(pipeline, agent_stats, checks, backend: str) -> bool:
-    st = pipeline.exporter_drained()
+def print_ring_books(st) -> bool:
+    """The exporter's books per ring (ExporterStatus): produced = published + dropped, nothing pending."""
     ok = bool(st.rings)
     for r in st.rings:
         produced = r.frames_committed + r.frames_dropped_by_producer
@@ -221,6 +338,12 @@ def _print_accounting(pipeline, agent_stats, checks, backend: str) -> bool:
             f"{r.bytes_published} payload bytes) acknowledged by Kafka")
     if not st.rings:
         log("   no ring attached: nothing was captured")
+    return ok
+
+
+def _print_accounting(pipeline, agent_stats, checks, backend: str) -> bool:
+    st = pipeline.exporter_drained()
+    ok = print_ring_books(st)
     if agent_stats is not None:
         log(f"   agent (this process): {agent_stats.written} records written to the ring, "
             f"{agent_stats.dropped} dropped")

@@ -58,9 +58,10 @@ def reference_hidden_states(model, token_ids: list[int]) -> tuple:
     return tuple(h[0] for h in out.hidden_states)
 
 
-def check_request(tt, r, backend: str, model=None, wait_s: float = 60.0) -> RequestCheck:
+def check_request(tt, r, backend: str, model=None, wait_s: float = 60.0, atol: float = SGLANG_ATOL,
+                  rtol: float = SGLANG_RTOL) -> RequestCheck:
     """`tt`: a TensorTraceClient on grpc://; `r`: a served DemoRequest; `model`: the HF reference model
-    (SGLang backend)."""
+    (SGLang backend, compared within atol/rtol)."""
     import torch
 
     from tensortrace.query.errors import QueryError
@@ -120,8 +121,8 @@ def check_request(tt, r, backend: str, model=None, wait_s: float = 60.0) -> Requ
             return c
         exact = exact and torch.equal(g, w)
         diff = max(diff, float((g - w).abs().max()) if g.numel() else 0.0)
-        if backend == "sglang" and not torch.allclose(g, w, atol=SGLANG_ATOL, rtol=SGLANG_RTOL):
-            c.problems.append(f"hidden state {i}: max |diff| {diff:.2e} over atol=rtol={SGLANG_ATOL:g}")
+        if backend == "sglang" and not torch.allclose(g, w, atol=atol, rtol=rtol):
+            c.problems.append(f"hidden state {i}: max |diff| {diff:.2e} over atol={atol:g}, rtol={rtol:g}")
     c.bit_exact, c.max_abs_diff = exact, diff
     if backend == "hf" and not exact:
         c.problems.append(f"hidden states not bit-identical to the model's own (max |diff| {diff:.2e})")

@@ -1,10 +1,13 @@
-"""`tensortrace exporter` and `tensortrace loader` as subprocesses on 127.0.0.1, with their endpoints.
+"""`tensortrace exporter`, `tensortrace loader` and other services as subprocesses on 127.0.0.1, with
+their endpoints.
 
     exp = ExporterProcess(ring_dir, kafka.bootstrap, "tensortrace.activations", workdir).start()
     exp.status()                                  # ExporterStatus over the control gRPC
     loader = LoaderProcess(["--bootstrap", kafka.bootstrap, "--clickhouse", "chdb:///tmp/ch", "--query-port", "0"])
     loader.wait_for_query_service()               # "127.0.0.1:PORT"; read through it with grpc://
+    loader.metrics("tensortrace_bridge_")         # its /metrics samples ({'name{labels}': value})
     loader.kill(signal.SIGTERM); exp.stop()
+    probes = ServiceProcess("probes", ["--kafka-bootstrap-servers", kafka.bootstrap, "--probe-dir", d], workdir)
 """
 
 from __future__ import annotations
@@ -124,9 +127,12 @@ class LoaderProcess:
     """`tensortrace loader <args>` as a subprocess; its stderr JSON lines are parsed as they come:
     `stats` (the latest --stats-interval snapshot), `query_address` (with --query-port)."""
 
-    def __init__(self, args: list[str], python: str = sys.executable):
+    def __init__(self, args: list[str], python: str = sys.executable, log_path: str | None = None):
+        self.log_path = log_path   # its stderr is also written here (the demo's work directory)
         if not any(a.split("=")[0] in ("--http-port", "--metrics-port") for a in args):
             args = [*args, "--http-port", "0"]   # an ephemeral /healthz,/metrics port: loaders side by side never collide
+        if not any(a.split("=")[0] in ("--http-host", "--metrics-host") for a in args):
+            args = [*args, "--http-host", "127.0.0.1"]   # loopback only, like every other port here
         self.proc = subprocess.Popen([python, "-m", "tensortrace.cli", "loader", *args],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
         self.stats: dict = {}
@@ -138,8 +144,19 @@ class LoaderProcess:
         self.reader.start()
 
     def _read(self):
+        log = open(self.log_path, "a") if self.log_path else None
+        try:
+            self._read_lines(log)
+        finally:
+            if log is not None:
+                log.close()
+
+    def _read_lines(self, log):
         for line in self.proc.stderr:
             self.lines.append(line)
+            if log is not None:
+                log.write(line)
+                log.flush()
             if line.startswith("{"):
                 try:
                     doc = json.loads(line)
@@ -167,6 +184,24 @@ class LoaderProcess:
             time.sleep(0.05)
         return self.query_address
 
+    def metrics(self, prefix: str = "tensortrace_") -> dict[str, float]:
+        """Its /metrics samples whose names start with `prefix` ({'name{labels}': value}); {} while
+        the HTTP port is not reported or does not answer."""
+        port = self.ports.get("http")
+        if not port:
+            return {}
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+        except OSError:
+            return {}
+        out: dict[str, float] = {}
+        for line in body.splitlines():
+            if line.startswith(prefix) and " " in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
     def kill(self, sig=signal.SIGKILL):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -176,3 +211,77 @@ class LoaderProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.reader.join(timeout=10)
+
+
+class ServiceProcess:
+    """`tensortrace <service> <args>` as a subprocess on 127.0.0.1 (ports from its status file,
+    /metrics over HTTP), e.g. the probe service:
+
+        probes = ServiceProcess("probes", ["--kafka-bootstrap-servers", bootstrap, "--probe-dir", d], workdir)
+        probes.wait_ready(); probes.metrics("tensortrace_probes_"); probes.stop()
+    """
+
+    def __init__(self, service: str, args: list[str], workdir: str, python: str = sys.executable):
+        self.service = service
+        self.status_path = os.path.join(workdir, f"{service}.status.json")
+        self.log_path = os.path.join(workdir, f"{service}.log")
+        if os.path.exists(self.status_path):
+            os.unlink(self.status_path)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([python, "-m", "tensortrace.cli", service, *args, "--status-file", self.status_path,
+                                      "--http-port", "0", "--http-host", "127.0.0.1"],
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+        self.ports: dict[str, int] = {}
+
+    def wait_ready(self, timeout_s: float = 90.0) -> dict[str, int]:
+        """Its ports once /readyz answers 200 (it holds its partitions, its outputs are open)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.service} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if os.path.exists(self.status_path):
+                try:
+                    with open(self.status_path) as f:
+                        self.ports = json.load(f)["ports"]
+                except (OSError, ValueError, KeyError):
+                    self.ports = {}
+                if self.ports.get("http") and self.http("/readyz")[0] == 200:
+                    return self.ports
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.service} not ready after {timeout_s:.0f}s: {self.http('/readyz')}\n{self.log_tail()}")
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except (OSError, KeyError) as e:
+            return 0, str(e)
+
+    def metrics(self, prefix: str = "tensortrace_") -> dict[str, float]:
+        status, body = self.http("/metrics")
+        out: dict[str, float] = {}
+        if status == 200:
+            for line in body.splitlines():
+                if line.startswith(prefix) and " " in line:
+                    name, value = line.rsplit(" ", 1)
+                    out[name] = float(value)
+        return out
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""

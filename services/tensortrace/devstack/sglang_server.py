@@ -38,6 +38,46 @@ def _sglang_shm_files() -> set[str]:
         return set()
 
 
+def _group_semaphore_inodes(pgid: int) -> set[int]:
+    """Inodes of the /dev/shm files mapped by the processes of process group `pgid` (from
+    /proc/<pid>/maps). SGLang's processes create multiprocessing named semaphores (sem.mp-*) and
+    leave them behind when they are killed; glibc maps a semaphore under a temporary name before
+    linking it to its own, so a mapping is matched to a sem.mp-* file by inode, never by name or age:
+    other users' semaphores are never touched."""
+    out: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:   # field 5: the process group
+                    continue
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "/dev/shm/" in line:
+                        out.add(int(line.split()[4]))   # address perms offset dev inode path
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _semaphores_with_inodes(inodes: set[int]) -> set[str]:
+    out = set()
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return out
+    for n in names:
+        if n.startswith("sem.mp-"):
+            path = os.path.join("/dev/shm", n)
+            try:
+                if os.stat(path).st_ino in inodes:
+                    out.add(path)
+            except OSError:
+                continue
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,6 +147,7 @@ class SGLangServer:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
                         self.startup_s = time.monotonic() - self._t0
+                        self._sem_inodes = _group_semaphore_inodes(self.proc.pid)
                         return self
             except OSError:
                 pass
@@ -116,14 +157,17 @@ class SGLangServer:
     def stop(self) -> None:
         if self.proc is None:
             return
+        pgid = self.proc.pid
+        inodes = getattr(self, "_sem_inodes", set()) | _group_semaphore_inodes(pgid)
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
+        # SGLang's shutdown makes semaphores of its own: keep noting the group's mappings meanwhile
+        deadline = time.monotonic() + 15
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            inodes |= _group_semaphore_inodes(pgid)
+            time.sleep(0.1)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # children that ignored SIGTERM
         except ProcessLookupError:
@@ -133,7 +177,8 @@ class SGLangServer:
         self._log.close()
         # SGLang leaves its load-report segments in /dev/shm when its processes are killed
         # (sglang_loads_*.shm, 16 KiB each): remove the ones this server created.
-        for path in _sglang_shm_files() - getattr(self, "_shm_before", set()):
+        # And its processes' named semaphores (sem.mp-*): the ones they had mapped (by inode).
+        for path in (_sglang_shm_files() - getattr(self, "_shm_before", set())) | _semaphores_with_inodes(inodes):
             try:
                 os.unlink(path)
             except OSError:
