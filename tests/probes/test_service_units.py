@@ -430,3 +430,47 @@ def test_the_polling_reload_waits_until_a_change_has_settled(tmp_path):
     (tmp_path / "a.json").write_bytes(jbytes)
     assert not probes.reload(settle=True)          # changed again since the last poll: wait once more
     assert probes.reload(settle=True) and probes.current.probes[0].hash == new.hash
+
+
+def without_prompt_prefix(req, k):
+    """The request as an engine with a prefix cache captures it: its first k prompt positions were
+    served from the cache, so no forward (and no tap) computed them. Every record still arrives as
+    the summary announces: only the positions are missing."""
+    out = []
+    for rec in req.records:
+        if rec.phase == pb.PREFILL and rec.positions_kind == pb.TOKEN_RANGE and rec.token_start == 0:
+            rows = rec.token_end - rec.token_start
+            per_row = rec.raw_size // rows
+            cut = pb.TensorRecord()
+            cut.CopyFrom(rec)
+            cut.token_start = k
+            cut.shape[0] = rows - k
+            cut.raw_size = per_row * (rows - k)
+            cut.payload = rec.payload[per_row * k:]
+            out.append(cut)
+        else:
+            out.append(rec)
+    return out
+
+
+def test_a_probe_pooling_prompt_positions_a_prefix_cache_skipped_is_scored_incomplete_with_the_reason(tmp_path):
+    # The records are all there (the view releases the request COMPLETE), but the probe pools over
+    # positions that were never computed: its score is explicitly incomplete, never complete.
+    for p in (make_probe("prompt_mean", layers=(0,), positions="prompt"),
+              make_probe("all_mean", layers=(1,), positions="all", seed=1),
+              make_probe("gen_mean", layers=(1,), positions="generated", seed=2)):
+        save_probe(p, tmp_path)
+    sink, _, pub = sink_for(tmp_path)
+    req = SyntheticRequest.make("r", layers=2, hidden=HIDDEN, prompt=6, generated=3, encoding=pb.RAW)
+    feed(sink, req, records=without_prompt_prefix(req, 2))
+    flush(sink)
+    got = {s.probe: s for s in pub.scores()}
+    for name in ("prompt_mean", "all_mean"):
+        assert not got[name].complete, name
+        assert "2 of 6 prompt positions were not captured (from position 0" in got[name].incomplete_reason
+    assert got["gen_mean"].complete   # it pools generated positions only, all of which were computed
+
+    sink, _, pub = sink_for(tmp_path)   # the same request with every position: complete
+    feed(sink, req)
+    flush(sink)
+    assert all(s.complete for s in pub.scores())

@@ -270,6 +270,7 @@ class ScoresSink:
                         p.probe.update(state, layer, positions, rows, phase)
                         fed += 1
                 else:
+                    covered = []   # prompt positions fed (the probe's first layer): coverage below
                     for layer in p.layers:
                         if (p.hook, layer) not in ordered and (p.hook, layer) in by_slot:
                             by_slot[p.hook, layer].sort(key=_sort_key)
@@ -284,6 +285,11 @@ class ScoresSink:
                             stage = "update"
                             p.probe.update(state, layer, got[0], got[1], _PHASE_NAME.get(rec.phase, "prefill"))
                             fed += 1
+                            if layer == p.layers[0] and rec.phase == pb.PREFILL:
+                                covered.append(got[0])
+                    gap = _prompt_gap(p.probe.meta.positions, prompt_tokens, covered)
+                    if fed and gap:
+                        reasons.append(gap)
                 if not fed:
                     reasons.append(f"no records of {p.hook} layer(s) {list(p.layers)} ({p.probe.meta.positions} "
                                    "positions) arrived for this request")
@@ -357,3 +363,22 @@ def _span_id(req: CapturedRequest) -> bytes:
         if rec.span_id:
             return rec.span_id
     return b""
+
+
+def _prompt_gap(positions: str, prompt_tokens: int | None, covered: list) -> str:
+    """Why a probe pooling over prompt positions did not see all of them, or "". Every record can
+    arrive and the request still lack prompt positions: an engine's prefix cache (SGLang's radix
+    cache) computes no forward for a cached prefix, so no tap sees those tokens; a selection that
+    samples positions captures some only. A score over part of the tokens it pools is not complete."""
+    if positions not in ("prompt", "all") or not prompt_tokens:
+        return ""
+    have = np.unique(np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for c in covered])) if covered else \
+        np.zeros(0, dtype=np.int64)
+    have = have[(have >= 0) & (have < prompt_tokens)]
+    if len(have) == prompt_tokens:
+        return ""
+    missing = np.setdiff1d(np.arange(prompt_tokens), have)
+    first, n = int(missing[0]), len(missing)
+    return (f"{n} of {prompt_tokens} prompt positions were not captured (from position {first}; an engine's prefix "
+            "cache computes no forward for a cached prefix: SGLang --disable-radix-cache, or a selection that "
+            "samples positions)")
