@@ -524,6 +524,7 @@ def test_notes_say_exactly_what_to_do_next(tmp_path):
     assert "--patch-file deploy/sglang-capture/capture-patch.yaml" in notes
     assert "--field-selector spec.nodeName=<node>" in notes and "tensortrace exporterctl --address 127.0.0.1:50051 status" in notes
     assert f"port-forward svc/{svc}-query 50052" in notes and "tensortrace show <trace-id> --server 127.0.0.1:50052" in notes
+    assert "tensortrace trace <trace-id> --server 127.0.0.1:50052" in notes   # works on embedded chDB too
     assert f"--otlp-traces-endpoint {svc}-bridge.{NAMESPACE}:4317" in notes
     assert "--set monitoring.enabled=true" in notes
     assert "{{" not in notes and "<no value>" not in notes
@@ -531,7 +532,7 @@ def test_notes_say_exactly_what_to_do_next(tmp_path):
     assert f"port-forward svc/{svc}-sglang 30000" in notes and "patch-file" not in notes
     assert "tensortrace exporterctl --address <node-ip>:50051 status" in notes
     notes = _notes(tmp_path / "c", [EXAMPLES / "kafka-sasl-ssl.yaml", EXAMPLES / "monitoring.yaml"])
-    assert "tensortrace trace <trace-id> --clickhouse https://clickhouse.db.svc:8443" in notes
+    assert "tensortrace trace <trace-id> --server 127.0.0.1:50052" in notes
     assert "PrometheusRule" in notes and "grafana_dashboard=1" in notes
 
 
