@@ -20,14 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
-from tensortrace.devstack.processes import REPO, ExporterProcess
+from tensortrace.devstack.processes import ExporterProcess, ServiceProcess
 
 TOPIC = "tensortrace.activations.tracestack"
 SPANS_TOPIC = "tensortrace.spans.tracestack"
@@ -42,64 +38,24 @@ def _log(text: str) -> None:
     print(f"tracestack: {text}", file=sys.stderr, flush=True)
 
 
-class BridgeProcess:
-    """`tensortrace bridge` as a subprocess: ports from its status file, metrics over HTTP."""
+class BridgeProcess(ServiceProcess):
+    """`tensortrace bridge` as a subprocess: ready once its OTLP receiver is up too."""
 
     def __init__(self, args: list[str], workdir: str):
-        self.status = os.path.join(workdir, "bridge.status.json")
-        self.log_path = os.path.join(workdir, "bridge.log")
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tensortrace.cli", "bridge", *args,
-                                      "--status-file", self.status, "--http-port", "0", "--http-host", "127.0.0.1"],
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        log.close()
-        self.ports: dict = {}
+        super().__init__("bridge", args, workdir)
 
-    def wait_ready(self, timeout_s: float = 90.0) -> dict:
+    def wait_ready(self, timeout_s: float = 90.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if os.path.exists(self.status):
-                with open(self.status) as f:
-                    self.ports = json.load(f)["ports"]
-                if "otlp" in self.ports and self.http("/readyz")[0] == 200:
-                    return self.ports
+        ports = super().wait_ready(timeout_s)
+        while "otlp" not in ports and time.monotonic() < deadline:   # the receiver reports its port last
             time.sleep(0.2)
-        raise TimeoutError(f"bridge not ready after {timeout_s:.0f}s: {self.http('/readyz')}\n{self.log_tail()}")
+            ports = super().wait_ready(max(0.1, deadline - time.monotonic()))
+        if "otlp" not in ports:
+            raise TimeoutError(f"bridge has no OTLP receiver port after {timeout_s:.0f}s\n{self.log_tail()}")
+        return ports
 
-    def http(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['http']}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except (OSError, KeyError) as e:
-            return 0, str(e)
-
-    def metrics(self) -> dict[str, float]:
-        status, body = self.http("/metrics")
-        out: dict[str, float] = {}
-        if status != 200:
-            return out
-        for line in body.splitlines():
-            if line.startswith("tensortrace_bridge_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait(10)
-
-    def log_tail(self, n: int = 40) -> str:
-        with open(self.log_path) as f:
-            return "".join(f.readlines()[-n:])
+    def metrics(self, prefix: str = "tensortrace_bridge_") -> dict[str, float]:
+        return super().metrics(prefix)
 
 
 def _total(metrics: dict, prefix: str) -> float:
