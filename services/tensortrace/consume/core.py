@@ -110,7 +110,6 @@ class ConsumerCore:
         self._inflight_lock = threading.Condition()
         self._flusher: threading.Thread | None = None
         self._consume_thread: threading.Thread | None = None
-        self._events: queue.Queue[tuple[str, set]] = queue.Queue()   # rebalance events from the IO thread
         self.kafka_error = ""            # why Kafka is not usable now ("" once connected)
         # Consumer lag per partition (messages): the partition's high watermark, as the last fetch
         # response reported it, minus the committed offset (the read position before the first
@@ -143,7 +142,6 @@ class ConsumerCore:
             while not self.stopping.is_set():
                 self._commit_done()
                 polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
-                self._apply_rebalance_events()
                 if not self.ready.is_set() and self._consumer.assignment():
                     self.ready.set()
                 t0 = time.perf_counter()
@@ -181,7 +179,11 @@ class ConsumerCore:
                     max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
                     max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, session_timeout_ms=cfg.session_timeout_ms,
                     heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
-                    max_poll_interval_ms=cfg.max_poll_interval_ms)
+                    max_poll_interval_ms=cfg.max_poll_interval_ms,
+                    # A join before the topic's metadata is known assigns nothing ("No partition
+                    # metadata"); the re-join that fixes it waits for the next metadata refresh,
+                    # 5 min by default. Refresh often: partitions appear within seconds.
+                    metadata_max_age_ms=5000)
                 self.kafka_error = ""
                 return consumer
             except (KafkaUnavailable, KafkaError) as e:
@@ -395,22 +397,24 @@ class ConsumerCore:
         self._commit_done()
         return ok
 
-    def _on_revoked(self, revoked, lost: bool = False) -> None:
+    def _on_revoked(self, revoked) -> None:
         # A revocation while closing (leaving the group) comes after the final flush and after the
         # flush thread ended: nothing is left to hand off, and nobody would flush it.
-        # kafka-python 3 runs the group protocol on its IO thread, and calls the listener there for
-        # a rebalance that is not driven by poll() (another member joining or leaving, a missed
-        # heartbeat deadline, max_poll_interval_ms exceeded): blocking calls (commit) raise on that
-        # thread, and after an eviction the group would refuse the commit anyway. Such an event is
-        # queued (_Rebalance) and applied here by the consume thread right after its next poll()
-        # returns, before it handles any record, so the sink's state is only ever touched by the
-        # consume thread. Nothing is handed off or committed for the revoked partitions: their
-        # state is dropped, and their next owner (maybe this consumer again) re-reads them from the
-        # last commit; duplicates collapse by identity.
-        if lost and revoked:
-            self.stats.revoked_outside_poll += 1
-            log.info("%s: partitions %s revoked outside poll (a rebalance or an eviction); not committed here, "
-                     "re-read from the last commit", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+        # kafka-python 3 runs the group protocol on its IO thread, and calls the listener there for a
+        # rebalance poll() did not drive (another member joining or leaving, an eviction after
+        # missed heartbeats or max_poll_interval_ms without a poll). Blocking calls raise on that
+        # thread (a commit: "Cannot block on net.run() from the IO thread"; it killed the consume
+        # thread before), and waiting for a flush there would stall the client. So there nothing is
+        # handed off, waited for or committed (later commits skip partitions no longer assigned),
+        # and the revoked partitions' state is dropped: their next owner (maybe this consumer
+        # again) re-reads them from the last commit; duplicates collapse by identity.
+        on_consume_thread = threading.current_thread() is self._consume_thread
+        if not on_consume_thread:
+            if revoked:
+                self.stats.revoked_outside_poll += 1
+                log.info("%s: partitions %s revoked outside poll (a rebalance or an eviction); not committed "
+                         "here, re-read from the last commit", self.name,
+                         sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         elif self._flusher is not None and self._flusher.is_alive():
             self._hand_off(in_rebalance=True)
             self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
@@ -425,17 +429,6 @@ class ConsumerCore:
             self._read_upto.pop(tp, None)
             self._committed.pop(tp, None)
         self.assigned -= revoked
-
-    def _apply_rebalance_events(self) -> None:
-        while True:
-            try:
-                kind, parts = self._events.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "revoked":
-                self._on_revoked(parts, lost=True)
-            else:
-                self._on_assigned(parts)
 
     def _on_assigned(self, assigned) -> None:
         self.assigned |= set(assigned)
@@ -469,26 +462,15 @@ class ConsumerCore:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    """Called inside poll() on the consume thread; or, when kafka-python's IO thread lost the
-    membership or re-joined by itself, on that thread: then the event is queued for the consume
-    thread (ConsumerCore._apply_rebalance_events), which owns all the state."""
+    """Called inside poll() on the consume thread, or on kafka-python's IO thread for a rebalance
+    poll() did not drive (ConsumerCore._on_revoked says what differs). on_partitions_lost (an
+    eviction) is the library's default: the same as a revocation."""
 
     def __init__(self, core: ConsumerCore):
         self.core = core
 
     def on_partitions_revoked(self, revoked):
-        if threading.current_thread() is self.core._consume_thread:
-            self.core._on_revoked(revoked)
-        elif revoked:   # (a join announces an empty revocation first: nothing to do)
-            self.core._events.put(("revoked", set(revoked)))
-
-    def on_partitions_lost(self, lost):
-        # KIP-429: evicted from the group; a commit would be refused. Discard, never commit.
-        if lost:
-            self.core._events.put(("revoked", set(lost)))
+        self.core._on_revoked(revoked)
 
     def on_partitions_assigned(self, assigned):
-        if threading.current_thread() is self.core._consume_thread:
-            self.core._on_assigned(assigned)
-        else:
-            self.core._events.put(("assigned", set(assigned)))
+        self.core._on_assigned(assigned)
