@@ -77,8 +77,8 @@ def test_a_message_that_is_not_a_probe_score_is_refused_with_the_reason():
     no_time = score_of(syn, "injection", 0.4)
     no_time.scored_time_unix_nano = 0
     for value, msg in ((b"\xff\xff\xff", "not a tensortrace.v1.ProbeScore"),
-                       (pb.ProbeScore(probe="x").SerializeToString(), "no request_id or no probe"),
-                       (bad_tid.SerializeToString(), "trace_id is 5 bytes, not 16"),
+                       (pb.ProbeScore(probe="x").SerializeToString(), "ProbeScore without request_id"),
+                       (bad_tid.SerializeToString(), "trace_id of 5 bytes, not 16"),
                        (no_time.SerializeToString(), "no scored_time_unix_nano")):
         with pytest.raises(InvalidRecord, match=msg):
             decode_probe_score(value)

@@ -17,7 +17,8 @@ import pytest
 
 from tensortrace.loader.config import LoaderConfig
 from tensortrace.loader.main import LoaderService
-from tensortrace.loader.scores import decode_probe_score, scores_table
+from tensortrace.consume.validate import decode_probe_score
+from tensortrace.loader.scores import scores_table
 from tensortrace.probes import Probe, ProbeMeta, save_probe
 from tensortrace.probes.config import ProbesConfig
 from tensortrace.probes.service import ProbesService

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind
 
 from tensortrace.bridge.spans import CAPTURE, SpanData, has_trace_id, span_id
@@ -85,24 +84,15 @@ def probe_span(score: pb.ProbeScore) -> SpanData | None:
 
 
 def decode_probe_score(value: bytes) -> pb.ProbeScore:
-    """A probe scores topic message -> the ProbeScore (the ConsumerCore `decode` hook); InvalidRecord
-    (dead letter, reason `envelope`) for a message that is not one."""
+    """A probe scores topic message -> the ProbeScore (the ConsumerCore `decode` hook): the shared
+    checks (tensortrace.consume.validate.decode_probe_score), and the score time a span ends at."""
     from tensortrace.consume import DeadLetterReason, InvalidRecord
+    from tensortrace.consume.validate import decode_probe_score as decode
 
-    try:
-        score = pb.ProbeScore.FromString(value)
-    except DecodeError as e:
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, f"probe scores message is not a tensortrace.v1.ProbeScore: "
-                                                       f"{e}") from None
-    if not score.request_id or not score.probe:
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, "probe scores message has no request_id or no probe: "
-                                                       "not a tensortrace.v1.ProbeScore")
-    if score.trace_id and len(score.trace_id) != 16:
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, f"probe score of {score.request_id!r}: trace_id is "
-                                                       f"{len(score.trace_id)} bytes, not 16")
+    score = decode(value)
     if not score.scored_time_unix_nano:
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, f"probe score of {score.request_id!r} ({score.probe}): "
-                                                       "no scored_time_unix_nano")
+        raise InvalidRecord(DeadLetterReason.MISSING_FIELD, f"probe score of {score.request_id!r} ({score.probe}): "
+                                                            "no scored_time_unix_nano")
     return score
 
 

@@ -72,3 +72,26 @@ def check_summary(s: pb.RequestSummary) -> None:
 
 _ENCODINGS = frozenset(pb.Encoding.values())
 _RAW, _TOKEN_RANGE, _TOKEN_LIST = pb.RAW, pb.TOKEN_RANGE, pb.TOKEN_LIST
+
+
+def decode_probe_score(value: bytes) -> pb.ProbeScore:
+    """One probe-scores-topic message -> ProbeScore (a ConsumerCore `decode` hook: the loader's
+    `probe_scores` consumer and the bridge's probe spans read the topic through it). InvalidRecord,
+    dead-lettered with a typed reason, when it is not one or lacks its identity."""
+    if not value:
+        raise InvalidRecord(R.ENVELOPE, "empty message: not a tensortrace.v1.ProbeScore")
+    sc = pb.ProbeScore()
+    try:
+        sc.ParseFromString(value)
+    except Exception as e:   # protobuf's DecodeError
+        raise InvalidRecord(R.ENVELOPE, f"not a tensortrace.v1.ProbeScore: {e}") from None
+    if not sc.request_id or not sc.probe or not sc.probe_hash:
+        missing = [n for n in ("request_id", "probe", "probe_hash") if not getattr(sc, n)]
+        raise InvalidRecord(R.MISSING_FIELD, f"ProbeScore without {', '.join(missing)} (its identity)")
+    if len(sc.trace_id) not in (0, 16):
+        raise InvalidRecord(R.TRACE_ID, f"trace_id of {len(sc.trace_id)} bytes, not 16")
+    if len(sc.span_id) not in (0, 8):
+        raise InvalidRecord(R.SPAN_ID, f"span_id of {len(sc.span_id)} bytes, not 8")
+    if len(sc.token_scores) != len(sc.token_positions):
+        raise InvalidRecord(R.POSITIONS, f"{len(sc.token_scores)} token scores for {len(sc.token_positions)} positions")
+    return sc

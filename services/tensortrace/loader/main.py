@@ -112,7 +112,8 @@ class LoaderService:
         if not self.cfg.scores_consumer:
             return None
         from tensortrace.consume import ConsumerCore
-        from tensortrace.loader.scores import ScoresTableSink, ScoresTableStats, decode_probe_score
+        from tensortrace.consume.validate import decode_probe_score
+        from tensortrace.loader.scores import ScoresTableSink, ScoresTableStats
 
         self.scores_stats = ScoresTableStats()
         sink = ScoresTableSink(loader.client, self.cfg.database, retry_initial_s=self.cfg.retry_initial_s,

@@ -28,35 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from tensortrace.consume import DeadLetterReason, InvalidRecord
 from tensortrace.consume.sink import SealedBatch, Source
 from tensortrace.service.backoff import Backoff
 from tensortrace.storage.schema import PROBE_SCORE_COLUMNS
 from tensortrace.v1 import records_pb2 as pb
 
 log = logging.getLogger("tensortrace.loader.scores")
-
-
-def decode_probe_score(value: bytes) -> pb.ProbeScore:
-    """One scores-topic message -> ProbeScore; InvalidRecord (dead-lettered) when it is not one."""
-    if not value:
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, "empty message: not a tensortrace.v1.ProbeScore")
-    sc = pb.ProbeScore()
-    try:
-        sc.ParseFromString(value)
-    except Exception as e:   # protobuf's DecodeError
-        raise InvalidRecord(DeadLetterReason.ENVELOPE, f"not a tensortrace.v1.ProbeScore: {e}") from None
-    if not sc.request_id or not sc.probe or not sc.probe_hash:
-        missing = [n for n in ("request_id", "probe", "probe_hash") if not getattr(sc, n)]
-        raise InvalidRecord(DeadLetterReason.MISSING_FIELD, f"ProbeScore without {', '.join(missing)} (its identity)")
-    if len(sc.trace_id) not in (0, 16):
-        raise InvalidRecord(DeadLetterReason.TRACE_ID, f"trace_id of {len(sc.trace_id)} bytes, not 16")
-    if len(sc.span_id) not in (0, 8):
-        raise InvalidRecord(DeadLetterReason.SPAN_ID, f"span_id of {len(sc.span_id)} bytes, not 8")
-    if len(sc.token_scores) != len(sc.token_positions):
-        raise InvalidRecord(DeadLetterReason.POSITIONS, f"{len(sc.token_scores)} token scores for "
-                                                        f"{len(sc.token_positions)} positions")
-    return sc
 
 
 @dataclass
