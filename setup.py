@@ -1,0 +1,16 @@
+"""Native extensions (CPython C API), built by `pip install` where a C compiler is present.
+
+pyproject.toml holds the metadata; this file only lists the compiled parts. Each is `optional`: without
+a compiler (or on a build error) pip prints the error, installs the package anyway, and the code that
+uses the extension falls back to its pure-Python path (the oracle its tests compare against). An
+editable install (`make setup`) builds them in place, beside their Python modules.
+"""
+
+from setuptools import Extension, setup
+
+# One entry per native module; its Python fallback lives in the package that imports it.
+NATIVE = [
+]
+
+setup(ext_modules=[Extension(name, sources, optional=True, extra_compile_args=["-O3", "-std=c11"])
+                   for name, sources in NATIVE])
