@@ -20,6 +20,7 @@ from tensortrace.consume.config import ConsumerConfig
 from tensortrace.service.config import ConfigError, option, raise_problems  # noqa: F401 (ConfigError re-exported)
 from tensortrace.service.kafka import KafkaConfig  # noqa: F401 (re-exported for callers)
 from tensortrace.storage import schema
+from tensortrace.storage.retention import parse_retention
 
 DEFAULT_GROUP = "tensortrace-loader"
 DEFAULT_DSN = "chdb:///var/lib/tensortrace/chdb"
@@ -44,6 +45,15 @@ class LoaderConfig(ConsumerConfig):
                                  aliases=("--clickhouse",))
     database: str = option(schema.DEFAULT_DATABASE, "ClickHouse database")
     ttl_days: int = option(schema.DEFAULT_TTL_DAYS, "rows older than this are deleted by ClickHouse")
+    # Per-table retention (storage/retention.py; docs/data-lifecycle.md): enforced by each table's
+    # TTL, altered at start where it differs. Tables not named keep --ttl-days.
+    retention: str = option("", "per-table retention, e.g. activations=3d,requests=30d,probe_scores=30d,"
+                                "forgotten=30d (h or d); tables not named: --ttl-days")
+    # `tensortrace forget` re-applied to requests Kafka delivers again after they were forgotten.
+    forget_sweep_s: float = option(60.0, "every N s delete again what `tensortrace forget` deleted, if a "
+                                         "re-read from Kafka re-inserted it; 0: off")
+    forget_traces_table: str = option("otel.otel_traces", "spans table [db.]table the forget sweep also "
+                                                          "covers when it is in this ClickHouse")
     payload_codec: str = option(schema.DEFAULT_PAYLOAD_CODEC,
                                 "ClickHouse codec of the payload column (Default: the part codec, LZ4)")
     recompress_after_hours: int = option(schema.DEFAULT_RECOMPRESS_AFTER_HOURS,
@@ -78,6 +88,19 @@ class LoaderConfig(ConsumerConfig):
             out.append(f"recompress_after_hours: {self.recompress_after_hours} < 0")
         if self.ttl_days < 1:
             out.append(f"ttl_days: {self.ttl_days} < 1")
+        try:
+            parse_retention(self.retention)
+        except ValueError as e:
+            out.append(f"retention: {e}")
+        if self.forget_sweep_s < 0:
+            out.append(f"forget_sweep_s: {self.forget_sweep_s} < 0")
+        if self.forget_traces_table.count(".") > 1:
+            out.append(f"forget_traces_table: {self.forget_traces_table!r} is not [db.]table")
+        for part in self.forget_traces_table.split("."):
+            try:
+                schema.check_identifier(part, "table")
+            except ValueError as e:
+                out.append(f"forget_traces_table: {e}")
         if self.batch_max_rows < 1:
             out.append(f"batch_max_rows: {self.batch_max_rows} < 1")
         if self.batch_max_bytes < 1 << 10:

@@ -15,6 +15,12 @@ Why each record ends up in ClickHouse once (docs/storage.md, "Exactly once"):
     collapses on it (the tensor read drops repeats, summaries use FINAL) -> nothing is counted twice;
   * a retried insert of the same batch carries the same insert_deduplication_token (topic,
     partition, offset range), so ClickHouse drops it before it even becomes a part.
+
+Forgotten requests stay forgotten: a Kafka record cannot be deleted, so a request removed by
+`tensortrace forget` comes back if its records are read again (a restart before a commit, an offset
+reset, records in flight at the forget). `run()` therefore also sweeps every `forget_sweep_s`
+(storage/forget.py: Forgetter.sweep), deleting again whatever matches an id in the `forgotten`
+table; `stats.forget_swept_rows` counts what it deleted.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class LoaderStats(ConsumerStats):
     # (cumulative histogram counts per FRESHNESS_BUCKETS upper bound, then +Inf; seconds)
     freshness_counts: list = field(default_factory=lambda: [0] * (len(FRESHNESS_BUCKETS) + 1))
     freshness_sum: float = 0.0
+    # `tensortrace forget` sweeps (storage/forget.py): runs, and rows of forgotten requests that a
+    # Kafka re-read had inserted again and the sweep deleted
+    forget_sweeps: int = 0
+    forget_swept_rows: int = 0
 
     def observe_freshness(self, capture_ns, now_ns: int) -> None:
         if not len(capture_ns):
@@ -144,7 +154,8 @@ class Loader:
         raw = client if client is not None else schema.connect(config.clickhouse_dsn)
         self.client = raw if isinstance(raw, ThreadSafeClient) else ThreadSafeClient(raw)
         schema.apply_migrations(self.client, config.database, config.ttl_days, config.payload_codec,
-                                config.recompress_after_hours, config.recompress_codec)
+                                config.recompress_after_hours, config.recompress_codec, retention=config.retention)
+        self._sweep_stop = threading.Event()
         self.stats = LoaderStats()
         self.sink = ClickHouseSink(self.config, self.client, self.stats)
         self.core = ConsumerCore(self.config, self.sink, name="loader", stats=self.stats, producer=producer)
@@ -170,8 +181,38 @@ class Loader:
         return self.core.live()
 
     def run(self) -> None:
-        """Consume until stop(); flushes and commits what it read before returning."""
-        self.core.run()
+        """Consume until stop(); flushes and commits what it read before returning. With
+        `forget_sweep_s`, a thread re-deletes forgotten requests that a Kafka re-read brought back."""
+        sweeper = None
+        if self.config.forget_sweep_s > 0:
+            sweeper = threading.Thread(target=self._sweep_loop, name="loader-forget-sweep", daemon=True)
+            sweeper.start()
+        try:
+            self.core.run()
+        finally:
+            self._sweep_stop.set()
+            if sweeper is not None:
+                sweeper.join(timeout=30)
+
+    def sweep_forgotten(self) -> int:
+        """One forget sweep (storage/forget.py): rows deleted again because they came back."""
+        from tensortrace.storage.forget import Forgetter
+
+        odb, _, table = self.config.forget_traces_table.rpartition(".")
+        reps = Forgetter(self.client, self.config.database, odb or "otel", table).sweep()
+        n = sum(sum(r.deleted.values()) for r in reps)
+        self.stats.forget_sweeps += 1
+        self.stats.forget_swept_rows += n
+        return n
+
+    def _sweep_loop(self) -> None:
+        while not self._sweep_stop.wait(self.config.forget_sweep_s):
+            try:
+                self.sweep_forgotten()
+            except Exception as e:   # ClickHouse down or busy: the next sweep tries again
+                log.warning("forget sweep failed (%s: %s); retrying in %.0fs", type(e).__name__, str(e)[:300],
+                            self.config.forget_sweep_s)
 
     def stop(self) -> None:
+        self._sweep_stop.set()
         self.core.stop()

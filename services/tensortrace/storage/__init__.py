@@ -5,6 +5,9 @@ thread-safe client that the loader's insert thread and the query service share.
     client = ThreadSafeClient(connect("chdb:///tmp/tt"))
     apply_migrations(client, database="tensortrace", ttl_days=7)
 
+Retention per table (TTL, checked at every start) is storage/retention.py; deleting one request
+everywhere (`tensortrace forget`, and the loader's sweep that keeps it deleted) is storage/forget.py.
+
 Every service that reads or writes ClickHouse (loader, query, and the bridge and probes to come)
 imports this package; no service package imports another (tests/repo/test_repo_contracts.py checks it).
 """

@@ -174,8 +174,27 @@ TTL toDateTime(scored_time) + INTERVAL {{ttl_days}} DAY
 SETTINGS non_replicated_deduplication_window = 1000, ttl_only_drop_parts = 1
 """
 
+# What `tensortrace forget` deleted (storage/forget.py): one row per forgotten trace id or request id,
+# so that the loader's sweep deletes the request again if Kafka delivers it again (a loader re-reading
+# from an older offset, records still in flight when it was forgotten). `whole_traces`: the trace ids
+# whose spans were all forgotten (a trace id forget, or a request that was its trace's only one).
+# Tiny (one row per data-subject request), so no partitions: its TTL (`forgotten` retention, default
+# 30 days: at least the topics' retention.ms) deletes rows, and the latest forget of an id wins.
+_FORGOTTEN = """
+CREATE TABLE IF NOT EXISTS {db}.forgotten (
+    selector     Enum8('trace_id' = 1, 'request_id' = 2),
+    value        String,
+    whole_traces Array(String),
+    forgotten_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree(forgotten_at)
+ORDER BY (selector, value)
+TTL toDateTime(forgotten_at) + INTERVAL 30 DAY
+"""
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "activations, requests, activation_traces", [_ACTIVATIONS, _REQUESTS, _ACTIVATION_TRACES, _ACTIVATION_TRACES_MV]),
     (2, "requests.producers", [_REQUESTS_PRODUCERS]),
     (3, "probe_scores", [_PROBE_SCORES]),
+    (4, "forgotten", [_FORGOTTEN]),
 ]

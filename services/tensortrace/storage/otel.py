@@ -34,7 +34,12 @@ missing, e.g. a table from an old exporter without ScopeName).
 
 from __future__ import annotations
 
+import logging
+
+from tensortrace.storage.retention import current_ttl, ensure_ttl
 from tensortrace.storage.schema import check_identifier
+
+log = logging.getLogger("tensortrace.storage.otel")
 
 DEFAULT_OTEL_DATABASE = "otel"        # the exporter's default database
 DEFAULT_TRACES_TABLE = "otel_traces"  # the exporter's default traces_table_name
@@ -147,11 +152,11 @@ def apply_otel_schema(client, database: str = DEFAULT_OTEL_DATABASE, ttl_days: i
     for sql in otel_ddl(db, t, ttl_days):
         client.command(sql)
     for name, column in ((t, "toDateTime(Timestamp)"), (f"{t}_trace_id_ts", "toDateTime(Start)")):
-        if int(ttl_days) > 0:
-            client.command(f"ALTER TABLE {db}.{name} MODIFY {ttl_clause(ttl_days, column)}",
-                           settings={"materialize_ttl_after_modify": 0})
-        elif "TTL " in _create_query(client, db, name):
+        if int(ttl_days) > 0:   # altered only when it differs (storage/retention.py), and logged
+            ensure_ttl(client, db, name, ttl_clause(ttl_days, column).removeprefix("TTL "))
+        elif current_ttl(client, db, name):
             client.command(f"ALTER TABLE {db}.{name} REMOVE TTL")
+            log.info("retention: %s.%s TTL removed (ttl_days 0: kept until deleted)", db, name)
     have = {r[0] for r in client.query(
         "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
         parameters={"db": db, "t": t}).result_rows}
@@ -161,8 +166,3 @@ def apply_otel_schema(client, database: str = DEFAULT_OTEL_DATABASE, ttl_days: i
                               "(made by an older OpenTelemetry Collector ClickHouse exporter?); use another "
                               "--traces-table or migrate it")
 
-
-def _create_query(client, db: str, table: str) -> str:
-    rows = client.query("SELECT create_table_query FROM system.tables WHERE database = {db:String} AND name = {t:String}",
-                        parameters={"db": db, "t": table}).result_rows
-    return rows[0][0] if rows else ""

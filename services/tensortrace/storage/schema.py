@@ -9,6 +9,7 @@ Tables (docs/storage.md has the reasoning):
   requests           one row per RequestSummary.
   activation_traces  trace id -> request ids and capture time bounds (materialized view).
   probe_scores       one row per (request, probe version) score, from the probe service's scores topic.
+  forgotten          what `tensortrace forget` deleted (trace ids, request ids), for the loader's sweep.
   schema_migrations  applied migration versions.
 """
 
@@ -100,14 +101,19 @@ def applied_versions(client, database: str) -> list[int]:
 def apply_migrations(client, database: str = DEFAULT_DATABASE, ttl_days: int = DEFAULT_TTL_DAYS,
                      payload_codec: str = DEFAULT_PAYLOAD_CODEC,
                      recompress_after_hours: int = DEFAULT_RECOMPRESS_AFTER_HOURS,
-                     recompress_codec: str = DEFAULT_RECOMPRESS_CODEC) -> int:
+                     recompress_codec: str = DEFAULT_RECOMPRESS_CODEC, retention: dict | str | None = None) -> int:
     """Create/upgrade the schema; idempotent. Returns the schema version now in force.
 
-    The TTLs (retention, and recompression of payloads older than `recompress_after_hours`; 0: never)
-    and the payload column codec are re-applied on every start. Both are metadata only (no mutation:
+    Retention: every table gets a TTL, `retention` ({table: Period} or 'activations=7d,requests=30d';
+    storage/retention.py) for the tables it names, `ttl_days` for the others. The TTLs (and
+    recompression of payloads older than `recompress_after_hours`; 0: never) and the payload column
+    codec are checked on every start and altered where they differ from the config (metadata only:
     materialize_ttl_after_modify = 0; a new codec applies to parts written or merged from then on),
-    so changing `--ttl-days`, `--recompress-after-hours` or `--payload-codec` needs no migration.
+    so changing `--retention`, `--ttl-days`, `--recompress-after-hours` or `--payload-codec` needs no
+    migration. Each TTL change is logged (tensortrace.storage.retention).
     """
+    from tensortrace.storage import retention as ret
+
     db = check_identifier(database)
     check_payload_codec(payload_codec)
     check_payload_codec(recompress_codec)
@@ -115,6 +121,8 @@ def apply_migrations(client, database: str = DEFAULT_DATABASE, ttl_days: int = D
         raise ValueError(f"ttl_days must be >= 1, got {ttl_days}")
     if int(recompress_after_hours) < 0:
         raise ValueError(f"recompress_after_hours must be >= 0, got {recompress_after_hours}")
+    periods = ret.table_periods(ret.parse_retention(retention) if isinstance(retention, str) else (retention or {}),
+                                int(ttl_days))
     client.command(f"CREATE DATABASE IF NOT EXISTS {db}")
     client.command(
         f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, "
@@ -130,13 +138,8 @@ def apply_migrations(client, database: str = DEFAULT_DATABASE, ttl_days: int = D
         client.insert(f"{db}.schema_migrations", [[version, name, datetime.datetime.now(datetime.timezone.utc)]],
                       column_names=["version", "name", "applied_at"])
     client.command(f"ALTER TABLE {db}.activations MODIFY COLUMN payload String CODEC({payload_codec})")
-    ttl_tables = [("activations", "capture_time"), ("requests", "end_time"), ("activation_traces", "last_capture")]
-    if any(version >= 3 for version, _, _ in MIGRATIONS):   # probe_scores exists from migration 3 on
-        ttl_tables.append(("probe_scores", "scored_time"))
-    for table, ts in ttl_tables:
-        ttl = f"toDateTime({ts}) + INTERVAL {int(ttl_days)} DAY"
-        if table == "activations" and 0 < int(recompress_after_hours) < 24 * int(ttl_days):
-            ttl = (f"toDateTime({ts}) + INTERVAL {int(recompress_after_hours)} HOUR RECOMPRESS CODEC({recompress_codec}), "
-                   + ttl)
-        client.command(f"ALTER TABLE {db}.{table} MODIFY TTL {ttl}", settings={"materialize_ttl_after_modify": 0})
+    have = {r[0] for r in client.query("SELECT name FROM system.tables WHERE database = {d:String}",
+                                       parameters={"d": db}).result_rows}
+    ret.apply_retention(client, db, {t: p for t, p in periods.items() if t in have},   # all, once migrated
+                        int(recompress_after_hours), recompress_codec)
     return SCHEMA_VERSION
