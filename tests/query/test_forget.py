@@ -228,6 +228,11 @@ def test_loader_sweep_deletes_a_forgotten_request_that_kafka_delivers_again(kafk
         with pytest.raises(NotFound):
             TensorTraceClient(client, database=db).tensors(request_id="fa")
         assert rows("fb") == len(b.records)
+        from prometheus_client import generate_latest
+
+        from tensortrace.loader.metrics import LoaderMetrics
+        text = generate_latest(LoaderMetrics(loader).registry).decode()
+        assert f"tensortrace_loader_forget_swept_rows_total {float(loader.stats.forget_swept_rows)}" in text
     finally:
         loader.stop()
         t.join(timeout=60)

@@ -21,6 +21,8 @@ Declared metrics (counters unless noted; documented in docs/storage.md):
   tensortrace_loader_scores_messages_total          probe scores read off the scores topic (--scores-consumer)
   tensortrace_loader_scores_dead_letters_total{reason}  scores-topic messages sent to <scores topic>.dlq
   (rows_total{table="probe_scores"}: score rows accepted by ClickHouse)
+  tensortrace_loader_forget_sweeps_total            forget sweeps run (docs/data-lifecycle.md)
+  tensortrace_loader_forget_swept_rows_total        rows of forgotten requests a Kafka re-read brought back, deleted again
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class _LoaderCollector:
         for stage, attr in (("decode", "decode_seconds"), ("arrow", "arrow_seconds"), ("insert", "insert_seconds")):
             busy.add_metric([stage], getattr(s, attr, 0.0))
         yield busy
+        yield CounterMetricFamily(P + "forget_sweeps", "forget sweeps run", value=getattr(s, "forget_sweeps", 0))
+        yield CounterMetricFamily(P + "forget_swept_rows",
+                                  "rows of forgotten requests a Kafka re-read brought back, deleted again",
+                                  value=getattr(s, "forget_swept_rows", 0))
         core = getattr(self.loader, "scores_core", None)
         if core is not None:
             yield CounterMetricFamily(P + "scores_messages", "probe scores read off the scores topic",
