@@ -8,8 +8,13 @@ scores topic into `probe_scores`: loader/scores.py, `--scores-consumer`) + the g
 path per process"):
 
     tensortrace loader --kafka-bootstrap-servers kafka:9092 --clickhouse-dsn chdb:///var/lib/tensortrace/chdb \\
-        --query-host 0.0.0.0 --query-port 50052
-    tensortrace show <trace-id> --server 127.0.0.1:50052
+        --query-host 0.0.0.0 --query-port 50052 --query-tls-cert /tls/tls.crt --query-tls-key /tls/tls.key \\
+        --query-token-file /tokens/tokens
+    tensortrace show <trace-id> --server query:50052 --tls-ca ca.crt --token-file token
+    tensortrace loader ... --query-port 50052 --query-plaintext            # 127.0.0.1, development
+
+The query service is secured by the `--query-*` block, the bridge's OTLP receiver by the
+`--bridge-otlp-receiver-*` block (service/security.py, docs/security.md).
 
 The query port opens once ClickHouse is open (the runtime reports it then:
 `{"service": "loader", "ports": {"http": 9465, "query": 50052}}`).
@@ -44,6 +49,7 @@ from tensortrace.loader.main import LoaderService
 from tensortrace.query.config import DEFAULT_QUERY_PORT
 from tensortrace.service.config import option
 from tensortrace.service.runtime import ServiceSpec
+from tensortrace.service.security import EndpointSecurity, security_option
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE, apply_otel_schema
 from tensortrace.storage.schema import check_identifier
 
@@ -57,6 +63,7 @@ class LoaderWithQueryConfig(LoaderConfig):
                                                              "`tensortrace trace --server` (the bridge's database)")
     query_traces_table: str = option(DEFAULT_TRACES_TABLE, "the spans table (`tensortrace trace --server`)")
     query_probe_table: str = option("probe_scores", "probe scores, [db.]table (`tensortrace trace --server`)")
+    query_security: EndpointSecurity = security_option("query", "query service")
 
     bridge: bool = option(False, "also run the OTel bridge in this process: spans of every captured request and the "
                                  "engine's OTLP spans into this process's ClickHouse (otel_traces)")
@@ -67,11 +74,15 @@ class LoaderWithQueryConfig(LoaderConfig):
     bridge_spans_topic: str = option(DEFAULT_SPANS_TOPIC, "Kafka topic of the received engine spans (--bridge)")
     bridge_request_timeout_s: float = option(30.0, "a request still missing records after this gets incomplete "
                                                    "spans (--bridge)")
+    bridge_otlp_receiver_security: EndpointSecurity = security_option("bridge-otlp-receiver",
+                                                                      "the bridge's OTLP/gRPC receiver (--bridge)")
 
     def problems(self) -> list[str]:
         out = super().problems()
         if not -1 <= self.query_port <= 65535:
             out.append(f"query_port: {self.query_port} is not a port (0: ephemeral, -1: off)")
+        elif self.query_port >= 0:
+            out += ["query_security." + p for p in self.query_security.problems(self.query_host, "query service")]
         for name in ("query_otel_database", "query_traces_table", "query_probe_table"):
             for part in getattr(self, name).split(".") if name == "query_probe_table" else [getattr(self, name)]:
                 try:
@@ -79,7 +90,8 @@ class LoaderWithQueryConfig(LoaderConfig):
                 except ValueError as e:
                     out.append(f"{name}: {e}")
         if self.bridge:
-            out += [f"bridge: {p}" for p in self.bridge_config().problems()]
+            out += [("bridge_" + p) if p.startswith("otlp_receiver_security.") else f"bridge: {p}"
+                    for p in self.bridge_config().problems()]
             if self.bridge_group_id == self.group_id:
                 out.append("bridge_group_id: must differ from group_id (the bridge reads every request too)")
         return out
@@ -96,7 +108,8 @@ class LoaderWithQueryConfig(LoaderConfig):
         return BridgeConfig(**{f.name: getattr(self, f.name) for f in fields(ConsumerConfig)} | dict(
             group_id=self.bridge_group_id, clickhouse_dsn=self.clickhouse_dsn,
             otlp_receiver_host=self.bridge_otlp_receiver_host, otlp_receiver_port=self.bridge_otlp_receiver_port,
-            spans_topic=self.bridge_spans_topic, request_timeout_s=self.bridge_request_timeout_s))
+            otlp_receiver_security=self.bridge_otlp_receiver_security, spans_topic=self.bridge_spans_topic,
+            request_timeout_s=self.bridge_request_timeout_s))
 
 
 class LoaderWithQuery:
@@ -128,7 +141,8 @@ class LoaderWithQuery:
                                                    port=cfg.query_port, otel_database=cfg.query_otel_database,
                                                    traces_table=cfg.query_traces_table,
                                                    probe_table=cfg.query_probe_table,
-                                                   where=safe_dsn(cfg.clickhouse_dsn))
+                                                   where=safe_dsn(cfg.clickhouse_dsn),
+                                                   security=cfg.query_security, registry=self.registry)
         # the line devstack.processes.LoaderProcess waits for: reads may start now
         print(json.dumps({"query_service": f"{cfg.query_host}:{self.query_port}"}), file=sys.stderr, flush=True)
 

@@ -254,7 +254,7 @@ def test_tensortrace_bridge_runs_as_a_service_with_metrics_and_stops_on_sigterm(
                              "--topic", topic, "--dlq-topic", topic + ".dlq", "--otlp-endpoint", otlp_grpc.endpoint,
                              "--http-port", "0", "--http-host", "127.0.0.1", "--status-file", str(status),
                              "--batch-max-delay-s", "0.05", "--otlp-receiver-port", "0",
-                             "--otlp-receiver-host", "127.0.0.1", "--spans-topic", spans_topic,
+                             "--otlp-receiver-host", "127.0.0.1", "--otlp-receiver-plaintext", "--spans-topic", spans_topic,
                              "--spans-group-id", f"spans-{uuid.uuid4().hex[:8]}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

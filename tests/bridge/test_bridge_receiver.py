@@ -28,6 +28,7 @@ from test_bridge import Running, config, new_topic, wait_until
 from tensortrace.bridge.config import BridgeConfig
 from tensortrace.bridge.service import BridgeService
 from tensortrace.bridge.spans import CAPTURE, EXPORT, KAFKA
+from tensortrace.service.security import EndpointSecurity
 from tensortrace.service.kafka import KafkaConfig
 from tensortrace.testing.synthetic import SyntheticRequest, produce
 
@@ -39,7 +40,8 @@ TRACEPARENT = "00-{}-00f067aa0ba902b7-01"
 
 def receiver_config(bs, topic, spans_topic, **kw):
     kw.setdefault("spans_consumer", True)
-    return config(bs, topic, otlp_receiver_port=0, otlp_receiver_host="127.0.0.1", spans_topic=spans_topic,
+    return config(bs, topic, otlp_receiver_port=0, otlp_receiver_host="127.0.0.1",
+                  otlp_receiver_security=EndpointSecurity.loopback_plaintext(), spans_topic=spans_topic,
                   spans_group_id=f"spans-{uuid.uuid4().hex[:8]}", **kw)
 
 
@@ -280,6 +282,7 @@ def test_exports_get_unavailable_while_kafka_is_down():
     dead = f"127.0.0.1:{free_port()}"   # nothing listens there
     cfg = BridgeConfig(kafka=KafkaConfig(bootstrap_servers=dead), otlp_endpoint="127.0.0.1:9",
                        otlp_receiver_port=0, otlp_receiver_host="127.0.0.1", spans_consumer=False,
+                       otlp_receiver_security=EndpointSecurity.loopback_plaintext(),
                        spans_publish_timeout_s=1.0, retry_initial_s=0.05, retry_max_s=0.2, group_id="down")
     with Running(cfg) as svc:
         assert wait_until(lambda: svc.grpc_receiver is not None, 10)

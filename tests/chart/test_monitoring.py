@@ -75,10 +75,13 @@ def exported(tmp_path_factory):
     kafka = ["--kafka-bootstrap-servers", "127.0.0.1:1"]
     runs = {
         "exporter": ["exporter", "--ring-dir", str(tmp / "rings"), "--control-port", "-1", *kafka],
-        "loader": ["loader", "--clickhouse-dsn", f"chdb://{tmp}/loader", "--query-port", "0", "--bridge",
-                   "--bridge-otlp-receiver-port", "0", "--scores-consumer=true", *kafka],
-        "bridge": ["bridge", "--clickhouse-dsn", f"chdb://{tmp}/bridge", "--otlp-receiver-port", "0", *kafka],
-        "query-server": ["query-server", "--clickhouse-dsn", f"chdb://{tmp}/query", "--query-port", "0"],
+        # loopback, plaintext by opt-in (docs/security.md): this test reads metrics, not the endpoints
+        "loader": ["loader", "--clickhouse-dsn", f"chdb://{tmp}/loader", "--query-port", "0", "--query-plaintext",
+                   "--bridge", "--bridge-otlp-receiver-port", "0", "--bridge-otlp-receiver-plaintext",
+                   "--scores-consumer=true", *kafka],
+        "bridge": ["bridge", "--clickhouse-dsn", f"chdb://{tmp}/bridge", "--otlp-receiver-port", "0",
+                   "--otlp-receiver-host", "127.0.0.1", "--otlp-receiver-plaintext", *kafka],
+        "query-server": ["query-server", "--clickhouse-dsn", f"chdb://{tmp}/query", "--query-port", "0", "--plaintext"],
         "probes": ["probes", "--probe-dir", str(tmp / "probes"), *kafka],
     }
     procs = {}

@@ -86,9 +86,11 @@ def test_sglang_demo_without_the_sglang_venv_says_how_to_build_it(tmp_path):
 def test_loader_bridge_flag_composes_a_bridge_config_from_the_loaders_consumer_settings():
     from tensortrace.compose import LoaderWithQueryConfig
     from tensortrace.service.kafka import KafkaConfig
+    from tensortrace.service.security import EndpointSecurity
 
     cfg = LoaderWithQueryConfig(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"), topic="acts",
                                 clickhouse_dsn="chdb:///tmp/tt", bridge=True, bridge_otlp_receiver_port=0,
+                                bridge_otlp_receiver_security=EndpointSecurity(plaintext=True),
                                 bridge_spans_topic="spans")
     assert cfg.problems() == []
     b = cfg.bridge_config()
@@ -96,7 +98,8 @@ def test_loader_bridge_flag_composes_a_bridge_config_from_the_loaders_consumer_s
         ("acts", "127.0.0.1:9092", "chdb:///tmp/tt", "tensortrace-bridge", "spans", "127.0.0.1")
     assert cfg.listen_ports() == {"query": -1, "otlp": 0}
     bad = LoaderWithQueryConfig(clickhouse_dsn="chdb:///tmp/tt", bridge=True, bridge_group_id=cfg.group_id,
-                                bridge_spans_topic="tensortrace.activations")
+                                bridge_spans_topic="tensortrace.activations",
+                                bridge_otlp_receiver_security=EndpointSecurity(plaintext=True))
     assert bad.problems() == [
         "bridge: spans_topic: 'tensortrace.activations' is also the activation or dead-letter topic",
         "bridge_group_id: must differ from group_id (the bridge reads every request too)"]

@@ -9,7 +9,11 @@ pytestmark = pytest.mark.unit
 
 
 def test_defaults_are_valid_and_match_the_issue():
-    cfg = ExporterConfig().validate()
+    from tensortrace.service.security import EndpointSecurity
+
+    with pytest.raises(ConfigError, match="control_security.tls_cert: the control endpoint has no TLS"):
+        ExporterConfig().validate()   # the control endpoint is secured, or plaintext by choice (docs/security.md)
+    cfg = ExporterConfig(control_security=EndpointSecurity(plaintext=True)).validate()
     assert (cfg.ring_dir, cfg.topic, cfg.acks, cfg.compression, cfg.idempotent) == (
         "/run/tensortrace", "tensortrace.activations", "all", "zstd", True)
     assert cfg.kafka.bootstrap_servers == "127.0.0.1:9092" and cfg.control_port == 50051
@@ -45,7 +49,8 @@ def test_flags_map_to_fields():
     cfg, runtime = SERVICE.parse(["--ring-dir", "/tmp/x", "--compression", "lz4", "--no-idempotent", "--acks", "1",
                                   "--ring-owner-uids", "0,1000", "--default-control", '{"enabled": false}',
                                   "--kafka-security-protocol", "SSL", "--kafka-ssl-check-hostname=false",
-                                  "--ring-group", "2000", "--metrics-port", "0", "--status-file", "/tmp/st.json"])
+                                  "--ring-group", "2000", "--metrics-port", "0", "--status-file", "/tmp/st.json",
+                                  "--control-plaintext"])
     assert (cfg.ring_dir, cfg.compression, cfg.idempotent, cfg.acks) == ("/tmp/x", "lz4", False, "1")
     assert cfg.ring_owner_uids == (0, 1000) and cfg.default_control == {"enabled": False} and cfg.ring_group == 2000
     assert (cfg.kafka.security_protocol, cfg.kafka.ssl_check_hostname) == ("SSL", False)
@@ -54,19 +59,20 @@ def test_flags_map_to_fields():
 
 def test_bootstrap_servers_is_an_alias_of_the_kafka_flag():
     for flag in ("--bootstrap-servers", "--bootstrap", "--kafka-bootstrap-servers"):
-        cfg, _ = SERVICE.parse([flag, "k1:9092,k2:9092"])
+        cfg, _ = SERVICE.parse([flag, "k1:9092,k2:9092", "--control-plaintext"])
         assert cfg.kafka.bootstrap_servers == "k1:9092,k2:9092"
         assert cfg.kafka.client_kwargs("tensortrace-exporter")["bootstrap_servers"] == ["k1:9092", "k2:9092"]
 
 
 def test_the_http_port_defaults_to_9464_and_is_the_runtimes():
-    cfg, runtime = SERVICE.parse([])
+    cfg, runtime = SERVICE.parse(["--control-plaintext"])
     assert runtime.http_port == 9464 and runtime.http_host == "0.0.0.0"
     assert cfg.listen_ports() == {"control": 50051}
 
 
 def test_bad_config_exits_2_naming_every_problem_and_its_flag(capsys):
-    assert SERVICE.main(["--compression", "brotli", "--bootstrap-servers", "nohostport", "--http-port", "70000"]) == 2
+    assert SERVICE.main(["--compression", "brotli", "--bootstrap-servers", "nohostport", "--http-port", "70000",
+                         "--control-plaintext"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "tensortrace exporter: config: kafka.bootstrap_servers (--kafka-bootstrap-servers): 'nohostport' is not host:port",

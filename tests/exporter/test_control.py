@@ -13,6 +13,7 @@ import pytest
 from tensortrace.exporter import ctl
 from tensortrace.exporter.config import ExporterConfig, KafkaConfig
 from tensortrace.exporter.service import Exporter
+from tensortrace.service.security import EndpointSecurity
 from tensortrace.ring.format import RingIdentity, RingWriter
 from tensortrace.testing.waiting import wait_until
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 def exporter_without_kafka(ring_dir):
     # port 9 (discard) on localhost: nothing listens, so Kafka stays unreachable
     cfg = ExporterConfig(ring_dir=ring_dir, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9"), control_port=0,
-                         control_host="127.0.0.1",
+                         control_host="127.0.0.1", control_security=EndpointSecurity.loopback_plaintext(), allow_flat_rings=True,   # the flat layout (development)
                          scan_interval_s=0.05, default_control={"enabled": True, "selection": {"preset": "hidden-states"}})
     exp = Exporter(cfg).start()
     t = threading.Thread(target=exp.run, daemon=True)

@@ -112,7 +112,8 @@ def test_cli_flags_map_onto_the_config():
     from tensortrace.compose import LOADER   # `tensortrace loader`: the loader + its query service
 
     cfg, _runtime = LOADER.parse(["--bootstrap-servers", "h:1", "--group-id", "g", "--dead-letter-topic", "d",
-                                  "--clickhouse-dsn", "http://ch:8123", "--ttl-days", "3", "--query-port", "0"])
+                                  "--clickhouse-dsn", "http://ch:8123", "--ttl-days", "3", "--query-port", "0",
+                                  "--query-plaintext"])
     assert (cfg.kafka.bootstrap_servers, cfg.group_id, cfg.dlq_topic, cfg.clickhouse_dsn, cfg.ttl_days, cfg.query_port) == \
         ("h:1", "g", "d", "http://ch:8123", 3, 0)
 

@@ -7,6 +7,7 @@ import torch
 
 from tensortrace.query import InvalidQuery, NotFound, TensorTraceClient
 from tensortrace.query.server import serve
+from tensortrace.service.security import EndpointSecurity
 from tensortrace.storage import ThreadSafeClient
 from tensortrace.testing.clickhouse import insert_rows
 from tensortrace.testing.synthetic import SyntheticRequest
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def query_service(tt_db):
     client, db = tt_db
-    server, port = serve(ThreadSafeClient(client), database=db, host="127.0.0.1", port=0)
+    server, port = serve(ThreadSafeClient(client), database=db, host="127.0.0.1", port=0,
+                         security=EndpointSecurity.loopback_plaintext())
     yield client, db, f"127.0.0.1:{port}"
     server.stop(grace=0).wait()
 

@@ -107,7 +107,9 @@ import logging; logging.disable(logging.CRITICAL)
 from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.service import Exporter
 from tensortrace.service.kafka import KafkaConfig
-exp = Exporter(ExporterConfig(ring_dir={str(tmp_path)!r}, control_port=0, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9")))
+from tensortrace.service.security import EndpointSecurity
+exp = Exporter(ExporterConfig(ring_dir={str(tmp_path)!r}, control_port=0, kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9"),
+                              control_security=EndpointSecurity(plaintext=True)))
 exp.start(); exp.scan(); exp.shutdown(flush_timeout_s=0.1)
 heavy = sorted(m for m in sys.modules if m.partition(".")[0] in {HEAVY!r})
 print(json.dumps({{"modules": len(mods), "heavy": heavy}}))

@@ -172,7 +172,7 @@ def test_sigterm_stops_a_real_service_process_with_exit_0(tmp_path):
     status = tmp_path / "st.json"
     p = subprocess.Popen([sys.executable, "-m", "tensortrace.cli", "query-server", "--clickhouse-dsn",
                           f"http://u:p@127.0.0.1:{_free_port()}", "--http-port", "0", "--http-host", "127.0.0.1",
-                          "--status-file", str(status)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                          "--status-file", str(status), "--plaintext"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_until(lambda: status.exists() or p.poll() is not None, 60, 0.02)
         assert p.poll() is None, p.stderr.read()

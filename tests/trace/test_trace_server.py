@@ -22,6 +22,7 @@ import pytest
 
 from test_trace import PNG_MAGIC, insert_probe_scores, insert_probe_spans, probe_score, stage_rows
 from tensortrace.query.trace import main as trace
+from tensortrace.service.security import EndpointSecurity
 from tensortrace.storage import ThreadSafeClient
 from tensortrace.testing.traces import TimedRequest, insert_timed
 from tensortrace.v1 import query_pb2 as qpb
@@ -38,7 +39,7 @@ def served(tt_db, ch_dsn):
 
     client, db = tt_db
     cfg, _ = LOADER.parse(["--bootstrap-servers", "127.0.0.1:9", "--clickhouse-dsn", ch_dsn, "--database", db,
-                           "--query-port", "0", "--query-otel-database", db])
+                           "--query-port", "0", "--query-plaintext", "--query-otel-database", db])
     composed = LoaderWithQuery(cfg)
     composed._serve_query(types.SimpleNamespace(client=ThreadSafeClient(client)))   # what Loader.on_open does
     yield client, db, ["--clickhouse", ch_dsn, "--database", db, "--otel-database", db], \
@@ -249,7 +250,7 @@ def test_unreachable_old_or_misconfigured_servers_give_clear_messages(served, ca
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    down, down_port = serve(ClickHouseDown(client), database=db, port=0)
+    down, down_port = serve(ClickHouseDown(client), database=db, port=0, security=EndpointSecurity(plaintext=True))
     try:
         rc, _, err = run(capsys, tid, "--server", f"127.0.0.1:{down_port}")
     finally:
@@ -264,7 +265,8 @@ def test_the_standalone_query_server_serves_trace_on_its_tables(tt_db, ch_dsn, c
     client, db = tt_db
     req = TimedRequest.make("req-standalone", layers=2, hidden=8, prompt=4, generated=3)
     insert_timed(client, db, req, otel_database=db)
-    cfg, _ = SERVICE.parse(["--clickhouse-dsn", ch_dsn, "--database", db, "--otel-database", db, "--query-port", "0"])
+    cfg, _ = SERVICE.parse(["--clickhouse-dsn", ch_dsn, "--database", db, "--otel-database", db, "--query-port", "0",
+                           "--plaintext"])
     qs = QueryServer(cfg)
     runner = threading.Thread(target=qs.run, name="query-server", daemon=True)
     runner.start()

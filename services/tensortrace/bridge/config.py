@@ -1,10 +1,10 @@
 """Bridge configuration: the consumer settings every stream consumer has (ConsumerConfig: Kafka,
 topic, group, dead letters, batching, retries), plus where the spans go.
 
->>> BridgeConfig(otlp_endpoint="127.0.0.1:4317").problems()
+>>> BridgeConfig(otlp_endpoint="127.0.0.1:4317", otlp_receiver_port=-1).problems()
 []
 >>> BridgeConfig().problems()
-['otlp_endpoint/clickhouse_dsn: set at least one destination for the spans']
+['otlp_endpoint/clickhouse_dsn: set at least one destination for the spans', 'otlp_receiver_security.tls_cert: the OTLP/gRPC receiver has no TLS: give tls_cert and tls_key, or opt into plaintext (development, loopback only)']
 
 Destinations (one or both): `--otlp-endpoint` (an OTLP/gRPC `host:port`, or an OTLP/HTTP URL with
 `--otlp-protocol http/protobuf`: a Collector, Tempo, Jaeger, a vendor) and `--clickhouse-dsn` (the
@@ -14,7 +14,9 @@ headers (auth) are not flags: the SDK exporter reads `OTEL_EXPORTER_OTLP_HEADERS
 settings (`OTEL_EXPORTER_OTLP_CERTIFICATE`, ...).
 
 The serving engine's own spans (SGLang `--enable-trace --otlp-traces-endpoint bridge:4317`):
-`--otlp-receiver-port` (gRPC, 4317; -1: off) and `--otlp-http-receiver-port` (off) receive them,
+`--otlp-receiver-port` (gRPC, 4317; -1: off; secured by `--otlp-receiver-tls-cert/-tls-key`,
+`--otlp-receiver-token-file` (role `ingest`), or `--otlp-receiver-plaintext` on loopback:
+docs/security.md) and `--otlp-http-receiver-port` (off) receive them,
 publish them to `--spans-topic` and acknowledge only then; `--spans-consumer` (on) reads that topic
 into the same destinations, in its own group `--spans-group-id`. docs/bridge.md, "Receiving the
 engine's spans". `--probe-scores-consumer` (on) reads the probe service's scores
@@ -27,6 +29,7 @@ from dataclasses import dataclass, fields
 
 from tensortrace.consume.config import ConsumerConfig
 from tensortrace.service.config import option, raise_problems
+from tensortrace.service.security import EndpointSecurity, security_option
 from tensortrace.storage import schema
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 
@@ -70,6 +73,9 @@ class BridgeConfig(ConsumerConfig):
     otlp_receiver_port: int = option(4317, "OTLP/gRPC trace receiver for the serving engine's spans; 0: ephemeral, -1: off")
     otlp_receiver_host: str = option("0.0.0.0", "address of the OTLP receivers (the pod IP; 127.0.0.1 for local use)")
     otlp_http_receiver_port: int = option(-1, "OTLP/HTTP (protobuf) receiver, POST /v1/traces; 4318 is the usual port; 0: ephemeral, -1: off")
+    # TLS / mTLS / tokens (role `ingest`) of the OTLP/gRPC receiver: --otlp-receiver-tls-cert,
+    # --otlp-receiver-token-file, --otlp-receiver-plaintext (loopback), ... (docs/security.md)
+    otlp_receiver_security: EndpointSecurity = security_option("otlp-receiver", "OTLP/gRPC receiver")
     otlp_receiver_max_bytes: int = option(4 << 20, "largest OTLP request accepted (bytes); larger: INVALID_ARGUMENT")
     spans_topic: str = option(DEFAULT_SPANS_TOPIC, "Kafka topic of the received spans (ExportTraceServiceRequest bytes)")
     spans_publish_timeout_s: float = option(5.0, "an export waits this long for Kafka's acknowledgement; then UNAVAILABLE")
@@ -133,6 +139,9 @@ class BridgeConfig(ConsumerConfig):
             out.append(f"otlp_http_receiver_port: {self.otlp_http_receiver_port} is also the gRPC receiver's port")
         if not self.otlp_receiver_host:
             out.append("otlp_receiver_host: empty")
+        elif self.otlp_receiver_port >= 0:
+            out += ["otlp_receiver_security." + p for p in
+                    self.otlp_receiver_security.problems(self.otlp_receiver_host, "OTLP/gRPC receiver")]
         if self.otlp_receiver_max_bytes < 1024:
             out.append(f"otlp_receiver_max_bytes: {self.otlp_receiver_max_bytes} < 1024")
         if self.spans_message_max_bytes < 1024:

@@ -3,7 +3,7 @@
 
     publisher = SpansPublisher(KafkaConfig(bootstrap_servers="kafka:9092"), "tensortrace.spans").start()
     intake = SpansIntake(publisher, ReceiverStats())
-    grpc_rx = OtlpGrpcReceiver(intake, "0.0.0.0", 4317).start()      # TraceService/Export
+    grpc_rx = OtlpGrpcReceiver(intake, "0.0.0.0", 4317, security=cfg.otlp_receiver_security).start()
     http_rx = OtlpHttpReceiver(intake, "0.0.0.0", 4318).start()      # POST /v1/traces (optional)
     ...; grpc_rx.stop(); http_rx.stop(); publisher.close()
 
@@ -19,6 +19,14 @@ engine.py, writes them when it can). The outcomes, the same over gRPC and HTTP:
 
 A refused request changes nothing else: other requests keep flowing; refusals are counted by reason
 (`tensortrace_bridge_otlp_rejected_total{reason}`) and logged at most once per reason per 10 s.
+The gRPC receiver is secured by the bridge's `--otlp-receiver-*` block (service/security.py,
+docs/security.md): TLS / mTLS, and with a token file every Export needs a bearer token with the
+`ingest` role (UNAUTHENTICATED / PERMISSION_DENIED otherwise, counted in
+`tensortrace_security_auth_failures_total`). The OTel SDK exporter sends one with
+`OTEL_EXPORTER_OTLP_TRACES_HEADERS=authorization=Bearer%20<token>` and trusts the CA with
+`OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`. The OTLP/HTTP receiver has no TLS or tokens yet: keep it
+on loopback.
+
 Kafka sees at-least-once delivery (a retried Export that had been published is published again):
 the copies are rows of the same span ids, which readers of otel_traces collapse (docs/bridge.md).
 """
@@ -41,11 +49,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tensortrace.bridge.otlp import Rejected, check_request, kafka_messages, parse_request
 from tensortrace.service.backoff import Backoff
 from tensortrace.service.kafka import KafkaConfig
+from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy
 
 log = logging.getLogger("tensortrace.bridge.receiver")
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 _OK_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+OTLP_POLICIES = {"Export": RpcPolicy((Role.INGEST,))}   # spans in: not audited, refusals counted
 
 
 class Unavailable(RuntimeError):
@@ -210,24 +220,26 @@ class OtlpGrpcReceiver:
     INVALID_ARGUMENT with the reason rather than grpc's own INTERNAL "Exception deserializing"."""
 
     def __init__(self, intake: SpansIntake, host: str, port: int, *, max_workers: int = 8,
-                 max_concurrent_rpcs: int = 64):
+                 max_concurrent_rpcs: int = 64, security: EndpointSecurity | None = None, registry=None):
+        """`security`: TLS / tokens (the bridge's otlp_receiver_security). None (a caller that
+        predates it): plaintext, which the loopback rule then allows on 127.0.0.1 only."""
         self.intake = intake
+        self.guard = EndpointGuard("otlp", security or EndpointSecurity.loopback_plaintext(), OTLP_POLICIES,
+                                   registry=registry)
         # grpc's own limit is kept above ours, so that an oversized request reaches accept() and
         # gets INVALID_ARGUMENT naming the limit (beyond twice it, grpc answers RESOURCE_EXHAUSTED).
         limit = 2 * intake.max_request_bytes + (1 << 20)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="otlp-grpc"),
                                   options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit)],
-                                  maximum_concurrent_rpcs=max_concurrent_rpcs)
+                                  maximum_concurrent_rpcs=max_concurrent_rpcs, interceptors=[self.guard.interceptor()])
         handler = grpc.method_handlers_generic_handler(TRACE_SERVICE, {
             "Export": grpc.unary_unary_rpc_method_handler(self._export)})
         self.server.add_generic_rpc_handlers((handler,))
         self.address = f"{host}:{port}"
         try:
-            self.port = self.server.add_insecure_port(self.address)
-        except RuntimeError as e:
+            self.port = self.guard.add_port(self.server, host, port)
+        except OSError as e:
             raise OSError(f"OTLP/gRPC receiver cannot listen on {self.address}: {e}") from None
-        if not self.port:
-            raise OSError(f"OTLP/gRPC receiver cannot listen on {self.address} (in use?)")
 
     def start(self) -> "OtlpGrpcReceiver":
         self.server.start()

@@ -30,8 +30,9 @@ class ExporterProcess:
     status file)."""
 
     def __init__(self, ring_dir: str, bootstrap: str, topic: str, workdir: str, extra: list[str] | None = None,
-                 python: str = sys.executable):
+                 python: str = sys.executable, control_client=None):
         self.ring_dir, self.bootstrap, self.topic = ring_dir, bootstrap, topic
+        self.control_client = control_client   # a ClientSecurity for a secured control endpoint (extra=--control-tls-...)
         self.workdir = workdir
         self.extra = list(extra or [])
         self.python = python
@@ -48,7 +49,12 @@ class ExporterProcess:
                 "--bootstrap-servers", self.bootstrap, "--topic", self.topic, "--control-port", "0",
                 "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--control-host", "127.0.0.1",
                 "--status-file", status, "--scan-interval-s", "0.1",
-                "--cleanup-grace-s", "1", "--linger-ms", "2", *self.extra]
+                "--cleanup-grace-s", "1", "--linger-ms", "2",
+                # the devstack's rings are flat (<ring dir>/*.ring, identity from the header): the
+                # development opt-in; `extra=["--no-allow-flat-rings"]` runs the production default
+                "--allow-flat-rings", *self.extra]
+        if not any(a.startswith(("--control-tls-", "--control-security-tls-", "--control-plaintext")) for a in self.extra):
+            args.append("--control-plaintext")   # loopback development: plaintext by explicit opt-in
         self.starts += 1
         log = open(self.log_path, "a")
         log.write(f"---- start {self.starts}\n")
@@ -91,11 +97,10 @@ class ExporterProcess:
     # -- endpoints -------------------------------------------------------------------------
     def status(self):
         """ExporterStatus (control.proto) from the control endpoint."""
-        import grpc
-
+        from tensortrace.service.security import ClientSecurity
         from tensortrace.v1 import control_pb2, control_pb2_grpc
 
-        with grpc.insecure_channel(f"127.0.0.1:{self.control_port}") as ch:
+        with (self.control_client or ClientSecurity()).channel(f"127.0.0.1:{self.control_port}") as ch:
             return control_pb2_grpc.ExporterControlStub(ch).GetStatus(control_pb2.GetStatusRequest(), timeout=10)
 
     def ring(self, name: str):
@@ -133,6 +138,15 @@ class LoaderProcess:
             args = [*args, "--http-port", "0"]   # an ephemeral /healthz,/metrics port: loaders side by side never collide
         if not any(a.split("=")[0] in ("--http-host", "--metrics-host") for a in args):
             args = [*args, "--http-host", "127.0.0.1"]   # loopback only, like every other port here
+        # the query service and the bridge's receiver on loopback: plaintext by explicit opt-in,
+        # unless the caller secures them (--query-tls-cert ..., docs/security.md)
+        flags = {a.split("=")[0] for a in args}
+        if "--query-port" in flags and not any(f.startswith(("--query-tls-", "--query-security-", "--query-plaintext"))
+                                               for f in flags):
+            args = [*args, "--query-plaintext"]
+        if "--bridge" in flags and not any(f.startswith(("--bridge-otlp-receiver-tls-", "--bridge-otlp-receiver-security-",
+                                                         "--bridge-otlp-receiver-plaintext")) for f in flags):
+            args = [*args, "--bridge-otlp-receiver-plaintext"]
         self.proc = subprocess.Popen([python, "-m", "tensortrace.cli", "loader", *args],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
         self.stats: dict = {}

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         bridge = BridgeProcess(["--kafka-bootstrap-servers", kafka.bootstrap, "--topic", TOPIC,
                                 "--dlq-topic", TOPIC + ".dlq", "--clickhouse-dsn", f"chdb://{ch_path}",
                                 "--otlp-receiver-port", "0", "--otlp-receiver-host", "127.0.0.1",
+                                "--otlp-receiver-plaintext",   # loopback development (docs/security.md)
                                 "--spans-topic", SPANS_TOPIC, "--batch-max-delay-s", "0.1",
                                 "--request-timeout-s", "10"], a.workdir)
         ports = bridge.wait_ready()

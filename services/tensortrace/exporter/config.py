@@ -1,10 +1,13 @@
 """Exporter configuration: every default in one place, `problems()` lists everything that is wrong.
 
->>> cfg = ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"))
+>>> cfg = ExporterConfig(ring_dir="/tmp/rings", kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9092"),
+...                      control_security=EndpointSecurity(plaintext=True))
 >>> cfg.problems(), cfg.validate() is cfg
 ([], True)
->>> ExporterConfig(ring_dir="").problems()
+>>> ExporterConfig(ring_dir="", control_port=-1).problems()
 ['ring_dir: is empty']
+>>> ExporterConfig().problems()    # the control endpoint: TLS, or plaintext by choice (docs/security.md)
+['control_security.tls_cert: the control endpoint has no TLS: give tls_cert and tls_key, or opt into plaintext (development, loopback only)']
 
 Flags (`tensortrace exporter --help`) are generated from the fields (tensortrace.service.config):
 `--ring-dir`, `--linger-ms`, `--kafka-bootstrap-servers` (alias `--bootstrap-servers`), ...
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from tensortrace.service.config import ConfigError, Problems, option, raise_problems  # noqa: F401 (ConfigError re-exported)
 from tensortrace.service.kafka import KafkaConfig
+from tensortrace.service.security import EndpointSecurity, security_option
 from tensortrace.wire import codec
 
 COMPRESSIONS = ("zstd", "lz4", "gzip", "none")
@@ -38,6 +42,12 @@ class ExporterConfig:
     ring_owner_uids: tuple[int, ...] = option((), "comma-separated uids whose owner-only (0600) rings are read (none: this process's uid)")
     ring_group: int | None = option(None, "ring group: 0660 rings of this gid are read whatever their owner, in a ring dir "
                                           "others cannot write; the exporter must be in the group (none: owner only)")
+    allow_flat_rings: bool = option(False, "development only: also read rings directly in the ring dir (no pod "
+                                           "subdirectory), their pod and node taken from the ring header the producer "
+                                           "wrote; off: each pod's rings must be in <ring dir>/<namespace>_<pod>/, "
+                                           "identity from that location")
+    max_rings_per_pod: int = option(64, "rings of one pod directory held at a time (read, quarantined or awaiting "
+                                        "removal); more are refused: a pod cannot grow the exporter's state without bound")
     cleanup_grace_s: float = option(30.0, "a drained ring of a gone producer is deleted this long after it was detached")
     max_steps_kept: int = option(64, "STEP metas kept per ring to resolve SLAB frames (bounded)")
     idle_release_s: float = option(1.0, "a ring with no new frame for this long also releases its newest STEP frame")
@@ -71,8 +81,11 @@ class ExporterConfig:
     # identity, control endpoint
     node: str = option(factory=lambda: os.environ.get("NODE_NAME", os.uname().nodename),
                        help="node name (default: $NODE_NAME or the hostname)")
-    control_host: str = option("127.0.0.1", "gRPC control address (insecure gRPC stays local: use kubectl port-forward)")
+    control_host: str = option("127.0.0.1", "gRPC control address (plaintext only on loopback: kubectl port-forward)")
     control_port: int = option(DEFAULT_CONTROL_PORT, "gRPC control port; 0: ephemeral, -1: none")
+    # TLS / mTLS / tokens of the control endpoint: --control-tls-cert, --control-token-file,
+    # --control-plaintext (loopback development), ... (service/security.py, docs/security.md)
+    control_security: EndpointSecurity = security_option("control", "control endpoint")
     default_control: dict | None = option(None, "JSON control document written into every ring when it is attached")
 
     def problems(self) -> list[str]:
@@ -90,7 +103,7 @@ class ExporterConfig:
                     f"{self.acks!r}: an idempotent producer needs acks=all (or set idempotent=False)")
         for name in ("batch_size", "max_message_bytes", "chunk_payload_bytes", "max_inflight_bytes",
                      "max_inflight_messages", "max_pass_bytes", "max_pass_frames", "max_steps_kept",
-                     "request_timeout_ms", "delivery_timeout_ms", "replication_factor",
+                     "request_timeout_ms", "delivery_timeout_ms", "replication_factor", "max_rings_per_pod",
                      "max_request_bytes", "send_buffer_bytes"):
             p.check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         p.check(self.linger_ms >= 0, "linger_ms", f"must be >= 0, got {self.linger_ms}")
@@ -114,6 +127,8 @@ class ExporterConfig:
         p.check(self.cleanup_grace_s >= 0, "cleanup_grace_s", f"must be >= 0, got {self.cleanup_grace_s}")
         p.check(-1 <= self.control_port <= 65535, "control_port",
                 f"{self.control_port} is not a port (0 = ephemeral, -1 = disabled)")
+        if self.control_port >= 0:
+            p.extend(self.control_security.problems(self.control_host, "control endpoint"), prefix="control_security.")
         p.check(self.default_control is None or isinstance(self.default_control, dict), "default_control",
                 "must be a JSON object")
         return p.items

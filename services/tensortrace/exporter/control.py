@@ -3,7 +3,13 @@
 The exporter forwards control documents into each ring's control block; it checks only that the
 document is a JSON object (its schema belongs to the capture agent).
 
-    server, port = serve_control(exporter, "127.0.0.1", 0)
+    server, port = serve_control(exporter, "127.0.0.1", 0)   # security: exporter.cfg.control_security
+
+Secured by the exporter's `--control-*` block (service/security.py, docs/security.md): with a token
+file SetCapture needs the `control` role and GetStatus (rings and accounting, no user data) `read`
+or `control`; a reader cannot change capture. Each SetCapture is one audit line with the caller,
+the rings, the old and the new control document, and counted in
+`tensortrace_audit_control_changes_total{identity,rpc,result}`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,13 @@ from concurrent import futures
 
 import grpc
 
+from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy, audit_note
 from tensortrace.v1 import control_pb2, control_pb2_grpc
+
+CONTROL_POLICIES = {
+    "SetCapture": RpcPolicy((Role.CONTROL,), "control", lambda r: {"rings": list(r.rings)}),
+    "GetStatus": RpcPolicy((Role.READ, Role.CONTROL)),
+}
 
 
 def control_document(req: control_pb2.SetCaptureRequest) -> dict:
@@ -56,19 +68,37 @@ class ExporterControlService(control_pb2_grpc.ExporterControlServicer):
         if len(body) > CONTROL_MAX:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"control document is {len(body)} bytes; the ring control block holds at most {CONTROL_MAX}")
+        audit_note(old=self._current_controls(list(request.rings)), new=doc)
         results = self.exporter.set_capture(doc, list(request.rings))
         return control_pb2.SetCaptureResponse(results=results, control_json=body)
+
+    def _current_controls(self, rings: list[str]):
+        """What the targeted rings had before (for the audit line): the default document when
+        every ring is targeted, else {ring or pod: document}."""
+        default = getattr(self.exporter, "default_control", None)
+        if not rings:
+            return default
+        own = getattr(self.exporter, "ring_controls", {}) or {}
+        return {r: own.get(r, default) for r in rings}
 
     def GetStatus(self, request, context):  # noqa: N802
         return self.exporter.status()
 
 
-def serve_control(exporter, host: str, port: int):
-    """Start the gRPC server; returns (server, bound port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="exporter-control"))
+def serve_control(exporter, host: str, port: int, security: EndpointSecurity | None = None, registry=None):
+    """Start the gRPC server; returns (server, bound port). `security`, `registry`: default the
+    exporter's (`exporter.cfg.control_security`, `exporter.registry`). Raises SecurityError (a
+    ConfigError) for plaintext without the opt-in or off loopback, OSError when it cannot bind."""
+    cfg = getattr(exporter, "cfg", None)
+    if security is None:
+        security = getattr(cfg, "control_security", None) or EndpointSecurity()
+    if registry is None:
+        registry = getattr(exporter, "registry", None)
+    guard = EndpointGuard("control", security, CONTROL_POLICIES, registry=registry)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="exporter-control"),
+                         interceptors=[guard.interceptor()])
     control_pb2_grpc.add_ExporterControlServicer_to_server(ExporterControlService(exporter), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"control endpoint: cannot listen on {host}:{port}")
+    bound = guard.add_port(server, host, port)
     server.start()
+    server.guard = guard
     return server, bound

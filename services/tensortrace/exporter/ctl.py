@@ -3,6 +3,11 @@
     tensortrace exporterctl status [--json]
     tensortrace exporterctl set --enabled true --selection '{"hooks": ["resid_pre"]}' [--ring pod-a-r0.ring]
     tensortrace exporterctl set --doc '{"enabled": false}'
+    tensortrace exporterctl --address node-1:50051 --tls-ca ca.crt --token-file control-token status
+
+Connection security as `tensortrace show --server` (service/security.py): TLS to a non-loopback
+address, plaintext to loopback (kubectl port-forward) unless --tls, --insecure to force plaintext;
+--token-file / TENSORTRACE_TOKEN_FILE: `set` needs a token with the `control` role.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from tensortrace.service.security import SecurityError, add_client_flags, client_security_from_args
 from tensortrace.v1 import control_pb2, control_pb2_grpc
 
 
@@ -52,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--enabled", type=_bool)
     c.add_argument("--selection", help="selection as a JSON object")
     c.add_argument("--ring", action="append", default=[], help="ring file name or pod (repeatable); default: all")
+    add_client_flags(p)
     a = p.parse_args(argv)
-    with grpc.insecure_channel(a.address) as ch:
+    try:
+        ch = client_security_from_args(a).channel(a.address)
+    except SecurityError as e:
+        print(f"exporterctl: {e}", file=sys.stderr)
+        return 2
+    with ch:
         stub = control_pb2_grpc.ExporterControlStub(ch)
         try:
             if a.cmd == "status":

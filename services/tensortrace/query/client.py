@@ -6,6 +6,10 @@
     req["resid_pre", 3].tensor.shape, req.completeness.state     # (torch.Size([37, 2048]), 'complete')
     hs = req.hidden_states()    # like output_hidden_states: tuple of [1, seq, hidden]
 
+Secured query services (docs/security.md): `TensorTraceClient("grpc://query:50052",
+security=ClientSecurity(tls_ca="/tls/ca.crt", token_file="/run/token"))`, or the same from
+TENSORTRACE_TLS_CA / TENSORTRACE_TOKEN_FILE; `grpcs://` asks for TLS even to a loopback address.
+
 Backends: `grpc://host:port` talks to the query service (`tensortrace loader --query-port` or
 `tensortrace query-server`); `http(s)://` and `chdb://` read ClickHouse directly. An embedded chDB
 path can only be opened by one process, so a reader next to a running loader uses grpc://.
@@ -78,18 +82,24 @@ class RequestTensors:
         return tuple(p.tensor.unsqueeze(0) for p in parts)
 
 
-def _backend_for(target, database: str):
+def _backend_for(target, database: str, security=None):
     if not isinstance(target, str):
         return ClickHouseBackend(target, database)  # an existing clickhouse-connect client
-    if target.startswith("grpc://"):
-        from tensortrace.query.remote import GrpcBackend
+    if target.startswith(("grpc://", "grpcs://")):
+        import dataclasses
 
-        return GrpcBackend(target.removeprefix("grpc://"))
+        from tensortrace.query.remote import GrpcBackend
+        from tensortrace.service.security import ClientSecurity
+
+        sec = security or ClientSecurity()
+        if target.startswith("grpcs://"):
+            sec = dataclasses.replace(sec, tls=True)
+        return GrpcBackend(target.split("://", 1)[1], security=sec)
     if target.startswith(("chdb://", "http://", "https://")):
         from tensortrace.storage.schema import connect
 
         return ClickHouseBackend(connect(target), database)
-    raise InvalidQuery(f"target {target!r}: expected grpc://host:port, http(s)://..., chdb:///path or a client")
+    raise InvalidQuery(f"target {target!r}: expected grpc(s)://host:port, http(s)://..., chdb:///path or a client")
 
 
 class TensorTraceClient:
@@ -100,10 +110,11 @@ class TensorTraceClient:
     """
 
     def __init__(self, target, database: str = "tensortrace", default_wait_s: float = 0.0,
-                 poll_interval_s: float = 0.1):
+                 poll_interval_s: float = 0.1, security=None):
+        """`security`: a service.security.ClientSecurity for grpc:// targets (TLS, token)."""
         if default_wait_s < 0 or poll_interval_s <= 0:
             raise InvalidQuery("default_wait_s must be >= 0 and poll_interval_s > 0")
-        self.backend = _backend_for(target, database)
+        self.backend = _backend_for(target, database, security)
         self.default_wait_s = default_wait_s
         self.poll_interval_s = poll_interval_s
 

@@ -1,11 +1,17 @@
 """`tensortrace query-server` configuration, and the query service's default port (one place:
 the loader's embedded query service, the chart and the docs use the same 50052).
 
->>> cfg = QueryServerConfig(clickhouse_dsn="http://user:pw@clickhouse:8123").validate()
+>>> cfg = QueryServerConfig(clickhouse_dsn="http://user:pw@clickhouse:8123",
+...                         security=EndpointSecurity(plaintext=True)).validate()
 >>> cfg.listen_ports()
 {'query': 50052}
->>> QueryServerConfig().problems()
-['clickhouse_dsn: empty; give http(s)://user:password@host:port or chdb:///path']
+>>> QueryServerConfig().problems()[0]
+'clickhouse_dsn: empty; give http(s)://user:password@host:port or chdb:///path'
+>>> QueryServerConfig().problems()[1]
+'security.tls_cert: the query service has no TLS: give tls_cert and tls_key, or opt into plaintext (development, loopback only)'
+
+The endpoint's security (service/security.py, docs/security.md): `--tls-cert/--tls-key`
+[`--tls-client-ca`] and `--token-file`; or `--plaintext` on a loopback address (development).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tensortrace.service.config import Problems, option, raise_problems
+from tensortrace.service.security import EndpointSecurity, security_option
 from tensortrace.storage import DEFAULT_DATABASE, check_identifier
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 
@@ -34,6 +41,7 @@ class QueryServerConfig:
     workers: int = option(4, "gRPC worker threads (concurrent reads)")
     retry_initial_s: float = option(0.2, "while ClickHouse is unreachable, retry after this, doubling ...")
     retry_max_s: float = option(10.0, "... up to this")
+    security: EndpointSecurity = security_option("", "query service")
 
     def problems(self) -> list[str]:
         p = Problems()
@@ -50,6 +58,7 @@ class QueryServerConfig:
             except ValueError as e:
                 p.add(name, str(e))
         p.check(0 <= self.query_port <= 65535, "query_port", f"{self.query_port} is not a TCP port (0: ephemeral)")
+        p.extend(self.security.problems(self.query_host, "query service"), prefix="security.")
         p.check(self.workers >= 1, "workers", f"{self.workers} < 1")
         p.check(0 < self.retry_initial_s <= self.retry_max_s, "retry_initial_s/retry_max_s",
                 f"need 0 < {self.retry_initial_s} <= {self.retry_max_s}")

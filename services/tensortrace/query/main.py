@@ -1,7 +1,9 @@
 """`tensortrace query-server`: the gRPC read-back API in front of a ClickHouse server (or a chDB
 path no loader holds; with an embedded engine the loader serves it: tensortrace/compose.py).
 
-    tensortrace query-server --clickhouse-dsn http://user:pw@clickhouse:8123 [--query-port 50052]
+    tensortrace query-server --clickhouse-dsn http://user:pw@clickhouse:8123 [--query-port 50052] \
+        --tls-cert /tls/tls.crt --tls-key /tls/tls.key --token-file /tokens/tokens
+    tensortrace query-server --clickhouse-dsn chdb:///tmp/ch --plaintext        # loopback development
 
 Flags: one per field of QueryServerConfig (query/config.py) plus the service runtime's
 (tensortrace.service.runtime); `--help` lists them.
@@ -53,8 +55,10 @@ class QueryServer:
 
         self.server, self.port = serve(client, cfg.database, cfg.query_host, cfg.query_port, cfg.workers,
                                        otel_database=cfg.otel_database, traces_table=cfg.traces_table,
-                                       probe_table=cfg.probe_table, where=safe_dsn(cfg.clickhouse_dsn))
-        log.info("query service on %s:%d (database %s)", cfg.query_host, self.port, cfg.database)
+                                       probe_table=cfg.probe_table, where=safe_dsn(cfg.clickhouse_dsn),
+                                       security=cfg.security, registry=self.registry)
+        log.info("query service on %s:%d (database %s; %s)", cfg.query_host, self.port, cfg.database,
+                 cfg.security.describe())
         self._stop.wait()
         self.server.stop(grace=2).wait()
 

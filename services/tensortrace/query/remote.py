@@ -2,6 +2,11 @@
 
     backend = GrpcBackend("127.0.0.1:50052")
     backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
+    GrpcBackend("query.tensortrace:50052", security=ClientSecurity(tls_ca="/tls/ca.crt", token_file="/run/token"))
+
+The channel comes from ClientSecurity (service/security.py): TLS to a non-loopback address (or
+with any TLS option), plaintext to loopback, the bearer token on every call; unset options come
+from TENSORTRACE_TLS_CA / _TLS_CERT / _TLS_KEY / _TLS_SERVER_NAME / _TOKEN_FILE.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import grpc
 from tensortrace.query.backend import HookLayerStats, RequestRef, RequestStatus, StoredTensor
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError, QueryTimeout
 from tensortrace.query.server import MAX_MESSAGE_BYTES, ref_to_pb
+from tensortrace.service.security import ClientSecurity
 from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
 
@@ -30,8 +36,9 @@ def _ref(m: qpb.RequestRef) -> RequestRef:
 
 
 class GrpcBackend:
-    def __init__(self, address: str, timeout_s: float = 60.0):
-        self.channel = grpc.insecure_channel(address, options=[
+    def __init__(self, address: str, timeout_s: float = 60.0, security: ClientSecurity | None = None):
+        self.security = (security or ClientSecurity()).with_env()
+        self.channel = self.security.channel(address, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = qgrpc.QueryServiceStub(self.channel)

@@ -2,8 +2,12 @@
 
     tensortrace query-server --clickhouse-dsn http://user:pw@clickhouse:8123    # query/main.py, port 50052
 
-    server, port = serve(client, port=0)      # in-process, e.g. inside `tensortrace loader --query-port` (compose.py)
+    server, port = serve(client, port=0, security=EndpointSecurity.loopback_plaintext())   # in-process
     server.stop(grace=1)
+
+Every RPC needs the `read` role when the service has a token file, and each call is one audit line
+(who, which RPC, trace / request id, hooks, result) and one count of
+`tensortrace_audit_reads_total{identity,rpc,result}` (service/security.py, docs/security.md).
 
 Trace and SlowestTraces (`tensortrace trace --server`) run query/tracedata.py's TraceSource against
 this service's client, on the tables named when it was started (`--otel-database`, `--traces-table`,
@@ -24,6 +28,7 @@ import grpc
 from tensortrace.query import validate
 from tensortrace.query.backend import ClickHouseBackend, RequestRef
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError
+from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
@@ -199,21 +204,50 @@ def torch_uint8():
     return torch.uint8
 
 
+def _ref_fields(ref) -> dict:
+    return {"trace_id": ref.trace_id.hex(), "request_id": ref.request_id}
+
+
+def _fetch_fields(req) -> dict:
+    return {**_ref_fields(req.request), "hooks": list(req.hooks), "layers": list(req.layers),
+            "assembled": req.assembled}
+
+
+def _ids_fields(req) -> dict:
+    return {"trace_id": req.trace_id.hex(), "request_id": req.request_id}
+
+
+# what each RPC needs and what its audit line says (service/security.py)
+QUERY_POLICIES = {
+    "Lookup": RpcPolicy((Role.READ,), "read", _ids_fields),
+    "Status": RpcPolicy((Role.READ,), "read", _ref_fields),
+    "Describe": RpcPolicy((Role.READ,), "read", _ref_fields),
+    "Fetch": RpcPolicy((Role.READ,), "read", _fetch_fields),
+    "Trace": RpcPolicy((Role.READ,), "read", lambda r: {**_ids_fields(r), "residual_norms": r.residual_norms}),
+    "SlowestTraces": RpcPolicy((Role.READ,), "read", lambda r: {"limit": r.limit, "since_unix_nano": r.since_unix_nano}),
+}
+
+
 def serve(client, database: str = "tensortrace", host: str = "127.0.0.1", port: int = 0, workers: int = 4,
           otel_database: str = DEFAULT_OTEL_DATABASE, traces_table: str = DEFAULT_TRACES_TABLE,
-          probe_table: str = DEFAULT_PROBE_TABLE, where: str = ""):
+          probe_table: str = DEFAULT_PROBE_TABLE, where: str = "", *, security: EndpointSecurity,
+          registry=None):
     """Start the service on host:port (0: any free port). Returns (grpc.Server, bound port).
     otel_database / traces_table / probe_table: where the Trace RPCs read spans and probe scores;
-    where: the ClickHouse read, for messages (no password). A name that is not an identifier
-    raises ValueError."""
+    where: the ClickHouse read, for messages (no password). `security`: TLS / tokens, or the
+    plaintext opt-in (EndpointSecurity.loopback_plaintext() on 127.0.0.1); `registry`: where the
+    audit and authentication counters go (the service's). A name that is not an identifier
+    raises ValueError; plaintext on a non-loopback address without the force, or a bad
+    certificate / token file, SecurityError (a ConfigError)."""
     tables = TraceTables(database, otel_database, traces_table, probe_table, where)
     servicer = QueryServicer(ClickHouseBackend(client, database), tables)
+    guard = EndpointGuard("query", security, QUERY_POLICIES, registry=registry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="query"),
+                         interceptors=[guard.interceptor()],
                          options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     qgrpc.add_QueryServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = guard.add_port(server, host, port)
     server.start()
+    server.guard = guard   # tests and the embedding service reach the audit counters through it
     return server, bound

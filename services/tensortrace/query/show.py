@@ -2,6 +2,11 @@
 
     tensortrace show 4bf92f3577b34da6a3ce929d0e0e4736 --server 127.0.0.1:50052
     tensortrace show --request-id req-17 --clickhouse http://user:pw@ch:8123 --hooks resid_pre
+    tensortrace show 4bf9... --server query.tensortrace:50052 --tls-ca ca.crt --token-file token
+
+With --server: TLS to a non-loopback address (--tls-ca, --tls-cert/--tls-key for mTLS,
+--tls-server-name), plaintext to loopback (kubectl port-forward) unless --tls, --insecure to force
+plaintext; --token-file (or TENSORTRACE_TOKEN_FILE) sends a bearer token (docs/security.md).
 
 Prints, per hook: layers, tokens covered, records, bytes (raw / stored), capture->export->load
 latencies; then the request's completeness. `--tensors` also reads every payload back (as the SDK
@@ -17,6 +22,7 @@ import time
 
 from tensortrace.query.errors import QueryError
 from tensortrace.query.text import byte_size, int_ranges
+from tensortrace.service.security import SecurityError, add_client_flags, client_security_from_args
 
 
 class ProgressBar:
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a tty")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the request to appear")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_client_flags(p)
     a = p.parse_args(argv)
     if not a.trace_id and not a.request_id:
         p.error("give a trace id or --request-id")
@@ -78,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     hooks = a.hooks.split(",") if a.hooks else None
     try:
-        with TensorTraceClient(f"grpc://{a.server}" if a.server else a.clickhouse, database=a.database) as tt:
+        with TensorTraceClient(f"grpc://{a.server}" if a.server else a.clickhouse, database=a.database,
+                               security=client_security_from_args(a)) as tt:
             if a.wait:
                 tt.status(a.trace_id, a.request_id, wait_s=a.wait)
             ref, comp, stats = tt.describe(a.trace_id, a.request_id)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     bar.close()
                 decoded = (req, time.monotonic() - t0)
-    except QueryError as e:
+    except (QueryError, SecurityError) as e:
         print(f"tensortrace show: {e}", file=sys.stderr)
         return 1
 

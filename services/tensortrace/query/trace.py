@@ -5,6 +5,7 @@
     tensortrace trace 4bf92f3577b34da6a3ce929d0e0e4736 --clickhouse http://ch:8123 --png req.png --json
     tensortrace trace --slowest 10 --since 10m --clickhouse http://ch:8123
     tensortrace trace 4bf92f3577b34da6a3ce929d0e0e4736 --server 127.0.0.1:50052 --html req.html
+    tensortrace trace 4bf92f3577b34da6a3ce929d0e0e4736 --server query:50052 --tls-ca ca.crt --token-file token
 
 Reads ClickHouse directly (--clickhouse), or asks the gRPC query service (--server HOST:PORT or
 grpc://HOST:PORT: the loader's --query-port, where an embedded chDB engine is reachable only
@@ -106,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"print a link: {{trace_id}} / {{request_id}} replaced (default ${LINK_ENV})")
     p.add_argument("--slowest", type=int, metavar="N", help="list the N slowest recent requests instead")
     p.add_argument("--since", default="10m", help="with --slowest: how far back (30s, 10m, 2h, 1d; default 10m)")
+    from tensortrace.service.security import add_client_flags
+
+    add_client_flags(p)   # --server: TLS, mTLS, token (docs/security.md)
     return p
 
 
@@ -159,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         from tensortrace.query.remote import GrpcBackend
         from tensortrace.query.tracewire import GrpcTraceSource
 
-        client = GrpcBackend(a.server)    # the channel `tensortrace show --server` uses
+        from tensortrace.service.security import SecurityError, client_security_from_args
+
+        try:    # the channel `tensortrace show --server` uses
+            client = GrpcBackend(a.server, security=client_security_from_args(a))
+        except SecurityError as e:
+            return _err(str(e), 2)
         src = GrpcTraceSource(client, a.server)
     else:
         from tensortrace.query.tracedata import TraceSource

@@ -40,7 +40,8 @@ from prometheus_client import CollectorRegistry
 
 from tensortrace.service.config import (ConfigError, FlagParser, Problems, config_from_namespace,
                                         flag_for_problem, flags_from_dataclass)
-from tensortrace.service.endpoint import HttpEndpoint
+from tensortrace.service.endpoint import HttpEndpoint, http_security_problems
+from tensortrace.service.security import EndpointSecurity, security_option
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -84,6 +85,9 @@ class RuntimeConfig:
         "aliases": ("--drain-timeout",),
         "help": "on SIGTERM, seconds the service gets to deliver what is in flight (keep it under the pod's "
                 "terminationGracePeriodSeconds, 30 by default)"})
+    # TLS of the HTTP port and a token for /metrics, where asked (plain HTTP needs no opt-in: no
+    # user data here): --http-tls-cert, --http-tls-key, --http-token-file (service/endpoint.py)
+    http_security: EndpointSecurity = security_option("http", "HTTP endpoint (/metrics; /healthz and /readyz stay open)")
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     verbose: bool = field(default=False, metadata={
         "aliases": ("-v",), "help": "log at DEBUG, including the Kafka client's own log"})
@@ -92,6 +96,7 @@ class RuntimeConfig:
         p = Problems()
         p.check(-1 <= self.http_port <= 65535, "http_port", f"{self.http_port} is not a port (0: ephemeral, -1: none)")
         p.check(self.drain_timeout_s > 0, "drain_timeout_s", f"{self.drain_timeout_s} must be > 0")
+        p.extend(http_security_problems(self.http_security), prefix="http_security.")
         p.check(self.log_level.upper() in LOG_LEVELS, "log_level",
                 f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         return p.items
@@ -244,7 +249,7 @@ class ServiceRunner:
         endpoint = None
         try:
             if rt.http_port >= 0:
-                endpoint = HttpEndpoint(service, rt.http_host, rt.http_port).start()
+                endpoint = HttpEndpoint(service, rt.http_host, rt.http_port, security=rt.http_security).start()
         except OSError as e:
             self.log.error("%s: cannot listen on %s:%d: %s", self.name, rt.http_host, rt.http_port, e)
             service.stop()
