@@ -19,7 +19,7 @@ COMMANDS = {
     "probes": ("tensortrace.probes.main:SERVICE", "score every captured request with online probes (scores topic, alerts)"),
     "probe-train": ("tensortrace.devstack.probe_train:main", "train a probe from labelled requests (query SDK, a capture run, or bastioncorpus)"),
     "show": ("tensortrace.query.show:main", "print what was captured for a request (by trace id)"),
-    "forget": ("tensortrace.storage.forget:main", "delete one request's tensors, scores and spans everywhere (--trace-id / --request-id)"),
+    "forget": ("tensortrace.query.forget:main", "delete one request's tensors, scores and spans everywhere (--trace-id / --request-id)"),
     "trace": ("tensortrace.query.trace:main", "one request end to end: timeline, where the time went, picture (--html/--png)"),
     "ring-dir": ("tensortrace.ring.ringdir:main", "prepare the ring directory (owner, group, setgid mode) for agents and the exporter"),
     "kafka": ("tensortrace.devkafka.main:main", "run a local Apache Kafka broker (development and tests)"),

@@ -28,7 +28,12 @@ opens its own connection. The bridge's metrics join the loader's /metrics, its r
 reported as "otlp", and /readyz waits for both:
 
     tensortrace loader --clickhouse-dsn chdb:///var/lib/tensortrace/chdb --query-port 50052 \\
-        --bridge --bridge-otlp-receiver-port 4317
+        --bridge --bridge-otlp-receiver-port 4317 --bridge-traces-ttl-days 30
+
+`--bridge-traces-ttl-days` is the spans' retention (the bridge's `--traces-ttl-days`, 7 by default),
+applied to `otel_traces` when the bridge opens it. Both of the bridge's receivers take the
+`--bridge-otlp-receiver-*` block; a bad certificate or token file there fails the loader's start
+(exit 2) naming the flag.
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ from tensortrace.loader.config import LoaderConfig
 from tensortrace.loader.main import HTTP_PORT as LOADER_HTTP_PORT
 from tensortrace.loader.main import LoaderService
 from tensortrace.query.config import DEFAULT_QUERY_PORT
-from tensortrace.service.config import option
+from tensortrace.service.config import ConfigError, option
 from tensortrace.service.runtime import ServiceSpec
 from tensortrace.service.security import EndpointSecurity, security_option
+from tensortrace.storage import schema
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE, apply_otel_schema
 from tensortrace.storage.schema import check_identifier
 
@@ -76,6 +82,8 @@ class LoaderWithQueryConfig(LoaderConfig):
                                                    "spans (--bridge)")
     bridge_otlp_receiver_security: EndpointSecurity = security_option("bridge-otlp-receiver",
                                                                       "the bridge's OTLP/gRPC receiver (--bridge)")
+    bridge_traces_ttl_days: int = option(schema.DEFAULT_TTL_DAYS, "span rows (otel_traces) older than this are "
+                                                                  "dropped (--bridge); 0: kept forever")
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -90,7 +98,7 @@ class LoaderWithQueryConfig(LoaderConfig):
                 except ValueError as e:
                     out.append(f"{name}: {e}")
         if self.bridge:
-            out += [("bridge_" + p) if p.startswith("otlp_receiver_security.") else f"bridge: {p}"
+            out += [("bridge_" + p) if p.startswith(("otlp_receiver_security.", "traces_ttl_days:")) else f"bridge: {p}"
                     for p in self.bridge_config().problems()]
             if self.bridge_group_id == self.group_id:
                 out.append("bridge_group_id: must differ from group_id (the bridge reads every request too)")
@@ -109,7 +117,7 @@ class LoaderWithQueryConfig(LoaderConfig):
             group_id=self.bridge_group_id, clickhouse_dsn=self.clickhouse_dsn,
             otlp_receiver_host=self.bridge_otlp_receiver_host, otlp_receiver_port=self.bridge_otlp_receiver_port,
             otlp_receiver_security=self.bridge_otlp_receiver_security, spans_topic=self.bridge_spans_topic,
-            request_timeout_s=self.bridge_request_timeout_s))
+            request_timeout_s=self.bridge_request_timeout_s, traces_ttl_days=self.bridge_traces_ttl_days))
 
 
 class LoaderWithQuery:
@@ -128,7 +136,8 @@ class LoaderWithQuery:
         self.bridge: LoaderBridge | None = None
         self._bridge_thread: threading.Thread | None = None
         if cfg.bridge:
-            self.bridge = LoaderBridge(cfg.bridge_config())
+            # its receiver's authentication counters join the loader's /metrics
+            self.bridge = LoaderBridge(cfg.bridge_config(), security_registry=self.registry)
             self.loader.on_open.append(self.bridge.use_loader_client)
             self.registry.register(BridgeCollector(self.bridge))
 
@@ -162,6 +171,8 @@ class LoaderWithQuery:
     def _run_bridge(self) -> None:
         try:
             self.bridge.run()
+        except ConfigError:   # logged by the bridge as one line per problem; /healthz says so
+            pass
         except Exception:   # the loader keeps loading; live() turns false, /healthz says so
             log.exception("bridge: run() failed")
 
@@ -195,8 +206,10 @@ class LoaderBridge(BridgeService):
     writes through the loader's client, once the loader has opened it: a second client on the same
     engine would run its inserts concurrently with the loader's, outside ThreadSafeClient's lock."""
 
-    def __init__(self, cfg: BridgeConfig):
-        super().__init__(cfg)
+    flag_prefix = "bridge-otlp-receiver-security"
+
+    def __init__(self, cfg: BridgeConfig, *, security_registry=None):
+        super().__init__(cfg, security_registry=security_registry)
         self.loader_client = None
         self.loader_opened = threading.Event()
 

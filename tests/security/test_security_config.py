@@ -22,7 +22,7 @@ def test_the_token_file_maps_tokens_to_identities_and_roles():
 
 @pytest.mark.parametrize("text, message", [
     ("alice read\n", "tokens: line 1: expected `<identity> <role>[,<role>] <token>` (3 fields), got 2"),
-    ("alice write abcdefghijklmnopqrstu\n", "tokens: line 1 (alice): role(s) 'write' not one of read, control, ingest"),
+    ("alice write abcdefghijklmnopqrstu\n", "tokens: line 1 (alice): role(s) 'write' not one of read, control, ingest, forget"),
     ("alice read short\n", "tokens: line 1 (alice): the token must be at least 16 printable characters"),
     ("-alice read abcdefghijklmnopqrstu\n", "tokens: line 1: identity '-alice' must be 1-64 of"),
     ("a read abcdefghijklmnopqrstu\n# c\n\nb control abcdefghijklmnopqrstu\n", "tokens: line 4 (b): the same token as line 1"),
@@ -45,7 +45,7 @@ def test_a_malformed_token_file_stops_the_service_at_start_with_the_reason(tmp_p
     assert SERVICE.main(["--clickhouse-dsn", "chdb:///tmp/none", "--plaintext", "--token-file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert (f"tensortrace query-server: config: security.token_file (--security-token-file): {bad}: line 2 (bob): "
-            "role(s) 'reader' not one of read, control, ingest") in err
+            "role(s) 'reader' not one of read, control, ingest, forget") in err
     assert "abcdefghijklmnopqrstuvwxyz" not in err
     assert SERVICE.main(["--clickhouse-dsn", "chdb:///tmp/none", "--plaintext",
                          "--token-file", str(tmp_path / "missing")]) == 2

@@ -4,7 +4,7 @@ topic, group, dead letters, batching, retries), plus where the spans go.
 >>> BridgeConfig(otlp_endpoint="127.0.0.1:4317", otlp_receiver_port=-1).problems()
 []
 >>> BridgeConfig().problems()
-['otlp_endpoint/clickhouse_dsn: set at least one destination for the spans', 'otlp_receiver_security.tls_cert: the OTLP/gRPC receiver has no TLS: give tls_cert and tls_key, or opt into plaintext (development, loopback only)']
+['otlp_endpoint/clickhouse_dsn: set at least one destination for the spans', 'otlp_receiver_security.tls_cert: the OTLP receiver has no TLS: give tls_cert and tls_key, or opt into plaintext (development, loopback only)']
 
 Destinations (one or both): `--otlp-endpoint` (an OTLP/gRPC `host:port`, or an OTLP/HTTP URL with
 `--otlp-protocol http/protobuf`: a Collector, Tempo, Jaeger, a vendor) and `--clickhouse-dsn` (the
@@ -75,7 +75,7 @@ class BridgeConfig(ConsumerConfig):
     otlp_http_receiver_port: int = option(-1, "OTLP/HTTP (protobuf) receiver, POST /v1/traces; 4318 is the usual port; 0: ephemeral, -1: off")
     # TLS / mTLS / tokens (role `ingest`) of the OTLP/gRPC receiver: --otlp-receiver-tls-cert,
     # --otlp-receiver-token-file, --otlp-receiver-plaintext (loopback), ... (docs/security.md)
-    otlp_receiver_security: EndpointSecurity = security_option("otlp-receiver", "OTLP/gRPC receiver")
+    otlp_receiver_security: EndpointSecurity = security_option("otlp-receiver", "OTLP receiver")
     otlp_receiver_max_bytes: int = option(4 << 20, "largest OTLP request accepted (bytes); larger: INVALID_ARGUMENT")
     spans_topic: str = option(DEFAULT_SPANS_TOPIC, "Kafka topic of the received spans (ExportTraceServiceRequest bytes)")
     spans_publish_timeout_s: float = option(5.0, "an export waits this long for Kafka's acknowledgement; then UNAVAILABLE")
@@ -139,9 +139,9 @@ class BridgeConfig(ConsumerConfig):
             out.append(f"otlp_http_receiver_port: {self.otlp_http_receiver_port} is also the gRPC receiver's port")
         if not self.otlp_receiver_host:
             out.append("otlp_receiver_host: empty")
-        elif self.otlp_receiver_port >= 0:
+        elif self.receives_spans:
             out += ["otlp_receiver_security." + p for p in
-                    self.otlp_receiver_security.problems(self.otlp_receiver_host, "OTLP/gRPC receiver")]
+                    self.otlp_receiver_security.problems(self.otlp_receiver_host, "OTLP receiver")]
         if self.otlp_receiver_max_bytes < 1024:
             out.append(f"otlp_receiver_max_bytes: {self.otlp_receiver_max_bytes} < 1024")
         if self.spans_message_max_bytes < 1024:

@@ -4,7 +4,7 @@
     publisher = SpansPublisher(KafkaConfig(bootstrap_servers="kafka:9092"), "tensortrace.spans").start()
     intake = SpansIntake(publisher, ReceiverStats())
     grpc_rx = OtlpGrpcReceiver(intake, "0.0.0.0", 4317, security=cfg.otlp_receiver_security).start()
-    http_rx = OtlpHttpReceiver(intake, "0.0.0.0", 4318).start()      # POST /v1/traces (optional)
+    http_rx = OtlpHttpReceiver(intake, "0.0.0.0", 4318, security=cfg.otlp_receiver_security).start()  # POST /v1/traces
     ...; grpc_rx.stop(); http_rx.stop(); publisher.close()
 
 An Export succeeds only once Kafka acknowledged every message of it (acks=all): the spans are then
@@ -24,8 +24,14 @@ docs/security.md): TLS / mTLS, and with a token file every Export needs a bearer
 `ingest` role (UNAUTHENTICATED / PERMISSION_DENIED otherwise, counted in
 `tensortrace_security_auth_failures_total`). The OTel SDK exporter sends one with
 `OTEL_EXPORTER_OTLP_TRACES_HEADERS=authorization=Bearer%20<token>` and trusts the CA with
-`OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`. The OTLP/HTTP receiver has no TLS or tokens yet: keep it
-on loopback.
+`OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`. The OTLP/HTTP receiver takes the same block (the same
+flags, one Secret for both ports): TLS on the whole port from the same certificate files (re-read
+when they change, checked at most once a second on a new connection), mTLS with the client CA, and
+with a token file every POST needs `Authorization: Bearer <token>` with the `ingest` role — 401
+(google.rpc.Status UNAUTHENTICATED, `WWW-Authenticate: Bearer`) without one or with an unknown one,
+403 (PERMISSION_DENIED) with another role, checked before the body is read and counted in
+`tensortrace_security_auth_failures_total{endpoint="otlp_http"}`. Plaintext HTTP is the same opt-in
+(`--otlp-receiver-plaintext`), refused off loopback unless `--otlp-receiver-plaintext-any-address`.
 
 Kafka sees at-least-once delivery (a retried Export that had been published is published again):
 the copies are rows of the same span ids, which readers of otel_traces collapse (docs/bridge.md).
@@ -49,7 +55,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tensortrace.bridge.otlp import Rejected, check_request, kafka_messages, parse_request
 from tensortrace.service.backoff import Backoff
 from tensortrace.service.kafka import KafkaConfig
-from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy
+from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy, is_loopback
+
+HTTP_ENDPOINT = "otlp_http"   # the endpoint label of the OTLP/HTTP receiver's security counters
 
 log = logging.getLogger("tensortrace.bridge.receiver")
 
@@ -220,12 +228,15 @@ class OtlpGrpcReceiver:
     INVALID_ARGUMENT with the reason rather than grpc's own INTERNAL "Exception deserializing"."""
 
     def __init__(self, intake: SpansIntake, host: str, port: int, *, max_workers: int = 8,
-                 max_concurrent_rpcs: int = 64, security: EndpointSecurity | None = None, registry=None):
+                 max_concurrent_rpcs: int = 64, security: EndpointSecurity | None = None, registry=None,
+                 guard: EndpointGuard | None = None):
         """`security`: TLS / tokens (the bridge's otlp_receiver_security). None (a caller that
-        predates it): plaintext, which the loopback rule then allows on 127.0.0.1 only."""
+        predates it): plaintext, which the loopback rule then allows on 127.0.0.1 only. `guard`:
+        one built earlier from that block (the bridge builds it when the service is built, so that
+        a bad certificate or token file is a configuration error then, exit 2)."""
         self.intake = intake
-        self.guard = EndpointGuard("otlp", security or EndpointSecurity.loopback_plaintext(), OTLP_POLICIES,
-                                   registry=registry)
+        self.guard = guard or EndpointGuard("otlp", security or EndpointSecurity.loopback_plaintext(), OTLP_POLICIES,
+                                            registry=registry)
         # grpc's own limit is kept above ours, so that an oversized request reaches accept() and
         # gets INVALID_ARGUMENT naming the limit (beyond twice it, grpc answers RESOURCE_EXHAUSTED).
         limit = 2 * intake.max_request_bytes + (1 << 20)
@@ -263,9 +274,18 @@ class OtlpHttpReceiver:
 
     PATH = "/v1/traces"
 
-    def __init__(self, intake: SpansIntake, host: str, port: int):
+    def __init__(self, intake: SpansIntake, host: str, port: int, *, security: EndpointSecurity | None = None,
+                 registry=None, guard: EndpointGuard | None = None):
+        """`security`: the same block as the gRPC receiver's (module docstring); None: plaintext,
+        on a loopback address only. Raises SecurityError (a ConfigError) for plaintext off
+        loopback without the force, or a certificate / token file that cannot work; OSError when
+        the port cannot be bound."""
         receiver = self
         self.intake = intake
+        self.guard = guard or EndpointGuard(HTTP_ENDPOINT, security or EndpointSecurity.loopback_plaintext(),
+                                            OTLP_POLICIES, registry=registry)
+        security = self.guard.security
+        security.validate(host, "OTLP/HTTP receiver")
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -277,11 +297,29 @@ class OtlpHttpReceiver:
                 pass
 
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            if security.tls:
+                # the runtime's HTTPS server: the handshake on the request's thread, the context
+                # rebuilt when the certificate files change (service/endpoint.py)
+                from tensortrace.service.endpoint import _ReloadingSSLContext, _TLSHTTPServer
+
+                self.server = _TLSHTTPServer((host, port), Handler, bind_and_activate=False)
+                self.server.tls = _ReloadingSSLContext(security)
+                try:
+                    self.server.server_bind()
+                    self.server.server_activate()
+                except OSError:
+                    self.server.server_close()
+                    raise
+            else:
+                if not is_loopback(host):
+                    log.warning("OTLP/HTTP receiver: plaintext on %s (plaintext_any_address): the spans and any "
+                                "token cross the network in the clear", host)
+                self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as e:
             raise OSError(f"OTLP/HTTP receiver cannot listen on {host}:{port}: {e}") from None
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
+        log.info("OTLP/HTTP receiver on %s:%d: %s", host, self.port, security.describe())
         self._thread = threading.Thread(target=self.server.serve_forever, name="otlp-http", daemon=True)
 
     def start(self) -> "OtlpHttpReceiver":
@@ -290,6 +328,11 @@ class OtlpHttpReceiver:
 
     def _post(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]
+        refused = self._authorize(h.headers.get("Authorization") or "")
+        if refused is not None:   # before the body is read: an unauthenticated client costs no parsing
+            http_status, grpc_code, message = refused
+            return self._reply(h, http_status, grpc_code, message,
+                               www_authenticate=http_status == 401)
         if path != self.PATH:
             return self._reply(h, 404, 5, f"no OTLP endpoint at {path}; traces go to {self.PATH}")
         ctype = (h.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
@@ -321,9 +364,34 @@ class OtlpHttpReceiver:
             return self._reply(h, 400, 3, out.message)
         return self._reply(h, 503, 14, out.message, retry_after=True)
 
+    def _authorize(self, header: str) -> tuple[int, int, str] | None:
+        """None when the request may be served; else (HTTP status, google.rpc code, message), the
+        refusal counted by reason. Without a token file every request that completed the TLS
+        handshake (or reached the loopback port) may send."""
+        tokens = self.guard.tokens
+        if tokens is None:
+            return None
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        fails = self.guard.audit.auth_failures
+        if not token:
+            fails.labels(self.guard.endpoint, "no_token").inc()
+            return (401, 16, "OTLP/HTTP receiver: POST /v1/traces needs a bearer token with the ingest role "
+                             "(Authorization: Bearer <token>; the OTel SDK: "
+                             "OTEL_EXPORTER_OTLP_TRACES_HEADERS=authorization=Bearer%20<token>)")
+        entry = tokens.get().match(token)
+        if entry is None:
+            fails.labels(self.guard.endpoint, "unknown_token").inc()
+            return 401, 16, "OTLP/HTTP receiver: the bearer token is not in the receiver's token file (rotated?)"
+        if Role.INGEST.value not in entry.roles:
+            fails.labels(self.guard.endpoint, "wrong_role").inc()
+            return (403, 7, f"OTLP/HTTP receiver: {entry.identity} may not send spans: it needs role ingest, the "
+                            f"token has {','.join(sorted(entry.roles))}")
+        return None
+
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, http_status: int, grpc_code: int, message: str, *, payload: bytes | None = None,
-               retry_after: bool = False) -> None:
+               retry_after: bool = False, www_authenticate: bool = False) -> None:
         if payload is None:
             payload = status_pb2.Status(code=grpc_code, message=message).SerializeToString()
         h.send_response(http_status)
@@ -333,6 +401,8 @@ class OtlpHttpReceiver:
         h.send_header("Content-Length", str(len(payload)))
         if retry_after:
             h.send_header("Retry-After", "1")
+        if www_authenticate:
+            h.send_header("WWW-Authenticate", 'Bearer realm="tensortrace-otlp"')
         h.end_headers()
         h.wfile.write(payload)
 

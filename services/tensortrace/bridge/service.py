@@ -39,6 +39,11 @@ and its batching delay). Quiet time
 alone is not enough: a bridge catching up on a backlog reads one partition's fetch after another,
 seconds apart, so one step's records arrive spread over that time.
 
+The OTLP receivers (gRPC and HTTP) are secured by the one `--otlp-receiver-*` block
+(service/security.py): their guards are built with the service, so a certificate, key or token
+file that cannot work, or plaintext on a non-loopback address without the force, is a ConfigError
+at build time (the runtime exits 2 naming the flag) rather than a failure of the run thread.
+
 Idempotent by construction: span ids are derived from (trace id, request id, stage), so a request
 the view releases again after a crash or a replay re-sends spans with the same ids.
 """
@@ -60,14 +65,16 @@ from tensortrace.bridge.engine import EngineSpansSink, EngineStats
 from tensortrace.bridge.export import ClickHouseWriter, OtlpForwarder, OtlpWriter, Writers, bridge_resource
 from tensortrace.bridge.otlp import decode_message
 from tensortrace.bridge.probes import ProbeSpansSink, ProbeStats, decode_probe_score
-from tensortrace.bridge.receiver import (OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverStats, SpansIntake,
-                                         SpansPublisher)
+from tensortrace.bridge.receiver import (HTTP_ENDPOINT, OTLP_POLICIES, OtlpGrpcReceiver, OtlpHttpReceiver,
+                                         ReceiverStats, SpansIntake, SpansPublisher)
 from tensortrace.bridge.spans import (RecordStats, SpanData, SpanSource, StepStats, request_spans, skip_reason,
                                       step_span)
 from tensortrace.consume import CapturedRequest, ConsumerCore, Release, RequestView
 from tensortrace.consume.metrics import lag_family
 from tensortrace.consume.sink import SealedBatch, Source
 from tensortrace.service.backoff import Backoff
+from tensortrace.service.config import ConfigError
+from tensortrace.service.security import EndpointGuard, SecurityError
 from tensortrace.v1 import records_pb2 as pb
 
 log = logging.getLogger("tensortrace.bridge")
@@ -268,10 +275,26 @@ class BridgeSink:
         raise RuntimeError("BridgeSink.flush handles released requests; RequestView.flush must not be used")
 
 
+def _name_flags(problem: str, prefix: str) -> str:
+    """"plaintext: refusing ..." -> "otlp_receiver_security.plaintext (--otlp-receiver-security-plaintext):
+    refusing ..." (a build-time problem is not mapped to its flag by the runtime's parser)."""
+    field, sep, why = problem.partition(": ")
+    if not sep:
+        return f"otlp_receiver_security: {problem}"
+    flags = "/".join(f"--{prefix}-{f.replace('_', '-')}" for f in field.split("/"))
+    return f"otlp_receiver_security.{field} ({flags}): {why}"
+
+
 class BridgeService:
     """`tensortrace bridge` as a `tensortrace.service.Service`."""
 
-    def __init__(self, cfg: BridgeConfig):
+    flag_prefix = "otlp-receiver-security"   # the receivers' security flags, as errors name them
+
+    def __init__(self, cfg: BridgeConfig, *, security_registry=None):
+        """`security_registry`: where the OTLP receivers' authentication counters go (the loader's
+        registry when the bridge runs inside it; default this service's own). Raises ConfigError
+        (exit 2 from the runtime) for a bad config, including a receiver security block that
+        cannot work where it listens."""
         self.cfg = cfg.validate()
         self.stats = BridgeStats()
         self.writers = Writers()
@@ -304,6 +327,25 @@ class BridgeService:
         self._client = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(BridgeCollector(self))
+        self.grpc_guard, self.http_guard = self._receiver_guards(
+            self.registry if security_registry is None else security_registry)
+
+    def _receiver_guards(self, registry) -> tuple[EndpointGuard | None, EndpointGuard | None]:
+        """The receivers' security, built when the service is built: the certificate, key, client
+        CA and token files are read and checked now, and plaintext off loopback without the force
+        is refused now, each a ConfigError naming the flag (the runtime exits 2) rather than a
+        traceback from the run thread. Both receivers take the one `--otlp-receiver-*` block."""
+        cfg = self.cfg
+        sec = cfg.otlp_receiver_security
+        grpc_guard = http_guard = None
+        if cfg.otlp_receiver_port >= 0:   # BridgeConfig.problems() checked this block for this host
+            grpc_guard = EndpointGuard("otlp", sec, OTLP_POLICIES, registry=registry)
+        if cfg.otlp_http_receiver_port >= 0:
+            problems = sec.problems(cfg.otlp_receiver_host, "OTLP/HTTP receiver")
+            if problems:
+                raise SecurityError([_name_flags(p, self.flag_prefix) for p in problems], "bridge config")
+            http_guard = EndpointGuard(HTTP_ENDPOINT, sec, OTLP_POLICIES, registry=registry)
+        return grpc_guard, http_guard
 
     def _write(self, spans: list[SpanData], stopping: threading.Event) -> bool:
         return self.writers.write(spans, stopping)
@@ -397,16 +439,29 @@ class BridgeService:
                                         retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s).start()
         self.intake = SpansIntake(self.publisher, self.receiver_stats, max_request_bytes=cfg.otlp_receiver_max_bytes,
                                   max_message_bytes=cfg.spans_message_max_bytes)
+        sec = cfg.otlp_receiver_security
         try:
             if cfg.otlp_receiver_port >= 0:
-                self.grpc_receiver = OtlpGrpcReceiver(self.intake, cfg.otlp_receiver_host, cfg.otlp_receiver_port).start()
-                log.info("OTLP/gRPC trace receiver on %s:%d -> Kafka topic %s", cfg.otlp_receiver_host,
-                         self.grpc_receiver.port, cfg.spans_topic)
+                self.grpc_receiver = OtlpGrpcReceiver(self.intake, cfg.otlp_receiver_host, cfg.otlp_receiver_port,
+                                                      security=sec, registry=self.registry,
+                                                      guard=self.grpc_guard).start()
+                log.info("OTLP/gRPC trace receiver on %s:%d (%s) -> Kafka topic %s", cfg.otlp_receiver_host,
+                         self.grpc_receiver.port, sec.describe(), cfg.spans_topic)
             if cfg.otlp_http_receiver_port >= 0:
-                self.http_receiver = OtlpHttpReceiver(self.intake, cfg.otlp_receiver_host,
-                                                      cfg.otlp_http_receiver_port).start()
-                log.info("OTLP/HTTP trace receiver on http://%s:%d/v1/traces -> Kafka topic %s",
-                         cfg.otlp_receiver_host, self.http_receiver.port, cfg.spans_topic)
+                self.http_receiver = OtlpHttpReceiver(self.intake, cfg.otlp_receiver_host, cfg.otlp_http_receiver_port,
+                                                      security=sec, registry=self.registry,
+                                                      guard=self.http_guard).start()
+                log.info("OTLP/HTTP trace receiver on %s://%s:%d/v1/traces (%s) -> Kafka topic %s",
+                         "https" if sec.tls else "http", cfg.otlp_receiver_host, self.http_receiver.port,
+                         sec.describe(), cfg.spans_topic)
+        except ConfigError as e:
+            # the guards checked the files when the service was built, so this is one that changed
+            # since (deleted, half-written) before the bind re-checked it: each problem on one line,
+            # then the run thread fails (the runtime exits 1 for that)
+            self._stop_receivers()
+            for line in str(e).splitlines():
+                log.error("OTLP receiver: %s", line)
+            raise
         except OSError:
             self._stop_receivers()
             raise

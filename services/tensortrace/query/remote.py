@@ -4,6 +4,12 @@
     backend.lookup(trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"))
     GrpcBackend("query.tensortrace:50052", security=ClientSecurity(tls_ca="/tls/ca.crt", token_file="/run/token"))
 
+    backend.forget(request_id="chatcmpl-42")     # `tensortrace forget --server` (role forget)
+
+A refused call says what to do: UNAUTHENTICATED (no token, or one the service does not list) and
+PERMISSION_DENIED (a known token without the RPC's role) name the role the RPC needs and the
+--token-file / TENSORTRACE_TOKEN_FILE option (`access_hint`).
+
 The channel comes from ClientSecurity (service/security.py): TLS to a non-loopback address (or
 with any TLS option), plaintext to loopback, the bearer token on every call; unset options come
 from TENSORTRACE_TLS_CA / _TLS_CERT / _TLS_KEY / _TLS_SERVER_NAME / _TOKEN_FILE.
@@ -24,11 +30,29 @@ from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
 
 
-def _error(e: grpc.RpcError) -> QueryError:
+def access_hint(code: grpc.StatusCode, rpc: str = "", role: str = "read") -> str:
+    """What to do about a refused call ('' for any other code): which token, with which role.
+    UNAUTHENTICATED: no token or one the service does not know; PERMISSION_DENIED: a known token
+    without the RPC's role (the service's message names the identity and its roles)."""
+    what = f"{rpc} needs" if rpc else "this needs"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (f"{what} a bearer token with the `{role}` role that is in the service's token file: give "
+                f"--token-file FILE (or TENSORTRACE_TOKEN_FILE), the file holding that token (a rotated token "
+                f"stops working once the service's token file no longer lists it)")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return (f"{what} a token with the `{role}` role; the token given is known but lacks it: use another "
+                f"--token-file, or add `{role}` to that identity's line in the service's token file "
+                f"(docs/security.md)")
+    return ""
+
+
+def _error(e: grpc.RpcError, rpc: str = "", role: str = "read") -> QueryError:
     code, detail = e.code(), e.details()
+    hint = access_hint(code, rpc, role)
     return {grpc.StatusCode.INVALID_ARGUMENT: InvalidQuery, grpc.StatusCode.NOT_FOUND: NotFound,
             grpc.StatusCode.UNAVAILABLE: BackendUnavailable,
-            grpc.StatusCode.DEADLINE_EXCEEDED: QueryTimeout}.get(code, QueryError)(f"query service: {code.name}: {detail}")
+            grpc.StatusCode.DEADLINE_EXCEEDED: QueryTimeout}.get(code, QueryError)(
+        f"query service: {code.name}: {detail}" + (f"\n  {hint}" if hint else ""))
 
 
 def _ref(m: qpb.RequestRef) -> RequestRef:
@@ -52,21 +76,21 @@ class GrpcBackend:
             r = self.stub.Lookup(qpb.LookupRequest(trace_id=trace_id or b"", request_id=request_id or ""),
                                  timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, "Lookup") from None
         return [_ref(m) for m in r.requests]
 
     def status(self, ref: RequestRef) -> RequestStatus:
         try:
             r = self.stub.Status(ref_to_pb(ref), timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, "Status") from None
         return RequestStatus(ref, list(r.summaries), r.records_loaded)
 
     def describe(self, ref: RequestRef) -> list[HookLayerStats]:
         try:
             r = self.stub.Describe(ref_to_pb(ref), timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, "Describe") from None
         return [HookLayerStats(h.hook, h.layer, h.records, h.token_start, h.token_end, h.tokens, h.raw_bytes,
                                h.stored_bytes, h.capture_to_export_ms_p50, h.export_to_load_ms_p50,
                                h.capture_to_load_ms_max) for h in r.hooks]
@@ -90,7 +114,7 @@ class GrpcBackend:
                 if progress:
                     progress(done, total)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, "Fetch") from None
 
     def fetch_assembled(self, ref: RequestRef, hooks=None, layers=None,
                         progress: Callable[[int, int], None] | None = None) -> dict:
@@ -131,6 +155,24 @@ class GrpcBackend:
                 if progress:
                     progress(done, total)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise _error(e, "Fetch") from None
         return out
 
+
+    def forget(self, trace_id: str | None = None, request_id: str | None = None, dry_run: bool = False,
+               timeout_s: float = 600.0):
+        """`tensortrace forget --server`: the service forgets in its own process (the Forget RPC,
+        role `forget`). Returns storage.forget.ForgetReport; QueryError naming the refusal (and the
+        role to ask for), InvalidQuery for a malformed id. `timeout_s`: the deletes are mutations
+        that rewrite the parts holding the rows, longer than a read."""
+        from tensortrace.query.server import forget_report_from_pb
+
+        try:
+            m = self.stub.Forget(qpb.ForgetRequest(trace_id=trace_id or "", request_id=request_id or "",
+                                                   dry_run=dry_run), timeout=timeout_s)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise QueryError("query service: it does not serve Forget (an older tensortrace): upgrade it, or "
+                                 "stop the loader and forget with --clickhouse") from None
+            raise _error(e, "Forget", "forget") from None
+        return forget_report_from_pb(m)

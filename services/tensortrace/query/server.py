@@ -5,9 +5,15 @@
     server, port = serve(client, port=0, security=EndpointSecurity.loopback_plaintext())   # in-process
     server.stop(grace=1)
 
-Every RPC needs the `read` role when the service has a token file, and each call is one audit line
-(who, which RPC, trace / request id, hooks, result) and one count of
+Every read RPC needs the `read` role when the service has a token file, and each call is one audit
+line (who, which RPC, trace / request id, hooks, result) and one count of
 `tensortrace_audit_reads_total{identity,rpc,result}` (service/security.py, docs/security.md).
+
+Forget (`tensortrace forget --server`) runs storage/forget.py's Forgetter in this process: with an
+embedded chDB engine the loader that serves this is the only process that can open the data path,
+so this is how a data-subject request is served without stopping it. It needs the `forget` role
+(reading and steering capture do not imply erasing), and its audit line carries the ids and the
+per-table counts (`tensortrace_audit_control_changes_total{rpc="Forget"}`).
 
 Trace and SlowestTraces (`tensortrace trace --server`) run query/tracedata.py's TraceSource against
 this service's client, on the tables named when it was started (`--otel-database`, `--traces-table`,
@@ -28,7 +34,7 @@ import grpc
 from tensortrace.query import validate
 from tensortrace.query.backend import ClickHouseBackend, RequestRef
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError
-from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy
+from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy, audit_note
 from tensortrace.storage.otel import DEFAULT_OTEL_DATABASE, DEFAULT_TRACES_TABLE
 from tensortrace.v1 import query_pb2 as qpb
 from tensortrace.v1 import query_pb2_grpc as qgrpc
@@ -123,6 +129,30 @@ class QueryServicer(qgrpc.QueryServiceServicer):
         except Exception as e:
             _abort_trace(context, e)
 
+    def Forget(self, request, context):
+        """`tensortrace forget --server`: storage/forget.py's Forgetter on this service's client and
+        tables (the process that holds an embedded engine). The audit line gets the per-table
+        counts."""
+        from tensortrace.storage.forget import ForgetInputError, Forgetter, Target
+
+        try:
+            target = Target.parse(request.trace_id or None, request.request_id or None)
+        except ForgetInputError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"forget: {e}")
+        t = self.tables
+        try:
+            rep = Forgetter(self.backend.client, t.database, t.otel_database, t.traces_table, t.where).forget(
+                target, dry_run=request.dry_run)
+        except Exception as e:   # ClickHouse failed mid-way: what was deleted stays deleted; forget again
+            audit_note(error=f"{type(e).__name__}: {str(e)[:300]}")
+            _abort_trace(context, e if isinstance(e, QueryError) else
+                         QueryError(f"forget {target} at {t.where or 'ClickHouse'} failed: {type(e).__name__}: "
+                                    f"{str(e)[:300]} (tables forgotten before the failure stay forgotten; run it "
+                                    "again)"))
+        audit_note(rows_before=rep.counts, deleted=rep.deleted, whole_traces=rep.whole_traces,
+                   tables_absent=rep.absent, recorded=rep.recorded)
+        return forget_report_to_pb(rep)
+
     def Lookup(self, request, context):
         try:
             tid = validate.trace_id_bytes(request.trace_id) if request.trace_id else None
@@ -198,6 +228,26 @@ class QueryServicer(qgrpc.QueryServiceServicer):
             yield qpb.FetchResponse(total_records=total[0] if total else 0)
 
 
+def forget_report_to_pb(rep) -> qpb.ForgetResponse:
+    return qpb.ForgetResponse(
+        selector=rep.target.selector, id=rep.target.value, dry_run=rep.dry_run, where=rep.where,
+        requests=[qpb.RequestRef(trace_id=bytes.fromhex(tid), request_id=rid) for tid, rid in rep.requests],
+        whole_traces=rep.whole_traces,
+        tables=[qpb.ForgetTable(table=k, rows_before=n, deleted=rep.deleted.get(k, 0)) for k, n in rep.counts.items()],
+        tables_absent=rep.absent, previously_forgotten=rep.previously_forgotten, recorded=rep.recorded)
+
+
+def forget_report_from_pb(m: qpb.ForgetResponse):
+    from tensortrace.storage.forget import ForgetReport, Target
+
+    return ForgetReport(target=Target(m.selector, m.id), dry_run=m.dry_run,
+                        requests=[(r.trace_id.hex(), r.request_id) for r in m.requests],
+                        whole_traces=list(m.whole_traces), counts={t.table: t.rows_before for t in m.tables},
+                        absent=list(m.tables_absent),
+                        deleted={} if m.dry_run else {t.table: t.deleted for t in m.tables},
+                        previously_forgotten=m.previously_forgotten, recorded=m.recorded, where=m.where)
+
+
 def torch_uint8():
     import torch
 
@@ -225,6 +275,10 @@ QUERY_POLICIES = {
     "Fetch": RpcPolicy((Role.READ,), "read", _fetch_fields),
     "Trace": RpcPolicy((Role.READ,), "read", lambda r: {**_ids_fields(r), "residual_norms": r.residual_norms}),
     "SlowestTraces": RpcPolicy((Role.READ,), "read", lambda r: {"limit": r.limit, "since_unix_nano": r.since_unix_nano}),
+    # erasure: its own role (neither `read` nor `control` implies it: docs/security.md), audited with
+    # the ids and, once done, the per-table counts
+    "Forget": RpcPolicy((Role.FORGET,), "forget", lambda r: {"trace_id": r.trace_id, "request_id": r.request_id,
+                                                            "dry_run": r.dry_run}),
 }
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from tensortrace.query.backend import HookLayerStats, RequestRef
 from tensortrace.query.errors import BackendUnavailable, InvalidQuery, NotFound, QueryError, QueryTimeout
+from tensortrace.query.remote import access_hint
 from tensortrace.query.timeline import Span, StepTimes, Timing, TraceInputs
 from tensortrace.query.tracedata import ResidualNorms, TraceRead, slow_row, verdict_dict
 from tensortrace.v1 import query_pb2 as qpb
@@ -30,6 +31,11 @@ from tensortrace.wire.completeness import completeness
 NORMS_MAX_BYTES = 64 << 20   # the heatmap's float32 matrix in one response; more: the first positions
 # The server's UNAVAILABLE when its ClickHouse is down, told apart from "no server answered".
 CLICKHOUSE_UNAVAILABLE = "the query service cannot reach ClickHouse: "
+
+
+class AccessRefused(QueryError):
+    """The query service refused the call: no / unknown token (UNAUTHENTICATED) or a token without
+    the `read` role (PERMISSION_DENIED); the message says which token to give."""
 
 
 def _ref_pb(ref: RequestRef) -> qpb.RequestRef:
@@ -147,6 +153,11 @@ class GrpcTraceSource:
         the query service at 127.0.0.1:50052 cannot reach ClickHouse: ...          (BackendUnavailable)
         no request or span with trace id ... (through the query service at ...)    (NotFound)
         the query service at ... does not serve Trace (an older tensortrace): ...  (QueryError)
+        the query service at ... refused Trace: not authenticated (UNAUTHENTICATED: ...)   (AccessRefused)
+          Trace needs a bearer token with the `read` role ...: give --token-file FILE ...
+        the query service at ... refused Trace: permission denied (PERMISSION_DENIED: query: ops may
+          not call Trace: it needs role read, the token has control)               (AccessRefused)
+          Trace needs a token with the `read` role; the token given is known but lacks it: ...
     """
 
     def __init__(self, backend, address: str):
@@ -173,6 +184,12 @@ class GrpcTraceSource:
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return QueryError(f"{at} does not serve {rpc} (an older tensortrace): upgrade it, or read ClickHouse "
                               "with --clickhouse")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return AccessRefused(f"{at} refused {rpc}: not authenticated (UNAUTHENTICATED: {detail})\n  "
+                                 f"{access_hint(code, rpc, 'read')}")
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return AccessRefused(f"{at} refused {rpc}: permission denied (PERMISSION_DENIED: {detail})\n  "
+                                 f"{access_hint(code, rpc, 'read')}")
         return QueryError(f"{at}: {code.name}: {detail}")
 
     def read(self, trace_id: str | None, request_id: str | None = None, norms: bool = False) -> TraceRead:

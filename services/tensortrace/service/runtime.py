@@ -269,6 +269,8 @@ class ServiceRunner:
                 if self.error is None and not self.stopping.is_set():
                     self.log.error("%s: run() returned without being stopped", self.name)
                     return 1
+                if isinstance(self.error, ConfigError):   # e.g. a certificate file broken after the config was checked
+                    return 2
                 return 1 if self.error is not None else 0
             self.log.info("%s: stopping; draining for up to %.0fs", self.name, rt.drain_timeout_s)
             service.stop()

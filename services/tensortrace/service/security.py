@@ -31,8 +31,10 @@ Decisions, and why:
   `plaintext_any_address: true` forces it (e.g. behind a service mesh that does mTLS for us).
 - **Roles are independent; `control` does not imply `read`.** A token carries one or more of
   `read` (query RPCs: show, trace, the SDK), `control` (exporterctl set) and `ingest` (sending
-  spans to the bridge's OTLP receiver). An operator who may switch capture on need not be able to
-  read what it captured; a line can say `read,control` where one token should do both. The
+  spans to the bridge's OTLP receivers) and `forget` (the query service's Forget RPC, `tensortrace
+  forget --server`: erasure is irreversible, so neither reading nor steering capture implies it).
+  An operator who may switch capture on need not be able to read what it captured; a line can say
+  `read,control` where one token should do both. The
   exporter's GetStatus (rings and accounting, no user data) takes either `read` or `control`.
 - **Without a token file there is no authorization**: every client that completes the handshake
   may call everything. With mTLS that is the CA's decision (the audit line names the certificate
@@ -96,6 +98,7 @@ class Role(str, enum.Enum):
     READ = "read"          # query RPCs: show, trace, the read-back SDK
     CONTROL = "control"    # exporterctl set: what the agents capture
     INGEST = "ingest"      # send spans to the bridge's OTLP receiver
+    FORGET = "forget"      # erase a request's data (`tensortrace forget --server`): irreversible, its own role
 
 
 ROLES = tuple(r.value for r in Role)
@@ -482,7 +485,7 @@ class AuditSink:
             line["subject"] = principal.subject
         line.update({"peer": peer, "rpc": rpc, **fields, "result": result})
         audit_log.info("%s", json.dumps(line, separators=(",", ":"), default=str))
-        counter = self.controls if kind == "control" else self.reads
+        counter = self.controls if kind in ("control", "forget") else self.reads   # forget: a change, rpc=Forget
         counter.labels(endpoint, principal.metric_identity, rpc, result).inc()
 
 

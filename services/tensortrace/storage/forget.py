@@ -3,6 +3,7 @@ the project stores, for a data-subject request; and the loader's sweep that keep
 
     tensortrace forget --request-id chatcmpl-42 --clickhouse http://user:pw@ch:8123 [--dry-run]
     tensortrace forget --trace-id 4bf92f3577b34da6a3ce929d0e0e4736 --clickhouse chdb:///var/lib/tensortrace/chdb
+    tensortrace forget --request-id chatcmpl-42 --server query:50052 --tls-ca ca.crt --token-file forget.token
 
     f = Forgetter(client, database="tensortrace", otel_database="otel")
     report = f.forget(Target.parse(trace_id="4bf9..."))     # report.deleted: {table: rows}
@@ -21,6 +22,12 @@ What one forget deletes (docs/data-lifecycle.md has the whole map of what is sto
 and then records the forgotten id in `forgotten` (migration 4) — unless `--dry-run`, which only
 counts. Tables that do not exist in a ClickHouse (no bridge, a server holding only the spans) are
 skipped, and the report says so; several `--clickhouse` DSNs are each forgotten in turn.
+
+`--server` (query/forget.py; the query service's Forget RPC, role `forget`) runs this same Forgetter
+in the process that serves queries: with an embedded chDB engine that is the loader, the only
+process that can open the path, so a running loader need not be stopped. This module stays a
+contract (no service or grpc imports): `parser()`, `parse_target()`, `run()` and `finish()` are
+shared with query/forget.py, which adds the flags.
 
 How rows are deleted: `ALTER TABLE ... DELETE WHERE ... SETTINGS mutations_sync = 2`, a mutation
 that rewrites the parts holding matching rows and returns once it is done. Not a lightweight
@@ -315,17 +322,16 @@ def _print_report(rep: ForgetReport, out) -> None:
     print(f"  {verb} {rep.total} rows in {sum(1 for n in rep.counts.values() if n)} tables", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`tensortrace forget`. Exit 0: forgotten (or forgotten before, nothing left); 3: no such id in
-    any ClickHouse given; 2: bad arguments (a malformed id); 1: ClickHouse failed or unreachable."""
+def parser():
+    """The `tensortrace forget` arguments (query/forget.py adds --server and the client security
+    flags to the same parser)."""
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(
         prog="tensortrace forget",
         description="Delete one request's tensors, summaries, probe scores and spans from every table "
                     "TensorTrace stores (docs/data-lifecycle.md). Exit codes: 0 forgotten (or already), "
-                    "3 not found, 2 bad arguments, 1 ClickHouse error.")
+                    "3 not found, 2 bad arguments, 1 ClickHouse error (or the query service refused).")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--trace-id", help="32 hex chars: every request under this trace, and all its spans")
     who.add_argument("--request-id", help="this request id, under every trace that has it")
@@ -337,59 +343,89 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--traces-table", default=DEFAULT_TRACES_TABLE, help="spans table (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     p.add_argument("--json", action="store_true", help="one JSON object per ClickHouse on stdout")
+    return p
+
+
+def parse_target(args) -> Target:
+    """The target and the names, checked (ValueError naming the problem: exit 2)."""
+    target = Target.parse(args.trace_id, args.request_id)
+    for name, what in ((args.database, "database"), (args.otel_database, "database"), (args.traces_table, "table")):
+        check_identifier(name, what)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tensortrace forget` on ClickHouse directly (--clickhouse). Exit 0: forgotten (or forgotten
+    before, nothing left); 3: no such id in any ClickHouse given; 2: bad arguments (a malformed id);
+    1: ClickHouse failed or unreachable."""
+    import sys
+
     try:
-        args = p.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
     try:
-        target = Target.parse(args.trace_id, args.request_id)
-        for name, what in ((args.database, "database"), (args.otel_database, "database"),
-                           (args.traces_table, "table")):
-            check_identifier(name, what)
+        target = parse_target(args)
     except ValueError as e:
         print(f"tensortrace forget: {e}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from tensortrace.storage.schema import connect
+    return run(args, target)
 
-    found, failed, recorded, empty = False, False, False, []
-    for dsn in args.dsns or [DEFAULT_DSN]:
-        where = _redact(dsn)
-        try:
-            client = connect(dsn)
-        except Exception as e:
-            # chDB prints "Cannot lock file .../status" itself and raises "Error initializing EmbeddedServer"
-            hint = (" (the path is held by a running process, e.g. the loader: stop it, or forget through the "
-                    "ClickHouse server DSN)") if "lock" in str(e).lower() or "EmbeddedServer" in str(e) else ""
-            print(f"tensortrace forget: cannot open ClickHouse {where}: {type(e).__name__}: {str(e)[:300]}{hint}",
-                  file=sys.stderr)
-            failed = True
-            continue
-        try:
-            rep = Forgetter(client, args.database, args.otel_database, args.traces_table, where).forget(
-                target, dry_run=args.dry_run)
-        except Exception as e:
-            print(f"tensortrace forget: {target} at {where} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
-            failed = True
-            continue
-        finally:
-            client.close()
+
+def finish(reports: list[ForgetReport], target: Target, wheres: list[str], failed: bool, as_json: bool) -> int:
+    """Print the reports; the exit code (main's)."""
+    import sys
+
+    found, recorded, empty = False, False, []
+    for rep in reports:
         found = found or rep.found
         recorded = recorded or rep.recorded
         if not rep.counts:
-            empty.append(where)
-        if args.json:
+            empty.append(rep.where)
+        if as_json:
             print(json.dumps(rep.as_dict()))
         else:
             _print_report(rep, sys.stdout)
     if failed:
         return EXIT_ERROR
     if not found:
-        print(f"tensortrace forget: no request, score or span with {target} in "
-              f"{', '.join(_redact(d) for d in args.dsns or [DEFAULT_DSN])}"
+        print(f"tensortrace forget: no request, score or span with {target} in {', '.join(wheres)}"
               + ("; recorded as forgotten all the same, so the loader deletes it if it still arrives (within "
                  "the `forgotten` retention)" if recorded else "")
               + (f"; no TensorTrace or spans tables at all in {', '.join(empty)}: wrong --clickhouse or --database?"
                  if empty else ""), file=sys.stderr)
         return EXIT_NOT_FOUND
     return EXIT_OK
+
+
+def run(args, target: Target) -> int:
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from tensortrace.storage.schema import connect
+
+    failed, reports = False, []
+    dsns = args.dsns or [DEFAULT_DSN]
+    for dsn in dsns:
+        where = _redact(dsn)
+        try:
+            client = connect(dsn)
+        except Exception as e:
+            # chDB prints "Cannot lock file .../status" itself and raises "Error initializing EmbeddedServer"
+            hint = (" (the path is held by a running process, e.g. the loader: forget through its query service, "
+                    "--server HOST:PORT with a token of the forget role, or stop it)") if (
+                "lock" in str(e).lower() or "EmbeddedServer" in str(e)) else ""
+            print(f"tensortrace forget: cannot open ClickHouse {where}: {type(e).__name__}: {str(e)[:300]}{hint}",
+                  file=sys.stderr)
+            failed = True
+            continue
+        try:
+            reports.append(Forgetter(client, args.database, args.otel_database, args.traces_table, where).forget(
+                target, dry_run=args.dry_run))
+        except Exception as e:
+            print(f"tensortrace forget: {target} at {where} failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            failed = True
+            continue
+        finally:
+            client.close()
+    return finish(reports, target, [_redact(d) for d in dsns], failed, args.json)

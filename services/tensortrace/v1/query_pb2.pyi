@@ -345,3 +345,47 @@ class SlowestTracesResponse(_message.Message):
     requests: _containers.RepeatedCompositeFieldContainer[SlowTrace]
     where: str
     def __init__(self, requests: _Optional[_Iterable[_Union[SlowTrace, _Mapping]]] = ..., where: _Optional[str] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("trace_id", "request_id", "dry_run")
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    trace_id: str
+    request_id: str
+    dry_run: bool
+    def __init__(self, trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ForgetTable(_message.Message):
+    __slots__ = ("table", "rows_before", "deleted")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    rows_before: int
+    deleted: int
+    def __init__(self, table: _Optional[str] = ..., rows_before: _Optional[int] = ..., deleted: _Optional[int] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("selector", "id", "dry_run", "where", "requests", "whole_traces", "tables", "tables_absent", "previously_forgotten", "recorded")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_TRACES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_ABSENT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUSLY_FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    selector: str
+    id: str
+    dry_run: bool
+    where: str
+    requests: _containers.RepeatedCompositeFieldContainer[RequestRef]
+    whole_traces: _containers.RepeatedScalarFieldContainer[str]
+    tables: _containers.RepeatedCompositeFieldContainer[ForgetTable]
+    tables_absent: _containers.RepeatedScalarFieldContainer[str]
+    previously_forgotten: str
+    recorded: bool
+    def __init__(self, selector: _Optional[str] = ..., id: _Optional[str] = ..., dry_run: _Optional[bool] = ..., where: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[RequestRef, _Mapping]]] = ..., whole_traces: _Optional[_Iterable[str]] = ..., tables: _Optional[_Iterable[_Union[ForgetTable, _Mapping]]] = ..., tables_absent: _Optional[_Iterable[str]] = ..., previously_forgotten: _Optional[str] = ..., recorded: _Optional[bool] = ...) -> None: ...

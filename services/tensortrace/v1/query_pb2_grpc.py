@@ -64,6 +64,11 @@ class QueryServiceStub:
                 request_serializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.SerializeToString,
                 response_deserializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/tensortrace.v1.QueryService/Forget',
+                request_serializer=tensortrace_dot_v1_dot_query__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=tensortrace_dot_v1_dot_query__pb2.ForgetResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -114,6 +119,17 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """`tensortrace forget --server`: delete one request's (or one trace's) tensors, summaries, probe
+        scores and spans from the tables this service reads, in the service's process (with an
+        embedded chDB engine the only process that can open the data path), and record it in
+        `forgotten` for the loader's sweep (storage/forget.py, docs/data-lifecycle.md). Needs the
+        `forget` role; audited. A malformed id: INVALID_ARGUMENT; nothing stored: OK with zero counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +162,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.SlowestTraces,
                     request_deserializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.FromString,
                     response_serializer=tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=tensortrace_dot_v1_dot_query__pb2.ForgetRequest.FromString,
+                    response_serializer=tensortrace_dot_v1_dot_query__pb2.ForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +331,33 @@ class QueryService:
             '/tensortrace.v1.QueryService/SlowestTraces',
             tensortrace_dot_v1_dot_query__pb2.SlowestTracesRequest.SerializeToString,
             tensortrace_dot_v1_dot_query__pb2.SlowestTracesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensortrace.v1.QueryService/Forget',
+            tensortrace_dot_v1_dot_query__pb2.ForgetRequest.SerializeToString,
+            tensortrace_dot_v1_dot_query__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
