@@ -3,6 +3,7 @@ this folder on sys.path).
 
     docs = render()                                   # the default install: a list of manifests (dicts)
     docs = render(values=[EXAMPLES / "kafka-sasl-ssl.yaml"], set_values={"loader.replicas": 3})
+    docs = render(secure=False)                       # values.yaml alone: refused (no certificate source)
     for pod, c in containers(docs): ...               # (pod template owner, container), init containers too
     helm("lint", "--strict", CHART)                   # any helm command: CompletedProcess
 
@@ -25,6 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tensortrace"
 EXAMPLES = CHART / "examples"
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+# The Secrets every install must name (security.tls.existingSecret, security.tokens.existingSecret).
+SECURE = FIXTURES / "secure.yaml"
 HELM_VERSION = "v3.22.0"
 HELM = ROOT / ".cache" / "helm" / HELM_VERSION / "bin" / "helm"
 CHART_TOOLS = ROOT / ".cache" / "chart-tools" / "bin" / "charttools"
@@ -61,28 +64,39 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def template_args(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART) -> list[str]:
+def with_security(values=()) -> list:
+    """`values`, preceded by fixtures/secure.yaml (a certificate source and a tokens Secret, which the
+    chart requires) unless one of them has a `security:` block of its own."""
+    values = list(values)
+    if any("security" in (yaml.safe_load(pathlib.Path(v).read_text()) or {}) for v in values):
+        return values
+    return [SECURE, *values]
+
+
+def template_args(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART,
+                  secure: bool = True) -> list[str]:
+    """`helm template` arguments; with `secure`, values go through with_security()."""
     args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
-    for v in values:
+    for v in (with_security(values) if secure else values):
         args += ["-f", str(v)]
     for k, v in (set_values or {}).items():
         args += ["--set-json", f"{k}={json.dumps(v)}"]
     return args
 
 
-def render_text(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART) -> str:
+def render_text(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART, secure: bool = True) -> str:
     """`helm template` output, as text (what `kubectl apply` would get)."""
-    return helm(*template_args(values, set_values, chart)).stdout
+    return helm(*template_args(values, set_values, chart, secure=secure)).stdout
 
 
-def render(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART) -> list[dict]:
+def render(values=(), set_values: dict | None = None, chart: pathlib.Path = CHART, secure: bool = True) -> list[dict]:
     """`helm template` output, parsed: one dict per manifest (empty documents dropped)."""
-    return [d for d in yaml.safe_load_all(render_text(values, set_values, chart)) if d]
+    return [d for d in yaml.safe_load_all(render_text(values, set_values, chart, secure)) if d]
 
 
-def render_error(values=(), set_values: dict | None = None) -> str:
+def render_error(values=(), set_values: dict | None = None, secure: bool = True) -> str:
     """helm's error message for values that must not render (fails the test if they do)."""
-    p = helm(*template_args(values, set_values), check=False)
+    p = helm(*template_args(values, set_values, secure=secure), check=False)
     if p.returncode == 0:
         pytest.fail(f"helm rendered values that must be refused: {values} {set_values}", pytrace=False)
     return p.stderr
@@ -121,7 +135,7 @@ def container_env(c: dict, secrets: str = "secret-from-kubernetes", node: str = 
     env = {}
     for e in c.get("env") or []:
         if "value" in e:
-            env[e["name"]] = str(e["value"])
+            env[e["name"]] = expand(str(e["value"]), env)   # $(VAR) of a variable defined before it
         elif "secretKeyRef" in e.get("valueFrom", {}):
             env[e["name"]] = secrets
         elif "fieldRef" in e.get("valueFrom", {}):

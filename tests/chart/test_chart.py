@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from helmchart import (CHART, EXAMPLES, FIXTURES, KUBE_VERSION, NAMESPACE, RELEASE, command_line, container_env,
-                       containers, find, helm, one, pod_spec, render, render_error, render_text)
+                       containers, find, helm, one, pod_spec, render, render_error, render_text, with_security)
 from tensortrace import cli
 from tensortrace.service.config import ConfigError
 
@@ -43,6 +43,50 @@ SERVICES = ("exporter", "loader", "query-server", "bridge", "probes")
 # Files the chart mounts from Secrets the user creates: absent here, so the services' "is not a
 # readable file" problems about exactly these paths are expected outside a cluster.
 MOUNTED_SECRET_DIRS = ("/etc/tensortrace/kafka-ca/", "/etc/tensortrace/kafka-client/")
+# The server certificate and the tokens Secret: the services read them at start (a key that is not
+# the certificate's, a malformed token line fail there), so they are made here, real (a CA, a server
+# certificate, a tokens file: tests/security/security_pki.py), and the rendered paths point at them.
+SECURITY_MOUNTS = ("/etc/tensortrace/tls/", "/etc/tensortrace/tokens/", "/etc/tensortrace/kafka-ca/",
+                   "/etc/tensortrace/kafka-client/")
+_SECRETS_DIR: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mounted_security_secrets(tmp_path_factory):
+    import sys
+
+    from helmchart import ROOT
+
+    sys.path.insert(0, str(ROOT / "tests" / "security"))
+    try:
+        import security_pki
+    finally:
+        sys.path.pop(0)
+    d = tmp_path_factory.mktemp("secrets")
+    (d / "tls").mkdir()
+    (d / "tokens").mkdir()
+    ca = security_pki.Issuer.ca("tensortrace-test-ca")
+    cert, key = ca.issue("tensortrace-server", server=True)
+    (d / "tls" / "tls.crt").write_bytes(cert)
+    (d / "tls" / "tls.key").write_bytes(key)
+    (d / "tls" / "ca.crt").write_bytes(ca.pem)
+    (d / "tokens" / "tokens").write_text(security_pki.TOKENS)
+    # the Kafka client's CA and certificate (kafka.tls.*): the same CA stands in for the brokers'
+    (d / "kafka-ca").mkdir()
+    (d / "kafka-ca" / "ca.crt").write_bytes(ca.pem)
+    (d / "kafka-client").mkdir()
+    cert, key = ca.issue("tensortrace-kafka-client", server=False)
+    (d / "kafka-client" / "tls.crt").write_bytes(cert)
+    (d / "kafka-client" / "tls.key").write_bytes(key)
+    _SECRETS_DIR[:] = [str(d)]
+    yield d
+    _SECRETS_DIR.clear()
+
+
+def _local_secret_paths(arg: str) -> str:
+    for m in SECURITY_MOUNTS:
+        arg = arg.replace(m, f"{_SECRETS_DIR[0]}/{m.rstrip('/').rsplit('/', 1)[1]}/")
+    return arg
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +101,7 @@ def test_there_are_example_values_for_each_documented_setup():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_strict_passes(variant):
     args = ["lint", "--strict", str(CHART)]
-    for v in VARIANTS[variant]:
+    for v in with_security(VARIANTS[variant]):
         args += ["-f", str(v)]
     out = helm(*args).stdout
     assert "0 chart(s) failed" in out, out
@@ -65,8 +109,8 @@ def test_helm_lint_strict_passes(variant):
 
 # -- Kubernetes schemas -----------------------------------------------------------------------------
 
-# The Prometheus Operator's kinds have no schema in kubernetes-validate: the fields the operator
-# requires, checked by hand (monitoring.coreos.com/v1).
+# The Prometheus Operator's and cert-manager's kinds have no schema in kubernetes-validate: the
+# fields the operator requires, checked by hand (monitoring.coreos.com/v1, cert-manager.io/v1).
 def _check_monitoring_kind(doc: dict) -> list[str]:
     problems, spec, kind = [], doc.get("spec") or {}, doc["kind"]
     if kind == "ServiceMonitor":
@@ -75,6 +119,12 @@ def _check_monitoring_kind(doc: dict) -> list[str]:
     elif kind == "PodMonitor":
         problems += [] if spec.get("selector", {}).get("matchLabels") else ["spec.selector.matchLabels missing"]
         problems += [f"endpoint {e} has no port" for e in spec.get("podMetricsEndpoints") or [{}] if not e.get("port")]
+    elif kind == "Certificate":   # cert-manager.io/v1: what cert-manager needs to issue it
+        problems += [] if spec.get("secretName") else ["spec.secretName missing"]
+        problems += [] if (spec.get("issuerRef") or {}).get("name") else ["spec.issuerRef.name missing"]
+        problems += [] if spec.get("dnsNames") else ["spec.dnsNames missing"]
+        problems += [f"{k} {spec[k]!r} is not a Go duration" for k in ("duration", "renewBefore")
+                     if k in spec and not re.fullmatch(r"([0-9]+(\.[0-9]+)?(h|m|s))+", spec[k])]
     elif kind == "PrometheusRule":
         for g in spec.get("groups") or [{}]:
             if not g.get("name") or not g.get("rules"):
@@ -99,7 +149,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas(rendered, varian
     for doc in rendered[variant]:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
         assert doc["metadata"].get("namespace") in (None, NAMESPACE), where
-        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+        if doc["apiVersion"] in ("monitoring.coreos.com/v1", "cert-manager.io/v1"):
             assert _check_monitoring_kind(doc) == [], where
             continue
         try:
@@ -185,7 +235,7 @@ def _service_config(c: dict, monkeypatch, strict: bool):
     and validated by its config, with the container's environment."""
     argv = command_line(c)
     assert argv[0] == "tensortrace", f"{c['name']}: not started through the tensortrace CLI: {argv}"
-    name, args = argv[1], argv[2:]
+    name, args = argv[1], [_local_secret_paths(a) for a in argv[2:]]
     spec = cli.service_spec(name)
     for k, v in container_env(c).items():
         monkeypatch.setenv(k, v)
@@ -501,7 +551,7 @@ def test_more_than_one_loader_is_fine_with_a_clickhouse_server():
 
 # -- NOTES --------------------------------------------------------------------------------------------
 
-def _notes(tmp_path, values=(), set_values=None) -> str:
+def _notes(tmp_path, values=(), set_values=None, secure: bool = True) -> str:
     """NOTES.txt as helm renders it (helm template does not print NOTES: a copy of the chart renders
     it as a string inside a manifest)."""
     import shutil
@@ -512,7 +562,7 @@ def _notes(tmp_path, values=(), set_values=None) -> str:
     (chart / "templates" / "NOTES.txt").unlink()
     (chart / "templates" / "_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "{{- end -}}\n")
     (chart / "templates" / "notes.yaml").write_text('notes: {{ include "test.notes" . | toJson }}\n')
-    text = render_text(values, set_values, chart=chart)
+    text = render_text(values, set_values, chart=chart, secure=secure)
     return [d for d in yaml.safe_load_all(text) if d and "notes" in d][0]["notes"]
 
 
@@ -589,8 +639,12 @@ def _scan_a_0600_ring_of_uid_1000(docs) -> dict:
         prep = subprocess.run([sys.executable, "-m", "tensortrace.cli", "ring-dir", "prepare", "--path", ring_dir,
                                "--gid", str(gid)], capture_output=True, text=True, timeout=60)
         assert prep.returncode == 0, prep.stderr
+        # the pod's own subdirectory, as kubelet makes it for the subPathExpr mount: root, the ring dir's mode
+        pod_dir = os.path.join(ring_dir, "default_pod-a")
+        os.mkdir(pod_dir)
+        os.chmod(pod_dir, os.stat(ring_dir).st_mode & 0o7777)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORTRACE_RING_")}
-        agent = run_python_as(Identity(1000, 1000, (gid,)), _AGENT_0600, ring_dir, env=env)
+        agent = run_python_as(Identity(1000, 1000, (gid,)), _AGENT_0600, pod_dir, env=env)
         assert agent.returncode == 0, agent.stderr[-2000:]
         ring = json.loads(agent.stdout.strip().splitlines()[-1])["path"]
         st = os.stat(ring)

@@ -11,6 +11,15 @@ its volume. Records flow agent -> ring -> exporter -> Kafka -> loader -> ClickHo
 bit-exact, through the query Service. Only addresses, ports, listen hosts and volume paths are
 mapped to this machine (podrun's docstring lists every rewrite).
 
+The install is secured as the chart requires (issue 15): the Secrets it names (a server certificate
+with the Services' DNS names, its CA, a tokens file, the inference pods' ingest token) are made at
+test time (tests/security/security_pki.py's CA) and mounted where the rendered pods mount them
+(podrun's secret volumes). The read-back goes over TLS with a read token and the Service's name;
+without a token it is refused; the exporter's control answers a control token over TLS; the
+quick-start SGLang's span headers (from its Secret) are accepted by the bridge's OTLP receiver and a
+call without them is not. The same install with the plaintext opt-in (`security.plaintext=true`)
+runs too.
+
 The two crash bugs this test exists for fail it (checked below without helm, on the manifests of
 the chart that had them): a number helm rendered as a float (`--batch-size=1.048576e+06`) and rings
 the exporter cannot read (created 0600 by a root inference pod, no ring group).
@@ -32,7 +41,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from tensortrace.testing.podrun import ContainerFailed, PodRunner  # noqa: E402
-from tensortrace.testing.privileges import can_switch_users, python_argv, shared_tmpdir  # noqa: E402
+from tensortrace.testing.privileges import can_switch_users, python_argv, shared_tmpdir, tensortrace_argv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = Path(os.environ.get("TENSORTRACE_CHART_DIR") or ROOT / "charts" / "tensortrace")   # another checkout of the chart
@@ -45,11 +54,16 @@ def _helm() -> str | None:
     return found if found and os.access(found, os.X_OK) else None
 
 
-def render(*sets: str) -> list[dict]:
+SECURE_VALUES = Path(__file__).resolve().parent / "fixtures" / "secure.yaml"
+
+
+def render(*sets: str, plaintext: bool = False) -> list[dict]:
+    """helm template with the Secrets fixtures/secure.yaml names (or the plaintext opt-in)."""
     helm = _helm()
     if helm is None:
         pytest.skip("helm is not built (`make helm` builds it from the Go module proxy into .cache/helm/)")
     cmd = [helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    cmd += ["--set", "security.plaintext=true"] if plaintext else ["-f", str(SECURE_VALUES)]
     for s in sets:
         cmd += ["--set", s]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -143,6 +157,11 @@ def agent_in_place_of_sglang(out_dir: str, prefix: str):
     return replace
 
 
+def tensortrace_cli() -> list[str]:
+    """This environment's `tensortrace` command."""
+    return tensortrace_argv()
+
+
 def wait_exit(run: PodRunner, pod: str, container: str, timeout_s: float = 300.0) -> int:
     proc = run.procs[(pod, container)]
     try:
@@ -152,20 +171,108 @@ def wait_exit(run: PodRunner, pod: str, container: str, timeout_s: float = 300.0
                               f"{run.log_tail(pod, container)}") from None
 
 
+def _pki_secrets(out_dir: str) -> tuple[dict, dict]:
+    """The Secrets fixtures/secure.yaml names, made now: a CA, one server certificate for every name
+    the chart's Certificates list (the Services, the exporter, localhost, 127.0.0.1), the tokens
+    file, the ingest token. Returns (secrets for PodRunner, {file: path} a client uses)."""
+    import datetime
+    import ipaddress
+    import sys
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    sys.path.insert(0, str(ROOT / "tests" / "security"))
+    try:
+        import security_pki
+    finally:
+        sys.path.pop(0)
+    ca = security_pki.Issuer.ca("tensortrace-render-run-ca")
+    names = [f"{RELEASE}-tensortrace-{c}{suffix}" for c in ("query", "bridge", "exporter")
+             for suffix in ("", f".{NAMESPACE}", f".{NAMESPACE}.svc", f".{NAMESPACE}.svc.cluster.local")]
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{RELEASE}-tensortrace")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names + ["localhost"]]
+                                                       + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    secure = yaml.safe_load(SECURE_VALUES.read_text())["security"]
+    secrets = {
+        secure["tls"]["existingSecret"]: {
+            "tls.crt": cert.public_bytes(serialization.Encoding.PEM),
+            "tls.key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()),
+            "ca.crt": ca.pem},
+        secure["tokens"]["existingSecret"]: {"tokens": security_pki.TOKENS},
+        secure["ingestToken"]["existingSecret"]: {"token": security_pki.INGEST_TOKEN},
+    }
+    files = {}
+    for name, data in (("ca.crt", ca.pem), ("read.token", security_pki.READ_TOKEN + "\n"),
+                       ("control.token", security_pki.CONTROL_TOKEN + "\n")):
+        files[name] = os.path.join(out_dir, name)
+        with open(files[name], "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.chmod(files[name], 0o644)
+    return secrets, files
+
+
+def _send_span(endpoint: str, headers: dict | None):
+    """One span through the real OpenTelemetry SDK's OTLP/gRPC exporter, as SGLang sends it
+    (insecure=True: SGLang's exporter cannot do TLS). Returns the SpanExportResult."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    results = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def export(self, spans):
+            results.append(self.inner.export(spans))
+            return results[-1]
+
+        def shutdown(self):
+            self.inner.shutdown()
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "sglang"}))
+    provider.add_span_processor(SimpleSpanProcessor(Recording(OTLPSpanExporter(
+        endpoint=endpoint, insecure=True, headers=headers, timeout=10))))
+    provider.get_tracer("sglang").start_span("prefill_forward").end()
+    provider.shutdown()
+    return results[0]
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_the_default_install_runs_records_flow_from_agents_to_clickhouse_and_back(kafka_broker):
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["secure", "plaintext"])
+def test_the_default_install_runs_records_flow_from_agents_to_clickhouse_and_back(kafka_broker, mode):
     torch = pytest.importorskip("torch")
-    from tensortrace.query import TensorTraceClient
+    import grpc
+    from opentelemetry.sdk.trace.export import SpanExportResult
+    from opentelemetry.util.re import parse_env_headers
+
+    from tensortrace.query import QueryError, TensorTraceClient
+    from tensortrace.service.security import ClientSecurity
     from tensortrace.testing.kafka import create_topics
 
-    docs = render()
+    plaintext = mode == "plaintext"
+    docs = render(plaintext=plaintext)
     # The chart's own inference pod: the image's user (non-root) and root, on the same node.
     inference = {
-        "sglang-nonroot": render("sglang.enabled=true", "sglang.capture.ringCapacity=16M"),
+        "sglang-nonroot": render("sglang.enabled=true", "sglang.capture.ringCapacity=16M", plaintext=plaintext),
         "sglang-root": render("sglang.enabled=true", "sglang.capture.ringCapacity=16M",
-                              "sglang.runAsUser=0", "sglang.runAsGroup=0"),
+                              "sglang.runAsUser=0", "sglang.runAsGroup=0", plaintext=plaintext),
     }
     pods = []
     for name, rendered in inference.items():
@@ -186,8 +293,9 @@ def test_the_default_install_runs_records_flow_from_agents_to_clickhouse_and_bac
         os.mkdir(out_dir)
         os.chmod(out_dir, 0o777)
         replace = {(name, "sglang"): agent_in_place_of_sglang(out_dir, name) for name in inference}
+        secrets, files = _pki_secrets(out_dir) if not plaintext else ({}, {})
         with PodRunner(docs + pods, root, external={chart_kafka: kafka_broker.bootstrap}, namespace=NAMESPACE,
-                       replace=replace) as run:
+                       replace=replace, secrets=secrets) as run:
             run.start_pod(exporter)          # init container: tensortrace ring-dir prepare, as root
             run.wait_ready(exporter)
             ring_dir = os.path.join(root, "host", "run/tensortrace")
@@ -206,8 +314,21 @@ def test_the_default_install_runs_records_flow_from_agents_to_clickhouse_and_bac
             wait_rings_attached(run, exporter, len(inference))
 
             query = run.service_address(f"{RELEASE}-tensortrace-query", 50052)   # the Service users are told to use
+            if plaintext:
+                security = ClientSecurity()
+            else:
+                # NOTES' client settings: the CA, a read token, the Service's name in the certificate
+                security = ClientSecurity(tls_ca=files["ca.crt"], token_file=files["read.token"],
+                                          tls_server_name=f"{RELEASE}-tensortrace-query.{NAMESPACE}.svc")
+                with TensorTraceClient(f"grpc://{query}", security=ClientSecurity(
+                        tls_ca=files["ca.crt"], tls_server_name=f"{RELEASE}-tensortrace-query.{NAMESPACE}.svc")) as anon:
+                    with pytest.raises(QueryError, match="UNAUTHENTICATED"):
+                        anon.status(trace_id="0" * 31 + "1")
+                with pytest.raises(QueryError):   # plaintext to a TLS endpoint: no handshake, no data
+                    with TensorTraceClient(f"grpc://{query}") as plain:
+                        plain.status(trace_id="0" * 31 + "1")
             checked = 0
-            with TensorTraceClient(f"grpc://{query}", poll_interval_s=0.2) as tt:
+            with TensorTraceClient(f"grpc://{query}", poll_interval_s=0.2, security=security) as tt:
                 for name in inference:
                     want = torch.load(os.path.join(out_dir, name + ".pt"))
                     for rid, (trace_id, hidden) in want.items():
@@ -220,6 +341,25 @@ def test_the_default_install_runs_records_flow_from_agents_to_clickhouse_and_bac
                             assert torch.equal(g[0], w), f"{rid}: hidden state {L} differs from the model's"
                         checked += 1
             assert checked == 4
+            # the exporter's control endpoint (the pod's loopback; NOTES' port-forward): TLS + a control token
+            control = f"127.0.0.1:{run.local_ports[(exporter, 50051)]}"
+            ctl = [*tensortrace_cli(), "exporterctl", "--address", control]
+            if not plaintext:
+                ctl += ["--tls-ca", files["ca.crt"], "--tls-server-name", f"{RELEASE}-tensortrace-exporter",
+                        "--token-file", files["control.token"]]
+            st = subprocess.run([*ctl, "status"], capture_output=True, text=True, timeout=60)
+            assert st.returncode == 0 and "kafka: connected" in st.stdout, st.stdout + st.stderr
+            # SGLang's spans: the headers the chart gives it (its ingest token Secret), plaintext as
+            # SGLang sends them, into the bridge Service's receiver
+            otlp = run.service_address(f"{RELEASE}-tensortrace-bridge", 4317)
+            sglang_env = run.argv_env(run.pods["sglang-nonroot"], run.pods["sglang-nonroot"].containers[0])[1]
+            if plaintext:
+                assert "OTEL_EXPORTER_OTLP_TRACES_HEADERS" not in sglang_env
+                assert _send_span(otlp, None) == SpanExportResult.SUCCESS
+            else:
+                headers = parse_env_headers(sglang_env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"], liberal=True)
+                assert _send_span(otlp, headers) == SpanExportResult.SUCCESS
+                assert _send_span(otlp, None) == SpanExportResult.FAILURE
             metrics = run.http(exporter, "exporter", "http", "/metrics")
             assert "tensortrace_exporter_rings_refused_total{" not in metrics, metrics
             codes = run.stop_all()
@@ -253,7 +393,9 @@ def _old_chart_exporter(batch_size: str = "1.048576e+06") -> dict:
                     "name": "exporter", "image": "ghcr.io/tensortrace/tensortrace:0.1.0",
                     "args": ["exporter", "--ring-dir=/run/tensortrace", "--bootstrap-servers=kafka:9092",
                              "--topic=tensortrace.activations", "--compression=zstd", "--linger-ms=5",
-                             f"--batch-size={batch_size}", "--control-port=50051", "--metrics-port=9464"],
+                             f"--batch-size={batch_size}", "--control-port=50051", "--metrics-port=9464",
+                             "--allow-flat-rings",    # the old layout: rings directly in the ring dir
+                             "--control-plaintext"],  # today's exporter refuses a control port without TLS or this
                     "ports": [{"name": "metrics", "containerPort": 9464}, {"name": "control", "containerPort": 50051}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                     "volumeMounts": [{"name": "rings", "mountPath": "/run/tensortrace"},
@@ -331,9 +473,75 @@ def test_the_runner_maps_only_addresses_ports_hosts_and_paths():
             "exporter", f"--ring-dir={rings}", "--bootstrap-servers=127.0.0.1:4242", "--topic=tensortrace.activations",
             "--compression=zstd", "--linger-ms=5", "--batch-size=1000000",
             f"--control-port={run.local_ports[('old-exporter', 50051)]}",
-            f"--metrics-port={run.local_ports[('old-exporter', 9464)]}", "--node=node-7", "--control-host=127.0.0.1",
+            f"--metrics-port={run.local_ports[('old-exporter', 9464)]}", "--allow-flat-rings", "--control-plaintext",
+            "--node=node-7",
+            "--control-host=127.0.0.1",
             "--ring-owner-uids=1000", "--x=$(NODE_NAME)", "--http-host=127.0.0.1"]
         tmp = os.path.join(root, "pods", "old-exporter", "tmp")
         assert env["OTHER"] == f"{rings}/x /var/run/tensortrace kafka:90921 127.0.0.1:4242 {tmp}/y"
         assert pod.containers[0].identity.uid == 10001 and pod.containers[0].identity.groups == ()
         run.stop_all()
+
+
+@pytest.mark.unit
+def test_the_runner_mounts_a_subpathexpr_as_kubelet_makes_it():
+    """The inference pod's ring mount (`subPathExpr: $(POD_NAMESPACE)_$(POD_NAME)`): its own
+    subdirectory of the hostPath, created by root with the mode of the hostPath's root."""
+    d = _old_inference_pod()
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    c["env"] += [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    c["volumeMounts"][0]["subPathExpr"] = "$(POD_NAMESPACE)_$(POD_NAME)"
+    with shared_tmpdir("tt-render-run-") as root:
+        host = os.path.join(root, "host", "run/tensortrace")
+        os.makedirs(host)
+        os.chmod(host, 0o2770)
+        run = PodRunner([d], root, namespace="team-a")
+        pod = run.pods["old-sglang"]
+        mounts = run.mounts(pod, pod.containers[0])
+        assert mounts == {"/run/tensortrace": os.path.join(host, "team-a_old-sglang-0")}
+        st = os.stat(mounts["/run/tensortrace"])
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o2770)
+        c["volumeMounts"][0]["subPathExpr"] = "../$(POD_NAME)"
+        with pytest.raises(ValueError, match="must be a relative path inside the volume"):
+            run.mounts(pod, pod.containers[0])
+        run.stop_all()
+
+
+@pytest.mark.unit
+def test_the_runner_mounts_secrets_as_the_kubelet_does_and_refuses_a_missing_one():
+    """secret volumes (all keys, or `items` under their path, 0644 root-owned) and secretKeyRef env
+    from the Secrets the caller says the cluster holds; a missing Secret or key fails the pod."""
+    d = _old_chart_exporter(batch_size="1000000")
+    spec = d["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    c["volumeMounts"] += [{"name": "tls", "mountPath": "/etc/tensortrace/tls", "readOnly": True},
+                          {"name": "tokens", "mountPath": "/etc/tensortrace/tokens", "readOnly": True}]
+    c["args"] += ["--control-tls-cert=/etc/tensortrace/tls/tls.crt", "--control-token-file=/etc/tensortrace/tokens/tokens"]
+    c["env"] = [{"name": "INGEST_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ingest", "key": "token"}}},
+                {"name": "HEADERS", "value": "authorization=Bearer%20$(INGEST_TOKEN)"},
+                {"name": "OPTIONAL", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "x", "optional": True}}}]
+    spec["volumes"] += [{"name": "tls", "secret": {"secretName": "tls"}},
+                        {"name": "tokens", "secret": {"secretName": "tok", "items": [{"key": "tokens", "path": "tokens"}]}}]
+    secrets = {"tls": {"tls.crt": b"CERT", "tls.key": b"KEY"}, "tok": {"tokens": "a read 0123456789abcdef", "other": "x"},
+               "ingest": {"token": "s3cret-token"}}
+    with shared_tmpdir("tt-render-run-") as root:
+        run = PodRunner([d], root, secrets=secrets)
+        pod = run.pods["old-exporter"]
+        argv, env = run.argv_env(pod, pod.containers[0])
+        tls, tok = (os.path.join(root, "secrets", "old-exporter", v) for v in ("tls", "tokens"))
+        assert f"--control-tls-cert={tls}/tls.crt" in argv and f"--control-token-file={tok}/tokens" in argv
+        assert sorted(os.listdir(tls)) == ["tls.crt", "tls.key"] and os.listdir(tok) == ["tokens"]
+        st = os.stat(os.path.join(tls, "tls.key"))
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
+        assert open(os.path.join(tok, "tokens")).read() == "a read 0123456789abcdef"
+        assert env["HEADERS"] == "authorization=Bearer%20s3cret-token" and "OPTIONAL" not in env
+        run.stop_all()
+    for missing, msg in (({"tls": secrets["tls"], "tok": secrets["tok"]}, "env INGEST_TOKEN: Secret 'ingest' does not exist"),
+                         ({**secrets, "tok": {"other": "x"}}, "volume 'tokens': Secret 'tok' has no key 'tokens' (has: other)")):
+        with shared_tmpdir("tt-render-run-") as root:
+            run = PodRunner([copy.deepcopy(d)], root, secrets=missing)
+            pod = run.pods["old-exporter"]
+            with pytest.raises(ContainerFailed, match=re.escape(msg)):
+                run.argv_env(pod, pod.containers[0])
+            run.stop_all()

@@ -105,6 +105,24 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and (or .Values.kafka.tls.caSecret .Values.kafka.tls.clientCertSecret) (not (has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL"))) -}}
 {{- fail (printf "kafka.tls secrets are set but kafka.securityProtocol=%s uses no TLS (SSL or SASL_SSL)" .Values.kafka.securityProtocol) -}}
 {{- end -}}
+{{- $sec := .Values.security -}}
+{{- if not $sec.plaintext -}}
+{{- if and $sec.tls.certManager.enabled $sec.tls.existingSecret -}}
+{{- fail "security.tls: both certManager.enabled and existingSecret are set; choose one certificate source" -}}
+{{- end -}}
+{{- if and $sec.tls.certManager.enabled (not $sec.tls.certManager.issuerRef.name) -}}
+{{- fail "security.tls.certManager.enabled=true needs security.tls.certManager.issuerRef.name (an Issuer or ClusterIssuer of cert-manager)" -}}
+{{- end -}}
+{{- if not (or $sec.tls.certManager.enabled $sec.tls.existingSecret) -}}
+{{- fail "security: TLS is on (the default) but there is no source of certificates for the query, control and OTLP endpoints. Set security.tls.certManager.enabled=true with security.tls.certManager.issuerRef.name=<issuer>, or security.tls.existingSecret=<a Secret with tls.crt, tls.key, ca.crt>; or, for development only, security.plaintext=true (docs/security.md \"In Kubernetes\")" -}}
+{{- end -}}
+{{- if not $sec.tokens.existingSecret -}}
+{{- fail "security: TLS without tokens lets every pod that reaches the query Service read every captured tensor. Set security.tokens.existingSecret=<a Secret whose key \"tokens\" holds `identity roles token` lines> (kubectl create secret generic tensortrace-tokens --from-file=tokens=./tokens; docs/security.md)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.sglang.enabled .Values.sglang.trace .Values.bridge.enabled $sec.tokens.existingSecret (not $sec.ingestToken.existingSecret) -}}
+{{- fail "sglang.trace sends SGLang's spans to the bridge, whose OTLP receiver requires an ingest token: set security.ingestToken.existingSecret=<a Secret whose key \"token\" holds a token with the ingest role in security.tokens>, or sglang.trace=false" -}}
+{{- end -}}
 {{- range $c := list "exporter" "loader" -}}
 {{- $v := index $.Values $c -}}
 {{- if lt (int64 $v.terminationGraceExtraSeconds) 1 -}}
@@ -259,6 +277,10 @@ affinity:
 {{- $v := index . 2 -}}
 labels:
   {{- include "tensortrace.componentLabels" (list $root (index . 1)) | nindent 2 }}
+  {{- if eq (index . 1) "sglang" }}
+  # an inference pod: networkPolicy.otlpFrom admits it to the bridge's OTLP receiver
+  tensortrace.io/inference: "true"
+  {{- end }}
   {{- with $v.podLabels }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -296,10 +318,24 @@ deploy/sglang-capture/ carry the same variables; docs/sglang.md).
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
 - name: NODE_NAME
   valueFrom:
     fieldRef:
       fieldPath: spec.nodeName
+{{- end -}}
+
+{{/* The inference pod's ring mount: only its own subdirectory of the node's ring directory, which
+kubelet creates (root, the ring directory's mode: 2770 in the ring group), so the pod sees no other
+pod's rings and the exporter knows whose rings these are from where they are (docs/operations.md
+"Pod isolation and the threat model"). The container needs POD_NAMESPACE and POD_NAME in its env. */}}
+{{- define "tensortrace.ringMount" -}}
+- name: tensortrace-rings
+  mountPath: {{ .Values.rings.hostPath }}
+  subPathExpr: $(POD_NAMESPACE)_$(POD_NAME)
 {{- end -}}
 
 {{/* A pod's securityContext from values (numbers through int64). Call with .Values.loader.podSecurityContext. */}}
@@ -334,7 +370,91 @@ The same container is in deploy/sglang-capture/capture-patch.yaml.
   env:
     - name: TENSORTRACE_RING_DIR
       value: {{ .Values.rings.hostPath | quote }}
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    - name: POD_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
   volumeMounts:
-    - name: tensortrace-rings
-      mountPath: {{ .Values.rings.hostPath }}
+    {{- include "tensortrace.ringMount" . | nindent 4 }}
+{{- end -}}
+
+
+{{/*
+Endpoint security flags (service/security.py EndpointSecurity; docs/security.md). Call with
+(list $ "<flag prefix with its dash, or empty>" <listens beyond loopback> <TLS possible> <mTLS applies>).
+Plaintext only with security.plaintext (or for the OTLP receiver, whose SGLang client cannot do
+TLS, unless security.otlpReceiverTLS); tokens whenever security.tokens.existingSecret is set.
+*/}}
+{{- define "tensortrace.endpointArgs" -}}
+{{- $root := index . 0 -}}
+{{- $p := index . 1 -}}
+{{- $sec := $root.Values.security -}}
+{{- if and (not $sec.plaintext) (index . 3) }}
+- --{{ $p }}tls-cert=/etc/tensortrace/tls/tls.crt
+- --{{ $p }}tls-key=/etc/tensortrace/tls/tls.key
+{{- if and $sec.tls.clientCA (index . 4) }}
+- --{{ $p }}tls-client-ca=/etc/tensortrace/tls/ca.crt
+{{- end }}
+{{- else }}
+- --{{ $p }}plaintext
+{{- if index . 2 }}
+- --{{ $p }}plaintext-any-address
+{{- end }}
+{{- end }}
+{{- if $sec.tokens.existingSecret }}
+- --{{ $p }}token-file=/etc/tensortrace/tokens/tokens
+{{- end }}
+{{- end -}}
+
+{{/* "true" when the OTLP receiver serves TLS. */}}
+{{- define "tensortrace.otlpTLS" -}}
+{{- if and (not .Values.security.plaintext) .Values.security.otlpReceiverTLS -}}true{{- end -}}
+{{- end -}}
+
+{{/* The server certificate Secret of a component: (list $ "exporter") or (list $ "query"). */}}
+{{- define "tensortrace.tlsSecretName" -}}
+{{- $root := index . 0 -}}
+{{- $tls := $root.Values.security.tls -}}
+{{- if eq (index . 1) "exporter" -}}
+{{- if $tls.certManager.enabled -}}{{ include "tensortrace.componentName" (list $root "exporter-tls") }}{{- else -}}{{ default $tls.existingSecret $tls.exporterExistingSecret }}{{- end -}}
+{{- else -}}
+{{- if $tls.certManager.enabled -}}{{ include "tensortrace.componentName" (list $root "tls") }}{{- else -}}{{ $tls.existingSecret }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Mounts of the server certificate (when `tls`) and the tokens Secret. Call with (list $ <tls>). */}}
+{{- define "tensortrace.securityVolumeMounts" -}}
+{{- if index . 1 }}
+- name: tls
+  mountPath: /etc/tensortrace/tls
+  readOnly: true
+{{- end }}
+{{- if (index . 0).Values.security.tokens.existingSecret }}
+- name: tokens
+  mountPath: /etc/tensortrace/tokens
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The volumes for tensortrace.securityVolumeMounts. Call with (list $ <tls> "exporter"|"query"). */}}
+{{- define "tensortrace.securityVolumes" -}}
+{{- $root := index . 0 -}}
+{{- if index . 1 }}
+- name: tls
+  secret:
+    # tls.crt, tls.key and ca.crt (ca.crt is read only with security.tls.clientCA)
+    secretName: {{ include "tensortrace.tlsSecretName" (list $root (index . 2)) }}
+{{- end }}
+{{- with $root.Values.security.tokens.existingSecret }}
+- name: tokens
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $root.Values.security.tokens.key }}
+        path: tokens
+{{- end }}
 {{- end -}}

@@ -15,7 +15,9 @@ rendered):
 - **volumes**: each mountPath is a local directory, and the rendered args and env name that
   directory instead (path prefixes rewritten). A hostPath is one directory per host path, shared by
   every pod (created root 0755 by DirectoryOrCreate, as the kubelet does); emptyDir 0777 per pod; a
-  PersistentVolumeClaim one directory per claim, group fsGroup and setgid when the pod has one.
+  PersistentVolumeClaim one directory per claim, group fsGroup and setgid when the pod has one. A
+  `subPath`/`subPathExpr` mount is that subdirectory, made as the kubelet makes it (root, the
+  volume root's mode).
 - **network**: each pod would have its own IP; here all share the loopback. Every declared
   containerPort gets a free local port: a `--...port=P` argument naming a declared port is
   rewritten, a listen host `0.0.0.0` becomes 127.0.0.1, and TensorTrace services get
@@ -24,9 +26,13 @@ rendered):
 - **addresses**: `<service>[.<ns>[.svc[.cluster.local]]]:<port>` of a rendered Service becomes the
   local port of the pod it selects (targetPort by name or number); `external` maps other addresses
   (the Kafka bootstrap servers) to local ones.
-- **env**: value, fieldRef (metadata.name/namespace, spec.nodeName, status.podIP), `$(VAR)`
-  expansion in command, args and env, as Kubernetes does. secretKeyRef is refused (not rendered by
-  a default install).
+- **secrets**: the Secrets a cluster would hold are given by the caller (`secrets={name: {key:
+  bytes}}`; the chart names Secrets the user creates). A `secret` volume is a directory per pod and
+  volume holding each key (or the `items` it lists, under their `path`), owned by root with the
+  volume's defaultMode (0644, as the kubelet writes them); a missing Secret or key fails the pod
+  unless `optional`, as on a node. `secretKeyRef` env takes the key's value.
+- **env**: value, fieldRef (metadata.name/namespace, spec.nodeName, status.podIP), secretKeyRef
+  (above), `$(VAR)` expansion in command, args and env, as Kubernetes does.
 - **command**: `tensortrace ...` (the images' entry point) runs this environment's CLI; `/bin/sh`
   runs the host's. Anything else (an inference engine) must be replaced by the caller (`replace`).
 """
@@ -146,7 +152,8 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 class PodRunner:
     def __init__(self, docs: list[dict], root: str, external: dict[str, str] | None = None,
-                 namespace: str = "default", node: str = "node-1", replace: dict | None = None):
+                 namespace: str = "default", node: str = "node-1", replace: dict | None = None,
+                 secrets: dict[str, dict[str, bytes | str]] | None = None):
         self.docs = [d for d in docs if d]
         self.pods = pods_from_manifests(self.docs)
         self.services = {d["metadata"]["name"]: d for d in self.docs if d.get("kind") == "Service"}
@@ -155,6 +162,8 @@ class PodRunner:
         self.node = node
         self.external = dict(external or {})
         self.replace = dict(replace or {})      # (pod, container) -> fn(container, argv, env) -> (argv, env)
+        self.secrets = {name: {k: v.encode() if isinstance(v, str) else bytes(v) for k, v in data.items()}
+                        for name, data in (secrets or {}).items()}
         self.local_ports: dict[tuple[str, int], int] = {}   # (pod, containerPort) -> local port
         for pod in self.pods.values():
             for c in pod.init_containers + pod.containers:
@@ -201,13 +210,68 @@ class PodRunner:
                 os.chown(path, -1, fs_group)
                 os.chmod(path, 0o2775)
             return path
+        if "secret" in v:
+            return self._secret_volume(pod, vol_name, v["secret"])
         raise NotImplementedError(f"{pod.name}: volume {vol_name!r} of type {sorted(set(v) - {'name'})} is not emulated")
 
+    def _secret_key(self, where: str, name: str, key: str, optional: bool) -> bytes | None:
+        data = self.secrets.get(name)
+        if data is None or key not in data:
+            if optional:
+                return None
+            what = f"Secret {name!r} does not exist" if data is None else f"Secret {name!r} has no key {key!r} (has: {', '.join(sorted(data))})"
+            raise ContainerFailed(f"{where}: {what} (the kubelet would not start the pod)")
+        return data[key]
+
+    def _secret_volume(self, pod: Pod, vol_name: str, src: dict) -> str:
+        path = os.path.join(self.root, "secrets", pod.name, vol_name)
+        if os.path.isdir(path):
+            return path
+        name, optional = src["secretName"], bool(src.get("optional"))
+        mode = src.get("defaultMode", 0o644)
+        where = f"{pod.name}: volume {vol_name!r}"
+        if src.get("items"):
+            files = [(i["key"], i["path"], i.get("mode", mode)) for i in src["items"]]
+        else:
+            files = [(k, k, mode) for k in sorted(self.secrets.get(name, {}))]
+            if name not in self.secrets and not optional:
+                self._secret_key(where, name, "", False)
+        os.makedirs(path)
+        os.chmod(path, 0o755)
+        for key, rel, m in files:
+            data = self._secret_key(where, name, key, optional)
+            if data is None:
+                continue
+            if rel.startswith("/") or ".." in rel.split("/"):
+                raise ValueError(f"{where}: item path {rel!r} must be relative inside the volume")
+            f = os.path.join(path, rel)
+            os.makedirs(os.path.dirname(f), exist_ok=True)
+            with open(f, "wb") as out:
+                out.write(data)
+            os.chmod(f, m)
+        return path
+
     def mounts(self, pod: Pod, c: Container) -> dict[str, str]:
-        """mountPath -> local directory."""
+        """mountPath -> local directory. A `subPath` / `subPathExpr` (`$(VAR)` from the container's
+        env) mounts that subdirectory of the volume, created as the kubelet does (doSafeMakeDir):
+        by root, then chmod to the mode of the volume's root, setgid included."""
         out = {}
+        env = None
         for m in c.spec.get("volumeMounts") or []:
-            out[m["mountPath"]] = self._volume_dir(pod, m["name"])
+            path = self._volume_dir(pod, m["name"])
+            sub = m.get("subPath") or ""
+            if m.get("subPathExpr"):
+                env = self._env(pod, c) if env is None else env
+                sub = expand(m["subPathExpr"], env)
+            if sub:
+                if sub.startswith("/") or ".." in sub.split("/"):
+                    raise ValueError(f"{pod.name}/{c.name}: subPath {sub!r} must be a relative path inside the volume")
+                full = os.path.join(path, sub)
+                if not os.path.isdir(full):
+                    os.makedirs(full)
+                    os.chmod(full, os.stat(path).st_mode & 0o7777)
+                path = full
+            out[m["mountPath"]] = path
         return out
 
     # -- addresses ---------------------------------------------------------------------------
@@ -258,8 +322,12 @@ class PodRunner:
                     env[e["name"]] = {"metadata.name": f"{pod.name}-0", "metadata.namespace": self.namespace,
                                       "spec.nodeName": self.node, "status.podIP": "127.0.0.1",
                                       "status.hostIP": "127.0.0.1"}[fp]
-                elif vf.get("secretKeyRef", {}).get("optional"):
-                    continue
+                elif "secretKeyRef" in vf:
+                    ref = vf["secretKeyRef"]
+                    data = self._secret_key(f"{pod.name}/{c.name}: env {e['name']}", ref["name"], ref["key"],
+                                            bool(ref.get("optional")))
+                    if data is not None:
+                        env[e["name"]] = data.decode()
                 else:
                     raise NotImplementedError(f"{pod.name}/{c.name}: env {e['name']} from {sorted(vf)} is not emulated")
             else:
