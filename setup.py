@@ -10,6 +10,8 @@ from setuptools import Extension, setup
 
 # One entry per native module; its Python fallback lives in the package that imports it.
 NATIVE = [
+    # envelope scanner for the consumers' hot loop (fallback: wire/codec.py + consume/validate.py)
+    ("tensortrace.wire._decode", ["services/tensortrace/wire/_decode.c"]),
 ]
 
 setup(ext_modules=[Extension(name, sources, optional=True, extra_compile_args=["-O3", "-std=c11"])

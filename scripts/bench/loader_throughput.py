@@ -1,6 +1,6 @@
 """Loader benchmark: Kafka -> ClickHouse (embedded chDB) throughput, freshness, and read-back time.
 
-    .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--json loader_throughput.json]
+    .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--decoder native,python] [--json loader_throughput.json]
 
 Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka). Phases:
   1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, 32 per envelope,
@@ -15,6 +15,10 @@ Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka)
      hidden 2048 bf16 (8192 records, 64 MiB), loaded through Kafka; time of
      TensorTraceClient.tensors() in-process (direct) and through the gRPC query service.
 Payloads are bf16 Gaussian values (RAW encoding, the loader does not touch them).
+`--decoder native,python`: phase 1 runs once per decoder, alternating, on fresh topics: "native" is
+the consumer core's native envelope scanner into ClickHouseSink.add_scan (tensortrace.wire.native,
+the default where it is built), "python" the same loader with it off (what TENSORTRACE_NATIVE=0
+does). Load averages are recorded with every phase (the machine is shared).
 """
 
 from __future__ import annotations
@@ -88,13 +92,15 @@ def create_topic(bootstrap: str, partitions: int = 4) -> str:
     return name
 
 
-def start_loader(bootstrap, topic, client, db, **overrides):
+def start_loader(bootstrap, topic, client, db, decoder: str = "native", **overrides):
     from tensortrace.loader.config import KafkaConfig, LoaderConfig
     from tensortrace.loader.service import Loader
 
     cfg = LoaderConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq", group_id=f"g-{topic}",
                        clickhouse_dsn="chdb://memory", database=db, **overrides)
     loader = Loader(cfg, client=client)
+    if decoder == "python":
+        loader.core.disable_native()     # what TENSORTRACE_NATIVE=0 does
     t = threading.Thread(target=loader.run, daemon=True)
     t.start()
     return loader, t
@@ -113,7 +119,8 @@ def _cpu_s(pid=None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message, **loader_kw) -> dict:
+def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message, decoder="native",
+                     **loader_kw) -> dict:
     topic = create_topic(bootstrap)
     msgs = build_messages(n_records, rows_per_record, hidden, per_message, request_prefix=label)
     payload_bytes = n_records * rows_per_record * hidden * 2
@@ -123,7 +130,9 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     del msgs
     db = f"bench_{label}_{uuid.uuid4().hex[:6]}"
     cpu0, broker0 = _cpu_s(), (_cpu_s(BROKER_PID) if BROKER_PID else 0.0)
-    loader, thread = start_loader(bootstrap, topic, client, db, **loader_kw)
+    load0 = os.getloadavg()
+    loader, thread = start_loader(bootstrap, topic, client, db, decoder=decoder, **loader_kw)
+    native_on = loader.core.native
     first = None
     while loader.stats.tensor_rows < n_records:
         if first is None and loader.stats.messages:
@@ -134,7 +143,8 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     loader.stop()
     thread.join()
     secs = done - first
-    return {"records": n_records, "row_bytes": rows_per_record * hidden * 2, "payload_MB": payload_bytes / 1e6,
+    return {"decoder": decoder, "native_in_use": native_on, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
+            "records": n_records, "row_bytes": rows_per_record * hidden * 2, "payload_MB": payload_bytes / 1e6,
             "seconds": secs, "rows_per_s": n_records / secs, "MB_per_s": payload_bytes / secs / 1e6,
             "produce_s": produce_s, "batches": loader.stats.batches,
             "consume_thread_decode_s": loader.stats.decode_seconds, "insert_thread_arrow_s": loader.stats.arrow_seconds,
@@ -184,7 +194,7 @@ def phase_freshness(bootstrap, client, rate_mbps, seconds, hidden=2048, per_mess
     loader, thread = start_loader(bootstrap, topic, client, "bench_fresh")
 
     def on_inserted(batch, done_ns):
-        lat_ms.extend((done_ns - t) / 1e6 for t in batch.act["capture_time"])
+        lat_ms.extend(((done_ns - batch.capture_times()) / 1e6).tolist())
     loader.on_inserted = on_inserted
     while not loader.ready.is_set():
         time.sleep(0.05)
@@ -230,7 +240,9 @@ def phase_readback(bootstrap, client, repeats=5) -> dict:
     assert all(torch.equal(got[k].tensor, v) for k, v in req.truth.items()), "read-back is not bit-exact"
     shape = list(got["resid_pre", 0].tensor.shape)
     times = {}
-    server, port = serve(client, database="bench_read", port=0)
+    from tensortrace.service.security import EndpointSecurity
+
+    server, port = serve(client, database="bench_read", port=0, security=EndpointSecurity.loopback_plaintext())
     remote = TensorTraceClient(f"grpc://127.0.0.1:{port}")
     for name, tt in (("direct", direct), ("grpc", remote)):
         ts = []
@@ -249,12 +261,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bootstrap", help="existing Kafka broker; default: start a local one")
     p.add_argument("--json", default="loader_throughput.json")
-    p.add_argument("--small-records", type=int, default=40_000, help="4 KiB records in phase 1")
-    p.add_argument("--large-records", type=int, default=600, help="256 KiB records in phase 1")
+    p.add_argument("--small-records", type=int, default=40_000, help="4 KiB records in phase 1 (0: skip them)")
+    p.add_argument("--large-records", type=int, default=600, help="256 KiB records in phase 1 (0: skip them)")
     p.add_argument("--rate-mbps", type=float, default=20.0)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--payload-codec", default=None, help="ClickHouse codec of the payload column (default: the loader's)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: throughput,freshness,readback")
+    p.add_argument("--decoder", default="native,python", help="phase 1 per decoder, side by side: native, python")
+    p.add_argument("--repeats", type=int, default=1, help="phase 1 runs per decoder (alternating); the median is reported")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     import clickhouse_connect
@@ -273,15 +287,29 @@ def main(argv=None) -> int:
         BROKER_PID = broker.pid
     chdb_dir = tempfile.mkdtemp(prefix="tt-loader-bench-")   # removed at the end (GBs of parts)
     client = ThreadSafeClient(clickhouse_connect.get_client(dsn=f"chdb://{chdb_dir}"))
-    results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:]}
+    results: dict = {"benchmark": "loader_throughput", "machine": f"{os.cpu_count()} cores, shared", "argv": sys.argv[1:],
+                     "load_avg_start": os.getloadavg()}
+    decoders = [d for d in a.decoder.split(",") if d]
     try:
         if "throughput" not in skip:
             kw = {"payload_codec": a.payload_codec} if a.payload_codec else {}
             results["payload_codec"] = a.payload_codec or "loader default"
-            results["throughput_4KiB"] = phase_throughput(bootstrap, client, "small", a.small_records, 1, 2048, 32, **kw)
-            print("4 KiB rows:", json.dumps(results["throughput_4KiB"]), flush=True)
-            results["throughput_256KiB"] = phase_throughput(bootstrap, client, "large", a.large_records, 64, 2048, 3, **kw)
-            print("256 KiB rows:", json.dumps(results["throughput_256KiB"]), flush=True)
+            for key, label, n, rows, per in (("throughput_4KiB", "small", a.small_records, 1, 32),
+                                             ("throughput_256KiB", "large", a.large_records, 64, 3)):
+                if not n:
+                    continue
+                runs = {dec: [] for dec in decoders}
+                for _ in range(a.repeats):          # alternating, so both decoders see the same load
+                    for dec in decoders:
+                        r = phase_throughput(bootstrap, client, label, n, rows, 2048, per, decoder=dec, **kw)
+                        runs[dec].append(r)
+                        print(f"{key} ({dec}):", json.dumps(r), flush=True)
+                for dec in decoders:   # the median run by MB/s, with every run's MB/s beside it
+                    ordered = sorted(runs[dec], key=lambda r: r["MB_per_s"])
+                    results[f"{key}_{dec}"] = dict(ordered[len(ordered) // 2],
+                                                   runs_MB_per_s=[r["MB_per_s"] for r in runs[dec]],
+                                                   runs_load_avg=[r["load_avg_start"][0] for r in runs[dec]])
+                results[key] = results[f"{key}_{decoders[0]}"]
         if "freshness" not in skip:
             results["freshness"] = phase_freshness(bootstrap, client, a.rate_mbps, a.seconds)
             print("freshness:", json.dumps(results["freshness"]), flush=True)
@@ -297,11 +325,19 @@ def main(argv=None) -> int:
             shutil.rmtree(chdb_dir, ignore_errors=True)
     print()
     print(f"{'measure':<38}{'value':>14}{'target':>14}")
-    if "throughput_4KiB" in results:
+    if "throughput_4KiB" in results or "throughput_256KiB" in results:
         for key, label in (("throughput_4KiB", "4 KiB rows"), ("throughput_256KiB", "256 KiB rows")):
-            r = results[key]
-            print(f"{label + ' rows/s':<38}{r['rows_per_s']:>14,.0f}{'>= 20,000' if key.endswith('4KiB') else '':>14}")
-            print(f"{label + ' MB/s':<38}{r['MB_per_s']:>14,.1f}{'>= 100':>14}")
+            if key not in results:
+                continue
+            for dec in decoders:
+                r = results[f"{key}_{dec}"]
+                tag = f"{label} ({dec})"
+                print(f"{tag + ' rows/s':<38}{r['rows_per_s']:>14,.0f}{'>= 20,000' if key.endswith('4KiB') else '':>14}")
+                target = (">= 200" if dec == "native" else ">= 100") if key.endswith("4KiB") else ">= 100"
+                print(f"{tag + ' MB/s':<38}{r['MB_per_s']:>14,.1f}{target:>14}")
+                if len(r.get("runs_MB_per_s", [])) > 1:
+                    print(f"{tag + ' runs MB/s':<38}{', '.join(f'{x:.1f}' for x in r['runs_MB_per_s']):>28}")
+                print(f"{tag + ' load avg':<38}{r['load_avg_start'][0]:>14.2f}")
     if "freshness" in results:
         r = results["freshness"]
         print(f"{'freshness p50 @ %.0f MB/s (ms)' % r['rate_MBps']:<38}{r['p50_ms']:>14,.0f}{'':>14}")
@@ -310,6 +346,7 @@ def main(argv=None) -> int:
         r = results["readback"]
         print(f"{'read-back 512x32, direct (ms, median)':<38}{r['direct']['median_ms']:>14,.0f}{'< 200':>14}")
         print(f"{'read-back 512x32, gRPC (ms, median)':<38}{r['grpc']['median_ms']:>14,.0f}{'< 200':>14}")
+    results["load_avg_end"] = os.getloadavg()
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {a.json}")

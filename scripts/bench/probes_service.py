@@ -2,7 +2,7 @@
 score acknowledged on the scores topic), with the loader's end of request -> queryable on the same
 stream as the baseline.
 
-    .venv/bin/python scripts/bench/probes_service.py [--json .cache/bench/probes_service.json] [--requests 5000]
+    .venv/bin/python scripts/bench/probes_service.py [--json .cache/bench/probes_service.json] [--requests 5000] [--decoder native,python]
 
 Requests are synthetic, shaped like SmolLM2-135M's stream: hidden 576, bf16, RAW payloads, one
 record per (layer, step) as the exporter splits them, packed into envelopes of <= 16 records, keyed
@@ -25,6 +25,12 @@ Phases (targets from issue 12):
      (a) the probe service: end of request -> its score acknowledged by Kafka (the sink's on_durable
      hook), p50/p99 (target p99 <= 250 ms); (b) baseline, same producer settings, run after it:
      the loader, end of request -> its summary row accepted by ClickHouse (queryable).
+`--decoder native,python`: phases 1 and 2 run once per decoder, side by side (alternating):
+"native" is the consumer core's native envelope scanner into ScoresSink.add_scan
+(tensortrace.wire.native; the default where it is built), "python" the same service with it off
+(what TENSORTRACE_NATIVE=0 does). Phase 3 uses the first decoder listed. Every phase records the
+load average at its start and end (the machine is shared); phase 2 also the CPU seconds of this
+process (all its threads) per request.
 """
 
 from __future__ import annotations
@@ -118,13 +124,20 @@ def make_probe_dir(all_layers: bool = False) -> str:
 
 # -- phase 1: in process ------------------------------------------------------------------------------
 
-def phase_inprocess(probe_dir: str, n: int, layers: list[int], prompt: int, generated: int, repeat: int) -> dict:
+POLL_MESSAGES = 64   # messages per simulated poll in phase 1 (the core seals once per poll, not per message)
+
+
+def phase_inprocess(probe_dir: str, n: int, layers: list[int], prompt: int, generated: int, repeat: int,
+                    decoder: str = "python") -> dict:
+    """`decoder`: "python" (codec.decode_envelope + add_tensor/add_summary per record) or "native"
+    (the scanner + add_scan, what ConsumerCore does when the extension is built)."""
     from tensortrace.consume import SealedBatch, Source
+    from tensortrace.wire import native
     from tensortrace.probes.service_probeset import ProbeDirectory
     from tensortrace.probes.sink import ScoresSink
 
     msgs, nbytes = build(n, layers, prompt, generated, f"ip{len(layers)}")
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
         probes = ProbeDirectory(probe_dir)
         probes.reload(force=True)
@@ -132,25 +145,34 @@ def phase_inprocess(probe_dir: str, n: int, layers: list[int], prompt: int, gene
         sink = ScoresSink(probes, lambda m, stopping: published.extend(m) or True, scores_topic="scores",
                           max_requests=100_000, max_bytes=8 << 30)
         stop = threading.Event()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for off, (_, value) in enumerate(msgs):
             src = Source("t", 0, off)
-            for rec in codec.decode_envelope(value):
-                if rec.WhichOneof("kind") == "summary":
-                    sink.add_summary(rec.summary, src)
-                else:
-                    sink.add_tensor(rec.tensor, src)
-            if sink.due():
+            sc = native.scan(value) if decoder == "native" else None
+            if sc is not None:
+                assert not sink.add_scan(sc, src)
+            else:
+                for rec in codec.decode_envelope(value):
+                    if rec.WhichOneof("kind") == "summary":
+                        sink.add_summary(rec.summary, src)
+                    else:
+                        sink.add_tensor(rec.tensor, src)
+            # as the consumer core: the sink is asked once per poll (here: per POLL_MESSAGES messages)
+            if off % POLL_MESSAGES == POLL_MESSAGES - 1 and sink.due():
                 sink.flush(SealedBatch(data=sink.seal()), stop)
         data = sink.seal()
         if data is not None:
             sink.flush(SealedBatch(data=data), stop)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         assert sink.stats.scores == n, (sink.stats.scores, n)
     best = min(times)
     st = sink.stats
-    return {"requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6, "seconds_best": best,
+    return {"decoder": decoder, "requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6, "seconds_best": best,
             "seconds_all": times, "requests_per_s": n / best, "MB_per_s": nbytes / best / 1e6,
+            # CPU time of this process: on a shared machine the steadier measure of the code's own cost
+            "cpu_seconds_all": cpu, "requests_per_cpu_s": n / min(cpu), "MB_per_cpu_s": nbytes / min(cpu) / 1e6,
             "records_kept": st.records_kept, "records_skipped": st.records_skipped,
             "payload_bytes_decoded": st.bytes_kept, "payload_bytes_never_decoded": st.bytes_skipped,
             "score_seconds": st.score_seconds}
@@ -174,7 +196,7 @@ def produce_all(bootstrap: str, topic: str, msgs) -> None:
     p.close()
 
 
-def probes_service(bootstrap, topic, probe_dir, **kw):
+def probes_service(bootstrap, topic, probe_dir, decoder="native", **kw):
     from tensortrace.probes.config import ProbesConfig
     from tensortrace.probes.service import ProbesService
     from tensortrace.service import KafkaConfig
@@ -183,37 +205,119 @@ def probes_service(bootstrap, topic, probe_dir, **kw):
     cfg = ProbesConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq",
                        group_id=f"g-{topic}", probe_dir=probe_dir, scores_topic=scores, escalation_topic="", **kw)
     svc = ProbesService(cfg)
+    if decoder == "python":
+        svc.core.disable_native()      # what TENSORTRACE_NATIVE=0 does
     t = threading.Thread(target=svc.run, daemon=True)
     t.start()
     return svc, t
 
 
-def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated) -> dict:
+def fetch_only(bootstrap, topic, n_messages: int, payload_bytes: int) -> dict:
+    """kafka-python alone, with the consumer core's fetch settings: every message of the topic polled
+    and dropped, nothing decoded. What the client's fetch caps the service at."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from tensortrace.consume import ConsumerConfig
+
+    cfg = ConsumerConfig()
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=cfg.max_poll_records,
+                      fetch_max_bytes=cfg.fetch_max_bytes, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes)
+    parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+    c.assign(parts)
+    c.seek_to_beginning(*parts)
+    got, nbytes = 0, 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    deadline = time.monotonic() + 300
+    while got < n_messages and time.monotonic() < deadline:
+        for msgs in c.poll(timeout_ms=200).values():
+            got += len(msgs)
+            nbytes += sum(len(m.value) for m in msgs)
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    c.close()
+    return {"messages": got, "wire_MB": nbytes / 1e6, "seconds": secs, "messages_per_s": got / secs,
+            "MB_per_s_activations": payload_bytes / secs / 1e6, "cpu_us_per_message": cpu / max(1, got) * 1e6}
+
+
+_CONFLUENT_FETCH = r"""
+import json, sys, time
+from confluent_kafka import Consumer, TopicPartition
+bootstrap, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = Consumer({"bootstrap.servers": bootstrap, "group.id": "fetch-only-" + topic, "enable.auto.commit": False,
+              "auto.offset.reset": "earliest", "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20})
+md = c.list_topics(topic, timeout=30)
+c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+got, nbytes, t0, c0 = 0, 0, None, None
+deadline = time.monotonic() + 300
+while got < n and time.monotonic() < deadline:
+    msgs = c.consume(num_messages=5000, timeout=0.2)
+    if msgs and t0 is None:
+        t0, c0 = time.perf_counter(), time.process_time()
+    for m in msgs:
+        if m.error() is None:
+            got += 1
+            nbytes += len(m.value())
+secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+c.close()
+print(json.dumps({"messages": got, "wire_MB": nbytes / 1e6, "seconds": secs, "cpu_s": cpu}))
+"""
+
+
+def fetch_only_confluent(python: str, bootstrap, topic, n_messages: int, payload_bytes: int) -> dict:
+    """The same fetch with confluent-kafka (librdkafka), run by another interpreter that has it
+    (`--confluent-python`; the project does not depend on it). For the report only: the consumer
+    core's client stays kafka-python."""
+    import subprocess
+
+    out = subprocess.run([python, "-c", _CONFLUENT_FETCH, bootstrap, topic, str(n_messages)], capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode:
+        return {"error": out.stderr[-500:]}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r.update(messages_per_s=r["messages"] / r["seconds"], MB_per_s_activations=payload_bytes / r["seconds"] / 1e6,
+             cpu_us_per_message=r["cpu_s"] / max(1, r["messages"]) * 1e6)
+    return r
+
+
+CONFLUENT_PYTHON = ""
+
+
+def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated, decoder="native", fetch=False) -> dict:
     topic = create_topic(bootstrap, 4)
     msgs, nbytes = build(n, layers, prompt, generated, f"k{len(layers)}-{uuid.uuid4().hex[:6]}")
     t0 = time.perf_counter()
     produce_all(bootstrap, topic, msgs)
     produce_s = time.perf_counter() - t0
     wire_bytes = sum(len(v) for _, v in msgs)
+    n_messages = len(msgs)
     del msgs
-    svc, thread = probes_service(bootstrap, topic, probe_dir, max_open_requests=100_000, max_open_bytes=4 << 30)
+    fetched = fetch_only(bootstrap, topic, n_messages, nbytes) if fetch else None
+    if fetch and CONFLUENT_PYTHON:
+        fetched["confluent_kafka"] = fetch_only_confluent(CONFLUENT_PYTHON, bootstrap, topic, n_messages, nbytes)
+    load0 = os.getloadavg()
+    svc, thread = probes_service(bootstrap, topic, probe_dir, decoder=decoder, max_open_requests=100_000,
+                                 max_open_bytes=4 << 30)
+    native_on = svc.core.native
     first = None
+    cpu0 = 0.0
     deadline = time.monotonic() + 900
     while svc.stats.scores < n and time.monotonic() < deadline:
         if first is None and svc.core.stats.messages:
-            first = time.perf_counter()
+            first, cpu0 = time.perf_counter(), time.process_time()
         time.sleep(0.002)
-    done = time.perf_counter()
+    done, cpu = time.perf_counter(), time.process_time() - cpu0
     svc.stop()
     thread.join(timeout=60)
     secs = done - (first or done)
     st, cs = svc.stats, svc.core.stats
-    return {"requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6, "wire_MB": wire_bytes / 1e6,
+    return {"decoder": decoder, "native_in_use": native_on, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
+            "cpu_s": cpu, "cpu_us_per_request": cpu / max(1, st.scores) * 1e6,
+            "requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6, "wire_MB": wire_bytes / 1e6,
             "scores": st.scores, "seconds": secs, "requests_per_s": st.scores / secs if secs else 0.0,
             "MB_per_s": nbytes / secs / 1e6 if secs else 0.0, "produce_s": produce_s,
             "consume_thread_s": cs.decode_seconds, "score_s": st.score_seconds, "publish_s": st.publish_seconds,
             "payload_bytes_decoded": st.bytes_kept, "payload_bytes_never_decoded": st.bytes_skipped,
-            "complete_scores": st.scores - st.incomplete_scores}
+            "complete_scores": st.scores - st.incomplete_scores, "messages": n_messages,
+            **({"fetch_only": fetched} if fetched else {})}
 
 
 # -- phase 3: freshness ---------------------------------------------------------------------------------
@@ -287,10 +391,10 @@ def run_producer(bootstrap, topic, a, layers) -> tuple[float, int]:
     return time.perf_counter() - t0, sent.value
 
 
-def phase_freshness_probes(bootstrap, probe_dir, a, layers) -> dict:
+def phase_freshness_probes(bootstrap, probe_dir, a, layers, decoder="native") -> dict:
     topic = create_topic(bootstrap, 4)
     lat: list[float] = []
-    svc, thread = probes_service(bootstrap, topic, probe_dir, batch_max_delay_s=0.05)
+    svc, thread = probes_service(bootstrap, topic, probe_dir, decoder=decoder, batch_max_delay_s=0.05)
     observe = svc.sink.on_durable
 
     def on_durable(scores):
@@ -361,8 +465,14 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--concurrent", type=int, default=8, help="requests in flight in the freshness producer")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,kafka,freshness,baseline")
+    p.add_argument("--decoder", default="native,python", help="phases 1 and 2 per decoder, side by side: native, python")
+    p.add_argument("--confluent-python", default="", help="an interpreter with confluent-kafka: phase 2 also measures "
+                                                           "its fetch alone, for comparison with kafka-python's")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
+    decoders = [d for d in a.decoder.split(",") if d]
+    global CONFLUENT_PYTHON
+    CONFLUENT_PYTHON = a.confluent_python
     import logging
     logging.basicConfig(level=logging.WARNING)
     probe_dir = make_probe_dir()
@@ -376,17 +486,22 @@ def main(argv=None) -> int:
     bootstrap = a.bootstrap
     try:
         if "inprocess" not in skip:
-            results["inprocess_1layer"] = phase_inprocess(probe_dir, a.requests, one, 16, 8, a.repeat)
-            print("in process, 1-layer stream:", json.dumps(results["inprocess_1layer"]), flush=True)
-            results["inprocess_30layer"] = phase_inprocess(probe_dir, a.wide_requests, thirty, 32, 16, a.repeat)
-            print("in process, 30-layer stream:", json.dumps(results["inprocess_30layer"]), flush=True)
             all_dir = make_probe_dir(all_layers=True)
-            try:   # the same stream with a probe that needs every layer: what keep() saves
-                results["inprocess_30layer_all_needed"] = phase_inprocess(all_dir, a.wide_requests, thirty, 32, 16, a.repeat)
+            try:
+                for name, pdir, n, layers, prompt, gen in (
+                        ("inprocess_1layer", probe_dir, a.requests, one, 16, 8),
+                        ("inprocess_30layer", probe_dir, a.wide_requests, thirty, 32, 16),
+                        # the same stream with a probe that needs every layer: what keep() saves
+                        ("inprocess_30layer_all_needed", all_dir, a.wide_requests, thirty, 32, 16)):
+                    for dec in decoders:
+                        load0 = os.getloadavg()
+                        r = phase_inprocess(pdir, n, layers, prompt, gen, a.repeat, decoder=dec)
+                        r.update(load_avg_start=load0, load_avg_end=os.getloadavg())
+                        results[f"{name}_{dec}"] = r
+                        print(f"{name} ({dec}):", json.dumps(r), flush=True)
+                    results[name] = results[f"{name}_{decoders[0]}"]
             finally:
                 shutil.rmtree(all_dir, ignore_errors=True)
-            print("in process, 30-layer stream, all layers needed:", json.dumps(results["inprocess_30layer_all_needed"]),
-                  flush=True)
         if skip >= {"kafka", "freshness", "baseline"}:
             pass
         elif not bootstrap:
@@ -396,12 +511,15 @@ def main(argv=None) -> int:
             broker.start()
             bootstrap = broker.bootstrap
         if "kafka" not in skip:
-            results["kafka_1layer"] = phase_kafka(bootstrap, probe_dir, a.requests, one, 16, 8)
-            print("Kafka, 1-layer stream:", json.dumps(results["kafka_1layer"]), flush=True)
-            results["kafka_30layer"] = phase_kafka(bootstrap, probe_dir, a.wide_requests, thirty, 32, 16)
-            print("Kafka, 30-layer stream:", json.dumps(results["kafka_30layer"]), flush=True)
+            for name, n, layers, prompt, gen in (("kafka_1layer", a.requests, one, 16, 8),
+                                                 ("kafka_30layer", a.wide_requests, thirty, 32, 16)):
+                for i, dec in enumerate(decoders):
+                    results[f"{name}_{dec}"] = phase_kafka(bootstrap, probe_dir, n, layers, prompt, gen, decoder=dec,
+                                                           fetch=i == 0)
+                    print(f"{name} ({dec}):", json.dumps(results[f"{name}_{dec}"]), flush=True)
+                results[name] = results[f"{name}_{decoders[0]}"]
         if "freshness" not in skip:
-            results["freshness_probes"] = phase_freshness_probes(bootstrap, probe_dir, a, thirty)
+            results["freshness_probes"] = phase_freshness_probes(bootstrap, probe_dir, a, thirty, decoders[0])
             print("freshness, probes:", json.dumps(results["freshness_probes"]), flush=True)
         if "baseline" not in skip:
             results["freshness_loader_baseline"] = phase_freshness_loader(bootstrap, a, thirty)
@@ -418,19 +536,36 @@ def main(argv=None) -> int:
     print()
     print(f"{'measure':<58}{'value':>14}{'target':>14}")
     row = lambda name, v, target="": print(f"{name:<58}{v:>14}{target:>14}")   # noqa: E731
-    for key, label in (("inprocess_1layer", "in process, 1-layer stream"), ("inprocess_30layer", "in process, 30-layer stream"),
+    for key, label in (("inprocess_1layer", "in process, 1-layer"), ("inprocess_30layer", "in process, 30-layer"),
                        ("inprocess_30layer_all_needed", "in process, 30-layer, probe on all 30")):
-        if key in results:
-            r = results[key]
-            row(f"{label}: requests/s", f"{r['requests_per_s']:,.0f}")
-            row(f"{label}: activations MB/s", f"{r['MB_per_s']:,.0f}")
+        for dec in decoders:
+            r = results.get(f"{key}_{dec}")
+            if r:
+                row(f"{label} ({dec}): requests/s", f"{r['requests_per_s']:,.0f}")
+                row(f"{label} ({dec}): activations MB/s", f"{r['MB_per_s']:,.0f}")
+                row(f"{label} ({dec}): per CPU-second: requests / MB", f"{r['requests_per_cpu_s']:,.0f} / {r['MB_per_cpu_s']:,.0f}")
     if "inprocess_30layer" in results:
         r = results["inprocess_30layer"]
         row("in process, 30-layer: payload bytes never decoded", f"{r['payload_bytes_never_decoded'] / max(1, r['payload_bytes_never_decoded'] + r['payload_bytes_decoded']):.1%}")
-    if "kafka_1layer" in results:
-        row("Kafka end to end, 1-layer stream: requests/s", f"{results['kafka_1layer']['requests_per_s']:,.0f}", ">= 5,000")
-    if "kafka_30layer" in results:
-        row("Kafka end to end, 30-layer stream, 1 needed: MB/s", f"{results['kafka_30layer']['MB_per_s']:,.0f}", ">= 500")
+    for dec in decoders:
+        r = results.get(f"kafka_1layer_{dec}")
+        if r:
+            row(f"Kafka e2e, 1-layer ({dec}): requests/s", f"{r['requests_per_s']:,.0f}", ">= 5,000")
+            row(f"Kafka e2e, 1-layer ({dec}): CPU us/request", f"{r['cpu_us_per_request']:,.0f}")
+        r = results.get(f"kafka_30layer_{dec}")
+        if r:
+            row(f"Kafka e2e, 30-layer, 1 needed ({dec}): MB/s", f"{r['MB_per_s']:,.0f}", ">= 500")
+    for key, label in (("kafka_1layer", "1-layer"), ("kafka_30layer", "30-layer")):
+        f = results.get(key, {}).get("fetch_only")
+        if f:
+            row(f"kafka-python fetch only, {label}: messages/s", f"{f['messages_per_s']:,.0f}")
+            row(f"kafka-python fetch only, {label}: activations MB/s", f"{f['MB_per_s_activations']:,.0f}")
+            row(f"kafka-python fetch only, {label}: CPU us/message", f"{f['cpu_us_per_message']:,.0f}")
+            ck = f.get("confluent_kafka")
+            if ck and "error" not in ck:
+                row(f"confluent-kafka fetch only, {label}: activations MB/s", f"{ck['MB_per_s_activations']:,.0f}")
+                row(f"confluent-kafka fetch only, {label}: CPU us/message", f"{ck['cpu_us_per_message']:,.0f}")
+    row("load average at start / end", f"{results['load_avg_start'][0]:.2f} / {os.getloadavg()[0]:.2f}")
     if "freshness_probes" in results and results["freshness_probes"].get("n"):
         r = results["freshness_probes"]
         row(f"freshness @ {a.rate_mbps:.0f} MB/s, end -> score acked: p50 ms", f"{r['p50_ms']:,.0f}")

@@ -28,6 +28,11 @@ topic holds OTLP ExportTraceServiceRequests) is read by the same core with a dec
 returns to `sink.add_message(decoded, source)` (no chunk reassembly, no add_tensor/add_summary).
 `fn` raises InvalidRecord for a message it cannot decode, which is dead-lettered as it came. Offsets,
 batching, backpressure, rebalances and dead letters are the same as for envelopes.
+Native decoding: a sink with `add_scan` (the loader's, the per-request view's) gets whole envelopes
+scanned by tensortrace.wire.native (C: no Python object per record, the record checks applied),
+and returns the records it refuses for dead-lettering; a message the scanner does not decode exactly
+as upb would, or that holds chunks, takes the Python path below, which is also the oracle its tests
+compare against. TENSORTRACE_NATIVE=0, or no compiled extension: the Python path throughout.
 Backpressure: when the queue is full (the sink is slow or down) the consumer pauses its partitions
 but keeps polling, so it stays in the group. A rebalance flushes what was read, commits, and drops
 the state of the partitions that moved (their new owner re-reads from the last commit).
@@ -53,7 +58,7 @@ from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_H
 from tensortrace.consume.sink import SealedBatch, Source, commit_offset
 from tensortrace.service.backoff import Backoff
 from tensortrace.service.kafka import KafkaUnavailable
-from tensortrace.wire import codec
+from tensortrace.wire import codec, native
 
 log = logging.getLogger("tensortrace.consume")
 
@@ -116,11 +121,26 @@ class ConsumerCore:
         # commit). Updated by the consume thread, read by metrics at scrape time (a dict swap).
         self.lag: dict[int, int] = {}
         self._lag_at = 0.0
+        # The native envelope scanner (tensortrace.wire.native), for a sink that takes whole scanned
+        # envelopes (add_scan); TENSORTRACE_NATIVE=0 or no compiled extension: the Python path.
+        add_scan = getattr(sink, "add_scan", None) if decode is None else None
+        if add_scan is not None and not getattr(sink, "scan_ready", True):
+            add_scan = None
+        self._add_scan = add_scan if (add_scan is not None and native.enabled()) else None
+        self.native = self._add_scan is not None
+        if add_scan is not None and not self.native:
+            log.info("%s: %s", name, native.why_disabled())
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def disable_native(self) -> None:
+        """Use the Python decoding path from now on (benchmarks compare the two in one process;
+        TENSORTRACE_NATIVE=0 does the same for a whole process)."""
+        self._add_scan = None
+        self.native = False
 
     def live(self) -> bool:
         """False once the flush thread died (a sink bug): the service should be restarted."""
@@ -206,6 +226,14 @@ class ConsumerCore:
         if self.decode is not None:
             self._handle_decoded(tp, m)
             return
+        if self._add_scan is not None and m.value:
+            sc = native.scan(m.value)
+            # None: a message the scanner does not decode exactly as upb (the Python path below
+            # refuses it with its own error, or decodes it); chunks are reassembled in Python
+            if sc is not None and not (sc.cols[:, native.C_STATUS] == native.S_CHUNKED).any():
+                for i, e in self._add_scan(sc, Source(tp.topic, tp.partition, m.offset)):
+                    self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([sc.record(i)]), e.reason, str(e))
+                return
         try:
             records = codec.decode_envelope(m.value)
         except codec.WireError as e:

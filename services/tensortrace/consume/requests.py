@@ -39,6 +39,13 @@ the others are counted for completeness, and their payloads are not kept. It is 
 per distinct record of an open request (after de-duplication, never for a late record), on the
 consume thread, so it can also fold a record's metadata into the consumer's own per-request state
 (the bridge keeps times, hooks and steps that way and no payload at all).
+
+Natively scanned envelopes (`add_scan`, from the consumer core with tensortrace.wire.native): the
+same effect as add_tensor/add_summary record by record, with the bookkeeping per run of records of
+one request and producer (one set operation de-duplicates a run; `keep_scan(scan, run, key) -> bool
+mask` is keep() for the run; only kept records become TensorRecord messages). A run that could change
+its request's state part-way goes record by record, so the outcome is the per-record path's exactly
+(tests/consume/test_native_view.py). A view with `keep` but no `keep_scan` is not `scan_ready`.
 """
 
 from __future__ import annotations
@@ -51,14 +58,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import numpy as np
+
+from tensortrace.consume.deadletter import InvalidRecord
 from tensortrace.consume.sink import SealedBatch, Source
 from tensortrace.consume.validate import check_summary, check_tensor_record
 from tensortrace.service.backoff import Backoff
 from tensortrace.v1 import records_pb2 as pb
-from tensortrace.wire import codec
+from tensortrace.wire import codec, native
 from tensortrace.wire.completeness import Completeness, completeness
 
 log = logging.getLogger("tensortrace.consume.requests")
+_EMPTY: frozenset = frozenset()
 
 
 class Release(str, enum.Enum):
@@ -112,7 +123,7 @@ class _Open:
 
     def __init__(self, req: CapturedRequest):
         self.req = req
-        self.ids: set[tuple] = set()
+        self.ids: dict[tuple, set[int]] = {}           # producer -> seqs of its distinct records
         self.summary_ids: set[tuple] = set()
         self.producers: dict[tuple, int] = {}          # producer -> distinct records seen from it
         self.captured: dict[tuple, int] = {}           # producer -> records its summary announces
@@ -131,13 +142,14 @@ class RequestView:
     """A `tensortrace.consume.Sink` that groups records by request (module docstring)."""
 
     def __init__(self, handler: RequestHandler, *, timeout_s: float = 30.0, keep: Callable[[pb.TensorRecord], bool] | None = None,
-                 max_requests: int = 10_000, max_bytes: int = 512 << 20, remember_released: int = 200_000,
+                 keep_scan: Callable[..., np.ndarray] | None = None, max_requests: int = 10_000, max_bytes: int = 512 << 20, remember_released: int = 200_000,
                  retry_initial_s: float = 0.2, retry_max_s: float = 10.0, clock: Callable[[], int] = time.monotonic_ns):
         if timeout_s <= 0 or max_requests < 1 or max_bytes < 1:
             raise ValueError("RequestView: timeout_s, max_requests and max_bytes must be positive")
         self.handler = handler
         self.timeout_ns = int(timeout_s * 1e9)
         self.keep = keep
+        self.keep_scan = keep_scan
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.remember = remember_released
@@ -154,17 +166,19 @@ class RequestView:
 
     def add_tensor(self, rec: pb.TensorRecord, source: Source) -> None:
         check_tensor_record(rec)
-        o = self._entry(rec, source)
+        o = self._entry(rec.trace_id, rec.request_id, source)
         if o is None:
             return
         p = rec.producer   # one wrapper, not three (upb builds one per read)
-        ident = (p.pod, p.pid, p.generation, rec.seq)
-        if ident in o.ids:
+        prod, seq = (p.pod, p.pid, p.generation), rec.seq
+        seqs = o.ids.get(prod)
+        if seqs is None:
+            seqs = o.ids[prod] = set()
+        elif seq in seqs:
             self.stats.duplicate_records += 1
             return
-        o.ids.add(ident)
+        seqs.add(seq)
         o.req.records_seen += 1
-        prod = ident[:3]
         o.producers[prod] = o.producers.get(prod, 0) + 1
         if self.keep is None or self.keep(rec):
             o.req.records.append(rec)
@@ -179,7 +193,7 @@ class RequestView:
 
     def add_summary(self, s: pb.RequestSummary, source: Source) -> None:
         check_summary(s)
-        o = self._entry(s, source)
+        o = self._entry(s.trace_id, s.request_id, source)
         if o is None:
             return
         ident = codec.record_key(s)
@@ -193,6 +207,82 @@ class RequestView:
         prod = _producer(s)
         o.captured[prod] = o.captured.get(prod, 0) + s.records_captured
         self._check(o)
+
+    @property
+    def scan_ready(self) -> bool:
+        """Whether the consumer core may hand this view whole scanned envelopes (add_scan): always,
+        unless a per-record `keep` was given without its columnar twin `keep_scan`."""
+        return self.keep is None or self.keep_scan is not None
+
+    def add_scan(self, sc: native.Scan, source: Source) -> list[tuple[int, InvalidRecord]]:
+        """A whole envelope scanned by the native decoder (tensortrace.wire.native), no chunked
+        records in it. The same effect as add_tensor / add_summary on each record in order, with the
+        bookkeeping done per run of records (one request, one producer): de-duplication with one set
+        operation, `keep_scan(scan, lo, hi, key) -> bool mask` instead of keep() per record, and only
+        the kept records parsed into messages. Returns the records refused, as (index, InvalidRecord),
+        for the core to dead-letter."""
+        failed = []
+        for run in sc.runs:
+            lo, hi, kind, status = run[0], run[1], run[2], run[3]
+            if status != native.S_OK or kind != native.KIND_TENSOR:
+                try:   # a summary, or a record that fails a check (its exact error): one at a time
+                    rec = sc.record(lo)
+                    if kind == native.KIND_TENSOR:
+                        self.add_tensor(rec, source)
+                    else:
+                        self.add_summary(rec, source)
+                except InvalidRecord as e:
+                    failed.append((lo, e))
+                continue
+            self._add_run(sc, run, source)
+        return failed
+
+    def _add_run(self, sc: native.Scan, run: tuple, source: Source) -> None:
+        """Valid tensor records lo..hi-1 of one request and one producer (add_scan)."""
+        lo, hi, _, _, trace_id, request_id, prod, new, payload_bytes, _, _ = run
+        n = hi - lo
+        key = (trace_id, request_id)
+        o = self._open.get(key)
+        # Record by record where the run could change the request's state part-way: a summary is
+        # already in (a record may complete it), the run could pass the memory bound, a record is
+        # late or a repeat. Re-deliveries and bounds are rare; the common run takes the fast path.
+        if (len(new) != n or (o is None and key in self._released)
+                or (o is not None and (o.captured or not o.ids.get(prod, _EMPTY).isdisjoint(new)))
+                or self.stats.kept_bytes + payload_bytes > self.max_bytes):
+            for i in range(lo, hi):
+                self.add_tensor(sc.record(i), source)
+            return
+        o = self._entry(trace_id, request_id, source)
+        if o is None:
+            return
+        seqs = o.ids.get(prod)
+        if seqs is None:
+            o.ids[prod] = new
+        else:
+            seqs |= new
+        o.req.records_seen += n
+        o.producers[prod] = o.producers.get(prod, 0) + n
+        if self.keep is None:
+            kept = range(lo, hi)
+        else:
+            mask = self.keep_scan(sc, run, key)
+            kept = range(lo, hi) if mask is True else () if mask is False else (np.flatnonzero(mask) + lo).tolist()
+        if kept:
+            records = o.req.records
+            nbytes = 0
+            model = o.req.model
+            for i in kept:
+                rec = sc.record(i)
+                records.append(rec)
+                nbytes += sc.row(i)[3]
+                if not model:
+                    model = rec.model_id
+            o.req.model = model
+            o.kept_bytes += nbytes
+            self.stats.kept_bytes += nbytes
+        self._check(o)
+        if self.stats.kept_bytes > self.max_bytes:
+            self._evict_until_within_bounds()
 
     def due(self) -> bool:
         now = self.clock()
@@ -259,15 +349,15 @@ class RequestView:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _entry(self, rec, source: Source) -> _Open | None:
-        key = (rec.trace_id, rec.request_id)
+    def _entry(self, trace_id: bytes, request_id: str, source: Source) -> _Open | None:
+        key = (trace_id, request_id)
         o = self._open.get(key)
         if o is None:
             if key in self._released:
                 self.stats.late_records += 1
                 return None
             now_wall = time.time_ns()
-            o = self._open[key] = _Open(CapturedRequest(trace_id=rec.trace_id, request_id=rec.request_id,
+            o = self._open[key] = _Open(CapturedRequest(trace_id=trace_id, request_id=request_id,
                                                         first_seen_ns=now_wall))
             self.stats.requests_open = len(self._open)
             if len(self._open) > self.max_requests:

@@ -6,6 +6,12 @@
 
 Column-oriented on purpose: building Python lists per column and handing them to Arrow once per
 batch is what makes the insert fast (docs/BENCHMARKS.md, loader section).
+
+Natively scanned envelopes (`add_scan`, tensortrace.wire.native) skip the lists: the batch keeps
+each message and its column matrix, and `activations_table` builds every Arrow column of those rows
+at once from them (strings and payloads gathered in C, packed shapes and positions unpacked in C):
+no Python object per row. Summaries, and records that fail a check, still go through add_summary /
+check_tensor_record one at a time. The two ways give the same table (tests/loader/test_native_rows.py).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from tensortrace.consume.deadletter import DeadLetterReason, InvalidRecord  # noqa: F401 (re-exported)
@@ -20,7 +27,7 @@ from tensortrace.consume.validate import check_tensor_record
 from tensortrace.consume.validate import fixed_id as _fixed
 from tensortrace.storage.schema import ACTIVATION_COLUMNS, REQUEST_COLUMNS
 from tensortrace.v1 import records_pb2 as pb
-from tensortrace.wire import codec
+from tensortrace.wire import codec, native
 
 _NO_TRACE = b"\0" * 16
 _NO_SPAN = b"\0" * 8
@@ -28,6 +35,8 @@ _TS = pa.timestamp("ns", tz="UTC")
 # DType code -> (ClickHouse dtype name, element size); unknown codes take the slow path.
 _DTYPE_INFO = {code: (codec.dtype_name(code), codec.element_size(code)) for code in pb.DType.values()
                if code != pb.DTYPE_UNSPECIFIED}
+# DType code -> its name, as an Arrow array indexed by code (the scanner admits known codes only)
+_DTYPE_NAMES = pa.array([_DTYPE_INFO.get(code, ("",))[0] for code in range(max(_DTYPE_INFO) + 1)], pa.string())
 
 
 def _append_origin(cols: dict, rec, partition: int, offset: int) -> None:
@@ -65,14 +74,48 @@ class ColumnBatch:
         self.req: dict[str, list] = {c: [] for c in REQUEST_COLUMNS if c != "load_time"}
         self.payload_bytes = 0
         self.first_capture_ns: list[int] = []  # per activation row, for freshness metrics
+        self.scans: list[tuple] = []           # (Scan, row indexes or None for all, partition, offset)
+        self.scan_rows = 0
 
     @property
     def rows(self) -> int:
-        return len(self.act["seq"]) + len(self.req["seq"])
+        return len(self.act["seq"]) + self.scan_rows + len(self.req["seq"])
 
     @property
     def tensor_rows(self) -> int:
-        return len(self.act["seq"])
+        return len(self.act["seq"]) + self.scan_rows
+
+    def add_scan(self, sc: native.Scan, partition: int, offset: int) -> list[tuple[int, InvalidRecord]]:
+        """A natively scanned envelope (no chunked records in it): its valid tensor records become
+        rows without a Python object each; summaries go through add_summary; records that fail a
+        check are returned as (index, InvalidRecord) with check_tensor_record's own error."""
+        kind, status = sc.cols[:, native.C_KIND], sc.cols[:, native.C_STATUS]
+        good = (kind == native.KIND_TENSOR) & (status == native.S_OK)
+        n = int(np.count_nonzero(good))
+        failed = []
+        if n:
+            idx = None if n == sc.n else np.flatnonzero(good)
+            self.scans.append((sc, idx, partition, offset))
+            self.scan_rows += n
+            self.payload_bytes += int(sc.cols[:, native.C_PAYLOAD_LEN][good].sum())
+        if n != sc.n:
+            for i in np.flatnonzero(~good).tolist():
+                rec = sc.record(i)
+                try:
+                    if kind[i] == native.KIND_SUMMARY:
+                        self.add_summary(rec, partition, offset)
+                    else:
+                        self.add_tensor(rec, partition, offset)   # raises check_tensor_record's error
+                except InvalidRecord as e:
+                    failed.append((i, e))
+        return failed
+
+    def capture_times(self) -> np.ndarray:
+        """capture_time of every activation row (ns), as inserted."""
+        parts = [np.asarray(self.act["capture_time"], dtype=np.int64)]
+        if self.scans:
+            parts.append(self._scan_matrix()[1])
+        return np.concatenate(parts)
 
     @property
     def summary_rows(self) -> int:
@@ -152,6 +195,85 @@ class ColumnBatch:
         _append_origin(q, s, partition, offset)
 
     def activations_table(self, load_time_ns: int) -> pa.Table:
+        if not self.scans:
+            return self._list_table(load_time_ns)
+        scanned = self._scan_table(load_time_ns)
+        if not self.act["seq"]:
+            return scanned
+        return pa.concat_tables([self._list_table(load_time_ns), scanned])
+
+    def _scan_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the scanned rows' column matrix, their capture_time as inserted)."""
+        mats = [sc.cols if idx is None else sc.cols[idx] for sc, idx, _, _ in self.scans]
+        m = mats[0] if len(mats) == 1 else np.concatenate(mats)
+        cap, exp = m[:, native.C_CAPTURE_NS], m[:, native.C_EXPORT_NS]
+        # a zero capture time falls back to the export time, then to now (add_tensor's rule)
+        capture = np.where(cap != 0, cap, np.where(exp != 0, exp, time.time_ns()))
+        return m, capture
+
+    def _scan_table(self, load_time_ns: int) -> pa.Table:
+        m, capture = self._scan_matrix()
+        n = len(m)
+        bufs = [sc.data for sc, _, _, _ in self.scans]
+        counts = [sc.n if idx is None else len(idx) for sc, idx, _, _ in self.scans]
+        which = np.repeat(np.arange(len(self.scans), dtype=np.int64), counts)
+
+        def col(c, typ):
+            return pa.array(np.ascontiguousarray(m[:, c])).cast(typ)
+
+        def ucol(c, typ):
+            return pa.array(np.ascontiguousarray(m[:, c]).view(np.uint64)).cast(typ)
+
+        def gathered(c, typ, width=0):
+            values, offsets = native.gather(bufs, which, m[:, c], m[:, c + 1], width)
+            if width:
+                return pa.FixedSizeBinaryArray.from_buffers(typ, n, [None, pa.py_buffer(values)])
+            if typ == pa.large_binary():
+                return pa.Array.from_buffers(typ, n, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+            return pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(values)]).cast(typ)
+
+        def listed(c, kind, typ):
+            values, offsets = native.unpack(bufs, which, m[:, c], m[:, c + 1], kind)
+            vals = np.frombuffer(values, dtype=np.int64 if kind else np.uint32)
+            return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)), pa.array(vals)).cast(typ)
+
+        tp_size = np.ascontiguousarray(m[:, native.C_TP_SIZE])
+        partitions = np.repeat(np.array([p for _, _, p, _ in self.scans], dtype=np.int64), counts)
+        offsets = np.repeat(np.array([o for _, _, _, o in self.scans], dtype=np.int64), counts)
+        return pa.table({
+            "trace_id": gathered(native.C_TRACE_OFF, pa.binary(16), 16),
+            "span_id": gathered(native.C_SPAN_OFF, pa.binary(8), 8),
+            "request_id": gathered(native.C_RID_OFF, pa.string()),
+            "model": gathered(native.C_MODEL_OFF, pa.string()),
+            "hook": gathered(native.C_HOOK_OFF, pa.string()),
+            "layer": col(native.C_LAYER, pa.int32()),
+            "tp_rank": col(native.C_TP_RANK, pa.uint16()),
+            "tp_size": pa.array(np.where(tp_size == 0, 1, tp_size)).cast(pa.uint16()),
+            "positions_kind": col(native.C_POS_KIND, pa.int8()),
+            "token_start": col(native.C_TOKEN_START, pa.uint32()),
+            "token_end": col(native.C_TOKEN_END, pa.uint32()),
+            "positions": listed(native.C_POS_OFF, 0, pa.list_(pa.uint32())),
+            "phase": col(native.C_PHASE, pa.int8()),
+            "step": ucol(native.C_STEP, pa.uint64()),
+            "dtype": _DTYPE_NAMES.take(pa.array(np.ascontiguousarray(m[:, native.C_DTYPE]))),
+            "shape": listed(native.C_SHAPE_OFF, 1, pa.list_(pa.int64())),
+            "encoding": col(native.C_ENCODING, pa.int8()),
+            "raw_size": ucol(native.C_RAW_SIZE, pa.uint64()),
+            "payload": gathered(native.C_PAYLOAD_OFF, pa.large_binary()),
+            "capture_time": pa.array(capture, pa.int64()).cast(_TS),
+            "export_time": col(native.C_EXPORT_NS, pa.int64()).cast(_TS),
+            "load_time": pa.array(np.full(n, load_time_ns, dtype=np.int64)).cast(_TS),
+            "producer_node": gathered(native.C_NODE_OFF, pa.string()),
+            "producer_pod": gathered(native.C_POD_OFF, pa.string()),
+            "producer_pid": col(native.C_PID, pa.uint32()),
+            "producer_rank": col(native.C_PRANK, pa.uint32()),
+            "producer_generation": ucol(native.C_GENERATION, pa.uint64()),
+            "seq": ucol(native.C_SEQ, pa.uint64()),
+            "kafka_partition": pa.array(partitions).cast(pa.uint32()),
+            "kafka_offset": pa.array(offsets).cast(pa.uint64()),
+        })
+
+    def _list_table(self, load_time_ns: int) -> pa.Table:
         a = self.act
         n = len(a["seq"])
         return pa.table({

@@ -95,6 +95,12 @@ class ClickHouseSink:
     def add_summary(self, summary, source: Source) -> None:
         self.columns.add_summary(summary, source.partition, source.offset)
 
+    def add_scan(self, sc, source: Source) -> list:
+        """A natively scanned envelope (tensortrace.wire.native): rows without a Python object each.
+        The same records add_tensor / add_summary would get (ConsumerCore's docstring): a filter added to
+        those (e.g. for a forgotten request) must be applied here too, on the scan's columns."""
+        return self.columns.add_scan(sc, source.partition, source.offset)
+
     def due(self) -> bool:
         c = self.columns
         return c.rows >= self.config.batch_max_rows or c.payload_bytes >= self.config.batch_max_bytes
@@ -136,7 +142,7 @@ class ClickHouseSink:
                         return False
         self.stats.insert_seconds += time.perf_counter() - t1
         done = time.time_ns()
-        self.stats.observe_freshness(c.act["capture_time"], done)
+        self.stats.observe_freshness(c.capture_times(), done)
         if self.on_inserted is not None:
             self.on_inserted(c, done)
         self.stats.batches += 1

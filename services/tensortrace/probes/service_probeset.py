@@ -77,6 +77,25 @@ class ProbeSet:
         phases = layers.get(layer)
         return phases is not None and phase in phases
 
+    def keep_mask(self, model: str, hook: str, layers, phases):
+        """keep() for columns (numpy int arrays) of records of one (model, hook): a bool array, or
+        None when no probe needs any record of it."""
+        index = self._keep.get((model, hook))
+        if not index:
+            return None
+        import numpy as np
+
+        if len(layers) <= 64:   # a run of an envelope: plain Python beats numpy's per-call cost here
+            return np.array([ph in index.get(layer, ()) for layer, ph in zip(layers.tolist(), phases.tolist())],
+                            dtype=bool)
+        mask = np.zeros(len(layers), dtype=bool)
+        for layer, want in index.items():
+            m = phases == -1     # all False
+            for phase in want:
+                m |= phases == phase
+            mask |= (layers == layer) & m
+        return mask
+
     def for_model(self, model: str) -> list[ActiveProbe]:
         out = []
         for (m, _), probes in self.fits.items():

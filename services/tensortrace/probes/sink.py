@@ -24,6 +24,13 @@ probe's hook and layers arrived. Otherwise the score is over what arrived, `comp
 the reason (the request's own reason, "timeout"/"evicted", "probe loaded while the request was in
 flight", "no records of ...").
 
+Throughput (docs/BENCHMARKS.md, "Probe service"). Envelopes come natively scanned (add_scan ->
+the view's per-run bookkeeping; `_keep_scan` answers keep() for a run with one mask), so a record no
+probe needs costs no Python object. At flush, the last-token rows of every single-layer
+"last"-pooling probe are found for all released requests, widened to float32 together and scored by
+one `token_logits` call per probe (`_batch_last`); the probe reduces each row on its own, so each
+score is bit-identical to scoring the request alone (tests/probes/test_service_native.py).
+
 Isolation. A probe that raises (in new_state, update or finalize) is counted
 (`errors[(probe, stage)]`), logged once per probe and stage, and gives no score for that request;
 the other probes of the request, and the other requests, are scored as usual. Publishing is
@@ -47,7 +54,7 @@ from tensortrace.consume import CapturedRequest, Release, RequestView
 from tensortrace.consume.sink import SealedBatch, Source
 from tensortrace.probes.service_probeset import ActiveProbe, ProbeDirectory
 from tensortrace.v1 import records_pb2 as pb
-from tensortrace.wire import codec
+from tensortrace.wire import codec, native
 
 log = logging.getLogger("tensortrace.probes")
 
@@ -133,9 +140,10 @@ class ScoresSink:
         self.escalation_topic = escalation_topic
         self.token_scores = token_scores
         self.max_token_scores = max_token_scores
+        self.batch_scoring = True     # _batch_last; False: every request on its own (tests compare the two)
         self.stats = stats if stats is not None else ScoresStats()
         self.on_durable = on_durable
-        self.view = RequestView(self, timeout_s=timeout_s, keep=self._keep, max_requests=max_requests,
+        self.view = RequestView(self, timeout_s=timeout_s, keep=self._keep, keep_scan=self._keep_scan, max_requests=max_requests,
                                 max_bytes=max_bytes, retry_initial_s=retry_initial_s, retry_max_s=retry_max_s)
         self._first_gen: dict[tuple[bytes, str], int] = {}
         self._logged_errors: set[tuple[str, str]] = set()
@@ -159,8 +167,40 @@ class ScoresSink:
         self.stats.bytes_skipped += n
         return False
 
+    def _keep_scan(self, sc: native.Scan, run: tuple, key: tuple):
+        """keep() for a run of records of one request in a natively scanned envelope (the view's
+        add_scan): the same answers and counts, as a bool mask (or True / False for the whole run);
+        the stream check on a new (model, hook) uses the first record of it, as keep() does."""
+        lo, hi, raw_bytes, one_mh = run[0], run[1], run[9], run[10]
+        s = self.probes.current
+        if key not in self._first_gen:
+            self._first_gen[key] = s.reload_generation
+        c = sc.cols[lo:hi]
+        heads = [lo] if one_mh else np.unique(c[:, native.C_MH]).tolist()
+        mask = None
+        for h in heads:
+            model, hook = sc.text(h, native.C_MODEL_OFF), sc.text(h, native.C_HOOK_OFF)
+            if (model, hook) not in s.checked:
+                s = self.probes.observe(model, hook, sc.cols.item(h, native.C_LASTDIM))
+            m = s.keep_mask(model, hook, c[:, native.C_LAYER], c[:, native.C_PHASE])
+            if m is not None:
+                if not one_mh:
+                    m &= c[:, native.C_MH] == h
+                mask = m if mask is None else (mask | m)
+        kept = 0 if mask is None else int(np.count_nonzero(mask))
+        kept_bytes = int(c[:, native.C_RAW_SIZE][mask].sum()) if kept else 0
+        st = self.stats
+        st.records_kept += kept
+        st.bytes_kept += kept_bytes
+        st.records_skipped += hi - lo - kept
+        st.bytes_skipped += raw_bytes - kept_bytes
+        return mask if kept else False
+
     def add_tensor(self, rec: pb.TensorRecord, source: Source) -> None:
         self.view.add_tensor(rec, source)
+
+    def add_scan(self, sc: native.Scan, source: Source) -> list:
+        return self.view.add_scan(sc, source)
 
     def add_summary(self, s: pb.RequestSummary, source: Source) -> None:
         self.view.add_summary(s, source)
@@ -194,6 +234,7 @@ class ScoresSink:
         scores: list[pb.ProbeScore] = []
         releases: dict[str, int] = {}
         by_model: dict[str, list[ActiveProbe]] = {}
+        todo = []
         for req, first_gen in batch.data.requests:
             if req.completeness is not None and not req.completeness.sampled and not req.records_seen:
                 self.stats.not_sampled += 1
@@ -204,8 +245,9 @@ class ScoresSink:
             if not probes:
                 self.stats.no_probe += 1
                 continue
-            scores.extend(self.score_request(req, probes, first_gen))
+            todo.append((req, probes, first_gen))
             releases[req.release.value] = releases.get(req.release.value, 0) + 1
+        scores.extend(self.score_requests(todo))
         t1 = time.perf_counter()
         self.stats.score_seconds += t1 - t0
         messages = []
@@ -229,8 +271,62 @@ class ScoresSink:
             self.on_durable(scores)
         return True
 
-    def score_request(self, req: CapturedRequest, probes: list[ActiveProbe], first_gen: int) -> list[pb.ProbeScore]:
-        """One ProbeScore per probe that fits the request's model and did not raise."""
+    def score_requests(self, todo: list[tuple[CapturedRequest, list[ActiveProbe], int]]) -> list[pb.ProbeScore]:
+        """score_request for every (request, probes, first_gen) of a flush, with the last-token rows of
+        every single-layer last-pooling probe scored in one pass per probe (`_batch_last`)."""
+        slots = [_by_slot(req) for req, _, _ in todo]
+        try:
+            pre = self._batch_last(todo, slots) if self.batch_scoring and len(todo) > 1 else {}
+        except Exception:   # the batch pass is an optimisation: every request is then scored on its own
+            log.exception("batched last-token scoring failed; scoring request by request")
+            pre = {}
+        out = []
+        for i, (req, probes, first_gen) in enumerate(todo):
+            out.extend(self.score_request(req, probes, first_gen, by_slot=slots[i], pre=pre, index=i))
+        return out
+
+    def _batch_last(self, todo: list, slots: list) -> dict:
+        """{(request index, probe name): (position, logit, attention logit, phase)} for every request
+        and probe that scores one token of one layer ("last" pooling, one layer, float RAW rows of the
+        probe's width): each row found as _last_rows finds it, the rows of one probe and dtype stacked
+        and widened to float32 at once, and their logits computed by one `token_logits` call. The
+        probe reduces each row on its own (Probe.token_logits), so a row's logit is the one the
+        request-by-request path computes, bit for bit (tests/probes/test_service_units.py)."""
+        groups: dict[tuple, list] = {}
+        for i, (req, probes, _) in enumerate(todo):
+            for p in probes:
+                pr = p.probe
+                if (pr.meta.pooling != "last" or len(p.layers) != 1 or getattr(pr, "_q", None) is not None
+                        or not hasattr(pr, "token_logits")):
+                    continue
+                refs = self._last_refs(p, slots[i])
+                if refs is None:
+                    continue
+                _, rec, row, top = refs[0]
+                n = (rec.token_end - rec.token_start if rec.positions_kind == pb.TOKEN_RANGE else len(rec.positions))
+                if rec.encoding != pb.RAW or rec.dtype not in _WIDEN or not n or rec.raw_size % n:
+                    continue
+                per_row = rec.raw_size // n
+                if per_row != pr.meta.width * codec.element_size(rec.dtype):
+                    continue     # a width the probe refuses: the request's own path reports it
+                payload = rec.payload
+                if len(payload) != rec.raw_size:
+                    continue
+                groups.setdefault((id(pr), rec.dtype), []).append(
+                    (i, p, top, payload[row * per_row:(row + 1) * per_row], _PHASE_NAME.get(rec.phase, "prefill")))
+        pre = {}
+        for (_, dtype), rows in groups.items():
+            pr = rows[0][1].probe
+            x = _WIDEN[dtype](b"".join(r[3] for r in rows)).reshape(len(rows), pr.meta.width)
+            s, a = pr.token_logits(0, x)
+            for k, (i, p, top, _, phase) in enumerate(rows):
+                pre[(i, p.name)] = (top, float(s[k]), float(a[k]) if a is not None else 0.0, phase)
+        return pre
+
+    def score_request(self, req: CapturedRequest, probes: list[ActiveProbe], first_gen: int, *, by_slot=None,
+                      pre: dict | None = None, index: int = -1) -> list[pb.ProbeScore]:
+        """One ProbeScore per probe that fits the request's model and did not raise. `pre`: logits of
+        last-token rows computed for many requests at once (_batch_last), for request `index`."""
         c = req.completeness
         base_reason = ""
         if c is None or not c.complete:
@@ -243,9 +339,8 @@ class ScoresSink:
         end_ns = max((sm.end_time_unix_nano for sm in req.summaries), default=0)
         prompt_tokens = c.prompt_tokens if c is not None and c.summaries else None
         rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        by_slot: dict[tuple[str, int], list[pb.TensorRecord]] = {}
-        for rec in req.records:
-            by_slot.setdefault((rec.hook, rec.layer), []).append(rec)
+        if by_slot is None:
+            by_slot = _by_slot(req)
         ordered: set = set()      # slots sorted by position (only those fed record by record)
         out = []
         for p in probes:
@@ -261,8 +356,19 @@ class ScoresSink:
             try:
                 state = p.probe.new_state(prompt_tokens=prompt_tokens)
                 fed = 0
-                last = self._last_rows(p, by_slot) if p.probe.meta.pooling == "last" else None
-                if last is not None:
+                got = pre.get((index, p.name)) if pre else None
+                last = None if got is not None else (self._last_rows(p, by_slot) if p.probe.meta.pooling == "last" else None)
+                if got is not None:
+                    # its row's logit came from the batch pass: fold it as update() would one row
+                    stage = "update"
+                    top, logit, attn, phase = got
+                    pr = p.probe
+                    state.rows_seen += 1
+                    if pr._mask(state, np.array([top], dtype=np.int64), phase)[0]:
+                        state.done[top] = (logit + pr._bias, attn + pr._attn_bias)
+                        state.rows_used += 1
+                    fed = 1
+                elif last is not None:
                     # last-token pooling scores one token: only its rows are decoded and fed (the
                     # score is the one all rows would give; token_scores holds that token alone)
                     stage = "update"
@@ -322,11 +428,20 @@ class ScoresSink:
         return out
 
 
-    @staticmethod
-    def _last_rows(p: ActiveProbe, by_slot: dict) -> list | None:
+    @classmethod
+    def _last_rows(cls, p: ActiveProbe, by_slot: dict) -> list | None:
         """For last-token pooling: per layer, the row of the highest position the probe reads, as
         (layer, positions, rows, phase). None when a layer lacks it (then every row is fed, and the
         score says which tokens lacked layers)."""
+        refs = cls._last_refs(p, by_slot)
+        if refs is None:
+            return None
+        return [(layer, np.array([top], dtype=np.int64), rows_float32(rec, i), _PHASE_NAME.get(rec.phase, "prefill"))
+                for layer, rec, i, top in refs]
+
+    @staticmethod
+    def _last_refs(p: ActiveProbe, by_slot: dict) -> list | None:
+        """_last_rows without decoding: per layer (layer, record, row index, position)."""
         top, where, cands = -1, {}, []
         for layer in p.layers:
             for rec in by_slot.get((p.hook, layer), ()):
@@ -351,8 +466,23 @@ class ScoresSink:
                 where[layer] = (rec, len(rec.positions) - 1 - list(rec.positions)[::-1].index(top))
         if len(where) != len(p.layers):
             return None
-        return [(layer, np.array([top], dtype=np.int64), rows_float32(rec, i), _PHASE_NAME.get(rec.phase, "prefill"))
-                for layer, (rec, i) in where.items()]
+        return [(layer, rec, i, top) for layer, (rec, i) in where.items()]
+
+
+def _by_slot(req: CapturedRequest) -> dict[tuple[str, int], list[pb.TensorRecord]]:
+    by_slot: dict[tuple[str, int], list[pb.TensorRecord]] = {}
+    for rec in req.records:
+        by_slot.setdefault((rec.hook, rec.layer), []).append(rec)
+    return by_slot
+
+
+# RAW row bytes of a float dtype -> float32 values, widened exactly as rows_float32 does
+_WIDEN = {
+    pb.FLOAT32: lambda b: np.frombuffer(b, dtype=np.float32),
+    pb.BFLOAT16: lambda b: (np.frombuffer(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32),
+    pb.FLOAT16: lambda b: np.frombuffer(b, dtype=np.float16).astype(np.float32),
+    pb.FLOAT64: lambda b: np.frombuffer(b, dtype=np.float64).astype(np.float32),
+}
 
 
 def _span_id(req: CapturedRequest) -> bytes:
