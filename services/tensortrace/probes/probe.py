@@ -198,7 +198,7 @@ class Probe:
         else:
             ph = np.asarray(phase)
             if ph.ndim == 0:
-                in_prompt = np.full(len(positions), str(ph) == "prefill")
+                in_prompt = np.full(len(positions), str(ph.item()) == "prefill")   # .item(): str() of a 0-d array prints it (~20 µs)
             else:
                 in_prompt = ph == "prefill"
         return in_prompt if which == "prompt" else ~in_prompt
@@ -230,8 +230,8 @@ class Probe:
                                   f"{self.meta.width} ({self.meta.hook})")
         ph = np.asarray(phase)
         if ph.ndim == 0:
-            if str(ph) not in PHASES:
-                raise ProbeInputError(f"phase {str(ph)!r} is not one of {PHASES}")
+            if str(ph.item()) not in PHASES:
+                raise ProbeInputError(f"phase {str(ph.item())!r} is not one of {PHASES}")
         elif ph.shape != positions.shape:
             raise ProbeInputError(f"{ph.shape[0]} phases for {positions.shape[0]} rows")
         state.rows_seen += len(positions)
