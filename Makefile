@@ -13,8 +13,10 @@ PROTOS := $(wildcard proto/tensortrace/v1/*.proto)
 
 all: setup
 
-# A project virtualenv with the package (editable) and its dev deps; re-runs only when pyproject changes.
-$(STAMP): pyproject.toml
+# A project virtualenv with the package (editable) and its dev deps; re-runs when pyproject, setup.py or
+# a native extension's C source changes (the editable install rebuilds them in place; setup.py NATIVE).
+NATIVE_SRC := $(wildcard services/tensortrace/*/*.c)
+$(STAMP): pyproject.toml setup.py $(NATIVE_SRC)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (need Python >= 3.10)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools

@@ -12,6 +12,8 @@ from setuptools import Extension, setup
 NATIVE = [
     # envelope scanner for the consumers' hot loop (fallback: wire/codec.py + consume/validate.py)
     ("tensortrace.wire._decode", ["services/tensortrace/wire/_decode.c"]),
+    # the capture agent's per-tap fast path (fallback: agent/core.py's Python path; agent/native.py)
+    ("tensortrace.agent._capture", ["services/tensortrace/agent/_capture.c"]),
 ]
 
 setup(ext_modules=[Extension(name, sources, optional=True, extra_compile_args=["-O3", "-std=c11"])

@@ -12,6 +12,9 @@ output, logits), on a random Llama from a config:
   hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
   hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
   hidden-states    generate(output_hidden_states=True)
+  tt-*@python      with --path native,python: the same TensorTrace mode on the agent's pure-Python tap
+                   path (AgentConfig.capture_path="python"), side by side with the native fast path
+                   (plain tt-* names are the native path then; docs/agent.md "Native fast path")
   nnsight          nnsight LanguageModel + .save() of the same tensors
 GPU variant (--device cuda): bf16 model of realistic width; none / tt-hidden / sync-copy (hooks
 with a blocking .cpu() copy), eager mode (see docs/BENCHMARKS.md for why not CUDA graphs).
@@ -22,6 +25,8 @@ repeat; reported: the median prefill and the median decode step over all steps o
 
     .venv/bin/python scripts/bench/capture_overhead.py --quick
     .venv/bin/python scripts/bench/capture_overhead.py --json out.json
+    .venv/bin/python scripts/bench/capture_overhead.py --threads 1 --repeats 3 --batches 1,8 --prompt-len 32 \
+        --new-tokens 13 --modes none,tt-hidden,tt-full,hooks-clone --path native,python
     python3 scripts/bench/capture_overhead.py --device cuda
 """
 
@@ -48,6 +53,7 @@ from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
 
 
 CONSUMER = os.path.join(HERE, "ring_consumer.py")
+CAPTURE_PATH = "auto"   # --path: the first path (plain tt-* modes)
 
 
 def start_consumer(ring_path: str):
@@ -166,11 +172,14 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         t0 = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=mask, **gen)
     elif mode.startswith("tt-"):
-        preset = {"tt-hidden": "hidden-states", "tt-full": "full", "tt-hidden-nc": "hidden-states"}[mode]
+        base, _, path = mode.partition("@")
+        preset = {"tt-hidden": "hidden-states", "tt-full": "full", "tt-hidden-nc": "hidden-states"}[base]
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
-                                         device_staging_bytes=1 << 30,
-                                         pod=f"bench{batch}{mode}", device=device), Selection.preset(preset))
-        consumer = None if mode.endswith("-nc") else start_consumer(agent.ring_path)
+                                         device_staging_bytes=1 << 30, capture_path=path or CAPTURE_PATH,
+                                         pod=f"bench{batch}{mode.replace('@', '-')}", device=device),
+                             Selection.preset(preset))
+        extra["capture_path"] = agent.capture_path
+        consumer = None if base.endswith("-nc") else start_consumer(agent.ring_path)
         backend = HFBackend(model, agent)
         stamp.agent = agent
         counts = {}
@@ -182,7 +191,7 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
             agent.flush()
             counts = stop_consumer(consumer) if consumer else {}
             st = agent.stats()
-            extra = {"records_written": st.written, "records_dropped": st.dropped,
+            extra = {**extra, "records_written": st.written, "records_dropped": st.dropped,
                      "bytes_written": st.bytes_written, "consumer_records": counts.get("records", 0)}
             agent.close()
             os.unlink(agent.ring_path)
@@ -238,7 +247,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     p.add_argument("--json", default="capture_overhead.json")
+    p.add_argument("--path", default="auto",
+                   help="the agent's tap path(s): auto | native | python | native,python (every tt-* mode on "
+                        "both, interleaved in one run: tt-x = native, tt-x@python = the Python path)")
     args = p.parse_args(argv)
+    global CAPTURE_PATH
+    paths = args.path.split(",")
+    for x in paths:
+        if x not in ("auto", "native", "python"):
+            p.error(f"--path {x!r}: choose from auto, native, python")
+    CAPTURE_PATH = paths[0]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -254,6 +272,8 @@ def main(argv=None) -> int:
                  "nnsight"]
     if args.modes:
         modes = args.modes.split(",")
+    if len(paths) > 1:   # each tt-* mode on every further path too, right after it (same repeat)
+        modes = [x for m in modes for x in ([m] + [f"{m}@{q}" for q in paths[1:]] if m.startswith("tt-") else [m])]
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
     repeats = args.repeats or (1 if args.quick else 3)
     prompt_len = args.prompt_len or (32 if args.quick else 64)
@@ -271,6 +291,7 @@ def main(argv=None) -> int:
             modes = [m for m in modes if m != "nnsight"]
             print(f"nnsight unavailable: {nnsight_error}", file=sys.stderr)
 
+    load_before = os.getloadavg()
     ring_dir = tempfile.mkdtemp(prefix="tt-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     results: dict = {}
     try:
@@ -313,8 +334,9 @@ def main(argv=None) -> int:
     print(f"\ncapture overhead on {args.device} ({platform.node()}, {os.cpu_count()} cpus, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); "
           f"prompt {prompt_len} tokens, {new_tokens - 1} decode steps x {repeats} repeats; "
-          f"median prefill, median decode step")
-    print(f"{'batch':>5} {'mode':<14} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} "
+          f"median prefill, median decode step; load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
+          f"tap path(s) {','.join(paths)}")
+    print(f"{'batch':>5} {'mode':<19} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs none':>15} "
           f"{'step, paired':>13} {'agent/step':>11} {'agent ms':>9} {'dropped':>8}")
     for b in batches:
         base = results[str(b)]["none"]["decode_tokens_per_s"] if "none" in results[str(b)] else None
@@ -326,13 +348,14 @@ def main(argv=None) -> int:
             share = f"{share * 100:.2f}%" if share is not None else ""
             ams = r.get("agent_ms_per_decode_step_median")
             ams = f"{ams:.3f}" if ams is not None else ""
-            print(f"{b:>5} {m:<14} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+            print(f"{b:>5} {m:<19} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
                   f"{rel:>15} {paired:>13} {share:>11} {ams:>9} {r.get('records_dropped', ''):>8}")
     if nnsight_error:
         print(f"nnsight: not measured ({nnsight_error})")
     doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "load_average": os.getloadavg(), "prompt_len": prompt_len,
+           "load_average": [load_before, os.getloadavg()], "capture_paths": paths, "prompt_len": prompt_len,
+           "command": "scripts/bench/capture_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "decode_steps": new_tokens - 1, "repeats": repeats, "results": results,
            "nnsight_error": nnsight_error,
            "model": {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,

@@ -181,12 +181,14 @@ def main(argv=None):
                         static_logits2 = model(ids)
                     model.taps = []
 
+                    # what the SGLang plugin hands the agent after a replay: one capture_static call
+                    # (docs/agent.md "Native fast path"; CUDA buffers take the Python staging path)
+                    static_items = [("resid_pre", i, static[i]) for i in range(L)] + [("logits", -1, static_logits2)]
+
                     def graph_static():
                         g2.replay()
                         agent.begin_step(layout)
-                        for i in range(L):
-                            agent.capture("resid_pre", i, static[i])
-                        agent.capture("logits", -1, static_logits2)
+                        agent.capture_static(static_items, bs)
                         agent.end_step()
 
                     rec["graph_static_capture_ms"] = bench(graph_static, a.iters)

@@ -7,7 +7,13 @@ generated, ignore_eos) alternate between variants chosen per request through cus
 full). Interleaving makes the shared machine's noise hit every variant alike; we report the median
 generated tokens/s per variant.
 
-    .cache/sglang-venv/bin/python scripts/bench/sglang_overhead.py --out /tmp/sglang-overhead.json
+`--path native,python`: one server per tap path of the agent (the second with TENSORTRACE_NATIVE=0),
+rounds interleaved across both servers, so the native fast path and the Python path are measured
+side by side in one run (variants `full`, `full@python`, ...). `sglang-hidden` (first server only):
+capture off and SGLang's own `return_hidden_states` (server flag --enable-return-hidden-states) —
+the serving engine's built-in alternative — in the same run.
+
+    .cache/sglang-venv/bin/python scripts/bench/sglang_overhead.py --path native,python --out /tmp/sglang-overhead.json
 (PYTHONPATH must hold scripts/sglang/sgl_kernel_stub; scripts/sglang/run-tests.sh shows how.)
 """
 
@@ -61,50 +67,76 @@ VARIANTS = {  # per-request options (custom_params) of each variant; the server 
     "hidden-states": {"capture": True},
     "full": {"capture": True, "preset": "full"},
 }
+SGLANG_HIDDEN = "sglang-hidden"   # capture off, SGLang's return_hidden_states on
 
 
 def run(model_path, work, a):
-    ring_dir = os.path.join(work, "rings")
-    server = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, "server.log"),
-                          env_extra={"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"})
-    server.start()
-    drain = RingDrain(ring_dir)
-    drain.start()
+    paths = a.path.split(",")
+    servers, drains = {}, {}
     try:
-        import random
-
-        rng = random.Random(1)
-        prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
-
-        def one_round(options):
-            threads = [threading.Thread(target=server.post, args=("/generate", {
-                "input_ids": p, "sampling_params": {"max_new_tokens": a.new, "temperature": 0, "ignore_eos": True,
-                                                    "custom_params": {"tensortrace": options}}})) for p in prompts]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return time.perf_counter() - t0
-
-        for options in VARIANTS.values():
-            one_round(options)  # warm-up (the first also runs the taps' self-check)
-        times = {v: [] for v in VARIANTS}
-        for _ in range(a.rounds):  # interleaved, so machine noise hits every variant alike
-            for v, options in VARIANTS.items():
-                times[v].append(one_round(options))
-        time.sleep(1.0)
-        tokens = a.concurrency * a.new
-        rows = []
-        for v, ts in times.items():
-            ts = sorted(ts)
-            rows.append({"variant": v, "tokens_per_s_median": tokens / ts[len(ts) // 2],
-                         "tokens_per_s_best": tokens / ts[0], "round_s": ts})
-        return rows, {"slabs_drained": drain.slabs, "records_dropped": drain.dropped,
-                      "startup_s": server.startup_s}
+        for i, path in enumerate(paths):
+            ring_dir = os.path.join(work, f"rings-{path}")
+            env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
+            if path == "python":
+                env["TENSORTRACE_NATIVE"] = "0"
+            servers[path] = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, f"server-{path}.log"),
+                                         env_extra=env, args_extra=("--enable-return-hidden-states",) if i == 0 else ())
+            servers[path].start()
+            drains[path] = RingDrain(ring_dir)
+            drains[path].start()
+        return _measure(servers, drains, paths, a)
     finally:
-        drain.stop = True
-        server.stop()
+        for d in drains.values():
+            d.stop = True
+        for srv in servers.values():
+            srv.stop()
+
+
+def _measure(servers, drains, paths, a):
+    variants = {}   # name -> (server, options, return_hidden_states)
+    for i, path in enumerate(paths):
+        for v, options in VARIANTS.items():
+            if i and v == "off":
+                continue   # one baseline: capture off on the first server
+            variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
+        if i == 0:
+            variants[SGLANG_HIDDEN] = (servers[path], {"capture": False}, True)
+    import random
+
+    rng = random.Random(1)
+    prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
+
+    def one_round(variant):
+        server, options, hidden = variant
+        body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
+            "max_new_tokens": a.new, "temperature": 0, "ignore_eos": True,
+            "custom_params": {"tensortrace": options}}, **({"return_hidden_states": True} if hidden else {})}
+        threads = [threading.Thread(target=server.post, args=("/generate", body(p))) for p in prompts]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0
+
+    for variant in variants.values():
+        one_round(variant)  # warm-up (the first also runs the taps' self-check)
+    times = {v: [] for v in variants}
+    load = [os.getloadavg()]
+    for _ in range(a.rounds):  # interleaved, so machine noise hits every variant alike
+        for v, variant in variants.items():
+            times[v].append(one_round(variant))
+    load.append(os.getloadavg())
+    time.sleep(1.0)
+    tokens = a.concurrency * a.new
+    rows = []
+    for v, ts in times.items():
+        ts = sorted(ts)
+        rows.append({"variant": v, "tokens_per_s_median": tokens / ts[len(ts) // 2],
+                     "tokens_per_s_best": tokens / ts[0], "round_s": ts})
+    return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
+                  "records_dropped": sum(d.dropped for d in drains.values()),
+                  "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
 
 
 def main(argv=None):
@@ -114,21 +146,25 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="")
+    ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
+                                                     "native,python")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
     model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=4, hidden=512)
     rows, ring = run(model_path, work, a)
-    base = rows[0]["tokens_per_s_median"]
+    base = rows[0]["tokens_per_s_median"]   # "off" on the first server
     print(f"SGLang 0.5.23 CPU engine, Llama hidden 512 x 4 layers fp32, {a.concurrency} concurrent requests, "
           f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
-          f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped)")
-    print(f"{'variant':<14} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14}")
+          f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
+          f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
+    print(f"{'variant':<20} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14}")
     for r in rows:
-        print(f"{r['variant']:<14} {r['tokens_per_s_median']:>12.1f} {r['tokens_per_s_best']:>10.1f} "
+        print(f"{r['variant']:<20} {r['tokens_per_s_median']:>12.1f} {r['tokens_per_s_best']:>10.1f} "
               f"{(r['tokens_per_s_median'] / base - 1) * 100:>+13.1f}%")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "rows": rows, "ring": ring}, f, indent=1)
+            json.dump({"config": vars(a), "rows": rows, "ring": ring,
+                       "command": "scripts/bench/sglang_overhead.py " + " ".join(argv or [])}, f, indent=1)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -381,11 +381,12 @@ def test_rows_of_requests_never_begun_are_counted_not_captured(ring_dir):
 
 @pytest.mark.parametrize("path", ["memmove", "numpy"])
 def test_a_copy_failing_after_reservation_leaves_no_frame_behind(ring_dir, monkeypatch, path):
-    """Both CPU copy paths: memmove for contiguous rows, numpy for strided ones."""
+    """Both CPU copy paths of the Python path: memmove for contiguous rows, numpy for strided ones
+    (the native path's copy is a memcpy into the reserved frame, which cannot fail)."""
     import numpy as np
     from tensortrace.agent import core
 
-    agent = make_agent(ring_dir)
+    agent = make_agent(ring_dir, capture_path="python")
     agent.begin_request("r0")
     layout = layout_for(["r0"], [3], [0])
     calls = {"n": 0}

@@ -18,8 +18,9 @@ PROMPTS = {"alpha": [5, 6, 7], "beta": [11, 12, 13, 14, 15, 16], "gamma": [21], 
 GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
 
 
-def capture(model, ring_dir, order, selection=None):
-    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="m", ring_capacity=16 << 20),
+def capture(model, ring_dir, order, selection=None, capture_path="auto"):
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="m", ring_capacity=16 << 20,
+                                     capture_path=capture_path),
                          selection or Selection.preset("full"))
     backend = HFBackend(model, agent)
     ids, mask = left_padded([PROMPTS[r] for r in order])
@@ -88,7 +89,14 @@ def test_unplaceable_taps_are_reported_at_attach(tmp_path, caplog):
     assert {h for h, _ in agent2.unplaced} == {"moe_router_logits", "moe_topk_weights", "moe_topk_ids"}
 
 
-def test_a_failing_tap_is_disabled_counted_and_generation_is_unchanged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["python", "native"])
+def test_a_failing_tap_is_disabled_counted_and_generation_is_unchanged(tmp_path, monkeypatch, path):
+    """Python path: the extractor raises; native path (which extracts in C): the step's selection
+    answer for the tap raises. Either way only that tap is disabled."""
+    from tensortrace.agent import native
+
+    if path == "native" and native.load(required=True)[0] is None:
+        pytest.skip(f"native path: {native.load(required=True)[1]}")
     model = make("llama")
     order = list(PROMPTS)
     _, clean_seqs, _ = capture(model, str(tmp_path / "clean"), order, Selection.preset("logits"))
@@ -103,8 +111,19 @@ def test_a_failing_tap_is_disabled_counted_and_generation_is_unchanged(tmp_path,
         if calls["n"] == 3:
             raise RuntimeError("injected fault in a tap")
         return real_first(x)
-    monkeypatch.setattr(hf_backend, "_first", flaky_first)
-    got, seqs, agent = capture(model, str(tmp_path / "faulty"), order)
+    if path == "python":
+        monkeypatch.setattr(hf_backend, "_first", flaky_first)
+    else:
+        real_group = CaptureAgent._native_group
+
+        def flaky_group(self, hook, layer, nrows):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected fault in a tap")
+            return real_group(self, hook, layer, nrows)
+        monkeypatch.setattr(CaptureAgent, "_native_group", flaky_group)
+    got, seqs, agent = capture(model, str(tmp_path / "faulty"), order, capture_path=path)
+    assert agent.capture_path == path
     assert seqs == clean_seqs == {rid: plain[b].tolist() for b, rid in enumerate(order)}
     st = agent.stats()
     assert st.tap_errors == 1 and len(st.disabled_taps) == 1

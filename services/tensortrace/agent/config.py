@@ -65,6 +65,10 @@ class AgentConfig:
     prefault_ring: bool = True            # touch every ring page at start-up, not on the hot path
     device_staging_bytes: int = 256 << 20  # CUDA path: device-side staging ring
     commit_queue_max: int = 65536         # CUDA path: copies in flight awaiting their event
+    # The tap path (agent/native.py): "auto" = the native fast path when it is built and
+    # TENSORTRACE_NATIVE is not 0, else the Python path; "native" = required (an error without it);
+    # "python" = the pure-Python path (the oracle the native path is tested against).
+    capture_path: str = "auto"
     # Ring permissions (docs/operations.md "Ring permissions"): with a ring gid the ring is created
     # 0660 in that group (and a missing ring directory 2770 setgid), so the exporter reads it as a
     # member of the group; without one, 0600 (the exporter must then run as this uid).
@@ -93,6 +97,8 @@ class AgentConfig:
             problems.append("device_staging_bytes must be positive")
         if self.commit_queue_max < 1:
             problems.append("commit_queue_max must be >= 1")
+        if self.capture_path not in ("auto", "native", "python"):
+            problems.append(f"capture_path {self.capture_path!r} must be 'auto', 'native' or 'python'")
         if self.ring_gid is not None:
             try:
                 self.ring_gid = parse_id(self.ring_gid, "TENSORTRACE_RING_GID (ring_gid)")

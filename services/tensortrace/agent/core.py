@@ -31,6 +31,7 @@ Backends never write `thread_ns`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import os
@@ -44,8 +45,8 @@ import numpy as np
 from tensortrace.agent.config import AgentConfig, OverflowPolicy
 from tensortrace.agent.layout import RequestRows, RowDomain, StepLayout
 from tensortrace.agent.selection import Selection, SelectionError
-from tensortrace.agent.stats import LIFE_ENDING_DROPS, TAP_DROPS, AgentStats, Counters, DropReason
-from tensortrace.ring.format import FrameKind, RingIdentity, RingWriter, frame_size
+from tensortrace.agent.stats import LIFE_ENDING_DROPS, TAP_DROPS, AgentStats, Counters, DropReason, HookStats
+from tensortrace.ring.format import HEADER_SIZE, FrameKind, RingIdentity, RingWriter, frame_size
 from tensortrace.ring.permissions import ensure_agent_ring_dir
 from tensortrace.v1 import records_pb2, ring_pb2
 from tensortrace.wire import codec
@@ -55,9 +56,13 @@ log = logging.getLogger("tensortrace.agent")
 _BITS_DTYPE: dict = {}  # element size -> integer torch dtype of that size (filled on first use)
 _NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _CAPTURE_TIME_TAG = bytes([(9 << 3) | 1])  # RingSlab.capture_time_unix_nano: field 9, fixed64
+_STEP_TIME_TAG = bytes([(4 << 3) | 1])     # RingStep.capture_time_unix_nano: field 4, fixed64
 _U64 = struct.Struct("<Q")
 _memmove = ctypes.memmove
 _perf_ns = time.perf_counter_ns
+_time_ns = time.time_ns   # capture times; tests pin it (with the native clock) to compare ring bytes
+# Tap kinds of CaptureAgent.make_tap (the same numbers as agent/_capture.c's K_*).
+TAP_INPUT, TAP_PLAIN_INPUT, TAP_OUTPUT, TAP_FIRST_OUTPUT, TAP_CALL = 0, 1, 2, 3, 4
 _STEP_FRAME_OK = "ok"   # _step_frame_state once the step's STEP frame is in the ring
 
 
@@ -89,6 +94,8 @@ class _Request:
     hooks: set = field(default_factory=set)
     dropped_for_life: bool = False
     derived: tuple | None = None  # (global selection, this request's selection)
+    prefix: bytes | None = None   # native path: RequestRows fields 1-3 (id, trace, span), serialized once
+    prefix_id: str = ""
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
         self.dropped += n
@@ -103,7 +110,7 @@ class _PartGroup:
     """
 
     __slots__ = ("parts", "requests", "parts_bytes", "src_runs", "nrows", "written_slabs",
-                 "written_row_bytes", "hooks")
+                 "written_row_bytes", "hooks", "native", "key")
 
     def __init__(self, parts, requests, parts_bytes, src_runs, nrows):
         self.parts = parts              # [(index in layout.requests, src_row, count, position)]
@@ -114,6 +121,24 @@ class _PartGroup:
         self.written_slabs = 0
         self.written_row_bytes = 0
         self.hooks: set = set()
+        self.native = None              # its _capture.Group once a native tap writes it
+
+    def written(self) -> tuple[int, int, set]:
+        """(slabs, bytes per row summed over them, hook names) written by both paths this step."""
+        ng = self.native
+        if ng is None:
+            return self.written_slabs, self.written_row_bytes, self.hooks
+        return (self.written_slabs + ng.written_slabs, self.written_row_bytes + ng.written_row_bytes,
+                self.hooks | ng.hooks)
+
+
+class _ThreadNs:
+    """thread_ns of the Python path (the native path keeps it in its Core)."""
+
+    __slots__ = ("thread_ns",)
+
+    def __init__(self):
+        self.thread_ns = 0
 
 
 class _Timed:
@@ -170,7 +195,8 @@ class CaptureAgent:
         # Time the agent's calls took on the inference thread (ns): what capture costs the model
         # directly, measurable far below the run-to-run noise of throughput (stats.thread_seconds).
         # Written only by the agent (its entry points, tap(), timed()); backends read it at most.
-        self.thread_ns = 0
+        # Kept by the native Core when the native path is on (its taps add to it without Python).
+        self._tns = _ThreadNs()
         self._requests: dict[str, _Request] = {}
         self._arrivals = 0
         self._step = 0
@@ -191,8 +217,79 @@ class CaptureAgent:
         self.unplaced: list[tuple[str, str]] = []
         self._staging = None  # CudaStaging, created on the first CUDA tensor
         self._closed = False
+        self._native = None          # _capture.Core: the native fast path (agent/native.py)
+        self._native_groups: dict = {}   # group key -> _capture.Group the native taps hold
+        self._sel_sig = None
+        self._native_plans: list = []
+        self.capture_path = "python"
+        self.native_reason = ""
+        self._setup_native()
         if config.device.startswith("cuda"):
             self._staging_for(torch.device(config.device))
+
+    def _setup_native(self) -> None:
+        from tensortrace.agent import native
+
+        mode = self.config.capture_path
+        if mode == "python":
+            self.native_reason = "AgentConfig.capture_path='python'"
+            return
+        mod, reason = native.load(required=mode == "native")
+        if mod is None:
+            if mode == "native":
+                raise RuntimeError(f"AgentConfig.capture_path='native' but {reason}")
+            self.native_reason = reason
+            native.log_fallback(reason)
+            return
+        core = mod.Core(self._ring_addr - HEADER_SIZE, self.writer.capacity, self.writer, self)
+        self._step_model_field = ring_pb2.RingStep(model_id=self.config.model_id).SerializeToString()
+        self._step_tp_field = ring_pb2.RingStep(tp_size=self.config.tp_size).SerializeToString()
+        core.thread_ns = self._tns.thread_ns
+        core.clock = None if _time_ns is time.time_ns else _time_ns
+        try:   # dynamo's eval-frame callback (None in eager): native taps step aside while it is set
+            from torch._C._dynamo.eval_frame import get_eval_frame_callback
+        except ImportError:
+            get_eval_frame_callback = None
+        core.is_compiling = get_eval_frame_callback
+        self._native_mod = mod
+        self._native = self._tns = core
+        self.capture_path = "native"
+        # The generic taps (SGLang's, and any backend's agent.tap) run natively too.
+        self.tap = core.tap
+
+    @property
+    def thread_ns(self) -> int:
+        """The agent's inference-thread time so far (ns). Backends read it; only the agent writes."""
+        return self._tns.thread_ns
+
+    @thread_ns.setter
+    def thread_ns(self, value: int) -> None:
+        self._tns.thread_ns = value
+
+    def make_tap(self, entries, fallback=None):
+        """A torch hook capturing one or more catalog tensors in one call (backends' taps).
+
+        entries: [(hook, layer, kind, extract)], kind one of TAP_INPUT (the module's input
+        `hidden_states`), TAP_PLAIN_INPUT (`input`), TAP_OUTPUT, TAP_FIRST_OUTPUT (element 0 of a
+        tuple output), each flattened [B, S, ...] -> [B*S, ...], or TAP_CALL (extract(*hook_args)
+        returns the rows). `extract(*hook_args)` must return what the kind reads: it is the
+        Python path's extractor, and the native path's whenever it hands a tap to the Python path.
+        fallback: the hook to run while torch.compile traces (native taps only).
+        Returns a native `_capture.Tap` with the native path on, else a Python function."""
+        entries = [(h, int(L), int(k), ex) for h, L, k, ex in entries]
+        if self._native is not None:
+            t = self._native_mod.Tap(self._native, entries)
+            t.fallback = fallback
+            return t
+        tap = self.tap
+        if len(entries) == 1:
+            h, L, _, ex = entries[0]
+            return functools.partial(tap, h, L, ex)
+
+        def multi_tap(*args):
+            for h, L, _, ex in entries:
+                tap(h, L, ex, *args)
+        return multi_tap
 
     # -- backend-facing API (the AgentPort of backends/base.py: who calls what, when, where) ---
     def report_placement(self, unplaced: list[tuple[str, str]]) -> None:
@@ -251,7 +348,7 @@ class CaptureAgent:
         else:
             sampled = self.selection.samples(request_id, arrival)
         ctx = RequestContext(request_id, trace_id, span_id, sampled)
-        self._requests[request_id] = _Request(ctx, sel_options, forced, prompt_tokens, time.time_ns())
+        self._requests[request_id] = _Request(ctx, sel_options, forced, prompt_tokens, _time_ns())
         self._counters.scalars["requests_begun"] += 1
         self._counters.scalars["requests_sampled"] += int(sampled)
         return ctx
@@ -278,11 +375,10 @@ class CaptureAgent:
         if self._pending_summaries:
             self._drain_pending()
         self._step += 1
-        self._step_field = ring_pb2.RingSlab(step=self._step).SerializeToString()
+        self._step_field = _step_field(self._step)
         self._counters.scalars["steps"] += 1
         self._layout = layout
         self._groups = {}
-        self._wants_cache = {}
         self._step_frame_state = None
         entries = []
         if self.selection.enabled:
@@ -302,11 +398,35 @@ class CaptureAgent:
                     entries.append((i, rows, req, sel))
         self._entries = entries
         self._any_dropped_for_life = any(e[2].dropped_for_life for e in entries)
-        self._step_hook_names = None
-        self._wanting = {}
+        # The step's selection answers (which entries want which tap) depend only on the entries'
+        # selections: when they are those of the previous step (decode after decode, same batch),
+        # the per-tap answers are kept, and the native taps keep theirs too (no Python per tap).
+        sel_sig = tuple(e[3] for e in entries)
+        same = bool(entries) and not self._any_dropped_for_life and sel_sig == self._sel_sig
+        self._sel_sig = sel_sig if not self._any_dropped_for_life else None
+        if not same:
+            self._wants_cache = {}
+            self._step_hook_names = None
+            self._wanting = {}
         # The STEP frame lists only the captured requests: requests[k] of the frame = entries[k].
         self._frame_request_index = {i: k for k, (i, _, _, _) in enumerate(entries)}
         self._step_open = bool(entries)
+        if self._native is not None:
+            if not entries:
+                self._native.end()
+            elif same:
+                # the groups the native taps hold, rebuilt in place for this step's rows
+                one_row_each = layout.total_rows == layout.num_sequences
+                for key, ng in self._native_groups.items():
+                    if one_row_each and key[0] is RowDomain.SEQUENCES:
+                        continue   # unreachable this step: the native taps read such tensors as tokens
+                    group = self._groups[key] = self._build_group(*key)
+                    ng.reset(group.parts_bytes, group.src_runs, group.nrows, len(group.parts))
+                    group.native = ng
+                self._native.begin(self._step_field, layout.total_rows, layout.num_sequences, True)
+            else:
+                self._native_groups = {}
+                self._native.begin(self._step_field, layout.total_rows, layout.num_sequences, False)
 
     @property
     def step_open(self) -> bool:
@@ -356,6 +476,12 @@ class CaptureAgent:
         if not w:
             return
         t0 = _perf_ns()
+        self._tap_body(hook, layer, extract, args)
+        self.thread_ns += _perf_ns() - t0
+
+    def _tap_body(self, hook: str, layer: int, extract, args) -> None:
+        """tap() without the wants check and the timer: the Python path, which the native path
+        also hands every case it does not take itself (a full ring, a CUDA tensor, an error...)."""
         try:
             if self._disabled_taps and (hook, layer) in self._disabled_taps:
                 self._capture(hook, layer, None)   # counted tap_disabled; nothing is extracted
@@ -365,7 +491,6 @@ class CaptureAgent:
                     self._capture(hook, layer, rows)
         except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
             self.tap_failed(hook, layer, e)
-        self.thread_ns += _perf_ns() - t0
 
     def capture(self, hook: str, layer: int, rows) -> None:
         """Called by the backend on the inference thread between begin_step and end_step, for a
@@ -374,12 +499,75 @@ class CaptureAgent:
         slots) for every request that selects (hook, layer). Times itself; never raises."""
         if not self._step_open:
             return
+        if self._native is not None:
+            self._native.capture(hook, layer, rows, _identity)   # times itself
+            return
         t0 = _perf_ns()
         try:
             self._capture(hook, layer, rows)
         except Exception as e:  # noqa: BLE001
             self.tap_failed(hook, layer, e)
         self.thread_ns += _perf_ns() - t0
+
+    def capture_static(self, items, rows: int) -> None:
+        """Called by the backend on the inference thread after a CUDA-graph replay: the first
+        `rows` rows of each static buffer in `items` [(hook, layer, buffer)], as capture() of each,
+        in one call (the native path does the per-buffer work without Python). Times itself."""
+        if not self._step_open:
+            return
+        if self._native is not None:
+            self._native.capture_static(items, rows, _identity)
+            return
+        for hook, layer, buf in items:
+            self.capture(hook, layer, buf[:rows])
+
+    # -- the native path's questions (agent/_capture.c asks them once per tap per step) -------
+    def _native_wants(self, hook: str, layer: int) -> int:
+        """W_NO: not selected; W_NATIVE: the native path may write it; W_SLOW: the Python path
+        must take every call this step (a disabled tap, or requests dropped for life)."""
+        mod = self._native_mod
+        if not self.wants(hook, layer):
+            return mod.W_NO
+        if (self._disabled_taps and (hook, layer) in self._disabled_taps) or self._any_dropped_for_life:
+            return mod.W_SLOW
+        if self._staging is not None:
+            # CUDA staging publishes frames from its commit thread, in order: a frame the native
+            # path published directly could overtake them. Every tap takes the Python path.
+            return mod.W_SLOW
+        return mod.W_NATIVE
+
+    def _native_group(self, hook: str, layer: int, nrows: int):
+        """The _capture.Group (hook, layer) writes for a tensor of `nrows` rows this step; None:
+        nothing to write; False: the Python path must take this call (no STEP frame yet)."""
+        if self._any_dropped_for_life or (self._disabled_taps and (hook, layer) in self._disabled_taps):
+            return False
+        group = self._group(hook, layer, nrows)
+        if group is None:
+            return None
+        if group.native is None:
+            group.native = self._native_mod.Group(group.parts_bytes, group.src_runs, group.nrows, len(group.parts))
+            self._native_groups[group.key] = group.native
+        return group.native
+
+    def _native_step_frame(self) -> bool:
+        """Asked by the native path before its first slab of a step: the STEP frame is in the ring
+        (written now if need be). False: the Python path takes the slab (counted step_dropped)."""
+        if self._step_frame_state is None:
+            self._step_frame_state = self._write_step_frame()
+        return self._step_frame_state is _STEP_FRAME_OK
+
+    def _native_plan(self, hook: str, layer: int, dtype, row_shape: tuple):
+        """The _capture.Plan of (hook, layer, dtype, row shape): the slab's static meta."""
+        key = (hook, layer, dtype, row_shape, "native")
+        plan = self._slab_static.get(key)
+        if plan is None:
+            elem = dtype.itemsize
+            static = ring_pb2.RingSlab(hook=hook, layer=layer, tp_rank=self.config.tp_rank,
+                                       tp_size=self.config.tp_size, dtype=codec.dtype_code(dtype),
+                                       row_shape=row_shape).SerializeToString()
+            plan = self._slab_static[key] = self._native_mod.Plan(static, hook, math.prod(row_shape) * elem, elem)
+            self._native_plans.append(plan)
+        return plan
 
     def timed(self) -> _Timed:
         """`with agent.timed(): ...` — called by backends on the inference thread around their own
@@ -397,6 +585,8 @@ class CaptureAgent:
             first = key not in self._disabled_taps
             self._disabled_taps[key] = f"{type(error).__name__}: {error}"
             self._counters.scalars["tap_errors"] += 1
+            if self._native is not None:
+                self._native.invalidate()
             if first:
                 log.error("tensortrace: tap %s@%d failed and is disabled: %r", hook, layer, error)
             if self._step_open:
@@ -415,18 +605,21 @@ class CaptureAgent:
         t0 = _perf_ns()
         try:
             for group in self._groups.values():
-                if not group.written_slabs:
+                slabs, row_bytes, hooks = group.written()
+                if not slabs:
                     continue
                 for (_, _, count, _), req in zip(group.parts, group.requests):
-                    req.captured += group.written_slabs
-                    req.bytes_captured += group.written_row_bytes * count
-                    req.hooks.update(group.hooks)
+                    req.captured += slabs
+                    req.bytes_captured += row_bytes * count
+                    req.hooks.update(hooks)
             if self._staging is not None:
                 self._staging.end_step()
         except Exception as e:  # noqa: BLE001
             self._disable_agent(e)
         finally:
             self._step_open = False
+            if self._native is not None:
+                self._native.end()
             self._groups = {}
             self._entries = []
             self.thread_ns += _perf_ns() - t0
@@ -470,7 +663,7 @@ class CaptureAgent:
                 prompt_tokens=req.prompt_tokens if prompt_tokens is None else prompt_tokens,
                 generated_tokens=generated_tokens, finish_reason=finish_reason,
                 hooks=sorted(req.hooks), start_time_unix_nano=req.start_ns,
-                end_time_unix_nano=time.time_ns(), sampled=req.ctx.sampled,
+                end_time_unix_nano=_time_ns(), sampled=req.ctx.sampled,
                 producers=self.config.tp_size)
             for k, v in req.dropped_by_reason.items():
                 s.dropped_by_reason[k] = v
@@ -516,6 +709,8 @@ class CaptureAgent:
                 self._staging.close()
                 self._staging = None
             self._step_open = False   # no capture after this: the ring is about to be unmapped
+            if self._native is not None:
+                self._native.close()
             self._ring_addr = 0
             self._ring_u8 = None
             self._ring_np = None
@@ -557,6 +752,19 @@ class CaptureAgent:
         s.agent_disabled = self.disabled_reason
         s.unplaced_taps = list(self.unplaced)
         s.thread_seconds = self.thread_ns / 1e9
+        for plan in self._native_plans:   # records the native path wrote (it counts per plan)
+            produced, written, nbytes = plan.counts()
+            if not produced:
+                continue
+            h = s.by_hook.get(plan.hook)
+            if h is None:
+                h = s.by_hook[plan.hook] = HookStats()
+            h.produced += produced
+            h.written += written
+            h.bytes_written += nbytes
+            s.produced += produced
+            s.written += written
+            s.bytes_written += nbytes
         return s
 
     def request_ids(self) -> list[str]:
@@ -598,6 +806,13 @@ class CaptureAgent:
         group = self._groups.get(key)
         if group is not None:
             return group
+        group = self._groups[key] = self._build_group(domain, live)
+        return group
+
+    def _build_group(self, domain: RowDomain, live: tuple) -> _PartGroup:
+        """The parts of the entries `live` (indices into this step's entries) in `domain`."""
+        layout = self._layout
+        key = (domain, live)
         live = [self._entries[k] for k in live]
         parts, reqs = [], []
         for i, rows, req, sel in live:
@@ -608,19 +823,29 @@ class CaptureAgent:
             else:
                 parts.append((i, rows.row_start, rows.row_count, rows.position_start))
             reqs.append(req)
-        parts_msg = ring_pb2.RingSlab()
+        fields = []
         runs: list[list[int]] = []
         dst = 0
+        fidx = self._frame_request_index
         for layout_i, src, count, pos in parts:
-            parts_msg.parts.add(request_index=self._frame_index(layout_i), slab_row_start=dst, row_count=count,
-                                position_start=pos)
+            idx = fidx.get(layout_i)
+            if idx is None:
+                self._frame_index(layout_i)   # raises: planned before the STEP frame
+            fields.append((idx, dst, count, pos))
             if runs and runs[-1][0] + runs[-1][2] == src:
                 runs[-1][2] += count
             else:
                 runs.append([src, dst, count])
             dst += count
-        group = _PartGroup(parts, reqs, parts_msg.SerializeToString(), [tuple(r) for r in runs], dst)
-        self._groups[key] = group
+        if self._native is not None:   # the same bytes, encoded in C (tests compare with protobuf's)
+            parts_bytes = self._native_mod.encode_parts(fields)
+        else:
+            parts_msg = ring_pb2.RingSlab()
+            for idx, d, count, pos in fields:
+                parts_msg.parts.add(request_index=idx, slab_row_start=d, row_count=count, position_start=pos)
+            parts_bytes = parts_msg.SerializeToString()
+        group = _PartGroup(parts, reqs, parts_bytes, [tuple(r) for r in runs], dst)
+        group.key = key
         return group
 
     def _frame_index(self, layout_index: int) -> int:
@@ -665,7 +890,7 @@ class CaptureAgent:
                                              _BITS_DTYPE[elem], self._counters.by_hook[hook])
         static, row_bytes, row_shape, np_bits, torch_bits, hook_stats = plan
         nbytes = group.nrows * row_bytes
-        meta = b"".join((self._step_field, static, _CAPTURE_TIME_TAG, _U64.pack(time.time_ns()),
+        meta = b"".join((self._step_field, static, _CAPTURE_TIME_TAG, _U64.pack(_time_ns()),
                          group.parts_bytes))
         on_cuda = rows.is_cuda
         if on_cuda:
@@ -715,13 +940,29 @@ class CaptureAgent:
 
     def _write_step_frame(self) -> str:
         """_STEP_FRAME_OK, or the DropReason the STEP frame could not be written for."""
-        msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,
-                                capture_time_unix_nano=time.time_ns(), tp_size=self.config.tp_size)
-        for _, rows, req, _ in self._entries:
-            msg.requests.add(request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id,
-                             row_start=rows.row_start, row_count=rows.row_count,
-                             position_start=rows.position_start, phase=int(rows.phase))
-        r = self._reserve(FrameKind.STEP, msg.SerializeToString(), 0)
+        if self._native is not None:
+            # RingStep fields in number order: step, model_id | requests (C) | capture time, tp_size
+            items = []
+            for _, rows, req, _ in self._entries:
+                prefix = req.prefix
+                if prefix is None or req.prefix_id != rows.request_id:
+                    prefix = req.prefix = ring_pb2.RequestRows(
+                        request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id).SerializeToString()
+                    req.prefix_id = rows.request_id
+                items.append((prefix, rows.row_start, rows.row_count, rows.position_start, int(rows.phase)))
+            # RingStep.step (field 1) has RingSlab.step's bytes; model_id and tp_size never change
+            t = _time_ns()
+            meta = b"".join((self._step_field, self._step_model_field, self._native_mod.encode_requests(items),
+                             _STEP_TIME_TAG + _U64.pack(t) if t else b"", self._step_tp_field))
+        else:
+            msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,
+                                    capture_time_unix_nano=_time_ns(), tp_size=self.config.tp_size)
+            for _, rows, req, _ in self._entries:
+                msg.requests.add(request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id,
+                                 row_start=rows.row_start, row_count=rows.row_count,
+                                 position_start=rows.position_start, phase=int(rows.phase))
+            meta = msg.SerializeToString()
+        r = self._reserve(FrameKind.STEP, meta, 0)
         if r.__class__ is DropReason:
             return r
         self._publish(r[0], 0)
@@ -760,6 +1001,8 @@ class CaptureAgent:
             if for_life:
                 req.dropped_for_life = True
                 self._any_dropped_for_life = True
+        if for_life and self._native is not None:
+            self._native.invalidate()   # the native taps ask again: the Python path takes them now
         self._counters.dropped(hook, len(group.parts), reason)
         if reason not in TAP_DROPS:
             self.writer.count_drop(nbytes)
@@ -796,12 +1039,28 @@ class CaptureAgent:
             log.error("tensortrace: capture agent disabled after an internal error: %r "
                       "(the model keeps running; nothing more is captured)", error, exc_info=error)
         self._step_open = False
+        if self._native is not None:
+            self._native.end()
 
     def _log_once(self, key, msg, *args) -> None:
         if key in self._logged:
             return
         self._logged.add(key)
         log.warning(msg, *args)
+
+
+def _step_field(step: int) -> bytes:
+    """RingSlab.step (field 1, varint) serialized, as protobuf does (tests compare)."""
+    out = bytearray(b"\x08")
+    while step >= 0x80:
+        out.append((step & 0x7F) | 0x80)
+        step >>= 7
+    out.append(step)
+    return bytes(out)
+
+
+def _identity(rows):
+    return rows
 
 
 def _new_span_id() -> bytes:

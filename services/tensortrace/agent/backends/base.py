@@ -113,7 +113,20 @@ class AgentPort(Protocol):
 
     def capture(self, hook: str, layer: int, rows: Any) -> None:
         """Called by the backend during a step for a tensor it already holds (not through a module
-        tap: SGLang's token ids and logits, CUDA-graph static buffers). Same contract as tap()."""
+        tap: SGLang's token ids and logits). Same contract as tap()."""
+
+    def capture_static(self, items: list, rows: int) -> None:
+        """Called by the backend after a CUDA-graph replay, during the step: for each
+        (hook, layer, static buffer) in `items`, capture(hook, layer, buffer[:rows]) — in one call
+        (the native path: no Python per buffer). A static buffer's storage, shape and dtype must not
+        change after its first use (the graph that writes it fixes them)."""
+
+    def make_tap(self, entries: list, fallback: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        """Called by the backend at attach: the torch hook of a module hook that yields one or more
+        catalog tensors, each `(hook, layer, kind, extract)` (kinds: core.TAP_*; `extract(*hook_args)`
+        returns the rows, as for tap()). One call per firing for all of them; the native path
+        (docs/agent.md "Native fast path") returns a C callable. `fallback`: the hook to run while
+        torch.compile traces (a native tap steps aside for it)."""
 
     def tap_failed(self, hook: str, layer: int, error: BaseException) -> None:
         """Called by the backend when extracting a tap's tensor raised outside tap(): disables that

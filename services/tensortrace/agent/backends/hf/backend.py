@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.hf.archs import ArchMap, arch_for, find_module
 from tensortrace.agent.catalog import HOOKS
+from tensortrace.agent.core import TAP_CALL, TAP_FIRST_OUTPUT, TAP_INPUT, TAP_OUTPUT, TAP_PLAIN_INPUT
 from tensortrace.agent.layout import Phase, RequestRows, StepLayout
 
 log = logging.getLogger("tensortrace.agent")
@@ -54,12 +55,13 @@ def _input_of(args, kwargs, name="hidden_states"):
 
 # Extractors: called by agent.tap with the torch hook's own arguments, only when the step selects
 # the tap. Pre-hooks (with_kwargs) pass (module, args, kwargs); forward hooks add the output.
-def _input_rows(mod, args, kw):
-    """The module's input `hidden_states` as token rows."""
+# Each has a tap kind the native path reads the same tensor by without calling it (_KIND).
+def _input_rows(mod, args, kw, out=None):
+    """The module's input `hidden_states` as token rows (from a pre-hook or a forward hook)."""
     return _token_rows(_input_of(args, kw))
 
 
-def _plain_input_rows(mod, args, kw):
+def _plain_input_rows(mod, args, kw, out=None):
     """The input of an nn.Embedding / nn.Linear (`input`) as token rows."""
     return _token_rows(_input_of(args, kw, "input"))
 
@@ -78,8 +80,20 @@ def _split_rows(out, split, i):
     return _token_rows(out.split(split, dim=2)[i])
 
 
+def _split_extract(mod, args, kw, out, *, split, i):
+    return _split_rows(out, split, i)
+
+
+def _item_extract(mod, args, kw, out, *, i):
+    return out[i]
+
+
 def _item(out, i):
     return out[i]
+
+
+_KIND = {_input_rows: TAP_INPUT, _plain_input_rows: TAP_PLAIN_INPUT, _output_rows: TAP_OUTPUT,
+         _first_output_rows: TAP_FIRST_OUTPUT}
 
 
 @dataclass
@@ -130,8 +144,9 @@ class _NextTokens:
     """
 
     def __init__(self):
-        self.host = None       # the last tokens, on the host
+        self.host = None       # the last tokens, on the host (a list when they were host tensors)
         self.event = None
+        self.not_done = None   # the criterion's answer (all False), reused every step
         self.host_waits = 0
 
     def make_criterion(self, agent=None):
@@ -155,15 +170,21 @@ class _NextTokens:
                     tap.host.copy_(last, non_blocking=True)
                     tap.event = torch.cuda.Event()
                     tap.event.record()
-                else:
-                    tap.host, tap.event = last.clone(), None
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                else:   # a host tensor: read it now (one C call; no copy, no tensor to keep)
+                    tap.host, tap.event = last.tolist(), None
+                done = tap.not_done
+                if done is None or done.shape[0] != input_ids.shape[0] or done.device != input_ids.device:
+                    # generate combines it out of place (`is_done | criterion(...)`): one tensor serves
+                    done = tap.not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                return done
 
         return NextTokenTap()
 
     def tokens(self) -> list[int] | None:
         if self.host is None:
             return None
+        if isinstance(self.host, list):
+            return self.host
         if self.event is not None and not self.event.query():
             self.host_waits += 1
             self.event.synchronize()
@@ -213,8 +234,9 @@ class HFBackend(Backend):
             missing("token_ids", f"no module {a.embed}")
             missing("embeddings", f"no module {a.embed}")
         else:
-            self._pre(embed, ("token_ids",), self._tap("token_ids", -1, _plain_input_rows))
-            self._post(embed, ("embeddings",), self._tap("embeddings", -1, _output_rows))
+            # one forward hook for both: the embedding's input ids and its output
+            self._post(embed, ("token_ids", "embeddings"),
+                       self._tap_of([("token_ids", -1, _plain_input_rows), ("embeddings", -1, _output_rows)]))
         for hook, path in (("resid_final", a.final_norm), ("logits", a.lm_head)):
             mod = find_module(m, path)
             if mod is None:
@@ -239,11 +261,16 @@ class HFBackend(Backend):
         return self.unplaced
 
     def _attach_layer(self, L: int, layer, missing) -> None:
-        a, tap = self.arch, self.agent.tap
+        a = self.arch
         self._pre(layer, ("resid_pre",), self._tap("resid_pre", L, _input_rows))
         norm = find_module(layer, a.post_attn_norm)
+        mlp = find_module(layer, a.mlp)
         if norm is None:
             missing("resid_mid", f"layer {L}: no module {a.post_attn_norm}")
+        elif mlp is not None:
+            # One call for two tensors: the norm's input is resid_mid, its output the MLP's input.
+            self._post(norm, ("resid_mid", "mlp_in"),
+                       self._tap_of([("resid_mid", L, _input_rows), ("mlp_in", L, _first_output_rows)]))
         else:
             self._pre(norm, ("resid_mid",), self._tap("resid_mid", L, _input_rows))
         attn = find_module(layer, a.attn)
@@ -258,12 +285,9 @@ class HFBackend(Backend):
                     missing(h, f"layer {L}: no module {a.qkv_fused}")
             else:
                 split = getattr(attn, "split_size", None)
-
-                def qkv_tap(mod, args, kw, out, split=split):
-                    tap("attn_q", L, _split_rows, out, split, 0)
-                    tap("attn_k", L, _split_rows, out, split, 1)
-                    tap("attn_v", L, _split_rows, out, split, 2)
-                self._post(fused, ("attn_q", "attn_k", "attn_v"), qkv_tap)
+                self._post(fused, ("attn_q", "attn_k", "attn_v"), self._tap_of(
+                    [(h, L, functools.partial(_split_extract, split=split, i=i))
+                     for i, h in enumerate(("attn_q", "attn_k", "attn_v"))]))
         else:
             for h, path in (("attn_q", a.q_proj), ("attn_k", a.k_proj), ("attn_v", a.v_proj)):
                 proj = find_module(layer, path)
@@ -271,12 +295,12 @@ class HFBackend(Backend):
                     missing(h, f"layer {L}: no module {path}")
                 else:
                     self._post(proj, (h,), self._tap(h, L, _output_rows))
-        mlp = find_module(layer, a.mlp)
         if mlp is None:
             for h in ("mlp_in", "mlp_out"):
                 missing(h, f"layer {L}: no module {a.mlp}")
         else:
-            self._pre(mlp, ("mlp_in",), self._tap("mlp_in", L, _input_rows))
+            if norm is None:
+                self._pre(mlp, ("mlp_in",), self._tap("mlp_in", L, _input_rows))
             self._post(mlp, ("mlp_out",), self._tap("mlp_out", L, _first_output_rows))
         down = find_module(layer, a.down_proj)
         if down is None:
@@ -290,24 +314,43 @@ class HFBackend(Backend):
                 missing(h, f"layer {L}: not a MoE layer (no router module {a.router})")
         else:
             li, wi, ii = a.router_tuple
-
-            def router_tap(mod, args, kw, out):
-                # The router sees the tokens flattened to [B*S, hidden]: rows are token rows already.
-                tap("moe_router_logits", L, _item, out, li)
-                tap("moe_topk_weights", L, _item, out, wi)
-                tap("moe_topk_ids", L, _item, out, ii)
-            self._post(router, ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"), router_tap)
+            # The router sees the tokens flattened to [B*S, hidden]: rows are token rows already.
+            self._post(router, ("moe_router_logits", "moe_topk_weights", "moe_topk_ids"), self._tap_of(
+                [(h, L, functools.partial(_item_extract, i=i))
+                 for h, i in (("moe_router_logits", li), ("moe_topk_weights", wi), ("moe_topk_ids", ii))]))
 
     def _tap(self, hook: str, layer: int, extract):
-        """The torch hook of a one-hook tap: agent.tap(hook, layer, extract, *hook_args) with no
-        Python frame of its own (a partial is called from C)."""
-        return functools.partial(self.agent.tap, hook, layer, extract)
+        """The torch hook of a one-hook tap."""
+        return self._tap_of([(hook, layer, extract)])
+
+    def _tap_of(self, entries):
+        """The torch hook of a module hook yielding one or more catalog tensors, in one call:
+        `agent.make_tap` (native: a C callable that extracts, selects and copies; Python:
+        agent.tap(hook, layer, extract, *hook_args) per tensor, no Python frame of its own for one)."""
+        agent = self.agent
+        full = [(h, L, _KIND.get(ex, TAP_CALL), ex) for h, L, ex in entries]
+        if getattr(agent, "capture_path", "python") != "native":
+            return _eager(agent.make_tap(full))
+        # native: the C tap checks torch.compiler.is_compiling() itself and, while dynamo traces,
+        # calls the Python taps wrapped in torch.compiler.disable (see _eager)
+        import torch
+
+        compiler = getattr(torch, "compiler", None)
+        fallback = None
+        if compiler is not None and hasattr(compiler, "disable"):
+            python_tap_method = type(agent).tap   # the Python path's tap (agent.tap is the native one)
+
+            def python_tap(*args):
+                for h, L, ex in entries:
+                    python_tap_method(agent, h, L, ex, *args)
+            fallback = compiler.disable(python_tap)
+        return agent.make_tap(full, fallback=fallback)
 
     def _pre(self, module, hooks: tuple, fn):
-        self._taps.append(_Tap(hooks, module, True, _eager(fn)))
+        self._taps.append(_Tap(hooks, module, True, fn))
 
     def _post(self, module, hooks: tuple, fn):
-        self._taps.append(_Tap(hooks, module, False, _eager(fn)))
+        self._taps.append(_Tap(hooks, module, False, fn))
 
     def _sync_taps(self, wanted: frozenset) -> None:
         """Register exactly the module hooks serving a wanted hook name; remove the others.

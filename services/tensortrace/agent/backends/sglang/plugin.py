@@ -163,6 +163,9 @@ class SGLangCapture(Backend):
         self.skipped_steps: dict[str, int] = {}
         self.layout_errors = 0
         self.tp_rank, self.tp_size = 0, 1
+        # post-replay capture lists, per set of wanted taps: [(hook, layer, static buffer)] (a
+        # buffer is created once, while graphs are captured, and never replaced)
+        self._static_items: dict = {}
 
     # -- attach ----------------------------------------------------------------------------
     def attached_to(self, runner) -> bool:
@@ -408,8 +411,13 @@ class SGLangCapture(Backend):
         rids = [rr.request_id for rr in layout.requests]
         if plan.mode == "DECODE" and self.config.cuda_graph == "static" and \
                 all(self.taps.static_ready(k) for k in wanted):
-            for hook, L in wanted:
-                self.agent.capture(hook, L, self.taps.static_bufs[(hook, L)][: layout.total_rows])
+            # one agent call for every buffer (native: no Python per buffer; agent.capture_static)
+            key = tuple(wanted)
+            items = self._static_items.get(key)
+            if items is None:
+                bufs = self.taps.static_bufs
+                items = self._static_items[key] = [(hook, L, bufs[(hook, L)]) for hook, L in wanted]
+            self.agent.capture_static(items, layout.total_rows)
             return
         why = ("decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)"
                if plan.mode == "DECODE" else

@@ -1,0 +1,1144 @@
+/* tensortrace.agent._capture — the capture agent's native fast path (CPython C API, no torch headers).
+ *
+ * What runs here, once per tap per step, on the inference thread: the selection check (cached per
+ * step), extraction of the tapped tensor from the torch hook's arguments (input / output / first
+ * output, flattened [B, S, ...] -> [B*S, ...] by address arithmetic, no view built), the ring
+ * reservation (PAD frame at the wrap, exactly as ring/format.py's RingWriter.reserve), the frame
+ * header and meta (pre-serialised per plan: step field + static fields + capture time + the step's
+ * parts), the row copy (one memcpy per contiguous run; strided rows one memcpy per row), the commit
+ * (head store) and the accounting (per plan and per part group, folded into AgentStats by
+ * core.py). Everything unusual (a CUDA tensor, a row count of neither domain, a full ring, a
+ * disabled tap, a non-contiguous row, an exception) goes to the Python path, `CaptureAgent._tap_body`,
+ * which is the oracle: tests/agent/test_native_capture.py checks the two write identical ring bytes.
+ *
+ * The ring format is ring/format.py's; the reservation state (_reserved, _seq) stays on the
+ * RingWriter object (read and written back here), so Python frames (STEP, SUMMARY, the overflow
+ * policies) and native frames interleave on one writer.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define HEADER_SIZE 4096
+#define ALIGN_MASK 63
+#define FRAME_HEADER_SIZE 40
+#define FRAME_MAGIC 0x54544652u
+#define KIND_SLAB 2
+#define KIND_PAD 0xFFFF
+#define OFF_HEAD 256
+#define OFF_TAIL 320
+#define OFF_FRAMES_COMMITTED (384 + 8)
+#define OFF_BYTES_COMMITTED (384 + 24)
+#define MAX_ENTRIES 4
+#define MAX_ROW_DIMS 8
+
+/* extraction kinds (core.py mirrors them as TAP_* constants) */
+enum { K_INPUT = 0, K_PLAIN_INPUT = 1, K_OUTPUT = 2, K_FIRST_OUTPUT = 3, K_CALL = 4, K_ROWS = 5 };
+/* per-step selection state of an entry */
+enum { W_UNKNOWN = 0, W_NO = 1, W_NATIVE = 2, W_SLOW = 3 };
+
+static uint32_t crc_table[8][256];
+
+static void crc_init(void) {   /* zlib's CRC-32 (reflected 0xEDB88320), slicing-by-8 tables */
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+static uint32_t crc32_of(const unsigned char *p, size_t n) {   /* == zlib.crc32(bytes) */
+    uint32_t c = 0xFFFFFFFFu;
+    while (n >= 8) {
+        uint32_t lo, hi;
+        memcpy(&lo, p, 4);
+        memcpy(&hi, p + 4, 4);
+        lo ^= c;
+        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+            crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+            crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+static inline int64_t now_ns(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static PyObject *s_reserved, *s_seq, *s_is_cpu, *s_size, *s_stride, *s_data_ptr, *s_dtype, *s_hidden_states,
+    *s_input, *s_native_wants, *s_native_group, *s_native_plan, *s_tap_body, *s_tap_failed, *s_native_step_frame;
+
+/* ---------------------------------------------------------------- Plan ---------------------- */
+typedef struct {
+    PyObject_HEAD
+    PyObject *static_meta;     /* bytes: RingSlab fields 2-7 */
+    PyObject *hook;
+    Py_ssize_t row_bytes;
+    Py_ssize_t elem;
+    long long produced, written, bytes_written;
+} Plan;
+
+static int Plan_init(Plan *self, PyObject *args, PyObject *kw) {
+    PyObject *meta, *hook;
+    Py_ssize_t row_bytes, elem;
+    if (!PyArg_ParseTuple(args, "SUnn", &meta, &hook, &row_bytes, &elem)) return -1;
+    Py_INCREF(meta); Py_XSETREF(self->static_meta, meta);
+    Py_INCREF(hook); Py_XSETREF(self->hook, hook);
+    self->row_bytes = row_bytes;
+    self->elem = elem;
+    return 0;
+}
+
+static void Plan_dealloc(Plan *self) {
+    Py_XDECREF(self->static_meta);
+    Py_XDECREF(self->hook);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Plan_counts(Plan *self, PyObject *unused) {
+    return Py_BuildValue("(LLL)", self->produced, self->written, self->bytes_written);
+}
+
+static PyObject *Plan_get_hook(Plan *self, void *c) { Py_INCREF(self->hook); return self->hook; }
+static PyGetSetDef Plan_getset[] = {
+    {"hook", (getter)Plan_get_hook, NULL, "the catalog hook", NULL},
+    {NULL}};
+
+static PyMethodDef Plan_methods[] = {
+    {"counts", (PyCFunction)Plan_counts, METH_NOARGS, "(produced, written, bytes_written) written natively"},
+    {NULL}};
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.Plan",
+    .tp_basicsize = sizeof(Plan),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Plan_init,
+    .tp_dealloc = (destructor)Plan_dealloc,
+    .tp_methods = Plan_methods,
+    .tp_getset = Plan_getset,
+    .tp_doc = "Plan(static_meta, hook, row_bytes, elem): one (hook, layer, dtype, row shape)",
+};
+
+/* ---------------------------------------------------------------- Group --------------------- */
+typedef struct {
+    PyObject_HEAD
+    PyObject *parts_bytes;     /* bytes: serialized `repeated SlabPart parts` */
+    PyObject *hooks;           /* set of hook names written */
+    Py_ssize_t nruns, nrows, nparts;
+    long long *runs;           /* (src_row, dst_row, count) * nruns */
+    long long max_src_row;     /* rows the tensor must have */
+    long long written_slabs, written_row_bytes;
+} Group;
+
+static int Group_init(Group *self, PyObject *args, PyObject *kw) {
+    PyObject *parts, *runs;
+    Py_ssize_t nrows, nparts;
+    if (!PyArg_ParseTuple(args, "SOnn", &parts, &runs, &nrows, &nparts)) return -1;
+    PyObject *seq = PySequence_Fast(runs, "runs must be a sequence of (src, dst, count)");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    long long *r = PyMem_Calloc(n ? (size_t)n * 3 : 1, sizeof(long long));
+    if (!r) { Py_DECREF(seq); PyErr_NoMemory(); return -1; }
+    long long max_src = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyArg_ParseTuple(t, "LLL", &r[3 * i], &r[3 * i + 1], &r[3 * i + 2])) {
+            PyMem_Free(r); Py_DECREF(seq); return -1;
+        }
+        if (r[3 * i] + r[3 * i + 2] > max_src) max_src = r[3 * i] + r[3 * i + 2];
+    }
+    Py_DECREF(seq);
+    PyMem_Free(self->runs);
+    self->runs = r;
+    self->nruns = n;
+    self->max_src_row = max_src;
+    Py_INCREF(parts); Py_XSETREF(self->parts_bytes, parts);
+    PyObject *hooks = PySet_New(NULL);
+    if (!hooks) return -1;
+    Py_XSETREF(self->hooks, hooks);
+    self->nrows = nrows;
+    self->nparts = nparts;
+    self->written_slabs = self->written_row_bytes = 0;
+    return 0;
+}
+
+static void Group_dealloc(Group *self) {
+    Py_XDECREF(self->parts_bytes);
+    Py_XDECREF(self->hooks);
+    PyMem_Free(self->runs);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Group_get_slabs(Group *self, void *c) { return PyLong_FromLongLong(self->written_slabs); }
+static PyObject *Group_get_row_bytes(Group *self, void *c) { return PyLong_FromLongLong(self->written_row_bytes); }
+static PyObject *Group_get_hooks(Group *self, void *c) { Py_INCREF(self->hooks); return self->hooks; }
+
+static PyObject *Group_reset(Group *self, PyObject *args) {
+    if (Group_init(self, args, NULL) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Group_methods[] = {
+    {"reset", (PyCFunction)Group_reset, METH_VARARGS, "reset(parts_bytes, runs, nrows, nparts): this step's parts"},
+    {NULL}};
+
+static PyGetSetDef Group_getset[] = {
+    {"written_slabs", (getter)Group_get_slabs, NULL, "slabs of this group written natively", NULL},
+    {"written_row_bytes", (getter)Group_get_row_bytes, NULL, "bytes per row, summed over those slabs", NULL},
+    {"hooks", (getter)Group_get_hooks, NULL, "hook names written natively", NULL},
+    {NULL}};
+
+static PyTypeObject GroupType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.Group",
+    .tp_basicsize = sizeof(Group),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Group_init,
+    .tp_dealloc = (destructor)Group_dealloc,
+    .tp_getset = Group_getset,
+    .tp_methods = Group_methods,
+    .tp_doc = "Group(parts_bytes, runs, nrows, nparts): the parts one tap produces in one step",
+};
+
+/* ---------------------------------------------------------------- Core ---------------------- */
+typedef struct {
+    PyObject_HEAD
+    unsigned char *base;       /* the ring mapping: header at 0, data area at HEADER_SIZE */
+    unsigned long long capacity;
+    PyObject *writer;          /* RingWriter: _reserved and _seq live there */
+    PyObject *agent;           /* CaptureAgent: resolvers and the Python path */
+    PyObject *clock;           /* None: CLOCK_REALTIME; else a callable -> int ns (tests) */
+    PyObject *step_field;      /* bytes: RingSlab.step of the current step */
+    PyObject *is_compiling;    /* None or torch.compiler.is_compiling */
+    PyObject *taps;            /* dict (hook, layer) -> Tap, for the generic tap()/capture() calls */
+    int open;
+    int step_frame_ok;         /* the step's STEP frame is in the ring */
+    unsigned long long gen;    /* bumped by the agent whenever cached per-step answers go stale */
+    long long total_rows, num_seqs;
+    long long thread_ns;
+} Core;
+
+/* The rows of a tensor: row r lives at ptr + ((r / inner_n) * sa + (r % inner_n) * sb) elements. */
+typedef struct {
+    unsigned char *ptr;
+    long long outer_n, inner_n, sa, sb;   /* strides in elements */
+    int nd;
+    long long dims[MAX_ROW_DIMS];
+    PyObject *dtype;                      /* new reference */
+} RowsView;
+
+typedef struct {
+    PyObject *hook;
+    int layer;
+    int kind;
+    PyObject *extract;          /* the Python extractor (K_CALL; the Python path for every kind) */
+    unsigned long long gen;
+    int wants;
+    PyObject *group[2];         /* tokens, sequences: Group, Py_None (nothing), NULL (unknown) */
+    PyObject *plan_dtype;
+    int plan_nd;
+    long long plan_dims[MAX_ROW_DIMS];
+    Plan *plan;
+    PyObject *static_buf;       /* capture_static: the buffer whose view is cached below */
+    RowsView static_view;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+    int n;
+    Entry e[MAX_ENTRIES];
+    vectorcallfunc vectorcall;
+    PyObject *fallback;         /* called instead while dynamo traces (core.is_compiling() is True) */
+} Tap;
+
+static PyTypeObject TapType;
+
+static int Core_init(Core *self, PyObject *args, PyObject *kw) {
+    unsigned long long base, cap;
+    PyObject *writer, *agent;
+    if (!PyArg_ParseTuple(args, "KKOO", &base, &cap, &writer, &agent)) return -1;
+    self->base = (unsigned char *)(uintptr_t)base;
+    self->capacity = cap;
+    Py_INCREF(writer); Py_XSETREF(self->writer, writer);
+    Py_INCREF(agent); Py_XSETREF(self->agent, agent);
+    Py_INCREF(Py_None); Py_XSETREF(self->clock, Py_None);
+    Py_INCREF(Py_None); Py_XSETREF(self->is_compiling, Py_None);
+    PyObject *sf = PyBytes_FromStringAndSize("", 0);
+    if (!sf) return -1;
+    Py_XSETREF(self->step_field, sf);
+    PyObject *taps = PyDict_New();
+    if (!taps) return -1;
+    Py_XSETREF(self->taps, taps);
+    self->open = 0;
+    self->gen = 1;
+    return 0;
+}
+
+static int Core_traverse(Core *self, visitproc visit, void *arg) {
+    Py_VISIT(self->writer); Py_VISIT(self->agent); Py_VISIT(self->clock); Py_VISIT(self->taps);
+    Py_VISIT(self->is_compiling);
+    return 0;
+}
+
+static int Core_clear(Core *self) {
+    Py_CLEAR(self->writer); Py_CLEAR(self->agent); Py_CLEAR(self->clock); Py_CLEAR(self->taps);
+    Py_CLEAR(self->is_compiling);
+    return 0;
+}
+
+static void Core_dealloc(Core *self) {
+    PyObject_GC_UnTrack(self);
+    Core_clear(self);
+    Py_XDECREF(self->step_field);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* begin(step_field, total_rows, num_sequences): a step that captures something starts */
+static PyObject *Core_begin(Core *self, PyObject *args) {
+    PyObject *sf;
+    long long tr, ns;
+    int keep = 0;
+    if (!PyArg_ParseTuple(args, "SLL|p", &sf, &tr, &ns, &keep)) return NULL;
+    Py_INCREF(sf); Py_XSETREF(self->step_field, sf);
+    self->total_rows = tr;
+    self->num_seqs = ns;
+    if (!keep) self->gen++;   /* keep: the same selection answers and groups (reset in place) */
+    self->step_frame_ok = 0;
+    self->open = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_end(Core *self, PyObject *unused) {
+    self->open = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_invalidate(Core *self, PyObject *unused) {
+    self->gen++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_close(Core *self, PyObject *unused) {
+    self->open = 0;
+    self->base = NULL;
+    self->gen++;
+    PyDict_Clear(self->taps);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_get_thread_ns(Core *self, void *c) { return PyLong_FromLongLong(self->thread_ns); }
+static int Core_set_thread_ns(Core *self, PyObject *v, void *c) {
+    long long x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    self->thread_ns = x;
+    return 0;
+}
+static PyObject *Core_get_open(Core *self, void *c) { return PyBool_FromLong(self->open); }
+static PyObject *Core_get_clock(Core *self, void *c) { Py_INCREF(self->clock); return self->clock; }
+static int Core_set_clock(Core *self, PyObject *v, void *c) {
+    if (!v) v = Py_None;
+    Py_INCREF(v); Py_XSETREF(self->clock, v);
+    return 0;
+}
+static PyObject *Core_get_is_compiling(Core *self, void *c) { Py_INCREF(self->is_compiling); return self->is_compiling; }
+static int Core_set_is_compiling(Core *self, PyObject *v, void *c) {
+    if (!v) v = Py_None;
+    Py_INCREF(v); Py_XSETREF(self->is_compiling, v);
+    return 0;
+}
+
+/* ---- the write path ---- */
+
+/* Reserve a SLAB frame with `meta` pieces and payload_len bytes. Returns the payload pointer and
+ * sets *end_pos, or NULL when the ring has no room (nothing written; the Python path decides). */
+static unsigned char *reserve_slab(Core *c, PyObject *const *pieces, int npieces, const unsigned char *tbytes,
+                                   size_t payload_len, unsigned long long *end_pos, unsigned long long *new_seq,
+                                   unsigned long long *pos_after) {
+    size_t meta_len = 0;
+    for (int i = 0; i < npieces; i++) meta_len += pieces[i] ? (size_t)PyBytes_GET_SIZE(pieces[i]) : 9;
+    size_t head_len = (FRAME_HEADER_SIZE + meta_len + ALIGN_MASK) & ~(size_t)ALIGN_MASK;
+    unsigned long long size = head_len + ((payload_len + ALIGN_MASK) & ~(size_t)ALIGN_MASK);
+    unsigned long long cap = c->capacity;
+    if (size > cap / 2) return NULL;
+    PyObject *ro = PyObject_GetAttr(c->writer, s_reserved);
+    if (!ro) return NULL;
+    unsigned long long pos = PyLong_AsUnsignedLongLong(ro);
+    Py_DECREF(ro);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *so = PyObject_GetAttr(c->writer, s_seq);
+    if (!so) return NULL;
+    unsigned long long seq = PyLong_AsUnsignedLongLong(so);
+    Py_DECREF(so);
+    if (PyErr_Occurred()) return NULL;
+    unsigned char *base = c->base;
+    unsigned long long phys = pos % cap;
+    unsigned long long pad = phys + size > cap ? cap - phys : 0;
+    unsigned long long tail = __atomic_load_n((unsigned long long *)(base + OFF_TAIL), __ATOMIC_ACQUIRE);
+    if (cap - (pos - tail) < pad + size) return NULL;
+    if (pad) {
+        unsigned char *f = base + HEADER_SIZE + phys;
+        uint32_t magic = FRAME_MAGIC, total = (uint32_t)pad, zero32 = 0;
+        uint16_t kind = KIND_PAD, zero16 = 0;
+        uint64_t zero64 = 0, s64 = seq;
+        memcpy(f, &magic, 4); memcpy(f + 4, &kind, 2); memcpy(f + 6, &zero16, 2); memcpy(f + 8, &total, 4);
+        memcpy(f + 12, &zero32, 4); memcpy(f + 16, &zero64, 8); memcpy(f + 24, &s64, 8);
+        memcpy(f + 32, &zero32, 4); memcpy(f + 36, &zero32, 4);
+        seq++;
+        pos += pad;
+        phys = 0;
+    }
+    unsigned char *f = base + HEADER_SIZE + phys;
+    unsigned char *m = f + FRAME_HEADER_SIZE;
+    for (int i = 0; i < npieces; i++) {
+        if (pieces[i]) {
+            Py_ssize_t n = PyBytes_GET_SIZE(pieces[i]);
+            memcpy(m, PyBytes_AS_STRING(pieces[i]), (size_t)n);
+            m += n;
+        } else {
+            memcpy(m, tbytes, 9);
+            m += 9;
+        }
+    }
+    uint32_t magic = FRAME_MAGIC, total = (uint32_t)size, ml = (uint32_t)meta_len, zero32 = 0;
+    uint32_t crc = crc32_of(f + FRAME_HEADER_SIZE, meta_len);
+    uint16_t kind = KIND_SLAB, zero16 = 0;
+    uint64_t pl = payload_len, s64 = seq;
+    memcpy(f, &magic, 4); memcpy(f + 4, &kind, 2); memcpy(f + 6, &zero16, 2); memcpy(f + 8, &total, 4);
+    memcpy(f + 12, &ml, 4); memcpy(f + 16, &pl, 8); memcpy(f + 24, &s64, 8); memcpy(f + 32, &crc, 4);
+    memcpy(f + 36, &zero32, 4);
+    *new_seq = seq + 1;
+    *end_pos = pos + size;
+    *pos_after = pos + size;
+    return base + HEADER_SIZE + phys + head_len;
+}
+
+static int store_writer_state(Core *c, unsigned long long reserved, unsigned long long seq) {
+    PyObject *r = PyLong_FromUnsignedLongLong(reserved);
+    if (!r) return -1;
+    int rc = PyObject_SetAttr(c->writer, s_reserved, r);
+    Py_DECREF(r);
+    if (rc) return -1;
+    PyObject *s = PyLong_FromUnsignedLongLong(seq);
+    if (!s) return -1;
+    rc = PyObject_SetAttr(c->writer, s_seq, s);
+    Py_DECREF(s);
+    return rc;
+}
+
+
+
+/* 1: view filled; 0: not a case for the native path (use the Python path); -1: error set. */
+static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
+    v->dtype = NULL;
+    PyObject *o = PyObject_GetAttr(t, s_is_cpu);
+    if (!o) { PyErr_Clear(); return 0; }
+    int cpu = o == Py_True;
+    Py_DECREF(o);
+    if (!cpu) return 0;
+    PyObject *size = PyObject_CallMethodNoArgs(t, s_size);
+    if (!size) { PyErr_Clear(); return 0; }
+    PyObject *stride = PyObject_CallMethodNoArgs(t, s_stride);
+    if (!stride) { Py_DECREF(size); PyErr_Clear(); return 0; }
+    int ok = 0;
+    if (!PyTuple_Check(size) || !PyTuple_Check(stride)) goto done;
+    Py_ssize_t nd = PyTuple_GET_SIZE(size);
+    if (nd != PyTuple_GET_SIZE(stride) || nd < 1) goto done;
+    long long sz[MAX_ROW_DIMS + 2], st[MAX_ROW_DIMS + 2];
+    if (nd > MAX_ROW_DIMS + 1) goto done;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        sz[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(size, i));
+        st[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
+    }
+    if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
+    int first_row_dim;
+    if (flatten && nd >= 2) {
+        v->outer_n = sz[0]; v->inner_n = sz[1]; v->sa = st[0]; v->sb = st[1];
+        first_row_dim = 2;
+    } else {
+        v->outer_n = sz[0]; v->inner_n = 1; v->sa = st[0]; v->sb = 0;
+        first_row_dim = 1;
+    }
+    if (limit >= 0) {                   /* static buffers: only the step's first `limit` rows */
+        if (v->inner_n != 1 || limit > v->outer_n) goto done;
+        v->outer_n = limit;
+    }
+    v->nd = (int)(nd - first_row_dim);
+    if (v->nd > MAX_ROW_DIMS) goto done;
+    long long expect = 1;
+    for (Py_ssize_t i = nd - 1; i >= first_row_dim; i--) {
+        v->dims[i - first_row_dim] = sz[i];
+        if (sz[i] != 1 && st[i] != expect) goto done;   /* a row is not contiguous: Python path */
+        expect *= sz[i];
+    }
+    PyObject *dp = PyObject_CallMethodNoArgs(t, s_data_ptr);
+    if (!dp) { PyErr_Clear(); goto done; }
+    v->ptr = (unsigned char *)(uintptr_t)PyLong_AsUnsignedLongLong(dp);
+    Py_DECREF(dp);
+    if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
+    v->dtype = PyObject_GetAttr(t, s_dtype);
+    if (!v->dtype) { PyErr_Clear(); goto done; }
+    ok = 1;
+done:
+    Py_DECREF(size);
+    Py_DECREF(stride);
+    return ok;
+}
+
+static int run_slow(Tap *tap, Entry *e, PyObject *extract, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *tup = PyTuple_New(nargs);
+    if (!tup) return -1;
+    for (Py_ssize_t i = 0; i < nargs; i++) { Py_INCREF(args[i]); PyTuple_SET_ITEM(tup, i, args[i]); }
+    PyObject *layer = PyLong_FromLong(e->layer);
+    if (!layer) { Py_DECREF(tup); return -1; }
+    PyObject *r = PyObject_CallMethodObjArgs(tap->core->agent, s_tap_body, e->hook, layer, extract, tup, NULL);
+    Py_DECREF(layer);
+    Py_DECREF(tup);
+    e->gen = 0;   /* the Python path may have changed what this step's answers are */
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static void report_failure(Tap *tap, Entry *e) {
+    PyObject *et, *exc, *tb;
+    PyErr_Fetch(&et, &exc, &tb);
+    if (!et) return;
+    PyErr_NormalizeException(&et, &exc, &tb);
+    if (tb && exc) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    if (!exc) { Py_INCREF(Py_None); exc = Py_None; }
+    PyObject *layer = PyLong_FromLong(e->layer);
+    PyObject *r = layer ? PyObject_CallMethodObjArgs(tap->core->agent, s_tap_failed, e->hook, layer, exc, NULL) : NULL;
+    Py_XDECREF(layer);
+    Py_DECREF(exc);
+    if (!r) PyErr_Clear();   /* tap_failed never raises; if it did, the model must still run */
+    Py_XDECREF(r);
+    e->gen = 0;
+}
+
+/* One entry of a tap: 0 done (captured, skipped or handed to the Python path), -1 error set. */
+static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *given, long long limit) {
+    Core *c = tap->core;
+    if (e->gen != c->gen) {
+        e->gen = c->gen;
+        e->wants = W_UNKNOWN;
+        Py_CLEAR(e->group[0]);
+        Py_CLEAR(e->group[1]);
+    }
+    if (e->wants == W_UNKNOWN) {
+        PyObject *layer = PyLong_FromLong(e->layer);
+        if (!layer) return -1;
+        PyObject *w = PyObject_CallMethodObjArgs(c->agent, s_native_wants, e->hook, layer, NULL);
+        Py_DECREF(layer);
+        if (!w) return -1;
+        long v = PyLong_AsLong(w);
+        Py_DECREF(w);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        e->wants = (int)v;
+    }
+    if (e->wants == W_NO) return 0;
+    int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    int rc = 0;
+    PyObject *rows = NULL;
+    RowsView v = {0};
+    if (e->wants == W_SLOW) goto slow;
+    int flatten = 1;
+    switch (e->kind) {
+    case K_INPUT:
+    case K_PLAIN_INPUT:
+        if (nargs < 3 || !PyTuple_Check(args[1])) goto slow;
+        if (PyTuple_GET_SIZE(args[1]) > 0) {
+            rows = PyTuple_GET_ITEM(args[1], 0);
+        } else if (PyDict_Check(args[2])) {
+            if (e->kind == K_INPUT) rows = PyDict_GetItemWithError(args[2], s_hidden_states);
+            if (!rows && !PyErr_Occurred()) rows = PyDict_GetItemWithError(args[2], s_input);
+            if (!rows) { PyErr_Clear(); goto slow; }
+        } else {
+            goto slow;
+        }
+        Py_INCREF(rows);
+        break;
+    case K_OUTPUT:
+    case K_FIRST_OUTPUT:
+        if (nargs < 4) goto slow;
+        rows = args[3];
+        if (e->kind == K_FIRST_OUTPUT && (PyTuple_Check(rows) || PyList_Check(rows))) {
+            if (PySequence_Fast_GET_SIZE(rows) < 1) goto slow;
+            rows = PySequence_Fast_GET_ITEM(rows, 0);
+        }
+        Py_INCREF(rows);
+        break;
+    case K_CALL:
+        rows = PyObject_Vectorcall(extract, args, nargs, NULL);
+        if (!rows) { rc = -1; goto out; }
+        if (rows == Py_None) goto out;
+        flatten = 0;
+        break;
+    case K_ROWS:
+        if (!given) goto slow;
+        rows = given;
+        Py_INCREF(rows);
+        flatten = 0;
+        break;
+    default:
+        goto slow;
+    }
+    int ok;
+    if (limit >= 0 && e->static_buf == rows && e->static_view.outer_n >= limit) {
+        /* a static buffer (CUDA-graph output): its storage, shape and dtype are fixed by the graph
+         * that writes it, so its view is read once, not per step */
+        v = e->static_view;
+        v.outer_n = limit;
+        Py_INCREF(v.dtype);
+        ok = 1;
+    } else {
+        ok = rows_view(rows, flatten, -1, &v);
+        if (ok > 0 && limit >= 0) {
+            if (v.inner_n != 1 || limit > v.outer_n) {
+                ok = 0;
+            } else {
+                Py_XDECREF(e->static_view.dtype);
+                Py_XSETREF(e->static_buf, rows);
+                Py_INCREF(rows);
+                e->static_view = v;
+                Py_INCREF(v.dtype);   /* held by the cache */
+                v.outer_n = limit;
+            }
+        }
+    }
+    if (ok <= 0) {
+        if (ok < 0) { rc = -1; goto out; }
+        goto slow;
+    }
+    long long nrows = v.outer_n * v.inner_n;
+    int dom;
+    if (nrows == c->total_rows) dom = 0;
+    else if (nrows == c->num_seqs) dom = 1;
+    else goto slow;   /* the Python path raises the domain error */
+    PyObject *g = e->group[dom];
+    if (!g) {
+        PyObject *nr = PyLong_FromLongLong(nrows);
+        PyObject *layer = nr ? PyLong_FromLong(e->layer) : NULL;
+        g = layer ? PyObject_CallMethodObjArgs(c->agent, s_native_group, e->hook, layer, nr, NULL) : NULL;
+        Py_XDECREF(nr);
+        Py_XDECREF(layer);
+        if (!g) { rc = -1; goto out; }
+        if (g == Py_False) { Py_DECREF(g); goto slow; }
+        if (g != Py_None && !PyObject_TypeCheck(g, &GroupType)) {
+            Py_DECREF(g);
+            PyErr_SetString(PyExc_TypeError, "internal: _native_group must return a Group, None or False");
+            rc = -1; goto out;
+        }
+        e->group[dom] = g;
+    }
+    if (g == Py_None) goto out;
+    Group *grp = (Group *)g;
+    if (grp->max_src_row > nrows) goto slow;
+    /* the plan: (dtype, row shape) */
+    if (!e->plan || e->plan_dtype != v.dtype || e->plan_nd != v.nd ||
+        memcmp(e->plan_dims, v.dims, sizeof(long long) * (size_t)v.nd) != 0) {
+        PyObject *shape = PyTuple_New(v.nd);
+        if (!shape) { rc = -1; goto out; }
+        for (int i = 0; i < v.nd; i++) PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(v.dims[i]));
+        PyObject *layer = PyLong_FromLong(e->layer);
+        PyObject *p = layer ? PyObject_CallMethodObjArgs(c->agent, s_native_plan, e->hook, layer, v.dtype, shape, NULL)
+                            : NULL;
+        Py_XDECREF(layer);
+        Py_DECREF(shape);
+        if (!p) { rc = -1; goto out; }
+        if (!PyObject_TypeCheck(p, &PlanType)) { Py_DECREF(p); goto slow; }
+        Py_XSETREF(e->plan, (Plan *)p);
+        Py_INCREF(v.dtype);
+        Py_XSETREF(e->plan_dtype, v.dtype);
+        e->plan_nd = v.nd;
+        memcpy(e->plan_dims, v.dims, sizeof(long long) * (size_t)v.nd);
+    }
+    Plan *plan = e->plan;
+    if (!c->base) goto slow;
+    if (!c->step_frame_ok) {
+        PyObject *ok = PyObject_CallMethodNoArgs(c->agent, s_native_step_frame);
+        if (!ok) { rc = -1; goto out; }
+        int good = ok == Py_True;
+        Py_DECREF(ok);
+        if (!good) goto slow;
+        c->step_frame_ok = 1;
+    }
+    size_t row_bytes = (size_t)plan->row_bytes;
+    size_t nbytes = (size_t)grp->nrows * row_bytes;
+    /* meta: step field, static fields, capture time (field 9, fixed64), parts */
+    unsigned char tb[9];
+    tb[0] = (9 << 3) | 1;
+    uint64_t tnow;
+    if (c->clock == Py_None) {
+        tnow = (uint64_t)now_ns(CLOCK_REALTIME);
+    } else {
+        PyObject *tv = PyObject_CallNoArgs(c->clock);
+        if (!tv) { rc = -1; goto out; }
+        tnow = PyLong_AsUnsignedLongLong(tv);
+        Py_DECREF(tv);
+        if (PyErr_Occurred()) { rc = -1; goto out; }
+    }
+    memcpy(tb + 1, &tnow, 8);
+    PyObject *pieces[4] = {c->step_field, plan->static_meta, NULL, grp->parts_bytes};
+    unsigned long long end_pos, new_seq, pos_after;
+    unsigned char *dst = reserve_slab(c, pieces, 4, tb, nbytes, &end_pos, &new_seq, &pos_after);
+    if (!dst) {
+        if (PyErr_Occurred()) { rc = -1; goto out; }
+        goto slow;   /* full / too large: the overflow policy is the Python path's */
+    }
+    size_t elem = (size_t)plan->elem;
+    long long inner = v.inner_n;
+    int uniform = (inner == 1 && (size_t)v.sa * elem == row_bytes) ||
+                  ((size_t)v.sb * elem == row_bytes && v.sa == inner * v.sb);
+    for (Py_ssize_t i = 0; i < grp->nruns; i++) {
+        long long src = grp->runs[3 * i], d = grp->runs[3 * i + 1], count = grp->runs[3 * i + 2];
+        if (uniform) {
+            long long a = src / inner, b = src % inner;
+            memcpy(dst + d * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem, (size_t)count * row_bytes);
+        } else {
+            for (long long r = 0; r < count; r++) {
+                long long s = src + r, a = s / inner, b = s % inner;
+                memcpy(dst + (d + r) * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem, row_bytes);
+            }
+        }
+    }
+    if (store_writer_state(c, pos_after, new_seq)) { rc = -1; goto out; }
+    __atomic_store_n((unsigned long long *)(c->base + OFF_HEAD), end_pos, __ATOMIC_RELEASE);
+    *(unsigned long long *)(c->base + OFF_FRAMES_COMMITTED) += 1;
+    *(unsigned long long *)(c->base + OFF_BYTES_COMMITTED) += nbytes;
+    grp->written_slabs += 1;
+    grp->written_row_bytes += (long long)row_bytes;
+    if (PySet_Add(grp->hooks, e->hook)) { rc = -1; goto out; }
+    plan->produced += grp->nparts;
+    plan->written += grp->nparts;
+    plan->bytes_written += (long long)nbytes;
+    goto out;
+slow:
+    if (e->kind == K_ROWS) {
+        /* capture(): the Python path takes the rows themselves */
+        PyObject *a[1] = {given};
+        PyObject *ident = extract;   /* core.py passes an identity extractor for K_ROWS */
+        if (limit >= 0) {
+            /* static buffer: its first `limit` rows */
+            PyObject *stop = PyLong_FromLongLong(limit);
+            PyObject *sl = stop ? PySlice_New(NULL, stop, NULL) : NULL;
+            Py_XDECREF(stop);
+            if (!sl) { rc = -1; goto out; }
+            PyObject *part = PyObject_GetItem(given, sl);
+            Py_DECREF(sl);
+            if (!part) { rc = -1; goto out; }
+            a[0] = part;
+            rc = run_slow(tap, e, ident, a, 1);
+            Py_DECREF(part);
+        } else {
+            rc = run_slow(tap, e, ident, a, 1);
+        }
+    } else {
+        rc = run_slow(tap, e, extract, args, nargs);
+    }
+out:
+    Py_XDECREF(rows);
+    Py_XDECREF(v.dtype);
+    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    return rc;
+}
+
+static PyObject *Tap_vectorcall(PyObject *self_, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Tap *tap = (Tap *)self_;
+    Core *c = tap->core;
+    if (!c->open) Py_RETURN_NONE;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (c->is_compiling != Py_None) {
+        /* core.is_compiling: torch's get_eval_frame_callback (C; ~50 ns): not None while dynamo
+         * traces or runs a compiled region, where a Python frame this tap calls (the Python path,
+         * the per-step questions) would be compiled by dynamo. There the tap runs its fallback:
+         * the Python taps wrapped in torch.compiler.disable (backends/hf/backend.py). */
+        PyObject *r = PyObject_CallNoArgs(c->is_compiling);
+        if (!r) return NULL;
+        int compiling = r != Py_None && r != Py_False;
+        Py_DECREF(r);
+        if (compiling) {
+            if (tap->fallback && tap->fallback != Py_None)
+                return PyObject_Vectorcall(tap->fallback, args, nargsf, kwnames);
+            Py_RETURN_NONE;
+        }
+    }
+    for (int i = 0; i < tap->n; i++) {
+        Entry *e = &tap->e[i];
+        if (run_entry(tap, e, e->extract, args, nargs, NULL, -1) < 0) {
+            int64_t t0 = now_ns(CLOCK_MONOTONIC);
+            report_failure(tap, e);
+            c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Tap_new(PyTypeObject *type, PyObject *args, PyObject *kw);
+
+static int Tap_traverse(Tap *self, visitproc visit, void *arg) {
+    Py_VISIT(self->core);
+    Py_VISIT(self->fallback);
+    for (int i = 0; i < self->n; i++) {
+        Py_VISIT(self->e[i].extract);
+        Py_VISIT(self->e[i].group[0]);
+        Py_VISIT(self->e[i].group[1]);
+    }
+    return 0;
+}
+
+static int Tap_clear(Tap *self) {
+    Py_CLEAR(self->core);
+    Py_CLEAR(self->fallback);
+    for (int i = 0; i < self->n; i++) {
+        Entry *e = &self->e[i];
+        Py_CLEAR(e->hook); Py_CLEAR(e->extract); Py_CLEAR(e->group[0]); Py_CLEAR(e->group[1]);
+        Py_CLEAR(e->plan_dtype); Py_CLEAR(e->plan);
+        Py_CLEAR(e->static_buf); Py_CLEAR(e->static_view.dtype);
+    }
+    self->n = 0;
+    return 0;
+}
+
+static void Tap_dealloc(Tap *self) {
+    PyObject_GC_UnTrack(self);
+    Tap_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject CoreType;
+
+static PyObject *Tap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *core, *entries;
+    if (!PyArg_ParseTuple(args, "O!O:Tap", &CoreType, &core, &entries)) return NULL;
+    PyObject *seq = PySequence_Fast(entries, "entries must be a sequence of (hook, layer, kind, extract)");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_ENTRIES) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "a native tap takes 1 to %d entries, got %zd", MAX_ENTRIES, n);
+        return NULL;
+    }
+    Tap *self = (Tap *)type->tp_alloc(type, 0);
+    if (!self) { Py_DECREF(seq); return NULL; }
+    self->vectorcall = Tap_vectorcall;
+    Py_INCREF(core);
+    self->core = (Core *)core;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *hook, *extract;
+        int layer, kind;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UiiO", &hook, &layer, &kind, &extract)) {
+            Py_DECREF(seq); Py_DECREF(self); return NULL;
+        }
+        if (kind < K_INPUT || kind > K_ROWS) {
+            Py_DECREF(seq); Py_DECREF(self);
+            PyErr_Format(PyExc_ValueError, "unknown tap kind %d", kind);
+            return NULL;
+        }
+        Entry *e = &self->e[i];
+        memset(e, 0, sizeof(*e));
+        Py_INCREF(hook); e->hook = hook;
+        Py_INCREF(extract); e->extract = extract;
+        e->layer = layer;
+        e->kind = kind;
+        self->n = (int)i + 1;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)self;
+}
+
+static PyObject *Tap_get_fallback(Tap *self, void *c) {
+    PyObject *f = self->fallback ? self->fallback : Py_None;
+    Py_INCREF(f);
+    return f;
+}
+static int Tap_set_fallback(Tap *self, PyObject *v, void *c) {
+    Py_XINCREF(v);
+    Py_XSETREF(self->fallback, v);
+    return 0;
+}
+static PyGetSetDef Tap_getset[] = {
+    {"fallback", (getter)Tap_get_fallback, (setter)Tap_set_fallback, "the hook while dynamo traces", NULL},
+    {NULL}};
+
+static PyTypeObject TapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.Tap",
+    .tp_basicsize = sizeof(Tap),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Tap, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = Tap_new,
+    .tp_traverse = (traverseproc)Tap_traverse,
+    .tp_clear = (inquiry)Tap_clear,
+    .tp_dealloc = (destructor)Tap_dealloc,
+    .tp_getset = Tap_getset,
+    .tp_doc = "Tap(core, [(hook, layer, kind, extract), ...]): a torch hook that captures natively",
+};
+
+static Tap *tap_for(Core *c, PyObject *hook, PyObject *layer, int kind, PyObject *extract) {
+    /* keyed by kind too: tap() (K_CALL) and capture() (K_ROWS) of one (hook, layer) are two taps */
+    PyObject *k = PyLong_FromLong(kind);
+    PyObject *key = k ? PyTuple_Pack(3, hook, layer, k) : NULL;
+    Py_XDECREF(k);
+    if (!key) return NULL;
+    PyObject *t = PyDict_GetItemWithError(c->taps, key);
+    if (t) { Py_DECREF(key); return (Tap *)t; }
+    if (PyErr_Occurred()) { Py_DECREF(key); return NULL; }
+    PyObject *ent = Py_BuildValue("[(OOiO)]", hook, layer, kind, extract);
+    PyObject *a = ent ? PyTuple_Pack(2, (PyObject *)c, ent) : NULL;
+    Py_XDECREF(ent);
+    t = a ? Tap_new(&TapType, a, NULL) : NULL;
+    Py_XDECREF(a);
+    if (!t || PyDict_SetItem(c->taps, key, t)) { Py_XDECREF(t); Py_DECREF(key); return NULL; }
+    Py_DECREF(key);
+    Py_DECREF(t);   /* the dict holds it */
+    return (Tap *)t;
+}
+
+/* core.tap(hook, layer, extract, *args): the generic tap (SGLang); extract(*args) -> rows */
+static PyObject *Core_tap(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *c = (Core *)self_;
+    if (!c->open) Py_RETURN_NONE;
+    if (nargs < 3) { PyErr_SetString(PyExc_TypeError, "tap(hook, layer, extract, *args)"); return NULL; }
+    Tap *t = tap_for(c, args[0], args[1], K_CALL, args[2]);
+    if (!t) return NULL;
+    Entry *e = &t->e[0];
+    if (run_entry(t, e, args[2], args + 3, nargs - 3, NULL, -1) < 0) {
+        int64_t t0 = now_ns(CLOCK_MONOTONIC);
+        report_failure(t, e);
+        c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* core.capture(hook, layer, rows, identity): rows the backend holds */
+static PyObject *Core_capture(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *c = (Core *)self_;
+    if (!c->open) Py_RETURN_NONE;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "capture(hook, layer, rows, identity)"); return NULL; }
+    Tap *t = tap_for(c, args[0], args[1], K_ROWS, args[3]);
+    if (!t) return NULL;
+    Entry *e = &t->e[0];
+    if (run_entry(t, e, args[3], NULL, 0, args[2], -1) < 0) {
+        int64_t t0 = now_ns(CLOCK_MONOTONIC);
+        report_failure(t, e);
+        c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* core.capture_static([(hook, layer, buffer), ...], rows, identity): after a CUDA-graph replay,
+ * the first `rows` rows of each static buffer, in one call */
+static PyObject *Core_capture_static(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *c = (Core *)self_;
+    if (!c->open) Py_RETURN_NONE;
+    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "capture_static(items, rows, identity)"); return NULL; }
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "items must be a sequence of (hook, layer, buffer)");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 3) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "capture_static: each item is (hook, layer, buffer)");
+            return NULL;
+        }
+        Tap *t = tap_for(c, PyTuple_GET_ITEM(it, 0), PyTuple_GET_ITEM(it, 1), K_ROWS, args[2]);
+        if (!t) { Py_DECREF(seq); return NULL; }
+        Entry *e = &t->e[0];
+        if (run_entry(t, e, args[2], NULL, 0, PyTuple_GET_ITEM(it, 2), limit) < 0) {
+            int64_t t0 = now_ns(CLOCK_MONOTONIC);
+            report_failure(t, e);
+            c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+        }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_noop(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) { Py_RETURN_NONE; }
+
+static PyMethodDef Core_methods[] = {
+    {"begin", (PyCFunction)Core_begin, METH_VARARGS, "begin(step_field, total_rows, num_sequences)"},
+    {"end", (PyCFunction)Core_end, METH_NOARGS, "the step ended"},
+    {"invalidate", (PyCFunction)Core_invalidate, METH_NOARGS, "forget the step's cached answers"},
+    {"close", (PyCFunction)Core_close, METH_NOARGS, "the ring is about to be unmapped"},
+    {"tap", (PyCFunction)(void (*)(void))Core_tap, METH_FASTCALL, "tap(hook, layer, extract, *args)"},
+    {"capture", (PyCFunction)(void (*)(void))Core_capture, METH_FASTCALL, "capture(hook, layer, rows, identity)"},
+    {"capture_static", (PyCFunction)(void (*)(void))Core_capture_static, METH_FASTCALL,
+     "capture_static([(hook, layer, buffer)], rows, identity)"},
+    {"noop", (PyCFunction)(void (*)(void))Core_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
+    {NULL}};
+
+static PyGetSetDef Core_getset[] = {
+    {"thread_ns", (getter)Core_get_thread_ns, (setter)Core_set_thread_ns, "inference-thread ns of the agent", NULL},
+    {"open", (getter)Core_get_open, NULL, "a step that captures is open", NULL},
+    {"clock", (getter)Core_get_clock, (setter)Core_set_clock, "None (CLOCK_REALTIME) or a callable -> ns", NULL},
+    {"is_compiling", (getter)Core_get_is_compiling, (setter)Core_set_is_compiling, "None or a callable", NULL},
+    {NULL}};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+    .tp_doc = "Core(ring_base_address, capacity, writer, agent): the native side of one CaptureAgent",
+};
+
+static PyObject *mod_crc32(PyObject *m, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
+    uint32_t c = crc32_of(b.buf, (size_t)b.len);
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(c);
+}
+
+static PyObject *mod_noop(PyObject *m, PyObject *const *args, Py_ssize_t nargs) { Py_RETURN_NONE; }
+
+/* ---- protobuf encoders for the per-step messages (the same bytes as upb's SerializeToString:
+ * fields in number order, proto3 zero values omitted; tests/agent/test_native_capture.py) ---- */
+static unsigned char *put_varint(unsigned char *p, unsigned long long v) {
+    while (v >= 0x80) { *p++ = (unsigned char)(v | 0x80); v >>= 7; }
+    *p++ = (unsigned char)v;
+    return p;
+}
+
+static unsigned char *put_field(unsigned char *p, int tag, unsigned long long v) {
+    if (!v) return p;
+    *p++ = (unsigned char)tag;
+    return put_varint(p, v);
+}
+
+/* encode_parts([(request_index, slab_row_start, row_count, position_start), ...]) -> bytes of
+ * `repeated SlabPart parts = 8` (RingSlab) */
+static PyObject *mod_encode_parts(PyObject *m, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "parts must be a sequence of 4-tuples");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    unsigned char *buf = PyMem_Malloc((size_t)n * 48 + 1), *p = buf;
+    if (!buf) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long v[4];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKKK", &v[0], &v[1], &v[2], &v[3])) {
+            PyMem_Free(buf); Py_DECREF(seq); return NULL;
+        }
+        unsigned char body[44], *b = body;
+        b = put_field(b, 0x08, v[0]); b = put_field(b, 0x10, v[1]); b = put_field(b, 0x18, v[2]);
+        b = put_field(b, 0x20, v[3]);
+        *p++ = 0x42;
+        p = put_varint(p, (unsigned long long)(b - body));
+        memcpy(p, body, (size_t)(b - body));
+        p += b - body;
+    }
+    Py_DECREF(seq);
+    PyObject *r = PyBytes_FromStringAndSize((const char *)buf, p - buf);
+    PyMem_Free(buf);
+    return r;
+}
+
+/* encode_requests([(prefix, row_start, row_count, position_start, phase), ...]) -> bytes of
+ * `repeated RequestRows requests = 3` (RingStep); prefix = the serialized fields 1-3 */
+static PyObject *mod_encode_requests(PyObject *m, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "requests must be a sequence of 5-tuples");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5 || !PyBytes_Check(PyTuple_GET_ITEM(t, 0))) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "each request is (prefix bytes, row_start, row_count, position_start, phase)");
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 0)) + 64;
+    }
+    unsigned char *buf = PyMem_Malloc((size_t)total + 1), *p = buf;
+    if (!buf) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i), *prefix = PyTuple_GET_ITEM(t, 0);
+        unsigned long long v[4];
+        for (int k = 0; k < 4; k++) v[k] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, k + 1));
+        if (PyErr_Occurred()) { PyMem_Free(buf); Py_DECREF(seq); return NULL; }
+        unsigned char tail[48], *b = tail;
+        b = put_field(b, 0x20, v[0]); b = put_field(b, 0x28, v[1]); b = put_field(b, 0x30, v[2]);
+        b = put_field(b, 0x38, v[3]);
+        Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
+        *p++ = 0x1a;
+        p = put_varint(p, (unsigned long long)(plen + (b - tail)));
+        memcpy(p, PyBytes_AS_STRING(prefix), (size_t)plen);
+        p += plen;
+        memcpy(p, tail, (size_t)(b - tail));
+        p += b - tail;
+    }
+    Py_DECREF(seq);
+    PyObject *r = PyBytes_FromStringAndSize((const char *)buf, p - buf);
+    PyMem_Free(buf);
+    return r;
+}
+
+static PyMethodDef mod_methods[] = {
+    {"crc32", (PyCFunction)mod_crc32, METH_O, "zlib.crc32 of a buffer (self-test)"},
+    {"noop", (PyCFunction)(void (*)(void))mod_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
+    {"encode_parts", (PyCFunction)mod_encode_parts, METH_O, "RingSlab.parts (field 8) of [(idx, dst, count, pos)]"},
+    {"encode_requests", (PyCFunction)mod_encode_requests, METH_O,
+     "RingStep.requests (field 3) of [(prefix, row_start, row_count, position_start, phase)]"},
+    {NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_capture",
+                                    "The capture agent's native fast path (agent/_capture.c).", -1, mod_methods, NULL, NULL, NULL, NULL};
+
+#define INTERN(var, s) if (!(var = PyUnicode_InternFromString(s))) return NULL
+
+PyMODINIT_FUNC PyInit__capture(void) {
+    crc_init();
+    INTERN(s_reserved, "_reserved"); INTERN(s_seq, "_seq"); INTERN(s_is_cpu, "is_cpu"); INTERN(s_size, "size");
+    INTERN(s_stride, "stride"); INTERN(s_data_ptr, "data_ptr"); INTERN(s_dtype, "dtype");
+    INTERN(s_hidden_states, "hidden_states"); INTERN(s_input, "input"); INTERN(s_native_wants, "_native_wants");
+    INTERN(s_native_group, "_native_group"); INTERN(s_native_plan, "_native_plan"); INTERN(s_tap_body, "_tap_body");
+    INTERN(s_tap_failed, "tap_failed"); INTERN(s_native_step_frame, "_native_step_frame");
+    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 ||
+        PyType_Ready(&TapType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0 ||
+        PyModule_AddObjectRef(m, "Group", (PyObject *)&GroupType) < 0 ||
+        PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddObjectRef(m, "Tap", (PyObject *)&TapType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "K_INPUT", K_INPUT);
+    PyModule_AddIntConstant(m, "K_PLAIN_INPUT", K_PLAIN_INPUT);
+    PyModule_AddIntConstant(m, "K_OUTPUT", K_OUTPUT);
+    PyModule_AddIntConstant(m, "K_FIRST_OUTPUT", K_FIRST_OUTPUT);
+    PyModule_AddIntConstant(m, "K_CALL", K_CALL);
+    PyModule_AddIntConstant(m, "K_ROWS", K_ROWS);
+    PyModule_AddIntConstant(m, "W_NO", W_NO);
+    PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
+    PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);
+    PyModule_AddIntConstant(m, "ABI", 1);
+    return m;
+}

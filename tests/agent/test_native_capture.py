@@ -1,0 +1,253 @@
+"""The native fast path (agent/_capture.c) against the Python path, its oracle: the same run captured
+both ways writes the same ring bytes, counts the same drops, and the Python path is used (and says
+so) where the native one is switched off or not built."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from tensortrace.agent import AgentConfig, CaptureAgent, Phase, RequestRows, Selection, StepLayout, core, native
+from tensortrace.agent.backends.hf import HFBackend
+from tensortrace.devstack.ringread import drain
+from tensortrace.ring.format import HEADER_SIZE, OFF_PRODUCER_STATS, RingReader
+from tensortrace.testing.tiny_models import left_padded, make
+
+pytestmark = pytest.mark.unit
+
+NATIVE, WHY_NOT = native.load(required=True)
+needs_native = pytest.mark.skipif(NATIVE is None, reason=f"native path not built: {WHY_NOT}")
+
+PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16], [21], [31, 32, 33, 34]]
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e47{:02x}-00f067aa0ba902b7-01"
+GEN = dict(do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch):
+    """Capture times pinned (both paths read core._time_ns; the native Core gets it at start-up)."""
+    monkeypatch.setattr(core, "_time_ns", lambda: 1_700_000_000_123_456_789)
+
+
+def ring_image(agent: CaptureAgent) -> tuple[bytes, bytes]:
+    """(the data area, the producer counters) — everything but the per-incarnation header fields."""
+    mm = agent.writer._m.mm
+    counters = bytes(mm[OFF_PRODUCER_STATS + 8: OFF_PRODUCER_STATS + 40])   # frames/bytes committed, dropped
+    return bytes(mm[HEADER_SIZE:]), counters
+
+
+def stats_of(agent: CaptureAgent) -> dict:
+    s = agent.stats()
+    return {"produced": s.produced, "written": s.written, "dropped": s.dropped, "bytes": s.bytes_written,
+            "by_reason": s.dropped_by_reason,
+            "by_hook": {h: (v.produced, v.written, v.dropped, v.dropped_by_reason, v.bytes_written)
+                        for h, v in s.by_hook.items()}}
+
+
+def hf_run(path, ring_dir, family, batch, preset, capacity, policy="drop_newest", new_tokens=4):
+    model = make(family)
+    agent = CaptureAgent(AgentConfig(ring_dir=str(ring_dir), model_id="m", pod=f"p-{path}", ring_capacity=capacity,
+                                     overflow_policy=policy, capture_path=path), Selection.preset(preset))
+    assert agent.capture_path == path
+    backend = HFBackend(model, agent)
+    ids, mask = left_padded(PROMPTS[:batch])
+    out, _ = backend.generate(ids, attention_mask=mask, request_ids=[f"r{b}" for b in range(batch)],
+                              traceparents=[TRACE.format(b) for b in range(batch)], max_new_tokens=new_tokens, **GEN)
+    backend.detach()
+    image, st = ring_image(agent), stats_of(agent)
+    return agent, image, st, out.sequences
+
+
+@needs_native
+@pytest.mark.parametrize("family,batch,preset", [("llama", 1, "full"), ("llama", 3, "full"),
+                                                  ("llama", 4, "hidden-states"), ("gpt2", 2, "full"),
+                                                  ("qwen2_moe", 3, "full")])
+def test_native_and_python_paths_write_identical_ring_bytes(tmp_path, fixed_clock, family, batch, preset):
+    """GPT-2's q/k/v are strided views of the fused c_attn output (copied row by row); the MoE
+    router's tensors are extracted by Python callables; the rest are read by the C taps."""
+    runs = {p: hf_run(p, tmp_path / p, family, batch, preset, 16 << 20) for p in ("python", "native")}
+    (a_py, img_py, st_py, seq_py), (a_nat, img_nat, st_nat, seq_nat) = runs["python"], runs["native"]
+    assert torch.equal(seq_py, seq_nat)
+    assert st_nat == st_py and st_py["dropped"] == 0 and st_py["written"] > 0
+    assert img_nat == img_py
+    # every record went through the native taps (none handed to the Python path)
+    assert sum(p.counts()[1] for p in a_nat._native_plans) == st_nat["written"]
+    got = drain(RingReader.open(a_nat.ring_path))
+    assert len(got.records) == st_py["written"]
+    for a in (a_py, a_nat):
+        a.close()
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_request"])
+def test_drops_on_a_full_ring_are_counted_identically(tmp_path, fixed_clock, policy):
+    """A ring too small for the run (nothing drains it): the native path hands every slab that
+    does not fit to the Python path's overflow policy, so drops and bytes match exactly."""
+    runs = {p: hf_run(p, tmp_path / p, "llama", 3, "full", 64 << 10, policy=policy, new_tokens=6)
+            for p in ("python", "native")}
+    (a_py, img_py, st_py, _), (a_nat, img_nat, st_nat, _) = runs["python"], runs["native"]
+    assert st_py["dropped"] > 0 and st_py["written"] > 0
+    assert st_py["produced"] == st_py["written"] + st_py["dropped"]
+    assert st_nat == st_py
+    assert img_nat == img_py
+    for a in (a_py, a_nat):
+        a.close()
+
+
+def _synthetic(path, ring_dir):
+    agent = CaptureAgent(AgentConfig(ring_dir=str(ring_dir), model_id="s", pod=f"s-{path}", ring_capacity=1 << 20,
+                                     capture_path=path), Selection(hooks=frozenset({"resid_pre", "mlp_act"})))
+    for rid in ("a", "b"):
+        agent.begin_request(rid, traceparent=TRACE.format(ord(rid)))
+    layout = StepLayout((RequestRows("a", 0, 3, 0, Phase.PREFILL, 0), RequestRows("b", 4, 2, 0, Phase.PREFILL, 1)),
+                        total_rows=7, num_sequences=2)
+    return agent, layout
+
+
+@needs_native
+def test_strided_rows_and_static_buffers_match_the_python_path(tmp_path, fixed_clock):
+    """capture() of a strided tensor (a column slice, a transposed one) and capture_static() of
+    oversized static buffers (post CUDA-graph replay: only the step's rows) write what Python writes."""
+    torch.manual_seed(0)
+    base = torch.randn(7, 24)
+    fused = torch.randn(16, 3 * 8)                     # a static buffer bigger than the step
+    images = {}
+    for path in ("python", "native"):
+        agent, layout = _synthetic(path, tmp_path / path)
+        agent.begin_step(layout)
+        agent.capture("resid_pre", 0, base[:, 8:16])              # rows strided by 24 elements
+        agent.capture("resid_pre", 1, base.t().contiguous().t())  # column-major rows
+        agent.capture("resid_pre", 2, base[:, :4].reshape(7, 2, 2))
+        agent.capture("mlp_act", 0, torch.arange(7, dtype=torch.int64))   # 1-D: rows of one element
+        agent.capture_static([("resid_pre", 3, fused), ("mlp_act", 1, fused[:, 8:16])], 7)
+        agent.end_step()
+        for rid in ("a", "b"):
+            agent.end_request(rid)
+        images[path] = (ring_image(agent), stats_of(agent))
+        got = drain(RingReader.open(agent.ring_path))
+        t, _ = got.tensor("a", "resid_pre", 0)
+        assert torch.equal(t, base[0:3, 8:16])
+        t, _ = got.tensor("b", "resid_pre", 3)
+        assert torch.equal(t, fused[4:6])
+        agent.close()
+    assert images["native"] == images["python"]
+    assert images["native"][1]["written"] == 2 * 6
+
+
+def test_the_environment_switch_selects_the_python_path_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setattr(native, "_logged", set())
+    caplog.set_level(logging.WARNING, logger="tensortrace.agent")
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m"))
+    assert agent.capture_path == "python" and agent._native is None
+    assert f"disabled by {native.ENV}=0" in agent.native_reason
+    assert "native capture path not used (disabled by TENSORTRACE_NATIVE=0); capturing with the Python path" in caplog.text
+    assert agent.tap.__func__ is CaptureAgent.tap   # the Python tap serves the generic calls
+    agent.close()
+
+
+def test_an_unbuilt_extension_falls_back_with_one_line_naming_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "tensortrace.agent._capture", None)   # as if no compiler had built it
+    monkeypatch.setattr(native, "_logged", set())
+    caplog.set_level(logging.WARNING, logger="tensortrace.agent")
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m"))
+    assert agent.capture_path == "python"
+    assert "not built" in agent.native_reason and "make setup" in agent.native_reason
+    lines = [r.getMessage() for r in caplog.records if "native capture path" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    agent.close()
+    with pytest.raises(RuntimeError, match="capture_path='native' but .*not built"):
+        CaptureAgent(AgentConfig(ring_dir=str(tmp_path / "n"), model_id="m", capture_path="native"))
+
+
+def test_capture_path_is_validated():
+    with pytest.raises(ValueError, match="capture_path 'fast' must be 'auto', 'native' or 'python'"):
+        AgentConfig(capture_path="fast").validate()
+
+
+@needs_native
+def test_the_native_path_is_the_default_where_it_is_built(tmp_path, monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m"))
+    assert agent.capture_path == "native" and agent.native_reason == ""
+    agent.close()
+
+
+@needs_native
+def test_native_thread_time_is_counted(tmp_path):
+    agent, layout = _synthetic("native", tmp_path)
+    before = agent.thread_ns
+    agent.begin_step(layout)
+    agent.capture("resid_pre", 0, torch.randn(7, 16))
+    agent.end_step()
+    assert agent.thread_ns > before
+    assert agent.stats().written == 2
+    agent.close()
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_take_the_python_staging_path(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the native path hands CUDA tensors to the Python staging path")
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m", device="cuda"),
+                         Selection(hooks=frozenset({"resid_pre"})))
+    agent.begin_request("a")
+    agent.begin_step(StepLayout((RequestRows("a", 0, 2, 0, Phase.PREFILL, 0),), total_rows=2))
+    x = torch.randn(2, 8, device="cuda")
+    agent.capture("resid_pre", 0, x)
+    agent.end_step()
+    agent.end_request("a")
+    assert agent.flush(10)
+    got = drain(RingReader.open(agent.ring_path))
+    assert torch.equal(got.tensor("a", "resid_pre", 0)[0], x.cpu())
+    agent.close()
+
+
+@needs_native
+def test_the_native_encoders_write_what_protobuf_writes():
+    """The per-step messages the native path encodes in C: byte-identical to SerializeToString,
+    zero fields (omitted) and multi-byte varints included."""
+    from tensortrace.v1 import ring_pb2
+
+    parts = [(0, 0, 1, 0), (1, 1, 3, 127), (2, 4, 128, 300), (70000, 2**20, 1, 2**32 - 1)]
+    msg = ring_pb2.RingSlab()
+    for idx, d, count, pos in parts:
+        msg.parts.add(request_index=idx, slab_row_start=d, row_count=count, position_start=pos)
+    assert NATIVE.encode_parts(parts) == msg.SerializeToString()
+    reqs = [("a", b"\x01" * 16, b"\x02" * 8, 0, 1, 0, 1), ("b" * 200, b"", b"", 5, 300, 128, 2)]
+    msg = ring_pb2.RingStep()
+    items = []
+    for rid, tid, sid, start, count, pos, phase in reqs:
+        msg.requests.add(request_id=rid, trace_id=tid, span_id=sid, row_start=start, row_count=count,
+                         position_start=pos, phase=phase)
+        prefix = ring_pb2.RequestRows(request_id=rid, trace_id=tid, span_id=sid).SerializeToString()
+        items.append((prefix, start, count, pos, phase))
+    assert NATIVE.encode_requests(items) == msg.SerializeToString()
+    for step in (1, 127, 128, 2**40):
+        assert core._step_field(step) == ring_pb2.RingSlab(step=step).SerializeToString()
+    with pytest.raises(TypeError, match="prefix bytes"):
+        NATIVE.encode_requests([("not bytes", 0, 1, 0, 1)])
+
+
+@needs_native
+def test_tap_and_capture_of_one_hook_in_one_step(tmp_path, fixed_clock):
+    """SGLang's start-up self-check captures a module tap's rows with capture(); the same
+    (hook, layer) later fires through tap(): two native taps, both written (a regression: one
+    shared entry crashed the scheduler)."""
+    images = {}
+    x = torch.randn(7, 4)
+    for path in ("python", "native"):
+        agent, layout = _synthetic(path, tmp_path / path)
+        for _ in range(2):
+            agent.begin_step(layout)
+            agent.capture("resid_pre", 0, x)
+            agent.tap("resid_pre", 0, lambda t: t, x + 1)
+            agent.end_step()
+        images[path] = (ring_image(agent), stats_of(agent))
+        assert images[path][1]["written"] == 2 * 2 * 2
+        agent.close()
+    assert images["native"] == images["python"]
