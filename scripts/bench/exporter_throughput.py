@@ -132,7 +132,7 @@ def ring_to_kafka(record_bytes: int, n_records: int, bootstrap: str, compression
     ready.wait(60)
     cfg = ExporterConfig(ring_dir=d, kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, partitions=3,
                          compression=compression, control_port=-1, scan_interval_s=0.05,
-                         cleanup_grace_s=3600)
+                         cleanup_grace_s=3600, allow_flat_rings=True)
     exp = Exporter(cfg).start()
     while not exp.publisher.connect(retry_interval_s=0.5):
         time.sleep(0.2)

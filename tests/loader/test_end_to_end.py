@@ -38,8 +38,10 @@ def exporter(tmp_path, kafka_broker, fresh_topic):
     log = open(tmp_path / "exporter.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tensortrace.cli", "exporter", "--ring-dir", str(ring_dir),
                              "--bootstrap-servers", kafka_broker.bootstrap, "--topic", topic, "--control-port", "0",
-                             "--control-host", "127.0.0.1", "--metrics-port", "0", "--metrics-host", "127.0.0.1",
-                             "--status-file", str(status), "--scan-interval-s", "0.1", "--linger-ms", "2"],
+                             "--control-host", "127.0.0.1", "--control-plaintext", "--metrics-port", "0",
+                             "--metrics-host", "127.0.0.1",
+                             "--status-file", str(status), "--scan-interval-s", "0.1", "--linger-ms", "2",
+                             "--allow-flat-rings"],
                             stdout=log, stderr=subprocess.STDOUT)
     log.close()
     assert wait_until(lambda: status.exists() or proc.poll() is not None, timeout_s=60), "exporter did not start"

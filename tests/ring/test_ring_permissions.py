@@ -47,7 +47,7 @@ from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.service import Exporter
 from tensortrace.service.kafka import KafkaConfig
 group = None if sys.argv[2] == "none" else int(sys.argv[2])
-exp = Exporter(ExporterConfig(ring_dir=sys.argv[1], ring_group=group, control_port=-1,
+exp = Exporter(ExporterConfig(ring_dir=sys.argv[1], ring_group=group, control_port=-1, allow_flat_rings=True,
                               kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9")))
 exp.scan()
 out = {"refused": sorted(exp.refused.values()), "rings": {}}

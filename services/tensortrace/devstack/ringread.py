@@ -1,7 +1,7 @@
 """Read back what an agent wrote, the way the exporter does (the split rule in tensortrace.ring.slabs),
 without Kafka: for tests, the demo's checks and benchmarks.
 
-    got = read_rings("/run/tensortrace")            # every ring in a directory, nothing released
+    got = read_rings("/run/tensortrace")            # every ring in a directory (and its pod dirs), nothing released
     got.tensor("req-1", "resid_pre", 0)             # (rows in position order, their positions)
     got = drain(RingReader.open(path))              # one ring, releasing what was read
 """
@@ -71,9 +71,12 @@ def drain(reader: RingReader, into: RingContents | None = None, release: bool = 
 
 
 def read_rings(ring_dir: str) -> RingContents:
-    """Every frame of every ring in `ring_dir`, without releasing (the producers keep running)."""
+    """Every frame of every ring in `ring_dir` — flat (`<dir>/*.ring`) and in pod directories
+    (`<dir>/<pod dir>/*.ring`, one level deep, as the exporter scans) — without releasing (the
+    producers keep running). A development reader: identities are the rings' headers."""
     out = RingContents()
-    for path in sorted(glob.glob(os.path.join(ring_dir, "*.ring"))):
+    paths = glob.glob(os.path.join(ring_dir, "*.ring")) + glob.glob(os.path.join(ring_dir, "*", "*.ring"))
+    for path in sorted(paths):
         reader = RingReader.open(path)
         try:
             drain(reader, out, release=False)

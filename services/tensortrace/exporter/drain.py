@@ -32,12 +32,17 @@ from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.envelopes import EnvelopeBatcher, summary_entry, tensor_entry_bytes
 from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.ring.format import FrameKind, RingCorruptError, RingReader
-from tensortrace.ring.slabs import SlabError, request_metas, slab_part_metas, summary_record
+from tensortrace.ring.slabs import (SlabError, StepRequests, parse_slab, parse_step, parse_summary,
+                                    slab_part_metas, summary_record)
 from tensortrace.v1 import records_pb2 as pb
-from tensortrace.v1 import ring_pb2
 from tensortrace.wire import codec
 
 log = logging.getLogger("tensortrace.exporter")
+
+# Memory of the STEP metas kept per ring (besides max_steps_kept): estimated as meta bytes + 96 per
+# request (the parsed message's overhead). A hostile producer writing big steps evicts its own older
+# steps (their slabs are then dropped as step_unknown); the newest step is always kept.
+STEPS_KEPT_BYTES = 32 << 20
 
 
 class RingState(str, enum.Enum):
@@ -68,6 +73,7 @@ class FrameDropReason(str, enum.Enum):
     UNKNOWN_KIND = "unknown_kind"          # a frame kind this exporter does not know
     PRODUCER_DROPPED = "producer_dropped"  # dropped by the agent (ring full), from the ring header
     RING_CORRUPT = "ring_corrupt"          # committed frames lost behind a corrupt one (quarantine)
+    IDENTITY_MISMATCH = "identity_mismatch"  # a ring whose header claims another pod than its directory (quarantine)
 
 
 @dataclass
@@ -92,24 +98,29 @@ class SendUnit:
 class RingDrain:
     """State of one attached ring, keyed by (path, generation): never shared between generations."""
 
-    def __init__(self, reader: RingReader, cfg: ExporterConfig, metrics: ExporterMetrics, inode: tuple[int, int]):
+    def __init__(self, reader: RingReader, cfg: ExporterConfig, metrics: ExporterMetrics, inode: tuple[int, int],
+                 name: str | None = None, producer: pb.Producer | None = None):
+        """`name` (default: the file name) labels the ring in metrics and status; `producer` (default:
+        from the ring header) is the identity every record carries: the exporter passes the one it
+        derived from the ring's pod directory (docs/operations.md "Pod isolation")."""
         self.reader = reader
         self.cfg = cfg
         self.metrics = metrics
         self.inode = inode
         h = reader.header
         self.path = reader.path
-        self.name = os.path.basename(reader.path)
+        self.name = name or os.path.basename(reader.path)
         self.generation = h.generation
         self.key = (self.path, self.generation)
-        self.producer = pb.Producer(node=h.identity.node, pod=h.identity.pod, pid=h.identity.pid,
-                                    tp_rank=h.identity.tp_rank, generation=h.generation)
+        self.producer = producer or pb.Producer(node=h.identity.node, pod=h.identity.pod, pid=h.identity.pid,
+                                                tp_rank=h.identity.tp_rank, generation=h.generation)
         self.state = RingState.ATTACHED
         self.reason = ""
         self.detached_at = 0.0
         self.producer_alive = True
         # step -> (RingStep, STEP frame position, frames read before it, request metas, request id keys)
         self.steps: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self.steps_bytes = 0          # estimated memory of `steps` (STEPS_KEPT_BYTES)
         self.latest_step: tuple[int, int] | None = None   # (position, frames before) of the newest STEP frame
         self.units: collections.deque[SendUnit] = collections.deque()
         self.read_pos = reader.tail
@@ -127,6 +138,7 @@ class RingDrain:
         self.control_json = ""
         self._producer_drops_seen = reader.producer_stats()["frames_dropped"]
         self._corrupt_counted = 0
+        self._loss_reason = FrameDropReason.RING_CORRUPT   # what the frames a quarantine leaves unread count as
         self._encoding = cfg.payload_encoding_code
         m = metrics
         self._m_records_in = m.records_in.labels(self.name)
@@ -190,28 +202,31 @@ class RingDrain:
                 publisher.send(key, value, unit)
         if corrupt is not None:
             self.quarantine("corrupt_frame", str(corrupt))
+        elif n and unit.pending == 0:
+            # nothing to wait for (only STEP or dropped frames): release now; no acknowledgement
+            # would come to do it, and an idle ring is only released when it has no units
+            self.release_acked()
         return n
 
     def _frame(self, frame, unit: SendUnit, batcher: EnvelopeBatcher, export_ns: int) -> None:
         kind = frame.kind
         if kind == FrameKind.SLAB:
             try:
-                slab = ring_pb2.RingSlab.FromString(frame.meta)
-            except DecodeError:
-                self._drop(FrameDropReason.BAD_META, frame)
+                slab = parse_slab(frame.meta)
+            except (DecodeError, SlabError) as e:
+                self._drop(FrameDropReason.BAD_META, frame, e)
                 return
             entry = self.steps.get(slab.step)
             if entry is None:
                 self._drop(FrameDropReason.STEP_UNKNOWN, frame)
                 return
-            step, step_pos, step_frames, requests_meta, keys = entry
+            step, step_pos, step_frames, requests_meta, keys, _cost = entry
             enc = self._encoding
             try:
                 parts = slab_part_metas(step, slab, frame.payload, frame.seq, self.producer, export_ns,
                                         enc, requests_meta)
             except SlabError as e:
-                log.warning("%s: slab frame %d dropped: %s", self.path, frame.seq, e)
-                self._drop(FrameDropReason.BAD_SLAB, frame)
+                self._drop(FrameDropReason.BAD_SLAB, frame, e)
                 return
             if step_pos >= self.released_pos and (unit.hold is None or step_pos < unit.hold[0]):
                 unit.hold = (step_pos, step_frames)
@@ -235,29 +250,38 @@ class RingDrain:
                         add(keys[request_index], tensor_entry_bytes(meta + fields, payload[i * chunk:(i + 1) * chunk]))
         elif kind == FrameKind.STEP:
             try:
-                step = ring_pb2.RingStep.FromString(frame.meta)
-            except DecodeError:
-                self._drop(FrameDropReason.BAD_META, frame)
+                step = parse_step(frame.meta)
+            except (DecodeError, SlabError) as e:
+                self._drop(FrameDropReason.BAD_META, frame, e)
                 return
-            self.steps[step.step] = (step, frame.position, self.frames_read, request_metas(step),
-                                     [rr.request_id.encode() for rr in step.requests])
-            self.steps.move_to_end(step.step)
-            while len(self.steps) > self.cfg.max_steps_kept:
-                self.steps.popitem(last=False)
+            requests = StepRequests(step)    # per-request record fields: built when a slab names them
+            cost = len(frame.meta) + 96 * len(requests)
+            old = self.steps.pop(step.step, None)
+            if old is not None:
+                self.steps_bytes -= old[5]
+            self.steps[step.step] = (step, frame.position, self.frames_read, requests, requests.keys, cost)
+            self.steps_bytes += cost
+            while len(self.steps) > self.cfg.max_steps_kept or (self.steps_bytes > STEPS_KEPT_BYTES and len(self.steps) > 1):
+                self.steps_bytes -= self.steps.popitem(last=False)[1][5]
             self.latest_step = (frame.position, self.frames_read)
         elif kind == FrameKind.SUMMARY:
             try:
-                summary = pb.RequestSummary.FromString(frame.meta)
-            except DecodeError:
-                self._drop(FrameDropReason.BAD_META, frame)
+                summary = summary_record(parse_summary(frame.meta), frame.seq, self.producer, export_ns)
+                entry = summary_entry(summary)
+                if entry.size + 16 > self.cfg.max_message_bytes:
+                    raise SlabError(f"summary of request {summary.request_id[:64]!r} is {entry.size} bytes; a message "
+                                    f"holds at most {self.cfg.max_message_bytes} (max-message-bytes)")
+            except (DecodeError, SlabError) as e:
+                self._drop(FrameDropReason.BAD_META, frame, e)
                 return
-            summary_record(summary, frame.seq, self.producer, export_ns)
             unit.records += 1
-            batcher.add(summary.request_id.encode(), summary_entry(summary))
+            batcher.add(summary.request_id.encode(), entry)
         else:
             self._drop(FrameDropReason.UNKNOWN_KIND, frame)
 
-    def _drop(self, reason: FrameDropReason, frame) -> None:
+    def _drop(self, reason: FrameDropReason, frame, error: Exception | None = None) -> None:
+        if error is not None and not self.dropped[reason]:   # the first of each reason: the log stays bounded
+            log.warning("%s: frame %d dropped (%s): %s", self.name, frame.seq, reason, str(error)[:500])
         self.dropped[reason] += 1
         self.metrics.frames_dropped.labels(self.name, reason).inc()
 
@@ -321,9 +345,10 @@ class RingDrain:
         return oldest
 
     # -- lifecycle -------------------------------------------------------------------------
-    def quarantine(self, reason: str, detail: str) -> None:
+    def quarantine(self, reason: str, detail: str, loss_reason: FrameDropReason = FrameDropReason.RING_CORRUPT) -> None:
         if self._state is RingState.QUARANTINED:
             return
+        self._loss_reason = loss_reason
         self.state = RingState.QUARANTINED
         self.reason = f"{reason}: {detail}"
         log.error("ring quarantined: %s (%s); its remaining frames are counted as dropped, other rings keep flowing",
@@ -340,9 +365,9 @@ class RingDrain:
         if self._state is RingState.QUARANTINED and not self.units:
             lost = max(0, stats["frames_committed"] - self.frames_released_total() - self._corrupt_counted)
             if lost:
-                self.dropped[FrameDropReason.RING_CORRUPT] += lost
+                self.dropped[self._loss_reason] += lost
                 self._corrupt_counted += lost
-                self.metrics.frames_dropped.labels(self.name, FrameDropReason.RING_CORRUPT).inc(lost)
+                self.metrics.frames_dropped.labels(self.name, self._loss_reason).inc(lost)
         self.metrics.ring_fill.labels(self.name).set(self.reader.fill())
         self.metrics.agent_thread.set(self.name, stats.get("thread_ns", 0) / 1e9)
         released = self.frames_released_total()

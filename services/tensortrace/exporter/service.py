@@ -10,6 +10,15 @@ threads and touch ring state only under `self.lock`.
 
 It is a `tensortrace.service.Service`: the runtime serves its `registry` at /metrics, `live()` at
 /healthz and `ready()` at /readyz, and reports `ports()`.
+
+Discovery and identity (docs/operations.md "Pod isolation and the threat model"): every inference
+pod writes into its own subdirectory, `<ring dir>/<namespace>_<pod>/<pod>-<pid>-r<rank>.ring`, one
+level deep; the exporter takes the producer's pod from that directory's name (published as
+`<namespace>/<pod>`) and the node from its own `--node`, never from the ring header, which the pod
+wrote. A ring whose header names another pod is quarantined (`identity_mismatch`, its frames counted
+as dropped for that reason), so nothing is ever published under a name its writer claimed. Rings
+directly in the ring directory (the flat layout of tests and the devstack) are read only with
+`--allow-flat-rings`, identity from the header as before; otherwise refused (`flat_ring`).
 """
 
 from __future__ import annotations
@@ -24,13 +33,14 @@ import time
 from prometheus_client import CollectorRegistry
 
 from tensortrace.exporter.config import ExporterConfig
-from tensortrace.exporter.drain import RingDrain
+from tensortrace.exporter.drain import FrameDropReason, RingDrain
 from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.exporter.publisher import KafkaPublisher
-from tensortrace.ring.format import (RingError, RingFormatError, RingLockedError, RingReader,
-                                     ring_files)
-from tensortrace.ring.permissions import describe_path, describe_process, dir_problem
+from tensortrace.ring.format import RingError, RingFormatError, RingLockedError, RingReader
+from tensortrace.ring.permissions import (PodDir, describe_path, describe_process, dir_problem, parse_pod_dir,
+                                          pod_dir_problem, ring_owner_problem)
 from tensortrace.v1 import control_pb2
+from tensortrace.v1 import records_pb2 as pb
 
 log = logging.getLogger("tensortrace.exporter")
 
@@ -42,6 +52,13 @@ def _fingerprint(path: str) -> tuple:
         return (st.st_uid, st.st_gid, st.st_mode)
     except OSError:
         return ()
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 class Exporter:
@@ -152,30 +169,104 @@ class Exporter:
     # -- discovery -------------------------------------------------------------------------
     def scan(self) -> None:
         """Attach to new rings; detach drained rings of gone producers; remove them after grace."""
-        try:
-            paths = ring_files(self.cfg.ring_dir)
-            dir_st = os.stat(self.cfg.ring_dir) if paths else None
-        except PermissionError as e:
-            self._refuse(("ring_dir",) + _fingerprint(self.cfg.ring_dir), self.cfg.ring_dir,
-                         f"ring_dir: cannot list the ring directory ({e.strerror}): {self._permission_hint(self.cfg.ring_dir)}")
-            paths = []
-        for path in paths:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
+        for path, st, pod, pod_path, pod_st in self._candidates():
             ident = (st.st_dev, st.st_ino)
             if ident in self.known:
                 continue
-            reason = self._refusal(st, dir_st)
+            reason = self._ring_refusal(path, st, pod, pod_path, pod_st)
             if reason:
-                self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid) + _fingerprint(self.cfg.ring_dir),
-                             path, reason)
+                self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+                             + _fingerprint(pod_path or self.cfg.ring_dir), path, reason)
                 continue
-            self._attach(path, st)
+            self._attach(path, st, pod, pod_path)
         now = time.monotonic()
         for ring in list(self.rings.values()):
             self._check_lifecycle(ring, now)
+
+    def _candidates(self) -> list[tuple]:
+        """(path, lstat, PodDir or None, pod directory, its lstat) of every ring file, oldest first:
+        `<ring dir>/<pod dir>/*.ring` one level deep, and `<ring dir>/*.ring` (the flat layout).
+        A pod directory that must not be trusted is refused here, once per state, with its reason."""
+        d = self.cfg.ring_dir
+        try:
+            names = sorted(os.listdir(d))
+        except FileNotFoundError:
+            return []
+        except PermissionError as e:
+            self._refuse(("ring_dir",) + _fingerprint(d), d,
+                         f"ring_dir: cannot list the ring directory ({e.strerror}): {self._permission_hint(d)}")
+            return []
+        found = []
+        for name in names:
+            path = os.path.join(d, name)
+            if name.endswith(".ring"):
+                try:
+                    found.append((path, os.lstat(path), None, None, None))
+                except FileNotFoundError:
+                    pass
+                continue
+            if name.startswith(".") or name.endswith(".consumer.lock") or ".ring.tmp-" in name:
+                continue
+            try:
+                pst = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not (stat.S_ISDIR(pst.st_mode) or stat.S_ISLNK(pst.st_mode)):
+                continue   # another file in the ring directory: not ours to judge
+            why = pod_dir_problem(path, pst, self.cfg.ring_group)
+            if why:
+                self._refuse(("pod_dir", pst.st_dev, pst.st_ino, pst.st_mode, pst.st_uid, pst.st_gid), path, why)
+                continue
+            pod = parse_pod_dir(name)
+            try:
+                inner = [n for n in os.listdir(path) if n.endswith(".ring")]
+            except FileNotFoundError:
+                continue
+            except PermissionError as e:
+                self._refuse(("pod_dir", pst.st_dev, pst.st_ino, pst.st_mode, pst.st_uid, pst.st_gid), path,
+                             f"pod_dir: cannot list the pod directory ({e.strerror}): {self._permission_hint(path)}")
+                continue
+            for n in inner:
+                rp = os.path.join(path, n)
+                try:
+                    found.append((rp, os.lstat(rp), pod, path, pst))
+                except FileNotFoundError:
+                    pass
+        found.sort(key=lambda c: c[1].st_mtime_ns)
+        return found
+
+    def _ring_refusal(self, path: str, st: os.stat_result, pod: PodDir | None, pod_path: str | None,
+                      pod_st: os.stat_result | None) -> str:
+        """Why this ring file must not be read ("" when it may): its place, its owner, its mode."""
+        cfg = self.cfg
+        if pod is None:
+            if not cfg.allow_flat_rings:
+                return (f"flat_ring: a ring directly in the ring directory {cfg.ring_dir}; each inference pod writes "
+                        f"into its own subdirectory, {cfg.ring_dir}/<namespace>_<pod>/ (the chart mounts it with "
+                        "subPathExpr; on a plain host set TENSORTRACE_RING_DIR=<ring dir>/<pod>), and the pod's "
+                        "identity comes from that directory. Rings directly in the ring directory, identified by "
+                        "their header alone, are read only with --allow-flat-rings (development)")
+            return self._refusal(st, _stat(cfg.ring_dir), cfg.ring_dir)
+        why = ring_owner_problem(path, st, pod_path, pod_st)
+        if why:
+            return why
+        why = self._refusal(st, pod_st, pod_path)
+        if why:
+            return why
+        try:  # a planted symbolic link as the lock file would make the exporter open or lock another file
+            lst = os.lstat(path + ".consumer.lock")
+            if not stat.S_ISREG(lst.st_mode):
+                return f"not_regular: {path}.consumer.lock is not a regular file (a symbolic link?); remove it"
+        except FileNotFoundError:
+            pass
+        # every ring of the pod the exporter holds state for (read, quarantined, detached within its
+        # grace), so a pod that keeps making rings, good or bad, cannot grow the exporter's state
+        busy = (sum(1 for r in self.rings.values() if os.path.dirname(r.path) == pod_path and r.path != path)
+                + sum(1 for q in self.quarantined.values() if os.path.dirname(q.path) == pod_path))
+        if busy >= cfg.max_rings_per_pod:
+            return (f"too_many_rings: pod directory {pod_path} already has {busy} rings being read or kept "
+                    f"(--max-rings-per-pod {cfg.max_rings_per_pod}); this one is read once one of them is removed")
+        return ""
 
     def _refuse(self, fingerprint: tuple, path: str, reason: str) -> None:
         """Log a refusal once per fingerprint (file and directory owner/mode): fixing either makes it new."""
@@ -184,7 +275,7 @@ class Exporter:
             log.error("ring refused: %s: %s", path, reason)
             self.metrics.rings_refused.labels(reason.split(":")[0]).inc()
 
-    def _refusal(self, st: os.stat_result, dir_st: os.stat_result | None = None) -> str:
+    def _refusal(self, st: os.stat_result, dir_st: os.stat_result | None = None, dir_path: str | None = None) -> str:
         """Why a ring file must not be read ("" when it may). The security check: a ring is read
         when its owner is one of --ring-owner-uids (owner-only 0600), or when it is shared with the
         ring group (--ring-group, mode 0660) in a directory other users cannot write — there only a
@@ -213,7 +304,7 @@ class Exporter:
                         "stores the ring's tail and writes its control block")
             if st.st_uid in cfg.owner_uids:
                 return ""
-            why = dir_problem(cfg.ring_dir, dir_st, cfg.ring_group) if dir_st is not None else ""
+            why = dir_problem(dir_path or cfg.ring_dir, dir_st, cfg.ring_group) if dir_st is not None else ""
             return f"group: {why}" if why else ""
         if st.st_uid not in cfg.owner_uids:
             group = (f" or group-shared rings (0660) of gid {cfg.ring_group} (--ring-group)" if cfg.ring_group is not None
@@ -235,8 +326,9 @@ class Exporter:
                 f"--gid {gid}`, set TENSORTRACE_RING_GID={gid} in the inference container and --ring-group {gid} "
                 f"with supplementalGroups [{gid}] here")
 
-    def _attach(self, path: str, st: os.stat_result) -> None:
+    def _attach(self, path: str, st: os.stat_result, pod: PodDir | None = None, pod_path: str | None = None) -> None:
         ident = (st.st_dev, st.st_ino)
+        name = os.path.join(os.path.basename(pod_path), os.path.basename(path)) if pod_path else os.path.basename(path)
         try:
             reader = RingReader.open(path)
         except RingLockedError as e:
@@ -251,12 +343,13 @@ class Exporter:
             log.error("ring quarantined: %s (%s); other rings keep flowing", e, reason)
             self.metrics.rings_quarantined.labels(reason).inc()
             self.quarantined[ident] = control_pb2.RingStatus(
-                ring=os.path.basename(path), path=path, state="quarantined", reason=f"{reason}: {e}")
+                ring=name, path=path, state="quarantined", reason=f"{reason}: {e}",
+                pod=pod.identity if pod is not None else "", node=self.cfg.node if pod is not None else "")
             return
         except PermissionError as e:
             failed = e.filename or path
             what = "the consumer lock file" if str(failed).endswith(".consumer.lock") else "the ring read-write"
-            self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid) + _fingerprint(self.cfg.ring_dir),
+            self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid) + _fingerprint(pod_path or self.cfg.ring_dir),
                          path, f"permission_denied: cannot open {what} ({e.strerror}): {self._permission_hint(failed)}")
             return
         except (OSError, RingError) as e:
@@ -265,7 +358,20 @@ class Exporter:
         if reader.file_identity() != ident:
             reader.close()  # replaced between listing and opening; the next scan sees the new file
             return
-        ring = RingDrain(reader, self.cfg, self.metrics, ident)
+        h = reader.header
+        producer = mismatch = None
+        if pod is not None:
+            # The identity every record carries comes from where the ring is, never from its header.
+            producer = pb.Producer(node=self.cfg.node, pod=pod.identity, pid=h.identity.pid,
+                                   tp_rank=h.identity.tp_rank, generation=h.generation)
+            if not pod.header_matches(h.identity.pod):
+                mismatch = (f"{path}: the ring header claims pod {h.identity.pod!r} (node {h.identity.node!r}) but the "
+                            f"ring is in the directory of pod {pod.identity!r}; nothing of it is published (under "
+                            "either name), its frames are counted as dropped (identity_mismatch)")
+        ring = RingDrain(reader, self.cfg, self.metrics, ident, name=name, producer=producer)
+        ring.pod_name = pod.pod if pod is not None else ""
+        if mismatch:
+            ring.quarantine("identity_mismatch", mismatch, FrameDropReason.IDENTITY_MISMATCH)
         with self.lock:
             if ring.key in self.rings:  # same path and generation under a new inode: never mix
                 log.error("ring %s: generation %d already attached from another file; skipped", path, ring.generation)
@@ -275,9 +381,10 @@ class Exporter:
             self.rings[ring.key] = ring
             self.known[ident] = "attached"
             self.metrics.rings_attached.set(sum(1 for r in self.rings.values() if r.state in ("attached", "draining")))
-        h = reader.header
+        if mismatch:
+            return
         log.info("ring attached: %s (pod %s, pid %d, rank %d, generation %d, %d frames pending)",
-                 path, h.identity.pod, h.identity.pid, h.identity.tp_rank, h.generation,
+                 path, ring.producer.pod, h.identity.pid, h.identity.tp_rank, h.generation,
                  reader.producer_stats()["frames_committed"] - reader.frames_consumed)
         doc = self._control_for(ring)
         if doc is not None:
@@ -368,8 +475,9 @@ class Exporter:
 
     # -- control ---------------------------------------------------------------------------
     def _control_for(self, ring: RingDrain) -> dict | None:
-        pod = ring.producer.pod
-        return self.ring_controls.get(ring.name) or self.ring_controls.get(pod) or self.default_control
+        c = self.ring_controls
+        return (c.get(ring.name) or c.get(ring.producer.pod) or (c.get(ring.pod_name) if ring.pod_name else None)
+                or self.default_control)
 
     def _write_control(self, ring: RingDrain, doc: dict) -> int:
         seq = ring.reader.write_control(doc)
@@ -391,9 +499,10 @@ class Exporter:
             for ring in self.rings.values():
                 if ring.state not in ("attached", "draining"):
                     continue
-                if targets and ring.name not in targets and ring.producer.pod not in targets:
+                names = {ring.name, ring.producer.pod} | ({ring.pod_name} if ring.pod_name else set())
+                if targets and not names & set(targets):
                     continue
-                matched.update({ring.name, ring.producer.pod})
+                matched.update(names)
                 try:
                     seq = self._write_control(ring, doc)
                     results.append(control_pb2.RingControlResult(ring=ring.name, control_seq=seq))
@@ -413,7 +522,7 @@ class Exporter:
         released = ring.frames_released_total()
         return control_pb2.RingStatus(
             ring=ring.name, path=ring.path, state=ring.state, reason=ring.reason,
-            pod=h.identity.pod, node=h.identity.node, model_id=h.identity.model_id,
+            pod=ring.producer.pod, node=ring.producer.node, model_id=h.identity.model_id,
             pid=h.identity.pid, tp_rank=h.identity.tp_rank, generation=h.generation,
             fill=ring.reader.fill(), capacity=h.capacity, producer_alive=ring.producer_alive,
             frames_committed=stats["frames_committed"], frames_dropped_by_producer=stats["frames_dropped"],

@@ -422,14 +422,15 @@ def _read_control(m: _Mapping, state) -> dict | None:
 
 @dataclass
 class Frame:
-    """One frame read from a ring. `meta` and `payload` are views into the mapping: valid until
-    the consumer releases past `end`."""
+    """One frame read from a ring. `meta` is a copy (the bytes its checksum was verified on: a
+    producer rewriting the frame afterwards cannot change what is parsed); `payload` is a view into
+    the mapping, valid until the consumer releases past `end`."""
 
     kind: int
     seq: int
     position: int
     end: int
-    meta: memoryview
+    meta: bytes
     payload: memoryview
 
 
@@ -449,7 +450,12 @@ class RingReader:
         self.path = mapping.path
         self._lock_fd = lock_fd
         self._data = memoryview(mapping.mm)[HEADER_SIZE:]
-        self._read_pos = mapping.tail.get()
+        # The consumer's own copy of tail. The producer maps the same page and could store anything
+        # there: tail is read from the file once (what the previous consumer released) and from then
+        # on only written, so a hostile producer cannot make the consumer skip, re-read or refuse
+        # its own release (which used to raise ValueError out of the exporter's main loop).
+        self._released = mapping.tail.get()
+        self._read_pos = self._released
         self._expected_seq: int | None = None
 
     @classmethod
@@ -488,11 +494,12 @@ class RingReader:
 
     @property
     def tail(self) -> int:
-        return self._m.tail.get()
+        """Bytes released by this consumer (its own copy; the value in the file is not trusted)."""
+        return self._released
 
     def fill(self) -> float:
         """Fraction of the data area holding frames not yet released."""
-        return (self.head - self.tail) / self.capacity
+        return min(1.0, max(0, self.head - self._released) / self.capacity)
 
     def frames(self, max_frames: int = 1 << 30, max_bytes: int = 1 << 62) -> Iterator[Frame]:
         """Yield committed frames after the last one yielded (PAD frames are skipped).
@@ -503,8 +510,9 @@ class RingReader:
         mm = self._m.mm
         n = 0
         start = self._read_pos
-        if head - self._m.tail.get() > self.capacity or head < self._read_pos:
-            raise RingCorruptError(f"{self.path}: head {head} is outside [tail, tail+capacity]")
+        if head - self._released > self.capacity or head < self._read_pos:
+            raise RingCorruptError(f"{self.path}: head {head} is outside [tail {self._released}, tail + capacity "
+                                   f"{self.capacity}] (read position {self._read_pos})")
         while self._read_pos < head and n < max_frames and self._read_pos - start < max_bytes:
             pos = self._read_pos
             phys = pos % self.capacity
@@ -528,7 +536,9 @@ class RingReader:
             self._read_pos = pos + total
             if kind == FrameKind.PAD:
                 continue
-            meta = self._data[phys + FRAME_HEADER_SIZE: phys + FRAME_HEADER_SIZE + meta_len]
+            # one copy of the meta (at most the frame's size, checked above against the ring), and the
+            # checksum of that copy: what is parsed later is what was checked
+            meta = mm[base + FRAME_HEADER_SIZE: base + FRAME_HEADER_SIZE + meta_len]
             if zlib.crc32(meta) != crc:
                 raise RingCorruptError(f"{self.path}: meta checksum mismatch in frame {seq} at position {pos}")
             poff = phys + payload_offset_in_frame(meta_len)
@@ -539,15 +549,16 @@ class RingReader:
         """Give the space of every frame ending at or before `end_position` back to the producer."""
         if end_position > self._read_pos:
             raise ValueError("cannot release frames that were not read")
-        if end_position < self._m.tail.get():
+        if end_position < self._released:
             # Moving tail back would hand the consumer space the producer may already reuse.
-            raise ValueError(f"cannot release back to {end_position}: tail is already {self._m.tail.get()}")
+            raise ValueError(f"cannot release back to {end_position}: tail is already {self._released}")
+        self._released = end_position
         self._m.tail.set(end_position)
         self._m.consumer_heartbeat.set(time.time_ns())
 
     def rewind(self) -> None:
         """Forget frames read but not released: the next frames() starts again at tail."""
-        self._read_pos = self._m.tail.get()
+        self._read_pos = self._released
         self._expected_seq = None
 
     def count_consumed(self, n: int) -> None:

@@ -17,6 +17,15 @@ uid on OpenShift); the exporter runs as a fixed non-root uid (10001). They share
   owner, but only from a directory that other users cannot write (there, a file's group proves
   who made it). Anything else is refused with a reason that says what it saw and what to set.
 
+Pod directories (docs/operations.md "Pod isolation and the threat model"): each inference pod
+writes only into its own subdirectory of the ring directory, `<ring dir>/<namespace>_<pod>/` (in
+Kubernetes a `subPathExpr: $(POD_NAMESPACE)_$(POD_NAME)` mount, so the pod sees nothing else; on a
+plain host `<ring dir>/<pod>/`). The exporter takes the producer's pod from that name
+(`parse_pod_dir`), never from the ring header, and `pod_dir_problem` says why a directory or a ring
+in it must not be trusted: a pod directory owned by a non-root uid is that uid's, so a ring in it
+owned by another uid is refused; a root-owned one (kubelet creates subPath directories as root,
+with the ring directory's mode) relies on the mount for isolation.
+
 Standard library only: the init container, the agent and the exporter all import it.
 
     >>> parse_mode("2770"), parse_mode("0o660"), parse_id("2000", "gid")
@@ -29,8 +38,11 @@ Standard library only: the init container, the agent and the exporter all import
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import stat
+from dataclasses import dataclass
 
 DEFAULT_DIR_MODE = 0o2770     # setgid, group rwx, nothing for others
 SHARED_RING_MODE = 0o660      # owner + ring group read-write
@@ -189,9 +201,92 @@ def ensure_agent_ring_dir(path: str, gid: int | None) -> None:
         return
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, f"ring directory {path} is not a directory")
+    me = os.geteuid()
+    if st.st_uid not in (0, me) and me != 0:
+        # a plain-host pod directory belongs to the uid that made it: the exporter refuses rings of
+        # another uid in it (owner_mismatch); say so now rather than capture into a ring nobody reads
+        logging.getLogger("tensortrace.agent").warning(
+            "ring directory %s is owned by uid %d, not this process (uid %d): if it is a pod directory, the "
+            "exporter refuses this process's rings there (owner_mismatch); give each pod its own directory "
+            "(docs/operations.md \"Pod isolation and the threat model\")", path, st.st_uid, me)
     if not os.access(path, os.W_OK | os.X_OK):
         hint = f" --gid {gid}" if gid is not None else " --gid <ring gid>"
         raise PermissionError(errno.EACCES, f"cannot create rings in {path} ({describe_stat(st)}; this process "
                                             f"{describe_process()}): prepare it with `tensortrace ring-dir prepare "
                                             f"--path {path}{hint}` and run the inference container in that group "
                                             "(securityContext.supplementalGroups), or as root")
+
+
+# -- pod directories ---------------------------------------------------------------------------
+# A Kubernetes namespace is a DNS label; a pod name a DNS subdomain: neither contains "_", so
+# "<namespace>_<pod>" splits unambiguously. A plain-host pod name may also use upper case.
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_POD_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?")
+HEADER_POD_BYTES = 64   # the ring header's pod field (ring/format.py): longer names are truncated there
+
+
+@dataclass(frozen=True)
+class PodDir:
+    """Who a pod directory belongs to, from its name alone.
+
+    >>> parse_pod_dir("prod_sglang-7d9f-x2x")
+    PodDir(namespace='prod', pod='sglang-7d9f-x2x')
+    >>> parse_pod_dir("sglang-0").identity, parse_pod_dir("prod_sglang-0").identity
+    ('sglang-0', 'prod/sglang-0')
+    """
+
+    namespace: str
+    pod: str
+
+    @property
+    def identity(self) -> str:
+        """The pod as published in every record (Producer.pod): `<namespace>/<pod>`, or `<pod>`."""
+        return f"{self.namespace}/{self.pod}" if self.namespace else self.pod
+
+    def header_matches(self, header_pod: str) -> bool:
+        """Does the pod name a producer wrote into its ring header agree with this directory? (The
+        header stores at most 64 bytes of it.)"""
+        return header_pod == self.pod.encode()[:HEADER_POD_BYTES].decode(errors="replace")
+
+
+def parse_pod_dir(name: str) -> PodDir:
+    """`<namespace>_<pod>` or `<pod>` -> PodDir; ValueError naming what is wrong.
+
+    >>> parse_pod_dir("../x")
+    Traceback (most recent call last):
+    ValueError: pod directory name '../x' is not <namespace>_<pod> or <pod> (namespace: a DNS label; pod: letters, digits, '-' and '.', starting and ending with a letter or digit)
+    """
+    namespace, sep, pod = name.partition("_")
+    if not sep:
+        namespace, pod = "", name
+    if (sep and not _NAMESPACE_RE.fullmatch(namespace)) or not _POD_RE.fullmatch(pod):
+        raise ValueError(f"pod directory name {name!r} is not <namespace>_<pod> or <pod> (namespace: a DNS label; "
+                         "pod: letters, digits, '-' and '.', starting and ending with a letter or digit)")
+    return PodDir(namespace, pod)
+
+
+def pod_dir_problem(path: str, st: os.stat_result, ring_group: int | None) -> str:
+    """Why rings in the pod directory `path` (lstat `st`) must not be read ("" when they may):
+    `reason: detail`, the reason being the refusal's metric label."""
+    if stat.S_ISLNK(st.st_mode):
+        return (f"pod_dir: {path} is a symbolic link; a pod directory must be a real directory "
+                "(kubelet's subPathExpr mount or the agent creates it)")
+    if not stat.S_ISDIR(st.st_mode):
+        return f"pod_dir: {path} is not a directory"
+    try:
+        parse_pod_dir(os.path.basename(path))
+    except ValueError as e:
+        return f"pod_dir: {e}"
+    why = dir_problem(path, st, ring_group)
+    return f"pod_dir: {why.replace('ring dir', 'pod directory', 1)}" if why else ""
+
+
+def ring_owner_problem(ring: str, ring_st: os.stat_result, pod_dir: str, dir_st: os.stat_result) -> str:
+    """The owner rule ("" when it holds): a pod directory owned by a non-root uid belongs to that
+    uid (the agent created it on a plain host), so every ring in it must be owned by that uid; a
+    root-owned pod directory (kubelet's subPath directory, `ring-dir prepare`) admits rings of any
+    uid, the mount being what keeps other pods out."""
+    if dir_st.st_uid != 0 and ring_st.st_uid != dir_st.st_uid:
+        return (f"owner_mismatch: {ring} is owned by uid {ring_st.st_uid}, its pod directory {pod_dir} by uid "
+                f"{dir_st.st_uid}: a ring in a pod's directory must be that pod's (another uid wrote it there)")
+    return ""

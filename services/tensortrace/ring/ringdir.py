@@ -6,6 +6,13 @@ this command as root once per node before the exporter starts; it creates the di
 an existing one) as `UID:GID`, mode `2770` (setgid: every ring created there belongs to GID).
 Idempotent: a second run changes nothing and says so. docs/operations.md "Ring permissions".
 
+Pod directories (`<ring dir>/<namespace>_<pod>/`, one per inference pod; docs/operations.md "Pod
+isolation and the threat model") are made by kubelet for the pod's `subPathExpr` mount, as root with
+the ring directory's mode: `root:GID 2770` once the directory is prepared. A pod scheduled before the
+node's exporter prepared it gets `root:root 0755`, which its non-root agent cannot write: `prepare`
+also gives every existing pod directory the group and mode (its owner kept), so such a pod, still
+in its wait-for-the-ring-directory init container, can start capturing.
+
     $ tensortrace ring-dir prepare --path /run/tensortrace --gid 2000
     ring dir /run/tensortrace: created; owner 0:0 -> 0:2000; mode 0700 -> 2770 (now owner uid 0, gid 2000, mode 2770)
     $ tensortrace ring-dir prepare --path /run/tensortrace --gid 2000
@@ -13,7 +20,8 @@ Idempotent: a second run changes nothing and says so. docs/operations.md "Ring p
 
 `tensortrace ring-dir check --path DIR [--gid GID]` prints what a process sees there (the directory
 and every ring's owner, group and mode, this process's uid and groups, whether it can open each
-ring read-write) and exits 1 on a problem: run it in the exporter's container when rings are refused.
+ring read-write, pod directory by pod directory, and what the exporter would refuse) and exits 1 on
+a problem: run it in the exporter's container when rings are refused.
 
 Standard library only (the init container runs it from the slim exporter image).
 """
@@ -26,7 +34,8 @@ import stat
 import sys
 
 from tensortrace.ring.permissions import (DEFAULT_DIR_MODE, describe_path, describe_process, describe_stat,
-                                          dir_problem, parse_id, parse_mode, prepare_ring_dir)
+                                          dir_problem, parse_id, parse_mode, parse_pod_dir, pod_dir_problem,
+                                          prepare_ring_dir, ring_owner_problem)
 
 
 def _id(what: str):
@@ -68,7 +77,31 @@ def prepare(path: str, gid: int, mode: int, uid: int | None) -> int:
         return 1
     now = describe_path(path)
     print(f"ring dir {path}: {'; '.join(changes)} (now {now})" if changes else f"ring dir {path}: unchanged ({now})")
-    return 0
+    rc = 0
+    for sub in _pod_dirs(path):
+        try:
+            changes = prepare_ring_dir(sub, gid, mode, None)
+        except (OSError, ValueError) as e:
+            print(f"tensortrace ring-dir prepare: {sub}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            rc = 1
+            continue
+        if changes:
+            print(f"pod dir {sub}: {'; '.join(changes)} (now {describe_path(sub)})")
+    return rc
+
+
+def _pod_dirs(path: str) -> list[str]:
+    """The real (not symlinked) subdirectories of the ring directory whose names are pod directory names."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        try:
+            parse_pod_dir(name)
+        except ValueError:
+            continue
+        if stat.S_ISDIR(os.lstat(sub).st_mode):
+            out.append(sub)
+    return out
 
 
 def check(path: str, gid: int | None) -> int:
@@ -99,9 +132,41 @@ def check(path: str, gid: int | None) -> int:
         p = os.path.join(path, n)
         st = os.lstat(p)
         ok = os.access(p, os.R_OK | os.W_OK)
-        print(f"  {n}: {describe_stat(st)}; {'read-write' if ok else 'NOT readable-writable'} by this process")
+        print(f"  {n}: {describe_stat(st)}; {'read-write' if ok else 'NOT readable-writable'} by this process; "
+              "flat (directly in the ring dir): read only by an exporter with --allow-flat-rings")
         if not ok:
             problems.append(f"{p}: this process cannot open it read-write")
+    try:
+        subs = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                if not n.endswith(".ring") and not n.startswith(".") and os.path.isdir(os.path.join(path, n))]
+    except OSError:
+        subs = []
+    for sub in subs:
+        sst = os.lstat(sub)
+        why = pod_dir_problem(sub, sst, gid)
+        try:
+            who = parse_pod_dir(os.path.basename(sub)).identity
+        except ValueError:
+            who = "?"
+        print(f"  {os.path.basename(sub)}/ (pod {who}): {describe_stat(sst)}")
+        if why:
+            problems.append(why)
+            continue
+        try:
+            rings = sorted(n for n in os.listdir(sub) if n.endswith(".ring"))
+        except OSError as e:
+            problems.append(f"{sub}: cannot list ({e.strerror})")
+            continue
+        for n in rings:
+            p = os.path.join(sub, n)
+            st = os.lstat(p)
+            ok = os.access(p, os.R_OK | os.W_OK)
+            print(f"    {n}: {describe_stat(st)}; {'read-write' if ok else 'NOT readable-writable'} by this process")
+            if not ok:
+                problems.append(f"{p}: this process cannot open it read-write")
+            why = ring_owner_problem(p, st, sub, sst)
+            if why:
+                problems.append(why)
     for line in problems:
         print(f"problem: {line}")
     return 1 if problems else 0
