@@ -124,8 +124,9 @@ class Harness:
         return tensors, summaries
 
 
-def check_accounting(h: Harness):
-    """Every written frame: exactly one of published / dropped / accepted STEP; records by the split rule."""
+def check_accounting(h: Harness, events: bool = True):
+    """Every written frame: exactly one of published / dropped / accepted STEP; records by the split rule.
+    `events`: Hypothesis statistics (only inside a @given test)."""
     d, r = h.d, h.r
     assert d.state is RingState.ATTACHED, d.reason
     assert r.tail == r.head and d.drained()
@@ -179,6 +180,8 @@ def check_accounting(h: Harness):
             payload_bytes += len(f.payload)
     assert not by_frame and not summaries, "published records of frames never written"
     assert d.bytes_out == payload_bytes
+    if not events:
+        return
     for reason in sorted(set(h.dropped.values())):
         event(f"dropped: {reason}")
     event(f"tensor records published: {min(len(tensors), 5)}{'+' if len(tensors) >= 5 else ''}")
@@ -381,3 +384,70 @@ def test_many_tiny_frames_through_the_drain_are_accounted_in_bounded_memory():
     for n in [50_000] + ([2_000_000] if os.environ.get("TENSORTRACE_FUZZ_EXAMPLES") else []):
         dt, _ = _drain_tiny_frames(n, traced=False)
         print(f"drain, tiny frames: {n} in {dt:.2f}s ({n / dt:,.0f} frames/s)")
+
+
+def test_a_pass_is_bounded_by_records_and_every_record_still_arrives_exactly_once():
+    # Bug: a pass was capped by frames and bytes only; slabs of one-byte rows pack ~900k records into
+    # an 8 MiB pass (seconds of the exporter's one main thread, every ring on the node waiting). Now
+    # a pass stops before the frame that would exceed max-pass-records; the next pass reads it.
+    import random
+    limit = 100
+    h = Harness(max_pass_records=limit)
+    units = []
+    send = h.pub.send
+
+    def spy(key, value, unit):
+        if not units or units[-1] is not unit:
+            units.append(unit)
+        send(key, value, unit)
+    h.pub.send = spy
+    try:
+        rnd = random.Random(15)
+        n_req = 150
+        step = ring_pb2.RingStep(step=1, model_id="m", requests=[ring_pb2.RequestRows(request_id=f"r{i}")
+                                                                 for i in range(n_req)])
+        frames = [HostileFrame(FrameKind.STEP, step.SerializeToString())]
+        produced = 0
+        for k in range(300):     # slabs of 1..60 one-byte rows, one part (record) per row; some summaries
+            n = n_req if k == 150 else rnd.randint(1, 60)    # one slab over the limit on its own
+            slab = ring_pb2.RingSlab(step=1, hook="tiny", dtype=pb.UINT8, row_shape=[1], parts=[
+                ring_pb2.SlabPart(request_index=i, slab_row_start=i, row_count=1) for i in range(n)])
+            frames.append(HostileFrame(FrameKind.SLAB, slab.SerializeToString(), bytes(rnd.randrange(256) for _ in range(n))))
+            produced += n
+            if k % 7 == 0:
+                frames.append(HostileFrame(FrameKind.SUMMARY, pb.RequestSummary(request_id=f"r{k}").SerializeToString()))
+                produced += 1
+        h.write_all(frames)
+        check_accounting(h, events=False)   # every frame released, each record published exactly once, bit-exact
+        assert not h.dropped and h.d.records_out == produced == sum(u.records for u in units)
+        over = [u for u in units if u.records > limit]
+        assert [u.records for u in over] == [n_req], "only the slab larger than the limit, alone in its pass"
+        assert over[0].end_frames - over[0].start_frames == 1
+        assert all(u.records <= limit for u in units if u is not over[0])
+        assert h.d.passes_record_limited >= produced // limit - 1
+    finally:
+        h.close()
+
+
+def test_the_steps_kept_budget_holds_every_kept_step_of_an_honest_large_batch():
+    # STEPS_KEPT_BYTES is per ring and a pod may hold --max-rings-per-pod (64) rings: 8 MiB (was 32,
+    # ~2 GiB per pod). Honest steps as the agent writes them (32-hex request ids, 16-byte trace ids,
+    # 8-byte span ids): 64 steps of a 512-request batch are ~5.3 MiB estimated, all kept by count;
+    # the largest batch in the tests and benchmarks is 100 requests (~1 MiB).
+    import uuid
+    from tensortrace.exporter.drain import STEPS_KEPT_BYTES
+    assert STEPS_KEPT_BYTES == 8 << 20
+    h = Harness(capacity=8 << 20)
+    try:
+        for n in range(70):
+            step = ring_pb2.RingStep(step=n, model_id="meta-llama/Llama-3.1-8B-Instruct", capture_time_unix_nano=1 << 62,
+                                     tp_size=1)
+            for i in range(512):
+                step.requests.add(request_id=uuid.uuid4().hex, trace_id=os.urandom(16), span_id=os.urandom(8),
+                                  row_start=i, row_count=1, position_start=3000 + n, phase=pb.DECODE)
+            h.w.write(FrameKind.STEP, step.SerializeToString())
+            h.pump(force_all=True)
+        assert len(h.d.steps) == h.d.cfg.max_steps_kept == 64, "bounded by count, not by bytes"
+        assert 5 << 20 < h.d.steps_bytes < 6 << 20 <= STEPS_KEPT_BYTES
+    finally:
+        h.close()

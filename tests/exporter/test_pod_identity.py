@@ -242,3 +242,41 @@ def test_pod_directory_names():
     for bad in ("", ".", "..", ".hidden", "a_b_c", "UPPER_pod", "pod-", "ns_", "_pod", "a/b", "pod\x00"):
         with pytest.raises(ValueError, match="is not <namespace>_<pod> or <pod>"):
             parse_pod_dir(bad)
+
+
+def test_a_symbolic_link_swapped_in_after_the_check_is_refused_at_open_and_counted(ring_dir, tmp_path, caplog):
+    # The race O_NOFOLLOW closes: the pod replaces its ring with a symbolic link (to another pod's ring)
+    # after the exporter's lstat check and before its open. The open refuses it: nothing is attached
+    # (nothing of the other ring is read under this pod's name), the refusal is logged and counted.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    other = RingWriter.create(str(elsewhere / "victim-1-r0.ring"), 1 << 20, RingIdentity(pod="swap"))
+    d = _pod_dir(ring_dir, "prod_swap")
+    w = RingWriter.create(os.path.join(d, "swap-1-r0.ring"), 1 << 20, RingIdentity(pod="swap"))
+    exp = Exporter(ExporterConfig(ring_dir=ring_dir, control_port=-1, node="node-real",
+                                  kafka=KafkaConfig(bootstrap_servers="127.0.0.1:9")))
+    check = exp._ring_refusal
+
+    def check_then_swap(path, *a):
+        why = check(path, *a)          # the check sees the regular file ...
+        os.unlink(path)                # ... then the pod swaps in a link before the open
+        os.symlink(other.path, path)
+        return why
+    exp._ring_refusal = check_then_swap
+    try:
+        with caplog.at_level(logging.ERROR, logger="tensortrace.exporter"):
+            exp.scan()
+        assert not exp.rings
+        [reason] = exp.refused.values()
+        assert reason.startswith(f"not_regular: {w.path}: the ring is a symbolic link (opened with O_NOFOLLOW)")
+        assert f"ring refused: {w.path}: not_regular: " in caplog.text
+        assert exp.metrics.rings_refused.labels("not_regular")._value.get() == 1
+        assert not os.path.exists(other.path + ".consumer.lock")
+        # the next scan sees the link itself at lstat and refuses it there (another file: counted once more)
+        exp._ring_refusal = check
+        exp.scan()
+        assert not exp.rings and exp.metrics.rings_refused.labels("not_regular")._value.get() == 2
+    finally:
+        _close(exp)
+        w.close()
+        other.close()

@@ -400,3 +400,68 @@ except OSError as e:
     assert "ERROR" in out.stdout, out.stdout + out.stderr
     assert f"cannot allocate a 64 MiB ring in {tmp_path}" in out.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_open_refuses_a_symbolic_link_as_the_ring_or_its_lock_file(tmp_path):
+    # The exporter lstat-checks a ring and its lock file, then opens them: a producer that swaps in a
+    # symbolic link in between must not make it map, lock or create another file (O_NOFOLLOW).
+    victim = RingWriter.create(str(tmp_path / "victim.ring"), 1 << 16)
+    victim.write(FrameKind.SUMMARY, b"secret")
+    link = str(tmp_path / "hostile.ring")
+    os.symlink(victim.path, link)
+    with pytest.raises(rf.RingNotRegularError, match=r"hostile\.ring: the ring is a symbolic link \(opened with O_NOFOLLOW\)"):
+        RingReader.open(link)
+    # the lock taken for the refused ring was given back: the real ring opens
+    assert not os.path.islink(link + ".consumer.lock")
+    os.unlink(link)
+    os.unlink(link + ".consumer.lock")
+    # a symbolic link as the lock file (dangling: it would create the target through the link)
+    own = RingWriter.create(link, 1 << 16)
+    target = str(tmp_path / "elsewhere.lock")
+    os.symlink(target, link + ".consumer.lock")
+    with pytest.raises(rf.RingNotRegularError, match=r"consumer lock file of ring .*hostile\.ring is a symbolic link"):
+        RingReader.open(link)
+    assert not os.path.exists(target), "nothing created through the link"
+    # a FIFO as the lock file: not a regular file
+    os.unlink(link + ".consumer.lock")
+    os.mkfifo(link + ".consumer.lock", 0o600)
+    with pytest.raises(rf.RingNotRegularError, match="is not a regular file"):
+        RingReader.open(link)
+    os.unlink(link + ".consumer.lock")
+    r = RingReader.open(link)
+    r.close()
+    r = RingReader.open(victim.path)
+    assert [f.meta for f in r.frames()] == [b"secret"]
+    r.close()
+    own.close()
+    victim.close()
+
+
+def test_the_reader_opens_its_files_close_on_exec(ring_path):
+    w = RingWriter.create(ring_path, 1 << 16)
+    r = RingReader.open(ring_path)
+    try:
+        import fcntl
+        for fd in (r._lock_fd, r._m.fd):
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        r.close()
+        w.close()
+
+
+def test_unread_puts_back_the_last_frame_read(ring_path):
+    w = RingWriter.create(ring_path, 1 << 16)
+    r = RingReader.open(ring_path)
+    try:
+        for i in range(3):
+            w.write(FrameKind.SUMMARY, b"m%d" % i)
+        frames = r.frames()
+        first, second = next(frames), next(frames)
+        frames.close()
+        with pytest.raises(ValueError, match="is not the last frame read"):
+            r.unread(first)
+        r.unread(second)
+        assert [f.meta for f in r.frames()] == [b"m1", b"m2"]
+    finally:
+        r.close()
+        w.close()

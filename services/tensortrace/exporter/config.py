@@ -77,6 +77,9 @@ class ExporterConfig:
     max_inflight_messages: int = option(20_000, "messages sent and not yet acknowledged (backpressure)")
     max_pass_bytes: int = option(8 << 20, "bytes read from one ring per pass (fairness between rings)")
     max_pass_frames: int = option(4096, "frames read from one ring per pass")
+    max_pass_records: int = option(16384, "records built from one ring per pass (bounds one pass's CPU: one-byte rows "
+                                          "pack ~900k records into 8 MiB); the pass stops before the frame that would "
+                                          "exceed it, the next pass reads that frame (a frame is never split)")
 
     # identity, control endpoint
     node: str = option(factory=lambda: os.environ.get("NODE_NAME", os.uname().nodename),
@@ -102,7 +105,7 @@ class ExporterConfig:
             p.check(not self.idempotent or str(self.acks) in ("all", "-1"), "acks",
                     f"{self.acks!r}: an idempotent producer needs acks=all (or set idempotent=False)")
         for name in ("batch_size", "max_message_bytes", "chunk_payload_bytes", "max_inflight_bytes",
-                     "max_inflight_messages", "max_pass_bytes", "max_pass_frames", "max_steps_kept",
+                     "max_inflight_messages", "max_pass_bytes", "max_pass_frames", "max_pass_records", "max_steps_kept",
                      "request_timeout_ms", "delivery_timeout_ms", "replication_factor", "max_rings_per_pod",
                      "max_request_bytes", "send_buffer_bytes"):
             p.check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")

@@ -41,8 +41,10 @@ log = logging.getLogger("tensortrace.exporter")
 
 # Memory of the STEP metas kept per ring (besides max_steps_kept): estimated as meta bytes + 96 per
 # request (the parsed message's overhead). A hostile producer writing big steps evicts its own older
-# steps (their slabs are then dropped as step_unknown); the newest step is always kept.
-STEPS_KEPT_BYTES = 32 << 20
+# steps (their slabs are then dropped as step_unknown); the newest step is always kept. Per ring, and
+# a pod may hold max_rings_per_pod (64) rings: 8 MiB each is at most 512 MiB per pod. Honest: 64 kept
+# steps of a 512-request batch are ~5.3 MiB (docs/ring-format.md "Hostile producers").
+STEPS_KEPT_BYTES = 8 << 20
 
 
 class RingState(str, enum.Enum):
@@ -74,6 +76,7 @@ class FrameDropReason(str, enum.Enum):
     PRODUCER_DROPPED = "producer_dropped"  # dropped by the agent (ring full), from the ring header
     RING_CORRUPT = "ring_corrupt"          # committed frames lost behind a corrupt one (quarantine)
     IDENTITY_MISMATCH = "identity_mismatch"  # a ring whose header claims another pod than its directory (quarantine)
+    INTERNAL_ERROR = "internal_error"      # frames left unreleased by a ring quarantined for an exporter bug
 
 
 @dataclass
@@ -128,6 +131,8 @@ class RingDrain:
         self.frames_read = 0          # frames yielded since attach (or since the last rewind: from tail)
         self.released_frames = 0
         self.needs_rewind = False
+        self.passes_record_limited = 0   # passes stopped by max_pass_records (the rest read by the next)
+        self.units_abandoned = False      # quarantined for an exporter bug in its release: units forgotten
         self.last_head, self.last_head_change = reader.head, time.monotonic()
         self.dropped: collections.Counter[FrameDropReason] = collections.Counter()
         self.records_out = self.bytes_out = self.messages_out = 0
@@ -177,14 +182,39 @@ class RingDrain:
         export_ns = time.time_ns()
         n = 0
         corrupt = None
+        # A pass is bounded by frames, bytes and records (max-pass-records: one-byte rows would pack
+        # ~900k records into 8 MiB, seconds of this one thread). The frame that would take the pass
+        # past the record budget is put back (RingReader.unread) and read first by the next pass:
+        # nothing is skipped or read twice. A frame is never split: the first frame of a pass is
+        # taken whole (a slab has at most SEQ_PARTS_PER_FRAME parts), whatever its record count.
+        max_records = cfg.max_pass_records
+        frames = self.reader.frames(cfg.max_pass_frames, cfg.max_pass_bytes)
+        put_back = None
         try:
-            for frame in self.reader.frames(cfg.max_pass_frames, cfg.max_pass_bytes):
+            for frame in frames:
+                slab = None
+                if frame.kind == FrameKind.SLAB:
+                    try:
+                        slab = parse_slab(frame.meta)
+                    except (DecodeError, SlabError) as e:
+                        slab = e
+                    if unit.records and not isinstance(slab, Exception) and unit.records + len(slab.parts) > max_records:
+                        put_back = frame
+                        break
+                elif frame.kind == FrameKind.SUMMARY and unit.records >= max_records:
+                    put_back = frame
+                    break
                 n += 1
-                self._frame(frame, unit, batcher, export_ns)
+                self._frame(frame, unit, batcher, export_ns, slab)
                 self.frames_read += 1
                 self.read_pos = frame.end
         except RingCorruptError as e:
             corrupt = e
+        finally:
+            frames.close()
+        if put_back is not None:
+            self.reader.unread(put_back)
+            self.passes_record_limited += 1
         if n == 0 and corrupt is None:
             return 0
         unit.end, unit.end_frames = self.read_pos, self.frames_read
@@ -208,13 +238,17 @@ class RingDrain:
             self.release_acked()
         return n
 
-    def _frame(self, frame, unit: SendUnit, batcher: EnvelopeBatcher, export_ns: int) -> None:
+    def _frame(self, frame, unit: SendUnit, batcher: EnvelopeBatcher, export_ns: int, slab=None) -> None:
+        """`slab`: the SLAB meta drain_pass already parsed (or the error parsing it raised)."""
         kind = frame.kind
         if kind == FrameKind.SLAB:
-            try:
-                slab = parse_slab(frame.meta)
-            except (DecodeError, SlabError) as e:
-                self._drop(FrameDropReason.BAD_META, frame, e)
+            if slab is None:
+                try:
+                    slab = parse_slab(frame.meta)
+                except (DecodeError, SlabError) as e:
+                    slab = e
+            if isinstance(slab, Exception):
+                self._drop(FrameDropReason.BAD_META, frame, slab)
                 return
             entry = self.steps.get(slab.step)
             if entry is None:

@@ -36,7 +36,7 @@ from tensortrace.exporter.config import ExporterConfig
 from tensortrace.exporter.drain import FrameDropReason, RingDrain
 from tensortrace.exporter.metrics import ExporterMetrics
 from tensortrace.exporter.publisher import KafkaPublisher
-from tensortrace.ring.format import RingError, RingFormatError, RingLockedError, RingReader
+from tensortrace.ring.format import RingError, RingFormatError, RingLockedError, RingNotRegularError, RingReader
 from tensortrace.ring.permissions import (PodDir, describe_path, describe_process, dir_problem, parse_pod_dir,
                                           pod_dir_problem, ring_owner_problem)
 from tensortrace.v1 import control_pb2
@@ -153,9 +153,23 @@ class Exporter:
                 if ring.drain_pass(pub):
                     worked = True
             except Exception as e:  # a bug or an unforeseen frame must not stop the other rings
-                log.exception("ring %s: unexpected error while draining", ring.path)
-                ring.quarantine("internal_error", f"{ring.path}: {type(e).__name__}: {e}")
+                self._ring_failed(ring, "draining", e)
         return worked
+
+    def _ring_failed(self, ring: RingDrain, doing: str, e: Exception) -> None:
+        """An unexpected error in one ring's work (drain pass, release, counters, lifecycle): that ring
+        is quarantined (`internal_error`, counted), the others keep flowing. Its units are forgotten
+        when it is the release itself that fails (nothing could pop them), so the ring is closed and
+        what it did not release is counted as dropped (update_counters), not held forever."""
+        if ring.state == "quarantined":
+            log.debug("ring %s: quarantined, %s failed again: %s: %s", ring.path, doing, type(e).__name__, e)
+        else:
+            log.exception("ring %s: unexpected error while %s", ring.path, doing)
+            ring.quarantine("internal_error", f"{ring.path}: {doing}: {type(e).__name__}: {e}",
+                            FrameDropReason.INTERNAL_ERROR)
+        if doing != "draining":
+            ring.units.clear()
+            ring.units_abandoned = True   # later acknowledgements of them release nothing
 
     def _handle_completions(self) -> bool:
         touched = set()
@@ -163,7 +177,12 @@ class Exporter:
             unit.ring.on_complete(unit, exc)
             touched.add(unit.ring)
         for ring in touched:
-            ring.release_acked(force_all=ring.state == "quarantined")
+            if ring.units_abandoned or getattr(ring, "reader_closed", False) or ring.state == "detached":
+                continue   # acknowledgements of units forgotten by _ring_failed: nothing left to release
+            try:
+                ring.release_acked(force_all=ring.state == "quarantined")
+            except Exception as e:  # one ring's release must not stop the acknowledgements of the others
+                self._ring_failed(ring, "releasing acknowledged frames", e)
         return bool(touched)
 
     # -- discovery -------------------------------------------------------------------------
@@ -181,7 +200,10 @@ class Exporter:
             self._attach(path, st, pod, pod_path)
         now = time.monotonic()
         for ring in list(self.rings.values()):
-            self._check_lifecycle(ring, now)
+            try:
+                self._check_lifecycle(ring, now)
+            except Exception as e:  # one ring's lifecycle must not stop the scan of the others
+                self._ring_failed(ring, "checking its lifecycle", e)
 
     def _candidates(self) -> list[tuple]:
         """(path, lstat, PodDir or None, pod directory, its lstat) of every ring file, oldest first:
@@ -346,6 +368,11 @@ class Exporter:
                 ring=name, path=path, state="quarantined", reason=f"{reason}: {e}",
                 pod=pod.identity if pod is not None else "", node=self.cfg.node if pod is not None else "")
             return
+        except RingNotRegularError as e:
+            # a symbolic link (or other non-file) swapped in after the lstat check: O_NOFOLLOW refused it
+            self._refuse((st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, "not_regular")
+                         + _fingerprint(pod_path or self.cfg.ring_dir), path, f"not_regular: {e}")
+            return
         except PermissionError as e:
             failed = e.filename or path
             what = "the consumer lock file" if str(failed).endswith(".consumer.lock") else "the ring read-write"
@@ -448,7 +475,7 @@ class Exporter:
                         "the rings from their tails (at-least-once)", self.publisher.inflight_messages, stuck_after)
             self.metrics.kafka_errors.labels("stuck_send").inc()
             self.publisher.reset()
-            for ring in self.rings.values():
+            for ring in list(self.rings.values()):
                 if not ring.units:
                     continue
                 for u in ring.units:
@@ -456,10 +483,15 @@ class Exporter:
                         u.pending = 0
                         u.failed = True
                         ring.needs_rewind = True
-                ring.release_acked(force_all=ring.state == "quarantined")
+                try:
+                    ring.release_acked(force_all=ring.state == "quarantined")
+                except Exception as e:  # per ring: the others are still re-read
+                    self._ring_failed(ring, "releasing after abandoned sends", e)
         oldest = 0
         for ring in list(self.rings.values()):
-            if ring.state in ("attached", "draining"):
+            if ring.state not in ("attached", "draining"):
+                continue
+            try:
                 ring.update_counters()
                 head = ring.reader.head
                 if head != ring.last_head:
@@ -468,9 +500,12 @@ class Exporter:
                     # an idle ring (no new frame for a while) is past its step: release the held STEP too
                     idle = time.monotonic() - ring.last_head_change >= self.cfg.idle_release_s
                     ring.release_acked(force_all=idle and ring.read_pos == head)
-                o = ring.oldest_undelivered_ns()
-                if o and (not oldest or o < oldest):
-                    oldest = o
+            except Exception as e:  # one ring's counters or idle release must not stop the others
+                self._ring_failed(ring, "housekeeping (counters, idle release)", e)
+                continue
+            o = ring.oldest_undelivered_ns()
+            if o and (not oldest or o < oldest):
+                oldest = o
         self.metrics.oldest_undelivered_age.set(max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0)
 
     # -- control ---------------------------------------------------------------------------

@@ -57,6 +57,7 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 import time
 import zlib
@@ -109,6 +110,11 @@ class RingCorruptError(RingError):
 
 class RingLockedError(RingError):
     """Another consumer already drains this ring."""
+
+
+class RingNotRegularError(RingError):
+    """The ring or its consumer lock file is not a regular file (a symbolic link swapped in after the
+    exporter's check, a FIFO, a directory): refused, nothing is opened through it."""
 
 
 _ALIGN_MASK = ALIGN - 1   # ALIGN is a power of two
@@ -460,14 +466,19 @@ class RingReader:
 
     @classmethod
     def open(cls, path: str) -> "RingReader":
-        lock_fd = os.open(path + ".consumer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        """Lock `path + ".consumer.lock"` and map `path`. Both are opened with O_NOFOLLOW (and
+        O_CLOEXEC) and must be regular files: a producer that swaps a symbolic link in between the
+        exporter's lstat check and this open cannot make it lock, map or create another file
+        (RingNotRegularError, which the exporter counts as a `not_regular` refusal)."""
+        lock_path = path + ".consumer.lock"
+        lock_fd = _open_regular(lock_path, os.O_RDWR | os.O_CREAT, "consumer lock file of ring " + path)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
             raise RingLockedError(f"{path}: another consumer holds {path}.consumer.lock")
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = _open_regular(path, os.O_RDWR, "ring")
         except BaseException:
             os.close(lock_fd)
             raise
@@ -561,6 +572,16 @@ class RingReader:
         self._read_pos = self._released
         self._expected_seq = None
 
+    def unread(self, frame: Frame) -> None:
+        """Put back the last frame frames() yielded (the generator must be closed first): the next
+        frames() yields it again. The exporter stops a pass before a frame that would take it past
+        its record budget (max-pass-records) this way; nothing is released or skipped."""
+        if frame.end != self._read_pos or frame.position < self._released:
+            raise ValueError(f"{self.path}: frame {frame.seq} at {frame.position} is not the last frame read "
+                             f"(read position {self._read_pos})")
+        self._read_pos = frame.position
+        self._expected_seq = frame.seq
+
     def count_consumed(self, n: int) -> None:
         self._m.frames_consumed.add(n)
 
@@ -616,6 +637,27 @@ class RingReader:
         self._data.release()
         self._m.close()
         os.close(self._lock_fd)
+
+
+def _open_regular(path: str, flags: int, what: str) -> int:
+    """os.open without following a symbolic link in the last component, and only a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RingNotRegularError(f"{path}: the {what} is a symbolic link (opened with O_NOFOLLOW); "
+                                      "rings and their lock files must be regular files: remove it") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RingNotRegularError(f"{path}: the {what} is not a regular file (mode {mode:o}); rings and their "
+                                  "lock files must be regular files: remove it")
+    return fd
 
 
 def ring_files(directory: str) -> list[str]:
