@@ -425,6 +425,7 @@ def test_a_pass_is_bounded_by_records_and_every_record_still_arrives_exactly_onc
         assert over[0].end_frames - over[0].start_frames == 1
         assert all(u.records <= limit for u in units if u is not over[0])
         assert h.d.passes_record_limited >= produced // limit - 1
+        assert h.d.metrics.passes_record_limited.labels(h.d.name)._value.get() == h.d.passes_record_limited
     finally:
         h.close()
 

@@ -215,6 +215,7 @@ class RingDrain:
         if put_back is not None:
             self.reader.unread(put_back)
             self.passes_record_limited += 1
+            self.metrics.passes_record_limited.labels(self.name).inc()
         if n == 0 and corrupt is None:
             return 0
         unit.end, unit.end_frames = self.read_pos, self.frames_read

@@ -55,10 +55,14 @@ class ExporterMetrics:
                                             "Age (since capture) of the oldest record read but not yet acknowledged", registry=r)
         self.backpressure = Counter(P + "backpressure_passes", "Drain passes skipped because the in-flight buffer was full", registry=r)
         self.rewinds = Counter(P + "ring_rewinds", "Rings re-read from their tail after a failed delivery", ["ring"], registry=r)
+        self.passes_record_limited = Counter(P + "pass_record_limited", "Drain passes stopped at max_pass_records "
+                                             "(the rest is read by the next pass; many: a ring writing tiny rows)",
+                                             ["ring"], registry=r)
 
     def forget_ring(self, ring: str) -> None:
         """Drop the label sets of a removed ring (bounded cardinality)."""
-        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds):
+        for metric in (self.records_in, self.bytes_in, self.frames_in, self.ring_fill, self.rewinds,
+                       self.passes_record_limited):
             try:
                 metric.remove(ring)
             except KeyError:
