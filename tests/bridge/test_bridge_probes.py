@@ -86,7 +86,7 @@ def test_a_message_that_is_not_a_probe_score_is_refused_with_the_reason():
 
 @pytest.mark.unit
 def test_the_probe_scores_flags_are_validated():
-    base = dict(otlp_endpoint="127.0.0.1:4317")
+    base = dict(otlp_endpoint="127.0.0.1:4317", otlp_receiver_port=-1)   # no receiver: its TLS is not the point here
     assert BridgeConfig(**base).probe_scores_consumer and BridgeConfig(**base).probe_scores_topic == "tensortrace.probe_scores"
     assert "probe_scores_topic: 'a b' must be a non-empty name without spaces" in BridgeConfig(
         **base, probe_scores_topic="a b").problems()

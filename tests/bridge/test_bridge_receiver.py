@@ -19,8 +19,7 @@ from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (BatchSpanProcessor, SimpleSpanProcessor, SpanExporter,
-                                            SpanExportResult)
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -31,6 +30,7 @@ from tensortrace.bridge.spans import CAPTURE, EXPORT, KAFKA
 from tensortrace.service.security import EndpointSecurity
 from tensortrace.service.kafka import KafkaConfig
 from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.traces import RecordingExporter
 
 pytestmark = pytest.mark.integration
 
@@ -51,19 +51,6 @@ def receiver_port(svc: BridgeService) -> int:
     return svc.grpc_receiver.port
 
 
-class Recording(SpanExporter):
-    """The SDK's exporter, with every export's result kept (the processor discards it)."""
-
-    def __init__(self, inner):
-        self.inner, self.results = inner, []
-
-    def export(self, spans):
-        r = self.inner.export(spans)
-        self.results.append(r)
-        return r
-
-    def shutdown(self):
-        self.inner.shutdown()
 
 
 def sdk(endpoint: str, protocol: str = "grpc", batch: bool = False):
@@ -76,7 +63,7 @@ def sdk(endpoint: str, protocol: str = "grpc", batch: bool = False):
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         exporter = OTLPSpanExporter(endpoint=endpoint, timeout=10)
-    rec = Recording(exporter)
+    rec = RecordingExporter(exporter)
     provider = TracerProvider(resource=Resource.create({"service.name": "sglang-sim", "host.name": "gpu-node-1"}))
     provider.add_span_processor(BatchSpanProcessor(rec, max_export_batch_size=512, schedule_delay_millis=60_000)
                                 if batch else SimpleSpanProcessor(rec))

@@ -24,7 +24,7 @@ from kafka import KafkaConsumer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 
 from security_pki import INGEST_TOKEN, READ_TOKEN
 from tensortrace.bridge.receiver import OtlpHttpReceiver, ReceiverStats, SpansIntake, SpansPublisher
@@ -32,6 +32,7 @@ from tensortrace.service.kafka import KafkaConfig
 from tensortrace.service.security import EndpointSecurity, SecurityError
 from tensortrace.testing.kafka import create_topics
 from tensortrace.testing.waiting import wait_until
+from tensortrace.testing.traces import RecordingExporter
 
 pytestmark = pytest.mark.integration
 
@@ -44,21 +45,10 @@ def _ca_from_the_exporter(monkeypatch):
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
 
 
-class Recording(SpanExporter):
-    def __init__(self, inner):
-        self.inner, self.results = inner, []
-
-    def export(self, spans):
-        r = self.inner.export(spans)
-        self.results.append(r)
-        return r
-
-    def shutdown(self):
-        self.inner.shutdown()
 
 
 def send_one(exporter, name: str) -> SpanExportResult:
-    rec = Recording(exporter)
+    rec = RecordingExporter(exporter)
     provider = TracerProvider(resource=Resource.create({"service.name": "sglang-sim"}))
     provider.add_span_processor(SimpleSpanProcessor(rec))
     provider.get_tracer("sglang").start_span(name).end()

@@ -9,7 +9,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 
 from security_pki import INGEST_TOKEN, READ_TOKEN
 from tensortrace.bridge.config import BridgeConfig
@@ -17,27 +17,17 @@ from tensortrace.bridge.receiver import OtlpGrpcReceiver, ReceiverStats, SpansIn
 from tensortrace.service.kafka import KafkaConfig
 from tensortrace.service.security import EndpointSecurity
 from tensortrace.testing.waiting import wait_until
+from tensortrace.testing.traces import RecordingExporter
 
 pytestmark = pytest.mark.integration
 
 
-class Recording(SpanExporter):
-    def __init__(self, inner):
-        self.inner, self.results = inner, []
-
-    def export(self, spans):
-        r = self.inner.export(spans)
-        self.results.append(r)
-        return r
-
-    def shutdown(self):
-        self.inner.shutdown()
 
 
 def _send_one(endpoint: str, ca: bytes, token: str | None) -> SpanExportResult:
     exporter = OTLPSpanExporter(endpoint=endpoint, credentials=grpc.ssl_channel_credentials(ca),
                                 headers={"authorization": f"Bearer {token}"} if token else None, timeout=5)
-    rec = Recording(exporter)
+    rec = RecordingExporter(exporter)
     provider = TracerProvider(resource=Resource.create({"service.name": "sglang-sim"}))
     provider.add_span_processor(SimpleSpanProcessor(rec))
     provider.get_tracer("sglang").start_span("prefill_forward").end()

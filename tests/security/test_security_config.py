@@ -110,5 +110,5 @@ def test_the_loader_names_its_query_and_bridge_receiver_blocks(capsys):
     err = capsys.readouterr().err
     assert ("query_security.plaintext (--query-security-plaintext): refusing plaintext on 0.0.0.0, which is not a "
             "loopback address") in err
-    assert ("bridge_otlp_receiver_security.tls_cert (--bridge-otlp-receiver-security-tls-cert): the OTLP/gRPC "
+    assert ("bridge_otlp_receiver_security.tls_cert (--bridge-otlp-receiver-security-tls-cert): the OTLP "
             "receiver has no TLS") in err

@@ -27,6 +27,7 @@ from tensortrace.ring.format import FrameKind, RingWriter
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.v1 import ring_pb2
 from tensortrace.wire.dtypes import ELEMENT_SIZE
+from tensortrace.exporter.envelopes import varint
 
 FUZZ_EXAMPLES = int(os.environ.get("TENSORTRACE_FUZZ_EXAMPLES", "0") or 0)
 U32 = (1 << 32) - 1
@@ -43,13 +44,7 @@ def fuzz_settings(ci_examples: int, **kw) -> settings:
 
 # -- protobuf-level building blocks --------------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_varint = varint   # the exporter's own protobuf varint (exporter/envelopes.py)
 
 
 @st.composite

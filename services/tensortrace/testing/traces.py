@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind
 
 from tensortrace.bridge.export import ClickHouseWriter, bridge_resource
@@ -159,3 +160,19 @@ def insert_timed(client, db: str, req: TimedRequest, *, otel_database: str | Non
     if bridge:
         w = ClickHouseWriter(client, otel_database, "otel_traces", resource=bridge_resource("tensortrace-bridge"))
         assert w.write(req.bridge_spans or req.make_bridge_spans(), threading.Event())
+
+
+class RecordingExporter(SpanExporter):
+    """The SDK's exporter, with every export's result kept (the span processor discards it), so a
+    test can tell an accepted export from a refused one."""
+
+    def __init__(self, inner):
+        self.inner, self.results = inner, []
+
+    def export(self, spans):
+        r = self.inner.export(spans)
+        self.results.append(r)
+        return r
+
+    def shutdown(self):
+        self.inner.shutdown()
