@@ -62,6 +62,9 @@ from tensortrace.wire import codec, native
 
 log = logging.getLogger("tensortrace.consume")
 
+# Nothing assigned this long after subscribing, while the topic has partitions: join once more.
+UNASSIGNED_REJOIN_S = 15.0
+
 
 @dataclass
 class ConsumerStats:
@@ -158,12 +161,16 @@ class ConsumerCore:
             self._flusher.join(timeout=cfg.rebalance_flush_timeout_s)
             return
         self._consumer.subscribe([cfg.topic], listener=_Rebalance(self))
+        subscribed_at, rejoined = time.monotonic(), False
         try:
             while not self.stopping.is_set():
                 self._commit_done()
                 polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
                 if not self.ready.is_set() and self._consumer.assignment():
                     self.ready.set()
+                if not rejoined and not self.ready.is_set() and time.monotonic() - subscribed_at > UNASSIGNED_REJOIN_S:
+                    rejoined = True
+                    self._rejoin_if_topic_has_partitions()
                 t0 = time.perf_counter()
                 for tp, messages in polled.items():
                     for m in messages:
@@ -183,6 +190,20 @@ class ConsumerCore:
             if self._producer is not None:
                 self._producer.flush(timeout=10)
                 self._producer.close(timeout=10)
+
+    def _rejoin_if_topic_has_partitions(self) -> None:
+        """Once, when nothing was assigned UNASSIGNED_REJOIN_S after subscribing although the topic
+        has partitions: leave and join again. A group leader whose metadata lacked the topic when it
+        assigned ("No partition metadata for topic") assigns nothing, and the re-join kafka-python
+        should start at the next metadata refresh was seen not to come (a loader that read nothing
+        for minutes; tests/probes/test_scores_loader.py). In a group with more members than
+        partitions an idle member is legitimate: it costs that group one extra rebalance, once."""
+        topic = self.config.topic
+        if self._consumer.partitions_for_topic(topic):
+            log.warning("%s: nothing assigned %.0fs after subscribing to %s, which has partitions: joining again",
+                        self.name, UNASSIGNED_REJOIN_S, topic)
+            self._consumer.unsubscribe()
+            self._consumer.subscribe([topic], listener=_Rebalance(self))
 
     def _connect(self) -> KafkaConsumer | None:
         """The group consumer, once Kafka answers. Until then (broker down, wrong password, TLS
