@@ -53,16 +53,18 @@ class Issuer:
                 .sign(key, hashes.SHA256()))
         return cls(key, cert)
 
-    def issue(self, cn: str, server: bool) -> tuple[bytes, bytes]:
+    def issue(self, cn: str, server: bool, expired: bool = False) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for `cn`: a server certificate for 127.0.0.1 and localhost,
-        or a client certificate."""
+        or a client certificate; `expired`: valid from two days ago until yesterday."""
         import ipaddress
 
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        start, end = ((now - datetime.timedelta(days=2), now - datetime.timedelta(days=1)) if expired
+                      else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)))
         b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.cert.subject)
              .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .not_valid_before(start).not_valid_after(end)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                                    else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
@@ -96,8 +98,8 @@ class Pki:
         os.replace(tmp, p)
         return p
 
-    def server(self, cn: str = "tensortrace-server", prefix: str = "server") -> tuple[str, str]:
-        cert, key = self.ca.issue(cn, server=True)
+    def server(self, cn: str = "tensortrace-server", prefix: str = "server", expired: bool = False) -> tuple[str, str]:
+        cert, key = self.ca.issue(cn, server=True, expired=expired)
         return self.write(f"{prefix}.crt", cert), self.write(f"{prefix}.key", key)
 
     def client(self, cn: str, issuer: Issuer | None = None) -> tuple[str, str]:

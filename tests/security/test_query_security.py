@@ -159,8 +159,9 @@ def _ok(tt, req) -> bool:
         return False
 
 
-def _cert_serial(address: str, ca: str) -> int:
-    """The serial number of the certificate the server presents on a new connection."""
+def _cert_serial(address: str, ca: str, verify: bool = True) -> int:
+    """The serial number of the certificate the server presents on a new connection (`verify`
+    False: also an expired one)."""
     import socket
     import ssl
 
@@ -168,6 +169,8 @@ def _cert_serial(address: str, ca: str) -> int:
 
     host, port = address.rsplit(":", 1)
     ctx = ssl.create_default_context(cafile=ca)
+    if not verify:
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
     with socket.create_connection((host, int(port)), timeout=5) as s, ctx.wrap_socket(s, server_hostname=host) as t:
         return x509.load_der_x509_certificate(t.getpeercert(binary_form=True)).serial_number
@@ -190,6 +193,27 @@ def test_a_rotated_certificate_is_served_to_new_connections_without_a_restart(se
     assert fails[(("endpoint", "query"), ("file", "tls"))] == 1
     pki.write("server.key", open(pki.path("next.key"), "rb").read())   # the rest of the update arrives
     assert wait_until(lambda: _cert_serial(addr, pki.path("ca.crt")) != current, 10, 0.2)
+
+
+def test_an_expired_certificate_is_refused_by_clients_and_its_renewal_served_without_a_restart(secured, pki):
+    """The Secret's certificate expired (cert-manager was down): clients refuse the handshake, and
+    nothing else is weakened; the renewal lands in the mounted files and new connections get it."""
+    server, addr, req = secured
+    before = _cert_serial(addr, pki.path("ca.crt"))
+    pki.server(cn="tensortrace-server-expired", expired=True)
+    assert wait_until(lambda: _cert_serial(addr, pki.path("ca.crt"), verify=False) != before, 10, 0.2)   # served: it is the file's
+    with _client(pki, addr) as tt, pytest.raises(QueryError):
+        tt.requests(trace_id=req.trace_id.hex())                      # the client's TLS refuses it
+    pki.server(cn="tensortrace-server-renewed")
+    with _client(pki, addr) as tt:
+        assert wait_until(lambda: _reads(tt, req), 10, 0.2)
+
+
+def _reads(tt, req) -> bool:
+    try:
+        return len(tt.requests(trace_id=req.trace_id.hex())) == 1
+    except QueryError:
+        return False
 
 
 @pytest.fixture
