@@ -46,7 +46,7 @@ import time
 import zlib
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import grpc
 from google.rpc import status_pb2
@@ -54,6 +54,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from tensortrace.bridge.otlp import Rejected, check_request, kafka_messages, parse_request
 from tensortrace.service.backoff import Backoff
+from tensortrace.service.endpoint import http_server
 from tensortrace.service.kafka import KafkaConfig
 from tensortrace.service.security import EndpointGuard, EndpointSecurity, Role, RpcPolicy, is_loopback
 
@@ -296,28 +297,13 @@ class OtlpHttpReceiver:
             def log_message(self, *args):
                 pass
 
+        if not security.tls and not is_loopback(host):
+            log.warning("OTLP/HTTP receiver: plaintext on %s (plaintext_any_address): the spans and any "
+                        "token cross the network in the clear", host)
         try:
-            if security.tls:
-                # the runtime's HTTPS server: the handshake on the request's thread, the context
-                # rebuilt when the certificate files change (service/endpoint.py)
-                from tensortrace.service.endpoint import _ReloadingSSLContext, _TLSHTTPServer
-
-                self.server = _TLSHTTPServer((host, port), Handler, bind_and_activate=False)
-                self.server.tls = _ReloadingSSLContext(security)
-                try:
-                    self.server.server_bind()
-                    self.server.server_activate()
-                except OSError:
-                    self.server.server_close()
-                    raise
-            else:
-                if not is_loopback(host):
-                    log.warning("OTLP/HTTP receiver: plaintext on %s (plaintext_any_address): the spans and any "
-                                "token cross the network in the clear", host)
-                self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server = http_server(host, port, Handler, security)   # the runtime's (HTTPS with reloading certs)
         except OSError as e:
             raise OSError(f"OTLP/HTTP receiver cannot listen on {host}:{port}: {e}") from None
-        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         log.info("OTLP/HTTP receiver on %s:%d: %s", host, self.port, security.describe())
         self._thread = threading.Thread(target=self.server.serve_forever, name="otlp-http", daemon=True)

@@ -104,6 +104,25 @@ class _TLSHTTPServer(ThreadingHTTPServer):
         log.debug("http endpoint: connection from %s failed", client_address, exc_info=True)
 
 
+def http_server(host: str, port: int, handler, security=None) -> ThreadingHTTPServer:
+    """A threading HTTP server on host:port (daemon threads), HTTPS when `security` has TLS: the
+    handshake on the request's thread, the context rebuilt when the certificate files change.
+    Shared by the runtime's endpoint and the bridge's OTLP/HTTP receiver. OSError if it cannot bind."""
+    if security is not None and security.tls:
+        server = _TLSHTTPServer((host, port), handler, bind_and_activate=False)
+        server.tls = _ReloadingSSLContext(security)
+        try:
+            server.server_bind()
+            server.server_activate()
+        except OSError:
+            server.server_close()
+            raise
+    else:
+        server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
 class HttpEndpoint:
     """GET /healthz, /readyz, /metrics for one service (anything with live(), ready(), registry)."""
 
@@ -150,18 +169,7 @@ class HttpEndpoint:
                 pass
 
         self.service = service
-        if security is not None and security.tls:
-            self._server = _TLSHTTPServer((host, port), Handler, bind_and_activate=False)
-            self._server.tls = _ReloadingSSLContext(security)
-            try:
-                self._server.server_bind()
-                self._server.server_activate()
-            except OSError:
-                self._server.server_close()
-                raise
-        else:
-            self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = http_server(host, port, Handler, security)
         self.host = host
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="http-endpoint", daemon=True)
