@@ -73,6 +73,9 @@ class ConsumerConfig:
             out.append(f"retry_initial_s/retry_max_s: need 0 < {self.retry_initial_s} <= {self.retry_max_s}")
         if not 6_000 <= self.session_timeout_ms <= 300_000:
             out.append(f"session_timeout_ms: {self.session_timeout_ms} not in [6000, 300000] (the broker's default bounds)")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            out.append(f"max_poll_interval_ms: {self.max_poll_interval_ms} < session_timeout_ms {self.session_timeout_ms} "
+                       "(the Kafka client refuses it)")
         for name in ("poll_timeout_ms", "max_poll_records", "fetch_max_bytes", "max_partition_fetch_bytes"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: {getattr(self, name)} < 1")

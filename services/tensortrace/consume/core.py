@@ -6,8 +6,9 @@
 Two threads, one bounded queue between them:
   consume thread  poll -> decode envelopes -> reassemble chunks -> sink.add_tensor / add_summary;
                   seals the sink's batch when it is due (or batch_max_delay_s old) and queues it;
-                  commits the offsets the flush thread reports durable. KafkaConsumer is not
-                  thread-safe, so every consumer call stays on this thread.
+                  commits the offsets the flush thread reports durable. Every call to the Kafka
+                  consumer stays on this thread, and librdkafka runs the rebalance callbacks only
+                  inside those calls, so they run here too.
   flush thread    sink.flush(batch) until the sink says it is durable; then reports the batch's
                   offsets as safe to commit.
 
@@ -35,7 +36,12 @@ as upb would, or that holds chunks, takes the Python path below, which is also t
 compare against. TENSORTRACE_NATIVE=0, or no compiled extension: the Python path throughout.
 Backpressure: when the queue is full (the sink is slow or down) the consumer pauses its partitions
 but keeps polling, so it stays in the group. A rebalance flushes what was read, commits, and drops
-the state of the partitions that moved (their new owner re-reads from the last commit).
+the state of the partitions that moved (their new owner re-reads from the last commit). Partitions
+*lost* (the consume thread did not poll for max_poll_interval_ms, or the session expired) are not
+flushed or committed: their state is dropped and they are re-read from the last commit.
+The Kafka client is confluent-kafka (librdkafka): kafka-python's fetch alone cost 150-230 us of
+CPU per message and bounded every consumer at ~220 MB/s on this machine; librdkafka fetches on its
+own threads, in C, and hands over whole batches (docs/consumers.md "The Kafka client").
 """
 
 from __future__ import annotations
@@ -47,10 +53,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
-from kafka.structs import OffsetAndMetadata
+from typing import NamedTuple
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as RdTopicPartition
 
 from tensortrace.consume.config import ConsumerConfig
 from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER,
@@ -62,8 +68,13 @@ from tensortrace.wire import codec, native
 
 log = logging.getLogger("tensortrace.consume")
 
-# Nothing assigned this long after subscribing, while the topic has partitions: join once more.
-UNASSIGNED_REJOIN_S = 15.0
+_LOW_WATERMARK_UNKNOWN = -1001   # librdkafka's OFFSET_INVALID: no fetch response for the partition yet
+
+
+class TopicPartition(NamedTuple):
+    """A partition of the topic this core reads (hashable; the keys of offsets and holds)."""
+    topic: str
+    partition: int
 
 
 @dataclass
@@ -77,7 +88,8 @@ class ConsumerStats:
     paused: int = 0                 # times fetching paused because the flush queue was full
     connect_failures: int = 0       # attempts to reach Kafka that failed (retried with backoff)
     decode_seconds: float = 0.0     # consume thread: decoding and handing records to the sink
-    revoked_outside_poll: int = 0   # rebalances/evictions seen on the client's IO thread: re-read, not committed
+    partitions_lost: int = 0        # partitions lost (poll too late, session expired): re-read, not committed
+    kafka_errors: int = 0           # errors librdkafka reported (connection, authentication, topic)
 
     def snapshot(self) -> dict:
         d = dict(self.__dict__)
@@ -108,8 +120,10 @@ class ConsumerCore:
                                                max_pending=config.max_pending_chunk_sets)
         # chunk set key -> (partition, offset of its first chunk): commits never pass it
         self._holds: dict[tuple, tuple[TopicPartition, int]] = {}
-        self._producer = producer
-        self._consumer: KafkaConsumer | None = None
+        self._producer = producer        # a confluent_kafka.Producer for dead letters, or made on first use
+        self._consumer: Consumer | None = None
+        self._backlog: list = []          # messages a consume() returned while the partitions were paused
+        self._tps: dict[int, TopicPartition] = {}
         self._ranges: dict[tuple[str, int], list[int]] = {}
         self._opened = time.monotonic()
         self._read_upto: dict[TopicPartition, int] = {}   # next offset to read, per partition
@@ -160,21 +174,15 @@ class ConsumerCore:
             self._queue.put(None)
             self._flusher.join(timeout=cfg.rebalance_flush_timeout_s)
             return
-        self._consumer.subscribe([cfg.topic], listener=_Rebalance(self))
-        subscribed_at, rejoined = time.monotonic(), False
+        self._consumer.subscribe([cfg.topic], on_assign=self._cb_assign, on_revoke=self._cb_revoke,
+                                 on_lost=self._cb_lost)
         try:
             while not self.stopping.is_set():
                 self._commit_done()
-                polled = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms)
-                if not self.ready.is_set() and self._consumer.assignment():
-                    self.ready.set()
-                if not rejoined and not self.ready.is_set() and time.monotonic() - subscribed_at > UNASSIGNED_REJOIN_S:
-                    rejoined = True
-                    self._rejoin_if_topic_has_partitions()
+                messages = self._poll()
                 t0 = time.perf_counter()
-                for tp, messages in polled.items():
-                    for m in messages:
-                        self._handle_message(tp, m)
+                for m in messages:
+                    self._handle_message(m)
                 self.stats.decode_seconds += time.perf_counter() - t0
                 self._expire_chunks()
                 self._maybe_hand_off()
@@ -186,82 +194,113 @@ class ConsumerCore:
             self._queue.put(None)
             self._flusher.join(timeout=cfg.rebalance_flush_timeout_s)
             self._commit_done()
-            self._consumer.close(autocommit=False)
+            self._consumer.close()   # leaves the group (its revocation finds nothing left to flush)
             if self._producer is not None:
-                self._producer.flush(timeout=10)
-                self._producer.close(timeout=10)
+                self._producer.flush(10)
+                self._producer = None   # librdkafka's client closes when the object goes
 
-    def _rejoin_if_topic_has_partitions(self) -> None:
-        """Once, when nothing was assigned UNASSIGNED_REJOIN_S after subscribing although the topic
-        has partitions: leave and join again. A group leader whose metadata lacked the topic when it
-        assigned ("No partition metadata for topic") assigns nothing, and the re-join kafka-python
-        should start at the next metadata refresh was seen not to come (a loader that read nothing
-        for minutes; tests/probes/test_scores_loader.py). In a group with more members than
-        partitions an idle member is legitimate: it costs that group one extra rebalance, once."""
-        topic = self.config.topic
-        if self._consumer.partitions_for_topic(topic):
-            log.warning("%s: nothing assigned %.0fs after subscribing to %s, which has partitions: joining again",
-                        self.name, UNASSIGNED_REJOIN_S, topic)
-            self._consumer.unsubscribe()
-            self._consumer.subscribe([topic], listener=_Rebalance(self))
+    def _poll(self) -> list:
+        """The next messages: what a pause left over first; else whatever librdkafka has queued, up
+        to max_poll_records, without waiting; else wait up to poll_timeout_ms for the first one and
+        take what came with it. (consume(n, timeout) alone would wait for n messages or the whole
+        timeout: up to poll_timeout_ms of latency added to every message at low rates.)"""
+        if self._backlog:
+            out, self._backlog = self._backlog, []
+            return out
+        c, n = self._consumer, self.config.max_poll_records
+        out = c.consume(n, 0)
+        if not out:
+            first = c.poll(self.config.poll_timeout_ms / 1000)
+            if first is not None:
+                out = [first]
+                if n > 1:
+                    out += c.consume(n - 1, 0)
+        return out
 
-    def _connect(self) -> KafkaConsumer | None:
+    def _connect(self) -> Consumer | None:
         """The group consumer, once Kafka answers. Until then (broker down, wrong password, TLS
         trust) it logs one clear line per attempt (KafkaConfig.check_connection names the listener
-        and the cause) and backs off; a service started before its broker never crash-loops."""
+        and the cause) and backs off; a service started before its broker never crash-loops.
+        librdkafka reconnects by itself after that; what it reports goes to _on_kafka_error."""
         cfg = self.config
         backoff = Backoff(cfg.retry_initial_s, cfg.retry_max_s)
         while not self.stopping.is_set():
             try:
                 cfg.kafka.check_connection(timeout_s=10.0)
-                consumer = KafkaConsumer(
-                    **cfg.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-{cfg.group_id}"),
-                    group_id=cfg.group_id, enable_auto_commit=False, auto_offset_reset=cfg.auto_offset_reset,
-                    max_poll_records=cfg.max_poll_records, fetch_max_bytes=cfg.fetch_max_bytes,
-                    max_partition_fetch_bytes=cfg.max_partition_fetch_bytes, session_timeout_ms=cfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(1000, cfg.session_timeout_ms // 3),
-                    max_poll_interval_ms=cfg.max_poll_interval_ms,
-                    # A join before the topic's metadata is known assigns nothing ("No partition
-                    # metadata"); the re-join that fixes it waits for the next metadata refresh,
-                    # 5 min by default. Refresh often: partitions appear within seconds.
-                    metadata_max_age_ms=5000)
+                conf = cfg.kafka.rdkafka_conf(client_id=f"tensortrace-{self.name}-{cfg.group_id}")
+                conf.update({
+                    "group.id": cfg.group_id, "enable.auto.commit": False, "auto.offset.reset": cfg.auto_offset_reset,
+                    "enable.partition.eof": False,
+                    "fetch.max.bytes": cfg.fetch_max_bytes, "max.partition.fetch.bytes": cfg.max_partition_fetch_bytes,
+                    # a fetch response may carry fetch.max.bytes plus its framing
+                    "receive.message.max.bytes": max(100_000_000, cfg.fetch_max_bytes + (1 << 20)),
+                    "session.timeout.ms": cfg.session_timeout_ms,
+                    "heartbeat.interval.ms": max(1000, cfg.session_timeout_ms // 3),
+                    "max.poll.interval.ms": cfg.max_poll_interval_ms,
+                    # a topic created after the group joined is seen within seconds
+                    "topic.metadata.refresh.interval.ms": 5000,
+                    "error_cb": self._on_kafka_error,
+                    "logger": logging.getLogger("tensortrace.consume.rdkafka"),
+                })
+                consumer = Consumer(conf)
                 self.kafka_error = ""
                 return consumer
-            except (KafkaUnavailable, KafkaError) as e:
+            except (KafkaUnavailable, KafkaException) as e:
                 self.kafka_error = str(e)
                 self.stats.connect_failures += 1
                 log.error("%s: Kafka not usable: %s; retrying", self.name, e)
                 backoff.wait(self.stopping)
         return None
 
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """librdkafka's client-wide errors (called inside poll/consume, on the consume thread):
+        brokers down, authentication, TLS. It keeps reconnecting; the error is kept for readiness
+        messages until partitions are assigned again."""
+        self.stats.kafka_errors += 1
+        self.kafka_error = f"{err.name()}: {err.str()}"
+        level = logging.ERROR if err.fatal() or err.code() in (KafkaError._AUTHENTICATION, KafkaError._ALL_BROKERS_DOWN,
+                                                               KafkaError._SSL) else logging.WARNING
+        log.log(level, "%s: Kafka: %s", self.name, self.kafka_error)
+
     # -- consume side ---------------------------------------------------------------------------
 
-    def _handle_message(self, tp: TopicPartition, m) -> None:
-        self.stats.messages += 1
-        r = self._ranges.get((tp.topic, tp.partition))
-        if r is None:
-            self._ranges[(tp.topic, tp.partition)] = [m.offset, m.offset]
-        else:
-            r[1] = m.offset
-        self._read_upto[tp] = m.offset + 1
-        if self.decode is not None:
-            self._handle_decoded(tp, m)
+    def _handle_message(self, m) -> None:
+        err = m.error()
+        if err is not None:   # a message that is an error report (unknown topic, a broker's fetch error)
+            if err.code() != KafkaError._PARTITION_EOF:
+                self._on_kafka_error(err)
             return
-        if self._add_scan is not None and m.value:
-            sc = native.scan(m.value)
+        self.stats.messages += 1
+        p = m.partition()
+        tp = self._tps.get(p)
+        if tp is None:
+            tp = self._tps[p] = TopicPartition(m.topic(), p)
+        offset = m.offset()
+        r = self._ranges.get(tp)
+        if r is None:
+            self._ranges[tp] = [offset, offset]
+        else:
+            r[1] = offset
+        self._read_upto[tp] = offset + 1
+        value = m.value()
+        if self.decode is not None:
+            self._handle_decoded(tp, offset, m.key(), value)
+            return
+        if self._add_scan is not None and value:
+            sc = native.scan(value)
             # None: a message the scanner does not decode exactly as upb (the Python path below
             # refuses it with its own error, or decodes it); chunks are reassembled in Python
             if sc is not None and not (sc.cols[:, native.C_STATUS] == native.S_CHUNKED).any():
-                for i, e in self._add_scan(sc, Source(tp.topic, tp.partition, m.offset)):
-                    self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([sc.record(i)]), e.reason, str(e))
+                for i, e in self._add_scan(sc, Source(tp.topic, tp.partition, offset)):
+                    self._dead_letter(tp, offset, m.key(), codec.encode_envelope([sc.record(i)]), e.reason, str(e))
                 return
         try:
-            records = codec.decode_envelope(m.value)
+            records = codec.decode_envelope(value)
         except codec.WireError as e:
-            self._dead_letter(tp, m.offset, m.key, m.value, DeadLetterReason.ENVELOPE, str(e))
+            self._dead_letter(tp, offset, m.key(), value, DeadLetterReason.ENVELOPE, str(e))
             return
         sink = self.sink
-        source = Source(tp.topic, tp.partition, m.offset)
+        source = Source(tp.topic, tp.partition, offset)
         for rec in records:
             kind = rec.WhichOneof("kind")
             try:
@@ -271,7 +310,7 @@ class ConsumerCore:
                 t = rec.tensor
                 if t.chunk_count > 1:
                     key = codec.record_key(t)
-                    hold = self._holds.setdefault(key, (tp, m.offset))
+                    hold = self._holds.setdefault(key, (tp, offset))
                     try:
                         whole = self._assembler.add(t)
                     except codec.WireError as e:
@@ -280,19 +319,19 @@ class ConsumerCore:
                     if whole is None:
                         continue
                     self._holds.pop(key, None)
-                    t = whole
-                    source = Source(tp.topic, tp.partition, hold[1])
+                    sink.add_tensor(whole, Source(tp.topic, tp.partition, hold[1]))
+                    continue
                 sink.add_tensor(t, source)
             except InvalidRecord as e:
-                self._dead_letter(tp, m.offset, m.key, codec.encode_envelope([rec]), e.reason, str(e))
+                self._dead_letter(tp, offset, m.key(), codec.encode_envelope([rec]), e.reason, str(e))
 
-    def _handle_decoded(self, tp: TopicPartition, m) -> None:
+    def _handle_decoded(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes) -> None:
         """A message of a foreign payload: decode(value) -> sink.add_message; InvalidRecord from
         either dead-letters the message as it came."""
         try:
-            self.sink.add_message(self.decode(m.value), Source(tp.topic, tp.partition, m.offset))
+            self.sink.add_message(self.decode(value), Source(tp.topic, tp.partition, offset))
         except InvalidRecord as e:
-            self._dead_letter(tp, m.offset, m.key, m.value, e.reason, str(e))
+            self._dead_letter(tp, offset, key, value, e.reason, str(e))
 
     def _expire_chunks(self) -> None:
         for key, parts, reason in self._assembler.expire():
@@ -309,40 +348,53 @@ class ConsumerCore:
         reason = DeadLetterReason(reason)
         log.warning("dead letter (%s) from %s@%s: %s", reason.value, tp, offset, message)
         if self._producer is None:
-            self._producer = KafkaProducer(**self.config.kafka.client_kwargs(client_id=f"tensortrace-{self.name}-dlq"),
-                                           acks="all", max_request_size=16 << 20)
+            self._producer = Producer({**self.config.kafka.rdkafka_conf(client_id=f"tensortrace-{self.name}-dlq"),
+                                       "acks": "all", "message.max.bytes": 16 << 20,
+                                       "error_cb": self._on_kafka_error,
+                                       "logger": logging.getLogger("tensortrace.consume.rdkafka")})
         source = f"{tp.topic}/{tp.partition}/{offset}" if tp is not None else "unknown"
         headers = [(DLQ_REASON_HEADER, message.encode()), (DLQ_REASON_CODE_HEADER, reason.value.encode()),
                    (DLQ_SOURCE_HEADER, source.encode())]
         backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
         while True:
+            outcome: list = []
             try:
-                self._producer.send(self.config.dlq_topic, key=key, value=value, headers=headers).get(timeout=30)
-                break
-            except KafkaError as e:
-                if self.stopping.is_set():
-                    raise
-                log.error("dead-letter topic %s not writable (%s); retrying", self.config.dlq_topic, e)
-                backoff.wait()
+                self._producer.produce(self.config.dlq_topic, value=value, key=key, headers=headers,
+                                       on_delivery=lambda err, _msg: outcome.append(err))
+                self._producer.flush(30)
+                if outcome and outcome[0] is None:
+                    break
+                problem = outcome[0].str() if outcome else "no acknowledgement within 30 s"
+            except (KafkaException, BufferError) as e:
+                problem = str(e)
+            if self.stopping.is_set():
+                raise KafkaException(f"dead-letter topic {self.config.dlq_topic} not writable at stop: {problem}")
+            log.error("dead-letter topic %s not writable (%s); retrying", self.config.dlq_topic, problem)
+            backoff.wait()
         self.stats.dlq_messages += 1
         self.stats.dlq_by_reason[reason.value] = self.stats.dlq_by_reason.get(reason.value, 0) + 1
 
     def _update_lag(self, every_s: float = 1.0) -> None:
-        """Refresh `lag` at most every `every_s`. highwater() is what the last fetch response said
-        (no request of its own); a partition not fetched yet has none and is left out."""
+        """Refresh `lag` at most every `every_s`. The high watermark is what the last fetch response
+        said (librdkafka's cached value, no request of its own); a partition not fetched yet has
+        none and is left out."""
         now = time.monotonic()
         if now - self._lag_at < every_s or self._consumer is None:
             return
         self._lag_at = now
         lag = {}
         for tp in self.assigned:
-            hw = self._consumer.highwater(tp)
+            hw = self._highwater(tp)
             if hw is None:
                 continue
             done = self._committed.get(tp, self._read_upto.get(tp))
             if done is not None:
                 lag[tp.partition] = max(0, hw - done)
         self.lag = lag
+
+    def _highwater(self, tp: TopicPartition) -> int | None:
+        _, high = self._consumer.get_watermark_offsets(RdTopicPartition(tp.topic, tp.partition), cached=True)
+        return None if high < 0 else high
 
     def unread_partitions(self) -> set[int] | None:
         """Assigned partitions not yet read up to their high watermark (as the last fetch reported
@@ -352,7 +404,7 @@ class ConsumerCore:
             return None
         out = set()
         for tp in self.assigned:
-            hw = self._consumer.highwater(tp)
+            hw = self._highwater(tp)
             if hw is None or self._read_upto.get(tp, -1) < hw:
                 out.add(tp.partition)
         return out
@@ -393,10 +445,12 @@ class ConsumerCore:
         # fetching but keep polling so the group membership stays alive (not from inside a
         # rebalance callback, which already runs inside poll()).
         deadline = time.monotonic() + self.config.rebalance_flush_timeout_s
-        paused = False
+        paused: list = []
         while True:
             try:
                 self._queue.put(b, timeout=0.1)
+                if paused:
+                    self._resume()
                 return True
             except queue.Full:
                 self._commit_done()
@@ -409,11 +463,19 @@ class ConsumerCore:
                 elif self._consumer is not None:
                     if not paused:
                         self.stats.paused += 1
-                        paused = True
-                    assigned = self._consumer.assignment()
-                    self._consumer.pause(*assigned)
-                    self._consumer.poll(timeout_ms=0)
-                    self._consumer.resume(*assigned)
+                        paused = self._consumer.assignment()
+                        self._consumer.pause(paused)
+                    # keep polling (max_poll_interval_ms; rebalance callbacks run in here): what
+                    # librdkafka had fetched before the pause is kept and handled next
+                    self._backlog += self._consumer.consume(self.config.max_poll_records, 0)
+
+    def _resume(self) -> None:
+        """Fetch again on every partition assigned now (a rebalance during the pause may have
+        changed them; librdkafka assigns new partitions unpaused)."""
+        try:
+            self._consumer.resume(self._consumer.assignment())
+        except KafkaException as e:
+            log.warning("%s: resuming fetch failed (%s); it is retried at the next pause", self.name, e)
 
     def _commit_done(self) -> None:
         offsets: dict[TopicPartition, int] = {}
@@ -428,10 +490,14 @@ class ConsumerCore:
         if not mine:
             return
         try:
-            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in mine.items()})
+            result = self._consumer.commit(offsets=[RdTopicPartition(tp.topic, tp.partition, o) for tp, o in mine.items()],
+                                           asynchronous=False)
+            failed = [r for r in result or [] if r.error is not None]
+            if failed:
+                raise KafkaException(failed[0].error)
             self._committed.update(mine)
             self.stats.commits += 1
-        except (CommitFailedError, KafkaError) as e:
+        except KafkaException as e:
             # Rebalanced away: the new owner re-reads from the last commit; duplicates collapse.
             self.stats.commit_failures += 1
             log.warning("offset commit failed (%s); the records will be re-read and deduplicated", e)
@@ -446,24 +512,29 @@ class ConsumerCore:
         self._commit_done()
         return ok
 
-    def _on_revoked(self, revoked) -> None:
-        # A revocation while closing (leaving the group) comes after the final flush and after the
-        # flush thread ended: nothing is left to hand off, and nobody would flush it.
-        # kafka-python 3 runs the group protocol on its IO thread, and calls the listener there for a
-        # rebalance poll() did not drive (another member joining or leaving, an eviction after
-        # missed heartbeats or max_poll_interval_ms without a poll). Blocking calls raise on that
-        # thread (a commit: "Cannot block on net.run() from the IO thread"; it killed the consume
-        # thread before), and waiting for a flush there would stall the client. So there nothing is
-        # handed off, waited for or committed (later commits skip partitions no longer assigned),
-        # and the revoked partitions' state is dropped: their next owner (maybe this consumer
-        # again) re-reads them from the last commit; duplicates collapse by identity.
-        on_consume_thread = threading.current_thread() is self._consume_thread
-        if not on_consume_thread:
+    def _cb_assign(self, _consumer, partitions) -> None:
+        self._on_assigned([TopicPartition(p.topic, p.partition) for p in partitions])
+
+    def _cb_revoke(self, _consumer, partitions) -> None:
+        self._on_revoked([TopicPartition(p.topic, p.partition) for p in partitions])
+
+    def _cb_lost(self, _consumer, partitions) -> None:
+        self._on_revoked([TopicPartition(p.topic, p.partition) for p in partitions], lost=True)
+
+    def _on_revoked(self, revoked, lost: bool = False) -> None:
+        """librdkafka calls this inside consume()/poll() on the consume thread, or inside close().
+        A revocation: flush what was read and commit it while the partitions are still ours. Lost
+        partitions (this member was evicted: no poll for max_poll_interval_ms, or its session
+        expired) already belong to someone else: nothing is handed off, waited for or committed
+        (a commit would fail), their state is dropped, and their next owner (maybe this consumer
+        again) re-reads them from the last commit; duplicates collapse by identity.
+        A revocation while closing comes after the final flush and after the flush thread ended:
+        nothing is left to hand off, and nobody would flush it."""
+        if lost:
             if revoked:
-                self.stats.revoked_outside_poll += 1
-                log.info("%s: partitions %s revoked outside poll (a rebalance or an eviction); not committed "
-                         "here, re-read from the last commit", self.name,
-                         sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+                self.stats.partitions_lost += 1
+                log.warning("%s: partitions %s lost (evicted from the group); not committed, re-read from the "
+                            "last commit", self.name, sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
         elif self._flusher is not None and self._flusher.is_alive():
             self._hand_off(in_rebalance=True)
             self._drain(timeout_s=self.config.rebalance_flush_timeout_s)
@@ -478,11 +549,15 @@ class ConsumerCore:
             self._read_upto.pop(tp, None)
             self._committed.pop(tp, None)
         self.assigned -= revoked
+        self._backlog = [m for m in self._backlog if TopicPartition(m.topic(), m.partition()) not in revoked]
 
     def _on_assigned(self, assigned) -> None:
         self.assigned |= set(assigned)
         for tp in assigned:
             self._committed.pop(tp, None)
+        if self.assigned:
+            self.kafka_error = ""
+            self.ready.set()
 
     # -- flush side -----------------------------------------------------------------------------
 
@@ -509,17 +584,3 @@ class ConsumerCore:
                     self._inflight -= 1
                     self._inflight_lock.notify_all()
 
-
-class _Rebalance(ConsumerRebalanceListener):
-    """Called inside poll() on the consume thread, or on kafka-python's IO thread for a rebalance
-    poll() did not drive (ConsumerCore._on_revoked says what differs). on_partitions_lost (an
-    eviction) is the library's default: the same as a revocation."""
-
-    def __init__(self, core: ConsumerCore):
-        self.core = core
-
-    def on_partitions_revoked(self, revoked):
-        self.core._on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned):
-        self.core._on_assigned(assigned)

@@ -29,8 +29,7 @@ import logging
 import threading
 import time
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from confluent_kafka import KafkaException, Producer
 
 from tensortrace.consume import ConsumerCore
 from tensortrace.probes.config import ProbesConfig
@@ -44,37 +43,57 @@ log = logging.getLogger("tensortrace.probes")
 
 class ScoresPublisher:
     """Publishes (topic, key, value) messages with acks=all and returns once Kafka acknowledged every
-    one; failed sends are retried with backoff (only `stopping` ends the wait, returning False)."""
+    one; failed sends are retried with backoff (only `stopping` ends the wait, returning False).
+    librdkafka (confluent-kafka) batches and sends on its own threads: a score costs the flush
+    thread one produce() call, not a Python request of its own."""
 
     def __init__(self, cfg: ProbesConfig, stats: ScoresStats):
         self.cfg = cfg
         self.stats = stats
-        self._producer: KafkaProducer | None = None
+        self._producer: Producer | None = None
         self.error = ""
 
-    def _connect(self) -> KafkaProducer:
+    def _connect(self) -> Producer:
         if self._producer is None:
-            self._producer = KafkaProducer(**self.cfg.kafka.client_kwargs(client_id=f"tensortrace-probes-{self.cfg.group_id}"),
-                                           acks="all", linger_ms=2, max_request_size=8 << 20, batch_size=1 << 20,
-                                           request_timeout_ms=int(self.cfg.publish_timeout_s * 1000))
+            conf = self.cfg.kafka.rdkafka_conf(client_id=f"tensortrace-probes-{self.cfg.group_id}")
+            conf.update({"acks": "all", "linger.ms": 2, "message.max.bytes": 8 << 20,
+                         # a score not acknowledged within this comes back as failed and is sent again
+                         "message.timeout.ms": max(1000, int(self.cfg.publish_timeout_s * 1000)),
+                         "logger": logging.getLogger("tensortrace.probes.rdkafka")})
+            self._producer = Producer(conf)
         return self._producer
 
     def __call__(self, messages: list[tuple[str, bytes, bytes]], stopping: threading.Event) -> bool:
         backoff = Backoff(self.cfg.retry_initial_s, self.cfg.retry_max_s)
         pending = messages
         while True:
+            failed: list = []
+            errors: set[str] = set()
+
+            def done(err, _msg, m=None):
+                if err is not None:
+                    failed.append(m)
+                    errors.add(err.str())
             try:
                 producer = self._connect()
-                futures = [(m, producer.send(m[0], key=m[1], value=m[2])) for m in pending]
-                producer.flush(timeout=self.cfg.publish_timeout_s)
-                failed = [m for m, f in futures if not (f.is_done and f.succeeded())]
-                if not failed:
+                for m in pending:
+                    while True:
+                        try:
+                            producer.produce(m[0], key=m[1], value=m[2],
+                                             on_delivery=lambda err, msg, m=m: done(err, msg, m))
+                            break
+                        except BufferError:   # librdkafka's local queue is full: let it send
+                            producer.poll(0.05)
+                left = producer.flush(self.cfg.publish_timeout_s)
+                if not failed and not left:
                     self.error = ""
                     return True
-                errors = {repr(f.exception) for _, f in futures if f.is_done and f.failed()}
+                if left:
+                    errors.add(f"{left} not acknowledged within {self.cfg.publish_timeout_s:g}s")
+                    failed = [m for m in pending]   # which ones is unknown: all again (duplicates collapse)
                 self.error = f"{len(failed)} of {len(pending)} scores not acknowledged: {', '.join(sorted(errors))[:300]}"
                 pending = failed
-            except KafkaError as e:   # no broker yet, a flush timeout: retry the whole lot (duplicates collapse)
+            except KafkaException as e:   # a configuration librdkafka refuses: retried (and reported)
                 self.error = f"{type(e).__name__}: {e}"
             self.stats.publish_failures += 1
             log.error("publishing scores failed (%s); retrying", self.error)
@@ -83,7 +102,7 @@ class ScoresPublisher:
 
     def close(self) -> None:
         if self._producer is not None:
-            self._producer.close(timeout=10)
+            self._producer.flush(10)
             self._producer = None
 
 

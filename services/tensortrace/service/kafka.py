@@ -4,7 +4,8 @@
     kc = KafkaConfig(bootstrap_servers="kafka-0:9093,kafka-1:9093", security_protocol="SASL_SSL",
                      sasl_mechanism="SCRAM-SHA-512", sasl_username="tensortrace",
                      sasl_password_file="/var/run/secrets/kafka/password", ssl_cafile="/etc/kafka/ca.pem")
-    KafkaConsumer(**kc.client_kwargs(), group_id="g")      # also KafkaProducer, KafkaAdminClient
+    KafkaConsumer(**kc.client_kwargs(), group_id="g")      # kafka-python: KafkaProducer, KafkaAdminClient
+    Consumer({**kc.rdkafka_conf(), "group.id": "g"})       # confluent-kafka (librdkafka): the consumer core
 
 No production Kafka is open, so SASL (PLAIN, SCRAM-SHA-256/512) and TLS (server CA, client
 certificate for mTLS) are first-class. Secrets never come from the command line (they would show
@@ -120,6 +121,25 @@ class KafkaConfig:
             if self.ssl_certfile:
                 kw.update(ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         return kw
+
+    def rdkafka_conf(self, client_id: str = "") -> dict:
+        """The same settings as librdkafka properties, for confluent-kafka's Consumer and Producer
+        (the consumer core reads with librdkafka: docs/consumers.md "The Kafka client")."""
+        conf: dict = {"bootstrap.servers": ",".join(s.strip() for s in self.bootstrap_servers.split(",") if s.strip()),
+                      "security.protocol": self.security_protocol}
+        cid = self.client_id or client_id
+        if cid:
+            conf["client.id"] = cid
+        if self.sasl:
+            conf.update({"sasl.mechanisms": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                         "sasl.password": self.password()})
+        if self.tls:
+            conf["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
+            if self.ssl_cafile:
+                conf["ssl.ca.location"] = self.ssl_cafile
+            if self.ssl_certfile:
+                conf.update({"ssl.certificate.location": self.ssl_certfile, "ssl.key.location": self.ssl_keyfile})
+        return conf
 
     def describe(self) -> str:
         """Where and how this client connects, for error messages (never the password)."""
