@@ -218,3 +218,22 @@ def test_weights_that_disagree_with_metadata_are_refused():
 
 def test_state_type_is_exported():
     assert isinstance(make_probe().new_state(), ProbeState)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_folding_precomputed_token_logits_leaves_the_state_update_leaves(positions):
+    # the probe service scores many requests' last-token rows in one token_logits call and folds
+    # each row's logit into its request's state: the result must be update()'s, bit for bit
+    probe = make_probe("last", positions=positions)
+    req = request_rows()
+    pos, rows, phases = req[5]
+    for prompt_tokens in (PROMPT, None):
+        a, b = probe.new_state(prompt_tokens), probe.new_state(prompt_tokens)
+        for i in (0, PROMPT - 1, PROMPT, PROMPT + GEN - 1):
+            probe.update(a, 5, pos[i:i + 1], rows[i:i + 1], phases[i])
+            s, att = probe.token_logits(0, rows[i:i + 1])
+            probe.fold_token_logits(b, pos[i:i + 1], s, att, phases[i])
+        assert (a.rows_seen, a.rows_used, a.done) == (b.rows_seen, b.rows_used, b.done)
+        assert probe.finalize(a).score == probe.finalize(b).score
+    with pytest.raises(ProbeInputError, match="one-layer probe"):
+        make_probe("last", layers=(2, 5)).fold_token_logits(probe.new_state(), [0], [0.0])

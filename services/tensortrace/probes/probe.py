@@ -212,6 +212,26 @@ class Probe:
         a = (x * self._q[layer_slot]).sum(axis=1) if self._q is not None else None
         return s, a
 
+    def fold_token_logits(self, state: ProbeState, positions, logits, attn_logits=None, phase="prefill") -> None:
+        """update() for a one-layer probe whose rows' `token_logits` were computed elsewhere (the probe
+        service widens and scores the last-token rows of many requests in one call): the state is the
+        one update() on those rows would leave, since a row's logit does not depend on its batch."""
+        if len(self.meta.layers) != 1:
+            raise ProbeInputError(f"probe {self.name!r} reads {len(self.meta.layers)} layers; token logits can "
+                                  "be folded only for a one-layer probe (use update)")
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        state.rows_seen += len(positions)
+        if len(positions) == 0:
+            return
+        keep = self._mask(state, positions, np.asarray(phase))
+        done = state.done
+        for i, pos in enumerate(positions.tolist()):
+            if not keep[i] or pos in done:
+                continue
+            a = float(attn_logits[i]) if attn_logits is not None else 0.0
+            done[pos] = (float(logits[i]) + self._bias, a + self._attn_bias)
+            state.rows_used += 1
+
     def update(self, state: ProbeState, layer: int, positions, rows, phase="prefill") -> None:
         """Fold one record's rows into `state`. Layers the probe does not read are ignored, as are
         masked-out positions and tokens already finished (a re-delivered record changes nothing).

@@ -296,8 +296,7 @@ class ScoresSink:
         for i, (req, probes, _) in enumerate(todo):
             for p in probes:
                 pr = p.probe
-                if (pr.meta.pooling != "last" or len(p.layers) != 1 or getattr(pr, "_q", None) is not None
-                        or not hasattr(pr, "token_logits")):
+                if pr.meta.pooling != "last" or len(p.layers) != 1 or not hasattr(pr, "fold_token_logits"):
                     continue
                 refs = self._last_refs(p, slots[i])
                 if refs is None:
@@ -362,11 +361,7 @@ class ScoresSink:
                     # its row's logit came from the batch pass: fold it as update() would one row
                     stage = "update"
                     top, logit, attn, phase = got
-                    pr = p.probe
-                    state.rows_seen += 1
-                    if pr._mask(state, np.array([top], dtype=np.int64), phase)[0]:
-                        state.done[top] = (logit + pr._bias, attn + pr._attn_bias)
-                        state.rows_used += 1
+                    p.probe.fold_token_logits(state, [top], [logit], [attn], phase)
                     fed = 1
                 elif last is not None:
                     # last-token pooling scores one token: only its rows are decoded and fed (the
