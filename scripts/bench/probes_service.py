@@ -238,47 +238,31 @@ def fetch_only(bootstrap, topic, n_messages: int, payload_bytes: int) -> dict:
             "MB_per_s_activations": payload_bytes / secs / 1e6, "cpu_us_per_message": cpu / max(1, got) * 1e6}
 
 
-_CONFLUENT_FETCH = r"""
-import json, sys, time
-from confluent_kafka import Consumer, TopicPartition
-bootstrap, topic, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = Consumer({"bootstrap.servers": bootstrap, "group.id": "fetch-only-" + topic, "enable.auto.commit": False,
-              "auto.offset.reset": "earliest", "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20})
-md = c.list_topics(topic, timeout=30)
-c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
-got, nbytes, t0, c0 = 0, 0, None, None
-deadline = time.monotonic() + 300
-while got < n and time.monotonic() < deadline:
-    msgs = c.consume(num_messages=5000, timeout=0.2)
-    if msgs and t0 is None:
-        t0, c0 = time.perf_counter(), time.process_time()
-    for m in msgs:
-        if m.error() is None:
-            got += 1
-            nbytes += len(m.value())
-secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-c.close()
-print(json.dumps({"messages": got, "wire_MB": nbytes / 1e6, "seconds": secs, "cpu_s": cpu}))
-"""
+def fetch_only_confluent(bootstrap, topic, n_messages: int, payload_bytes: int) -> dict:
+    """The same fetch with confluent-kafka (librdkafka), the consumer core's client since session 6,
+    polled the way the core polls (whatever is queued, up to max_poll_records), nothing decoded."""
+    from confluent_kafka import Consumer, TopicPartition
 
+    from tensortrace.consume import ConsumerConfig
 
-def fetch_only_confluent(python: str, bootstrap, topic, n_messages: int, payload_bytes: int) -> dict:
-    """The same fetch with confluent-kafka (librdkafka), run by another interpreter that has it
-    (`--confluent-python`; the project does not depend on it). For the report only: the consumer
-    core's client stays kafka-python."""
-    import subprocess
-
-    out = subprocess.run([python, "-c", _CONFLUENT_FETCH, bootstrap, topic, str(n_messages)], capture_output=True,
-                         text=True, timeout=600)
-    if out.returncode:
-        return {"error": out.stderr[-500:]}
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    r.update(messages_per_s=r["messages"] / r["seconds"], MB_per_s_activations=payload_bytes / r["seconds"] / 1e6,
-             cpu_us_per_message=r["cpu_s"] / max(1, r["messages"]) * 1e6)
-    return r
-
-
-CONFLUENT_PYTHON = ""
+    cfg = ConsumerConfig()
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "fetch-only-" + topic, "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", "fetch.max.bytes": cfg.fetch_max_bytes,
+                  "max.partition.fetch.bytes": cfg.max_partition_fetch_bytes})
+    md = c.list_topics(topic, timeout=30)
+    c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+    got, nbytes = 0, 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    deadline = time.monotonic() + 300
+    while got < n_messages and time.monotonic() < deadline:
+        for m in c.consume(cfg.max_poll_records, 0.2):
+            if m.error() is None:
+                got += 1
+                nbytes += len(m.value())
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    c.close()
+    return {"messages": got, "wire_MB": nbytes / 1e6, "seconds": secs, "messages_per_s": got / secs,
+            "MB_per_s_activations": payload_bytes / secs / 1e6, "cpu_us_per_message": cpu / max(1, got) * 1e6}
 
 
 def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated, decoder="native", fetch=False) -> dict:
@@ -291,8 +275,8 @@ def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated, decoder="nat
     n_messages = len(msgs)
     del msgs
     fetched = fetch_only(bootstrap, topic, n_messages, nbytes) if fetch else None
-    if fetch and CONFLUENT_PYTHON:
-        fetched["confluent_kafka"] = fetch_only_confluent(CONFLUENT_PYTHON, bootstrap, topic, n_messages, nbytes)
+    if fetch:
+        fetched["confluent_kafka"] = fetch_only_confluent(bootstrap, topic, n_messages, nbytes)
     load0 = os.getloadavg()
     svc, thread = probes_service(bootstrap, topic, probe_dir, decoder=decoder, max_open_requests=100_000,
                                  max_open_bytes=4 << 30)
@@ -466,13 +450,9 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=8, help="requests in flight in the freshness producer")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,kafka,freshness,baseline")
     p.add_argument("--decoder", default="native,python", help="phases 1 and 2 per decoder, side by side: native, python")
-    p.add_argument("--confluent-python", default="", help="an interpreter with confluent-kafka: phase 2 also measures "
-                                                           "its fetch alone, for comparison with kafka-python's")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     decoders = [d for d in a.decoder.split(",") if d]
-    global CONFLUENT_PYTHON
-    CONFLUENT_PYTHON = a.confluent_python
     import logging
     logging.basicConfig(level=logging.WARNING)
     probe_dir = make_probe_dir()
