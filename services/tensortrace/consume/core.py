@@ -290,7 +290,7 @@ class ConsumerCore:
             sc = native.scan(value)
             # None: a message the scanner does not decode exactly as upb (the Python path below
             # refuses it with its own error, or decodes it); chunks are reassembled in Python
-            if sc is not None and not (sc.cols[:, native.C_STATUS] == native.S_CHUNKED).any():
+            if sc is not None and not any(run[3] == native.S_CHUNKED for run in sc.runs):   # (a chunk: a run of one)
                 for i, e in self._add_scan(sc, Source(tp.topic, tp.partition, offset)):
                     self._dead_letter(tp, offset, m.key(), codec.encode_envelope([sc.record(i)]), e.reason, str(e))
                 return
