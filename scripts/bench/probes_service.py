@@ -304,6 +304,91 @@ def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated, decoder="nat
             **({"fetch_only": fetched} if fetched else {})}
 
 
+# -- phase 2c: one consumer group of several service processes ---------------------------------------
+
+def _member(bootstrap, topic, probe_dir, group, scores_topic, total, stop, out) -> None:
+    """One probe service process of the group: scores until `stop`, then reports its timeline."""
+    import logging
+    import resource
+
+    logging.basicConfig(level=logging.ERROR)
+    from tensortrace.probes.config import ProbesConfig
+    from tensortrace.probes.service import ProbesService
+    from tensortrace.service import KafkaConfig
+
+    cfg = ProbesConfig(kafka=KafkaConfig(bootstrap_servers=bootstrap), topic=topic, dlq_topic=topic + ".dlq",
+                       group_id=group, probe_dir=probe_dir, scores_topic=scores_topic, escalation_topic="",
+                       max_open_requests=100_000, max_open_bytes=4 << 30)
+    svc = ProbesService(cfg)
+    scored: list[tuple[float, int]] = []      # (time, scores acknowledged in that flush)
+
+    def on_durable(scores):
+        scored.append((time.time(), len(scores)))
+        with total.get_lock():
+            total.value += len(scores)
+    svc.sink.on_durable = on_durable
+    assigned: list[tuple[float, list]] = []   # (time, partitions) at every change of the assignment
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    last = None
+    while not stop.is_set():
+        now = sorted(tp.partition for tp in svc.core.assigned)
+        if now != last:
+            assigned.append((time.time(), now))
+            last = now
+        time.sleep(0.01)
+    svc.stop()
+    t.join(timeout=60)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out.put({"scored": scored, "assigned": assigned, "cpu_s": ru.ru_utime + ru.ru_stime,
+             "messages": svc.core.stats.messages, "partitions_lost": svc.core.stats.partitions_lost})
+
+
+def phase_group(bootstrap, probe_dir, n, layers, prompt, generated, members: int) -> dict:
+    """N requests pre-produced to a 4-partition topic, read by `members` probe service processes in
+    one consumer group (how the service scales: the chart's replicas). The rate is taken over the
+    steady window, from the moment the last member got its partitions (no rebalance after it) to the
+    last score acknowledged: scores acknowledged in that window / its length. Also the whole span
+    (first score to last), which includes the joins."""
+    ctx = multiprocessing.get_context("spawn")
+    topic = create_topic(bootstrap, 4)
+    scores_topic = create_topic(bootstrap, 1)
+    msgs, nbytes = build(n, layers, prompt, generated, f"g{members}-{len(layers)}-{uuid.uuid4().hex[:6]}")
+    produce_all(bootstrap, topic, msgs)
+    n_messages = len(msgs)
+    del msgs
+    total, stop, out = ctx.Value("l", 0), ctx.Event(), ctx.Queue()
+    load0 = os.getloadavg()
+    procs = [ctx.Process(target=_member, args=(bootstrap, topic, probe_dir, f"g-{topic}", scores_topic, total, stop, out))
+             for _ in range(members)]
+    for pr in procs:
+        pr.start()
+    deadline = time.monotonic() + 900
+    while total.value < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    reports = [out.get(timeout=120) for _ in procs]
+    for pr in procs:
+        pr.join(timeout=60)
+    events = sorted(e for r in reports for e in r["scored"])
+    settled = max(r["assigned"][-1][0] for r in reports if r["assigned"])
+    end = events[-1][0] if events else settled
+    in_window = sum(k for t_, k in events if t_ > settled)
+    window = end - settled
+    per_member_parts = [r["assigned"][-1][1] if r["assigned"] else [] for r in reports]
+    scores = sum(k for _, k in events)
+    return {"members": members, "requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6,
+            "messages": n_messages, "scores": scores, "load_avg_start": load0, "load_avg_end": os.getloadavg(),
+            "partitions_per_member": per_member_parts,
+            "steady_window_s": window, "steady_scores": in_window,
+            "requests_per_s": in_window / window if window > 0 else 0.0,
+            "MB_per_s": in_window / window * nbytes / n / 1e6 if window > 0 else 0.0,
+            "whole_span_s": end - events[0][0] if events else 0.0,
+            "cpu_s_members": [r["cpu_s"] for r in reports],
+            "cpu_us_per_request": sum(r["cpu_s"] for r in reports) / max(1, scores) * 1e6,
+            "partitions_lost": sum(r["partitions_lost"] for r in reports)}
+
+
 # -- phase 3: freshness ---------------------------------------------------------------------------------
 
 def paced_producer(bootstrap, topic, rate_mbps, seconds, layers, prompt, generated, concurrent, done_requests=None):
@@ -450,6 +535,10 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=8, help="requests in flight in the freshness producer")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: inprocess,kafka,freshness,baseline")
     p.add_argument("--decoder", default="native,python", help="phases 1 and 2 per decoder, side by side: native, python")
+    p.add_argument("--members", default="1,2", help="phase 2c: probe service processes in one consumer group, "
+                                                    "one run per count (native decoder); '' skips it")
+    p.add_argument("--group-requests", type=int, default=20000, help="phase 2c: requests of the 1-layer stream")
+    p.add_argument("--group-wide-requests", type=int, default=600, help="phase 2c: requests of the 30-layer stream")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     decoders = [d for d in a.decoder.split(",") if d]
@@ -498,6 +587,12 @@ def main(argv=None) -> int:
                                                            fetch=i == 0)
                     print(f"{name} ({dec}):", json.dumps(results[f"{name}_{dec}"]), flush=True)
                 results[name] = results[f"{name}_{decoders[0]}"]
+        if "kafka" not in skip:
+            for m in [int(x) for x in a.members.split(",") if x]:
+                for name, n, layers, prompt, gen in (("group_1layer", a.group_requests, one, 16, 8),
+                                                     ("group_30layer", a.group_wide_requests, thirty, 32, 16)):
+                    results[f"{name}_{m}"] = phase_group(bootstrap, probe_dir, n, layers, prompt, gen, m)
+                    print(f"{name} ({m} members):", json.dumps(results[f"{name}_{m}"]), flush=True)
         if "freshness" not in skip:
             results["freshness_probes"] = phase_freshness_probes(bootstrap, probe_dir, a, thirty, decoders[0])
             print("freshness, probes:", json.dumps(results["freshness_probes"]), flush=True)
@@ -535,6 +630,14 @@ def main(argv=None) -> int:
         r = results.get(f"kafka_30layer_{dec}")
         if r:
             row(f"Kafka e2e, 30-layer, 1 needed ({dec}): MB/s", f"{r['MB_per_s']:,.0f}", ">= 500")
+    for m in [int(x) for x in a.members.split(",") if x]:
+        r = results.get(f"group_1layer_{m}")
+        if r:
+            row(f"group of {m}, 1-layer, steady: requests/s", f"{r['requests_per_s']:,.0f}", ">= 5,000")
+            row(f"group of {m}, 1-layer: CPU us/request (all members)", f"{r['cpu_us_per_request']:,.0f}")
+        r = results.get(f"group_30layer_{m}")
+        if r:
+            row(f"group of {m}, 30-layer, 1 needed, steady: MB/s", f"{r['MB_per_s']:,.0f}", ">= 500")
     for key, label in (("kafka_1layer", "1-layer"), ("kafka_30layer", "30-layer")):
         f = results.get(key, {}).get("fetch_only")
         if f:
