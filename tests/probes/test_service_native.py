@@ -54,9 +54,9 @@ def messages(reqs):
     return msgs
 
 
-def run_sink(tmp_path, msgs, *, use_native: bool, batch_scoring: bool = True):
-    d = tmp_path / ("native" if use_native else "python") / str(batch_scoring)
-    for p in PROBES:
+def run_sink(tmp_path, msgs, *, use_native: bool, batch_scoring: bool = True, probes=PROBES):
+    d = tmp_path / ("native" if use_native else "python") / str(batch_scoring) / str(len(probes))
+    for p in probes:
         save_probe(p, d)
     sink, probes, pub = sink_for(d, escalation="")
     sink.batch_scoring = batch_scoring
@@ -98,6 +98,32 @@ def test_native_scan_path_publishes_the_same_scores_and_counts(tmp_path):
     scores, stats, refused = nat
     assert len(scores) == 12 * len(PROBES) and [r[2] for r in refused] == ["raw_size"]
     assert stats["records_skipped"] > 0 and stats["records_kept"] > 0
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="native decoder not built (no compiler)")
+def test_layers_read_only_by_last_token_probes_hold_one_record_per_phase_and_score_the_same(tmp_path):
+    # layer 1: one last-token probe over all positions; layer 2: a prompt-only and a generated-only
+    # last-token probe (each needs the latest record of its own phase); layer 0: a mean probe too,
+    # so its records are all held. The scores must equal the Python path's, which holds everything.
+    probes = [make_probe("last_all", layers=(1,), pooling="last"),
+              make_probe("last_prompt", layers=(2,), pooling="last", positions="prompt", seed=1),
+              make_probe("last_gen", layers=(2,), pooling="last", positions="generated", seed=2),
+              make_probe("last0", layers=(0,), pooling="last", seed=3),
+              make_probe("mean0", layers=(0,), pooling="mean", seed=4)]
+    reqs = [SyntheticRequest.make(f"r{i}", layers=3, hidden=HIDDEN, prompt=3 + i % 4, generated=2 + i % 5,
+                                  dtype=torch.bfloat16, seed=i) for i in range(8)]
+    msgs = [v for r in reqs for _, v in r.messages(per_message=40)]   # a request's records in one run
+    py = run_sink(tmp_path, msgs, use_native=False, probes=probes)
+    nat = run_sink(tmp_path, msgs, use_native=True, probes=probes)
+    assert nat[0] == py[0] and nat[2] == py[2]
+    superseded = nat[1].pop("records_superseded")
+    assert py[1].pop("records_superseded") == 0 and nat[1] == py[1]
+    # per request, layers 1 and 2 hold their latest prefill and latest decode record (one prefill
+    # record and generated - 1 decode records each); layer 0 (a mean probe reads it) holds all
+    decode_records = [(2 + i % 5) - 1 for i in range(8)]
+    assert superseded == sum(2 * (d - 1) for d in decode_records) > 0
+    got = [pb.ProbeScore.FromString(x) for x in nat[0]]
+    assert len(got) == 8 * len(probes) and all(x.complete for x in got)
 
 
 def test_batched_last_token_scores_are_bit_identical_to_request_by_request(tmp_path):

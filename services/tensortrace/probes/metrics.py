@@ -15,7 +15,8 @@ Declared metrics (documented in docs/probes.md, "The service"); counters count w
   tensortrace_probes_errors_total{probe,stage}         a probe raised (new_state, decode, update, finalize)
   tensortrace_probes_requests_total{release}           requests scored, by how the view released them
   tensortrace_probes_requests_skipped_total{reason}    released requests with nothing to score (not_sampled, no_probe)
-  tensortrace_probes_records_total{kind}               kept (payload decoded) / skipped (never decoded)
+  tensortrace_probes_records_total{kind}               kept (payload decoded) / skipped (never decoded) /
+                                                       superseded (kept, but a later record of its layer was held instead)
   tensortrace_probes_payload_bytes_total{kind}         the same in payload bytes
   tensortrace_probes_loaded (gauge)                    probes scoring now; tensortrace_probes_refused (gauge)
   tensortrace_probes_probe_info{probe,hash,hook,shadow}  1 per loaded probe
@@ -93,6 +94,7 @@ class _Collector:
         recs = CounterMetricFamily(P + "records", "records by whether a probe needed their payload", labels=["kind"])
         recs.add_metric(["kept"], s.records_kept)
         recs.add_metric(["skipped"], s.records_skipped)
+        recs.add_metric(["superseded"], s.records_superseded)   # of the kept: a later record of its layer held instead
         yield recs
         nbytes = CounterMetricFamily(P + "payload_bytes", "payload bytes (raw size) kept (decoded) / skipped (never decoded)",
                                      labels=["kind"])

@@ -68,6 +68,12 @@ class ProbeSet:
     checked: frozenset = frozenset()                       # (model, hook) pairs already checked
     mismatches: dict[str, dict[str, str]] = field(default_factory=dict)  # probe name -> model -> why it does not fit
     _keep: dict[tuple[str, str], dict[int, frozenset]] = field(default_factory=dict)  # (model, hook) -> layer -> phases
+    # (model, hook) -> layers whose every reader is a one-layer last-token probe: of those layers'
+    # records only the one ending latest (per phase) is ever scored (ScoresSink._keep_scan)
+    _last_only: dict[tuple[str, str], frozenset] = field(default_factory=dict)
+
+    def last_only(self, model: str, hook: str) -> frozenset:
+        return self._last_only.get((model, hook), frozenset())
 
     def keep(self, model: str, hook: str, layer: int, phase: int) -> bool:
         """Does a probe that fits this model need this record's payload?"""
@@ -112,6 +118,20 @@ def _keep_index(fits: dict) -> dict:
             for layer in p.layers:
                 layers[layer] = layers.get(layer, frozenset()) | p.phases
     return index
+
+
+def _last_only_index(fits: dict) -> dict:
+    out: dict[tuple[str, str], frozenset] = {}
+    for key, probes in fits.items():
+        readers: dict[int, list] = {}
+        for p in probes:
+            for layer in p.layers:
+                readers.setdefault(layer, []).append(p)
+        only = frozenset(layer for layer, ps in readers.items()
+                         if all(len(p.layers) == 1 and getattr(p.probe.meta, "pooling", "") == "last" for p in ps))
+        if only:
+            out[key] = only
+    return out
 
 
 def _signature(directory: str) -> tuple:
@@ -272,7 +292,7 @@ class ProbeDirectory:
         self.current = ProbeSet(generation=cur.generation + 1, reload_generation=reload_gen,
                                 probes=tuple(p for p in keep_active if p.path not in refused),
                                 refused=refused, fits=fits_t, checked=checked, mismatches=mismatches,
-                                _keep=_keep_index(fits_t))
+                                _keep=_keep_index(fits_t), _last_only=_last_only_index(fits_t))
 
     def set_shadow(self, shadow: bool) -> None:   # tests, operators (not a hot path)
         with self._lock:

@@ -76,6 +76,9 @@ class ScoresStats:
     records_skipped: int = 0                                    # records counted for completeness only
     bytes_kept: int = 0                                         # their payload bytes, raw size (decoded when scored)
     bytes_skipped: int = 0                                      # payload bytes (raw size) never decoded
+    # needed records not held: in a natively scanned run, a last-token-only layer's record that ends
+    # before another of the same layer and phase (its rows are never the scored token; never parsed)
+    records_superseded: int = 0
     publish_failures: int = 0                                   # publish attempts that failed (retried)
     score_seconds: float = 0.0                                  # flush thread: decoding kept payloads + probes
     publish_seconds: float = 0.0                                # flush thread: waiting for Kafka's acks
@@ -178,10 +181,14 @@ class ScoresSink:
         c = sc.cols[lo:hi]
         heads = [lo] if one_mh else np.unique(c[:, native.C_MH]).tolist()
         mask = None
+        only: dict[int, frozenset] = {}    # head -> its layers read by one-layer last-token probes alone
         for h in heads:
             model, hook = sc.text(h, native.C_MODEL_OFF), sc.text(h, native.C_HOOK_OFF)
             if (model, hook) not in s.checked:
                 s = self.probes.observe(model, hook, sc.cols.item(h, native.C_LASTDIM))
+            lo_layers = s.last_only(model, hook)
+            if lo_layers:
+                only[h] = lo_layers
             m = s.keep_mask(model, hook, c[:, native.C_LAYER], c[:, native.C_PHASE])
             if m is not None:
                 if not one_mh:
@@ -194,7 +201,39 @@ class ScoresSink:
         st.bytes_kept += kept_bytes
         st.records_skipped += hi - lo - kept
         st.bytes_skipped += raw_bytes - kept_bytes
+        if kept > 1 and only:
+            mask = self._latest_only(c, mask, only, lo if one_mh else None)
+            st.records_superseded += kept - int(np.count_nonzero(mask))
         return mask if kept else False
+
+    @staticmethod
+    def _latest_only(c: np.ndarray, mask: np.ndarray, only: dict, head: int | None) -> np.ndarray:
+        """`mask` less the records of layers read by one-layer last-token probes alone (`only`: head
+        -> layers; `head`: the run's one head, or None to read each record's) that end before another
+        kept record of the same head, layer and phase in this run: such a probe scores the highest
+        position it reads, so only the latest record of each phase can hold it (per phase: a
+        prompt-only and a generated-only probe on one layer each keep theirs). Token-range records
+        only; records with position lists are all kept, and so are ties."""
+        item = c.item
+        best: dict[tuple[int, int, int], int] = {}
+        cand = []
+        for i in np.flatnonzero(mask).tolist():
+            h = head if head is not None else item(i, native.C_MH)
+            layers = only.get(h)
+            if not layers or item(i, native.C_POS_KIND) != pb.TOKEN_RANGE or item(i, native.C_LAYER) not in layers:
+                continue
+            k = (h, item(i, native.C_LAYER), item(i, native.C_PHASE))
+            end = item(i, native.C_TOKEN_END)
+            cand.append((i, k, end))
+            if end > best.get(k, -1):
+                best[k] = end
+        if len(cand) == len(best):
+            return mask
+        out = mask.copy()
+        for i, k, end in cand:
+            if end < best[k]:
+                out[i] = False
+        return out
 
     def add_tensor(self, rec: pb.TensorRecord, source: Source) -> None:
         self.view.add_tensor(rec, source)
