@@ -195,7 +195,7 @@ class ScoresSink:
                     m &= c[:, native.C_MH] == h
                 mask = m if mask is None else (mask | m)
         kept = 0 if mask is None else int(np.count_nonzero(mask))
-        kept_bytes = int(c[:, native.C_RAW_SIZE][mask].sum()) if kept else 0
+        kept_bytes = int(np.add.reduce(c[:, native.C_RAW_SIZE][mask])) if kept else 0   # (the ufunc: .sum() costs ~2 µs more)
         st = self.stats
         st.records_kept += kept
         st.bytes_kept += kept_bytes

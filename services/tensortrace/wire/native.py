@@ -84,18 +84,15 @@ class Scan:
     (pod, pid, generation), set of seqs, payload bytes, raw bytes, one (model, hook)) for a run of
     valid tensor records of one request and producer; (lo, lo + 1, kind, status, None, ...) for a
     summary or a record that failed a check."""
-    __slots__ = ("data", "n", "cols", "runs", "_rows")
+    __slots__ = ("data", "n", "cols", "runs")
 
     def __init__(self, data: bytes, n: int, cols: np.ndarray, runs: list):
         self.data, self.n, self.cols, self.runs = data, n, cols, runs
-        self._rows = None
 
-    def row(self, i: int) -> list:
-        """[kind, body offset, body length, payload length] of record i (plain ints: one numpy call per
-        envelope, not one per field)."""
-        if self._rows is None:
-            self._rows = self.cols[:, [C_KIND, C_BODY_OFF, C_BODY_LEN, C_PAYLOAD_LEN]].tolist()
-        return self._rows[i]
+    def row(self, i: int) -> tuple:
+        """(kind, body offset, body length, payload length) of record i, as plain ints."""
+        item = self.cols.item
+        return item(i, C_KIND), item(i, C_BODY_OFF), item(i, C_BODY_LEN), item(i, C_PAYLOAD_LEN)
 
     def col(self, c: int) -> np.ndarray:
         return self.cols[:, c]
