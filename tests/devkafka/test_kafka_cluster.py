@@ -165,6 +165,31 @@ def test_sasl_ssl_produce_consume_with_client_kwargs(cluster, admin, mechanism):
     assert sorted(v for p in got.values() for _, v in p) == sorted(values)
 
 
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
+def test_sasl_ssl_consume_with_rdkafka_conf_the_consumer_cores_client(cluster, admin, mechanism):
+    # the consumer core reads with librdkafka: the same KafkaConfig, mapped by rdkafka_conf, must
+    # authenticate, verify the brokers' certificate (hostname included) and read every record
+    from confluent_kafka import Consumer
+
+    kc = cluster.client_config(mechanism)
+    conf = kc.rdkafka_conf("tt-test")
+    assert (conf["security.protocol"], conf["sasl.mechanisms"], conf["ssl.ca.location"]) == ("SASL_SSL", mechanism, kc.ssl_cafile)
+    assert conf["ssl.endpoint.identification.algorithm"] == "https"
+    topic = _topic(admin, partitions=2)
+    values = [os.urandom(40 + i) for i in range(12)]
+    client = kc.client_kwargs("tt-test")
+    produce(client.pop("bootstrap_servers"), topic, values, **client)
+    c = Consumer({**conf, "group.id": f"g-{topic}", "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        c.subscribe([topic])
+        got, deadline = [], time.monotonic() + 60
+        while len(got) < len(values) and time.monotonic() < deadline:
+            got += [m.value() for m in c.consume(100, 0.5) if m.error() is None]
+    finally:
+        c.close()
+    assert sorted(got) == sorted(values)
+
+
 def test_probe_on_good_credentials_names_the_server_and_the_brokers(cluster):
     r = probe(cluster.client_config(), timeout_s=10)
     assert r.server in cluster.secure_bootstrap.split(",") and r.brokers == 3
