@@ -298,7 +298,7 @@ def phase_kafka(bootstrap, probe_dir, n, layers, prompt, generated, decoder="nat
             "requests": n, "layers_in_stream": len(layers), "payload_MB": nbytes / 1e6, "wire_MB": wire_bytes / 1e6,
             "scores": st.scores, "seconds": secs, "requests_per_s": st.scores / secs if secs else 0.0,
             "MB_per_s": nbytes / secs / 1e6 if secs else 0.0, "produce_s": produce_s,
-            "consume_thread_s": cs.decode_seconds, "score_s": st.score_seconds, "publish_s": st.publish_seconds,
+            "consume_thread_s": cs.decode_seconds, "paused": cs.paused, "commits": cs.commits, "score_s": st.score_seconds, "publish_s": st.publish_seconds,
             "payload_bytes_decoded": st.bytes_kept, "payload_bytes_never_decoded": st.bytes_skipped,
             "complete_scores": st.scores - st.incomplete_scores, "messages": n_messages,
             **({"fetch_only": fetched} if fetched else {})}
