@@ -46,11 +46,16 @@ def make_agent(path, ring_dir, capacity):
                         Selection.preset("hidden-states"))
 
 
-def run_steps(agent, items, layout, steps, reader_release):
-    """Per-step wall ns of begin_step + capture_static + end_step (the post-replay host work)."""
+def run_steps(agent, items, layout, steps, reader_release, advance=True):
+    """Per-step wall ns of begin_step + capture_static + end_step (the post-replay host work).
+    advance: each step's layout is the previous one advanced by a position (a steady decode batch,
+    as the SGLang plugin passes it: the agent repeats the plan; StepLayout.advanced, timed too);
+    else the one layout object every step (planned afresh each step, session 5's model)."""
     out = []
     for _ in range(steps):
         t0 = time.perf_counter_ns()
+        if advance:
+            layout = layout.advanced(1)
         agent.begin_step(layout)
         agent.capture_static(items, layout.total_rows)
         agent.end_step()
@@ -59,7 +64,7 @@ def run_steps(agent, items, layout, steps, reader_release):
     return out
 
 
-def bench_path(path, ring_dir, layers, hidden, max_batch, batch, steps, dtype):
+def bench_path(path, ring_dir, layers, hidden, max_batch, batch, steps, dtype, advance=True):
     bufs = [("resid_pre", L, torch.randn(max_batch, hidden).to(dtype)) for L in range(layers)]
     bufs.append(("resid_final", -1, torch.randn(max_batch, hidden).to(dtype)))
     step_bytes = len(bufs) * batch * hidden * bufs[0][2].element_size()
@@ -74,7 +79,7 @@ def bench_path(path, ring_dir, layers, hidden, max_batch, batch, steps, dtype):
     def release():   # the exporter stand-in: frees the ring between steps (not timed)
         w._m.tail.set(w._m.head.get())
     try:
-        samples = run_steps(agent, bufs, layout, steps, release)
+        samples = run_steps(agent, bufs, layout, steps, release, advance)
         st = agent.stats()
         assert st.dropped == 0 and st.written == steps * len(bufs) * batch, (st.written, st.dropped)
         return samples, st.thread_seconds / steps * 1e9
@@ -113,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--path", default="native,python", help="comma-separated: native, python")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", default="post_replay.json")
+    p.add_argument("--layouts", default="advanced", choices=["advanced", "same"],
+                   help="advanced: each step's layout advanced from the previous (a steady decode batch, the "
+                        "agent repeats its plan); same: one layout object every step (planned afresh)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
@@ -133,7 +141,8 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for pa in paths:
                 for h, hidden in (("full", args.hidden), ("tiny", 8)):
-                    s, a = bench_path(pa, ring_dir, args.layers, hidden, max_batch, args.batch, args.steps, dtype)
+                    s, a = bench_path(pa, ring_dir, args.layers, hidden, max_batch, args.batch, args.steps, dtype,
+                                      args.layouts == "advanced")
                     samples[(pa, h)] += s
                     agent_ns[(pa, h)].append(a)
             copies += bare_copy_ns(args.layers, args.hidden, max_batch, args.batch, args.steps, dtype)
@@ -147,7 +156,8 @@ def main(argv=None) -> int:
     results = {}
     print(f"\npost-replay step on CPU ({platform.node()}, {os.cpu_count()} cpus, load {load[0][0]:.2f} -> "
           f"{load[-1][0]:.2f}): {nbuf} static buffers [{max_batch}, {args.hidden}] {args.dtype}, batch {args.batch} "
-          f"({step_kib:.0f} KiB per step); {args.repeats} x {args.steps} steps per path, interleaved; medians")
+          f"({step_kib:.0f} KiB per step); {args.repeats} x {args.steps} steps per path, interleaved; medians; "
+          f"layouts {args.layouts}")
     print(f"bare memcpy of one step's rows: {copy_us:.1f} us")
     print(f"{'path':<8} {'step us (full)':>15} {'host us = full - copy':>22} {'step us (hidden 8)':>19} "
           f"{'per buffer us':>14} {'<=100 us (hid. 8)':>16}")
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
               f"{results['native']['step_us_hidden8'] / results['python']['step_us_hidden8']:.2f}x")
     doc = {"benchmark": "post_replay", "host": platform.node(), "cpus": os.cpu_count(), "load_average": load,
            "layers": args.layers, "hidden": args.hidden, "batch": args.batch, "max_batch": max_batch,
-           "buffers": nbuf, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
+           "buffers": nbuf, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "layouts": args.layouts,
            "bare_copy_us": copy_us, "results": results,
            "command": "scripts/bench/post_replay.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     with open(args.json, "w") as f:

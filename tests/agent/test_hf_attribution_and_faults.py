@@ -203,7 +203,10 @@ def test_only_the_taps_a_step_selects_are_registered(tmp_path):
 def test_decode_layout_reads_each_new_token_from_the_criterion_not_the_device(tmp_path, monkeypatch):
     """The decode layout learns each sequence's fed-in token (EOS -> its rows stop) from the
     stopping criterion's host copy, never by reading input_ids at the forward (on CUDA that read
-    would be a device sync on the inference thread). Every decode forward must find one there."""
+    would be a device sync on the inference thread). Every decode forward must find one there.
+    The criterion is added for device inputs by default (token_criterion None); here it is switched
+    on for CPU inputs, and without it the layout reads the host ids (the same tokens). With no EOS
+    token the layout reads no token at all (no sequence can end early)."""
     model = make("llama")
     agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="m", ring_capacity=16 << 20),
                          Selection.preset("hidden-states"))
@@ -217,10 +220,25 @@ def test_decode_layout_reads_each_new_token_from_the_criterion_not_the_device(tm
         return got
     monkeypatch.setattr(hf_backend._NextTokens, "tokens", tokens)
     ids, mask = left_padded([PROMPTS["alpha"], PROMPTS["beta"]])
-    out, _ = backend.generate(ids, attention_mask=mask, request_ids=["alpha", "beta"], **GEN)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **GEN).sequences
+    gen = dict(GEN, eos_token_id=next(t for t in range(1, 1000) if t not in set(plain.flatten().tolist())))
+    backend.token_criterion = True   # as on a device (the default there); CPU inputs skip it
+    out, _ = backend.generate(ids, attention_mask=mask, request_ids=["alpha", "beta"], **gen)
+    assert torch.equal(out.sequences, plain)   # the EOS never comes: every decode forward reads tokens
     decode_forwards = GEN["max_new_tokens"] - 1
     assert len(seen) == decode_forwards
     assert seen == [out.sequences[:, ids.shape[1] + k].tolist() for k in range(decode_forwards)]
+    seen.clear()
+    backend.token_criterion = None   # CPU inputs: no criterion; the same layouts from the host ids
+    again, _ = backend.generate(ids, attention_mask=mask, request_ids=["alpha2", "beta2"], **gen)
+    assert torch.equal(again.sequences, out.sequences)
+    assert seen == [None] * decode_forwards
+    seen.clear()
+    backend.generate(ids, attention_mask=mask, request_ids=["alpha3", "beta3"], **GEN)   # no EOS token
+    assert seen == []
+    got = drain(RingReader.open(agent.ring_path))
+    for rid in ("alpha", "beta"):
+        assert got.tensor(rid, "resid_pre", 0)[1] == got.tensor(rid + "2", "resid_pre", 0)[1]
     crit = hf_backend._NextTokens().make_criterion()
     stop = crit(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
     assert stop.tolist() == [False, False]   # it observes, never stops a sequence

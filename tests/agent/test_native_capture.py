@@ -47,7 +47,7 @@ def stats_of(agent: CaptureAgent) -> dict:
                         for h, v in s.by_hook.items()}}
 
 
-def hf_run(path, ring_dir, family, batch, preset, capacity, policy="drop_newest", new_tokens=4):
+def hf_run(path, ring_dir, family, batch, preset, capacity, policy="drop_newest", new_tokens=4, eos=None):
     model = make(family)
     agent = CaptureAgent(AgentConfig(ring_dir=str(ring_dir), model_id="m", pod=f"p-{path}", ring_capacity=capacity,
                                      overflow_policy=policy, capture_path=path), Selection.preset(preset))
@@ -55,7 +55,8 @@ def hf_run(path, ring_dir, family, batch, preset, capacity, policy="drop_newest"
     backend = HFBackend(model, agent)
     ids, mask = left_padded(PROMPTS[:batch])
     out, _ = backend.generate(ids, attention_mask=mask, request_ids=[f"r{b}" for b in range(batch)],
-                              traceparents=[TRACE.format(b) for b in range(batch)], max_new_tokens=new_tokens, **GEN)
+                              traceparents=[TRACE.format(b) for b in range(batch)], max_new_tokens=new_tokens,
+                              **dict(GEN, eos_token_id=eos))
     backend.detach()
     image, st = ring_image(agent), stats_of(agent)
     return agent, image, st, out.sequences
@@ -107,10 +108,23 @@ def _synthetic(path, ring_dir):
     return agent, layout
 
 
+@pytest.fixture(params=["dlpack", "accessors"])
+def geometry(request):
+    """How the native taps read a tensor's pointer, shape and strides: one DLPack export (the
+    default where torch has torch._C._to_dlpack) or the tensor's accessors (the fallback)."""
+    if NATIVE is None:
+        pytest.skip(f"native path not built: {WHY_NOT}")
+    if request.param == "accessors":
+        NATIVE.use_dlpack(None)
+    yield request.param
+    NATIVE.use_dlpack(getattr(torch._C, "_to_dlpack", None))
+
+
 @needs_native
-def test_strided_rows_and_static_buffers_match_the_python_path(tmp_path, fixed_clock):
+def test_strided_rows_and_static_buffers_match_the_python_path(tmp_path, fixed_clock, geometry):
     """capture() of a strided tensor (a column slice, a transposed one) and capture_static() of
-    oversized static buffers (post CUDA-graph replay: only the step's rows) write what Python writes."""
+    oversized static buffers (post CUDA-graph replay: only the step's rows) write what Python writes,
+    with either source of the tensor's geometry."""
     torch.manual_seed(0)
     base = torch.randn(7, 24)
     fused = torch.randn(16, 3 * 8)                     # a static buffer bigger than the step
@@ -135,6 +149,8 @@ def test_strided_rows_and_static_buffers_match_the_python_path(tmp_path, fixed_c
         agent.close()
     assert images["native"] == images["python"]
     assert images["native"][1]["written"] == 2 * 6
+    # natively: all but the column-major tensor's two (its rows are not contiguous: the Python path)
+    assert sum(p.counts()[1] for p in agent._native_plans) == 2 * 6 - 2
 
 
 def test_the_environment_switch_selects_the_python_path_and_says_so(tmp_path, monkeypatch, caplog):
@@ -251,3 +267,126 @@ def test_tap_and_capture_of_one_hook_in_one_step(tmp_path, fixed_clock):
         assert images[path][1]["written"] == 2 * 2 * 2
         agent.close()
     assert images["native"] == images["python"]
+
+
+def _repeat_run(path, ring_dir):
+    """A step sequence with repeat steps (StepLayout.advanced) between every kind of change: the
+    batch grows, a request finishes (the layout shrinks), a request ends while the next (advanced)
+    layout still names it, the selection changes. Returns the ring image, stats and the records."""
+    agent = CaptureAgent(AgentConfig(ring_dir=str(ring_dir), model_id="s", pod=f"r-{path}", ring_capacity=1 << 20,
+                                     capture_path=path),
+                         Selection(hooks=frozenset({"resid_pre", "logits"}), positions="all"))
+    torch.manual_seed(1)
+    x = {n: torch.randn(n, 8) for n in (1, 2, 3, 7)}
+
+    def step(layout, logits_rows=None):
+        agent.begin_step(layout)
+        agent.capture("resid_pre", 0, x[layout.total_rows])
+        agent.capture("resid_pre", 1, x[layout.total_rows] + 1)
+        agent.capture("logits", -1, x[logits_rows or layout.num_sequences] * 2)
+        agent.end_step()
+
+    for rid in ("a", "b"):
+        agent.begin_request(rid, traceparent=TRACE.format(ord(rid)))
+    prefill = StepLayout((RequestRows("a", 0, 3, 0, Phase.PREFILL, 0), RequestRows("b", 4, 3, 0, Phase.PREFILL, 1)),
+                         total_rows=7, num_sequences=2)
+    step(prefill)
+    d = StepLayout((RequestRows("a", 0, 1, 3, Phase.DECODE, 0), RequestRows("b", 1, 1, 3, Phase.DECODE, 1)),
+                   total_rows=2, num_sequences=2)
+    step(d)
+    for _ in range(3):                       # repeat steps: positions 4, 5, 6
+        d = d.advanced()
+        step(d)
+    agent.begin_request("c", traceparent=TRACE.format(ord("c")))   # the batch grows
+    d = StepLayout(d.advanced().requests + (RequestRows("c", 2, 1, 0, Phase.DECODE, 2),), total_rows=3,
+                   num_sequences=3)
+    step(d)
+    d = d.advanced()
+    step(d)
+    agent.end_request("b", generated_tokens=6)   # b finishes; the next layout has no rows of it
+    d = StepLayout((RequestRows("a", 0, 1, d.requests[0].position_start + 1, Phase.DECODE, 0),
+                    RequestRows("c", 2, 1, d.requests[2].position_start + 1, Phase.DECODE, 2)),
+                   total_rows=3, num_sequences=3)
+    step(d)
+    d = d.advanced(2)                        # a repeat step two positions on
+    step(d)
+    agent.end_request("c", generated_tokens=3)   # c ends, yet the next (advanced) layout names it
+    d = d.advanced()
+    step(d)                                  # -> c's rows: unknown_request_rows, not a repeat
+    agent.set_selection(Selection(hooks=frozenset({"resid_pre"})))
+    d = d.advanced()
+    step(d)                                  # a new selection: not a repeat either
+    d = d.advanced()
+    step(d)
+    agent.end_request("a", generated_tokens=12)
+    image, st = ring_image(agent), stats_of(agent)
+    got = drain(RingReader.open(agent.ring_path))
+    agent.close()
+    return image, st, got
+
+
+@needs_native
+def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch):
+    """The native path reuses a step's plan (selection answers, part groups, the STEP frame's
+    requests) for a layout advanced from it, shifting positions in C and deferring the per-request
+    accounting; the Python path plans every step afresh. Ring bytes, stats and summaries agree
+    through every change that must end a plan."""
+    repeated = []
+    real = CaptureAgent._begin_repeat_step
+
+    def spy(self, layout, delta):
+        repeated.append((self.capture_path, self._step))
+        return real(self, layout, delta)
+    monkeypatch.setattr(CaptureAgent, "_begin_repeat_step", spy)
+    runs = {p: _repeat_run(p, tmp_path / p) for p in ("python", "native")}
+    (img_py, st_py, got_py), (img_nat, st_nat, got_nat) = runs["python"], runs["native"]
+    # the oracle never repeats; the native path repeats exactly the steps after which nothing changed
+    assert repeated == [("native", k) for k in (3, 4, 5, 7, 9, 12)]
+    assert st_nat == st_py and st_py["dropped"] == 0 and st_py["written"] == 34 + 21 + 12
+    assert img_nat == img_py
+    s = got_nat.summaries
+    assert set(s) == {"a", "b", "c"}
+    assert [s[r].records_captured for r in "abc"] == [34, 21, 12]   # deferred accounting, folded
+    assert all(s[r].complete for r in "abc")
+    def totals(got):
+        return {r: (v.records_captured, v.bytes_captured, list(v.hooks)) for r, v in got.summaries.items()}
+    assert totals(got_py) == totals(got_nat)
+    # b: prefill 3 + 3 token rows and 1 logits row, then 6 decode steps of 3 rows; 8 float32 each
+    assert totals(got_nat)["b"] == (21, (3 + 3 + 1 + 6 * 3) * 8 * 4, ["logits", "resid_pre"])
+    assert got_nat.tensor("a", "resid_pre", 1)[1] == list(range(10)) + [11, 12, 13, 14]
+    assert got_nat.tensor("c", "logits")[1] == [0, 1, 2, 4]
+    assert got_nat.tensor("b", "resid_pre", 0)[1] == list(range(3 + 6))
+
+
+@needs_native
+def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch):
+    """HF decode steps after a decode step with the same requests are advanced layouts (repeat
+    steps on the native path); a request that feeds its EOS leaves the batch (a new plan), then
+    the others repeat again. Ring bytes and summaries as on the Python path."""
+    model = make("llama")
+    ids, mask = left_padded(PROMPTS[:3])
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, **GEN).sequences
+    eos = int(plain[1, ids.shape[1] + 2])   # request 1 feeds its EOS at the 3rd decode forward
+    assert eos not in plain[0, ids.shape[1]:].tolist() + plain[2, ids.shape[1]:].tolist()
+    repeated = []
+    real = CaptureAgent._begin_repeat_step
+
+    def spy(self, layout, delta):
+        repeated.append((self.capture_path, self._step, len(layout.requests)))
+        return real(self, layout, delta)
+    monkeypatch.setattr(CaptureAgent, "_begin_repeat_step", spy)
+    runs = {p: hf_run(p, tmp_path / p, "llama", 3, "full", 16 << 20, new_tokens=7, eos=eos)
+            for p in ("python", "native")}
+    (a_py, img_py, st_py, seq_py), (a_nat, img_nat, st_nat, seq_nat) = runs["python"], runs["native"]
+    assert torch.equal(seq_py, seq_nat)
+    # forwards: 1 prefill, 2 the first decode (a new plan), 3 repeat, 4 request 1 ended (new plan), 5-7 repeat
+    assert repeated == [("native", 3, 3), ("native", 5, 2), ("native", 6, 2), ("native", 7, 2)]
+    assert st_nat == st_py and st_py["dropped"] == 0
+    assert img_nat == img_py
+    got = drain(RingReader.open(a_nat.ring_path))
+    assert got.tensor("r1", "resid_pre", 0)[1] == list(range(len(PROMPTS[1]) + 2))
+    assert got.tensor("r0", "resid_pre", 0)[1] == list(range(len(PROMPTS[0]) + 6))
+    # every forward captures the same hooks: r1 took part in 3 forwards, r0 in 7 (accounting deferred and folded)
+    assert got.summaries["r1"].records_captured * 7 == got.summaries["r0"].records_captured * 3 > 0
+    for a in (a_py, a_nat):
+        a.close()

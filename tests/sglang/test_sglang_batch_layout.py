@@ -136,3 +136,24 @@ def test_padding_rows_never_reach_the_ring(tmp_path):
     assert got["a"][0] == 5 and got["b"][0] == 8 and got["c"][0] == 3
     assert [float(got[k][1][0, 0]) for k in ("a", "b", "c")] == [1.0, 2.0, 3.0]
     assert all(float(t.min()) >= 0 for _, t in got.values()), "a padding row was exported"
+
+
+def test_a_decode_forward_of_the_previous_requests_one_position_on_is_the_previous_layout_advanced():
+    """plan_step(previous=...): the same requests, rows and phases, every position + 1 -> the
+    previous layout advanced (one shared shape token: the agent repeats that step's plan); any
+    difference -> a layout built afresh (no shape token)."""
+    prompt = {"a": 5, "b": 3, "c": 3}.get
+    first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), prompt).layout
+    nxt = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), prompt, previous=first)
+    assert nxt.layout.shape is not None and nxt.layout.shape is first.shape
+    assert request_rows(nxt) == [("a", 0, 1, 6, "DECODE"), ("b", 1, 1, 9, "DECODE")]
+    assert nxt.layout == plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), prompt).layout
+    for rids, seq_lens, why in ((["a", "b"], [8, 10], "a position jumped"),
+                                (["b", "a"], [10, 7], "another order"),
+                                (["a"], [7], "b finished"),
+                                (["a", "b", "c"], [7, 10, 4], "c joined")):
+        fresh = plan_step(forward_batch("DECODE", rids, seq_lens=seq_lens), prompt, previous=first).layout
+        assert fresh.shape is None, why
+    # a phase change (a prompt length the planner now reports) is not a repeat either
+    other = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), {"a": 9, "b": 3}.get, previous=first)
+    assert other.layout.shape is None and request_rows(other)[0] == ("a", 0, 1, 6, "PREFILL")

@@ -7,7 +7,9 @@
  * header and meta (pre-serialised per plan: step field + static fields + capture time + the step's
  * parts), the row copy (one memcpy per contiguous run; strided rows one memcpy per row), the commit
  * (head store) and the accounting (per plan and per part group, folded into AgentStats by
- * core.py). Everything unusual (a CUDA tensor, a row count of neither domain, a full ring, a
+ * core.py). Once per step: the STEP frame (Core.write_step), the part groups' positions of a repeat
+ * step (Group.shift; docs/agent.md "Repeat steps"), the heartbeat and thread-time stores.
+ * Everything unusual (a CUDA tensor, a row count of neither domain, a full ring, a
  * disabled tap, a non-contiguous row, an exception) goes to the Python path, `CaptureAgent._tap_body`,
  * which is the oracle: tests/agent/test_native_capture.py checks the two write identical ring bytes.
  *
@@ -21,17 +23,23 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define HEADER_SIZE 4096
 #define ALIGN_MASK 63
 #define FRAME_HEADER_SIZE 40
 #define FRAME_MAGIC 0x54544652u
 #define KIND_SLAB 2
+#define KIND_STEP 1
 #define KIND_PAD 0xFFFF
 #define OFF_HEAD 256
 #define OFF_TAIL 320
 #define OFF_FRAMES_COMMITTED (384 + 8)
 #define OFF_BYTES_COMMITTED (384 + 24)
+#define OFF_HEARTBEAT 384
+#define OFF_THREAD_NS (384 + 40)
 #define MAX_ENTRIES 4
 #define MAX_ROW_DIMS 8
 
@@ -55,6 +63,14 @@ static void crc_init(void) {   /* zlib's CRC-32 (reflected 0xEDB88320), slicing-
 
 static uint32_t crc32_of(const unsigned char *p, size_t n) {   /* == zlib.crc32(bytes) */
     uint32_t c = 0xFFFFFFFFu;
+    if (n < 256) {
+        /* a short meta (one tap of a small batch: ~50-200 bytes): one table (16 cache lines) instead
+         * of eight (128). Between the model's kernels every line is a cache miss, which costs more
+         * than the 8x fewer steps; longer metas (many requests' parts, e.g. the post-replay step's
+         * back-to-back buffers, whose tables stay warm) take slicing-by-8 */
+        while (n--) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+        return c ^ 0xFFFFFFFFu;
+    }
     while (n >= 8) {
         uint32_t lo, hi;
         memcpy(&lo, p, 4);
@@ -138,14 +154,36 @@ typedef struct {
     PyObject *hooks;           /* set of hook names written */
     Py_ssize_t nruns, nrows, nparts;
     long long *runs;           /* (src_row, dst_row, count) * nruns */
+    long long *fields;         /* (request_index, slab_row_start, row_count, position_start) * nparts, or NULL */
     long long max_src_row;     /* rows the tensor must have */
     long long written_slabs, written_row_bytes;
 } Group;
 
 static int Group_init(Group *self, PyObject *args, PyObject *kw) {
-    PyObject *parts, *runs;
+    PyObject *parts, *runs, *fields = NULL;
     Py_ssize_t nrows, nparts;
-    if (!PyArg_ParseTuple(args, "SOnn", &parts, &runs, &nrows, &nparts)) return -1;
+    if (!PyArg_ParseTuple(args, "SOnn|O", &parts, &runs, &nrows, &nparts, &fields)) return -1;
+    long long *fv = NULL;
+    if (fields && fields != Py_None) {   /* the parts' fields: shift() re-encodes them */
+        PyObject *fs = PySequence_Fast(fields, "fields must be a sequence of 4-tuples");
+        if (!fs) return -1;
+        if (PySequence_Fast_GET_SIZE(fs) != nparts) {
+            Py_DECREF(fs);
+            PyErr_Format(PyExc_ValueError, "Group: %zd fields for %zd parts", PySequence_Fast_GET_SIZE(fs), nparts);
+            return -1;
+        }
+        fv = PyMem_Calloc(nparts ? (size_t)nparts * 4 : 1, sizeof(long long));
+        if (!fv) { Py_DECREF(fs); PyErr_NoMemory(); return -1; }
+        for (Py_ssize_t i = 0; i < nparts; i++) {
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fs, i), "LLLL", &fv[4 * i], &fv[4 * i + 1],
+                                  &fv[4 * i + 2], &fv[4 * i + 3])) {
+                PyMem_Free(fv); Py_DECREF(fs); return -1;
+            }
+        }
+        Py_DECREF(fs);
+    }
+    PyMem_Free(self->fields);
+    self->fields = fv;
     PyObject *seq = PySequence_Fast(runs, "runs must be a sequence of (src, dst, count)");
     if (!seq) return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -178,6 +216,7 @@ static void Group_dealloc(Group *self) {
     Py_XDECREF(self->parts_bytes);
     Py_XDECREF(self->hooks);
     PyMem_Free(self->runs);
+    PyMem_Free(self->fields);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -190,14 +229,53 @@ static PyObject *Group_reset(Group *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *encode_parts_of(const long long *f, Py_ssize_t n, long long delta);
+
+/* shift(delta): the next step of the same request rows, every position `delta` further on: the
+ * parts are re-encoded (the copy runs and the counters stay; end_step's accounting folds them) */
+static PyObject *Group_shift(Group *self, PyObject *arg) {
+    long long delta = PyLong_AsLongLong(arg);
+    if (delta == -1 && PyErr_Occurred()) return NULL;
+    if (!self->fields) {
+        PyErr_SetString(PyExc_ValueError, "Group.shift: this group was built without its fields");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->nparts; i++) {
+        if (self->fields[4 * i + 3] + delta < 0) {
+            PyErr_Format(PyExc_ValueError, "Group.shift(%lld): part %zd would have position %lld", delta, i,
+                         self->fields[4 * i + 3] + delta);
+            return NULL;
+        }
+    }
+    PyObject *b = encode_parts_of(self->fields, self->nparts, delta);
+    if (!b) return NULL;
+    for (Py_ssize_t i = 0; i < self->nparts; i++) self->fields[4 * i + 3] += delta;
+    Py_XSETREF(self->parts_bytes, b);
+    Py_INCREF(b);
+    return b;
+}
+
+/* clear(): the counters, once end_step (or a later fold) has accounted them */
+static PyObject *Group_clear(Group *self, PyObject *unused) {
+    self->written_slabs = self->written_row_bytes = 0;
+    if (PySet_GET_SIZE(self->hooks) && PySet_Clear(self->hooks)) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Group_get_parts_bytes(Group *self, void *c) { Py_INCREF(self->parts_bytes); return self->parts_bytes; }
+
 static PyMethodDef Group_methods[] = {
-    {"reset", (PyCFunction)Group_reset, METH_VARARGS, "reset(parts_bytes, runs, nrows, nparts): this step's parts"},
+    {"reset", (PyCFunction)Group_reset, METH_VARARGS,
+     "reset(parts_bytes, runs, nrows, nparts[, fields]): this step's parts"},
+    {"shift", (PyCFunction)Group_shift, METH_O, "shift(delta) -> the parts' bytes, every position + delta"},
+    {"clear", (PyCFunction)Group_clear, METH_NOARGS, "zero the written counters"},
     {NULL}};
 
 static PyGetSetDef Group_getset[] = {
     {"written_slabs", (getter)Group_get_slabs, NULL, "slabs of this group written natively", NULL},
     {"written_row_bytes", (getter)Group_get_row_bytes, NULL, "bytes per row, summed over those slabs", NULL},
     {"hooks", (getter)Group_get_hooks, NULL, "hook names written natively", NULL},
+    {"parts_bytes", (getter)Group_get_parts_bytes, NULL, "the serialized parts", NULL},
     {NULL}};
 
 static PyTypeObject GroupType = {
@@ -209,7 +287,7 @@ static PyTypeObject GroupType = {
     .tp_dealloc = (destructor)Group_dealloc,
     .tp_getset = Group_getset,
     .tp_methods = Group_methods,
-    .tp_doc = "Group(parts_bytes, runs, nrows, nparts): the parts one tap produces in one step",
+    .tp_doc = "Group(parts_bytes, runs, nrows, nparts[, fields]): the parts one tap produces in one step",
 };
 
 /* ---------------------------------------------------------------- Core ---------------------- */
@@ -228,6 +306,9 @@ typedef struct {
     unsigned long long gen;    /* bumped by the agent whenever cached per-step answers go stale */
     long long total_rows, num_seqs;
     long long thread_ns;
+    unsigned long long control_seen;   /* the control block's seq the agent last read */
+    PyObject *step_model;      /* bytes: RingStep.model_id (field 2), for write_step */
+    PyObject *step_tp;         /* bytes: RingStep.tp_size (field 5) */
 } Core;
 
 /* The rows of a tensor: row r lives at ptr + ((r / inner_n) * sa + (r % inner_n) * sb) elements. */
@@ -303,21 +384,66 @@ static void Core_dealloc(Core *self) {
     PyObject_GC_UnTrack(self);
     Core_clear(self);
     Py_XDECREF(self->step_field);
+    Py_XDECREF(self->step_model);
+    Py_XDECREF(self->step_tp);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* begin(step_field, total_rows, num_sequences): a step that captures something starts */
-static PyObject *Core_begin(Core *self, PyObject *args) {
-    PyObject *sf;
-    long long tr, ns;
-    int keep = 0;
-    if (!PyArg_ParseTuple(args, "SLL|p", &sf, &tr, &ns, &keep)) return NULL;
-    Py_INCREF(sf); Py_XSETREF(self->step_field, sf);
+static unsigned char *put_varint(unsigned char *p, unsigned long long v);
+
+/* begin(step, total_rows, num_sequences, keep) -> the step field (RingSlab.step = step, serialized):
+ * a step that captures something starts; keep: the same selection answers and groups (reset or
+ * shifted in place by the agent) */
+static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *self = (Core *)self_;
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "begin(step, total_rows, num_sequences, keep)"); return NULL; }
+    unsigned long long step = PyLong_AsUnsignedLongLong(args[0]);
+    long long tr = PyLong_AsLongLong(args[1]), ns = PyLong_AsLongLong(args[2]);
+    int keep = PyObject_IsTrue(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    unsigned char buf[11], *p = buf;
+    *p++ = 0x08;
+    p = put_varint(p, step);
+    PyObject *sf = PyBytes_FromStringAndSize((const char *)buf, p - buf);
+    if (!sf) return NULL;
+    Py_XSETREF(self->step_field, sf);
     self->total_rows = tr;
     self->num_seqs = ns;
-    if (!keep) self->gen++;   /* keep: the same selection answers and groups (reset in place) */
+    if (!keep) self->gen++;
     self->step_frame_ok = 0;
     self->open = 1;
+    Py_INCREF(sf);
+    return sf;
+}
+
+/* heartbeat() -> True when the control block's seq moved since control_seen (the agent then
+ * polls it in Python): the producer heartbeat store and the control check of every begin_step */
+static PyObject *Core_heartbeat(Core *self, PyObject *unused) {
+    if (!self->base) Py_RETURN_FALSE;
+    __atomic_store_n((unsigned long long *)(self->base + OFF_HEARTBEAT), (unsigned long long)now_ns(CLOCK_REALTIME),
+                     __ATOMIC_RELAXED);
+    unsigned long long seq = __atomic_load_n((unsigned long long *)(self->base + 512), __ATOMIC_ACQUIRE);
+    return PyBool_FromLong(seq != self->control_seen);
+}
+
+/* finish(t0): end of the step: thread_ns += now - t0 (CLOCK_MONOTONIC = time.perf_counter_ns),
+ * stored in the ring header (the exporter's metric); the step is closed */
+static PyObject *Core_finish(Core *self, PyObject *arg) {
+    long long t0 = PyLong_AsLongLong(arg);
+    if (t0 == -1 && PyErr_Occurred()) return NULL;
+    self->open = 0;
+    self->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    if (self->base)
+        __atomic_store_n((unsigned long long *)(self->base + OFF_THREAD_NS), (unsigned long long)self->thread_ns,
+                         __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+/* add_ns(t0): thread_ns += now - t0 */
+static PyObject *Core_add_ns(Core *self, PyObject *arg) {
+    long long t0 = PyLong_AsLongLong(arg);
+    if (t0 == -1 && PyErr_Occurred()) return NULL;
+    self->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
     Py_RETURN_NONE;
 }
 
@@ -347,6 +473,13 @@ static int Core_set_thread_ns(Core *self, PyObject *v, void *c) {
     return 0;
 }
 static PyObject *Core_get_open(Core *self, void *c) { return PyBool_FromLong(self->open); }
+static PyObject *Core_get_control_seen(Core *self, void *c) { return PyLong_FromUnsignedLongLong(self->control_seen); }
+static int Core_set_control_seen(Core *self, PyObject *v, void *c) {
+    unsigned long long x = v ? PyLong_AsUnsignedLongLong(v) : 0;
+    if (PyErr_Occurred()) return -1;
+    self->control_seen = x;
+    return 0;
+}
 static PyObject *Core_get_clock(Core *self, void *c) { Py_INCREF(self->clock); return self->clock; }
 static int Core_set_clock(Core *self, PyObject *v, void *c) {
     if (!v) v = Py_None;
@@ -364,9 +497,9 @@ static int Core_set_is_compiling(Core *self, PyObject *v, void *c) {
 
 /* Reserve a SLAB frame with `meta` pieces and payload_len bytes. Returns the payload pointer and
  * sets *end_pos, or NULL when the ring has no room (nothing written; the Python path decides). */
-static unsigned char *reserve_slab(Core *c, PyObject *const *pieces, int npieces, const unsigned char *tbytes,
-                                   size_t payload_len, unsigned long long *end_pos, unsigned long long *new_seq,
-                                   unsigned long long *pos_after) {
+static unsigned char *reserve_frame(Core *c, uint16_t frame_kind, PyObject *const *pieces, int npieces,
+                                    const unsigned char *tbytes, size_t payload_len, unsigned long long *end_pos,
+                                    unsigned long long *new_seq, unsigned long long *pos_after) {
     size_t meta_len = 0;
     for (int i = 0; i < npieces; i++) meta_len += pieces[i] ? (size_t)PyBytes_GET_SIZE(pieces[i]) : 9;
     size_t head_len = (FRAME_HEADER_SIZE + meta_len + ALIGN_MASK) & ~(size_t)ALIGN_MASK;
@@ -414,7 +547,7 @@ static unsigned char *reserve_slab(Core *c, PyObject *const *pieces, int npieces
     }
     uint32_t magic = FRAME_MAGIC, total = (uint32_t)size, ml = (uint32_t)meta_len, zero32 = 0;
     uint32_t crc = crc32_of(f + FRAME_HEADER_SIZE, meta_len);
-    uint16_t kind = KIND_SLAB, zero16 = 0;
+    uint16_t kind = frame_kind, zero16 = 0;
     uint64_t pl = payload_len, s64 = seq;
     memcpy(f, &magic, 4); memcpy(f + 4, &kind, 2); memcpy(f + 6, &zero16, 2); memcpy(f + 8, &total, 4);
     memcpy(f + 12, &ml, 4); memcpy(f + 16, &pl, 8); memcpy(f + 24, &s64, 8); memcpy(f + 32, &crc, 4);
@@ -423,6 +556,38 @@ static unsigned char *reserve_slab(Core *c, PyObject *const *pieces, int npieces
     *end_pos = pos + size;
     *pos_after = pos + size;
     return base + HEADER_SIZE + phys + head_len;
+}
+
+/* The payload copy into the ring. Rows of 1 KiB and more go with non-temporal stores: the ring's
+ * memory is written once and read by another process, so loading its lines into this core's
+ * caches first (a plain memcpy's read-for-ownership) only costs the inference thread time and
+ * evicts the model's own data. The head store after it is preceded by an sfence (copy_fence). */
+static inline int copy_out(unsigned char *dst, const unsigned char *src, size_t n) {
+#if defined(__SSE2__)
+    if (n >= 1024 && ((uintptr_t)dst & 15) == 0) {
+        size_t k = n & ~(size_t)63;
+        for (size_t i = 0; i < k; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+            _mm_stream_si128((__m128i *)(dst + i), a);
+            _mm_stream_si128((__m128i *)(dst + i + 16), b);
+            _mm_stream_si128((__m128i *)(dst + i + 32), c);
+            _mm_stream_si128((__m128i *)(dst + i + 48), d);
+        }
+        if (n > k) memcpy(dst + k, src + k, n - k);
+        return 1;
+    }
+#endif
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static inline void copy_fence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();   /* the streamed payload is visible before the head store that publishes it */
+#endif
 }
 
 static int store_writer_state(Core *c, unsigned long long reserved, unsigned long long seq) {
@@ -440,8 +605,98 @@ static int store_writer_state(Core *c, unsigned long long reserved, unsigned lon
 
 
 
+/* The row geometry of a tensor of `nd` dims (sizes sz, strides st in elements): 1 when its rows
+ * are each contiguous (the native path copies them), else 0. */
+static int fill_view(RowsView *v, Py_ssize_t nd, const long long *sz, const long long *st, int flatten,
+                     long long limit) {
+    int first_row_dim;
+    if (nd < 1 || nd > MAX_ROW_DIMS + 1) return 0;
+    if (flatten && nd >= 2) {
+        v->outer_n = sz[0]; v->inner_n = sz[1]; v->sa = st[0]; v->sb = st[1];
+        first_row_dim = 2;
+    } else {
+        v->outer_n = sz[0]; v->inner_n = 1; v->sa = st[0]; v->sb = 0;
+        first_row_dim = 1;
+    }
+    if (limit >= 0) {                   /* static buffers: only the step's first `limit` rows */
+        if (v->inner_n != 1 || limit > v->outer_n) return 0;
+        v->outer_n = limit;
+    }
+    v->nd = (int)(nd - first_row_dim);
+    if (v->nd > MAX_ROW_DIMS) return 0;
+    long long expect = 1;
+    for (Py_ssize_t i = nd - 1; i >= first_row_dim; i--) {
+        v->dims[i - first_row_dim] = sz[i];
+        if (sz[i] != 1 && st[i] != expect) return 0;   /* a row is not contiguous: Python path */
+        expect *= sz[i];
+    }
+    return 1;
+}
+
+/* DLPack (dlpack.h, a stable C ABI): torch._C._to_dlpack(tensor) hands data pointer, device, shape
+ * and strides in one call, where the tensor's accessors take four (is_cpu, size(), stride(),
+ * data_ptr()), each a separate path through libtorch; between the model's kernels every path is
+ * cache-cold, so one call instead of four is most of a tap's cost. The capsule is released at
+ * once (its destructor frees the export; the tensor itself is held by the caller). */
+typedef struct { int32_t device_type, device_id; } DLDevice_;
+typedef struct { uint8_t code, bits; uint16_t lanes; } DLDataType_;
+typedef struct {
+    void *data;
+    DLDevice_ device;
+    int32_t ndim;
+    DLDataType_ dtype;
+    int64_t *shape, *strides;
+    uint64_t byte_offset;
+} DLTensor_;
+typedef struct DLManagedTensor_ {
+    DLTensor_ dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor_ *);
+} DLManagedTensor_;
+static PyObject *g_to_dlpack;   /* torch._C._to_dlpack, or NULL: the accessors (use_dlpack()) */
+
+static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *v);
+
 /* 1: view filled; 0: not a case for the native path (use the Python path); -1: error set. */
 static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
+    v->dtype = NULL;
+    if (!g_to_dlpack) return rows_view_attrs(t, flatten, limit, v);
+    PyObject *cap = PyObject_CallOneArg(g_to_dlpack, t);
+    if (!cap) { PyErr_Clear(); return rows_view_attrs(t, flatten, limit, v); }
+    DLManagedTensor_ *m = PyCapsule_GetPointer(cap, "dltensor");
+    if (!m) { PyErr_Clear(); Py_DECREF(cap); return rows_view_attrs(t, flatten, limit, v); }
+    DLTensor_ *d = &m->dl_tensor;
+    int ok = 0;
+    if (d->device.device_type == 1 /* kDLCPU */ && d->ndim >= 1 && d->ndim <= MAX_ROW_DIMS + 1) {
+        long long sz[MAX_ROW_DIMS + 2], st[MAX_ROW_DIMS + 2];
+        long long expect = 1;
+        for (int i = d->ndim - 1; i >= 0; i--) {
+            sz[i] = d->shape[i];
+            st[i] = d->strides ? d->strides[i] : expect;   /* NULL strides: compact row-major */
+            expect *= sz[i];
+        }
+        ok = fill_view(v, d->ndim, sz, st, flatten, limit);
+        v->ptr = (unsigned char *)d->data + d->byte_offset;
+    }
+    Py_DECREF(cap);
+    if (!ok) return 0;
+    v->dtype = PyObject_GetAttr(t, s_dtype);
+    if (!v->dtype) { PyErr_Clear(); return 0; }
+    return 1;
+}
+
+static PyObject *mod_use_dlpack(PyObject *m, PyObject *fn) {
+    if (fn == Py_None) {
+        Py_CLEAR(g_to_dlpack);
+    } else {
+        Py_INCREF(fn);
+        Py_XSETREF(g_to_dlpack, fn);
+    }
+    Py_RETURN_NONE;
+}
+
+/* The same, through the tensor's accessors (no DLPack export, or it failed). */
+static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *v) {
     v->dtype = NULL;
     PyObject *o = PyObject_GetAttr(t, s_is_cpu);
     if (!o) { PyErr_Clear(); return 0; }
@@ -463,26 +718,7 @@ static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
         st[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
     }
     if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
-    int first_row_dim;
-    if (flatten && nd >= 2) {
-        v->outer_n = sz[0]; v->inner_n = sz[1]; v->sa = st[0]; v->sb = st[1];
-        first_row_dim = 2;
-    } else {
-        v->outer_n = sz[0]; v->inner_n = 1; v->sa = st[0]; v->sb = 0;
-        first_row_dim = 1;
-    }
-    if (limit >= 0) {                   /* static buffers: only the step's first `limit` rows */
-        if (v->inner_n != 1 || limit > v->outer_n) goto done;
-        v->outer_n = limit;
-    }
-    v->nd = (int)(nd - first_row_dim);
-    if (v->nd > MAX_ROW_DIMS) goto done;
-    long long expect = 1;
-    for (Py_ssize_t i = nd - 1; i >= first_row_dim; i--) {
-        v->dims[i - first_row_dim] = sz[i];
-        if (sz[i] != 1 && st[i] != expect) goto done;   /* a row is not contiguous: Python path */
-        expect *= sz[i];
-    }
+    if (!fill_view(v, nd, sz, st, flatten, limit)) goto done;
     PyObject *dp = PyObject_CallMethodNoArgs(t, s_data_ptr);
     if (!dp) { PyErr_Clear(); goto done; }
     v->ptr = (unsigned char *)(uintptr_t)PyLong_AsUnsignedLongLong(dp);
@@ -696,28 +932,32 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
     memcpy(tb + 1, &tnow, 8);
     PyObject *pieces[4] = {c->step_field, plan->static_meta, NULL, grp->parts_bytes};
     unsigned long long end_pos, new_seq, pos_after;
-    unsigned char *dst = reserve_slab(c, pieces, 4, tb, nbytes, &end_pos, &new_seq, &pos_after);
+    unsigned char *dst = reserve_frame(c, KIND_SLAB, pieces, 4, tb, nbytes, &end_pos, &new_seq, &pos_after);
     if (!dst) {
         if (PyErr_Occurred()) { rc = -1; goto out; }
         goto slow;   /* full / too large: the overflow policy is the Python path's */
     }
     size_t elem = (size_t)plan->elem;
     long long inner = v.inner_n;
+    int streamed = 0;
     int uniform = (inner == 1 && (size_t)v.sa * elem == row_bytes) ||
                   ((size_t)v.sb * elem == row_bytes && v.sa == inner * v.sb);
     for (Py_ssize_t i = 0; i < grp->nruns; i++) {
         long long src = grp->runs[3 * i], d = grp->runs[3 * i + 1], count = grp->runs[3 * i + 2];
         if (uniform) {
             long long a = src / inner, b = src % inner;
-            memcpy(dst + d * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem, (size_t)count * row_bytes);
+            streamed |= copy_out(dst + d * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem,
+                                 (size_t)count * row_bytes);
         } else {
             for (long long r = 0; r < count; r++) {
                 long long s = src + r, a = s / inner, b = s % inner;
-                memcpy(dst + (d + r) * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem, row_bytes);
+                streamed |= copy_out(dst + (d + r) * row_bytes, v.ptr + (a * v.sa + b * v.sb) * (long long)elem,
+                                     row_bytes);
             }
         }
     }
     if (store_writer_state(c, pos_after, new_seq)) { rc = -1; goto out; }
+    if (streamed) copy_fence();   /* (plain stores are ordered by the release store itself) */
     __atomic_store_n((unsigned long long *)(c->base + OFF_HEAD), end_pos, __ATOMIC_RELEASE);
     *(unsigned long long *)(c->base + OFF_FRAMES_COMMITTED) += 1;
     *(unsigned long long *)(c->base + OFF_BYTES_COMMITTED) += nbytes;
@@ -974,10 +1214,19 @@ static PyObject *Core_capture_static(PyObject *self_, PyObject *const *args, Py_
 }
 
 static PyObject *Core_noop(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) { Py_RETURN_NONE; }
+static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *Core_step_fields(PyObject *self_, PyObject *args);
 
 static PyMethodDef Core_methods[] = {
-    {"begin", (PyCFunction)Core_begin, METH_VARARGS, "begin(step_field, total_rows, num_sequences)"},
+    {"begin", (PyCFunction)(void (*)(void))Core_begin, METH_FASTCALL,
+     "begin(step, total_rows, num_sequences, keep) -> the step field"},
     {"end", (PyCFunction)Core_end, METH_NOARGS, "the step ended"},
+    {"heartbeat", (PyCFunction)Core_heartbeat, METH_NOARGS, "heartbeat store; True when the control block moved"},
+    {"finish", (PyCFunction)Core_finish, METH_O, "finish(t0): the step ended; thread_ns += now - t0, reported"},
+    {"add_ns", (PyCFunction)Core_add_ns, METH_O, "add_ns(t0): thread_ns += now - t0"},
+    {"write_step", (PyCFunction)(void (*)(void))Core_write_step, METH_FASTCALL,
+     "write_step(items, delta) -> the STEP frame committed (False: no room)"},
+    {"step_fields", (PyCFunction)Core_step_fields, METH_VARARGS, "step_fields(model_field, tp_field)"},
     {"invalidate", (PyCFunction)Core_invalidate, METH_NOARGS, "forget the step's cached answers"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "the ring is about to be unmapped"},
     {"tap", (PyCFunction)(void (*)(void))Core_tap, METH_FASTCALL, "tap(hook, layer, extract, *args)"},
@@ -990,6 +1239,8 @@ static PyMethodDef Core_methods[] = {
 static PyGetSetDef Core_getset[] = {
     {"thread_ns", (getter)Core_get_thread_ns, (setter)Core_set_thread_ns, "inference-thread ns of the agent", NULL},
     {"open", (getter)Core_get_open, NULL, "a step that captures is open", NULL},
+    {"control_seen", (getter)Core_get_control_seen, (setter)Core_set_control_seen,
+     "the control block seq the agent last read", NULL},
     {"clock", (getter)Core_get_clock, (setter)Core_set_clock, "None (CLOCK_REALTIME) or a callable -> ns", NULL},
     {"is_compiling", (getter)Core_get_is_compiling, (setter)Core_set_is_compiling, "None or a callable", NULL},
     {NULL}};
@@ -1032,6 +1283,24 @@ static unsigned char *put_field(unsigned char *p, int tag, unsigned long long v)
     return put_varint(p, v);
 }
 
+static PyObject *encode_parts_of(const long long *f, Py_ssize_t n, long long delta) {
+    unsigned char *buf = PyMem_Malloc((size_t)n * 48 + 1), *p = buf;
+    if (!buf) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char body[44], *b = body;
+        b = put_field(b, 0x08, (unsigned long long)f[4 * i]); b = put_field(b, 0x10, (unsigned long long)f[4 * i + 1]);
+        b = put_field(b, 0x18, (unsigned long long)f[4 * i + 2]);
+        b = put_field(b, 0x20, (unsigned long long)(f[4 * i + 3] + delta));
+        *p++ = 0x42;
+        p = put_varint(p, (unsigned long long)(b - body));
+        memcpy(p, body, (size_t)(b - body));
+        p += b - body;
+    }
+    PyObject *r = PyBytes_FromStringAndSize((const char *)buf, p - buf);
+    PyMem_Free(buf);
+    return r;
+}
+
 /* encode_parts([(request_index, slab_row_start, row_count, position_start), ...]) -> bytes of
  * `repeated SlabPart parts = 8` (RingSlab) */
 static PyObject *mod_encode_parts(PyObject *m, PyObject *arg) {
@@ -1059,9 +1328,10 @@ static PyObject *mod_encode_parts(PyObject *m, PyObject *arg) {
     return r;
 }
 
-/* encode_requests([(prefix, row_start, row_count, position_start, phase), ...]) -> bytes of
- * `repeated RequestRows requests = 3` (RingStep); prefix = the serialized fields 1-3 */
-static PyObject *mod_encode_requests(PyObject *m, PyObject *arg) {
+/* encode_requests([(prefix, row_start, row_count, position_start, phase), ...][, delta]) -> bytes of
+ * `repeated RequestRows requests = 3` (RingStep); prefix = the serialized fields 1-3; every
+ * position_start + delta */
+static PyObject *encode_requests_of(PyObject *arg, long long delta) {
     PyObject *seq = PySequence_Fast(arg, "requests must be a sequence of 5-tuples");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
@@ -1081,6 +1351,7 @@ static PyObject *mod_encode_requests(PyObject *m, PyObject *arg) {
         unsigned long long v[4];
         for (int k = 0; k < 4; k++) v[k] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, k + 1));
         if (PyErr_Occurred()) { PyMem_Free(buf); Py_DECREF(seq); return NULL; }
+        v[2] += (unsigned long long)delta;
         unsigned char tail[48], *b = tail;
         b = put_field(b, 0x20, v[0]); b = put_field(b, 0x28, v[1]); b = put_field(b, 0x30, v[2]);
         b = put_field(b, 0x38, v[3]);
@@ -1098,12 +1369,73 @@ static PyObject *mod_encode_requests(PyObject *m, PyObject *arg) {
     return r;
 }
 
+static PyObject *mod_encode_requests(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) { PyErr_SetString(PyExc_TypeError, "encode_requests(items[, delta])"); return NULL; }
+    long long delta = nargs == 2 ? PyLong_AsLongLong(args[1]) : 0;
+    if (delta == -1 && PyErr_Occurred()) return NULL;
+    return encode_requests_of(args[0], delta);
+}
+
+/* core.write_step(items, delta) -> True once the step's STEP frame is committed: RingStep fields in
+ * number order, step (the field begin() made) | model_id | requests (items, positions + delta) |
+ * capture time | tp_size, the same bytes as core.py's Python path. False: no room (nothing written). */
+static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *c = (Core *)self_;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "write_step(items, delta)"); return NULL; }
+    if (!c->step_model || !c->step_tp) { PyErr_SetString(PyExc_RuntimeError, "write_step: step_fields not set"); return NULL; }
+    long long delta = PyLong_AsLongLong(args[1]);
+    if (delta == -1 && PyErr_Occurred()) return NULL;
+    if (!c->base) Py_RETURN_FALSE;
+    PyObject *reqs = encode_requests_of(args[0], delta);
+    if (!reqs) return NULL;
+    unsigned char tb[9];
+    tb[0] = (4 << 3) | 1;   /* RingStep.capture_time_unix_nano: field 4, fixed64 */
+    uint64_t tnow;
+    if (c->clock == Py_None) {
+        tnow = (uint64_t)now_ns(CLOCK_REALTIME);
+    } else {
+        PyObject *tv = PyObject_CallNoArgs(c->clock);
+        if (!tv) { Py_DECREF(reqs); return NULL; }
+        tnow = PyLong_AsUnsignedLongLong(tv);
+        Py_DECREF(tv);
+        if (PyErr_Occurred()) { Py_DECREF(reqs); return NULL; }
+    }
+    memcpy(tb + 1, &tnow, 8);
+    PyObject *pieces[5] = {c->step_field, c->step_model, reqs, NULL, c->step_tp};
+    PyObject *no_time[4] = {c->step_field, c->step_model, reqs, c->step_tp};   /* proto3: a zero time is omitted */
+    unsigned long long end_pos, new_seq, pos_after;
+    unsigned char *r = tnow ? reserve_frame(c, KIND_STEP, pieces, 5, tb, 0, &end_pos, &new_seq, &pos_after)
+                            : reserve_frame(c, KIND_STEP, no_time, 4, tb, 0, &end_pos, &new_seq, &pos_after);
+    Py_DECREF(reqs);
+    if (!r) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (store_writer_state(c, pos_after, new_seq)) return NULL;
+    __atomic_store_n((unsigned long long *)(c->base + OFF_HEAD), end_pos, __ATOMIC_RELEASE);
+    *(unsigned long long *)(c->base + OFF_FRAMES_COMMITTED) += 1;
+    c->step_frame_ok = 1;
+    Py_RETURN_TRUE;
+}
+
+/* core.step_fields(model_field, tp_field): RingStep's constant fields, serialized once */
+static PyObject *Core_step_fields(PyObject *self_, PyObject *args) {
+    Core *c = (Core *)self_;
+    PyObject *mf, *tf;
+    if (!PyArg_ParseTuple(args, "SS", &mf, &tf)) return NULL;
+    Py_INCREF(mf); Py_XSETREF(c->step_model, mf);
+    Py_INCREF(tf); Py_XSETREF(c->step_tp, tf);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
     {"crc32", (PyCFunction)mod_crc32, METH_O, "zlib.crc32 of a buffer (self-test)"},
+    {"use_dlpack", (PyCFunction)mod_use_dlpack, METH_O,
+     "use_dlpack(torch._C._to_dlpack or None): how taps read a tensor's geometry (None: its accessors)"},
     {"noop", (PyCFunction)(void (*)(void))mod_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
     {"encode_parts", (PyCFunction)mod_encode_parts, METH_O, "RingSlab.parts (field 8) of [(idx, dst, count, pos)]"},
-    {"encode_requests", (PyCFunction)mod_encode_requests, METH_O,
-     "RingStep.requests (field 3) of [(prefix, row_start, row_count, position_start, phase)]"},
+    {"encode_requests", (PyCFunction)(void (*)(void))mod_encode_requests, METH_FASTCALL,
+     "RingStep.requests (field 3) of [(prefix, row_start, row_count, position_start, phase)][, delta]"},
     {NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_capture",
@@ -1139,6 +1471,6 @@ PyMODINIT_FUNC PyInit__capture(void) {
     PyModule_AddIntConstant(m, "W_NO", W_NO);
     PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
     PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);
-    PyModule_AddIntConstant(m, "ABI", 1);
+    PyModule_AddIntConstant(m, "ABI", 2);
     return m;
 }

@@ -110,12 +110,15 @@ class _PartGroup:
     """
 
     __slots__ = ("parts", "requests", "parts_bytes", "src_runs", "nrows", "written_slabs",
-                 "written_row_bytes", "hooks", "native", "key")
+                 "written_row_bytes", "hooks", "native", "key", "fields")
 
-    def __init__(self, parts, requests, parts_bytes, src_runs, nrows):
+    def __init__(self, parts, requests, parts_bytes, src_runs, nrows, fields=None):
+        # parts and fields carry the positions of the step that built the group; a repeat step
+        # (begin_step) shifts only the native Group's copy and parts_bytes, which both paths write.
         self.parts = parts              # [(index in layout.requests, src_row, count, position)]
         self.requests = requests        # [_Request] aligned with parts
         self.parts_bytes = parts_bytes  # serialized `repeated SlabPart parts = 8`
+        self.fields = fields            # [(STEP frame request index, slab row, count, position)]
         self.src_runs = src_runs        # [(src_row, dst_row, count)] merged contiguous copies
         self.nrows = nrows
         self.written_slabs = 0
@@ -123,13 +126,25 @@ class _PartGroup:
         self.hooks: set = set()
         self.native = None              # its _capture.Group once a native tap writes it
 
-    def written(self) -> tuple[int, int, set]:
-        """(slabs, bytes per row summed over them, hook names) written by both paths this step."""
+    def account(self) -> None:
+        """Fold the records both paths wrote this step into the requests' totals; zero the
+        counters (a repeat step reuses the group)."""
+        slabs, row_bytes, hooks = self.written_slabs, self.written_row_bytes, self.hooks
         ng = self.native
-        if ng is None:
-            return self.written_slabs, self.written_row_bytes, self.hooks
-        return (self.written_slabs + ng.written_slabs, self.written_row_bytes + ng.written_row_bytes,
-                self.hooks | ng.hooks)
+        if ng is not None and ng.written_slabs:
+            slabs += ng.written_slabs
+            row_bytes += ng.written_row_bytes
+            hooks = hooks | ng.hooks
+            ng.clear()
+        if not slabs:
+            return
+        if self.written_slabs:
+            self.written_slabs = self.written_row_bytes = 0
+            self.hooks = set()
+        for (_, _, count, _), req in zip(self.parts, self.requests):
+            req.captured += slabs
+            req.bytes_captured += row_bytes * count
+            req.hooks.update(hooks)
 
 
 class _ThreadNs:
@@ -218,7 +233,17 @@ class CaptureAgent:
         self._staging = None  # CudaStaging, created on the first CUDA tensor
         self._closed = False
         self._native = None          # _capture.Core: the native fast path (agent/native.py)
-        self._native_groups: dict = {}   # group key -> _capture.Group the native taps hold
+        self._native_groups: dict = {}   # group key -> the _PartGroup whose _capture.Group native taps hold
+        # Repeat steps (begin_step): a layout advanced from the previous one (StepLayout.advanced)
+        # reuses that step's plan when nothing it depends on changed since: _epoch counts those
+        # changes (requests begun or ended, selection, disabled taps, requests dropped for life).
+        self._epoch = 0
+        self._repeat = None          # (epoch, selection) the current plan was made under; None: none
+        self._plan_entries: list = []
+        self._plan_unknown = 0       # rows of requests never begun in the planned layout (counted per step)
+        self._step_items = None      # native STEP frame: the plan's requests, positions of its first step
+        self._step_delta = 0         # positions of this step - those of _step_items
+        self._add_ns = self._add_ns_py
         self._sel_sig = None
         self._native_plans: list = []
         self.capture_path = "python"
@@ -244,6 +269,7 @@ class CaptureAgent:
         core = mod.Core(self._ring_addr - HEADER_SIZE, self.writer.capacity, self.writer, self)
         self._step_model_field = ring_pb2.RingStep(model_id=self.config.model_id).SerializeToString()
         self._step_tp_field = ring_pb2.RingStep(tp_size=self.config.tp_size).SerializeToString()
+        core.step_fields(self._step_model_field, self._step_tp_field)
         core.thread_ns = self._tns.thread_ns
         core.clock = None if _time_ns is time.time_ns else _time_ns
         try:   # dynamo's eval-frame callback (None in eager): native taps step aside while it is set
@@ -251,11 +277,19 @@ class CaptureAgent:
         except ImportError:
             get_eval_frame_callback = None
         core.is_compiling = get_eval_frame_callback
+        # Taps read a tensor's data pointer, device, shape and strides from one DLPack export
+        # (agent/_capture.c rows_view) when torch has it, else from four accessor calls.
+        mod.use_dlpack(getattr(self._torch._C, "_to_dlpack", None))
         self._native_mod = mod
         self._native = self._tns = core
+        self._add_ns = core.add_ns
+        core.control_seen = self.writer._last_control_seq
         self.capture_path = "native"
         # The generic taps (SGLang's, and any backend's agent.tap) run natively too.
         self.tap = core.tap
+
+    def _add_ns_py(self, t0: int) -> None:
+        self._tns.thread_ns += _perf_ns() - t0
 
     @property
     def thread_ns(self) -> int:
@@ -349,6 +383,7 @@ class CaptureAgent:
             sampled = self.selection.samples(request_id, arrival)
         ctx = RequestContext(request_id, trace_id, span_id, sampled)
         self._requests[request_id] = _Request(ctx, sel_options, forced, prompt_tokens, _time_ns())
+        self._epoch += 1
         self._counters.scalars["requests_begun"] += 1
         self._counters.scalars["requests_sampled"] += int(sampled)
         return ctx
@@ -365,26 +400,46 @@ class CaptureAgent:
             self._begin_step(layout)
         except Exception as e:  # noqa: BLE001 - failure isolation: the model must run on
             self._disable_agent(e)
-        self.thread_ns += _perf_ns() - t0
+        self._add_ns(t0)
 
     def _begin_step(self, layout: StepLayout) -> None:
-        self.writer.heartbeat()
-        doc = self.writer.poll_control()
+        native = self._native
+        if native is None:
+            self.writer.heartbeat()
+            doc = self.writer.poll_control()
+        elif native.heartbeat():   # the heartbeat store and the control block's seq, in C
+            doc = self.writer.poll_control()
+            native.control_seen = self.writer._last_control_seq
+        else:
+            doc = None
         if doc is not None:
             self.apply_control(doc)
         if self._pending_summaries:
             self._drain_pending()
         self._step += 1
-        self._step_field = _step_field(self._step)
+        if native is None:
+            self._step_field = _step_field(self._step)   # (native: begin() returns it, encoded in C)
         self._counters.scalars["steps"] += 1
+        prev = self._layout
         self._layout = layout
-        self._groups = {}
         self._step_frame_state = None
+        repeat = self._repeat
+        if (repeat is not None and layout.shape is not None and prev is not None and layout.shape is prev.shape
+                and repeat[0] == self._epoch and repeat[1] is self.selection):
+            delta = layout.requests[0].position_start - prev.requests[0].position_start
+            if delta >= 0:
+                self._begin_repeat_step(layout, delta)
+                return
+        self._repeat = None
+        self._fold_native()
+        self._groups = {}
         entries = []
+        unknown = 0
         if self.selection.enabled:
             for i, rows in enumerate(layout.requests):
                 req = self._requests.get(rows.request_id)
                 if req is None:
+                    unknown += 1
                     self._counters.scalars["unknown_request_rows"] += 1
                     self._log_once("unknown_request",
                                    "tensortrace: step %d names request %r that was never begun; rows of "
@@ -413,20 +468,56 @@ class CaptureAgent:
         self._step_open = bool(entries)
         if self._native is not None:
             if not entries:
+                self._step_field = _step_field(self._step)
                 self._native.end()
             elif same:
                 # the groups the native taps hold, rebuilt in place for this step's rows
                 one_row_each = layout.total_rows == layout.num_sequences
-                for key, ng in self._native_groups.items():
+                for key, old in self._native_groups.items():
                     if one_row_each and key[0] is RowDomain.SEQUENCES:
                         continue   # unreachable this step: the native taps read such tensors as tokens
                     group = self._groups[key] = self._build_group(*key)
-                    ng.reset(group.parts_bytes, group.src_runs, group.nrows, len(group.parts))
+                    ng = old.native
+                    ng.reset(group.parts_bytes, group.src_runs, group.nrows, len(group.parts), group.fields)
                     group.native = ng
-                self._native.begin(self._step_field, layout.total_rows, layout.num_sequences, True)
+                    self._native_groups[key] = group
+                self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True)
             else:
                 self._native_groups = {}
-                self._native.begin(self._step_field, layout.total_rows, layout.num_sequences, False)
+                self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, False)
+            self._step_items = None   # the STEP frame's requests, built at its first write
+            if entries and not self._any_dropped_for_life and self._staging is None:
+                # the next step may repeat this plan (a layout advanced from this one)
+                self._repeat = (self._epoch, self.selection)
+                self._plan_entries = entries
+                self._plan_unknown = unknown
+
+    def _fold_native(self) -> None:
+        """Account what the native groups wrote since their counters were last folded (end_step
+        folds them at once unless the step's plan may repeat)."""
+        for group in self._native_groups.values():
+            group.account()
+
+    def _begin_repeat_step(self, layout: StepLayout, delta: int) -> None:
+        """begin_step of a layout advanced from the previous step's (StepLayout.advanced) while
+        nothing the plan depends on changed (_epoch, the selection): the same entries, selection
+        answers, STEP frame request indices and part groups, every position `delta` further on.
+        The native groups re-encode their parts in C; nothing is rebuilt per request or per tap."""
+        if self._plan_unknown:
+            self._counters.scalars["unknown_request_rows"] += self._plan_unknown
+        rows = layout.requests
+        entries = self._entries = self._plan_entries = [(i, rows[i], req, sel) for i, _, req, sel in self._plan_entries]
+        groups = {}
+        one_row_each = layout.total_rows == layout.num_sequences
+        for key, group in self._native_groups.items():
+            if one_row_each and key[0] is RowDomain.SEQUENCES:
+                continue   # as in the full path: not reachable by the native taps this step
+            group.parts_bytes = group.native.shift(delta)
+            groups[key] = group
+        self._groups = groups
+        self._step_open = bool(entries)
+        self._step_delta += delta
+        self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True)
 
     @property
     def step_open(self) -> bool:
@@ -545,8 +636,9 @@ class CaptureAgent:
         if group is None:
             return None
         if group.native is None:
-            group.native = self._native_mod.Group(group.parts_bytes, group.src_runs, group.nrows, len(group.parts))
-            self._native_groups[group.key] = group.native
+            group.native = self._native_mod.Group(group.parts_bytes, group.src_runs, group.nrows, len(group.parts),
+                                                  group.fields)
+            self._native_groups[group.key] = group
         return group.native
 
     def _native_step_frame(self) -> bool:
@@ -585,6 +677,7 @@ class CaptureAgent:
             first = key not in self._disabled_taps
             self._disabled_taps[key] = f"{type(error).__name__}: {error}"
             self._counters.scalars["tap_errors"] += 1
+            self._epoch += 1
             if self._native is not None:
                 self._native.invalidate()
             if first:
@@ -604,29 +697,31 @@ class CaptureAgent:
             return
         t0 = _perf_ns()
         try:
-            for group in self._groups.values():
-                slabs, row_bytes, hooks = group.written()
-                if not slabs:
-                    continue
-                for (_, _, count, _), req in zip(group.parts, group.requests):
-                    req.captured += slabs
-                    req.bytes_captured += row_bytes * count
-                    req.hooks.update(hooks)
+            if self._repeat is None:
+                for group in self._groups.values():
+                    group.account()
+            else:
+                # A plan the next step may repeat: the native groups' counters keep adding up until
+                # the plan ends or a request ends (_fold_native); Python-written slabs are folded now.
+                for group in self._groups.values():
+                    if group.written_slabs:
+                        group.account()
             if self._staging is not None:
                 self._staging.end_step()
         except Exception as e:  # noqa: BLE001
             self._disable_agent(e)
         finally:
             self._step_open = False
-            if self._native is not None:
-                self._native.end()
             self._groups = {}
             self._entries = []
-            self.thread_ns += _perf_ns() - t0
-            try:
-                self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
-            except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
-                pass
+            if self._native is not None:
+                self._native.finish(t0)   # closes the step, adds this call's time, reports thread_ns
+            else:
+                self.thread_ns += _perf_ns() - t0
+                try:
+                    self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
+                except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
+                    pass
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:
@@ -647,6 +742,8 @@ class CaptureAgent:
             req = self._requests.pop(request_id, None)
             if req is None:
                 return None
+            self._epoch += 1
+            self._fold_native()   # its records of the steps whose accounting was deferred
             self._counters.scalars["requests_ended"] += 1
             if req.dropped_for_life and not incomplete_reason:
                 incomplete_reason = "dropped by the drop_request overflow policy"
@@ -721,6 +818,7 @@ class CaptureAgent:
         """Swap the selection; applies from the next step (a step never sees two selections)."""
         selection.validate()
         self.selection = selection
+        self._epoch += 1
 
     def apply_control(self, doc: dict) -> bool:
         """Apply a control document (selection.py documents it). An invalid one is rejected,
@@ -844,7 +942,7 @@ class CaptureAgent:
             for idx, d, count, pos in fields:
                 parts_msg.parts.add(request_index=idx, slab_row_start=d, row_count=count, position_start=pos)
             parts_bytes = parts_msg.SerializeToString()
-        group = _PartGroup(parts, reqs, parts_bytes, [tuple(r) for r in runs], dst)
+        group = _PartGroup(parts, reqs, parts_bytes, [tuple(r) for r in runs], dst, fields)
         group.key = key
         return group
 
@@ -942,17 +1040,24 @@ class CaptureAgent:
         """_STEP_FRAME_OK, or the DropReason the STEP frame could not be written for."""
         if self._native is not None:
             # RingStep fields in number order: step, model_id | requests (C) | capture time, tp_size
-            items = []
-            for _, rows, req, _ in self._entries:
-                prefix = req.prefix
-                if prefix is None or req.prefix_id != rows.request_id:
-                    prefix = req.prefix = ring_pb2.RequestRows(
-                        request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id).SerializeToString()
-                    req.prefix_id = rows.request_id
-                items.append((prefix, rows.row_start, rows.row_count, rows.position_start, int(rows.phase)))
+            items = self._step_items
+            if items is None:   # once per plan; its repeat steps shift the positions (_step_delta)
+                items = []
+                for _, rows, req, _ in self._entries:
+                    prefix = req.prefix
+                    if prefix is None or req.prefix_id != rows.request_id:
+                        prefix = req.prefix = ring_pb2.RequestRows(
+                            request_id=rows.request_id, trace_id=req.ctx.trace_id,
+                            span_id=req.ctx.span_id).SerializeToString()
+                        req.prefix_id = rows.request_id
+                    items.append((prefix, rows.row_start, rows.row_count, rows.position_start, int(rows.phase)))
+                self._step_items, self._step_delta = items, 0
+            if self._staging is None and self._native.write_step(items, self._step_delta):
+                return _STEP_FRAME_OK   # encoded, written and committed in C (no room: the policy below)
             # RingStep.step (field 1) has RingSlab.step's bytes; model_id and tp_size never change
             t = _time_ns()
-            meta = b"".join((self._step_field, self._step_model_field, self._native_mod.encode_requests(items),
+            meta = b"".join((self._step_field, self._step_model_field,
+                             self._native_mod.encode_requests(items, self._step_delta),
                              _STEP_TIME_TAG + _U64.pack(t) if t else b"", self._step_tp_field))
         else:
             msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,
@@ -1001,6 +1106,8 @@ class CaptureAgent:
             if for_life:
                 req.dropped_for_life = True
                 self._any_dropped_for_life = True
+        if for_life:
+            self._epoch += 1
         if for_life and self._native is not None:
             self._native.invalidate()   # the native taps ask again: the Python path takes them now
         self._counters.dropped(hook, len(group.parts), reason)
@@ -1039,6 +1146,8 @@ class CaptureAgent:
             log.error("tensortrace: capture agent disabled after an internal error: %r "
                       "(the model keeps running; nothing more is captured)", error, exc_info=error)
         self._step_open = False
+        self._epoch += 1
+        self._repeat = None
         if self._native is not None:
             self._native.end()
 

@@ -22,7 +22,7 @@ in that domain, and each request contributes the row of its slot, at the positio
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Phase(enum.IntEnum):
@@ -59,11 +59,37 @@ class StepLayout:
     requests: tuple[RequestRows, ...]  # one per request with rows in this step
     total_rows: int               # token rows of the step's tensors, padding included
     num_sequences: int = -1       # sequence slots (rows of per-sequence tensors); -1 = len(requests)
+    # Set by advanced(): a token shared by every layout advanced from one built layout (the same
+    # requests, rows, phases and slots; only positions differ). The agent reuses the previous
+    # step's plan for such a layout (CaptureAgent.begin_step, "repeat steps").
+    shape: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.num_sequences < 0:
             object.__setattr__(self, "num_sequences", len(self.requests))
         self.validate()
+
+    def advanced(self, delta: int = 1) -> "StepLayout":
+        """This layout one step on: the same request rows, each position `delta` further (a decode
+        step after a decode step with the same requests). Not validated again: the rows are those
+        of this (validated) layout, and positions only grow."""
+        if delta < 0:
+            raise ValueError(f"StepLayout.advanced: delta {delta} must not be negative")
+        shape = self.shape
+        if shape is None:
+            shape = object()
+            object.__setattr__(self, "shape", shape)
+        new_rows = []
+        for r in self.requests:
+            n = object.__new__(RequestRows)   # a frozen dataclass: its fields, without __init__'s setattr
+            d = n.__dict__
+            d.update(r.__dict__)
+            d["position_start"] = r.position_start + delta
+            new_rows.append(n)
+        out = object.__new__(StepLayout)
+        out.__dict__.update(requests=tuple(new_rows), total_rows=self.total_rows, num_sequences=self.num_sequences,
+                            shape=shape)
+        return out
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistency (overlapping or out-of-range rows)."""

@@ -7,8 +7,9 @@ model a pre-hook builds the StepLayout from the batch `generate` runs:
   - decode: input [B, 1]; request b owns row b at position prompt_len_b + k - 1 (k-th decode step),
     until it has produced EOS: the forward whose input is its EOS token, and every later one,
     carries no rows of it (as if it had been served alone).
-Reading the decode input ids and the prompt mask are host reads; on CUDA they synchronise like
-`generate` itself does every step (the SGLang backend has no such read).
+Reading the prompt mask is a host read; on CUDA it synchronises like `generate` itself does every
+step (the SGLang backend has no such read). The decode input ids are read on the host only for a
+CPU model; on CUDA a stopping criterion copies them asynchronously (_NextTokens).
 
 The engine contract (backends/base.py): every tap is `functools.partial(agent.tap, hook, layer,
 extract)` registered as the torch hook, so the tap body is one agent call; the layout, the
@@ -163,7 +164,7 @@ class _NextTokens:
                     return self._observe(input_ids)
 
             def _observe(self, input_ids):
-                last = input_ids[:, -1]
+                last = input_ids.select(1, -1)
                 if last.is_cuda:
                     if tap.host is None or tap.host.shape != last.shape or not tap.host.is_pinned():
                         tap.host = torch.empty(last.shape, dtype=last.dtype, pin_memory=True)
@@ -173,8 +174,9 @@ class _NextTokens:
                 else:   # a host tensor: read it now (one C call; no copy, no tensor to keep)
                     tap.host, tap.event = last.tolist(), None
                 done = tap.not_done
-                if done is None or done.shape[0] != input_ids.shape[0] or done.device != input_ids.device:
+                if done is None or done.shape[0] != input_ids.shape[0]:
                     # generate combines it out of place (`is_done | criterion(...)`): one tensor serves
+                    # (one generate, one device: the criterion is made per generate)
                     done = tap.not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
                 return done
 
@@ -199,11 +201,16 @@ class _Batch:
     eos: set
     forwards: int = 0
     finished: set = field(default_factory=set)
+    layout: StepLayout | None = None   # the last decode layout, and the forward it was built for
+    layout_at: int = -1
     next_tokens: _NextTokens = field(default_factory=_NextTokens)
 
 
 class HFBackend(Backend):
     name = "hf"
+    # The new-token criterion (_NextTokens): None = for device inputs only (the CPU layout reads
+    # the forward's host ids); True / False = always / never.
+    token_criterion: bool | None = None
 
     def __init__(self, model, agent, arch: ArchMap | None = None, attach: bool = True):
         super().__init__(agent)
@@ -427,17 +434,29 @@ class HFBackend(Backend):
         else:
             if S != 1:
                 raise ValueError(f"decode input has {S} tokens per sequence; the HF backend expects 1")
-            last = batch.next_tokens.tokens()
-            if last is None or len(last) != B:
-                # not from our generate() (no criterion ran): only then read the ids themselves
-                last = ids[:, -1].tolist()
-            for b, rid in enumerate(batch.request_ids):
-                if b in batch.finished:
-                    continue
-                if last[b] in batch.eos:   # its EOS is this step's input: the request has ended
-                    batch.finished.add(b)
-                    continue
-                requests.append(RequestRows(rid, b, 1, batch.prompt_lens[b] + batch.forwards - 1, Phase.DECODE, b))
+            finished, eos = batch.finished, batch.eos
+            before = len(finished)
+            if eos:   # (no EOS token: no sequence ends early, nothing to read)
+                last = batch.next_tokens.tokens()
+                if last is None or len(last) != B:
+                    # host ids (no criterion runs on the CPU): the fed-in tokens themselves, [B, 1]
+                    last = [row[0] for row in ids.tolist()]
+                for b in range(B):
+                    if last[b] in eos and b not in finished:   # its EOS is this step's input: the request has ended
+                        finished.add(b)
+            prev = batch.layout
+            if prev is not None and len(finished) == before and batch.layout_at == batch.forwards - 1:
+                # the same requests as the previous decode step, one position on: the agent reuses
+                # that step's plan (StepLayout.advanced, CaptureAgent.begin_step)
+                layout = prev.advanced(1)
+            else:
+                for b, rid in enumerate(batch.request_ids):
+                    if b not in finished:
+                        requests.append(RequestRows(rid, b, 1, batch.prompt_lens[b] + batch.forwards - 1,
+                                                    Phase.DECODE, b))
+                layout = StepLayout(tuple(requests), total_rows=B * S, num_sequences=B)
+            batch.layout, batch.layout_at = layout, batch.forwards
+            return layout
         return StepLayout(tuple(requests), total_rows=B * S, num_sequences=B)
 
     # -- generate --------------------------------------------------------------------------------
@@ -472,11 +491,16 @@ class HFBackend(Backend):
                     rid, traceparents[b] if traceparents else None, options[b] if options else None,
                     prompt_tokens=lens[b]))
         self._batch = _Batch(request_ids, lens, P, eos_set)
-        from transformers import StoppingCriteriaList
-
         kwargs = dict(generate_kwargs)
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [self._batch.next_tokens.make_criterion(self.agent), *(kwargs.get("stopping_criteria") or [])])
+        if self.token_criterion or (self.token_criterion is None and input_ids.is_cuda):
+            # On a device, reading the decode input ids at the forward would be a sync: the
+            # criterion copies each new token to the host asynchronously (_NextTokens). On the CPU
+            # the layout reads the forward's input ids themselves (a host read, nothing to wait for;
+            # the criterion would cost ~25 us of Python per step).
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [self._batch.next_tokens.make_criterion(self.agent), *(kwargs.get("stopping_criteria") or [])])
         out = None
         try:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

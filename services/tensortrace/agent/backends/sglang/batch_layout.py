@@ -55,9 +55,13 @@ def _as_list(v) -> list[int]:
 
 
 def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
-              rids: Sequence[str] | None = None) -> StepPlan:
+              rids: Sequence[str] | None = None, previous: StepLayout | None = None) -> StepPlan:
     """Build the StepLayout of one SGLang forward. `rids` overrides `fb.rids` (SGLang < 0.5.15
-    has no ForwardBatch.rids: the plugin passes the ScheduleBatch's request ids)."""
+    has no ForwardBatch.rids: the plugin passes the ScheduleBatch's request ids).
+
+    `previous`: the layout of the previous captured forward. A DECODE forward of exactly its
+    requests, rows, slots and phases, each one position further on, is returned as
+    `previous.advanced(1)` (the agent then repeats the previous step's plan; docs/agent.md)."""
     mode = _mode_name(fb.forward_mode)
     if mode not in v0_5.MODES_CAPTURED:
         return StepPlan(mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured"))
@@ -75,6 +79,16 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
         if total_rows < bs:
             raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
+        if (previous is not None and previous.total_rows == total_rows and previous.num_sequences == bs
+                and len(previous.requests) == bs):
+            same = True
+            for i, (r, rid, n) in enumerate(zip(previous.requests, rids, seq_lens)):
+                if (r.request_id != rid or r.position_start != n - 2 or r.row_start != i or r.row_count != 1
+                        or r.seq_index != i or r.phase != _phase(n - 1, prompt_len(rid), Phase.DECODE)):
+                    same = False
+                    break
+            if same:
+                return StepPlan(mode, previous.advanced(1))
         for i, (rid, n) in enumerate(zip(rids, seq_lens)):
             pos = n - 1
             requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,

@@ -156,6 +156,7 @@ class SGLangCapture(Backend):
         self._runner_id: int | None = None
         self._requests: dict[str, dict] = {}   # rid -> {"prompt": n, "sampled": bool, "missed": str}
         self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
+        self._last_layout = None   # the previous captured forward's layout (plan_step's `previous`)
         self._checked = False
         self._force_eager = False
         self._wrapped_graph_runner: int | None = None
@@ -381,13 +382,16 @@ class SGLangCapture(Backend):
         """The StepPlan of a forward to capture, or None (this forward is not captured: a mode that
         is skipped, or a layout that cannot be read — its requests are then marked incomplete)."""
         try:
-            plan = plan_step(fb, self._prompt_len, rids=self._batch_rids.pop(id(fb), None))
+            plan = plan_step(fb, self._prompt_len, rids=self._batch_rids.pop(id(fb), None),
+                             previous=self._last_layout)
         except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
+            self._last_layout = None
             self.layout_errors += 1
             if self.layout_errors == 1:
                 log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
             self._mark_missed(getattr(fb, "rids", None), f"a forward's batch layout could not be read: {e}")
             return None
+        self._last_layout = plan.layout   # (None after a forward that is not captured)
         if plan.layout is None:
             self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
             # rows of these requests were computed but are not captured: say so in their summary
