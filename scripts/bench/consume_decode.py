@@ -23,6 +23,7 @@ the steadier of the two.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -33,10 +34,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Message:
+    """A kafka-python ConsumerRecord's fields (the consumer core before confluent-kafka)."""
     __slots__ = ("offset", "value", "key")
 
     def __init__(self, offset, value, key):
         self.offset, self.value, self.key = offset, value, key
+
+
+class _RdMessage:
+    """A confluent-kafka Message's accessors (the consumer core since it reads with librdkafka)."""
+    __slots__ = ("_offset", "_value", "_key")
+
+    def __init__(self, offset, value, key):
+        self._offset, self._value, self._key = offset, value, key
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "bench"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def value(self):
+        return self._value
+
+    def key(self):
+        return self._key
 
 
 def handler(decoder: str = "python"):
@@ -79,21 +107,32 @@ def main(argv=None) -> int:
     p.add_argument("--decoder", default="native,python", help="comma-separated: native, python (side by side)")
     a = p.parse_args(argv)
     load0 = os.getloadavg()
-    from kafka import TopicPartition
+    try:
+        from kafka import TopicPartition      # only the two-argument handler (kafka-python era) uses it
+    except ImportError:
+        from collections import namedtuple
+        TopicPartition = namedtuple("TopicPartition", "topic partition")
     from loader_throughput import build_messages
 
-    messages = [_Message(i, v, k) for i, (k, v) in enumerate(build_messages(a.records, 1, 2048, 32))]
+    built = build_messages(a.records, 1, 2048, 32)
     tp = TopicPartition("bench", 0)
     decoders = [d for d in a.decoder.split(",") if d]
     handlers = {d: handler(d) for d in decoders}
+    # handle(tp, message) before the consumer core read with confluent-kafka, handle(message) since
+    one_arg = len(inspect.signature(handlers[decoders[0]][0]).parameters) == 1
+    messages = [(_RdMessage if one_arg else _Message)(i, v, k) for i, (k, v) in enumerate(built)]
     runs = {d: {"wall": [], "cpu": [], "arrow": []} for d in decoders}
     for _ in range(a.repeats):
         for d in decoders:          # alternate, so both see the same load
             handle, reset, name, sink = handlers[d]
             reset()
             t0, c0 = time.perf_counter(), time.process_time()
-            for m in messages:
-                handle(tp, m)
+            if one_arg:
+                for m in messages:
+                    handle(m)
+            else:
+                for m in messages:
+                    handle(tp, m)
             t1, c1 = time.perf_counter(), time.process_time()
             runs[d]["wall"].append((t1 - t0) / a.records * 1e6)
             runs[d]["cpu"].append((c1 - c0) / a.records * 1e6)

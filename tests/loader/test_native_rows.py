@@ -1,15 +1,19 @@
 """The loader's column batch from natively scanned envelopes (ColumnBatch.add_scan) against the same
 batch built record by record from the Python decoder: the same Arrow tables (every column, every
-type), the same refused records with the same reasons."""
+type; the native rows come in the activations table's ORDER BY), the same refused records with the
+same reasons."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tensortrace.consume import InvalidRecord
 from tensortrace.loader.rows import ColumnBatch
+from tensortrace.storage.client import plain_binary
+from tensortrace.storage.schema import ACTIVATION_SORT_KEY
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec, native
 
@@ -49,9 +53,15 @@ def same_tables(messages):
     assert (b.rows, b.tensor_rows, b.summary_rows, b.payload_bytes) == (a.rows, a.tensor_rows, a.summary_rows, a.payload_bytes)
     if a.tensor_rows:
         ta, tb = a.activations_table(LOAD_NS), b.activations_table(LOAD_NS)
+        if not b.act["seq"]:      # scanned rows only: payloads are views into the messages, no copy
+            assert tb.schema.field("payload").type == pa.binary_view()
+            tb.column("payload").chunk(0).validate(full=True)
+        tb = plain_binary(tb)
         assert tb.schema == ta.schema
         key = [("kafka_offset", "ascending"), ("seq", "ascending")]
         assert tb.sort_by(key).to_pylist() == ta.sort_by(key).to_pylist()
+        if not b.act["seq"]:      # scanned rows only: already in the table's ORDER BY (the engine skips its sort)
+            assert tb.equals(tb.sort_by([(k, "ascending") for k in ACTIVATION_SORT_KEY]))
         assert sorted(b.capture_times().tolist()) == sorted(ta.column("capture_time").cast("int64").to_pylist())
     if a.summary_rows:
         assert b.requests_table(LOAD_NS).equals(a.requests_table(LOAD_NS))
@@ -87,6 +97,21 @@ def test_mixed_envelopes_give_the_same_tables():
     b, failed = native_batch(messages)
     assert [f[2] for f in failed] == ["raw_size", "missing_field"]
     assert b.scan_rows == 13 and not b.act["seq"]
+
+
+def test_scanned_rows_come_in_the_tables_order_by_whatever_order_they_arrived_in():
+    sizes = (0, 2, 12, 14, 4096, 100)     # payloads inline in their view (<= 12 bytes) and pointed at (> 12)
+    recs = [tensor(i, trace_id=bytes([9 - i % 3]) * 16, layer=5 - i % 4, token_start=40 - i, token_end=41 - i,
+                   hook=("resid_pre", "attn_out")[i % 2], shape=[1, sizes[i % 6] // 2], raw_size=sizes[i % 6],
+                   payload=bytes((i * 7 + k) % 256 for k in range(sizes[i % 6]))) for i in range(12)]
+    b = native_batch([codec.encode_envelope(recs[:7]), codec.encode_envelope(recs[7:])])[0]
+    t = b.activations_table(LOAD_NS)
+    got = list(zip(*(t.column(k).to_pylist() for k in ACTIVATION_SORT_KEY)))
+    assert got == sorted(got) and len(got) == 12
+    by_seq = {r.seq: r for r in recs}
+    for seq, payload, offset in zip(t.column("seq").to_pylist(), t.column("payload").to_pylist(),
+                                    t.column("kafka_offset").to_pylist()):
+        assert payload == by_seq[seq].payload and offset == (0 if recs.index(by_seq[seq]) < 7 else 1)
 
 
 def test_a_batch_of_both_kinds_of_rows_concatenates():

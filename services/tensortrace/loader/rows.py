@@ -9,9 +9,17 @@ batch is what makes the insert fast (docs/BENCHMARKS.md, loader section).
 
 Natively scanned envelopes (`add_scan`, tensortrace.wire.native) skip the lists: the batch keeps
 each message and its column matrix, and `activations_table` builds every Arrow column of those rows
-at once from them (strings and payloads gathered in C, packed shapes and positions unpacked in C):
+at once from them (strings gathered in C, payloads left where they are, packed shapes and positions unpacked in C):
 no Python object per row. Summaries, and records that fail a check, still go through add_summary /
-check_tensor_record one at a time. The two ways give the same table (tests/loader/test_native_rows.py).
+check_tensor_record one at a time. The two ways give the same rows (tests/loader/test_native_rows.py).
+
+The scanned rows come out in the activations table's ORDER BY (schema.ACTIVATION_SORT_KEY): the sort
+order is computed from the key columns alone and every column is built in that order, so ClickHouse,
+which checks whether an inserted block is already sorted, skips its own permutation of every column
+(a 64 MiB copy per batch). Their payload column is not copied at all: it is an Arrow binary_view
+array whose views point into the Kafka messages the batch already holds (16 bytes per row); the
+engine reads the bytes from there (storage/client.py turns it into plain large_binary for any insert
+path that may not read views). docs/BENCHMARKS.md, loader section, session 6.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tensortrace.consume.deadletter import DeadLetterReason, InvalidRecord  # noqa: F401 (re-exported)
 from tensortrace.consume.validate import check_tensor_record
 from tensortrace.consume.validate import fixed_id as _fixed
-from tensortrace.storage.schema import ACTIVATION_COLUMNS, REQUEST_COLUMNS
+from tensortrace.storage.client import plain_binary
+from tensortrace.storage.schema import ACTIVATION_COLUMNS, ACTIVATION_SORT_KEY, REQUEST_COLUMNS
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec, native
 
@@ -195,12 +205,14 @@ class ColumnBatch:
         _append_origin(q, s, partition, offset)
 
     def activations_table(self, load_time_ns: int) -> pa.Table:
+        """The batch's activation rows. Natively scanned rows carry their payload as binary_view (module
+        docstring); rows added one at a time, and a batch of both kinds, as large_binary."""
         if not self.scans:
             return self._list_table(load_time_ns)
         scanned = self._scan_table(load_time_ns)
         if not self.act["seq"]:
             return scanned
-        return pa.concat_tables([self._list_table(load_time_ns), scanned])
+        return pa.concat_tables([self._list_table(load_time_ns), plain_binary(scanned)])
 
     def _scan_matrix(self) -> tuple[np.ndarray, np.ndarray]:
         """(the scanned rows' column matrix, their capture_time as inserted)."""
@@ -217,6 +229,8 @@ class ColumnBatch:
         bufs = [sc.data for sc, _, _, _ in self.scans]
         counts = [sc.n if idx is None else len(idx) for sc, idx, _, _ in self.scans]
         which = np.repeat(np.arange(len(self.scans), dtype=np.int64), counts)
+        partitions = np.repeat(np.array([p for _, _, p, _ in self.scans], dtype=np.int64), counts)
+        offsets = np.repeat(np.array([o for _, _, _, o in self.scans], dtype=np.int64), counts)
 
         def col(c, typ):
             return pa.array(np.ascontiguousarray(m[:, c])).cast(typ)
@@ -237,20 +251,29 @@ class ColumnBatch:
             vals = np.frombuffer(values, dtype=np.int64 if kind else np.uint32)
             return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)), pa.array(vals)).cast(typ)
 
+        # The table's ORDER BY, from the key columns only; then every column is built in that order.
+        key = {"trace_id": gathered(native.C_TRACE_OFF, pa.binary(16), 16), "hook": gathered(native.C_HOOK_OFF, pa.string()),
+               "layer": col(native.C_LAYER, pa.int32()), "token_start": col(native.C_TOKEN_START, pa.uint32()),
+               "tp_rank": col(native.C_TP_RANK, pa.uint16()), "producer_pod": gathered(native.C_POD_OFF, pa.string()),
+               "producer_pid": col(native.C_PID, pa.uint32()),
+               "producer_generation": ucol(native.C_GENERATION, pa.uint64()), "seq": ucol(native.C_SEQ, pa.uint64())}
+        order = pc.sort_indices(pa.table({k: key[k] for k in ACTIVATION_SORT_KEY}),
+                                sort_keys=[(k, "ascending") for k in ACTIVATION_SORT_KEY]).to_numpy()
+        if not np.array_equal(order, np.arange(n)):
+            key = {k: v.take(order) for k, v in key.items()}
+            m, capture, which, partitions, offsets = m[order], capture[order], which[order], partitions[order], offsets[order]
         tp_size = np.ascontiguousarray(m[:, native.C_TP_SIZE])
-        partitions = np.repeat(np.array([p for _, _, p, _ in self.scans], dtype=np.int64), counts)
-        offsets = np.repeat(np.array([o for _, _, _, o in self.scans], dtype=np.int64), counts)
         return pa.table({
-            "trace_id": gathered(native.C_TRACE_OFF, pa.binary(16), 16),
+            "trace_id": key["trace_id"],
             "span_id": gathered(native.C_SPAN_OFF, pa.binary(8), 8),
             "request_id": gathered(native.C_RID_OFF, pa.string()),
             "model": gathered(native.C_MODEL_OFF, pa.string()),
-            "hook": gathered(native.C_HOOK_OFF, pa.string()),
-            "layer": col(native.C_LAYER, pa.int32()),
-            "tp_rank": col(native.C_TP_RANK, pa.uint16()),
+            "hook": key["hook"],
+            "layer": key["layer"],
+            "tp_rank": key["tp_rank"],
             "tp_size": pa.array(np.where(tp_size == 0, 1, tp_size)).cast(pa.uint16()),
             "positions_kind": col(native.C_POS_KIND, pa.int8()),
-            "token_start": col(native.C_TOKEN_START, pa.uint32()),
+            "token_start": key["token_start"],
             "token_end": col(native.C_TOKEN_END, pa.uint32()),
             "positions": listed(native.C_POS_OFF, 0, pa.list_(pa.uint32())),
             "phase": col(native.C_PHASE, pa.int8()),
@@ -259,19 +282,37 @@ class ColumnBatch:
             "shape": listed(native.C_SHAPE_OFF, 1, pa.list_(pa.int64())),
             "encoding": col(native.C_ENCODING, pa.int8()),
             "raw_size": ucol(native.C_RAW_SIZE, pa.uint64()),
-            "payload": gathered(native.C_PAYLOAD_OFF, pa.large_binary()),
+            "payload": self._views(bufs, which, m[:, native.C_PAYLOAD_OFF], m[:, native.C_PAYLOAD_LEN]),
             "capture_time": pa.array(capture, pa.int64()).cast(_TS),
             "export_time": col(native.C_EXPORT_NS, pa.int64()).cast(_TS),
             "load_time": pa.array(np.full(n, load_time_ns, dtype=np.int64)).cast(_TS),
             "producer_node": gathered(native.C_NODE_OFF, pa.string()),
-            "producer_pod": gathered(native.C_POD_OFF, pa.string()),
-            "producer_pid": col(native.C_PID, pa.uint32()),
+            "producer_pod": key["producer_pod"],
+            "producer_pid": key["producer_pid"],
             "producer_rank": col(native.C_PRANK, pa.uint32()),
-            "producer_generation": ucol(native.C_GENERATION, pa.uint64()),
-            "seq": ucol(native.C_SEQ, pa.uint64()),
+            "producer_generation": key["producer_generation"],
+            "seq": key["seq"],
             "kafka_partition": pa.array(partitions).cast(pa.uint32()),
             "kafka_offset": pa.array(offsets).cast(pa.uint64()),
         })
+
+    @staticmethod
+    def _views(bufs: list, which: np.ndarray, off: np.ndarray, length: np.ndarray) -> pa.Array:
+        """The slices (which[i], off[i], length[i]) of `bufs` as an Arrow binary_view array without
+        copying them: each view is (int32 length, then 12 inline bytes for a value of at most 12
+        bytes, else its first 4 bytes, int32 buffer index, int32 offset)."""
+        n = len(off)
+        length = np.ascontiguousarray(length, dtype=np.int64)
+        head, hoff = native.gather(bufs, which, off, np.minimum(length, 12), 0)   # <= 12 bytes per row
+        hoff = np.frombuffer(hoff, dtype=np.int64)
+        hlen = np.diff(hoff)
+        v = np.zeros((n, 16), dtype=np.uint8)
+        v[:, 0:4] = length.astype("<i4").view(np.uint8).reshape(n, 4)
+        v[np.repeat(np.arange(n), hlen), np.arange(hoff[-1]) - np.repeat(hoff[:-1], hlen) + 4] = np.frombuffer(head, np.uint8)
+        long = length > 12        # prefix (bytes 4-8) stays; buffer index and offset replace the rest
+        v[long, 8:12] = np.asarray(which, dtype="<i4")[long].view(np.uint8).reshape(-1, 4)
+        v[long, 12:16] = np.asarray(off, dtype="<i4")[long].view(np.uint8).reshape(-1, 4)
+        return pa.Array.from_buffers(pa.binary_view(), n, [None, pa.py_buffer(v)] + [pa.py_buffer(b) for b in bufs])
 
     def _list_table(self, load_time_ns: int) -> pa.Table:
         a = self.act

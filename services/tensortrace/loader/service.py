@@ -6,8 +6,10 @@
 `tensortrace.consume.ConsumerCore` reads the topic (poll, decode, chunk reassembly, offsets,
 rebalances, dead letters; its docstring says why nothing is lost). This module is the sink:
   consume thread  records -> a ColumnBatch (rows/bytes/time bounded);
-  flush thread    insert_arrow into activations and requests, retrying with backoff until
-                  ClickHouse accepts; only then may the core commit the offsets read before it.
+  flush thread    the batch's Arrow tables into activations and requests (ThreadSafeClient.
+                  insert_arrow_batch: on embedded chDB the engine reads the Arrow buffers in place),
+                  retrying with backoff until ClickHouse accepts; only then may the core commit the
+                  offsets read before it.
 
 Why each record ends up in ClickHouse once (docs/storage.md, "Exactly once"):
   * a re-read after a crash or rebalance re-inserts rows with the same dedup identity
@@ -15,6 +17,10 @@ Why each record ends up in ClickHouse once (docs/storage.md, "Exactly once"):
     collapses on it (the tensor read drops repeats, summaries use FINAL) -> nothing is counted twice;
   * a retried insert of the same batch carries the same insert_deduplication_token (topic,
     partition, offset range), so ClickHouse drops it before it even becomes a part.
+Activations are inserted with optimize_on_insert = 0: ReplacingMergeTree would otherwise collapse
+duplicate identities inside each inserted block, a merge pass that copies every column again (about
+a quarter of the engine's CPU per GB of 4 KiB rows; docs/BENCHMARKS.md, loader, session 6). Nothing
+relies on it: duplicates from re-reads land in different blocks anyway, and reads collapse them (above).
 
 Forgotten requests stay forgotten: a Kafka record cannot be deleted, so a request removed by
 `tensortrace forget` comes back if its records are read again (a restart before a commit, an offset
@@ -50,6 +56,7 @@ class LoaderStats(ConsumerStats):
     batches: int = 0
     insert_failures: int = 0
     last_insert_error: str = ""
+    insert_path: str = ""           # how batches go into ClickHouse (storage/client.py: chdb-python | insert_arrow)
     # where the time goes (seconds, cumulative): the flush thread building Arrow tables, and
     # waiting on ClickHouse inserts (decode_seconds, on the consume thread, is the core's)
     arrow_seconds: float = 0.0
@@ -123,16 +130,17 @@ class ClickHouseSink:
         work = []
         t0 = time.perf_counter()
         if c.tensor_rows:
-            work.append((f"{db}.activations", c.activations_table(now), f"a:{token}"))
+            work.append((f"{db}.activations", c.activations_table(now),
+                         {"insert_deduplication_token": f"a:{token}", "optimize_on_insert": 0}))
         if c.summary_rows:
-            work.append((f"{db}.requests", c.requests_table(now), f"r:{token}"))
+            work.append((f"{db}.requests", c.requests_table(now), {"insert_deduplication_token": f"r:{token}"}))
         t1 = time.perf_counter()
         self.stats.arrow_seconds += t1 - t0
-        for table, arrow, tok in work:
+        for table, arrow, settings in work:
             backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
             while True:
                 try:
-                    self.client.insert_arrow(table, arrow, settings={"insert_deduplication_token": tok})
+                    self.stats.insert_path = self.client.insert_arrow_batch(table, arrow, settings)
                     break
                 except Exception as e:  # any client/engine/network error: back off and retry
                     self.stats.insert_failures += 1

@@ -53,6 +53,10 @@ PROBE_SCORE_COLUMNS = (
 )
 # A score's identity: a re-published score (a restarted probe service) has the same one.
 PROBE_SCORE_IDENTITY = ("trace_id", "request_id", "probe", "probe_hash")
+# activations' ORDER BY (migration 1, storage/migrations.py; a test checks the two agree): the loader
+# hands rows over in this order so the engine need not sort them (loader/rows.py).
+ACTIVATION_SORT_KEY = ("trace_id", "hook", "layer", "token_start", "tp_rank", "producer_pod", "producer_pid",
+                       "producer_generation", "seq")
 # Dedup identity of a stored record (codec.record_key); reads collapse on it (query/backend.py).
 IDENTITY_COLUMNS = ("producer_pod", "producer_pid", "producer_generation", "seq")
 
