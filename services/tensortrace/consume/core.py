@@ -180,10 +180,14 @@ class ConsumerCore:
             while not self.stopping.is_set():
                 self._commit_done()
                 messages = self._poll()
-                t0 = time.perf_counter()
-                for m in messages:
+                t0, handing = time.perf_counter(), 0.0
+                for i, m in enumerate(messages, 1):
                     self._handle_message(m)
-                self.stats.decode_seconds += time.perf_counter() - t0
+                    if not i & 255:   # a poll holds up to max_poll_records: keep batches near the sink's bounds
+                        t1 = time.perf_counter()
+                        self._maybe_hand_off()
+                        handing += time.perf_counter() - t1
+                self.stats.decode_seconds += time.perf_counter() - t0 - handing
                 self._expire_chunks()
                 self._maybe_hand_off()
                 self._update_lag()
