@@ -13,6 +13,12 @@ side by side in one run (variants `full`, `full@python`, ...). `sglang-hidden` (
 capture off and SGLang's own `return_hidden_states` (server flag --enable-return-hidden-states) —
 the serving engine's built-in alternative — in the same run.
 
+`--before DIR`: one more server whose plugin and agent are imported from DIR (a copy of
+`services/` holding an earlier `tensortrace` package, e.g. with the previous SGLang taps), native
+path, rounds interleaved with the others (variants `off@before`, `hidden-states@before`,
+`full@before`): the change and its baseline side by side in one run. `--layers` / `--hidden` size
+the random Llama (more layers: more module hooks per forward).
+
     .cache/sglang-venv/bin/python scripts/bench/sglang_overhead.py --path native,python --out /tmp/sglang-overhead.json
 (PYTHONPATH must hold scripts/sglang/sgl_kernel_stub; scripts/sglang/run-tests.sh shows how.)
 """
@@ -27,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from tensortrace.devstack.sglang_server import SGLangServer
+from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer
 from tensortrace.devstack.tiny_model import make_tiny_model
 
 
@@ -71,7 +77,7 @@ SGLANG_HIDDEN = "sglang-hidden"   # capture off, SGLang's return_hidden_states o
 
 
 def run(model_path, work, a):
-    paths = a.path.split(",")
+    paths = a.path.split(",") + (["before"] if a.before else [])
     servers, drains = {}, {}
     try:
         for i, path in enumerate(paths):
@@ -79,6 +85,9 @@ def run(model_path, work, a):
             env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
             if path == "python":
                 env["TENSORTRACE_NATIVE"] = "0"
+            if path == "before":   # the earlier package first on the path (SGLang's children inherit it)
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(a.before), STUB_DIR,
+                                                                os.environ.get("PYTHONPATH", "")) if p)
             servers[path] = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, f"server-{path}.log"),
                                          env_extra=env, args_extra=("--enable-return-hidden-states",) if i == 0 else ())
             servers[path].start()
@@ -96,8 +105,8 @@ def _measure(servers, drains, paths, a):
     variants = {}   # name -> (server, options, return_hidden_states)
     for i, path in enumerate(paths):
         for v, options in VARIANTS.items():
-            if i and v == "off":
-                continue   # one baseline: capture off on the first server
+            if i and v == "off" and path != "before":
+                continue   # one baseline: capture off on the first server (and on the earlier package's)
             variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
         if i == 0:
             variants[SGLANG_HIDDEN] = (servers[path], {"capture": False}, True)
@@ -146,21 +155,33 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--before", default="", help="a services/ directory holding an earlier tensortrace package: one "
+                                                 "more server runs it (variants @before)")
     ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
                                                      "native,python")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
-    model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=4, hidden=512)
+    model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
     rows, ring = run(model_path, work, a)
     base = rows[0]["tokens_per_s_median"]   # "off" on the first server
-    print(f"SGLang 0.5.23 CPU engine, Llama hidden 512 x 4 layers fp32, {a.concurrency} concurrent requests, "
+    print(f"SGLang 0.5.23 CPU engine, Llama hidden {a.hidden} x {a.layers} layers fp32, {a.concurrency} concurrent "
+          f"requests, "
           f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
           f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
-    print(f"{'variant':<20} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14}")
+    before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
+    print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14}"
+          + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
-        print(f"{r['variant']:<20} {r['tokens_per_s_median']:>12.1f} {r['tokens_per_s_best']:>10.1f} "
-              f"{(r['tokens_per_s_median'] / base - 1) * 100:>+13.1f}%")
+        med = r["tokens_per_s_median"]
+        r["vs_off"] = med / base - 1
+        line = f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {r['vs_off'] * 100:>+13.1f}%"
+        if before:
+            r["vs_off_before"] = med / before - 1
+            line += f" {r['vs_off_before'] * 100:>+13.1f}%"
+        print(line)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"config": vars(a), "rows": rows, "ring": ring,

@@ -139,6 +139,10 @@ def test_static_mode_captures_replayed_decode_steps_from_static_buffers():
 def test_static_mode_runs_a_step_eagerly_when_a_request_wants_a_tap_outside_the_graph():
     rt, replays, ring, ref = serve("static", options={"hooks": ["mlp_out"], "layers": "0"})
     assert replays == 0
+    # registered: the module of the selected tap, and those of the graphs' static set (kept for a recapture)
+    registered = {site.module_name for site in rt.taps.sites.values() if site.handle is not None}
+    static = {rt.taps.taps[k].module_name for k in rt.taps.static_keys}
+    assert static and registered == static | {"model.layers.0.mlp"}
     assert set(decode_records(ring, "mlp_out", 0)) == set(ref)
     assert all(s.complete for s in ring.summaries.values())
 

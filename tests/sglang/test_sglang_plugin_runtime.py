@@ -139,8 +139,207 @@ def test_thread_time_includes_the_layout_and_request_bookkeeping_not_the_forward
 def test_detach_removes_every_tap_and_later_forwards_pass_through(runtime):
     rt, runner, ring_dir = runtime
     hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in runner.model.modules())  # noqa: E731
-    assert rt.taps.taps and hooks() == len(rt.taps.taps) and rt.attached_to(runner)
+    # one torch hook per tapped module (until the self-check, every placed one is registered)
+    assert rt.taps.taps and hooks() == len(rt.taps.sites) < len(rt.taps.taps) and rt.attached_to(runner)
     assert rt.attach(runner) == rt.unplaced            # attaching again changes nothing
     rt.detach()
     assert hooks() == 0 and not rt.taps.taps and not rt.attached_to(runner)
     rt.agent.close()
+
+
+# -- registration follows the selection (issue 14 item 2) ------------------------------------------
+def _hooked(model) -> dict:
+    """module name -> torch hooks registered on it now (only modules with any)."""
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks}
+
+
+def _modules_of(rt, hooks, layers=None) -> set:
+    """Names of the modules whose entries serve `hooks` (on `layers`, None: all)."""
+    return {t.module_name for (h, L), t in rt.taps.taps.items() if h in hooks and (layers is None or L in layers)}
+
+
+def _serve(rt, runner, steps):
+    """Prefill of a (3 tokens) and b (2), then len(steps) decode steps; steps[k] is set before
+    decode step k: a Selection (agent.set_selection), a control document (written into the ring's
+    control block, as the exporter does; the agent applies it at begin_step) or None. Returns the
+    model's hook counts seen after each forward."""
+    from tensortrace.ring.format import RingReader
+
+    control = RingReader.open(rt.agent.ring_path)
+    a, b = req("a", 3), req("b", 2)
+    fb = forward_batch("EXTEND", ["a", "b"], seq_lens=[3, 2], extend_lens=[3, 2], prefix_lens=[0, 0])
+    fb.input_ids = torch.tensor([1, 2, 3, 4, 5])
+    rt.observe_batch(fb, SimpleNamespace(reqs=[a, b]))
+    seen = []
+    with torch.no_grad():
+        rt.forward(model_forward, runner, fb)
+        seen.append(_hooked(runner.model))
+        for k, sel in enumerate(steps):
+            if isinstance(sel, dict):
+                control.write_control(sel)
+            elif sel is not None:
+                rt.agent.set_selection(sel)
+            dec = forward_batch("DECODE", ["a", "b"], seq_lens=[4 + k, 3 + k])
+            dec.input_ids = torch.tensor([6 + k, 7 + k])
+            rt.forward(model_forward, runner, dec)
+            seen.append(_hooked(runner.model))
+    finish(a, len(steps) + 1), finish(b, len(steps) + 1)
+    rt.finish_requests([a, b])
+    control.close()
+    rt.agent.close()
+    return seen
+
+
+def _records(ring_dir) -> dict:
+    return {(r.request_id, r.hook, r.layer, r.token_start, r.token_end): (r.dtype, tuple(r.shape), r.payload)
+            for r in read_rings(ring_dir).records}
+
+
+def test_one_torch_hook_per_module_carrying_all_its_entries(runtime):
+    rt, runner, ring_dir = runtime
+    hooked = _hooked(runner.model)
+    assert set(hooked) == {t.module_name for t in rt.taps.taps.values()}
+    assert all(n == 1 for n in hooked.values()), hooked
+    sites = {s.module_name: sorted(t.hook for t in s.entries) for s in rt.taps.sites.values()}
+    assert sites["model.layers.0.post_attention_layernorm"] == ["mlp_in", "resid_mid"]
+    assert sites["model.layers.0.self_attn.qkv_proj"] == ["attn_k", "attn_q", "attn_v"]
+    rt.agent.close()
+
+
+def test_registered_hooks_follow_the_selection_at_step_boundaries(tmp_path):
+    """After the self-check only modules with a selected entry keep a hook; a selection change
+    adds / removes hooks before the next forward; a step capturing nothing has none."""
+    from tensortrace.agent.selection import Selection
+
+    runner = make_runner()
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20,
+                                           selection="hidden-states"))
+    rt.attach(runner)
+    everything = len(rt.taps.sites)
+    hidden = _modules_of(rt, ("resid_pre", "resid_final"))
+    attention1 = _modules_of(rt, ("attn_q", "attn_k", "attn_v", "attn_out"), layers={1})
+    seen = _serve(rt, runner, [None, {"version": 1, "selection": {"preset": "attention", "layers": "1"}}, None,
+                               Selection(enabled=False), Selection.preset("hidden-states")])
+    assert set(seen[0]) == hidden and everything > len(hidden)        # prefill: self-check, then hidden-states only
+    assert set(seen[1]) == hidden                                     # decode, same selection
+    assert set(seen[2]) == attention1 == {"model.layers.1.self_attn.qkv_proj", "model.layers.1.self_attn"}
+    assert set(seen[3]) == attention1
+    assert seen[4] == {}                                              # capture off: no hook at all
+    assert set(seen[5]) == hidden
+    assert all(n == 1 for step in seen for n in step.values()) and rt.taps.registered_hooks == len(seen[5])
+    assert rt.agent.stats().control_docs_applied == 1
+    ring = read_rings(str(tmp_path))
+    got = {(r.hook, r.layer, r.step) for r in ring.records if r.request_id == "a"}
+    steps = sorted({s for _, _, s in got})
+    assert {(h, L) for h, L, s in got if s == steps[2]} == {("attn_q", 1), ("attn_k", 1), ("attn_v", 1),
+                                                            ("attn_out", 1)}
+    assert {(h, L) for h, L, s in got if s == steps[-1]} == {("resid_pre", 0), ("resid_pre", 1), ("resid_final", -1),
+                                                             ("logits", -1)}
+
+
+def test_selective_registration_captures_the_same_bytes_as_every_hook_registered(tmp_path, monkeypatch):
+    """The same forwards and selection changes, once with registration following the selection
+    and once with every placed hook registered and asked (the previous behaviour): every record
+    is bit-identical."""
+    from tensortrace.agent.backends.sglang import taps as taps_mod
+    from tensortrace.agent.selection import Selection
+
+    steps = [None, Selection.preset("full", layers=frozenset({0})), Selection.preset("mlp"), None]
+    results = []
+    for follow in (True, False):
+        ring_dir = tmp_path / ("follow" if follow else "all")
+        if not follow:   # the previous behaviour: nothing is ever unregistered, every entry asks the agent
+            monkeypatch.setattr(taps_mod.SGLangTaps, "_apply", lambda self, wanted: None)
+        runner = make_runner()
+        rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(ring_dir), ring_capacity=1 << 22,
+                                               selection="hidden-states"))
+        rt.attach(runner)
+        seen = _serve(rt, runner, steps)
+        assert (len(seen[-1]) < len(rt.taps.sites)) if follow else (len(seen[-1]) == len(rt.taps.sites))
+        results.append(_records(str(ring_dir)))
+    follow, every = results
+    assert follow and follow.keys() == every.keys()
+    assert {k[1] for k in follow} >= {"resid_pre", "attn_q", "mlp_act", "mlp_in", "resid_final", "logits"}
+    for key in follow:
+        assert follow[key] == every[key], key
+
+
+def test_an_entry_removed_by_the_self_check_leaves_its_modules_other_entries_working(tmp_path):
+    """Layer 1's qkv_proj is too narrow for attn_v (the self-check removes attn_v@1 only); attn_q@1
+    and attn_k@1, read by the same torch hook, are still captured, bit-exact. down_proj@1 never
+    runs: its only entry goes, and its hook with it."""
+    runner = make_runner()
+    attn1 = runner.model.model.layers[1].self_attn
+    attn1.qkv_proj = torch.nn.Linear(8, 8 + 4)   # q 8 + k 4, no room for v
+    outs = []
+    attn1.qkv_proj.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20, selection="full"))
+    rt.attach(runner)
+    _serve(rt, runner, [None])
+    stats = rt.agent.stats()
+    reasons = dict(stats.unplaced_taps)
+    assert "expected width 4" in reasons["attn_v@1"] and "did not fire" in reasons["mlp_act@1"]
+    # its zero-width rows of the check step are not written (no reader accepts them): dropped, counted
+    v = stats.by_hook["attn_v"]
+    assert stats.tap_errors == 1 and v.dropped_by_reason == {"tap_error": 2} and v.produced == v.written + v.dropped
+    assert stats.produced == stats.written + stats.dropped
+    assert ("attn_q", 1) in rt.taps.taps and ("attn_k", 1) in rt.taps.taps and ("attn_v", 1) not in rt.taps.taps
+    assert ("attn_v", 0) in rt.taps.taps
+    qkv_site = rt.taps.sites[("model.layers.1.self_attn.qkv_proj", False)]
+    assert sorted(t.hook for t in qkv_site.entries) == ["attn_k", "attn_q"] and qkv_site.handle is not None
+    assert ("model.layers.1.mlp.down_proj", True) not in rt.taps.sites
+    assert not runner.model.model.layers[1].mlp.down_proj._forward_pre_hooks
+    ring = read_rings(str(tmp_path))
+    from tensortrace.wire.codec import record_to_tensor
+
+    dec = {(r.hook, r.request_id): record_to_tensor(r) for r in ring.records if r.layer == 1 and r.phase == 2}
+    assert ("attn_v", "a") not in dec
+    # outs[0]: the prefill (a: rows 0-2, b: 3-4); outs[1]: the decode step (a: row 0, b: row 1)
+    assert torch.equal(dec[("attn_q", "a")], outs[1][0:1, 0:8])
+    assert torch.equal(dec[("attn_k", "b")], outs[1][1:2, 8:12])
+
+
+def test_hooks_of_the_cuda_graph_static_set_stay_registered_whatever_the_step_selects(tmp_path):
+    """A graph SGLang captures again must still record the static set, so its modules keep their
+    hooks; on eager steps those hooks hand the agent only what the step selects. (CPU: the frozen
+    static set is set directly, as _record_static leaves it after SGLang's first capture; the
+    capture itself is covered on a GPU by test_sglang_cuda_graph_harness.py.)"""
+    from tensortrace.agent.selection import Selection
+
+    runner = make_runner()
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20,
+                                           selection="hidden-states"))
+    rt.attach(runner)
+    rt.taps.static_keys = {("resid_pre", 0), ("resid_final", -1)}
+    static = {"model.layers.0.input_layernorm", "model.norm"}
+    seen = _serve(rt, runner, [Selection.preset("mlp", layers=frozenset({1})), Selection(enabled=False)])
+    mlp1 = _modules_of(rt, ("mlp_in", "mlp_act", "mlp_out"), layers={1})
+    assert mlp1 == {"model.layers.1.post_attention_layernorm", "model.layers.1.mlp"}   # mlp_act@1 failed the check
+    assert set(seen[0]) == _modules_of(rt, ("resid_pre", "resid_final")) > static
+    assert set(seen[1]) == static | mlp1
+    assert set(seen[2]) == static
+    ring = read_rings(str(tmp_path))
+    last = max(r.step for r in ring.records)
+    assert {(r.hook, r.layer) for r in ring.records if r.step == last} == {("mlp_in", 1), ("mlp_out", 1)}
+
+
+def test_steps_capturing_nothing_in_a_row_do_not_touch_the_registration(tmp_path, monkeypatch):
+    """A steady state costs one identity check per step, also when steps capture nothing (every
+    empty step_hooks() answer is a new frozenset)."""
+    from tensortrace.agent.backends.sglang import taps as taps_mod
+    from tensortrace.agent.selection import Selection
+
+    runner = make_runner()
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20, selection="hidden-states"))
+    rt.attach(runner)
+    applied = []
+    real_apply = taps_mod.SGLangTaps._apply
+    monkeypatch.setattr(taps_mod.SGLangTaps, "_apply", lambda self, wanted: (applied.append(wanted),
+                                                                              real_apply(self, wanted)))
+    off = Selection(enabled=False)
+    seen = _serve(rt, runner, [None, None, off, None, None, Selection.preset("hidden-states"), None])
+    assert seen[3] == seen[4] == seen[5] == {} and seen[6] == seen[7] == seen[0] != {}
+    # the self-check's, capture switched off, switched on again: three registrations in 8 steps
+    hidden = {("resid_pre", 0), ("resid_pre", 1), ("resid_final", -1)}
+    assert applied == [hidden, frozenset(), hidden]

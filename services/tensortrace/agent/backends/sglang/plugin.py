@@ -16,7 +16,8 @@ scheduler process (one per TP rank)
                               context: the caller's traceparent; without one, SGLang's own root
                               request span when it traces (--enable-trace; v0_5.engine_root_span).
     ModelRunner.forward AROUND: StepLayout from the ForwardBatch (batch_layout.plan_step), token ids
-                              before, logits after, the module taps in between; see SGLangCapture.
+                              before, logits after, the module taps in between (only the modules
+                              the step selects keep a torch hook: SGLangTaps.sync); see SGLangCapture.
     SchedulerOutputStreamer.stream_output AFTER: end every finished request (its summary).
 
 SGLangCapture is the SGLang backend of the engine contract (backends/base.py): it implements
@@ -234,8 +235,9 @@ class SGLangCapture(Backend):
         self.agent.report_placement(self.unplaced)
         self._runner_id = id(runner)
         self._runner = runner
-        log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed, %d unplaced", model_id,
-                 self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps), len(self.unplaced))
+        log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed on %d module hooks, %d unplaced",
+                 model_id, self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps),
+                 len(self.taps.sites), len(self.unplaced))
 
     def _wrap_graph_runner(self, runner) -> None:
         """Make the decode graph runner's can_run_graph answer False while _force_eager is set: that
@@ -344,9 +346,10 @@ class SGLangCapture(Backend):
             with agent.timed():
                 checking = not self._checked and layout.total_rows > 0
                 if checking:
-                    taps.begin_check()
-                # the taps this step selects (graph-mode decisions); none when it captures nothing
-                wanted = [k for k in taps.taps if agent.wants(*k)] if agent.step_open else []
+                    taps.begin_check(layout.total_rows)
+                # the taps this step selects (graph-mode decisions; none when it captures nothing),
+                # and only their modules' torch hooks registered (SGLangTaps.sync; after the self-check)
+                wanted = taps.sync()
                 if agent.wants("token_ids") and self._exports("token_ids"):
                     agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
                 mode = self.config.cuda_graph

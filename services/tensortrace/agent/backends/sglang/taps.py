@@ -22,14 +22,32 @@ unreduced "layer boundary" handle whose meaning differs between versions; the no
 outputs mean the same thing across 0.5.x. SGLang's fused kernels write in place, so every tap
 hands the agent the tensor at hook time and the agent copies it before returning.
 
-A tap is one agent call (the engine contract, backends/base.py): `agent.tap(hook, layer, extract,
-module, args[, output])`, which asks whether the step selects the tap, then times the extraction
-and the copy. Only two rarer paths do more, under `agent.timed()`: the start-up self-check, and
-recording into static buffers while SGLang captures a CUDA graph.
+One torch hook per module (a `_Site`): a module whose hook yields several catalog tensors
+(post_attention_layernorm: resid_mid + mlp_in; qkv_proj: attn_q/k/v; mlp.topk: both top-k
+tensors) carries all of them as entries of one hook. An entry is one agent call (the engine
+contract, backends/base.py): `agent.tap(hook, layer, extract, module, args[, output])`, which times
+the extraction and the copy. Only two rarer paths do more, under `agent.timed()`: the start-up
+self-check, and recording into static buffers while SGLang captures a CUDA graph.
 
-Start-up self-check: the first forward with rows runs `check` mode; every placed tap records
-the shape it saw. A tap that did not fire, or fired with the wrong row count or width, is
-removed and reported (agent.report_placement + CaptureAgent.stats().unplaced_taps).
+Only what the step selects is registered (`sync`, called by SGLangCapture right after
+begin_step, on the inference thread): after the self-check a module keeps its torch hook only
+while some entry of it is selected (or belongs to the CUDA-graph static set, below), and the hook
+calls the agent only for its selected entries. The set is recomputed when the agent's step
+selection changes (`agent.step_hooks()` returns a new object exactly when its per-step answers
+were reset: another batch of selections, a new control document), so a steady decode pays one
+identity check per step; an unused torch hook would cost a Python call per module per forward
+(and torch's slow `_call_impl` path for that module).
+
+CUDA graphs: taps fire inside SGLang's graph capture and copy into static buffers there
+(`_record_static`); the set recorded is frozen at the first capture (`static_keys`, from the
+global selection). Hooks of that set stay registered whatever the step selects, so a graph that
+SGLang captures again records them too.
+
+Start-up self-check: every placed hook stays registered until the first forward with rows,
+which runs `check` mode: every entry records the shape it saw. An entry that did not fire, or
+fired with the wrong row count or width, is removed and reported (agent.report_placement +
+CaptureAgent.stats().unplaced_taps); its module's other entries stay, and the module's torch hook
+goes with its last entry.
 
     taps = SGLangTaps(model_runner.model, agent, hidden_size=4096, tp_rank=0, tp_size=1)
     unplaced = taps.place()
@@ -50,6 +68,7 @@ log = logging.getLogger("tensortrace.sglang")
 REPLICATED_HOOKS = frozenset({"token_ids", "embeddings", "resid_pre", "resid_mid", "mlp_in", "resid_final",
                               "logits", "moe_router_logits", "moe_topk_ids", "moe_topk_weights"})
 STEP_HOOKS = ("token_ids", "logits")  # read by the plugin, not by module taps
+_NO_HOOKS = frozenset()
 
 
 def _first(x):
@@ -66,13 +85,40 @@ def _rows(value):
 
 @dataclass
 class _Tap:
+    """One catalog tensor (hook, layer) read by one module's torch hook (its `site`)."""
     hook: str
     layer: int
     module_name: str
     expect_width: int | None          # expected last-dim size, None: not checked
-    handle: object = None
+    extract: object = None            # extract(*hook_args) -> rows or None
+    site: "_Site | None" = None
     seen: tuple | None = None         # (rows, row_shape) seen during the self-check
     removed_reason: str = ""
+
+
+class _Site:
+    """One torch hook (pre or post) on one module, carrying every entry read there. `active`: the
+    (hook, layer, extract) of the entries this step selects, the only ones the hook hands the
+    agent; `handle`: the torch hook while registered, else None."""
+
+    __slots__ = ("module", "module_name", "pre", "entries", "active", "handle", "fire")
+
+    def __init__(self, module, module_name: str, pre: bool):
+        self.module, self.module_name, self.pre = module, module_name, pre
+        self.entries: list[_Tap] = []
+        self.active: tuple = ()
+        self.handle = None
+        self.fire = None
+
+    def register(self) -> None:
+        if self.handle is None:
+            self.handle = (self.module.register_forward_pre_hook(self.fire) if self.pre
+                           else self.module.register_forward_hook(self.fire))
+
+    def unregister(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 class SGLangTaps:
@@ -85,7 +131,14 @@ class SGLangTaps:
         self.hidden_size = hidden_size
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.taps: dict = {}   # (hook, layer) -> _Tap
+        self.sites: dict = {}  # (module name, pre) -> _Site: one torch hook each
         self.checking = False
+        self._check_rows = 0
+        # Registration follows the step's selection once the self-check has run (`sync`); until
+        # then every placed hook is registered (the check, and SGLang's graph capture, see them all).
+        self.selective = False
+        self._synced_for = None   # the agent.step_hooks() object the registration was made for
+        self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
         self.fired = 0         # tap firings (a step's count tells whether taps ran or a graph replayed)
         # CUDA graphs (TENSORTRACE_CUDA_GRAPH=static): taps selected when the graphs are captured copy
         # into these preallocated device buffers inside the graph; after a replay the runtime hands
@@ -130,6 +183,9 @@ class SGLangTaps:
                     unplaced.append((hook, missing[0][1]))
                 else:
                     unplaced.append((hook, f"layers {[L for L, _ in missing]}: {missing[0][1]}"))
+        for site in self.sites.values():
+            site.active = tuple((t.hook, t.layer, t.extract) for t in site.entries)
+            site.register()
         return unplaced
 
     def _mod(self, named, key: str, L: int):
@@ -186,39 +242,50 @@ class SGLangTaps:
         return f"no SGLang module mapping for {hook}"
 
     def _add(self, hook, L, name, module, width, post=None, pre=None) -> str:
+        """Add entry (hook, L) to the torch hook of `module` (one per module and kind, created on
+        its first entry; registered at the end of place())."""
         if module is None:
             return f"module {name} not found"
-        tap = _Tap(hook, L, name, width)
-        extract = pre if pre is not None else post
-        agent_tap = self.agent.tap
-
-        def fire(*hook_args):
-            # The hot path is the last line: one agent call, which returns at once when the step
-            # does not select this tap, else times extract(*hook_args) and the copy.
-            self.fired += 1
-            capturing = self._is_capturing
-            if capturing is not None and capturing():
-                self._fire_off_hot_path(tap, extract, hook_args, in_graph_capture=True)
-            elif self.checking:
-                self._fire_off_hot_path(tap, extract, hook_args, in_graph_capture=False)
-            else:
-                agent_tap(hook, L, extract, *hook_args)
-
-        if pre is not None:
-            tap.handle = module.register_forward_pre_hook(fire)
-        else:
-            tap.handle = module.register_forward_hook(fire)
+        is_pre = pre is not None
+        site = self.sites.get((name, is_pre))
+        if site is None:
+            site = self.sites[(name, is_pre)] = _Site(module, name, is_pre)
+            site.fire = self._hook_fn(site)
+        tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site)
+        site.entries.append(tap)
         self.taps[(hook, L)] = tap
         return ""
 
-    def _fire_off_hot_path(self, tap: _Tap, extract, hook_args, in_graph_capture: bool) -> None:
-        """A firing under the agent's timer, where an exception in extract disables only this tap.
+    def _hook_fn(self, site: _Site):
+        agent_tap = self.agent.tap
+
+        def fire(*hook_args):
+            # The hot path is the loop at the end: one agent call per entry this step selects
+            # (the agent's tap times extract(*hook_args) and the copy).
+            self.fired += 1
+            capturing = self._is_capturing
+            if capturing is not None and capturing():
+                for tap in site.entries:
+                    self._fire_off_hot_path(tap, hook_args, in_graph_capture=True)
+            elif self.checking:
+                for tap in site.entries:
+                    self._fire_off_hot_path(tap, hook_args, in_graph_capture=False)
+            else:
+                for hook, L, extract in site.active:
+                    agent_tap(hook, L, extract, *hook_args)
+        return fire
+
+    def _fire_off_hot_path(self, tap: _Tap, hook_args, in_graph_capture: bool) -> None:
+        """An entry's firing under the agent's timer, where an exception in extract disables only
+        this entry.
         Inside a CUDA-graph capture: only a graph-safe copy into the tap's static buffer. During
-        the start-up self-check: record what the tap saw, and capture as usual."""
+        the start-up self-check: record what the tap saw, and capture as usual — unless it has the
+        wrong shape (end_check removes it): then its records of this step are dropped, counted
+        tap_error (agent.tap_failed), never written as rows the ring's readers reject or misattribute."""
         agent = self.agent
         with agent.timed():
             try:
-                rows = extract(*hook_args)
+                rows = tap.extract(*hook_args)
             except Exception as e:  # noqa: BLE001 - failure isolation: only this tap is disabled
                 agent.tap_failed(tap.hook, tap.layer, e)
                 return
@@ -230,7 +297,11 @@ class SGLangTaps:
             else:
                 tap.seen = (int(rows.shape[0]), tuple(rows.shape[1:]))
                 if agent.wants(tap.hook, tap.layer):
-                    agent.capture(tap.hook, tap.layer, rows)
+                    why = self._misfit(tap)
+                    if why:
+                        agent.tap_failed(tap.hook, tap.layer, ValueError(f"self-check: {why}"))
+                    else:
+                        agent.capture(tap.hook, tap.layer, rows)
 
     # -- CUDA graphs -----------------------------------------------------------------------
     def _record_static(self, key, rows) -> None:
@@ -256,37 +327,94 @@ class SGLangTaps:
         return key in self.static_bufs and self.static_keys is not None and key in self.static_keys
 
     # -- self-check ------------------------------------------------------------------------
-    def begin_check(self) -> None:
-        """Called by SGLangCapture before the first forward with rows (under agent.timed())."""
+    def begin_check(self, total_rows: int) -> None:
+        """Called by SGLangCapture before the first forward with rows (under agent.timed()), with
+        that step's row count."""
         self.checking = True
+        self._check_rows = total_rows
         for t in self.taps.values():
             t.seen = None
 
+    def _misfit(self, t: _Tap) -> str:
+        """Why the shape an entry saw during the self-check is wrong ("" if it is right)."""
+        if t.seen is None:
+            return f"{t.module_name} did not fire in the first forward"
+        if t.seen[0] == "no tensor":
+            return f"{t.module_name} produced no tensor for {t.hook}"
+        if t.seen[0] != self._check_rows:
+            return f"{t.module_name} gave {t.seen[0]} rows, the step has {self._check_rows}"
+        if t.expect_width is not None and (not t.seen[1] or t.seen[1][-1] != t.expect_width):
+            return f"{t.module_name} gave row shape {list(t.seen[1])}, expected width {t.expect_width}"
+        return ""
+
     def end_check(self, total_rows: int) -> list[tuple[str, str]]:
-        """Remove every tap that did not fire with [total_rows, ..., expected width]; returns them."""
+        """Remove every entry that did not fire with [total_rows, ..., expected width]; returns them."""
         self.checking = False
+        self._check_rows = total_rows
         failed = []
         for key, t in list(self.taps.items()):
-            why = ""
-            if t.seen is None:
-                why = f"{t.module_name} did not fire in the first forward"
-            elif t.seen[0] == "no tensor":
-                why = f"{t.module_name} produced no tensor for {t.hook}"
-            elif t.seen[0] != total_rows:
-                why = f"{t.module_name} gave {t.seen[0]} rows, the step has {total_rows}"
-            elif t.expect_width is not None and (not t.seen[1] or t.seen[1][-1] != t.expect_width):
-                why = f"{t.module_name} gave row shape {list(t.seen[1])}, expected width {t.expect_width}"
+            why = self._misfit(t)
             if why:
-                t.handle.remove()
+                self._drop_entry(t)
                 t.removed_reason = why
-                del self.taps[key]
                 failed.append((f"{t.hook}@{t.layer}", why))
         if failed:
             log.warning("tensortrace: self-check disabled %d tap(s): %s", len(failed),
                         "; ".join(f"{h}: {r}" for h, r in failed))
+        # From now on only what the step selects is registered; this step's answers apply at once.
+        self.selective = True
+        self._wanted = tuple(k for k in self._wanted if k in self.taps)
+        self._apply(frozenset(self._wanted))
         return failed
 
+    def _drop_entry(self, t: _Tap) -> None:
+        """Remove one entry; its module's torch hook goes with the module's last entry."""
+        del self.taps[(t.hook, t.layer)]
+        site = t.site
+        site.entries.remove(t)
+        site.active = tuple(a for a in site.active if (a[0], a[1]) != (t.hook, t.layer))
+        if not site.entries:
+            site.unregister()
+            del self.sites[(site.module_name, site.pre)]
+
+    # -- registration follows the selection --------------------------------------------------
+    def sync(self) -> tuple:
+        """Called by SGLangCapture on the inference thread right after begin_step (under
+        agent.timed()): the (hook, layer) keys placed here that this step selects, and — once the
+        self-check has run — exactly the torch hooks serving them (plus the CUDA-graph static set)
+        registered. Recomputed only when the agent's step selection changed (a new
+        agent.step_hooks() object); otherwise one identity check."""
+        agent = self.agent
+        # The agent hands out a new step_hooks() object exactly where it resets its per-step
+        # selection answers (CaptureAgent._begin_step: other selections than the previous step's);
+        # every empty answer (a step capturing nothing) is a new frozenset() too: one stands for all.
+        hooks = agent.step_hooks() or _NO_HOOKS
+        if hooks is self._synced_for:
+            return self._wanted
+        wanted = tuple(k for k in self.taps if k[0] in hooks and agent.wants(*k)) if hooks is not _NO_HOOKS else ()
+        self._synced_for, self._wanted = hooks, wanted
+        if self.selective:
+            self._apply(frozenset(wanted))
+        return wanted
+
+    def _apply(self, wanted: frozenset) -> None:
+        static = self.static_keys or ()
+        for site in self.sites.values():
+            active = tuple((t.hook, t.layer, t.extract) for t in site.entries if (t.hook, t.layer) in wanted)
+            site.active = active
+            if active or any((t.hook, t.layer) in static for t in site.entries):
+                site.register()
+            else:
+                site.unregister()
+
+    @property
+    def registered_hooks(self) -> int:
+        """Torch hooks registered on the model now (one per module with a selected entry)."""
+        return sum(site.handle is not None for site in self.sites.values())
+
     def remove(self) -> None:
-        for t in self.taps.values():
-            t.handle.remove()
+        for site in self.sites.values():
+            site.unregister()
+        self.sites.clear()
         self.taps.clear()
+        self._synced_for, self._wanted = None, ()
