@@ -59,6 +59,9 @@ class ScoresPublisher:
             conf.update({"acks": "all", "linger.ms": 2, "message.max.bytes": 8 << 20,
                          # a score not acknowledged within this comes back as failed and is sent again
                          "message.timeout.ms": max(1000, int(self.cfg.publish_timeout_s * 1000)),
+                         # success is flush() returning with nothing left and no failure reported:
+                         # no Python callback per acknowledged score
+                         "delivery.report.only.error": True,
                          "logger": logging.getLogger("tensortrace.probes.rdkafka")})
             self._producer = Producer(conf)
         return self._producer
@@ -70,17 +73,17 @@ class ScoresPublisher:
             failed: list = []
             errors: set[str] = set()
 
-            def done(err, _msg, m=None):
+            def on_error(err, msg):   # only failed deliveries are reported (delivery.report.only.error)
                 if err is not None:
-                    failed.append(m)
+                    failed.append((msg.topic(), msg.key(), msg.value()))
                     errors.add(err.str())
             try:
                 producer = self._connect()
-                for m in pending:
+                produce = producer.produce
+                for topic, key, value in pending:
                     while True:
                         try:
-                            producer.produce(m[0], key=m[1], value=m[2],
-                                             on_delivery=lambda err, msg, m=m: done(err, msg, m))
+                            produce(topic, key=key, value=value, on_delivery=on_error)
                             break
                         except BufferError:   # librdkafka's local queue is full: let it send
                             producer.poll(0.05)
@@ -90,7 +93,7 @@ class ScoresPublisher:
                     return True
                 if left:
                     errors.add(f"{left} not acknowledged within {self.cfg.publish_timeout_s:g}s")
-                    failed = [m for m in pending]   # which ones is unknown: all again (duplicates collapse)
+                    failed = list(pending)   # which ones is unknown: all again (duplicates collapse)
                 self.error = f"{len(failed)} of {len(pending)} scores not acknowledged: {', '.join(sorted(errors))[:300]}"
                 pending = failed
             except KafkaException as e:   # a configuration librdkafka refuses: retried (and reported)
