@@ -55,10 +55,11 @@ from typing import Any, Callable
 
 from typing import NamedTuple
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as RdTopicPartition
 
 from tensortrace.consume.config import ConsumerConfig
+from tensortrace.consume.publish import acked_producer, send_acked
 from tensortrace.consume.deadletter import (DLQ_REASON_CODE_HEADER, DLQ_REASON_HEADER, DLQ_SOURCE_HEADER,
                                             DeadLetterReason, InvalidRecord)
 from tensortrace.consume.sink import SealedBatch, Source, commit_offset
@@ -67,9 +68,6 @@ from tensortrace.service.kafka import KafkaUnavailable
 from tensortrace.wire import codec, native
 
 log = logging.getLogger("tensortrace.consume")
-
-_LOW_WATERMARK_UNKNOWN = -1001   # librdkafka's OFFSET_INVALID: no fetch response for the partition yet
-
 
 class TopicPartition(NamedTuple):
     """A partition of the topic this core reads (hashable; the keys of offsets and holds)."""
@@ -357,25 +355,16 @@ class ConsumerCore:
         reason = DeadLetterReason(reason)
         log.warning("dead letter (%s) from %s@%s: %s", reason.value, tp, offset, message)
         if self._producer is None:
-            self._producer = Producer({**self.config.kafka.rdkafka_conf(client_id=f"tensortrace-{self.name}-dlq"),
-                                       "acks": "all", "message.max.bytes": 16 << 20,
-                                       "error_cb": self._on_kafka_error,
-                                       "logger": logging.getLogger("tensortrace.consume.rdkafka")})
+            self._producer = acked_producer(self.config.kafka, f"tensortrace-{self.name}-dlq",
+                                            max_message_bytes=16 << 20, timeout_s=30, error_cb=self._on_kafka_error)
         source = f"{tp.topic}/{tp.partition}/{offset}" if tp is not None else "unknown"
         headers = [(DLQ_REASON_HEADER, message.encode()), (DLQ_REASON_CODE_HEADER, reason.value.encode()),
                    (DLQ_SOURCE_HEADER, source.encode())]
         backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
         while True:
-            outcome: list = []
-            try:
-                self._producer.produce(self.config.dlq_topic, value=value, key=key, headers=headers,
-                                       on_delivery=lambda err, _msg: outcome.append(err))
-                self._producer.flush(30)
-                if outcome and outcome[0] is None:
-                    break
-                problem = outcome[0].str() if outcome else "no acknowledgement within 30 s"
-            except (KafkaException, BufferError) as e:
-                problem = str(e)
+            again, problem = send_acked(self._producer, [(self.config.dlq_topic, key, value, headers)], timeout_s=30)
+            if not again:
+                break
             if self.stopping.is_set():
                 raise KafkaException(f"dead-letter topic {self.config.dlq_topic} not writable at stop: {problem}")
             log.error("dead-letter topic %s not writable (%s); retrying", self.config.dlq_topic, problem)

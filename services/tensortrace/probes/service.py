@@ -29,9 +29,10 @@ import logging
 import threading
 import time
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Producer
 
 from tensortrace.consume import ConsumerCore
+from tensortrace.consume.publish import acked_producer, send_acked
 from tensortrace.probes.config import ProbesConfig
 from tensortrace.probes.metrics import ProbesMetrics
 from tensortrace.probes.service_probeset import ProbeDirectory
@@ -55,49 +56,21 @@ class ScoresPublisher:
 
     def _connect(self) -> Producer:
         if self._producer is None:
-            conf = self.cfg.kafka.rdkafka_conf(client_id=f"tensortrace-probes-{self.cfg.group_id}")
-            conf.update({"acks": "all", "linger.ms": 2, "message.max.bytes": 8 << 20,
-                         # a score not acknowledged within this comes back as failed and is sent again
-                         "message.timeout.ms": max(1000, int(self.cfg.publish_timeout_s * 1000)),
-                         # success is flush() returning with nothing left and no failure reported:
-                         # no Python callback per acknowledged score
-                         "delivery.report.only.error": True,
-                         "logger": logging.getLogger("tensortrace.probes.rdkafka")})
-            self._producer = Producer(conf)
+            self._producer = acked_producer(self.cfg.kafka, f"tensortrace-probes-{self.cfg.group_id}",
+                                            max_message_bytes=8 << 20, timeout_s=self.cfg.publish_timeout_s,
+                                            logger="tensortrace.probes.rdkafka")
         return self._producer
 
     def __call__(self, messages: list[tuple[str, bytes, bytes]], stopping: threading.Event) -> bool:
         backoff = Backoff(self.cfg.retry_initial_s, self.cfg.retry_max_s)
         pending = messages
         while True:
-            failed: list = []
-            errors: set[str] = set()
-
-            def on_error(err, msg):   # only failed deliveries are reported (delivery.report.only.error)
-                if err is not None:
-                    failed.append((msg.topic(), msg.key(), msg.value()))
-                    errors.add(err.str())
-            try:
-                producer = self._connect()
-                produce = producer.produce
-                for topic, key, value in pending:
-                    while True:
-                        try:
-                            produce(topic, key=key, value=value, on_delivery=on_error)
-                            break
-                        except BufferError:   # librdkafka's local queue is full: let it send
-                            producer.poll(0.05)
-                left = producer.flush(self.cfg.publish_timeout_s)
-                if not failed and not left:
-                    self.error = ""
-                    return True
-                if left:
-                    errors.add(f"{left} not acknowledged within {self.cfg.publish_timeout_s:g}s")
-                    failed = list(pending)   # which ones is unknown: all again (duplicates collapse)
-                self.error = f"{len(failed)} of {len(pending)} scores not acknowledged: {', '.join(sorted(errors))[:300]}"
-                pending = failed
-            except KafkaException as e:   # a configuration librdkafka refuses: retried (and reported)
-                self.error = f"{type(e).__name__}: {e}"
+            again, problem = send_acked(self._connect(), pending, self.cfg.publish_timeout_s)
+            if not again:
+                self.error = ""
+                return True
+            self.error = f"{len(again)} of {len(pending)} scores not acknowledged: {problem[:300]}"
+            pending = again
             self.stats.publish_failures += 1
             log.error("publishing scores failed (%s); retrying", self.error)
             if backoff.wait(stopping):
