@@ -196,6 +196,7 @@ def test_only_the_taps_a_step_selects_are_registered(tmp_path):
     assert backend.registered_taps == 2           # one q_proj hook per layer
     backend.detach()
     assert backend.registered_taps == 0 and not model.model.layers[0]._forward_pre_hooks
+    assert not any("forward" in m.__dict__ for m in model.modules())   # no tap wrapper left either
     got = drain(RingReader.open(agent.ring_path))
     assert {(r.request_id, r.hook) for r in got.records if r.request_id == "e"} == {("e", "attn_q")}
 

@@ -12,6 +12,7 @@ import torch
 from forward_batches import forward_batch
 from shape_alike import finish, make_runner, model_forward, req
 from sglang_harness import read_rings
+from tensortrace.agent import forward_wrap
 from tensortrace.agent.backends.sglang.config import SGLangBackendConfig
 from tensortrace.agent.backends.sglang.plugin import SGLangCapture
 
@@ -138,8 +139,8 @@ def test_thread_time_includes_the_layout_and_request_bookkeeping_not_the_forward
 
 def test_detach_removes_every_tap_and_later_forwards_pass_through(runtime):
     rt, runner, ring_dir = runtime
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in runner.model.modules())  # noqa: E731
-    # one torch hook per tapped module (until the self-check, every placed one is registered)
+    hooks = lambda: sum(_taps_on(m) for m in runner.model.modules())  # noqa: E731
+    # one module tap per tapped module (until the self-check, every placed one is registered)
     assert rt.taps.taps and hooks() == len(rt.taps.sites) < len(rt.taps.taps) and rt.attached_to(runner)
     assert rt.attach(runner) == rt.unplaced            # attaching again changes nothing
     rt.detach()
@@ -148,10 +149,14 @@ def test_detach_removes_every_tap_and_later_forwards_pass_through(runtime):
 
 
 # -- registration follows the selection (issue 14 item 2) ------------------------------------------
+def _taps_on(m) -> int:
+    """Taps on a module now: PyTorch hooks plus the taps its forward wrapper carries (agent/forward_wrap.py)."""
+    return len(m._forward_hooks) + len(m._forward_pre_hooks) + forward_wrap.taps_on(m)
+
+
 def _hooked(model) -> dict:
-    """module name -> torch hooks registered on it now (only modules with any)."""
-    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()
-            if m._forward_hooks or m._forward_pre_hooks}
+    """module name -> module taps registered on it now (only modules with any)."""
+    return {name: _taps_on(m) for name, m in model.named_modules() if _taps_on(m)}
 
 
 def _modules_of(rt, hooks, layers=None) -> set:
@@ -289,7 +294,7 @@ def test_an_entry_removed_by_the_self_check_leaves_its_modules_other_entries_wor
     qkv_site = rt.taps.sites[("model.layers.1.self_attn.qkv_proj", False)]
     assert sorted(t.hook for t in qkv_site.entries) == ["attn_k", "attn_q"] and qkv_site.handle is not None
     assert ("model.layers.1.mlp.down_proj", True) not in rt.taps.sites
-    assert not runner.model.model.layers[1].mlp.down_proj._forward_pre_hooks
+    assert not _taps_on(runner.model.model.layers[1].mlp.down_proj)
     ring = read_rings(str(tmp_path))
     from tensortrace.wire.codec import record_to_tensor
 

@@ -69,6 +69,9 @@ class AgentConfig:
     # TENSORTRACE_NATIVE is not 0, else the Python path; "native" = required (an error without it);
     # "python" = the pure-Python path (the oracle the native path is tested against).
     capture_path: str = "auto"
+    # How a tap reaches its module (agent/forward_wrap.py): "forward" = the module's forward wrapped
+    # (PyTorch's module call stays on its fast path), "hooks" = PyTorch forward (pre-)hooks.
+    module_taps: str = field(default_factory=lambda: _env("TENSORTRACE_MODULE_TAPS") or "forward")
     # Ring permissions (docs/operations.md "Ring permissions"): with a ring gid the ring is created
     # 0660 in that group (and a missing ring directory 2770 setgid), so the exporter reads it as a
     # member of the group; without one, 0600 (the exporter must then run as this uid).
@@ -99,6 +102,8 @@ class AgentConfig:
             problems.append("commit_queue_max must be >= 1")
         if self.capture_path not in ("auto", "native", "python"):
             problems.append(f"capture_path {self.capture_path!r} must be 'auto', 'native' or 'python'")
+        if self.module_taps not in ("forward", "hooks"):
+            problems.append(f"module_taps (TENSORTRACE_MODULE_TAPS) {self.module_taps!r} must be 'forward' or 'hooks'")
         if self.ring_gid is not None:
             try:
                 self.ring_gid = parse_id(self.ring_gid, "TENSORTRACE_RING_GID (ring_gid)")

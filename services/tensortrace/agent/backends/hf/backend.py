@@ -28,6 +28,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from tensortrace.agent import forward_wrap
 from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.hf.archs import ArchMap, arch_for, find_module
 from tensortrace.agent.catalog import HOOKS
@@ -219,6 +220,8 @@ class HFBackend(Backend):
         self._handles: list = []       # the model-level layout hooks
         self._taps: list[_Tap] = []      # every placed tap, registered only while selected
         self._registered_for: frozenset = frozenset()
+        # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
+        self._mechanism = getattr(getattr(agent, "config", None), "module_taps", "forward")
         self._batch: _Batch | None = None
         self.unplaced: list[tuple[str, str]] = []
         if attach:
@@ -370,8 +373,8 @@ class HFBackend(Backend):
         for tap in self._taps:
             need = any(h in wanted for h in tap.hooks)
             if need and tap.handle is None:
-                tap.handle = (tap.module.register_forward_pre_hook(tap.fn, with_kwargs=True) if tap.pre
-                              else tap.module.register_forward_hook(tap.fn, with_kwargs=True))
+                tap.handle = forward_wrap.attach(tap.module, tap.fn, pre=tap.pre, with_kwargs=True,
+                                                 mechanism=self._mechanism)
             elif not need and tap.handle is not None:
                 tap.handle.remove()
                 tap.handle = None

@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from tensortrace.agent import forward_wrap
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.catalog import HOOKS
 
@@ -101,10 +102,11 @@ class _Site:
     (hook, layer, extract) of the entries this step selects, the only ones the hook hands the
     agent; `handle`: the torch hook while registered, else None."""
 
-    __slots__ = ("module", "module_name", "pre", "entries", "active", "handle", "fire")
+    __slots__ = ("module", "module_name", "pre", "entries", "active", "handle", "fire", "mechanism")
 
-    def __init__(self, module, module_name: str, pre: bool):
+    def __init__(self, module, module_name: str, pre: bool, mechanism: str = "forward"):
         self.module, self.module_name, self.pre = module, module_name, pre
+        self.mechanism = mechanism   # forward_wrap.attach: the module's forward wrapped, or PyTorch hooks
         self.entries: list[_Tap] = []
         self.active: tuple = ()
         self.handle = None
@@ -112,8 +114,7 @@ class _Site:
 
     def register(self) -> None:
         if self.handle is None:
-            self.handle = (self.module.register_forward_pre_hook(self.fire) if self.pre
-                           else self.module.register_forward_hook(self.fire))
+            self.handle = forward_wrap.attach(self.module, self.fire, pre=self.pre, mechanism=self.mechanism)
 
     def unregister(self) -> None:
         if self.handle is not None:
@@ -249,7 +250,8 @@ class SGLangTaps:
         is_pre = pre is not None
         site = self.sites.get((name, is_pre))
         if site is None:
-            site = self.sites[(name, is_pre)] = _Site(module, name, is_pre)
+            mechanism = getattr(getattr(self.agent, "config", None), "module_taps", "forward")
+            site = self.sites[(name, is_pre)] = _Site(module, name, is_pre, mechanism)
             site.fire = self._hook_fn(site)
         tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site)
         site.entries.append(tap)
