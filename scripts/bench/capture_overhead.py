@@ -9,12 +9,17 @@ output, logits), on a random Llama from a config:
   tt-full          TensorTrace, preset full (every hook), same consumer
   tt-hidden-nc     diagnostic: tt-hidden with no consumer (a ring big enough for the run), to
                    separate the agent's own cost from the consumer's competition for the CPUs
+  tt-full-nc       diagnostic: the same for tt-full
+  noop-hidden      diagnostic: a no-op torch hook on every module the HF backend hooks for the
+  noop-full        preset (hidden-states / full): what PyTorch's hook dispatch alone costs
   hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
   hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
   hidden-states    generate(output_hidden_states=True)
   tt-*@python      with --path native,python: the same TensorTrace mode on the agent's pure-Python tap
                    path (AgentConfig.capture_path="python"), side by side with the native fast path
                    (plain tt-* names are the native path then; docs/agent.md "Native fast path")
+  tt-*@hooks       with --module-taps forward,hooks: the same mode with its taps as PyTorch hooks
+                   (AgentConfig.module_taps="hooks") instead of wrapped forwards (docs/agent.md "Module taps")
   nnsight          nnsight LanguageModel + .save() of the same tensors
 GPU variant (--device cuda): bf16 model of realistic width; none / tt-hidden / sync-copy (hooks
 with a blocking .cpu() copy), eager mode (see docs/BENCHMARKS.md for why not CUDA graphs).
@@ -134,6 +139,45 @@ class HookCapture:
             h.remove()
 
 
+class _Unwrap:
+    def __init__(self, module):
+        self.module = module
+
+    def remove(self):
+        del self.module.forward
+
+
+def noop_hooks(model, preset: str, ring_dir: str, wrap: bool = False) -> list:
+    """A no-op torch hook on exactly the modules the HF backend hooks for `preset` (the same pre/post
+    kinds): the cost of PyTorch's hook dispatch with nothing captured."""
+    agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=1 << 20,
+                                     pod="bench-noop"), Selection.preset(preset))
+    backend = HFBackend(model, agent)
+    try:
+        wanted = Selection.preset(preset).hooks
+        taps = [t for t in backend._taps if any(h in wanted for h in t.hooks)]
+        handles = []
+        for t in taps:
+            if wrap:
+                if "forward" not in t.module.__dict__:
+                    orig = t.module.forward
+
+                    def fwd(*args, _orig=orig, **kwargs):
+                        return _orig(*args, **kwargs)
+                    t.module.forward = fwd
+                    handles.append(_Unwrap(t.module))
+                continue
+            if t.pre:
+                handles.append(t.module.register_forward_pre_hook(lambda mod, args, kw: None, with_kwargs=True))
+            else:
+                handles.append(t.module.register_forward_hook(lambda mod, args, kw, out: None, with_kwargs=True))
+        return handles
+    finally:
+        backend.detach()
+        agent.close()
+        os.unlink(agent.ring_path)
+
+
 def _word_tokenizer(vocab: int):
     """An in-memory tokenizer (nnsight requires one; nothing is downloaded): token i is the word "i"."""
     from tokenizers import Tokenizer, models
@@ -173,9 +217,13 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
         model.generate(input_ids=ids, attention_mask=mask, **gen)
     elif mode.startswith("tt-"):
         base, _, path = mode.partition("@")
-        preset = {"tt-hidden": "hidden-states", "tt-full": "full", "tt-hidden-nc": "hidden-states"}[base]
+        preset = {"tt-hidden": "hidden-states", "tt-full": "full", "tt-hidden-nc": "hidden-states",
+                  "tt-full-nc": "full"}[base]
+        taps = "hooks" if path == "hooks" else "forward"
+        path = "" if path == "hooks" else path
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
                                          device_staging_bytes=1 << 30, capture_path=path or CAPTURE_PATH,
+                                         module_taps=taps,
                                          pod=f"bench{batch}{mode.replace('@', '-')}", device=device),
                              Selection.preset(preset))
         extra["capture_path"] = agent.capture_path
@@ -195,6 +243,15 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
                      "bytes_written": st.bytes_written, "consumer_records": counts.get("records", 0)}
             agent.close()
             os.unlink(agent.ring_path)
+    elif mode in ("noop-hidden", "noop-full", "wrap-full"):
+        handles = noop_hooks(model, {"noop-hidden": "hidden-states", "noop-full": "full", "wrap-full": "full"}[mode],
+                             ring_dir, wrap=mode.startswith("wrap"))
+        try:
+            t0 = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=mask, **gen)
+        finally:
+            for h in handles:
+                h.remove()
     elif mode in ("hooks-clone", "hooks-save", "sync-copy"):
         out_dir = tempfile.mkdtemp(dir=ring_dir) if mode == "hooks-save" else None
         cap = HookCapture(model, mode, out_dir)
@@ -250,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--path", default="auto",
                    help="the agent's tap path(s): auto | native | python | native,python (every tt-* mode on "
                         "both, interleaved in one run: tt-x = native, tt-x@python = the Python path)")
+    p.add_argument("--module-taps", default="forward",
+                   help="forward | forward,hooks: with hooks, every tt-* mode also as tt-x@hooks (the first "
+                        "path, taps as PyTorch hooks instead of wrapped forwards; agent/forward_wrap.py)")
     args = p.parse_args(argv)
     global CAPTURE_PATH
     paths = args.path.split(",")
@@ -272,8 +332,9 @@ def main(argv=None) -> int:
                  "nnsight"]
     if args.modes:
         modes = args.modes.split(",")
-    if len(paths) > 1:   # each tt-* mode on every further path too, right after it (same repeat)
-        modes = [x for m in modes for x in ([m] + [f"{m}@{q}" for q in paths[1:]] if m.startswith("tt-") else [m])]
+    extra_variants = paths[1:] + (["hooks"] if "hooks" in args.module_taps.split(",") else [])
+    if extra_variants:   # each tt-* mode in every further variant too, right after it (same repeat)
+        modes = [x for m in modes for x in ([m] + [f"{m}@{q}" for q in extra_variants] if m.startswith("tt-") else [m])]
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
     repeats = args.repeats or (1 if args.quick else 3)
     prompt_len = args.prompt_len or (32 if args.quick else 64)
