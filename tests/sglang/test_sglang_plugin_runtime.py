@@ -270,6 +270,45 @@ def test_selective_registration_captures_the_same_bytes_as_every_hook_registered
         assert follow[key] == every[key], key
 
 
+def test_native_site_taps_write_what_the_python_hooks_write(tmp_path, monkeypatch):
+    """After the self-check a CPU model's modules call the agent's native tap directly (no Python
+    hook frame per module): the same forwards and selection changes through the Python hooks
+    (`fire`) write bit-identical records, and firings are still counted (the graph-replay check)."""
+    from tensortrace.agent.backends.sglang import taps as taps_mod
+    from tensortrace.agent.selection import Selection
+
+    steps = [None, Selection.preset("full"), Selection.preset("attention", layers=frozenset({1})), None]
+    results = []
+    for native in (True, False):
+        ring_dir = tmp_path / ("native" if native else "python")
+        if not native:
+            monkeypatch.setattr(taps_mod.SGLangTaps, "_native_site_taps", lambda self: False)
+        runner = make_runner()
+        rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(ring_dir), ring_capacity=1 << 22,
+                                               selection="hidden-states"))
+        rt.attach(runner)
+        if native and rt.agent.capture_path != "native":
+            pytest.skip("the native capture path is not built here")
+        fired = []
+        original = rt.taps.sync
+
+        def sync(original=original, rt=rt, fired=fired):
+            fired.append(rt.taps.fired)
+            return original()
+        monkeypatch.setattr(rt.taps, "sync", sync)
+        _serve(rt, runner, steps)
+        registered = [s for s in rt.taps.sites.values() if s.handle is not None]
+        assert registered
+        assert all((s.registered is s.fast) == native for s in registered)
+        assert all(b > a for a, b in zip(fired, fired[1:])), fired   # every forward's taps counted
+        results.append(_records(str(ring_dir)))
+    nat, py = results
+    assert nat and nat.keys() == py.keys()
+    assert {k[1] for k in nat} >= {"resid_pre", "attn_q", "attn_v", "mlp_act", "mlp_in", "resid_mid", "logits"}
+    for key in nat:
+        assert nat[key] == py[key], key
+
+
 def test_an_entry_removed_by_the_self_check_leaves_its_modules_other_entries_working(tmp_path):
     """Layer 1's qkv_proj is too narrow for attn_v (the self-check removes attn_v@1 only); attn_q@1
     and attn_k@1, read by the same torch hook, are still captured, bit-exact. down_proj@1 never

@@ -44,7 +44,14 @@
 #define MAX_ROW_DIMS 8
 
 /* extraction kinds (core.py mirrors them as TAP_* constants) */
-enum { K_INPUT = 0, K_PLAIN_INPUT = 1, K_OUTPUT = 2, K_FIRST_OUTPUT = 3, K_CALL = 4, K_ROWS = 5 };
+enum { K_INPUT = 0, K_PLAIN_INPUT = 1, K_OUTPUT = 2, K_FIRST_OUTPUT = 3, K_CALL = 4, K_ROWS = 5,
+       /* hook arguments without kwargs ((module, args) / (module, args, output)), tensors already
+        * [tokens, ...] (no flattening; SGLang's taps). A value that is not a tensor of >= 2 dims goes
+        * to the Python path, whose extractor decides (None: nothing; 1-D: one column). */
+       K_ROWS_OUT0 = 6,          /* output, or its element 0 when a tuple / list */
+       K_ROWS_OUT1_OR_IN0 = 7,   /* output[1] when the output is a tuple, else args[0] */
+       K_ROWS_OUT1 = 8,          /* output[1] when the output is a tuple (else the Python path) */
+       K_ROWS_IN0 = 9 };         /* args[0] (a pre-hook) */
 /* per-step selection state of an entry */
 enum { W_UNKNOWN = 0, W_NO = 1, W_NATIVE = 2, W_SLOW = 3 };
 
@@ -306,6 +313,7 @@ typedef struct {
     unsigned long long gen;    /* bumped by the agent whenever cached per-step answers go stale */
     long long total_rows, num_seqs;
     long long thread_ns;
+    unsigned long long tap_calls;      /* Tap calls ever (a backend tells a forward that ran its taps from a replay) */
     unsigned long long control_seen;   /* the control block's seq the agent last read */
     PyObject *step_model;      /* bytes: RingStep.model_id (field 2), for write_step */
     PyObject *step_tp;         /* bytes: RingStep.tp_size (field 5) */
@@ -473,6 +481,7 @@ static int Core_set_thread_ns(Core *self, PyObject *v, void *c) {
     return 0;
 }
 static PyObject *Core_get_open(Core *self, void *c) { return PyBool_FromLong(self->open); }
+static PyObject *Core_get_tap_calls(Core *self, void *c) { return PyLong_FromUnsignedLongLong(self->tap_calls); }
 static PyObject *Core_get_control_seen(Core *self, void *c) { return PyLong_FromUnsignedLongLong(self->control_seen); }
 static int Core_set_control_seen(Core *self, PyObject *v, void *c) {
     unsigned long long x = v ? PyLong_AsUnsignedLongLong(v) : 0;
@@ -819,6 +828,36 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
         }
         Py_INCREF(rows);
         break;
+    case K_ROWS_OUT0:
+    case K_ROWS_OUT1_OR_IN0:
+    case K_ROWS_OUT1:
+    {
+        if (nargs != 3) goto slow;
+        PyObject *r = args[2];   /* borrowed until rows takes it */
+        if (e->kind == K_ROWS_OUT0) {
+            if (PyTuple_Check(r) || PyList_Check(r)) {
+                if (PySequence_Fast_GET_SIZE(r) < 1) goto slow;
+                r = PySequence_Fast_GET_ITEM(r, 0);
+            }
+        } else if (PyTuple_Check(r)) {
+            if (PyTuple_GET_SIZE(r) < 2) goto slow;
+            r = PyTuple_GET_ITEM(r, 1);
+        } else if (e->kind == K_ROWS_OUT1_OR_IN0 && PyTuple_Check(args[1]) && PyTuple_GET_SIZE(args[1]) > 0) {
+            r = PyTuple_GET_ITEM(args[1], 0);
+        } else {
+            goto slow;
+        }
+        Py_INCREF(r);
+        rows = r;
+    }
+        flatten = 0;
+        break;
+    case K_ROWS_IN0:
+        if (nargs != 2 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) < 1) goto slow;
+        rows = PyTuple_GET_ITEM(args[1], 0);
+        Py_INCREF(rows);
+        flatten = 0;
+        break;
     case K_CALL:
         rows = PyObject_Vectorcall(extract, args, nargs, NULL);
         if (!rows) { rc = -1; goto out; }
@@ -861,6 +900,7 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
         if (ok < 0) { rc = -1; goto out; }
         goto slow;
     }
+    if (e->kind >= K_ROWS_OUT0 && v.nd < 1) goto slow;   /* a 1-D value: the extractor makes it a column */
     long long nrows = v.outer_n * v.inner_n;
     int dom;
     if (nrows == c->total_rows) dom = 0;
@@ -1001,6 +1041,7 @@ out:
 static PyObject *Tap_vectorcall(PyObject *self_, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Tap *tap = (Tap *)self_;
     Core *c = tap->core;
+    c->tap_calls++;
     if (!c->open) Py_RETURN_NONE;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (c->is_compiling != Py_None) {
@@ -1085,7 +1126,7 @@ static PyObject *Tap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UiiO", &hook, &layer, &kind, &extract)) {
             Py_DECREF(seq); Py_DECREF(self); return NULL;
         }
-        if (kind < K_INPUT || kind > K_ROWS) {
+        if (kind < K_INPUT || kind > K_ROWS_IN0) {
             Py_DECREF(seq); Py_DECREF(self);
             PyErr_Format(PyExc_ValueError, "unknown tap kind %d", kind);
             return NULL;
@@ -1440,6 +1481,7 @@ static PyMethodDef Core_methods[] = {
 static PyGetSetDef Core_getset[] = {
     {"thread_ns", (getter)Core_get_thread_ns, (setter)Core_set_thread_ns, "inference-thread ns of the agent", NULL},
     {"open", (getter)Core_get_open, NULL, "a step that captures is open", NULL},
+    {"tap_calls", (getter)Core_get_tap_calls, NULL, "calls of this core's taps, ever", NULL},
     {"control_seen", (getter)Core_get_control_seen, (setter)Core_set_control_seen,
      "the control block seq the agent last read", NULL},
     {"clock", (getter)Core_get_clock, (setter)Core_set_clock, "None (CLOCK_REALTIME) or a callable -> ns", NULL},
@@ -1670,6 +1712,10 @@ PyMODINIT_FUNC PyInit__capture(void) {
     PyModule_AddIntConstant(m, "K_FIRST_OUTPUT", K_FIRST_OUTPUT);
     PyModule_AddIntConstant(m, "K_CALL", K_CALL);
     PyModule_AddIntConstant(m, "K_ROWS", K_ROWS);
+    PyModule_AddIntConstant(m, "K_ROWS_OUT0", K_ROWS_OUT0);
+    PyModule_AddIntConstant(m, "K_ROWS_OUT1_OR_IN0", K_ROWS_OUT1_OR_IN0);
+    PyModule_AddIntConstant(m, "K_ROWS_OUT1", K_ROWS_OUT1);
+    PyModule_AddIntConstant(m, "K_ROWS_IN0", K_ROWS_IN0);
     PyModule_AddIntConstant(m, "W_NO", W_NO);
     PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
     PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);

@@ -63,6 +63,9 @@ _perf_ns = time.perf_counter_ns
 _time_ns = time.time_ns   # capture times; tests pin it (with the native clock) to compare ring bytes
 # Tap kinds of CaptureAgent.make_tap (the same numbers as agent/_capture.c's K_*).
 TAP_INPUT, TAP_PLAIN_INPUT, TAP_OUTPUT, TAP_FIRST_OUTPUT, TAP_CALL = 0, 1, 2, 3, 4
+# hook arguments without kwargs, tensors already [tokens, ...] (SGLang's taps; agent/_capture.c):
+# output (element 0 of a tuple/list), output[1] of a tuple else args[0], output[1] of a tuple, args[0]
+TAP_ROWS_OUT0, TAP_ROWS_OUT1_OR_IN0, TAP_ROWS_OUT1, TAP_ROWS_IN0 = 6, 7, 8, 9
 _STEP_FRAME_OK = "ok"   # _step_frame_state once the step's STEP frame is in the ring
 
 

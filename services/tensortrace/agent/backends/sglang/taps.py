@@ -61,6 +61,9 @@ from dataclasses import dataclass
 from tensortrace.agent import forward_wrap
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.catalog import HOOKS
+from tensortrace.agent.core import TAP_CALL, TAP_ROWS_IN0, TAP_ROWS_OUT0, TAP_ROWS_OUT1, TAP_ROWS_OUT1_OR_IN0
+
+_NATIVE_TAP_ENTRIES = 4   # agent/_capture.c MAX_ENTRIES: a site with more keeps its Python hook
 
 log = logging.getLogger("tensortrace.sglang")
 
@@ -95,6 +98,7 @@ class _Tap:
     site: "_Site | None" = None
     seen: tuple | None = None         # (rows, row_shape) seen during the self-check
     removed_reason: str = ""
+    kind: int = TAP_CALL              # how the native tap reads it (core.TAP_*; extract is the Python path's)
 
 
 class _Site:
@@ -102,7 +106,8 @@ class _Site:
     (hook, layer, extract) of the entries this step selects, the only ones the hook hands the
     agent; `handle`: the torch hook while registered, else None."""
 
-    __slots__ = ("module", "module_name", "pre", "entries", "active", "handle", "fire", "mechanism")
+    __slots__ = ("module", "module_name", "pre", "entries", "active", "handle", "fire", "mechanism", "fast",
+                 "registered")
 
     def __init__(self, module, module_name: str, pre: bool, mechanism: str = "forward"):
         self.module, self.module_name, self.pre = module, module_name, pre
@@ -110,16 +115,23 @@ class _Site:
         self.entries: list[_Tap] = []
         self.active: tuple = ()
         self.handle = None
-        self.fire = None
+        self.fire = None         # the Python hook: self-check, graph capture, the Python path
+        self.fast = None         # the native tap of every entry (agent.make_tap), built when first used
+        self.registered = None   # which of the two the handle carries
 
-    def register(self) -> None:
+    def register(self, fn=None) -> None:
+        fn = fn or self.fire
+        if self.handle is not None and self.registered is not fn:
+            self.unregister()
         if self.handle is None:
-            self.handle = forward_wrap.attach(self.module, self.fire, pre=self.pre, mechanism=self.mechanism)
+            self.handle = forward_wrap.attach(self.module, fn, pre=self.pre, mechanism=self.mechanism)
+            self.registered = fn
 
     def unregister(self) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+            self.registered = None
 
 
 class SGLangTaps:
@@ -140,7 +152,7 @@ class SGLangTaps:
         self.selective = False
         self._synced_for = None   # the agent.step_hooks() object the registration was made for
         self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
-        self.fired = 0         # tap firings (a step's count tells whether taps ran or a graph replayed)
+        self._fired = 0        # firings of the Python hooks (the native taps count theirs in agent._native)
         # CUDA graphs (TENSORTRACE_CUDA_GRAPH=static): taps selected when the graphs are captured copy
         # into these preallocated device buffers inside the graph; after a replay the runtime hands
         # rows [:batch] to the agent. Sized by the first (largest: SGLang captures in descending
@@ -199,30 +211,32 @@ class SGLangTaps:
         # (module, args) before one) and returns the rows, or None.
         if hook == "embeddings":
             name, m = self._mod(named, "embed_tokens", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook == "resid_pre":
             name, m = self._mod(named, "input_layernorm", L)
             # (normed, residual) when a residual was passed; layer 0 gets the stream as its input.
             return self._add(hook, L, name, m, H,
-                             post=lambda mod, a, out: _rows(out[1] if isinstance(out, tuple) else a[0]))
+                             post=lambda mod, a, out: _rows(out[1] if isinstance(out, tuple) else a[0]),
+                             kind=TAP_ROWS_OUT1_OR_IN0)
         if hook in ("resid_mid", "mlp_in"):
             name, m = self._mod(named, "post_attention_layernorm", L)
             if hook == "resid_mid":
                 return self._add(hook, L, name, m, H,
-                                 post=lambda mod, a, out: _rows(out[1]) if isinstance(out, tuple) else None)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
+                                 post=lambda mod, a, out: _rows(out[1]) if isinstance(out, tuple) else None,
+                                 kind=TAP_ROWS_OUT1)
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook == "resid_final":
             name, m = self._mod(named, "final_norm", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook == "attn_out":
             name, m = self._mod(named, "self_attn", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook == "mlp_out":
             name, m = self._mod(named, "mlp", L)
-            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)))
+            return self._add(hook, L, name, m, H, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook == "mlp_act":
             name, m = self._mod(named, "down_proj", L)
-            return self._add(hook, L, name, m, None, pre=lambda mod, a: _rows(a[0]))
+            return self._add(hook, L, name, m, None, pre=lambda mod, a: _rows(a[0]), kind=TAP_ROWS_IN0)
         if hook in ("attn_q", "attn_k", "attn_v"):
             name, m = self._mod(named, "qkv_proj", L)
             _, attn = self._mod(named, "self_attn", L)
@@ -234,7 +248,7 @@ class SGLangTaps:
                              post=lambda mod, a, out, lo=lo, w=width: _rows(_first(out)[:, lo:lo + w]))
         if hook == "moe_router_logits":
             name, m = self._mod(named, "moe_gate", L)
-            return self._add(hook, L, name, m, None, post=lambda mod, a, out: _rows(_first(out)))
+            return self._add(hook, L, name, m, None, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
         if hook in ("moe_topk_ids", "moe_topk_weights"):
             name, m = self._mod(named, "moe_topk", L)
             attr = "topk_ids" if hook == "moe_topk_ids" else "topk_weights"
@@ -242,7 +256,7 @@ class SGLangTaps:
                              post=lambda mod, a, out, attr=attr: _rows(getattr(out, attr, None)))
         return f"no SGLang module mapping for {hook}"
 
-    def _add(self, hook, L, name, module, width, post=None, pre=None) -> str:
+    def _add(self, hook, L, name, module, width, post=None, pre=None, kind=TAP_CALL) -> str:
         """Add entry (hook, L) to the torch hook of `module` (one per module and kind, created on
         its first entry; registered at the end of place())."""
         if module is None:
@@ -253,7 +267,7 @@ class SGLangTaps:
             mechanism = getattr(getattr(self.agent, "config", None), "module_taps", "forward")
             site = self.sites[(name, is_pre)] = _Site(module, name, is_pre, mechanism)
             site.fire = self._hook_fn(site)
-        tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site)
+        tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site, kind=kind)
         site.entries.append(tap)
         self.taps[(hook, L)] = tap
         return ""
@@ -264,7 +278,7 @@ class SGLangTaps:
         def fire(*hook_args):
             # The hot path is the loop at the end: one agent call per entry this step selects
             # (the agent's tap times extract(*hook_args) and the copy).
-            self.fired += 1
+            self._fired += 1
             capturing = self._is_capturing
             if capturing is not None and capturing():
                 for tap in site.entries:
@@ -369,10 +383,24 @@ class SGLangTaps:
         self._apply(frozenset(self._wanted))
         return failed
 
+    @property
+    def fired(self) -> int:
+        """Tap firings so far (a forward's count tells whether its taps ran or a graph replayed)."""
+        core = getattr(self.agent, "_native", None)
+        return self._fired + (core.tap_calls if core is not None else 0)
+
+    def _native_site_taps(self) -> bool:
+        """After the self-check, a CPU model's sites call the agent's native tap directly (one C call
+        per module firing: the selection check, each selected entry's extract and copy), not the
+        Python hook `fire`. A model on CUDA keeps `fire`: it checks for a graph capture per firing."""
+        return (self.selective and not self.checking and self._is_capturing is None
+                and getattr(self.agent, "_native", None) is not None)
+
     def _drop_entry(self, t: _Tap) -> None:
         """Remove one entry; its module's torch hook goes with the module's last entry."""
         del self.taps[(t.hook, t.layer)]
         site = t.site
+        site.fast = None   # rebuilt without it
         site.entries.remove(t)
         site.active = tuple(a for a in site.active if (a[0], a[1]) != (t.hook, t.layer))
         if not site.entries:
@@ -401,11 +429,17 @@ class SGLangTaps:
 
     def _apply(self, wanted: frozenset) -> None:
         static = self.static_keys or ()
+        native = self._native_site_taps()
         for site in self.sites.values():
             active = tuple((t.hook, t.layer, t.extract) for t in site.entries if (t.hook, t.layer) in wanted)
             site.active = active
             if active or any((t.hook, t.layer) in static for t in site.entries):
-                site.register()
+                if native and len(site.entries) <= _NATIVE_TAP_ENTRIES:
+                    if site.fast is None:
+                        site.fast = self.agent.make_tap([(t.hook, t.layer, t.kind, t.extract) for t in site.entries])
+                    site.register(site.fast)
+                else:
+                    site.register()
             else:
                 site.unregister()
 
