@@ -5,13 +5,22 @@ consumer; rounds of `--concurrency` concurrent /generate requests (`--prompt` pr
 generated, ignore_eos) alternate between variants chosen per request through custom_params:
 `off` (capture false: taps stay idle), `hidden-states` (the server's selection), `full` (preset
 full). Interleaving makes the shared machine's noise hit every variant alike; we report the median
-generated tokens/s per variant.
+generated tokens/s per variant (variants in a new random order every round), and `paired`: the median over rounds of the variant's tokens/s over
+`off`'s in the same round (seconds apart, so slow drifts of the machine's load cancel), and
+`agent/round`: the agent's own inference-thread time in the round (the ring's producer counter,
+which the agent in the scheduler process stores every step) over the round's wall time, the
+median over rounds — the cost capture puts on the scheduler's thread, which unlike throughput does
+not drown in this machine's ±5% round-to-round noise (it leaves out indirect costs: caches, the
+ring consumer's CPU).
 
 `--path native,python`: one server per tap path of the agent (the second with TENSORTRACE_NATIVE=0),
 rounds interleaved across both servers, so the native fast path and the Python path are measured
 side by side in one run (variants `full`, `full@python`, ...). `sglang-hidden` (first server only):
 capture off and SGLang's own `return_hidden_states` (server flag --enable-return-hidden-states) —
 the serving engine's built-in alternative — in the same run.
+
+`--path native,hooks`: the second server taps with PyTorch hooks (TENSORTRACE_MODULE_TAPS=hooks)
+instead of wrapped module forwards (agent/forward_wrap.py), variants `full@hooks`, ...
 
 `--before DIR`: one more server whose plugin and agent are imported from DIR (a copy of
 `services/` holding an earlier `tensortrace` package, e.g. with the previous SGLang taps), native
@@ -43,6 +52,13 @@ class RingDrain(threading.Thread):
     def __init__(self, ring_dir):
         super().__init__(daemon=True)
         self.ring_dir, self.slabs, self.dropped, self.stop = ring_dir, 0, 0, False
+        self.reader = None
+
+    def thread_ns(self) -> int:
+        """The agent's own inference-thread time so far (the ring's producer counter, stored once a
+        step by the agent in the server's scheduler process)."""
+        r = self.reader
+        return r.producer_stats()["thread_ns"] if r is not None else 0
 
     def run(self):
         import glob
@@ -52,7 +68,7 @@ class RingDrain(threading.Thread):
 
         while not self.stop and not glob.glob(os.path.join(self.ring_dir, "*.ring")):
             time.sleep(0.1)
-        reader = RingReader.open(glob.glob(os.path.join(self.ring_dir, "*.ring"))[0])
+        reader = self.reader = RingReader.open(glob.glob(os.path.join(self.ring_dir, "*.ring"))[0])
         while not self.stop:
             end = None
             for f in reader.frames():
@@ -65,6 +81,7 @@ class RingDrain(threading.Thread):
                 time.sleep(0.005)
             else:
                 reader.release(end)
+        self.reader = None
         reader.close()
 
 
@@ -85,6 +102,8 @@ def run(model_path, work, a):
             env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
             if path == "python":
                 env["TENSORTRACE_NATIVE"] = "0"
+            if path == "hooks":   # native path, module taps as PyTorch hooks (agent/forward_wrap.py)
+                env["TENSORTRACE_MODULE_TAPS"] = "hooks"
             if path == "before":   # the earlier package first on the path (SGLang's children inherit it)
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(a.before), STUB_DIR,
                                                                 os.environ.get("PYTHONPATH", "")) if p)
@@ -115,6 +134,8 @@ def _measure(servers, drains, paths, a):
     rng = random.Random(1)
     prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
 
+    drain_of = {id(servers[p]): drains[p] for p in paths}
+
     def one_round(variant):
         server, options, hidden = variant
         body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
@@ -131,18 +152,33 @@ def _measure(servers, drains, paths, a):
     for variant in variants.values():
         one_round(variant)  # warm-up (the first also runs the taps' self-check)
     times = {v: [] for v in variants}
+    agent_ns = {v: [] for v in variants}   # the agent's own inference-thread time in each round
     load = [os.getloadavg()]
+    names = list(variants)
     for _ in range(a.rounds):  # interleaved, so machine noise hits every variant alike
-        for v, variant in variants.items():
-            times[v].append(one_round(variant))
+        # in a shuffled order each round: with a fixed order the first variant always paid for
+        # waking the server that had been idle (a bias of a few percent against `off`)
+        rng.shuffle(names)
+        for v in names:
+            drain = drain_of[id(variants[v][0])]
+            ns0 = drain.thread_ns()
+            times[v].append(one_round(variants[v]))
+            time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
+            agent_ns[v].append(drain.thread_ns() - ns0)
     load.append(os.getloadavg())
     time.sleep(1.0)
     tokens = a.concurrency * a.new
     rows = []
+    off = times[next(iter(times))]   # "off" on the first server
     for v, ts in times.items():
-        ts = sorted(ts)
-        rows.append({"variant": v, "tokens_per_s_median": tokens / ts[len(ts) // 2],
-                     "tokens_per_s_best": tokens / ts[0], "round_s": ts})
+        # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
+        # slow drifts cancel), the median over rounds
+        ratios = sorted(o / t for o, t in zip(off, ts))
+        ts_sorted = sorted(ts)
+        shares = sorted(ns / 1e9 / t for ns, t in zip(agent_ns[v], ts))
+        rows.append({"variant": v, "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
+                     "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": ratios[len(ratios) // 2] - 1,
+                     "agent_share_median": shares[len(shares) // 2], "round_s": ts, "agent_ns": agent_ns[v]})
     return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
                   "records_dropped": sum(d.dropped for d in drains.values()),
                   "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
@@ -160,7 +196,8 @@ def main(argv=None):
     ap.add_argument("--before", default="", help="a services/ directory holding an earlier tensortrace package: one "
                                                  "more server runs it (variants @before)")
     ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
-                                                     "native,python")
+                                                     "hooks (native, module taps as PyTorch hooks) | "
+                                                     "native,hooks,python")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
     model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
@@ -172,12 +209,14 @@ def main(argv=None):
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
           f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
-    print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14}"
+    print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
+          f"{'agent/round':>11}"
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
         med = r["tokens_per_s_median"]
         r["vs_off"] = med / base - 1
-        line = f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {r['vs_off'] * 100:>+13.1f}%"
+        line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {r['vs_off'] * 100:>+13.1f}% "
+                f"{r['paired_vs_off'] * 100:>+13.1f}% {r['agent_share_median'] * 100:>10.2f}%")
         if before:
             r["vs_off_before"] = med / before - 1
             line += f" {r['vs_off_before'] * 100:>+13.1f}%"
