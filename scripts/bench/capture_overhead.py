@@ -12,6 +12,8 @@ output, logits), on a random Llama from a config:
   tt-full-nc       diagnostic: the same for tt-full
   noop-hidden      diagnostic: a no-op torch hook on every module the HF backend hooks for the
   noop-full        preset (hidden-states / full): what PyTorch's hook dispatch alone costs
+  wrap-full        diagnostic: a no-op Python wrapper of those modules' forward instead (what a
+                   wrapped forward costs; agent/forward_wrap.py's is a C wrapper)
   hooks-clone      forward hooks + .detach().cpu().clone() kept in a list (in-process floor)
   hooks-save       the same hooks, each step's tensors written with torch.save (vLLM-Hook style)
   hidden-states    generate(output_hidden_states=True)
