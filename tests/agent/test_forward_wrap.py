@@ -140,6 +140,25 @@ def test_another_librarys_forward_wrapper_is_restored_and_kept(wrapper):
     assert m.__dict__["forward"] is theirs
 
 
+def test_a_deep_copy_of_a_tapped_model_is_untapped_and_computes_the_same(wrapper):
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), Block())
+    calls = []
+    h = forward_wrap.attach(model[1], lambda mod, a, out: calls.append(mod), pre=False)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    assert torch.equal(twin(x), model(x))
+    assert calls == [model[1]]                      # only the original's tap ran
+    assert not isinstance(twin[1].__dict__.get("forward"), wrapper)
+    with torch.no_grad():
+        twin[1].lin.weight.mul_(2)              # the copy's forward runs the copy's weights
+    assert not torch.equal(twin(x), model(x)) and torch.equal(twin(x), twin[1](twin[0](x)))
+    assert torch.equal(twin[1](x), twin[1].lin(x))
+    h.remove()
+
+
 def test_errors_propagate_as_they_do_from_hooks(wrapper):
     m = Block()
 

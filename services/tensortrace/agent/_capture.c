@@ -1358,6 +1358,19 @@ static PyGetSetDef ForwardWrap_getset[] = {
     {"module", (getter)ForwardWrap_get_module, NULL, "the module", NULL},
     {NULL}};
 
+/* copy.deepcopy(model) while tapped: the copy gets the wrapped forward's copy, untapped (a copied
+ * model is not instrumented; its own call stays what it was before the tap) */
+static PyObject *ForwardWrap_deepcopy(ForwardWrap *w, PyObject *memo) {
+    PyObject *copy = PyImport_ImportModule("copy");
+    if (!copy) return NULL;
+    PyObject *r = PyObject_CallMethod(copy, "deepcopy", "OO", w->orig ? w->orig : Py_None, memo);
+    Py_DECREF(copy);
+    return r;
+}
+static PyMethodDef ForwardWrap_methods[] = {
+    {"__deepcopy__", (PyCFunction)ForwardWrap_deepcopy, METH_O, "the wrapped forward's deep copy (untapped)"},
+    {NULL}};
+
 static PyTypeObject ForwardWrapType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.ForwardWrap",
     .tp_basicsize = sizeof(ForwardWrap),
@@ -1369,6 +1382,7 @@ static PyTypeObject ForwardWrapType = {
     .tp_clear = (inquiry)ForwardWrap_clear,
     .tp_dealloc = (destructor)ForwardWrap_dealloc,
     .tp_getset = ForwardWrap_getset,
+    .tp_methods = ForwardWrap_methods,
     .tp_doc = "ForwardWrap(module, forward): the module's forward, calling its taps (agent/forward_wrap.py)",
 };
 

@@ -47,6 +47,12 @@ class PyForwardWrap:
         self.pre = ()
         self.post = ()
 
+    def __deepcopy__(self, memo):
+        # a copied model is not instrumented: it gets the wrapped forward's copy, untapped
+        import copy
+
+        return copy.deepcopy(self.__wrapped__, memo)
+
     def __call__(self, *args, **kwargs):
         pre, post = self.pre, self.post
         if not pre and not post:
