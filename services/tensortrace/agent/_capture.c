@@ -51,7 +51,8 @@ enum { K_INPUT = 0, K_PLAIN_INPUT = 1, K_OUTPUT = 2, K_FIRST_OUTPUT = 3, K_CALL 
        K_ROWS_OUT0 = 6,          /* output, or its element 0 when a tuple / list */
        K_ROWS_OUT1_OR_IN0 = 7,   /* output[1] when the output is a tuple, else args[0] */
        K_ROWS_OUT1 = 8,          /* output[1] when the output is a tuple (else the Python path) */
-       K_ROWS_IN0 = 9 };         /* args[0] (a pre-hook) */
+       K_ROWS_IN0 = 9,           /* args[0] (a pre-hook) */
+       K_ROWS_OUT0_COLS = 10 };  /* K_ROWS_OUT0's columns [col_lo, col_lo + col_n) (a fused projection's part) */
 /* per-step selection state of an entry */
 enum { W_UNKNOWN = 0, W_NO = 1, W_NATIVE = 2, W_SLOW = 3 };
 
@@ -326,6 +327,7 @@ typedef struct {
     int nd;
     long long dims[MAX_ROW_DIMS];
     PyObject *dtype;                      /* new reference */
+    int elem;                             /* bytes per element (0: unknown) */
 } RowsView;
 
 typedef struct {
@@ -342,6 +344,7 @@ typedef struct {
     Plan *plan;
     PyObject *static_buf;       /* capture_static: the buffer whose view is cached below */
     RowsView static_view;
+    long long col_lo, col_n;    /* K_ROWS_OUT0_COLS */
 } Entry;
 
 typedef struct {
@@ -686,6 +689,7 @@ static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
         }
         ok = fill_view(v, d->ndim, sz, st, flatten, limit);
         v->ptr = (unsigned char *)d->data + d->byte_offset;
+        v->elem = (d->dtype.bits % 8 == 0 && d->dtype.lanes == 1) ? d->dtype.bits / 8 : 0;
     }
     Py_DECREF(cap);
     if (!ok) return 0;
@@ -829,12 +833,13 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
         Py_INCREF(rows);
         break;
     case K_ROWS_OUT0:
+    case K_ROWS_OUT0_COLS:
     case K_ROWS_OUT1_OR_IN0:
     case K_ROWS_OUT1:
     {
         if (nargs != 3) goto slow;
         PyObject *r = args[2];   /* borrowed until rows takes it */
-        if (e->kind == K_ROWS_OUT0) {
+        if (e->kind == K_ROWS_OUT0 || e->kind == K_ROWS_OUT0_COLS) {
             if (PyTuple_Check(r) || PyList_Check(r)) {
                 if (PySequence_Fast_GET_SIZE(r) < 1) goto slow;
                 r = PySequence_Fast_GET_ITEM(r, 0);
@@ -901,6 +906,15 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
         goto slow;
     }
     if (e->kind >= K_ROWS_OUT0 && v.nd < 1) goto slow;   /* a 1-D value: the extractor makes it a column */
+    if (e->kind == K_ROWS_OUT0_COLS) {
+        /* rows of [tokens, width] -> their columns [col_lo, col_lo + col_n): the same rows, each
+         * col_n elements further in (the copy then takes one run per row) */
+        if (v.nd != 1 || v.inner_n != 1 || !v.elem || e->col_lo < 0 || e->col_n < 1 ||
+            e->col_lo + e->col_n > v.dims[0])
+            goto slow;
+        v.ptr += e->col_lo * v.elem;
+        v.dims[0] = e->col_n;
+    }
     long long nrows = v.outer_n * v.inner_n;
     int dom;
     if (nrows == c->total_rows) dom = 0;
@@ -1123,10 +1137,12 @@ static PyObject *Tap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *hook, *extract;
         int layer, kind;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UiiO", &hook, &layer, &kind, &extract)) {
+        long long col_lo = 0, col_n = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UiiO|LL", &hook, &layer, &kind, &extract,
+                              &col_lo, &col_n)) {
             Py_DECREF(seq); Py_DECREF(self); return NULL;
         }
-        if (kind < K_INPUT || kind > K_ROWS_IN0) {
+        if (kind < K_INPUT || kind > K_ROWS_OUT0_COLS) {
             Py_DECREF(seq); Py_DECREF(self);
             PyErr_Format(PyExc_ValueError, "unknown tap kind %d", kind);
             return NULL;
@@ -1137,6 +1153,8 @@ static PyObject *Tap_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         Py_INCREF(extract); e->extract = extract;
         e->layer = layer;
         e->kind = kind;
+        e->col_lo = col_lo;
+        e->col_n = col_n;
         self->n = (int)i + 1;
     }
     Py_DECREF(seq);
@@ -1730,6 +1748,7 @@ PyMODINIT_FUNC PyInit__capture(void) {
     PyModule_AddIntConstant(m, "K_ROWS_OUT1_OR_IN0", K_ROWS_OUT1_OR_IN0);
     PyModule_AddIntConstant(m, "K_ROWS_OUT1", K_ROWS_OUT1);
     PyModule_AddIntConstant(m, "K_ROWS_IN0", K_ROWS_IN0);
+    PyModule_AddIntConstant(m, "K_ROWS_OUT0_COLS", K_ROWS_OUT0_COLS);
     PyModule_AddIntConstant(m, "W_NO", W_NO);
     PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
     PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);

@@ -66,6 +66,7 @@ TAP_INPUT, TAP_PLAIN_INPUT, TAP_OUTPUT, TAP_FIRST_OUTPUT, TAP_CALL = 0, 1, 2, 3,
 # hook arguments without kwargs, tensors already [tokens, ...] (SGLang's taps; agent/_capture.c):
 # output (element 0 of a tuple/list), output[1] of a tuple else args[0], output[1] of a tuple, args[0]
 TAP_ROWS_OUT0, TAP_ROWS_OUT1_OR_IN0, TAP_ROWS_OUT1, TAP_ROWS_IN0 = 6, 7, 8, 9
+TAP_ROWS_OUT0_COLS = 10   # TAP_ROWS_OUT0's columns [lo, lo + n): entry (hook, layer, kind, extract, lo, n)
 _STEP_FRAME_OK = "ok"   # _step_frame_state once the step's STEP frame is in the ring
 
 
@@ -313,18 +314,18 @@ class CaptureAgent:
         Python path's extractor, and the native path's whenever it hands a tap to the Python path.
         fallback: the hook to run while torch.compile traces (native taps only).
         Returns a native `_capture.Tap` with the native path on, else a Python function."""
-        entries = [(h, int(L), int(k), ex) for h, L, k, ex in entries]
+        entries = [(h, int(L), int(k), ex, *(int(c) for c in cols)) for h, L, k, ex, *cols in entries]
         if self._native is not None:
             t = self._native_mod.Tap(self._native, entries)
             t.fallback = fallback
             return t
         tap = self.tap
         if len(entries) == 1:
-            h, L, _, ex = entries[0]
+            h, L, _, ex = entries[0][:4]
             return functools.partial(tap, h, L, ex)
 
         def multi_tap(*args):
-            for h, L, _, ex in entries:
+            for h, L, _, ex, *_cols in entries:
                 tap(h, L, ex, *args)
         return multi_tap
 

@@ -61,7 +61,8 @@ from dataclasses import dataclass
 from tensortrace.agent import forward_wrap
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.catalog import HOOKS
-from tensortrace.agent.core import TAP_CALL, TAP_ROWS_IN0, TAP_ROWS_OUT0, TAP_ROWS_OUT1, TAP_ROWS_OUT1_OR_IN0
+from tensortrace.agent.core import (TAP_CALL, TAP_ROWS_IN0, TAP_ROWS_OUT0, TAP_ROWS_OUT0_COLS, TAP_ROWS_OUT1,
+                                    TAP_ROWS_OUT1_OR_IN0)
 
 _NATIVE_TAP_ENTRIES = 4   # agent/_capture.c MAX_ENTRIES: a site with more keeps its Python hook
 
@@ -99,6 +100,7 @@ class _Tap:
     seen: tuple | None = None         # (rows, row_shape) seen during the self-check
     removed_reason: str = ""
     kind: int = TAP_CALL              # how the native tap reads it (core.TAP_*; extract is the Python path's)
+    cols: tuple = ()                  # TAP_ROWS_OUT0_COLS: (first column, columns)
 
 
 class _Site:
@@ -245,7 +247,8 @@ class SGLangTaps:
                 return f"{name} (with self_attn.q_size / kv_size) not found"
             lo, width = {"attn_q": (0, q), "attn_k": (q, kv), "attn_v": (q + kv, kv)}[hook]
             return self._add(hook, L, name, m, width,
-                             post=lambda mod, a, out, lo=lo, w=width: _rows(_first(out)[:, lo:lo + w]))
+                             post=lambda mod, a, out, lo=lo, w=width: _rows(_first(out)[:, lo:lo + w]),
+                             kind=TAP_ROWS_OUT0_COLS, cols=(lo, width))
         if hook == "moe_router_logits":
             name, m = self._mod(named, "moe_gate", L)
             return self._add(hook, L, name, m, None, post=lambda mod, a, out: _rows(_first(out)), kind=TAP_ROWS_OUT0)
@@ -256,7 +259,7 @@ class SGLangTaps:
                              post=lambda mod, a, out, attr=attr: _rows(getattr(out, attr, None)))
         return f"no SGLang module mapping for {hook}"
 
-    def _add(self, hook, L, name, module, width, post=None, pre=None, kind=TAP_CALL) -> str:
+    def _add(self, hook, L, name, module, width, post=None, pre=None, kind=TAP_CALL, cols=()) -> str:
         """Add entry (hook, L) to the torch hook of `module` (one per module and kind, created on
         its first entry; registered at the end of place())."""
         if module is None:
@@ -267,7 +270,7 @@ class SGLangTaps:
             mechanism = getattr(getattr(self.agent, "config", None), "module_taps", "forward")
             site = self.sites[(name, is_pre)] = _Site(module, name, is_pre, mechanism)
             site.fire = self._hook_fn(site)
-        tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site, kind=kind)
+        tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site, kind=kind, cols=cols)
         site.entries.append(tap)
         self.taps[(hook, L)] = tap
         return ""
@@ -436,7 +439,8 @@ class SGLangTaps:
             if active or any((t.hook, t.layer) in static for t in site.entries):
                 if native and len(site.entries) <= _NATIVE_TAP_ENTRIES:
                     if site.fast is None:
-                        site.fast = self.agent.make_tap([(t.hook, t.layer, t.kind, t.extract) for t in site.entries])
+                        site.fast = self.agent.make_tap([(t.hook, t.layer, t.kind, t.extract, *t.cols)
+                                                         for t in site.entries])
                     site.register(site.fast)
                 else:
                     site.register()
