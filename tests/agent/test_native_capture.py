@@ -115,9 +115,17 @@ def geometry(request):
     if NATIVE is None:
         pytest.skip(f"native path not built: {WHY_NOT}")
     if request.param == "accessors":
+        # every agent hands the native module torch._C._to_dlpack at start-up: hide it from them
+        saved = torch._C._to_dlpack
+        del torch._C._to_dlpack
         NATIVE.use_dlpack(None)
+        try:
+            yield request.param
+        finally:
+            torch._C._to_dlpack = saved
+            NATIVE.use_dlpack(saved)
+        return
     yield request.param
-    NATIVE.use_dlpack(getattr(torch._C, "_to_dlpack", None))
 
 
 @needs_native
@@ -390,3 +398,54 @@ def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(t
     assert got.summaries["r1"].records_captured * 7 == got.summaries["r0"].records_captured * 3 > 0
     for a in (a_py, a_nat):
         a.close()
+
+
+@needs_native
+def test_the_token_row_kinds_read_what_their_python_extractors_read(tmp_path, fixed_clock, geometry):
+    """SGLang's kinds (tensors already [tokens, ...], hook arguments without kwargs): output or its
+    element 0, output[1] else args[0], output[1], args[0], and a column range of the output. Each
+    writes what its Python extractor writes; what a kind cannot read (a 1-D value, no tuple, a
+    column range past the width, a non-tensor) goes to the Python path, which decides."""
+    from tensortrace.agent.core import (TAP_ROWS_IN0, TAP_ROWS_OUT0, TAP_ROWS_OUT0_COLS, TAP_ROWS_OUT1,
+                                        TAP_ROWS_OUT1_OR_IN0)
+
+    def rows(v):
+        return None if v is None or not hasattr(v, "shape") or v.dim() < 1 else (v if v.dim() >= 2 else v.unsqueeze(-1))
+
+    def first(x):
+        return x[0] if isinstance(x, (tuple, list)) else x
+
+    torch.manual_seed(0)
+    x, res, qkv = torch.randn(7, 8), torch.randn(7, 8), torch.randn(7, 20)
+    ids = torch.arange(7)
+    entries = [("resid_pre", 0, TAP_ROWS_OUT1_OR_IN0, lambda m, a, o: rows(o[1] if isinstance(o, tuple) else a[0])),
+               ("resid_pre", 1, TAP_ROWS_OUT1, lambda m, a, o: rows(o[1]) if isinstance(o, tuple) else None),
+               ("resid_pre", 2, TAP_ROWS_OUT0, lambda m, a, o: rows(first(o))),
+               ("resid_pre", 3, TAP_ROWS_OUT0_COLS, lambda m, a, o: rows(first(o)[:, 12:16]), 12, 4)]
+    too_wide = [("resid_pre", 4, TAP_ROWS_OUT0_COLS, lambda m, a, o: rows(first(o)[:, 16:24]), 16, 8)]
+    images, natively = {}, {}
+    for path in ("python", "native"):
+        agent, layout = _synthetic(path, tmp_path / path)
+        post = agent.make_tap(entries)
+        wide = agent.make_tap(too_wide)
+        pre = agent.make_tap([("mlp_act", 0, TAP_ROWS_IN0, lambda m, a: rows(a[0]))])
+        agent.begin_step(layout)
+        post(None, (x,), (qkv, res))          # fused norm: (normed, residual); qkv read as the output
+        post(None, (x,), qkv)                 # no tuple: args[0] / the Python path (None) / the output
+        post(None, (x,), (ids,))              # a 1-D element 0: the Python path makes it a column
+        wide(None, (x,), qkv)                 # columns 16..24 of 20: the Python path (which reads 4 wide)
+        pre(None, (x,))
+        pre(None, ("not a tensor",))          # the Python path: its extractor fails, tap_error
+        agent.end_step()
+        for rid in ("a", "b"):
+            agent.end_request(rid)
+        images[path] = (ring_image(agent), stats_of(agent))
+        if path == "native":
+            natively = sum(p.counts()[1] for p in agent._native_plans)
+        got = drain(RingReader.open(agent.ring_path))
+        t, _ = got.tensor("a", "resid_pre", 3)
+        assert torch.equal(t, torch.cat([qkv[0:3, 12:16]] * 2))   # two firings of step 1
+        agent.close()
+    assert images["native"] == images["python"]
+    # natively: out1-or-in0 x2, out1 x1, out0 x2, cols x2, in0 x1 = 8 tap firings x 2 requests
+    assert natively == 2 * 8 and images["native"][1]["written"] > natively

@@ -100,6 +100,7 @@ static inline int64_t now_ns(clockid_t id) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+static PyObject *s_element_size;
 static PyObject *s_reserved, *s_seq, *s_is_cpu, *s_size, *s_stride, *s_data_ptr, *s_dtype, *s_hidden_states,
     *s_input, *s_native_wants, *s_native_group, *s_native_plan, *s_tap_body, *s_tap_failed, *s_native_step_frame;
 
@@ -739,6 +740,9 @@ static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *
     if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
     v->dtype = PyObject_GetAttr(t, s_dtype);
     if (!v->dtype) { PyErr_Clear(); goto done; }
+    PyObject *es = PyObject_CallMethodNoArgs(t, s_element_size);
+    if (!es) { PyErr_Clear(); v->elem = 0; }
+    else { long n = PyLong_AsLong(es); Py_DECREF(es); if (n < 0 || PyErr_Occurred()) { PyErr_Clear(); n = 0; } v->elem = (int)n; }
     ok = 1;
 done:
     Py_DECREF(size);
@@ -1720,6 +1724,7 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_capture",
 
 PyMODINIT_FUNC PyInit__capture(void) {
     crc_init();
+    INTERN(s_element_size, "element_size");
     INTERN(s_reserved, "_reserved"); INTERN(s_seq, "_seq"); INTERN(s_is_cpu, "is_cpu"); INTERN(s_size, "size");
     INTERN(s_stride, "stride"); INTERN(s_data_ptr, "data_ptr"); INTERN(s_dtype, "dtype");
     INTERN(s_hidden_states, "hidden_states"); INTERN(s_input, "input"); INTERN(s_native_wants, "_native_wants");
