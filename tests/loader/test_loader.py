@@ -4,16 +4,14 @@ kill -9 test runs loaders as subprocesses)."""
 import threading
 
 import pytest
-import torch
 from kafka import KafkaConsumer
 
 from tensortrace.consume.deadletter import DLQ_REASON_HEADER, DLQ_SOURCE_HEADER
 from tensortrace.loader.config import KafkaConfig, LoaderConfig
 from tensortrace.loader.service import Loader
-from tensortrace.query import TensorTraceClient
 from tensortrace.storage import ThreadSafeClient
 from tensortrace.testing.kafka import committed, create_topics, end_offsets
-from tensortrace.testing.synthetic import SyntheticRequest, produce
+from tensortrace.testing.synthetic import SyntheticRequest, assert_read_back_bit_exact, produce
 from tensortrace.testing.waiting import wait_until
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
@@ -56,15 +54,6 @@ def distinct_records(client, db):
     return client.query(f"SELECT uniqExact(producer_pod, producer_pid, producer_generation, seq) FROM {db}.activations").result_rows[0][0]
 
 
-def assert_bit_exact(client, db, requests):
-    tt = TensorTraceClient(client, database=db)
-    for req in requests:
-        got = tt.tensors(request_id=req.request_id)
-        assert got.completeness.state == "complete", (req.request_id, got.completeness)
-        assert set(got.tensors) == set(req.truth)
-        for key, want in req.truth.items():
-            assert torch.equal(got[key].tensor, want), (req.request_id, key)
-
 
 def assert_each_record_once(client, db, n_records, n_summaries):
     assert distinct_records(client, db) == n_records
@@ -98,7 +87,7 @@ def test_loader_loads_chunked_and_plain_records_bit_exact_and_commits(kafka_brok
     assert 'tensortrace_loader_consumer_lag_messages{partition="0"} 0.0' in text
     run.stop()
     assert run.loader.stats.dlq_messages == 0
-    assert_bit_exact(client, db, reqs)
+    assert_read_back_bit_exact(client, db, reqs)
     assert_each_record_once(client, db, n, len(reqs))
 
 
@@ -128,7 +117,7 @@ def test_undecodable_messages_go_to_the_dlq_with_a_reason_and_nothing_else_is_lo
     n = sum(len(r.records) for r in good) + len(ok_neighbour.records)
     assert wait_until(lambda: distinct_records(client, db) == n and run.loader.stats.dlq_messages == 3)
     run.stop()
-    assert_bit_exact(client, db, good + [ok_neighbour])
+    assert_read_back_bit_exact(client, db, good + [ok_neighbour])
     c = KafkaConsumer(topic + ".dlq", bootstrap_servers=bs, auto_offset_reset="earliest", consumer_timeout_ms=5000)
     dead = list(c)
     c.close()
@@ -165,7 +154,7 @@ def test_chunks_that_never_complete_go_to_the_dlq_and_offsets_move_on(kafka_brok
     c.close()
     assert "chunks incomplete" in dict(dead.headers)[DLQ_REASON_HEADER].decode()
     assert [r.tensor.chunk_index for r in codec.decode_envelope(dead.value)] == [0, 1]
-    assert_bit_exact(client, db, [good])
+    assert_read_back_bit_exact(client, db, [good])
 
 
 class FaultInjectingClient:
@@ -209,7 +198,7 @@ def test_clickhouse_outage_backs_off_commits_nothing_and_catches_up(kafka_broker
     assert wait_until(lambda: committed(bs, cfg.group_id, topic, 2) == ends)
     run.stop()
     assert loader.stats.insert_failures >= 5
-    assert_bit_exact(client, db, reqs)
+    assert_read_back_bit_exact(client, db, reqs)
     assert_each_record_once(client, db, n, len(reqs))
 
 
@@ -236,5 +225,5 @@ def test_two_loaders_in_one_group_rebalance_and_leave_each_record_once(kafka_bro
     a.stop()
     b.stop()
     assert a.loader.stats.tensor_rows > 0 and b.loader.stats.tensor_rows > 0
-    assert_bit_exact(client, db, first_half + second_half)
+    assert_read_back_bit_exact(client, db, first_half + second_half)
     assert_each_record_once(client, db, n, 16)

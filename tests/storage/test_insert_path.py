@@ -10,16 +10,14 @@ import threading
 import time
 
 import pytest
-import torch
 
 from tensortrace.consume.sink import SealedBatch
 from tensortrace.loader.config import LoaderConfig
 from tensortrace.loader.rows import ColumnBatch
 from tensortrace.loader.service import ClickHouseSink, LoaderStats
-from tensortrace.query import TensorTraceClient
 from tensortrace.storage import ThreadSafeClient, schema
 from tensortrace.storage.client import INSERT_PATH_ARROW, INSERT_PATH_CHDB, insert_python
-from tensortrace.testing.synthetic import SyntheticRequest
+from tensortrace.testing.synthetic import SyntheticRequest, assert_read_back_bit_exact
 from tensortrace.wire import codec, native
 
 pytestmark = pytest.mark.integration
@@ -56,14 +54,6 @@ def count(client, db, final=""):
     return client.query(f"SELECT count() FROM {db}.activations {final}").result_rows[0][0]
 
 
-def assert_bit_exact(client, db, reqs):
-    tt = TensorTraceClient(client, database=db)
-    for req in reqs:
-        got = tt.tensors(request_id=req.request_id)
-        assert got.completeness.state == "complete", (req.request_id, got.completeness)
-        for key, want in req.truth.items():
-            assert torch.equal(got[key].tensor, want), (req.request_id, key)
-
 
 @pytest.fixture
 def second_db(ch_client, ch_database):
@@ -90,7 +80,7 @@ def test_the_in_place_insert_stores_the_same_bytes_as_insert_arrow(tt_db, second
         mine, theirs = client.raw_query(q.format(db)), client.raw_query(q.format(second_db))
         assert len(mine) > (10_000 if table == "activations" else 100) and mine == theirs, table
     assert count(client, db) == b.tensor_rows
-    assert_bit_exact(client, db, reqs)
+    assert_read_back_bit_exact(client, db, reqs)
 
 
 def test_a_retried_in_place_insert_with_the_same_token_adds_no_rows(tt_db):
@@ -133,7 +123,7 @@ def test_the_sink_retries_a_batch_whose_reply_was_lost_and_stores_it_once(tt_db)
     assert stats.insert_failures == 2 and stats.insert_path == INSERT_PATH_CHDB
     assert count(client, db) == b.tensor_rows                     # the retries were dropped by the token
     assert client.query(f"SELECT count() FROM {db}.requests").result_rows[0][0] == len(reqs)
-    assert_bit_exact(client, db, reqs)
+    assert_read_back_bit_exact(client, db, reqs)
 
 
 class Passthrough:

@@ -112,3 +112,19 @@ def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], par
             f.get(timeout=60)
     finally:
         p.close(timeout=10)
+
+
+def assert_read_back_bit_exact(client, database: str, requests) -> None:
+    """Every request reads back from ClickHouse complete, with exactly its tensors, each equal to
+    its truth bit for bit (the loader's and the insert path's tests)."""
+    import torch
+
+    from tensortrace.query import TensorTraceClient
+
+    tt = TensorTraceClient(client, database=database)
+    for req in requests:
+        got = tt.tensors(request_id=req.request_id)
+        assert got.completeness.state == "complete", (req.request_id, got.completeness)
+        assert set(got.tensors) == set(req.truth)
+        for key, want in req.truth.items():
+            assert torch.equal(got[key].tensor, want), (req.request_id, key)
