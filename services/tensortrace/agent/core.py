@@ -296,6 +296,12 @@ class CaptureAgent:
         self._tns.thread_ns += _perf_ns() - t0
 
     @property
+    def native_tap_calls(self) -> int:
+        """Calls of this agent's native taps (make_tap) so far; 0 on the Python path. A backend whose
+        module calls them directly counts its modules' firings with it."""
+        return self._native.tap_calls if self._native is not None else 0
+
+    @property
     def thread_ns(self) -> int:
         """The agent's inference-thread time so far (ns). Backends read it; only the agent writes."""
         return self._tns.thread_ns

@@ -163,4 +163,4 @@ def taps_on(module) -> int:
 
 def wrapped_modules() -> int:
     """Modules carrying a wrapper now (tests, diagnostics)."""
-    return sum(1 for m, (w, _) in list(_installed.items()) if m.__dict__.get("forward") is w)
+    return sum(1 for m, (w, _) in list(_installed.items()) if _reachable(m, w))

@@ -154,7 +154,9 @@ class SGLangTaps:
         self.selective = False
         self._synced_for = None   # the agent.step_hooks() object the registration was made for
         self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
-        self._fired = 0        # firings of the Python hooks (the native taps count theirs in agent._native)
+        self._fired = 0        # firings of the Python hooks (the native taps count theirs: agent.native_tap_calls)
+        # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
+        self._mechanism = getattr(getattr(agent, "config", None), "module_taps", "forward")
         # CUDA graphs (TENSORTRACE_CUDA_GRAPH=static): taps selected when the graphs are captured copy
         # into these preallocated device buffers inside the graph; after a replay the runtime hands
         # rows [:batch] to the agent. Sized by the first (largest: SGLang captures in descending
@@ -267,8 +269,7 @@ class SGLangTaps:
         is_pre = pre is not None
         site = self.sites.get((name, is_pre))
         if site is None:
-            mechanism = getattr(getattr(self.agent, "config", None), "module_taps", "forward")
-            site = self.sites[(name, is_pre)] = _Site(module, name, is_pre, mechanism)
+            site = self.sites[(name, is_pre)] = _Site(module, name, is_pre, self._mechanism)
             site.fire = self._hook_fn(site)
         tap = _Tap(hook, L, name, width, extract=pre if is_pre else post, site=site, kind=kind, cols=cols)
         site.entries.append(tap)
@@ -389,15 +390,14 @@ class SGLangTaps:
     @property
     def fired(self) -> int:
         """Tap firings so far (a forward's count tells whether its taps ran or a graph replayed)."""
-        core = getattr(self.agent, "_native", None)
-        return self._fired + (core.tap_calls if core is not None else 0)
+        return self._fired + getattr(self.agent, "native_tap_calls", 0)
 
     def _native_site_taps(self) -> bool:
         """After the self-check, a CPU model's sites call the agent's native tap directly (one C call
         per module firing: the selection check, each selected entry's extract and copy), not the
         Python hook `fire`. A model on CUDA keeps `fire`: it checks for a graph capture per firing."""
         return (self.selective and not self.checking and self._is_capturing is None
-                and getattr(self.agent, "_native", None) is not None)
+                and getattr(self.agent, "capture_path", "python") == "native")
 
     def _drop_entry(self, t: _Tap) -> None:
         """Remove one entry; its module's torch hook goes with the module's last entry."""
