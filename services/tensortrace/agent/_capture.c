@@ -912,7 +912,8 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
     if (e->kind >= K_ROWS_OUT0 && v.nd < 1) goto slow;   /* a 1-D value: the extractor makes it a column */
     if (e->kind == K_ROWS_OUT0_COLS) {
         /* rows of [tokens, width] -> their columns [col_lo, col_lo + col_n): the same rows, each
-         * col_n elements further in (the copy then takes one run per row) */
+         * starting col_lo elements further in (a row's elements are contiguous: fill_view checked),
+         * col_n wide (the copy then takes one run per row) */
         if (v.nd != 1 || v.inner_n != 1 || !v.elem || e->col_lo < 0 || e->col_n < 1 ||
             e->col_lo + e->col_n > v.dims[0])
             goto slow;
