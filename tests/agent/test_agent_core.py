@@ -416,3 +416,51 @@ def test_a_copy_failing_after_reservation_leaves_no_frame_behind(ring_dir, monke
     t, _ = got.tensor("r0", "resid_pre", 1)
     assert torch.equal(t, rows_tensor(layout, 1)[:3])   # the second copy went through that path intact
     assert s.dropped_by_reason == {"tap_error": 1} and s.records_captured == 1
+
+
+@pytest.mark.parametrize("path", ["native", "python"])
+def test_idle_step_answers_only_while_no_live_request_is_sampled(ring_dir, path):
+    """idle_step() is True exactly while no begun, unended request is sampled; it still does every
+    step's housekeeping (heartbeat, control document, steps counted, thread time stored), and a
+    captured plan that ends in idle steps keeps its accounting exact."""
+    from tensortrace.agent import native
+
+    if path == "native" and native.load()[0] is None:
+        pytest.skip("native path not built")
+    agent = make_agent(ring_dir, capture_path=path)
+    reader = RingReader.open(agent.ring_path)
+    assert agent.idle_step()                                   # nothing begun
+    agent.begin_request("out", options={"capture": False})
+    assert agent.idle_step()                                   # begun, not sampled
+    agent.begin_request("a")
+    assert not agent.idle_step()
+    run_steps(agent, ["a"], steps=4)                           # prefill + 3 decode steps (a repeat plan)
+    assert not agent.idle_step()
+    agent.end_request("a", generated_tokens=3)
+    st0 = agent.stats()
+    hb0 = reader.producer_stats()["heartbeat_unix_nano"]
+    ns0 = reader.producer_stats()["thread_ns"]
+    # a control document written while idle is applied at the next idle step
+    reader.write_control({"version": 1, "selection": {"hooks": ["logits"]}})
+    time.sleep(0.001)
+    for _ in range(3):
+        assert agent.idle_step()
+    st = agent.stats()
+    assert st.steps == st0.steps + 3 and st.idle_steps == st0.idle_steps + 3
+    assert st.control_docs_applied == 1 and agent.selection.hooks == frozenset({"logits"})
+    assert reader.producer_stats()["thread_ns"] > ns0 and agent.thread_ns >= reader.producer_stats()["thread_ns"]
+    assert reader.producer_stats()["heartbeat_unix_nano"] > hb0
+    agent.begin_request("b")                                   # sampled again: steps capture
+    assert not agent.idle_step()
+    run_steps(agent, ["b"], steps=2)
+    agent.end_request("b")
+    agent.end_request("out")
+    got = drain(reader)
+    check_accounting(agent, got, ["a", "b"])
+    assert {(r.request_id, r.hook) for r in got.records} == {("a", "resid_pre"), ("a", "logits"), ("b", "logits")}
+    assert got.summaries["a"].complete and got.summaries["b"].complete and not got.summaries["out"].sampled
+    agent.begin_request("c")
+    assert not agent.idle_step()
+    reader.close()
+    agent.close()
+    assert agent.idle_step()                                   # a closed agent captures nothing

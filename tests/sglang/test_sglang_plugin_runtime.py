@@ -387,3 +387,60 @@ def test_steps_capturing_nothing_in_a_row_do_not_touch_the_registration(tmp_path
     # the self-check's, capture switched off, switched on again: three registrations in 8 steps
     hidden = {("resid_pre", 0), ("resid_pre", 1), ("resid_final", -1)}
     assert applied == [hidden, frozenset(), hidden]
+
+
+def test_forwards_with_no_sampled_request_skip_the_layout_and_leave_no_tap_registered(tmp_path, monkeypatch):
+    """Once the last sampled request has ended, forwards of opted-out requests are answered by
+    agent.idle_step(): no plan_step, no module tap registered or firing, steps still counted and
+    control documents still applied; the next sampled request is captured as before."""
+    from tensortrace.agent.backends.sglang import plugin
+    from tensortrace.ring.format import RingReader
+    from tensortrace.wire.codec import record_to_tensor
+
+    runner = make_runner()
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20, selection="hidden-states"))
+    rt.attach(runner)
+    planned = []
+    real_plan = plugin.plan_step
+    monkeypatch.setattr(plugin, "plan_step", lambda *a, **kw: (planned.append(1), real_plan(*a, **kw))[1])
+    control = RingReader.open(rt.agent.ring_path)
+
+    def serve(rid, options, decodes, prompt=(1, 2, 3)):
+        r = req(rid, len(prompt), options)
+        fb = forward_batch("EXTEND", [rid], seq_lens=[len(prompt)], extend_lens=[len(prompt)], prefix_lens=[0])
+        fb.input_ids = torch.tensor(prompt)
+        rt.observe_batch(fb, SimpleNamespace(reqs=[r]))
+        seen = []
+        with torch.no_grad():
+            rt.forward(model_forward, runner, fb)
+            seen.append(_hooked(runner.model))
+            for k in range(decodes):
+                dec = forward_batch("DECODE", [rid], seq_lens=[len(prompt) + 1 + k])
+                dec.input_ids = torch.tensor([5 + k])
+                rt.forward(model_forward, runner, dec)
+                seen.append(_hooked(runner.model))
+        finish(r, decodes + 1)
+        rt.finish_requests([r])
+        return seen
+
+    seen = serve("a", None, 2)
+    assert all(seen) and len(planned) == 3
+    steps0, fired0 = rt.agent.stats().steps, rt.taps.fired
+    control.write_control({"version": 1, "selection": {"preset": "hidden-states", "layers": "1"}})
+    seen = serve("out", {"tensortrace": {"capture": False}}, 3)
+    st = rt.agent.stats()
+    assert seen == [{}] * 4 and len(planned) == 3 and rt.taps.fired == fired0   # no layout, no tap fired
+    assert st.steps == steps0 + 4 and st.idle_steps == 4 and st.control_docs_applied == 1
+    seen = serve("b", None, 1, prompt=(1, 2, 3))
+    assert all(seen) and len(planned) == 5
+    control.close()
+    rt.agent.close()
+    ring = read_rings(str(tmp_path))
+    got = {(r.request_id, r.hook, r.layer) for r in ring.records}
+    assert {k for k in got if k[0] == "b"} == {("b", "resid_pre", 1), ("b", "resid_final", -1), ("b", "logits", -1)}
+    assert not {k for k in got if k[0] == "out"} and not ring.summaries["out"].sampled
+    assert ring.summaries["a"].complete and ring.summaries["b"].complete
+    # b's rows are the model's own: the same prompt as a's, so the same final residual
+    fin = {r.request_id: record_to_tensor(r) for r in ring.records if r.hook == "resid_final" and r.step in
+           {min(x.step for x in ring.records if x.request_id == rid) for rid in ("a", "b")}}
+    assert torch.equal(fin["a"], fin["b"])

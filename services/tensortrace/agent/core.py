@@ -217,6 +217,7 @@ class CaptureAgent:
         # Kept by the native Core when the native path is on (its taps add to it without Python).
         self._tns = _ThreadNs()
         self._requests: dict[str, _Request] = {}
+        self._sampled_live = 0   # requests begun, sampled and not yet ended (0: no forward captures anything)
         self._arrivals = 0
         self._step = 0
         self._layout: StepLayout | None = None
@@ -396,6 +397,7 @@ class CaptureAgent:
         self._epoch += 1
         self._counters.scalars["requests_begun"] += 1
         self._counters.scalars["requests_sampled"] += int(sampled)
+        self._sampled_live += int(sampled)
         return ctx
 
     def begin_step(self, layout: StepLayout) -> None:
@@ -412,7 +414,44 @@ class CaptureAgent:
             self._disable_agent(e)
         self._add_ns(t0)
 
-    def _begin_step(self, layout: StepLayout) -> None:
+    def idle_step(self) -> bool:
+        """Called by a backend on the inference thread before a forward, ahead of building its
+        StepLayout: True when no live request is sampled, so the forward can capture nothing
+        whatever its layout. The agent then did what every step must (heartbeat, control poll,
+        pending summaries, the step counted, its thread time stored) and the backend runs the
+        forward with no begin_step / end_step. False: call begin_step(layout) as usual.
+
+        This makes serving with capture off (or with no sampled request in flight) cost a few µs
+        a forward instead of a layout and a plan. Rows of requests never begun are counted in
+        unknown_request_rows only on steps that read a layout. Times itself; never raises."""
+        if self.disabled_reason or self._closed:
+            return True
+        if self._sampled_live > 0:
+            return False
+        t0 = _perf_ns()
+        try:
+            self._housekeeping()
+            if self._repeat is not None:   # the plan ends: its deferred counters are folded
+                self._repeat = None
+                self._fold_native()
+            self._layout = None
+            self._counters.scalars["idle_steps"] += 1
+        except Exception as e:  # noqa: BLE001
+            self._disable_agent(e)
+            return True
+        if self._native is not None:
+            self._native.finish(t0)   # adds this call's time, stores thread_ns in the ring header
+        else:
+            self.thread_ns += _perf_ns() - t0
+            try:
+                self.writer.report_thread_ns(self.thread_ns)
+            except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
+                pass
+        return True
+
+    def _housekeeping(self) -> None:
+        """The part of every step that does not depend on its layout: the heartbeat, the control
+        poll, pending summaries, the step number."""
         native = self._native
         if native is None:
             self.writer.heartbeat()
@@ -427,9 +466,13 @@ class CaptureAgent:
         if self._pending_summaries:
             self._drain_pending()
         self._step += 1
+        self._counters.scalars["steps"] += 1
+
+    def _begin_step(self, layout: StepLayout) -> None:
+        native = self._native
+        self._housekeeping()
         if native is None:
             self._step_field = _step_field(self._step)   # (native: begin() returns it, encoded in C)
-        self._counters.scalars["steps"] += 1
         prev = self._layout
         self._layout = layout
         self._step_frame_state = None
@@ -752,6 +795,7 @@ class CaptureAgent:
             req = self._requests.pop(request_id, None)
             if req is None:
                 return None
+            self._sampled_live -= int(req.ctx.sampled)
             self._epoch += 1
             self._fold_native()   # its records of the steps whose accounting was deferred
             self._counters.scalars["requests_ended"] += 1

@@ -67,6 +67,7 @@ class AgentStats:
     by_hook: dict[str, HookStats] = field(default_factory=dict)
     bytes_written: int = 0
     steps: int = 0
+    idle_steps: int = 0   # of those, forwards with no live sampled request (idle_step: no layout read)
     requests_begun: int = 0
     requests_sampled: int = 0
     requests_untracked: int = 0   # begun while capture was switched off: no summary

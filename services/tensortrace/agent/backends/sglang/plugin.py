@@ -158,6 +158,7 @@ class SGLangCapture(Backend):
         self._requests: dict[str, dict] = {}   # rid -> {"prompt": n, "sampled": bool, "missed": str}
         self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
         self._last_layout = None   # the previous captured forward's layout (plan_step's `previous`)
+        self._idle = False         # the previous forward was answered by agent.idle_step()
         self._checked = False
         self._force_eager = False
         self._wrapped_graph_runner: int | None = None
@@ -331,8 +332,23 @@ class SGLangCapture(Backend):
     def forward(self, original, runner, fb, *args, **kwargs):
         """ModelRunner.forward AROUND hook, on the scheduler thread: begin_step(layout) before the
         forward (token ids captured), the module taps during it, logits and end_step after. The
-        plugin's own work before and after the forward runs under agent.timed(); the forward never."""
+        plugin's own work before and after the forward runs under agent.timed(); the forward never.
+        While no live request is sampled, agent.idle_step() answers for the forward and nothing
+        else runs (no layout, no taps: none is registered)."""
         agent = self.agent
+        if agent.idle_step():
+            # No live request is sampled (capture off, or none sampled in flight): this forward
+            # captures nothing whatever its layout, which is not read. A few µs instead of a plan.
+            if not self._idle:   # the first idle forward: the taps of the last captured step go
+                with agent.timed():
+                    self._idle = True
+                    self._last_layout = None
+                    if self.taps is not None:
+                        self.taps.sync()   # outside a step: no tap is wanted
+            if self._batch_rids:
+                self._batch_rids.pop(id(fb), None)
+            return original(runner, fb, *args, **kwargs)
+        self._idle = False
         with agent.timed():
             plan = self._plan(fb)
             if plan is not None:
