@@ -141,7 +141,7 @@ def test_padding_rows_never_reach_the_ring(tmp_path):
 def test_a_decode_forward_of_the_previous_requests_one_position_on_is_the_previous_layout_advanced():
     """plan_step(previous=...): the same requests, rows and phases, every position + 1 -> the
     previous layout advanced (one shared shape token: the agent repeats that step's plan); any
-    difference -> a layout built afresh (no shape token)."""
+    difference -> a layout built afresh (a shape token of its own)."""
     prompt = {"a": 5, "b": 3, "c": 3}.get
     first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), prompt).layout
     nxt = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), prompt, previous=first)
@@ -153,7 +153,20 @@ def test_a_decode_forward_of_the_previous_requests_one_position_on_is_the_previo
                                 (["a"], [7], "b finished"),
                                 (["a", "b", "c"], [7, 10, 4], "c joined")):
         fresh = plan_step(forward_batch("DECODE", rids, seq_lens=seq_lens), prompt, previous=first).layout
-        assert fresh.shape is None, why
+        assert fresh.shape is not first.shape, why
     # a phase change (a prompt length the planner now reports) is not a repeat either
     other = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), {"a": 9, "b": 3}.get, previous=first)
-    assert other.layout.shape is None and request_rows(other)[0] == ("a", 0, 1, 6, "PREFILL")
+    assert other.layout.shape is not first.shape and request_rows(other)[0] == ("a", 0, 1, 6, "PREFILL")
+
+
+def test_a_decode_row_still_inside_its_prompt_repeats_until_its_phase_flips():
+    """A DECODE forward whose row is still a prompt position (phase PREFILL) repeats the previous
+    layout while the phase holds, and is built afresh at the first generated position."""
+    prompt = {"a": 7}.get
+    f1 = plan_step(forward_batch("DECODE", ["a"], seq_lens=[6]), prompt).layout          # position 5
+    f2 = plan_step(forward_batch("DECODE", ["a"], seq_lens=[7]), prompt, previous=f1)    # position 6
+    assert f2.layout.shape is f1.shape and request_rows(f2) == [("a", 0, 1, 6, "PREFILL")]
+    f3 = plan_step(forward_batch("DECODE", ["a"], seq_lens=[8]), prompt, previous=f2.layout)   # position 7
+    assert f3.layout.shape is not f1.shape and request_rows(f3) == [("a", 0, 1, 7, "DECODE")]
+    f4 = plan_step(forward_batch("DECODE", ["a"], seq_lens=[9]), prompt, previous=f3.layout)
+    assert f4.layout.shape is f3.layout.shape and request_rows(f4) == [("a", 0, 1, 8, "DECODE")]

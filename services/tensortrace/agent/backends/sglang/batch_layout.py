@@ -49,9 +49,23 @@ def _mode_name(mode) -> str:
 def _as_list(v) -> list[int]:
     if v is None:
         return []
-    if hasattr(v, "tolist"):
-        return [int(x) for x in v.tolist()]
-    return [int(x) for x in v]
+    out = v.tolist() if hasattr(v, "tolist") else list(v)
+    if out and type(out[0]) is not int:   # (an integer tensor's tolist() is ints already)
+        out = [int(x) for x in out]
+    return out
+
+
+class _DecodeShape:
+    """The StepLayout.shape token of a DECODE layout built here, shared by the layouts advanced
+    from it: its request ids, and whether every row is in the DECODE phase (then it stays so: a
+    request's phase depends only on its position, which only grows, and its prompt length, which
+    is checked too). plan_step recognises the next decode step of the same batch with a few list
+    comparisons instead of a loop per request."""
+
+    __slots__ = ("rids", "prompts", "all_decode")
+
+    def __init__(self, rids: list, prompts: list, all_decode: bool):
+        self.rids, self.prompts, self.all_decode = rids, prompts, all_decode
 
 
 def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
@@ -79,6 +93,12 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
         if total_rows < bs:
             raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
+        if previous is not None and previous.total_rows == total_rows:
+            shape = previous.shape
+            if (shape.__class__ is _DecodeShape and shape.all_decode and shape.rids == rids
+                    and seq_lens == [r.position_start + 2 for r in previous.requests]
+                    and list(map(prompt_len, rids)) == shape.prompts):
+                return StepPlan(mode, previous.advanced(1))   # the same batch, one token further
         if (previous is not None and previous.total_rows == total_rows and previous.num_sequences == bs
                 and len(previous.requests) == bs):
             same = True
@@ -107,8 +127,12 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             row += n
         if row > total_rows:
             raise LayoutError(f"{mode}: extend_seq_lens_cpu sums to {row} rows, input_ids has {total_rows}")
+    shape = None
+    if mode == "DECODE":
+        shape = _DecodeShape(rids, list(map(prompt_len, rids)), all(r.phase is Phase.DECODE for r in requests))
     try:
-        return StepPlan(mode, StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs))
+        return StepPlan(mode, StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs,
+                                         shape=shape))
     except ValueError as e:
         raise LayoutError(f"{mode}: {e}") from None
 
