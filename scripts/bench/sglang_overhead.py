@@ -22,6 +22,12 @@ the serving engine's built-in alternative — in the same run.
 `--path native,hooks`: the second server taps with PyTorch hooks (TENSORTRACE_MODULE_TAPS=hooks)
 instead of wrapped module forwards (agent/forward_wrap.py), variants `full@hooks`, ...
 
+`--vanilla`: one more server without the plugin (SGLANG_PLUGINS=none), variant `vanilla`, and
+a `paired vs vanilla` column: what installing TensorTrace costs at all, capture off included.
+Every paired median comes with a percentile-bootstrap 90% interval over the rounds: on this
+2-core machine one round's ratio scatters by ±4%, so a 1-point target needs the interval, and
+enough rounds (`--rounds 40` narrows it to about ±1 point).
+
 `--before DIR`: one more server whose plugin and agent are imported from DIR (a copy of
 `services/` holding an earlier `tensortrace` package, e.g. with the previous SGLang taps), native
 path, rounds interleaved with the others (variants `off@before`, `hidden-states@before`,
@@ -41,6 +47,7 @@ import shutil
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer
 from tensortrace.devstack.tiny_model import make_tiny_model
@@ -91,12 +98,18 @@ VARIANTS = {  # per-request options (custom_params) of each variant; the server 
     "full": {"capture": True, "preset": "full"},
 }
 SGLANG_HIDDEN = "sglang-hidden"   # capture off, SGLang's return_hidden_states on
+VANILLA = "vanilla"               # --vanilla: a server without the plugin
 
 
 def run(model_path, work, a):
     paths = a.path.split(",") + (["before"] if a.before else [])
     servers, drains = {}, {}
     try:
+        if a.vanilla:   # SGLang without the plugin (SGLANG_PLUGINS names no installed plugin)
+            servers[VANILLA] = SGLangServer(model_path, ring_dir=os.path.join(work, "rings-vanilla"),
+                                            log_path=os.path.join(work, "server-vanilla.log"),
+                                            env_extra={"SGLANG_PLUGINS": "none"})
+            servers[VANILLA].start()
         for i, path in enumerate(paths):
             ring_dir = os.path.join(work, f"rings-{path}")
             env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
@@ -129,12 +142,15 @@ def _measure(servers, drains, paths, a):
             variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
         if i == 0:
             variants[SGLANG_HIDDEN] = (servers[path], {"capture": False}, True)
+    if VANILLA in servers:
+        variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
     import random
 
     rng = random.Random(1)
     prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
 
     drain_of = {id(servers[p]): drains[p] for p in paths}
+    no_drain = SimpleNamespace(thread_ns=lambda: 0)   # the vanilla server has no agent
 
     def one_round(variant):
         server, options, hidden = variant
@@ -160,7 +176,7 @@ def _measure(servers, drains, paths, a):
         # waking the server that had been idle (a bias of a few percent against `off`)
         rng.shuffle(names)
         for v in names:
-            drain = drain_of[id(variants[v][0])]
+            drain = drain_of.get(id(variants[v][0]), no_drain)
             ns0 = drain.thread_ns()
             times[v].append(one_round(variants[v]))
             time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
@@ -170,18 +186,40 @@ def _measure(servers, drains, paths, a):
     tokens = a.concurrency * a.new
     rows = []
     off = times[next(iter(times))]   # "off" on the first server
+    vanilla = times.get(VANILLA)
     for v, ts in times.items():
         # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
-        # slow drifts cancel), the median over rounds
-        ratios = sorted(o / t for o, t in zip(off, ts))
+        # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median
+        ratios = [o / t - 1 for o, t in zip(off, ts)]
         ts_sorted = sorted(ts)
         shares = sorted(ns / 1e9 / t for ns, t in zip(agent_ns[v], ts))
-        rows.append({"variant": v, "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
-                     "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": ratios[len(ratios) // 2] - 1,
-                     "agent_share_median": shares[len(shares) // 2], "round_s": ts, "agent_ns": agent_ns[v]})
+        row = {"variant": v, "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
+               "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": _median(ratios),
+               "paired_vs_off_ci90": _median_ci(ratios),
+               "agent_share_median": shares[len(shares) // 2], "round_s": ts, "agent_ns": agent_ns[v]}
+        if vanilla is not None:
+            vr = [o / t - 1 for o, t in zip(vanilla, ts)]
+            row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = _median(vr), _median_ci(vr)
+        rows.append(row)
     return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
                   "records_dropped": sum(d.dropped for d in drains.values()),
                   "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _median_ci(xs, level=0.90, resamples=4000):
+    """Percentile-bootstrap interval of the median of xs (rounds resampled with replacement)."""
+    import random
+
+    rng = random.Random(7)
+    meds = sorted(_median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return [meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]]
 
 
 def main(argv=None):
@@ -193,6 +231,8 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vanilla", action="store_true", help="one more server without the plugin (variant vanilla): "
+                                                           "the cost of installing TensorTrace at all")
     ap.add_argument("--before", default="", help="a services/ directory holding an earlier tensortrace package: one "
                                                  "more server runs it (variants @before)")
     ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
@@ -209,14 +249,21 @@ def main(argv=None):
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
           f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
+    vanilla = "paired_vs_vanilla" in rows[0]
+    pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
+    ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
     print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
-          f"{'agent/round':>11}"
+          f"{'90% interval':>14} {'agent/round':>11}"
+          + (f" {'paired vs vanilla':>18} {'90% interval':>14}" if vanilla else "")
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
         med = r["tokens_per_s_median"]
         r["vs_off"] = med / base - 1
-        line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {r['vs_off'] * 100:>+13.1f}% "
-                f"{r['paired_vs_off'] * 100:>+13.1f}% {r['agent_share_median'] * 100:>10.2f}%")
+        line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {pct(r['vs_off']):>14} "
+                f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
+                f"{r['agent_share_median'] * 100:>10.2f}%")
+        if vanilla:
+            line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
         if before:
             r["vs_off_before"] = med / before - 1
             line += f" {r['vs_off_before'] * 100:>+13.1f}%"
