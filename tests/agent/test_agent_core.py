@@ -464,3 +464,26 @@ def test_idle_step_answers_only_while_no_live_request_is_sampled(ring_dir, path)
     reader.close()
     agent.close()
     assert agent.idle_step()                                   # a closed agent captures nothing
+
+
+def test_an_advanced_layout_is_the_built_layout_at_later_positions():
+    """StepLayout.advanced: the rows of the built layout, positions `delta` further on, read on
+    demand (ShiftedRows) and equal, as a whole and row by row, to the layout built afresh."""
+    from tensortrace.agent.layout import ShiftedRows
+
+    built = layout_for(["a", "b", "c"], [1, 1, 1], [5, 9, 2], Phase.DECODE)
+    two = built.advanced().advanced()
+    fresh = layout_for(["a", "b", "c"], [1, 1, 1], [7, 11, 4], Phase.DECODE)
+    assert isinstance(two.requests, ShiftedRows) and two.requests.base is built.requests   # no chain of views
+    assert two == fresh and fresh == two and two.requests == fresh.requests and fresh.requests == two.requests
+    assert hash(two.requests) == hash(fresh.requests)
+    assert len(two.requests) == 3 and two.requests[-1] == fresh.requests[2] and two.requests[1:] == fresh.requests[1:]
+    assert [r.position_start for r in two.requests] == [7, 11, 4] and two.requests[0] is two.requests[0]
+    assert built.requests[0].position_start == 5                          # the built layout is untouched
+    assert two.shape is built.shape is not None and built.advanced(0) == built
+    assert two.requests + (RequestRows("d", 4, 1, 0, Phase.DECODE),) == fresh.requests + (
+        RequestRows("d", 4, 1, 0, Phase.DECODE),)
+    with pytest.raises(IndexError):
+        two.requests[3]
+    with pytest.raises(ValueError):
+        built.advanced(-1)

@@ -3,6 +3,8 @@ built like SGLang builds them (SGLang's own classes under the SGLang venv; see f
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -154,9 +156,25 @@ def test_a_decode_forward_of_the_previous_requests_one_position_on_is_the_previo
                                 (["a", "b", "c"], [7, 10, 4], "c joined")):
         fresh = plan_step(forward_batch("DECODE", rids, seq_lens=seq_lens), prompt, previous=first).layout
         assert fresh.shape is not first.shape, why
-    # a phase change (a prompt length the planner now reports) is not a repeat either
-    other = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), {"a": 9, "b": 3}.get, previous=first)
-    assert other.layout.shape is not first.shape and request_rows(other)[0] == ("a", 0, 1, 6, "PREFILL")
+    # a phase change (a prompt length unknown when `first` was built, reported now) is not a repeat either
+    unknown = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), {"b": 3}.get).layout
+    other = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), {"a": 9, "b": 3}.get, previous=unknown)
+    assert other.layout.shape is not unknown.shape and request_rows(other)[0] == ("a", 0, 1, 6, "PREFILL")
+    # ... while with the length still unknown the same step repeats (by the per-request check)
+    same = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), {"b": 3}.get, previous=unknown)
+    assert same.layout.shape is unknown.shape and request_rows(same)[0] == ("a", 0, 1, 6, "DECODE")
+    # a chain of repeats, and a repeat asked of an older layout than the newest: built afresh, right
+    chain = [first]
+    for k in range(3):
+        chain.append(plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[7 + k, 10 + k]), prompt,
+                               previous=chain[-1]).layout)
+    assert all(x.shape is first.shape for x in chain)
+    assert request_rows(SimpleNamespace(layout=chain[-1])) == [("a", 0, 1, 8, "DECODE"), ("b", 1, 1, 11, "DECODE")]
+    stale = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[8, 11]), prompt, previous=chain[1])
+    assert request_rows(stale) == [("a", 0, 1, 7, "DECODE"), ("b", 1, 1, 10, "DECODE")]
+    newest_next = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[10, 13]), prompt, previous=chain[1])
+    assert newest_next.layout.shape is not first.shape   # one on from the newest, not from chain[1]
+    assert request_rows(newest_next) == [("a", 0, 1, 9, "DECODE"), ("b", 1, 1, 12, "DECODE")]
 
 
 def test_a_decode_row_still_inside_its_prompt_repeats_until_its_phase_flips():

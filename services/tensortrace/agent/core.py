@@ -221,6 +221,8 @@ class CaptureAgent:
         self._arrivals = 0
         self._step = 0
         self._layout: StepLayout | None = None
+        # (index in layout.requests, its RequestRows when the plan was made, request, selection);
+        # a repeat step keeps its plan's entries: the step's own rows are layout.requests[index]
         self._entries: list[tuple[int, RequestRows, _Request, Selection]] = []
         self._step_open = False
         self._step_frame_state: str | None = None  # None: not yet written; _STEP_FRAME_OK; or a DropReason
@@ -555,11 +557,13 @@ class CaptureAgent:
         """begin_step of a layout advanced from the previous step's (StepLayout.advanced) while
         nothing the plan depends on changed (_epoch, the selection): the same entries, selection
         answers, STEP frame request indices and part groups, every position `delta` further on.
-        The native groups re-encode their parts in C; nothing is rebuilt per request or per tap."""
+        The native groups re-encode their parts in C; nothing is rebuilt or read per request or
+        per tap, so a repeat step costs the same at any batch size."""
         if self._plan_unknown:
             self._counters.scalars["unknown_request_rows"] += self._plan_unknown
-        rows = layout.requests
-        entries = self._entries = self._plan_entries = [(i, rows[i], req, sel) for i, _, req, sel in self._plan_entries]
+        # The entries stay the plan's (their RequestRows are its first step's: whoever needs this
+        # step's rows reads layout.requests[i], which an advanced layout makes only when read).
+        entries = self._entries = self._plan_entries
         groups = {}
         one_row_each = layout.total_rows == layout.num_sequences
         for key, group in self._native_groups.items():
@@ -967,7 +971,9 @@ class CaptureAgent:
         key = (domain, live)
         live = [self._entries[k] for k in live]
         parts, reqs = [], []
-        for i, rows, req, sel in live:
+        step_rows = layout.requests   # (entries hold the plan's first step's rows)
+        for i, _, req, sel in live:
+            rows = step_rows[i]
             if domain is RowDomain.SEQUENCES:
                 parts.append((i, layout.slot(i), 1, rows.last_position))
             elif sel.positions == "last":
@@ -1097,7 +1103,9 @@ class CaptureAgent:
             items = self._step_items
             if items is None:   # once per plan; its repeat steps shift the positions (_step_delta)
                 items = []
-                for _, rows, req, _ in self._entries:
+                step_rows = self._layout.requests   # (entries hold the plan's first step's rows)
+                for i, _, req, _ in self._entries:
+                    rows = step_rows[i]
                     prefix = req.prefix
                     if prefix is None or req.prefix_id != rows.request_id:
                         prefix = req.prefix = ring_pb2.RequestRows(
@@ -1116,7 +1124,9 @@ class CaptureAgent:
         else:
             msg = ring_pb2.RingStep(step=self._step, model_id=self.config.model_id,
                                     capture_time_unix_nano=_time_ns(), tp_size=self.config.tp_size)
-            for _, rows, req, _ in self._entries:
+            step_rows = self._layout.requests
+            for i, _, req, _ in self._entries:
+                rows = step_rows[i]
                 msg.requests.add(request_id=rows.request_id, trace_id=req.ctx.trace_id, span_id=req.ctx.span_id,
                                  row_start=rows.row_start, row_count=rows.row_count,
                                  position_start=rows.position_start, phase=int(rows.phase))

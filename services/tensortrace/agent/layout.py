@@ -22,6 +22,7 @@ in that domain, and each request contributes the row of its slot, at the positio
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -54,9 +55,61 @@ class RequestRows:
         return self.position_start + self.row_count - 1
 
 
+class ShiftedRows(Sequence):
+    """The `requests` of an advanced StepLayout: the RequestRows of `base` (a built layout's), each
+    position `delta` further on, made (and kept) when read — a repeat step reads few or none of
+    them, so advancing a batch of any size costs the same. Compares equal to the tuple it stands for."""
+
+    __slots__ = ("base", "delta", "_made")
+
+    def __init__(self, base: tuple, delta: int):
+        self.base, self.delta, self._made = base, delta, {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        b = self.base[i]   # (IndexError as a tuple's)
+        if self.delta == 0:
+            return b
+        if i < 0:
+            i += len(self.base)
+        r = self._made.get(i)
+        if r is None:
+            r = object.__new__(RequestRows)   # a frozen dataclass: its fields, without __init__'s setattr
+            d = r.__dict__
+            d.update(b.__dict__)
+            d["position_start"] = b.position_start + self.delta
+            self._made[i] = r
+        return r
+
+    def __iter__(self):
+        for i in range(len(self.base)):
+            yield self[i]
+
+    def __eq__(self, other):
+        if isinstance(other, (tuple, ShiftedRows)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+    def __add__(self, other):
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + tuple(self)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 @dataclass(frozen=True)
 class StepLayout:
-    requests: tuple[RequestRows, ...]  # one per request with rows in this step
+    requests: tuple[RequestRows, ...]  # one per request with rows in this step (advanced(): a ShiftedRows)
     total_rows: int               # token rows of the step's tensors, padding included
     num_sequences: int = -1       # sequence slots (rows of per-sequence tensors); -1 = len(requests)
     # Set by advanced(): a token shared by every layout advanced from one built layout (the same
@@ -72,23 +125,21 @@ class StepLayout:
     def advanced(self, delta: int = 1) -> "StepLayout":
         """This layout one step on: the same request rows, each position `delta` further (a decode
         step after a decode step with the same requests). Not validated again: the rows are those
-        of this (validated) layout, and positions only grow."""
+        of this (validated) layout, and positions only grow. O(1): the new layout's `requests` is a
+        ShiftedRows view of the built layout's, whose RequestRows are made when read."""
         if delta < 0:
             raise ValueError(f"StepLayout.advanced: delta {delta} must not be negative")
         shape = self.shape
         if shape is None:
             shape = object()
             object.__setattr__(self, "shape", shape)
-        new_rows = []
-        for r in self.requests:
-            n = object.__new__(RequestRows)   # a frozen dataclass: its fields, without __init__'s setattr
-            d = n.__dict__
-            d.update(r.__dict__)
-            d["position_start"] = r.position_start + delta
-            new_rows.append(n)
+        rows = self.requests
+        if rows.__class__ is ShiftedRows:
+            rows = ShiftedRows(rows.base, rows.delta + delta)
+        else:
+            rows = ShiftedRows(rows, delta)
         out = object.__new__(StepLayout)
-        out.__dict__.update(requests=tuple(new_rows), total_rows=self.total_rows, num_sequences=self.num_sequences,
-                            shape=shape)
+        out.__dict__.update(requests=rows, total_rows=self.total_rows, num_sequences=self.num_sequences, shape=shape)
         return out
 
     def validate(self) -> None:

@@ -57,15 +57,18 @@ def _as_list(v) -> list[int]:
 
 class _DecodeShape:
     """The StepLayout.shape token of a DECODE layout built here, shared by the layouts advanced
-    from it: its request ids, and whether every row is in the DECODE phase (then it stays so: a
-    request's phase depends only on its position, which only grows, and its prompt length, which
-    is checked too). plan_step recognises the next decode step of the same batch with a few list
-    comparisons instead of a loop per request."""
+    from it: its request ids, whether every row is past a known prompt length (phase DECODE: it
+    stays so, as positions only grow and a live request's prompt length is fixed), and the
+    seq_lens of the newest layout of the shape (`last`). plan_step recognises the next decode
+    step of the same batch with two list comparisons, reading no RequestRows."""
 
-    __slots__ = ("rids", "prompts", "all_decode")
+    __slots__ = ("rids", "all_decode", "last", "last_seq_lens")
 
-    def __init__(self, rids: list, prompts: list, all_decode: bool):
-        self.rids, self.prompts, self.all_decode = rids, prompts, all_decode
+    def __init__(self, rids: list, all_decode: bool, seq_lens: list):
+        self.rids, self.all_decode, self.last, self.last_seq_lens = rids, all_decode, None, seq_lens
+
+
+_PLUS_ONE = (1).__add__
 
 
 def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
@@ -75,7 +78,9 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
 
     `previous`: the layout of the previous captured forward. A DECODE forward of exactly its
     requests, rows, slots and phases, each one position further on, is returned as
-    `previous.advanced(1)` (the agent then repeats the previous step's plan; docs/agent.md)."""
+    `previous.advanced(1)` (the agent then repeats the previous step's plan; docs/agent.md).
+    `prompt_len`'s answer for a live request must not change once known (a request's prompt
+    length is fixed; an unknown one, None, may become known)."""
     mode = _mode_name(fb.forward_mode)
     if mode not in v0_5.MODES_CAPTURED:
         return StepPlan(mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured"))
@@ -93,12 +98,13 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
         if total_rows < bs:
             raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
+        shape = previous.shape if previous is not None else None
         if previous is not None and previous.total_rows == total_rows:
-            shape = previous.shape
-            if (shape.__class__ is _DecodeShape and shape.all_decode and shape.rids == rids
-                    and seq_lens == [r.position_start + 2 for r in previous.requests]
-                    and list(map(prompt_len, rids)) == shape.prompts):
-                return StepPlan(mode, previous.advanced(1))   # the same batch, one token further
+            if (shape.__class__ is _DecodeShape and shape.all_decode and shape.last is previous
+                    and shape.rids == rids and seq_lens == list(map(_PLUS_ONE, shape.last_seq_lens))):
+                layout = shape.last = previous.advanced(1)   # the same batch, one token further
+                shape.last_seq_lens = seq_lens
+                return StepPlan(mode, layout)
         if (previous is not None and previous.total_rows == total_rows and previous.num_sequences == bs
                 and len(previous.requests) == bs):
             same = True
@@ -108,7 +114,10 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
                     same = False
                     break
             if same:
-                return StepPlan(mode, previous.advanced(1))
+                layout = previous.advanced(1)
+                if shape.__class__ is _DecodeShape:
+                    shape.last, shape.last_seq_lens = layout, seq_lens
+                return StepPlan(mode, layout)
         for i, (rid, n) in enumerate(zip(rids, seq_lens)):
             pos = n - 1
             requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,
@@ -129,12 +138,15 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             raise LayoutError(f"{mode}: extend_seq_lens_cpu sums to {row} rows, input_ids has {total_rows}")
     shape = None
     if mode == "DECODE":
-        shape = _DecodeShape(rids, list(map(prompt_len, rids)), all(r.phase is Phase.DECODE for r in requests))
+        known = all(prompt_len(r.request_id) is not None for r in requests)
+        shape = _DecodeShape(rids, known and all(r.phase is Phase.DECODE for r in requests), seq_lens)
     try:
-        return StepPlan(mode, StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs,
-                                         shape=shape))
+        layout = StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs, shape=shape)
     except ValueError as e:
         raise LayoutError(f"{mode}: {e}") from None
+    if shape is not None:
+        shape.last = layout
+    return StepPlan(mode, layout)
 
 
 def _phase(position_start: int, prompt_tokens: int | None, default: Phase) -> Phase:
