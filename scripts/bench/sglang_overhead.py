@@ -15,15 +15,17 @@ ring consumer's CPU).
 
 `--path native,python`: one server per tap path of the agent (the second with TENSORTRACE_NATIVE=0),
 rounds interleaved across both servers, so the native fast path and the Python path are measured
-side by side in one run (variants `full`, `full@python`, ...). `sglang-hidden` (first server only):
-capture off and SGLang's own `return_hidden_states` (server flag --enable-return-hidden-states) —
-the serving engine's built-in alternative — in the same run.
+side by side in one run (variants `full`, `full@python`, ...).
 
 `--path native,hooks`: the second server taps with PyTorch hooks (TENSORTRACE_MODULE_TAPS=hooks)
 instead of wrapped module forwards (agent/forward_wrap.py), variants `full@hooks`, ...
 
-`--vanilla`: one more server without the plugin (SGLANG_PLUGINS=none), variant `vanilla`, and
-a `paired vs vanilla` column: what installing TensorTrace costs at all, capture off included.
+Two servers without the plugin (SGLANG_PLUGINS=none) run alongside: `vanilla`, the baseline of
+the `paired vs vanilla` column (what installing TensorTrace costs at all, capture off included),
+and `sglang-hidden`, SGLang's own `return_hidden_states` with the server flag it needs
+(--enable-return-hidden-states switches the whole server into its hidden-states mode, so it is
+not put on the plugin's server: there it slowed every variant, `off` included, which biased the
+`off` baseline of sessions 5-7 — their paired ratios, same server on both sides, stand).
 Every paired median comes with a percentile-bootstrap 90% interval over the rounds: on this
 2-core machine one round's ratio scatters by ±4%, so a 1-point target needs the interval, and
 enough rounds (`--rounds 40` narrows it to about ±1 point).
@@ -98,19 +100,23 @@ VARIANTS = {  # per-request options (custom_params) of each variant; the server 
     "full": {"capture": True, "preset": "full"},
 }
 SGLANG_HIDDEN = "sglang-hidden"   # capture off, SGLang's return_hidden_states on
-VANILLA = "vanilla"               # --vanilla: a server without the plugin
+VANILLA = "vanilla"               # a server without the plugin: the baseline
 
 
 def run(model_path, work, a):
     paths = a.path.split(",") + (["before"] if a.before else [])
     servers, drains = {}, {}
     try:
-        if a.vanilla:   # SGLang without the plugin (SGLANG_PLUGINS names no installed plugin)
-            servers[VANILLA] = SGLangServer(model_path, ring_dir=os.path.join(work, "rings-vanilla"),
-                                            log_path=os.path.join(work, "server-vanilla.log"),
-                                            env_extra={"SGLANG_PLUGINS": "none"})
-            servers[VANILLA].start()
-        for i, path in enumerate(paths):
+        # SGLang without the plugin (SGLANG_PLUGINS names no installed plugin): `vanilla`, the
+        # baseline of everything; and with --enable-return-hidden-states, SGLang's own alternative.
+        # That flag switches the whole server into its hidden-states capture mode, so it gets a
+        # server of its own (on the plugin's server it slowed every variant, `off` included).
+        for name, args in ((VANILLA, ()), (SGLANG_HIDDEN, ("--enable-return-hidden-states",))):
+            servers[name] = SGLangServer(model_path, ring_dir=os.path.join(work, f"rings-{name}"),
+                                         log_path=os.path.join(work, f"server-{name}.log"),
+                                         env_extra={"SGLANG_PLUGINS": "none"}, args_extra=args)
+            servers[name].start()
+        for path in paths:
             ring_dir = os.path.join(work, f"rings-{path}")
             env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
             if path == "python":
@@ -121,7 +127,7 @@ def run(model_path, work, a):
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(a.before), STUB_DIR,
                                                                 os.environ.get("PYTHONPATH", "")) if p)
             servers[path] = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, f"server-{path}.log"),
-                                         env_extra=env, args_extra=("--enable-return-hidden-states",) if i == 0 else ())
+                                         env_extra=env)
             servers[path].start()
             drains[path] = RingDrain(ring_dir)
             drains[path].start()
@@ -140,17 +146,15 @@ def _measure(servers, drains, paths, a):
             if i and v == "off" and path != "before":
                 continue   # one baseline: capture off on the first server (and on the earlier package's)
             variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
-        if i == 0:
-            variants[SGLANG_HIDDEN] = (servers[path], {"capture": False}, True)
-    if VANILLA in servers:
-        variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
+    variants[SGLANG_HIDDEN] = (servers[SGLANG_HIDDEN], {"capture": False}, True)
+    variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
     import random
 
     rng = random.Random(1)
     prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
 
     drain_of = {id(servers[p]): drains[p] for p in paths}
-    no_drain = SimpleNamespace(thread_ns=lambda: 0)   # the vanilla server has no agent
+    no_drain = SimpleNamespace(thread_ns=lambda: 0)   # the servers without the plugin have no agent
 
     def one_round(variant):
         server, options, hidden = variant
@@ -186,7 +190,7 @@ def _measure(servers, drains, paths, a):
     tokens = a.concurrency * a.new
     rows = []
     off = times[next(iter(times))]   # "off" on the first server
-    vanilla = times.get(VANILLA)
+    vanilla = times[VANILLA]
     for v, ts in times.items():
         # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
         # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median
@@ -197,9 +201,8 @@ def _measure(servers, drains, paths, a):
                "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": _median(ratios),
                "paired_vs_off_ci90": _median_ci(ratios),
                "agent_share_median": shares[len(shares) // 2], "round_s": ts, "agent_ns": agent_ns[v]}
-        if vanilla is not None:
-            vr = [o / t - 1 for o, t in zip(vanilla, ts)]
-            row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = _median(vr), _median_ci(vr)
+        vr = [o / t - 1 for o, t in zip(vanilla, ts)]
+        row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = _median(vr), _median_ci(vr)
         rows.append(row)
     return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
                   "records_dropped": sum(d.dropped for d in drains.values()),
@@ -231,8 +234,6 @@ def main(argv=None):
     ap.add_argument("--out", default="")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--vanilla", action="store_true", help="one more server without the plugin (variant vanilla): "
-                                                           "the cost of installing TensorTrace at all")
     ap.add_argument("--before", default="", help="a services/ directory holding an earlier tensortrace package: one "
                                                  "more server runs it (variants @before)")
     ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
@@ -249,12 +250,11 @@ def main(argv=None):
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
           f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
-    vanilla = "paired_vs_vanilla" in rows[0]
     pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
     ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
     print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
           f"{'90% interval':>14} {'agent/round':>11}"
-          + (f" {'paired vs vanilla':>18} {'90% interval':>14}" if vanilla else "")
+          + f" {'paired vs vanilla':>18} {'90% interval':>14}"
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
         med = r["tokens_per_s_median"]
@@ -262,8 +262,7 @@ def main(argv=None):
         line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {pct(r['vs_off']):>14} "
                 f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
                 f"{r['agent_share_median'] * 100:>10.2f}%")
-        if vanilla:
-            line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
+        line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
         if before:
             r["vs_off_before"] = med / before - 1
             line += f" {r['vs_off_before'] * 100:>+13.1f}%"
