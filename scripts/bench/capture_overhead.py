@@ -28,7 +28,11 @@ with a blocking .cpu() copy), eager mode (see docs/BENCHMARKS.md for why not CUD
 
 Timing: one generate per measurement; a logits processor stamps the time after every forward, so
 prefill = first forward, each decode step = the time between two stamps. Modes are interleaved per
-repeat; reported: the median prefill and the median decode step over all steps of all repeats.
+repeat; reported: the median prefill and the median decode step over all steps of all repeats,
+`step, paired` (per repeat, the mode's median step over `none`'s of the same repeat; the median over
+repeats) and, with `hooks-clone` among the modes, each mode's paired overhead minus the floor's in
+the same repeat, in points, with a bootstrap 90% interval over the repeats (the `hidden-states`
+target "within 1 point of the floor" is a statement about that interval).
 
     .venv/bin/python scripts/bench/capture_overhead.py --quick
     .venv/bin/python scripts/bench/capture_overhead.py --json out.json
@@ -54,12 +58,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "services"))
 
 import torch  # noqa: E402
+from _stats import median, median_ci  # noqa: E402
 
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
 
 
 CONSUMER = os.path.join(HERE, "ring_consumer.py")
+FLOOR = "hooks-clone"   # the in-process floor the hidden-states target is measured against
 CAPTURE_PATH = "auto"   # --path: the first path (plain tt-* modes)
 
 
@@ -378,10 +384,19 @@ def main(argv=None) -> int:
                     paired = statistics.median(
                         statistics.median(s[1]) / statistics.median(n[1]) - 1
                         for s, n in zip(samples[m], samples["none"]))
+                # vs floor: this mode's paired overhead minus the in-process floor's (hooks-clone:
+                # every tap hooked and cloned, nothing exported) in the same repeat, in points,
+                # with a bootstrap 90% interval of the median over repeats
+                vs_floor = vs_floor_ci = None
+                if "none" in samples and FLOOR in samples:
+                    diffs = [(statistics.median(s[1]) - statistics.median(f[1])) / statistics.median(n[1])
+                             for s, n, f in zip(samples[m], samples["none"], samples[FLOOR])]
+                    vs_floor, vs_floor_ci = median(diffs), median_ci(diffs)
                 shares = [x for smp in samples[m] for x in smp[2].get("agent_share", [])]
                 agent_ms = [x for smp in samples[m] for x in smp[2].get("agent_ms_per_step", [])]
                 results.setdefault(str(b), {})[m] = {
                     "decode_overhead_paired": paired,
+                    "paired_vs_floor_points": vs_floor, "paired_vs_floor_ci90": vs_floor_ci,
                     "agent_share_of_decode_step_median": statistics.median(shares) if shares else None,
                     "agent_ms_per_decode_step_median": statistics.median(agent_ms) if agent_ms else None,
                     "prefill_tokens_per_s": b * prompt_len / pf,
@@ -413,6 +428,15 @@ def main(argv=None) -> int:
             ams = f"{ams:.3f}" if ams is not None else ""
             print(f"{b:>5} {m:<19} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
                   f"{rel:>15} {paired:>13} {share:>11} {ams:>9} {r.get('records_dropped', ''):>8}")
+    if any(r.get("paired_vs_floor_points") is not None for rb in results.values() for r in rb.values()):
+        print(f"\npaired decode-step overhead minus the floor's ({FLOOR}) in the same repeat, points "
+              f"(median over repeats, bootstrap 90% interval)")
+        for b in batches:
+            for m in modes:
+                r = results[str(b)][m]
+                if m != FLOOR and r.get("paired_vs_floor_points") is not None:
+                    lo, hi = r["paired_vs_floor_ci90"]
+                    print(f"{b:>5} {m:<19} {r['paired_vs_floor_points'] * 100:>+7.2f}  [{lo * 100:+.2f}, {hi * 100:+.2f}]")
     if nnsight_error:
         print(f"nnsight: not measured ({nnsight_error})")
     doc = {"benchmark": "capture_overhead", "device": args.device, "host": platform.node(),

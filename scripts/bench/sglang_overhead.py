@@ -7,7 +7,9 @@ generated, ignore_eos) alternate between variants chosen per request through cus
 full). Interleaving makes the shared machine's noise hit every variant alike; we report the median
 generated tokens/s per variant (variants in a new random order every round), and `paired`: the median over rounds of the variant's tokens/s over
 `off`'s in the same round (seconds apart, so slow drifts of the machine's load cancel), and
-`agent/round`: the agent's own inference-thread time in the round (the ring's producer counter,
+`consumer`: the ring consumer's CPU time in the round over its wall time (it runs in this
+process and competes with the server for the machine's two cores, as an exporter would on a
+node without spare cores), and `agent/round`: the agent's own inference-thread time in the round (the ring's producer counter,
 which the agent in the scheduler process stores every step) over the round's wall time, the
 median over rounds — the cost capture puts on the scheduler's thread, which unlike throughput does
 not drown in this machine's ±5% round-to-round noise (it leaves out indirect costs: caches, the
@@ -51,6 +53,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from _stats import median, median_ci
 from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer
 from tensortrace.devstack.tiny_model import make_tiny_model
 
@@ -62,6 +65,7 @@ class RingDrain(threading.Thread):
         super().__init__(daemon=True)
         self.ring_dir, self.slabs, self.dropped, self.stop = ring_dir, 0, 0, False
         self.reader = None
+        self.cpu_ns = 0   # this consumer thread's CPU time so far (it competes with the server for the CPUs)
 
     def thread_ns(self) -> int:
         """The agent's own inference-thread time so far (the ring's producer counter, stored once a
@@ -78,7 +82,9 @@ class RingDrain(threading.Thread):
         while not self.stop and not glob.glob(os.path.join(self.ring_dir, "*.ring")):
             time.sleep(0.1)
         reader = self.reader = RingReader.open(glob.glob(os.path.join(self.ring_dir, "*.ring"))[0])
+        cpu0 = time.thread_time_ns()
         while not self.stop:
+            self.cpu_ns = time.thread_time_ns() - cpu0
             end = None
             for f in reader.frames():
                 end = f.end
@@ -154,7 +160,7 @@ def _measure(servers, drains, paths, a):
     prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
 
     drain_of = {id(servers[p]): drains[p] for p in paths}
-    no_drain = SimpleNamespace(thread_ns=lambda: 0)   # the servers without the plugin have no agent
+    no_drain = SimpleNamespace(thread_ns=lambda: 0, cpu_ns=0)   # the servers without the plugin have no agent
 
     def one_round(variant):
         server, options, hidden = variant
@@ -173,6 +179,7 @@ def _measure(servers, drains, paths, a):
         one_round(variant)  # warm-up (the first also runs the taps' self-check)
     times = {v: [] for v in variants}
     agent_ns = {v: [] for v in variants}   # the agent's own inference-thread time in each round
+    consumer_ns = {v: [] for v in variants}   # the ring consumer's CPU time in each round (+20 ms after it)
     load = [os.getloadavg()]
     names = list(variants)
     for _ in range(a.rounds):  # interleaved, so machine noise hits every variant alike
@@ -181,10 +188,11 @@ def _measure(servers, drains, paths, a):
         rng.shuffle(names)
         for v in names:
             drain = drain_of.get(id(variants[v][0]), no_drain)
-            ns0 = drain.thread_ns()
+            ns0, c0 = drain.thread_ns(), drain.cpu_ns
             times[v].append(one_round(variants[v]))
             time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
             agent_ns[v].append(drain.thread_ns() - ns0)
+            consumer_ns[v].append(drain.cpu_ns - c0)
     load.append(os.getloadavg())
     time.sleep(1.0)
     tokens = a.concurrency * a.new
@@ -198,31 +206,17 @@ def _measure(servers, drains, paths, a):
         ts_sorted = sorted(ts)
         shares = sorted(ns / 1e9 / t for ns, t in zip(agent_ns[v], ts))
         row = {"variant": v, "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
-               "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": _median(ratios),
-               "paired_vs_off_ci90": _median_ci(ratios),
-               "agent_share_median": shares[len(shares) // 2], "round_s": ts, "agent_ns": agent_ns[v]}
+               "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": median(ratios),
+               "paired_vs_off_ci90": median_ci(ratios),
+               "agent_share_median": shares[len(shares) // 2],
+               "consumer_share_median": median(ns / 1e9 / t for ns, t in zip(consumer_ns[v], ts)),
+               "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v]}
         vr = [o / t - 1 for o, t in zip(vanilla, ts)]
-        row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = _median(vr), _median_ci(vr)
+        row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
         rows.append(row)
     return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
                   "records_dropped": sum(d.dropped for d in drains.values()),
                   "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def _median_ci(xs, level=0.90, resamples=4000):
-    """Percentile-bootstrap interval of the median of xs (rounds resampled with replacement)."""
-    import random
-
-    rng = random.Random(7)
-    meds = sorted(_median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return [meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]]
 
 
 def main(argv=None):
@@ -253,7 +247,7 @@ def main(argv=None):
     pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
     ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
     print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
-          f"{'90% interval':>14} {'agent/round':>11}"
+          f"{'90% interval':>14} {'agent/round':>11} {'consumer':>9}"
           + f" {'paired vs vanilla':>18} {'90% interval':>14}"
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
@@ -261,7 +255,7 @@ def main(argv=None):
         r["vs_off"] = med / base - 1
         line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {pct(r['vs_off']):>14} "
                 f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
-                f"{r['agent_share_median'] * 100:>10.2f}%")
+                f"{r['agent_share_median'] * 100:>10.2f}% {r['consumer_share_median'] * 100:>8.2f}%")
         line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
         if before:
             r["vs_off_before"] = med / before - 1
