@@ -7,9 +7,11 @@ generated, ignore_eos) alternate between variants chosen per request through cus
 full). Interleaving makes the shared machine's noise hit every variant alike; we report the median
 generated tokens/s per variant (variants in a new random order every round), and `paired`: the median over rounds of the variant's tokens/s over
 `off`'s in the same round (seconds apart, so slow drifts of the machine's load cancel), and
-`consumer`: the ring consumer's CPU time in the round over its wall time (it runs in this
-process and competes with the server for the machine's two cores, as an exporter would on a
-node without spare cores), and `agent/round`: the agent's own inference-thread time in the round (the ring's producer counter,
+`sched cpu`: the server's scheduler process CPU time in the round over its wall time, and `vs
+off`: that CPU time over off's in the same round (the median over rounds): where a throughput cost
+is spent — in the scheduler, or in waiting. `consumer`: the ring consumer's CPU time in the round over its wall time (a process of its own,
+as an exporter is; it competes with the server for the machine's two cores, as an exporter would
+on a node without spare cores), and `agent/round`: the agent's own inference-thread time in the round (the ring's producer counter,
 which the agent in the scheduler process stores every step) over the round's wall time, the
 median over rounds — the cost capture puts on the scheduler's thread, which unlike throughput does
 not drown in this machine's ±5% round-to-round noise (it leaves out indirect costs: caches, the
@@ -48,6 +50,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -58,46 +61,97 @@ from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer
 from tensortrace.devstack.tiny_model import make_tiny_model
 
 
-class RingDrain(threading.Thread):
-    """A consumer that releases every frame as it appears (what the exporter does on a node)."""
+class RingDrain:
+    """A consumer process that releases every frame as it appears (what the exporter does on a
+    node), started with this script's `--drain RING_DIR`. A process of its own, as an exporter is:
+    a consumer thread in this process would compete for the GIL with the client threads and slow
+    every round of its server on the client side. `stats()` asks it for the agent's own
+    inference-thread time so far (the ring's producer counter, stored once a step by the agent in
+    the server's scheduler process), the slabs and dropped records it saw, and its own CPU time."""
 
-    def __init__(self, ring_dir):
-        super().__init__(daemon=True)
-        self.ring_dir, self.slabs, self.dropped, self.stop = ring_dir, 0, 0, False
-        self.reader = None
-        self.cpu_ns = 0   # this consumer thread's CPU time so far (it competes with the server for the CPUs)
+    def __init__(self, ring_dir, nice: int = 0):
+        import subprocess
 
-    def thread_ns(self) -> int:
-        """The agent's own inference-thread time so far (the ring's producer counter, stored once a
-        step by the agent in the server's scheduler process)."""
-        r = self.reader
-        return r.producer_stats()["thread_ns"] if r is not None else 0
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--drain", ring_dir],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"ring consumer for {ring_dir} did not start")
 
-    def run(self):
-        import glob
+    def stats(self) -> dict:
+        self.proc.stdin.write("?\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
 
-        from tensortrace.ring.format import FrameKind, RingReader
-        from tensortrace.v1 import records_pb2
+    def close(self) -> dict:
+        try:
+            last = self.stats()
+        finally:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        return last
 
-        while not self.stop and not glob.glob(os.path.join(self.ring_dir, "*.ring")):
-            time.sleep(0.1)
-        reader = self.reader = RingReader.open(glob.glob(os.path.join(self.ring_dir, "*.ring"))[0])
-        cpu0 = time.thread_time_ns()
-        while not self.stop:
-            self.cpu_ns = time.thread_time_ns() - cpu0
-            end = None
-            for f in reader.frames():
-                end = f.end
-                if f.kind == FrameKind.SLAB:
-                    self.slabs += 1
-                elif f.kind == FrameKind.SUMMARY:
-                    self.dropped += records_pb2.RequestSummary.FromString(bytes(f.meta)).records_dropped
-            if end is None:
-                time.sleep(0.005)
-            else:
-                reader.release(end)
-        self.reader = None
-        reader.close()
+
+def _cpu_ns(pid) -> int:
+    """utime + stime of process `pid` in ns (/proc; 0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _busiest_child(pgid) -> int:
+    """The process of group `pgid` with the most CPU time so far: SGLang's scheduler, after warm-up."""
+    best, best_ns = pgid, -1
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
+                    continue
+        except (OSError, ValueError, IndexError):
+            continue
+        ns = _cpu_ns(pid)
+        if ns > best_ns:
+            best, best_ns = int(pid), ns
+    return best
+
+
+def drain_main(ring_dir) -> None:
+    import glob
+
+    from tensortrace.ring.format import FrameKind, RingReader
+    from tensortrace.v1 import records_pb2
+
+    while not glob.glob(os.path.join(ring_dir, "*.ring")):
+        time.sleep(0.1)
+    reader = RingReader.open(glob.glob(os.path.join(ring_dir, "*.ring"))[0])
+    counts = {"slabs": 0, "dropped": 0}
+    stop = threading.Event()
+
+    def answer():   # one JSON line per line read; EOF stops the consumer
+        for _ in sys.stdin:
+            print(json.dumps({"thread_ns": reader.producer_stats()["thread_ns"], "cpu_ns": time.process_time_ns(),
+                              **counts}), flush=True)
+        stop.set()
+    threading.Thread(target=answer, daemon=True).start()
+    print("ready", flush=True)
+    while not stop.is_set():
+        end = None
+        for f in reader.frames():
+            end = f.end
+            if f.kind == FrameKind.SLAB:
+                counts["slabs"] += 1
+            elif f.kind == FrameKind.SUMMARY:
+                counts["dropped"] += records_pb2.RequestSummary.FromString(bytes(f.meta)).records_dropped
+        if end is None:
+            time.sleep(0.005)
+        else:
+            reader.release(end)
+    reader.close()
 
 
 VARIANTS = {  # per-request options (custom_params) of each variant; the server selects hidden-states
@@ -113,6 +167,8 @@ def run(model_path, work, a):
     paths = a.path.split(",") + (["before"] if a.before else [])
     servers, drains = {}, {}
     try:
+        # --model-threads: torch's intra-op threads in every server (OMP_NUM_THREADS; default: torch's own)
+        threads = {"OMP_NUM_THREADS": str(a.model_threads)} if a.model_threads else {}
         # SGLang without the plugin (SGLANG_PLUGINS names no installed plugin): `vanilla`, the
         # baseline of everything; and with --enable-return-hidden-states, SGLang's own alternative.
         # That flag switches the whole server into its hidden-states capture mode, so it gets a
@@ -120,11 +176,11 @@ def run(model_path, work, a):
         for name, args in ((VANILLA, ()), (SGLANG_HIDDEN, ("--enable-return-hidden-states",))):
             servers[name] = SGLangServer(model_path, ring_dir=os.path.join(work, f"rings-{name}"),
                                          log_path=os.path.join(work, f"server-{name}.log"),
-                                         env_extra={"SGLANG_PLUGINS": "none"}, args_extra=args)
+                                         env_extra={"SGLANG_PLUGINS": "none", **threads}, args_extra=args)
             servers[name].start()
         for path in paths:
             ring_dir = os.path.join(work, f"rings-{path}")
-            env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M"}
+            env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", **threads}
             if path == "python":
                 env["TENSORTRACE_NATIVE"] = "0"
             if path == "hooks":   # native path, module taps as PyTorch hooks (agent/forward_wrap.py)
@@ -135,12 +191,14 @@ def run(model_path, work, a):
             servers[path] = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, f"server-{path}.log"),
                                          env_extra=env)
             servers[path].start()
-            drains[path] = RingDrain(ring_dir)
-            drains[path].start()
+            drains[path] = RingDrain(ring_dir, a.consumer_nice)
         return _measure(servers, drains, paths, a)
     finally:
         for d in drains.values():
-            d.stop = True
+            try:
+                d.close()
+            except Exception:  # noqa: BLE001 - a consumer already gone: nothing to stop
+                d.proc.kill()
         for srv in servers.values():
             srv.stop()
 
@@ -160,7 +218,7 @@ def _measure(servers, drains, paths, a):
     prompts = [[rng.randrange(4, 250) for _ in range(a.prompt)] for _ in range(a.concurrency)]
 
     drain_of = {id(servers[p]): drains[p] for p in paths}
-    no_drain = SimpleNamespace(thread_ns=lambda: 0, cpu_ns=0)   # the servers without the plugin have no agent
+    no_drain = SimpleNamespace(stats=lambda: {"thread_ns": 0, "cpu_ns": 0})   # the servers without the plugin
 
     def one_round(variant):
         server, options, hidden = variant
@@ -177,8 +235,10 @@ def _measure(servers, drains, paths, a):
 
     for variant in variants.values():
         one_round(variant)  # warm-up (the first also runs the taps' self-check)
+    sched_of = {id(srv): _busiest_child(srv.proc.pid) for srv in servers.values()}   # the scheduler process
     times = {v: [] for v in variants}
     agent_ns = {v: [] for v in variants}   # the agent's own inference-thread time in each round
+    sched_ns = {v: [] for v in variants}   # the server's scheduler process CPU time in each round
     consumer_ns = {v: [] for v in variants}   # the ring consumer's CPU time in each round (+20 ms after it)
     load = [os.getloadavg()]
     names = list(variants)
@@ -188,11 +248,14 @@ def _measure(servers, drains, paths, a):
         rng.shuffle(names)
         for v in names:
             drain = drain_of.get(id(variants[v][0]), no_drain)
-            ns0, c0 = drain.thread_ns(), drain.cpu_ns
+            s0 = drain.stats()
+            cpu0 = _cpu_ns(sched_of[id(variants[v][0])])
             times[v].append(one_round(variants[v]))
+            sched_ns[v].append(_cpu_ns(sched_of[id(variants[v][0])]) - cpu0)
             time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
-            agent_ns[v].append(drain.thread_ns() - ns0)
-            consumer_ns[v].append(drain.cpu_ns - c0)
+            s1 = drain.stats()
+            agent_ns[v].append(s1["thread_ns"] - s0["thread_ns"])
+            consumer_ns[v].append(s1["cpu_ns"] - s0["cpu_ns"])
     load.append(os.getloadavg())
     time.sleep(1.0)
     tokens = a.concurrency * a.new
@@ -210,12 +273,17 @@ def _measure(servers, drains, paths, a):
                "paired_vs_off_ci90": median_ci(ratios),
                "agent_share_median": shares[len(shares) // 2],
                "consumer_share_median": median(ns / 1e9 / t for ns, t in zip(consumer_ns[v], ts)),
+               # the scheduler's CPU time per round over off's in the same round: where the
+               # throughput cost is spent (in the scheduler process, or waiting elsewhere)
+               "sched_cpu_paired_vs_off": median(c / o - 1 for c, o in zip(sched_ns[v], sched_ns[next(iter(times))])),
+               "sched_cpu_share_median": median(ns / 1e9 / t for ns, t in zip(sched_ns[v], ts)),
                "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v]}
         vr = [o / t - 1 for o, t in zip(vanilla, ts)]
         row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
         rows.append(row)
-    return rows, {"slabs_drained": sum(d.slabs for d in drains.values()),
-                  "records_dropped": sum(d.dropped for d in drains.values()),
+    last = [d.stats() for d in drains.values()]
+    return rows, {"slabs_drained": sum(x["slabs"] for x in last),
+                  "records_dropped": sum(x["dropped"] for x in last),
                   "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
 
 
@@ -233,7 +301,17 @@ def main(argv=None):
     ap.add_argument("--path", default="native", help="the agent's tap path(s), one server each: native | python | "
                                                      "hooks (native, module taps as PyTorch hooks) | "
                                                      "native,hooks,python")
+    ap.add_argument("--model-threads", type=int, default=0,
+                    help="torch intra-op threads of every server (OMP_NUM_THREADS). By default torch takes "
+                         "every core, so the model competes with everything else on the machine; 1 leaves "
+                         "this 2-core machine a core for the rest, as a GPU server's host has spare cores")
+    ap.add_argument("--consumer-nice", type=int, default=0,
+                    help="run the ring consumer at this nice level (19: below the server, as an exporter "
+                         "deployed at a lower priority than inference on a node without spare cores)")
+    ap.add_argument("--drain", default="", help=argparse.SUPPRESS)   # the consumer process (RingDrain)
     a = ap.parse_args(argv)
+    if a.drain:
+        return drain_main(a.drain)
     work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
     model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
     rows, ring = run(model_path, work, a)
@@ -242,12 +320,12 @@ def main(argv=None):
           f"requests, "
           f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
-          f"{a.path}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
+          f"{a.path}; model threads {a.model_threads or 'torch default'}; consumer nice {a.consumer_nice}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
     pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
     ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
     print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
-          f"{'90% interval':>14} {'agent/round':>11} {'consumer':>9}"
+          f"{'90% interval':>14} {'agent/round':>11} {'consumer':>9} {'sched cpu':>9} {'vs off':>7}"
           + f" {'paired vs vanilla':>18} {'90% interval':>14}"
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
@@ -255,7 +333,8 @@ def main(argv=None):
         r["vs_off"] = med / base - 1
         line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {pct(r['vs_off']):>14} "
                 f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
-                f"{r['agent_share_median'] * 100:>10.2f}% {r['consumer_share_median'] * 100:>8.2f}%")
+                f"{r['agent_share_median'] * 100:>10.2f}% {r['consumer_share_median'] * 100:>8.2f}% "
+                f"{r['sched_cpu_share_median'] * 100:>8.1f}% {pct(r['sched_cpu_paired_vs_off']):>7}")
         line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
         if before:
             r["vs_off_before"] = med / before - 1
