@@ -1,14 +1,11 @@
-"""Small statistics shared by the benchmark scripts (stdlib only)."""
+"""Small helpers shared by the benchmark scripts (stdlib only): a bootstrap interval of a median,
+and a process's CPU time."""
 
 from __future__ import annotations
 
+import os
 import random
-
-
-def median(xs) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+from statistics import median
 
 
 def median_ci(xs, level: float = 0.90, resamples: int = 4000) -> list[float]:
@@ -18,3 +15,13 @@ def median_ci(xs, level: float = 0.90, resamples: int = 4000) -> list[float]:
     meds = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
     tail = (1 - level) / 2
     return [meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]]
+
+
+def cpu_s(pid=None) -> float:
+    """User + system CPU seconds of this process (pid None) or another one (from /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "services"))
 
 import torch  # noqa: E402
-from _stats import median, median_ci  # noqa: E402
+from _stats import median_ci  # noqa: E402
 
 from tensortrace.agent import AgentConfig, CaptureAgent, Selection  # noqa: E402
 from tensortrace.agent.backends.hf import HFBackend  # noqa: E402
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
                 if "none" in samples and FLOOR in samples:
                     diffs = [(statistics.median(s[1]) - statistics.median(f[1])) / statistics.median(n[1])
                              for s, n, f in zip(samples[m], samples["none"], samples[FLOOR])]
-                    vs_floor, vs_floor_ci = median(diffs), median_ci(diffs)
+                    vs_floor, vs_floor_ci = statistics.median(diffs), median_ci(diffs)
                 shares = [x for smp in samples[m] for x in smp[2].get("agent_share", [])]
                 agent_ms = [x for smp in samples[m] for x in smp[2].get("agent_ms_per_step", [])]
                 results.setdefault(str(b), {})[m] = {

@@ -43,6 +43,7 @@ import time
 import uuid
 
 import numpy as np
+from _stats import cpu_s
 
 from tensortrace.v1 import records_pb2 as pb
 from tensortrace.wire import codec
@@ -131,16 +132,6 @@ def start_loader(bootstrap, topic, client, db, decoder: str = "native", insert: 
 BROKER_PID = None   # the local broker's pid, when this script started it (for its CPU time)
 
 
-def _cpu_s(pid=None) -> float:
-    """User + system CPU seconds of this process (pid None) or another one (from /proc)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidden, per_message, decoder="native",
                      insert="loader", **loader_kw) -> dict:
     topic = create_topic(bootstrap)
@@ -151,7 +142,7 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
     produce_s = time.perf_counter() - t0
     del msgs
     db = f"bench_{label}_{uuid.uuid4().hex[:6]}"
-    cpu0, broker0 = _cpu_s(), (_cpu_s(BROKER_PID) if BROKER_PID else 0.0)
+    cpu0, broker0 = cpu_s(), (cpu_s(BROKER_PID) if BROKER_PID else 0.0)
     load0 = os.getloadavg()
     loader, thread = start_loader(bootstrap, topic, client, db, decoder=decoder, insert=insert, **loader_kw)
     native_on = loader.core.native
@@ -166,7 +157,7 @@ def phase_throughput(bootstrap, client, label, n_records, rows_per_record, hidde
             consumed = time.perf_counter()
         time.sleep(0.002)
     done = time.perf_counter()
-    cpu, broker_cpu = _cpu_s() - cpu0, (_cpu_s(BROKER_PID) - broker0 if BROKER_PID else None)
+    cpu, broker_cpu = cpu_s() - cpu0, (cpu_s(BROKER_PID) - broker0 if BROKER_PID else None)
     loader.stop()
     thread.join()
     secs = done - first

@@ -54,10 +54,11 @@ import sys
 import tempfile
 import threading
 import time
+from statistics import median
 from types import SimpleNamespace
 
-from _stats import median, median_ci
-from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer
+from _stats import cpu_s, median_ci
+from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer, group_pids
 from tensortrace.devstack.tiny_model import make_tiny_model
 
 
@@ -92,32 +93,14 @@ class RingDrain:
         return last
 
 
-def _cpu_ns(pid) -> int:
-    """utime + stime of process `pid` in ns (/proc; 0 when it cannot be read)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _busiest_child(pgid) -> int:
     """The process of group `pgid` with the most CPU time so far: SGLang's scheduler, after warm-up."""
-    best, best_ns = pgid, -1
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    def cpu(pid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:
-                    continue
-        except (OSError, ValueError, IndexError):
-            continue
-        ns = _cpu_ns(pid)
-        if ns > best_ns:
-            best, best_ns = int(pid), ns
-    return best
+            return cpu_s(pid)
+        except (OSError, ValueError, IndexError):   # gone meanwhile
+            return -1.0
+    return max(group_pids(pgid), key=cpu)
 
 
 def drain_main(ring_dir) -> None:
@@ -238,7 +221,7 @@ def _measure(servers, drains, paths, a):
     sched_of = {id(srv): _busiest_child(srv.proc.pid) for srv in servers.values()}   # the scheduler process
     times = {v: [] for v in variants}
     agent_ns = {v: [] for v in variants}   # the agent's own inference-thread time in each round
-    sched_ns = {v: [] for v in variants}   # the server's scheduler process CPU time in each round
+    sched_s = {v: [] for v in variants}   # the server's scheduler process CPU seconds in each round
     consumer_ns = {v: [] for v in variants}   # the ring consumer's CPU time in each round (+20 ms after it)
     load = [os.getloadavg()]
     names = list(variants)
@@ -249,9 +232,9 @@ def _measure(servers, drains, paths, a):
         for v in names:
             drain = drain_of.get(id(variants[v][0]), no_drain)
             s0 = drain.stats()
-            cpu0 = _cpu_ns(sched_of[id(variants[v][0])])
+            cpu0 = cpu_s(sched_of[id(variants[v][0])])
             times[v].append(one_round(variants[v]))
-            sched_ns[v].append(_cpu_ns(sched_of[id(variants[v][0])]) - cpu0)
+            sched_s[v].append(cpu_s(sched_of[id(variants[v][0])]) - cpu0)
             time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
             s1 = drain.stats()
             agent_ns[v].append(s1["thread_ns"] - s0["thread_ns"])
@@ -275,8 +258,8 @@ def _measure(servers, drains, paths, a):
                "consumer_share_median": median(ns / 1e9 / t for ns, t in zip(consumer_ns[v], ts)),
                # the scheduler's CPU time per round over off's in the same round: where the
                # throughput cost is spent (in the scheduler process, or waiting elsewhere)
-               "sched_cpu_paired_vs_off": median(c / o - 1 for c, o in zip(sched_ns[v], sched_ns[next(iter(times))])),
-               "sched_cpu_share_median": median(ns / 1e9 / t for ns, t in zip(sched_ns[v], ts)),
+               "sched_cpu_paired_vs_off": median(c / o - 1 for c, o in zip(sched_s[v], sched_s[next(iter(times))])),
+               "sched_cpu_share_median": median(c / t for c, t in zip(sched_s[v], ts)),
                "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v]}
         vr = [o / t - 1 for o, t in zip(vanilla, ts)]
         row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)

@@ -38,6 +38,22 @@ def _sglang_shm_files() -> set[str]:
         return set()
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The processes of process group `pgid` now (from /proc/<pid>/stat; the server and SGLang's
+    scheduler / detokenizer children, which stay in the group start_new_session made)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:   # field 5: the process group
+                    out.append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def _group_semaphore_inodes(pgid: int) -> set[int]:
     """Inodes of the /dev/shm files mapped by the processes of process group `pgid` (from
     /proc/<pid>/maps). SGLang's processes create multiprocessing named semaphores (sem.mp-*) and
@@ -45,13 +61,8 @@ def _group_semaphore_inodes(pgid: int) -> set[int]:
     linking it to its own, so a mapping is matched to a sem.mp-* file by inode, never by name or age:
     other users' semaphores are never touched."""
     out: set[int] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in group_pids(pgid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:   # field 5: the process group
-                    continue
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
                     if "/dev/shm/" in line:
