@@ -441,15 +441,20 @@ class CaptureAgent:
         except Exception as e:  # noqa: BLE001
             self._disable_agent(e)
             return True
+        self._close_step_time(t0)
+        return True
+
+    def _close_step_time(self, t0: int) -> None:
+        """The end of a step (end_step, idle_step): thread_ns += now - t0, stored in the ring header
+        (the exporter's metric); the native Core's step is closed."""
         if self._native is not None:
-            self._native.finish(t0)   # adds this call's time, stores thread_ns in the ring header
+            self._native.finish(t0)
         else:
             self.thread_ns += _perf_ns() - t0
             try:
-                self.writer.report_thread_ns(self.thread_ns)
+                self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
             except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
                 pass
-        return True
 
     def _housekeeping(self) -> None:
         """The part of every step that does not depend on its layout: the heartbeat, the control
@@ -771,14 +776,7 @@ class CaptureAgent:
             self._step_open = False
             self._groups = {}
             self._entries = []
-            if self._native is not None:
-                self._native.finish(t0)   # closes the step, adds this call's time, reports thread_ns
-            else:
-                self.thread_ns += _perf_ns() - t0
-                try:
-                    self.writer.report_thread_ns(self.thread_ns)   # one store: the exporter's metric
-                except Exception:  # noqa: BLE001 - a closed ring: nothing to report to
-                    pass
+            self._close_step_time(t0)
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:

@@ -92,36 +92,40 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
         raise LayoutError(f"{mode}: {len(rids)} request ids for batch_size {bs} (ForwardBatch.rids)")
     total_rows = int(fb.input_ids.shape[0])
     requests: list[RequestRows] = []
+    shape = None   # DECODE: the layout's _DecodeShape
     if mode == "DECODE":
         seq_lens = _as_list(fb.seq_lens_cpu)[:bs]  # padded graph batches carry extra entries
         if len(seq_lens) != bs:
             raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
         if total_rows < bs:
             raise LayoutError(f"DECODE: {total_rows} input rows for batch_size {bs}")
-        shape = previous.shape if previous is not None else None
         if previous is not None and previous.total_rows == total_rows:
+            shape = previous.shape
             if (shape.__class__ is _DecodeShape and shape.all_decode and shape.last is previous
                     and shape.rids == rids and seq_lens == list(map(_PLUS_ONE, shape.last_seq_lens))):
                 layout = shape.last = previous.advanced(1)   # the same batch, one token further
                 shape.last_seq_lens = seq_lens
                 return StepPlan(mode, layout)
-        if (previous is not None and previous.total_rows == total_rows and previous.num_sequences == bs
-                and len(previous.requests) == bs):
-            same = True
-            for i, (r, rid, n) in enumerate(zip(previous.requests, rids, seq_lens)):
-                if (r.request_id != rid or r.position_start != n - 2 or r.row_start != i or r.row_count != 1
-                        or r.seq_index != i or r.phase != _phase(n - 1, prompt_len(rid), Phase.DECODE)):
-                    same = False
-                    break
-            if same:
-                layout = previous.advanced(1)
-                if shape.__class__ is _DecodeShape:
-                    shape.last, shape.last_seq_lens = layout, seq_lens
-                return StepPlan(mode, layout)
+            if previous.num_sequences == bs and len(previous.requests) == bs:
+                # (a row inside its prompt, or an unknown prompt length: phases checked one by one)
+                same = True
+                for i, (r, rid, n) in enumerate(zip(previous.requests, rids, seq_lens)):
+                    if (r.request_id != rid or r.position_start != n - 2 or r.row_start != i or r.row_count != 1
+                            or r.seq_index != i or r.phase != _phase(n - 1, prompt_len(rid), Phase.DECODE)):
+                        same = False
+                        break
+                if same:
+                    layout = previous.advanced(1)
+                    if shape.__class__ is _DecodeShape:
+                        shape.last, shape.last_seq_lens = layout, seq_lens
+                    return StepPlan(mode, layout)
+        all_decode = True   # every row past a known prompt length
         for i, (rid, n) in enumerate(zip(rids, seq_lens)):
-            pos = n - 1
-            requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos,
-                                        phase=_phase(pos, prompt_len(rid), Phase.DECODE), seq_index=i))
+            pos, prompt = n - 1, prompt_len(rid)
+            phase = _phase(pos, prompt, Phase.DECODE)
+            all_decode = all_decode and prompt is not None and phase is Phase.DECODE
+            requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos, phase=phase, seq_index=i))
+        shape = _DecodeShape(rids, all_decode, seq_lens)
     else:  # EXTEND, MIXED
         ext = _as_list(fb.extend_seq_lens_cpu)
         pre = _as_list(fb.extend_prefix_lens_cpu)
@@ -136,10 +140,6 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             row += n
         if row > total_rows:
             raise LayoutError(f"{mode}: extend_seq_lens_cpu sums to {row} rows, input_ids has {total_rows}")
-    shape = None
-    if mode == "DECODE":
-        known = all(prompt_len(r.request_id) is not None for r in requests)
-        shape = _DecodeShape(rids, known and all(r.phase is Phase.DECODE for r in requests), seq_lens)
     try:
         layout = StepLayout(requests=tuple(requests), total_rows=total_rows, num_sequences=bs, shape=shape)
     except ValueError as e:
