@@ -16,6 +16,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from tensortrace.agent.forward_wrap import MECHANISMS
 from tensortrace.ring.format import ALIGN
 from tensortrace.ring.permissions import parse_id, parse_mode, ring_file_mode, ring_mode_problem
 
@@ -102,8 +103,9 @@ class AgentConfig:
             problems.append("commit_queue_max must be >= 1")
         if self.capture_path not in ("auto", "native", "python"):
             problems.append(f"capture_path {self.capture_path!r} must be 'auto', 'native' or 'python'")
-        if self.module_taps not in ("forward", "hooks"):
-            problems.append(f"module_taps (TENSORTRACE_MODULE_TAPS) {self.module_taps!r} must be 'forward' or 'hooks'")
+        if self.module_taps not in MECHANISMS:
+            problems.append(f"module_taps (TENSORTRACE_MODULE_TAPS) {self.module_taps!r} must be one of "
+                            f"{', '.join(MECHANISMS)}")
         if self.ring_gid is not None:
             try:
                 self.ring_gid = parse_id(self.ring_gid, "TENSORTRACE_RING_GID (ring_gid)")

@@ -66,6 +66,12 @@ class PyForwardWrap:
         return out
 
 
+def mechanism_of(agent) -> str:
+    """How a backend's taps reach their modules for `agent`: its AgentConfig.module_taps
+    ("forward" for an agent without a config, e.g. a test double)."""
+    return getattr(getattr(agent, "config", None), "module_taps", "forward")
+
+
 def _wrapper_type():
     from tensortrace.agent import native
 

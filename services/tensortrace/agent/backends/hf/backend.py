@@ -221,7 +221,7 @@ class HFBackend(Backend):
         self._taps: list[_Tap] = []      # every placed tap, registered only while selected
         self._registered_for: frozenset = frozenset()
         # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
-        self._mechanism = getattr(getattr(agent, "config", None), "module_taps", "forward")
+        self._mechanism = forward_wrap.mechanism_of(agent)
         self._batch: _Batch | None = None
         self.unplaced: list[tuple[str, str]] = []
         if attach:

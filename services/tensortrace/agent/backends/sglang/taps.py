@@ -156,7 +156,7 @@ class SGLangTaps:
         self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
         self._fired = 0        # firings of the Python hooks (the native taps count theirs: agent.native_tap_calls)
         # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
-        self._mechanism = getattr(getattr(agent, "config", None), "module_taps", "forward")
+        self._mechanism = forward_wrap.mechanism_of(agent)
         # CUDA graphs (TENSORTRACE_CUDA_GRAPH=static): taps selected when the graphs are captured copy
         # into these preallocated device buffers inside the graph; after a replay the runtime hands
         # rows [:batch] to the agent. Sized by the first (largest: SGLang captures in descending
