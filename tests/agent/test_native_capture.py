@@ -346,10 +346,20 @@ def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, m
         repeated.append((self.capture_path, self._step))
         return real(self, layout, delta)
     monkeypatch.setattr(CaptureAgent, "_begin_repeat_step", spy)
+    asked = []   # steps whose STEP frame the native path asked the agent for
+    real_frame = CaptureAgent._native_step_frame
+
+    def frame_spy(self):
+        asked.append(self._step)
+        return real_frame(self)
+    monkeypatch.setattr(CaptureAgent, "_native_step_frame", frame_spy)
     runs = {p: _repeat_run(p, tmp_path / p) for p in ("python", "native")}
     (img_py, st_py, got_py), (img_nat, st_nat, got_nat) = runs["python"], runs["native"]
     # the oracle never repeats; the native path repeats exactly the steps after which nothing changed
     assert repeated == [("native", k) for k in (3, 4, 5, 7, 9, 12)]
+    # a repeat step's STEP frame is written in C (its requests are the plan's, shifted): the agent
+    # is asked for it only on the steps that planned afresh
+    assert asked == [1, 2, 6, 8, 10, 11]
     assert st_nat == st_py and st_py["dropped"] == 0 and st_py["written"] == 34 + 21 + 12
     assert img_nat == img_py
     s = got_nat.summaries
@@ -449,3 +459,67 @@ def test_the_token_row_kinds_read_what_their_python_extractors_read(tmp_path, fi
     assert images["native"] == images["python"]
     # natively: out1-or-in0 x2, out1 x1, out0 x2, cols x2, in0 x1 = 8 tap firings x 2 requests
     assert natively == 2 * 8 and images["native"][1]["written"] > natively
+
+
+@needs_native
+def test_the_native_block_timer_is_one_object_that_nests_and_survives_an_exception(tmp_path):
+    """agent.timed() on the native path: one reusable C object (no allocation, no Python frame per
+    block). A block that raises still counts its time and closes; blocks nested deeper than its
+    stack (16) are covered by the enclosing one, counted once."""
+    import time
+
+    agent = CaptureAgent(AgentConfig(ring_dir=str(tmp_path), model_id="t", capture_path="native"))
+    timer = agent.timed()
+    assert timer is agent.timed() and type(timer).__name__ == "Timer"
+    before = agent.thread_ns
+    with pytest.raises(ZeroDivisionError):
+        with agent.timed():
+            time.sleep(0.01)
+            1 / 0
+    assert timer.depth == 0
+    raised = agent.thread_ns - before
+    assert 10_000_000 <= raised < 1_000_000_000
+
+    def nest(k):
+        if k == 0:
+            time.sleep(0.01)
+            return
+        with agent.timed():
+            nest(k - 1)
+    before = agent.thread_ns
+    t0 = time.perf_counter_ns()
+    nest(20)
+    wall = time.perf_counter_ns() - t0
+    assert timer.depth == 0
+    assert 10_000_000 <= agent.thread_ns - before <= wall
+    time.sleep(0.005)   # outside any block: not the agent's
+    assert agent.thread_ns - before <= wall
+    agent.close()
+
+
+@needs_native
+def test_one_tap_fed_every_dtype_in_turn_writes_what_the_python_path_writes(tmp_path, fixed_clock, geometry,
+                                                                           monkeypatch):
+    """The native taps read a tensor's dtype from its DLPack export (torch.dtype objects learnt per
+    DLPack type; types DLPack does not name unambiguously ask the tensor). One tap fed tensors of
+    every dtype in turn — float16 and bfloat16 share a width, bool and uint8 may share a DLPack
+    type on some torch versions — writes slab for slab what the Python path writes."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool, torch.bfloat16, torch.float16, torch.float32]
+    torch.manual_seed(3)
+    base = torch.randn(7, 4) * 50
+    images = {}
+    slow = []   # calls the native path handed to the Python path
+    real = CaptureAgent._tap_body
+    monkeypatch.setattr(CaptureAgent, "_tap_body", lambda self, *a: (slow.append(self.capture_path), real(self, *a))[1])
+    for path in ("python", "native"):
+        agent, layout = _synthetic(path, tmp_path / path)
+        for dt in dtypes:
+            agent.begin_step(layout)
+            agent.capture("resid_pre", 0, base.to(dt))
+            agent.end_step()
+        images[path] = (ring_image(agent), stats_of(agent))
+        agent.close()
+    assert images["native"] == images["python"]
+    assert images["native"][1]["written"] == 2 * len(dtypes)
+    assert "native" not in slow   # every slab was written by the native path

@@ -319,6 +319,8 @@ typedef struct {
     unsigned long long control_seen;   /* the control block's seq the agent last read */
     PyObject *step_model;      /* bytes: RingStep.model_id (field 2), for write_step */
     PyObject *step_tp;         /* bytes: RingStep.tp_size (field 5) */
+    PyObject *step_items;      /* a repeat step's STEP frame requests (begin's items), or NULL: the agent writes it */
+    long long step_delta;      /* their positions' shift this step */
 } Core;
 
 /* The rows of a tensor: row r lives at ptr + ((r / inner_n) * sa + (r % inner_n) * sb) elements. */
@@ -382,13 +384,13 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
 
 static int Core_traverse(Core *self, visitproc visit, void *arg) {
     Py_VISIT(self->writer); Py_VISIT(self->agent); Py_VISIT(self->clock); Py_VISIT(self->taps);
-    Py_VISIT(self->is_compiling);
+    Py_VISIT(self->is_compiling); Py_VISIT(self->step_items);
     return 0;
 }
 
 static int Core_clear(Core *self) {
     Py_CLEAR(self->writer); Py_CLEAR(self->agent); Py_CLEAR(self->clock); Py_CLEAR(self->taps);
-    Py_CLEAR(self->is_compiling);
+    Py_CLEAR(self->is_compiling); Py_CLEAR(self->step_items);
     return 0;
 }
 
@@ -398,21 +400,31 @@ static void Core_dealloc(Core *self) {
     Py_XDECREF(self->step_field);
     Py_XDECREF(self->step_model);
     Py_XDECREF(self->step_tp);
+    Py_XDECREF(self->step_items);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static unsigned char *put_varint(unsigned char *p, unsigned long long v);
 
-/* begin(step, total_rows, num_sequences, keep) -> the step field (RingSlab.step = step, serialized):
- * a step that captures something starts; keep: the same selection answers and groups (reset or
- * shifted in place by the agent) */
+/* begin(step, total_rows, num_sequences, keep[, items, delta]) -> the step field (RingSlab.step =
+ * step, serialized): a step that captures something starts; keep: the same selection answers and
+ * groups (reset or shifted in place by the agent). items, delta (a repeat step of a plan whose
+ * STEP frame requests are known, as write_step takes them): the first slab writes the STEP frame
+ * here, without asking the agent (_native_step_frame) */
 static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
     Core *self = (Core *)self_;
-    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "begin(step, total_rows, num_sequences, keep)"); return NULL; }
+    if (nargs != 4 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "begin(step, total_rows, num_sequences, keep[, items, delta])");
+        return NULL;
+    }
     unsigned long long step = PyLong_AsUnsignedLongLong(args[0]);
     long long tr = PyLong_AsLongLong(args[1]), ns = PyLong_AsLongLong(args[2]);
     int keep = PyObject_IsTrue(args[3]);
+    long long delta = nargs == 6 ? PyLong_AsLongLong(args[5]) : 0;
     if (PyErr_Occurred()) return NULL;
+    if (nargs == 6 && !PyList_Check(args[4])) { PyErr_SetString(PyExc_TypeError, "begin: items must be a list"); return NULL; }
+    Py_XSETREF(self->step_items, nargs == 6 ? Py_NewRef(args[4]) : NULL);
+    self->step_delta = delta;
     unsigned char buf[11], *p = buf;
     *p++ = 0x08;
     p = put_varint(p, step);
@@ -485,6 +497,7 @@ static int Core_set_thread_ns(Core *self, PyObject *v, void *c) {
     return 0;
 }
 static PyObject *Core_get_open(Core *self, void *c) { return PyBool_FromLong(self->open); }
+static PyObject *Core_get_step_frame_ok(Core *self, void *c) { return PyBool_FromLong(self->step_frame_ok); }
 static PyObject *Core_get_tap_calls(Core *self, void *c) { return PyLong_FromUnsignedLongLong(self->tap_calls); }
 static PyObject *Core_get_control_seen(Core *self, void *c) { return PyLong_FromUnsignedLongLong(self->control_seen); }
 static int Core_set_control_seen(Core *self, PyObject *v, void *c) {
@@ -670,6 +683,21 @@ static PyObject *g_to_dlpack;   /* torch._C._to_dlpack, or NULL: the accessors (
 
 static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *v);
 
+/* torch.dtype objects by DLPack type, learnt from the first tensor of each (new references, kept):
+ * a tap then reads its tensor's dtype from the export it already has instead of a tensor.dtype
+ * lookup. Only types DLPack names unambiguously: int (code 0) 8-64 bits, float (2) 16-64,
+ * bfloat (4) 16; every other type (bool, uint, float8, complex) asks the tensor each time. */
+static PyObject *g_dl_dtype[5][4];
+
+static int dl_dtype_slot(const DLDataType_ *t, int *code, int *k) {
+    if (t->lanes != 1) return 0;
+    int kk = t->bits == 8 ? 0 : t->bits == 16 ? 1 : t->bits == 32 ? 2 : t->bits == 64 ? 3 : -1;
+    if (kk < 0) return 0;
+    if (t->code == 0 || (t->code == 2 && kk >= 1) || (t->code == 4 && kk == 1)) { *code = t->code; *k = kk; return 1; }
+    return 0;
+}
+static int write_step_frame(Core *c, PyObject *items, long long delta);
+
 /* 1: view filled; 0: not a case for the native path (use the Python path); -1: error set. */
 static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
     v->dtype = NULL;
@@ -692,10 +720,16 @@ static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
         v->ptr = (unsigned char *)d->data + d->byte_offset;
         v->elem = (d->dtype.bits % 8 == 0 && d->dtype.lanes == 1) ? d->dtype.bits / 8 : 0;
     }
+    int code = 0, k = 0, known = ok && dl_dtype_slot(&d->dtype, &code, &k);
     Py_DECREF(cap);
     if (!ok) return 0;
+    if (known && g_dl_dtype[code][k]) {
+        v->dtype = Py_NewRef(g_dl_dtype[code][k]);
+        return 1;
+    }
     v->dtype = PyObject_GetAttr(t, s_dtype);
     if (!v->dtype) { PyErr_Clear(); return 0; }
+    if (known) g_dl_dtype[code][k] = Py_NewRef(v->dtype);
     return 1;
 }
 
@@ -965,7 +999,10 @@ static int run_entry(Tap *tap, Entry *e, PyObject *extract, PyObject *const *arg
     }
     Plan *plan = e->plan;
     if (!c->base) goto slow;
-    if (!c->step_frame_ok) {
+    if (!c->step_frame_ok && c->step_items) {   /* a repeat step: its requests are known here */
+        if (write_step_frame(c, c->step_items, c->step_delta) < 0) { rc = -1; goto out; }
+    }
+    if (!c->step_frame_ok) {   /* (no room above: the agent applies its overflow policy) */
         PyObject *ok = PyObject_CallMethodNoArgs(c->agent, s_native_step_frame);
         if (!ok) { rc = -1; goto out; }
         int good = ok == Py_True;
@@ -1518,6 +1555,7 @@ static PyMethodDef Core_methods[] = {
 static PyGetSetDef Core_getset[] = {
     {"thread_ns", (getter)Core_get_thread_ns, (setter)Core_set_thread_ns, "inference-thread ns of the agent", NULL},
     {"open", (getter)Core_get_open, NULL, "a step that captures is open", NULL},
+    {"step_frame_ok", (getter)Core_get_step_frame_ok, NULL, "the open step's STEP frame is in the ring", NULL},
     {"tap_calls", (getter)Core_get_tap_calls, NULL, "calls of this core's taps, ever", NULL},
     {"control_seen", (getter)Core_get_control_seen, (setter)Core_set_control_seen,
      "the control block seq the agent last read", NULL},
@@ -1537,6 +1575,81 @@ static PyTypeObject CoreType = {
     .tp_methods = Core_methods,
     .tp_getset = Core_getset,
     .tp_doc = "Core(ring_base_address, capacity, writer, agent): the native side of one CaptureAgent",
+};
+
+/* ---------------------------------------------------------------- Timer --------------------- */
+/* Timer(core): what `with agent.timed():` enters on the native path. The block's wall time on
+ * this thread is the agent's: on exit core.thread_ns becomes its value at entry plus the block's
+ * duration, so agent calls inside the block that time themselves count once (as core.py's _Timed).
+ * One reusable object per agent, nestable (a stack of TIMER_DEPTH levels; a deeper block is
+ * covered by the enclosing one's time); __enter__ and __exit__ are C, so a block costs no Python
+ * frame and no allocation — a backend runs several a step, each cache-cold between kernels. */
+#define TIMER_DEPTH 16
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+    int depth;
+    long long ns0[TIMER_DEPTH], t0[TIMER_DEPTH];
+} Timer;
+
+static int Timer_init(Timer *self, PyObject *args, PyObject *kw) {
+    PyObject *core;
+    if (!PyArg_ParseTuple(args, "O!", &CoreType, &core)) return -1;
+    Py_INCREF(core);
+    Py_XSETREF(self->core, (Core *)core);
+    self->depth = 0;
+    return 0;
+}
+
+static int Timer_traverse(Timer *self, visitproc visit, void *arg) { Py_VISIT(self->core); return 0; }
+static int Timer_clear(Timer *self) { Py_CLEAR(self->core); return 0; }
+static void Timer_dealloc(Timer *self) {
+    PyObject_GC_UnTrack(self);
+    Timer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Timer_enter(Timer *self, PyObject *unused) {
+    if (!self->core) { PyErr_SetString(PyExc_RuntimeError, "Timer: no core"); return NULL; }
+    if (self->depth < TIMER_DEPTH) {
+        self->ns0[self->depth] = self->core->thread_ns;
+        self->t0[self->depth] = now_ns(CLOCK_MONOTONIC);
+    }
+    self->depth++;
+    return Py_NewRef(self);
+}
+
+static PyObject *Timer_exit(Timer *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (self->depth > 0 && self->core) {
+        int d = --self->depth;
+        if (d < TIMER_DEPTH) self->core->thread_ns = self->ns0[d] + (now_ns(CLOCK_MONOTONIC) - self->t0[d]);
+    }
+    Py_RETURN_FALSE;   /* an exception in the block propagates */
+}
+
+static PyObject *Timer_get_depth(Timer *self, void *c) { return PyLong_FromLong(self->depth); }
+
+static PyMethodDef Timer_methods[] = {
+    {"__enter__", (PyCFunction)Timer_enter, METH_NOARGS, "the block starts"},
+    {"__exit__", (PyCFunction)(void (*)(void))Timer_exit, METH_FASTCALL, "the block ended: its time is the agent's"},
+    {NULL}};
+
+static PyGetSetDef Timer_getset[] = {
+    {"depth", (getter)Timer_get_depth, NULL, "blocks open now", NULL},
+    {NULL}};
+
+static PyTypeObject TimerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensortrace.agent._capture.Timer",
+    .tp_basicsize = sizeof(Timer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Timer_init,
+    .tp_traverse = (traverseproc)Timer_traverse,
+    .tp_clear = (inquiry)Timer_clear,
+    .tp_dealloc = (destructor)Timer_dealloc,
+    .tp_methods = Timer_methods,
+    .tp_getset = Timer_getset,
+    .tp_doc = "Timer(core): `with timer:` adds the block's wall time to core.thread_ns (agent.timed())",
 };
 
 static PyObject *mod_crc32(PyObject *m, PyObject *arg) {
@@ -1659,15 +1772,12 @@ static PyObject *mod_encode_requests(PyObject *m, PyObject *const *args, Py_ssiz
 /* core.write_step(items, delta) -> True once the step's STEP frame is committed: RingStep fields in
  * number order, step (the field begin() made) | model_id | requests (items, positions + delta) |
  * capture time | tp_size, the same bytes as core.py's Python path. False: no room (nothing written). */
-static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
-    Core *c = (Core *)self_;
-    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "write_step(items, delta)"); return NULL; }
-    if (!c->step_model || !c->step_tp) { PyErr_SetString(PyExc_RuntimeError, "write_step: step_fields not set"); return NULL; }
-    long long delta = PyLong_AsLongLong(args[1]);
-    if (delta == -1 && PyErr_Occurred()) return NULL;
-    if (!c->base) Py_RETURN_FALSE;
-    PyObject *reqs = encode_requests_of(args[0], delta);
-    if (!reqs) return NULL;
+/* The STEP frame of the open step, committed: 1; 0 no room (nothing written); -1 error set. */
+static int write_step_frame(Core *c, PyObject *items, long long delta) {
+    if (!c->step_model || !c->step_tp) { PyErr_SetString(PyExc_RuntimeError, "write_step: step_fields not set"); return -1; }
+    if (!c->base) return 0;
+    PyObject *reqs = encode_requests_of(items, delta);
+    if (!reqs) return -1;
     unsigned char tb[9];
     tb[0] = (4 << 3) | 1;   /* RingStep.capture_time_unix_nano: field 4, fixed64 */
     uint64_t tnow;
@@ -1675,10 +1785,10 @@ static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssiz
         tnow = (uint64_t)now_ns(CLOCK_REALTIME);
     } else {
         PyObject *tv = PyObject_CallNoArgs(c->clock);
-        if (!tv) { Py_DECREF(reqs); return NULL; }
+        if (!tv) { Py_DECREF(reqs); return -1; }
         tnow = PyLong_AsUnsignedLongLong(tv);
         Py_DECREF(tv);
-        if (PyErr_Occurred()) { Py_DECREF(reqs); return NULL; }
+        if (PyErr_Occurred()) { Py_DECREF(reqs); return -1; }
     }
     memcpy(tb + 1, &tnow, 8);
     PyObject *pieces[5] = {c->step_field, c->step_model, reqs, NULL, c->step_tp};
@@ -1687,15 +1797,22 @@ static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssiz
     unsigned char *r = tnow ? reserve_frame(c, KIND_STEP, pieces, 5, tb, 0, &end_pos, &new_seq, &pos_after)
                             : reserve_frame(c, KIND_STEP, no_time, 4, tb, 0, &end_pos, &new_seq, &pos_after);
     Py_DECREF(reqs);
-    if (!r) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_FALSE;
-    }
-    if (store_writer_state(c, pos_after, new_seq)) return NULL;
+    if (!r) return PyErr_Occurred() ? -1 : 0;
+    if (store_writer_state(c, pos_after, new_seq)) return -1;
     __atomic_store_n((unsigned long long *)(c->base + OFF_HEAD), end_pos, __ATOMIC_RELEASE);
     *(unsigned long long *)(c->base + OFF_FRAMES_COMMITTED) += 1;
     c->step_frame_ok = 1;
-    Py_RETURN_TRUE;
+    return 1;
+}
+
+static PyObject *Core_write_step(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *c = (Core *)self_;
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "write_step(items, delta)"); return NULL; }
+    long long delta = PyLong_AsLongLong(args[1]);
+    if (delta == -1 && PyErr_Occurred()) return NULL;
+    int rc = write_step_frame(c, args[0], delta);
+    if (rc < 0) return NULL;
+    return PyBool_FromLong(rc);
 }
 
 /* core.step_fields(model_field, tp_field): RingStep's constant fields, serialized once */
@@ -1731,7 +1848,7 @@ PyMODINIT_FUNC PyInit__capture(void) {
     INTERN(s_hidden_states, "hidden_states"); INTERN(s_input, "input"); INTERN(s_native_wants, "_native_wants");
     INTERN(s_native_group, "_native_group"); INTERN(s_native_plan, "_native_plan"); INTERN(s_tap_body, "_tap_body");
     INTERN(s_tap_failed, "tap_failed"); INTERN(s_native_step_frame, "_native_step_frame");
-    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 ||
+    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 || PyType_Ready(&TimerType) < 0 ||
         PyType_Ready(&TapType) < 0 || PyType_Ready(&ForwardWrapType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moddef);
@@ -1739,6 +1856,7 @@ PyMODINIT_FUNC PyInit__capture(void) {
     if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0 ||
         PyModule_AddObjectRef(m, "Group", (PyObject *)&GroupType) < 0 ||
         PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddObjectRef(m, "Timer", (PyObject *)&TimerType) < 0 ||
         PyModule_AddObjectRef(m, "Tap", (PyObject *)&TapType) < 0 ||
         PyModule_AddObjectRef(m, "ForwardWrap", (PyObject *)&ForwardWrapType) < 0) {
         Py_DECREF(m);

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensortrace.agent.config import AgentConfig, OverflowPolicy
-from tensortrace.agent.layout import RequestRows, RowDomain, StepLayout
+from tensortrace.agent.layout import RequestRows, RowDomain, ShiftedRows, StepLayout
 from tensortrace.agent.selection import Selection, SelectionError
 from tensortrace.agent.stats import LIFE_ENDING_DROPS, TAP_DROPS, AgentStats, Counters, DropReason, HookStats
 from tensortrace.ring.format import HEADER_SIZE, FrameKind, RingIdentity, RingWriter, frame_size
@@ -251,6 +251,7 @@ class CaptureAgent:
         self._step_items = None      # native STEP frame: the plan's requests, positions of its first step
         self._step_delta = 0         # positions of this step - those of _step_items
         self._add_ns = self._add_ns_py
+        self._timer = None   # native: _capture.Timer (timed())
         self._sel_sig = None
         self._native_plans: list = []
         self.capture_path = "python"
@@ -290,6 +291,7 @@ class CaptureAgent:
         self._native_mod = mod
         self._native = self._tns = core
         self._add_ns = core.add_ns
+        self._timer = mod.Timer(core)   # timed(): one reusable block timer, entered and left in C
         core.control_seen = self.writer._last_control_seq
         self.capture_path = "native"
         # The generic taps (SGLang's, and any backend's agent.tap) run natively too.
@@ -486,7 +488,11 @@ class CaptureAgent:
         repeat = self._repeat
         if (repeat is not None and layout.shape is not None and prev is not None and layout.shape is prev.shape
                 and repeat[0] == self._epoch and repeat[1] is self.selection):
-            delta = layout.requests[0].position_start - prev.requests[0].position_start
+            rows, prev_rows = layout.requests, prev.requests
+            if rows.__class__ is ShiftedRows and prev_rows.__class__ is ShiftedRows and rows.base is prev_rows.base:
+                delta = rows.delta - prev_rows.delta   # (both views of one built layout: no RequestRows made)
+            else:
+                delta = rows[0].position_start - prev_rows[0].position_start
             if delta >= 0:
                 self._begin_repeat_step(layout, delta)
                 return
@@ -579,7 +585,12 @@ class CaptureAgent:
         self._groups = groups
         self._step_open = bool(entries)
         self._step_delta += delta
-        self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True)
+        if self._step_items is not None:
+            # the plan's STEP frame requests are known: the first native slab writes the frame in C
+            self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True,
+                                                  self._step_items, self._step_delta)
+        else:
+            self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True)
 
     @property
     def step_open(self) -> bool:
@@ -727,8 +738,11 @@ class CaptureAgent:
         """`with agent.timed(): ...` — called by backends on the inference thread around their own
         work done there for capture's sake (building the StepLayout, per-request bookkeeping,
         extraction outside `tap()`): its time is added to `thread_ns` / `stats().thread_seconds`.
-        Agent calls inside the block are counted once. Never run the model inside it."""
-        return _Timed(self)
+        Agent calls inside the block are counted once. Never run the model inside it. Blocks nest.
+        On the native path it is one reusable object whose __enter__/__exit__ are C (no Python
+        frame, no allocation); a backend may keep it and enter it again."""
+        timer = self._timer
+        return timer if timer is not None else _Timed(self)
 
     def tap_failed(self, hook: str, layer: int, error: BaseException) -> None:
         """Called by a backend (or by tap()/capture()) on the inference thread when extracting a
@@ -1097,6 +1111,8 @@ class CaptureAgent:
     def _write_step_frame(self) -> str:
         """_STEP_FRAME_OK, or the DropReason the STEP frame could not be written for."""
         if self._native is not None:
+            if self._native.step_frame_ok:
+                return _STEP_FRAME_OK   # written by the native path this step (a repeat step's first slab)
             # RingStep fields in number order: step, model_id | requests (C) | capture time, tp_size
             items = self._step_items
             if items is None:   # once per plan; its repeat steps shift the positions (_step_delta)

@@ -37,6 +37,10 @@ class RowDomain(enum.Enum):
     TOKENS = "tokens"        # one row per token row of the step
     SEQUENCES = "sequences"  # one row per sequence slot (last token of each)
 
+    # Members are singletons: hashed by identity (in C), not by Enum.__hash__ (a Python call per
+    # hash, paid by every repeat step for each of its part groups' keys).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class RequestRows:

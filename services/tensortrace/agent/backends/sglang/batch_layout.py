@@ -69,6 +69,7 @@ class _DecodeShape:
 
 
 _PLUS_ONE = (1).__add__
+_last_mode = [object(), ""]   # (the last ForwardMode object plan_step saw, its name)
 
 
 def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
@@ -81,7 +82,12 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
     `previous.advanced(1)` (the agent then repeats the previous step's plan; docs/agent.md).
     `prompt_len`'s answer for a live request must not change once known (a request's prompt
     length is fixed; an unknown one, None, may become known)."""
-    mode = _mode_name(fb.forward_mode)
+    fm = fb.forward_mode
+    if fm is _last_mode[0]:
+        mode = _last_mode[1]
+    else:   # (an enum's name is a Python property: asked once per mode object, not every forward)
+        mode = _mode_name(fm)
+        _last_mode[:] = (fm, mode)
     if mode not in v0_5.MODES_CAPTURED:
         return StepPlan(mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured"))
     bs = int(fb.batch_size)

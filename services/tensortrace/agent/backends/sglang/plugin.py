@@ -161,6 +161,7 @@ class SGLangCapture(Backend):
         self._idle = False         # the previous forward was answered by agent.idle_step()
         self._checked = False
         self._force_eager = False
+        self._eager_for = (None, None, False)   # static mode: (wanted, static set, a tap not in the graph)
         self._wrapped_graph_runner: int | None = None
         self._graph_runner_unwrap = None
         self.skipped_steps: dict[str, int] = {}
@@ -349,7 +350,8 @@ class SGLangCapture(Backend):
                 self._batch_rids.pop(id(fb), None)
             return original(runner, fb, *args, **kwargs)
         self._idle = False
-        with agent.timed():
+        timer = agent.timed()   # (native: one reusable C object; entering it runs no Python)
+        with timer:
             plan = self._plan(fb)
             if plan is not None:
                 agent.begin_step(plan.layout)
@@ -359,7 +361,7 @@ class SGLangCapture(Backend):
         taps = self.taps
         checking = False
         try:
-            with agent.timed():
+            with timer:
                 checking = not self._checked and layout.total_rows > 0
                 if checking:
                     taps.begin_check(layout.total_rows)
@@ -372,15 +374,23 @@ class SGLangCapture(Backend):
                 if mode == "eager":
                     self._force_eager = bool(wanted)
                 elif mode == "static":  # eager only when a wanted tap is not recorded inside the graph
-                    self._force_eager = any(not taps.static_ready(k) for k in wanted)
-                self._wrap_graph_runner(runner)
-                fired_before = taps.fired
+                    eager = self._eager_for   # (the answer of the last `wanted` and static set)
+                    if eager[0] is not wanted or eager[1] is not taps.static_keys:
+                        eager = self._eager_for = (wanted, taps.static_keys,
+                                                   any(not taps.static_ready(k) for k in wanted))
+                    self._force_eager = eager[2]
+                graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
+                if graph_runner is not None and id(graph_runner) != self._wrapped_graph_runner:
+                    self._wrap_graph_runner(runner)
+                # with no graph runner (the CPU engine) no forward replays a graph: nothing to count
+                fired_before = taps.fired if self._wrapped_graph_runner is not None else None
             try:
                 out = original(runner, fb, *args, **kwargs)
             finally:
                 self._force_eager = False
-            with agent.timed():
-                if wanted and getattr(out, "can_run_graph", False) and taps.fired == fired_before:
+            with timer:
+                if (wanted and fired_before is not None and getattr(out, "can_run_graph", False)
+                        and taps.fired == fired_before):
                     self._after_graph_replay(plan, layout, wanted)
                 if agent.wants("logits") and self._exports("logits"):
                     logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
