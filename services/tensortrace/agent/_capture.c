@@ -320,6 +320,7 @@ typedef struct {
     PyObject *step_model;      /* bytes: RingStep.model_id (field 2), for write_step */
     PyObject *step_tp;         /* bytes: RingStep.tp_size (field 5) */
     PyObject *step_items;      /* a repeat step's STEP frame requests (begin's items), or NULL: the agent writes it */
+    PyObject *wdict;           /* the writer's instance dict holding _reserved/_seq, or NULL (attribute access) */
     long long step_delta;      /* their positions' shift this step */
 } Core;
 
@@ -369,6 +370,14 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
     self->capacity = cap;
     Py_INCREF(writer); Py_XSETREF(self->writer, writer);
     Py_INCREF(agent); Py_XSETREF(self->agent, agent);
+    Py_CLEAR(self->wdict);
+    if (!_PyType_Lookup(Py_TYPE(writer), s_reserved) && !_PyType_Lookup(Py_TYPE(writer), s_seq)) {
+        /* plain instance attributes: use the instance dict (NULL when the writer has none) */
+        PyObject *d = PyObject_GenericGetDict(writer, NULL);
+        if (d && PyDict_Check(d) && PyDict_Contains(d, s_reserved) == 1 && PyDict_Contains(d, s_seq) == 1) self->wdict = d;
+        else Py_XDECREF(d);
+        PyErr_Clear();
+    }
     Py_INCREF(Py_None); Py_XSETREF(self->clock, Py_None);
     Py_INCREF(Py_None); Py_XSETREF(self->is_compiling, Py_None);
     PyObject *sf = PyBytes_FromStringAndSize("", 0);
@@ -384,13 +393,13 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
 
 static int Core_traverse(Core *self, visitproc visit, void *arg) {
     Py_VISIT(self->writer); Py_VISIT(self->agent); Py_VISIT(self->clock); Py_VISIT(self->taps);
-    Py_VISIT(self->is_compiling); Py_VISIT(self->step_items);
+    Py_VISIT(self->is_compiling); Py_VISIT(self->step_items); Py_VISIT(self->wdict);
     return 0;
 }
 
 static int Core_clear(Core *self) {
     Py_CLEAR(self->writer); Py_CLEAR(self->agent); Py_CLEAR(self->clock); Py_CLEAR(self->taps);
-    Py_CLEAR(self->is_compiling); Py_CLEAR(self->step_items);
+    Py_CLEAR(self->is_compiling); Py_CLEAR(self->step_items); Py_CLEAR(self->wdict);
     return 0;
 }
 
@@ -523,6 +532,34 @@ static int Core_set_is_compiling(Core *self, PyObject *v, void *c) {
 
 /* Reserve a SLAB frame with `meta` pieces and payload_len bytes. Returns the payload pointer and
  * sets *end_pos, or NULL when the ring has no room (nothing written; the Python path decides). */
+/* The RingWriter's reservation state (_reserved, _seq: the Python path reserves frames too). Read
+ * from its instance dict when Core_init found them plain instance attributes (no descriptor on its
+ * class): two dict lookups, not two attribute lookups through the class's MRO. */
+static int writer_state(Core *c, unsigned long long *pos, unsigned long long *seq) {
+    PyObject *ro, *so;
+    if (c->wdict) {
+        ro = PyDict_GetItemWithError(c->wdict, s_reserved);
+        so = ro ? PyDict_GetItemWithError(c->wdict, s_seq) : NULL;
+        if (!ro || !so) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "RingWriter lost its _reserved/_seq");
+            return -1;
+        }
+        *pos = PyLong_AsUnsignedLongLong(ro);
+        *seq = PyLong_AsUnsignedLongLong(so);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    ro = PyObject_GetAttr(c->writer, s_reserved);
+    if (!ro) return -1;
+    *pos = PyLong_AsUnsignedLongLong(ro);
+    Py_DECREF(ro);
+    if (PyErr_Occurred()) return -1;
+    so = PyObject_GetAttr(c->writer, s_seq);
+    if (!so) return -1;
+    *seq = PyLong_AsUnsignedLongLong(so);
+    Py_DECREF(so);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 static unsigned char *reserve_frame(Core *c, uint16_t frame_kind, PyObject *const *pieces, int npieces,
                                     const unsigned char *tbytes, size_t payload_len, unsigned long long *end_pos,
                                     unsigned long long *new_seq, unsigned long long *pos_after) {
@@ -532,16 +569,8 @@ static unsigned char *reserve_frame(Core *c, uint16_t frame_kind, PyObject *cons
     unsigned long long size = head_len + ((payload_len + ALIGN_MASK) & ~(size_t)ALIGN_MASK);
     unsigned long long cap = c->capacity;
     if (size > cap / 2) return NULL;
-    PyObject *ro = PyObject_GetAttr(c->writer, s_reserved);
-    if (!ro) return NULL;
-    unsigned long long pos = PyLong_AsUnsignedLongLong(ro);
-    Py_DECREF(ro);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *so = PyObject_GetAttr(c->writer, s_seq);
-    if (!so) return NULL;
-    unsigned long long seq = PyLong_AsUnsignedLongLong(so);
-    Py_DECREF(so);
-    if (PyErr_Occurred()) return NULL;
+    unsigned long long pos, seq;
+    if (writer_state(c, &pos, &seq)) return NULL;
     unsigned char *base = c->base;
     unsigned long long phys = pos % cap;
     unsigned long long pad = phys + size > cap ? cap - phys : 0;
@@ -619,12 +648,12 @@ static inline void copy_fence(void) {
 static int store_writer_state(Core *c, unsigned long long reserved, unsigned long long seq) {
     PyObject *r = PyLong_FromUnsignedLongLong(reserved);
     if (!r) return -1;
-    int rc = PyObject_SetAttr(c->writer, s_reserved, r);
+    int rc = c->wdict ? PyDict_SetItem(c->wdict, s_reserved, r) : PyObject_SetAttr(c->writer, s_reserved, r);
     Py_DECREF(r);
     if (rc) return -1;
     PyObject *s = PyLong_FromUnsignedLongLong(seq);
     if (!s) return -1;
-    rc = PyObject_SetAttr(c->writer, s_seq, s);
+    rc = c->wdict ? PyDict_SetItem(c->wdict, s_seq, s) : PyObject_SetAttr(c->writer, s_seq, s);
     Py_DECREF(s);
     return rc;
 }

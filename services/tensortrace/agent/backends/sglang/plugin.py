@@ -161,7 +161,8 @@ class SGLangCapture(Backend):
         self._idle = False         # the previous forward was answered by agent.idle_step()
         self._checked = False
         self._force_eager = False
-        self._eager_for = (None, None, False)   # static mode: (wanted, static set, a tap not in the graph)
+        self._eager_for = (None, None, False)
+        self._own_wants = (None, False, False)   # (step_hooks object, token_ids wanted, logits wanted)   # static mode: (wanted, static set, a tap not in the graph)
         self._wrapped_graph_runner: int | None = None
         self._graph_runner_unwrap = None
         self.skipped_steps: dict[str, int] = {}
@@ -270,60 +271,58 @@ class SGLangCapture(Backend):
     # -- requests --------------------------------------------------------------------------
     def observe_batch(self, forward_batch, batch) -> None:
         """Begin every request of a ScheduleBatch the agent has not seen yet (ForwardBatch.init_new
-        AFTER hook, before that batch's forward). Timed by the agent."""
+        AFTER hook, before that batch's forward). Timed by the agent. (One frame: called for every
+        forward, it calls no helper of its own.)"""
         if self.agent is None:
             return
         with self.agent.timed():
-            self._observe_batch(forward_batch, batch)
-
-    def _observe_batch(self, forward_batch, batch) -> None:
-        try:
-            reqs = list(getattr(batch, "reqs", None) or ())
-            if getattr(forward_batch, "rids", None) is None:
-                if len(self._batch_rids) >= 64:  # batches built but never forwarded: bounded
-                    self._batch_rids.clear()
-                self._batch_rids[id(forward_batch)] = [r.rid for r in reqs]
-            for req in reqs:
-                if req.rid in self._requests:
-                    continue
-                custom = getattr(getattr(req, "sampling_params", None), v0_5.SAMPLING_PARAMS_CUSTOM, None)
-                options, traceparent = options_of(custom)
-                if not traceparent:
-                    # No traceparent from the caller: when SGLang traces the request itself, join its
-                    # trace, under its root request span (a caller's traceparent, when present, wins).
-                    root = v0_5.engine_root_span(req)
-                    if root is not None:
-                        traceparent = f"00-{root[0]:032x}-{root[1]:016x}-01"
-                prompt = len(req.origin_input_ids)
-                try:
-                    ctx = self.agent.begin_request(req.rid, traceparent=traceparent, options=options,
-                                                   prompt_tokens=prompt)
-                except ValueError as e:  # options rejected (normally caught at the HTTP layer)
-                    log.warning("tensortrace: request %s: %s; captured with the global selection", req.rid, e)
-                    ctx = self.agent.begin_request(req.rid, traceparent=traceparent, prompt_tokens=prompt)
-                self._requests[req.rid] = {"prompt": prompt, "sampled": ctx.sampled, "missed": ""}
-        except Exception:  # noqa: BLE001
-            log.exception("tensortrace: observing a batch failed (capture of its requests may be incomplete)")
+            try:
+                reqs = list(getattr(batch, "reqs", None) or ())
+                if getattr(forward_batch, "rids", None) is None:
+                    if len(self._batch_rids) >= 64:  # batches built but never forwarded: bounded
+                        self._batch_rids.clear()
+                    self._batch_rids[id(forward_batch)] = [r.rid for r in reqs]
+                for req in reqs:
+                    if req.rid in self._requests:
+                        continue
+                    custom = getattr(getattr(req, "sampling_params", None), v0_5.SAMPLING_PARAMS_CUSTOM, None)
+                    options, traceparent = options_of(custom)
+                    if not traceparent:
+                        # No traceparent from the caller: when SGLang traces the request itself, join its
+                        # trace, under its root request span (a caller's traceparent, when present, wins).
+                        root = v0_5.engine_root_span(req)
+                        if root is not None:
+                            traceparent = f"00-{root[0]:032x}-{root[1]:016x}-01"
+                    prompt = len(req.origin_input_ids)
+                    try:
+                        ctx = self.agent.begin_request(req.rid, traceparent=traceparent, options=options,
+                                                       prompt_tokens=prompt)
+                    except ValueError as e:  # options rejected (normally caught at the HTTP layer)
+                        log.warning("tensortrace: request %s: %s; captured with the global selection", req.rid, e)
+                        ctx = self.agent.begin_request(req.rid, traceparent=traceparent, prompt_tokens=prompt)
+                    self._requests[req.rid] = {"prompt": prompt, "sampled": ctx.sampled, "missed": ""}
+            except Exception:  # noqa: BLE001
+                log.exception("tensortrace: observing a batch failed (capture of its requests may be incomplete)")
 
     def finish_requests(self, reqs) -> None:
         """End every finished request of `reqs` (stream_output AFTER hook, after the forward that
-        finished it): its summary. Timed by the agent."""
+        finished it): its summary. Timed by the agent. (One frame, as observe_batch.)"""
         if self.agent is None:
             return
         with self.agent.timed():
-            self._finish_requests(reqs)
-
-    def _finish_requests(self, reqs) -> None:
-        for req in reqs or ():
-            try:
-                if not req.finished() or req.rid not in self._requests:
-                    continue
-                info = self._requests.pop(req.rid)
-                reason = req.finished_reason.to_json().get("type", "stop") if req.finished_reason else "stop"
-                self.agent.end_request(req.rid, finish_reason=str(reason), generated_tokens=len(req.output_ids),
-                                       prompt_tokens=info["prompt"], incomplete_reason=info["missed"])
-            except Exception:  # noqa: BLE001
-                log.exception("tensortrace: ending request %s failed", getattr(req, "rid", "?"))
+            for req in reqs or ():
+                try:
+                    # Req.finished() is `finished_reason is not None` (v0_5.REQ_FINISHED): the field is
+                    # read, not the method called (SGLang hands over every request of the batch after
+                    # each forward)
+                    if req.finished_reason is None or req.rid not in self._requests:
+                        continue
+                    info = self._requests.pop(req.rid)
+                    reason = req.finished_reason.to_json().get("type", "stop") if req.finished_reason else "stop"
+                    self.agent.end_request(req.rid, finish_reason=str(reason), generated_tokens=len(req.output_ids),
+                                           prompt_tokens=info["prompt"], incomplete_reason=info["missed"])
+                except Exception:  # noqa: BLE001
+                    log.exception("tensortrace: ending request %s failed", getattr(req, "rid", "?"))
 
     def _prompt_len(self, rid: str):
         info = self._requests.get(rid)
@@ -368,7 +367,14 @@ class SGLangCapture(Backend):
                 # the taps this step selects (graph-mode decisions; none when it captures nothing),
                 # and only their modules' torch hooks registered (SGLangTaps.sync; after the self-check)
                 wanted = taps.sync()
-                if agent.wants("token_ids") and self._exports("token_ids"):
+                # The plugin's own captures (token ids, logits): asked of the agent only when its
+                # selection answers were reset (a new step_hooks() object, which sync() just read)
+                own = self._own_wants
+                if own[0] is not taps.synced_for:
+                    own = self._own_wants = (taps.synced_for,
+                                             agent.wants("token_ids") and self._exports("token_ids"),
+                                             agent.wants("logits") and self._exports("logits"))
+                if own[1]:
                     agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
                 mode = self.config.cuda_graph
                 if mode == "eager":
@@ -392,7 +398,7 @@ class SGLangCapture(Backend):
                 if (wanted and fired_before is not None and getattr(out, "can_run_graph", False)
                         and taps.fired == fired_before):
                     self._after_graph_replay(plan, layout, wanted)
-                if agent.wants("logits") and self._exports("logits"):
+                if own[2]:
                     logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
                     if logits is not None:
                         agent.capture("logits", -1, logits)

@@ -152,7 +152,9 @@ class SGLangTaps:
         # Registration follows the step's selection once the self-check has run (`sync`); until
         # then every placed hook is registered (the check, and SGLang's graph capture, see them all).
         self.selective = False
-        self._synced_for = None   # the agent.step_hooks() object the registration was made for
+        # the agent.step_hooks() object the last sync() answered for (read by the plugin): a new one
+        # exactly when the agent's selection answers were reset, so answers derived from them hold while it stays
+        self.synced_for = None
         self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
         self._fired = 0        # firings of the Python hooks (the native taps count theirs: agent.native_tap_calls)
         # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
@@ -422,10 +424,10 @@ class SGLangTaps:
         # selection answers (CaptureAgent._begin_step: other selections than the previous step's);
         # every empty answer (a step capturing nothing) is a new frozenset() too: one stands for all.
         hooks = agent.step_hooks() or _NO_HOOKS
-        if hooks is self._synced_for:
+        if hooks is self.synced_for:
             return self._wanted
         wanted = tuple(k for k in self.taps if k[0] in hooks and agent.wants(*k)) if hooks is not _NO_HOOKS else ()
-        self._synced_for, self._wanted = hooks, wanted
+        self.synced_for, self._wanted = hooks, wanted
         if self.selective:
             self._apply(frozenset(wanted))
         return wanted
@@ -457,4 +459,4 @@ class SGLangTaps:
             site.unregister()
         self.sites.clear()
         self.taps.clear()
-        self._synced_for, self._wanted = None, ()
+        self.synced_for, self._wanted = None, ()

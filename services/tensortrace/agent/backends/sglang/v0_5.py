@@ -80,7 +80,8 @@ FORWARD_BATCH_FIELDS = (
 MODEL_RUNNER_FIELDS = ("model", "is_draft_worker", "model_config", "decode_cuda_graph_runner")
 # Fields of Req (schedule_batch.Req) the plugin reads.
 REQ_FIELDS = ("rid", "origin_input_ids", "output_ids", "sampling_params", "finished_reason")
-REQ_METHODS = ("finished",)
+# Req.finished() is this expression of its fields (the plugin reads the field instead of calling it).
+REQ_FINISHED = "self.finished_reason is not None"
 # Fields of ModelRunnerOutput / LogitsProcessorOutput.
 MODEL_RUNNER_OUTPUT_FIELDS = ("logits_output", "can_run_graph")
 LOGITS_OUTPUT_FIELDS = ("next_token_logits",)
