@@ -25,3 +25,12 @@ def cpu_s(pid=None) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ring_tmpdir(prefix: str) -> str:
+    """A new directory for benchmark rings on /dev/shm (tmpfs), where deployments keep them (an
+    emptyDir with medium Memory): a ring on a disk-backed directory (/tmp here) pays the page
+    cache's dirty tracking and writeback on the writer's thread. The caller removes it."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

@@ -57,7 +57,7 @@ import time
 from statistics import median
 from types import SimpleNamespace
 
-from _stats import cpu_s, median_ci
+from _stats import cpu_s, median_ci, ring_tmpdir
 from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer, group_pids
 from tensortrace.devstack.tiny_model import make_tiny_model
 
@@ -148,6 +148,7 @@ VANILLA = "vanilla"               # a server without the plugin: the baseline
 
 def run(model_path, work, a):
     paths = a.path.split(",") + (["before"] if a.before else [])
+    rings = ring_tmpdir("tt-sglang-bench-rings-")   # tmpfs, as deployed (not /tmp: a disk here)
     servers, drains = {}, {}
     try:
         # --model-threads: torch's intra-op threads in every server (OMP_NUM_THREADS; default: torch's own)
@@ -157,12 +158,12 @@ def run(model_path, work, a):
         # That flag switches the whole server into its hidden-states capture mode, so it gets a
         # server of its own (on the plugin's server it slowed every variant, `off` included).
         for name, args in ((VANILLA, ()), (SGLANG_HIDDEN, ("--enable-return-hidden-states",))):
-            servers[name] = SGLangServer(model_path, ring_dir=os.path.join(work, f"rings-{name}"),
+            servers[name] = SGLangServer(model_path, ring_dir=os.path.join(rings, name),
                                          log_path=os.path.join(work, f"server-{name}.log"),
                                          env_extra={"SGLANG_PLUGINS": "none", **threads}, args_extra=args)
             servers[name].start()
         for path in paths:
-            ring_dir = os.path.join(work, f"rings-{path}")
+            ring_dir = os.path.join(rings, path)
             env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", **threads}
             if path == "python":
                 env["TENSORTRACE_NATIVE"] = "0"
@@ -184,6 +185,7 @@ def run(model_path, work, a):
                 d.proc.kill()
         for srv in servers.values():
             srv.stop()
+        shutil.rmtree(rings, ignore_errors=True)
 
 
 def _measure(servers, drains, paths, a):

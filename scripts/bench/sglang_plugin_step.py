@@ -32,7 +32,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,8 +49,11 @@ def measure(batch: int, steps: int, capture: bool) -> float:
     from tensortrace.agent.backends.sglang.config import SGLangBackendConfig
     from tensortrace.agent.backends.sglang.plugin import SGLangCapture
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _stats import ring_tmpdir
+
     torch.set_num_threads(1)
-    ring_dir = tempfile.mkdtemp(prefix="tt-plugin-step-")
+    ring_dir = ring_tmpdir("tt-plugin-step-")   # tmpfs, as deployed
     try:
         runner = make_runner()
         rt = SGLangCapture(SGLangBackendConfig(ring_dir=ring_dir, ring_capacity=256 << 20, selection="hidden-states"))
