@@ -418,8 +418,8 @@ static unsigned char *put_varint(unsigned char *p, unsigned long long v);
 /* begin(step, total_rows, num_sequences, keep[, items, delta]) -> the step field (RingSlab.step =
  * step, serialized): a step that captures something starts; keep: the same selection answers and
  * groups (reset or shifted in place by the agent). items, delta (a repeat step of a plan whose
- * STEP frame requests are known, as write_step takes them): the first slab writes the STEP frame
- * here, without asking the agent (_native_step_frame) */
+ * STEP frame requests are known, as write_step takes them; items None: not known): the first slab
+ * writes the STEP frame here, without asking the agent (_native_step_frame) */
 static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
     Core *self = (Core *)self_;
     if (nargs != 4 && nargs != 6) {
@@ -431,8 +431,9 @@ static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t n
     int keep = PyObject_IsTrue(args[3]);
     long long delta = nargs == 6 ? PyLong_AsLongLong(args[5]) : 0;
     if (PyErr_Occurred()) return NULL;
-    if (nargs == 6 && !PyList_Check(args[4])) { PyErr_SetString(PyExc_TypeError, "begin: items must be a list"); return NULL; }
-    Py_XSETREF(self->step_items, nargs == 6 ? Py_NewRef(args[4]) : NULL);
+    PyObject *items = nargs == 6 && args[4] != Py_None ? args[4] : NULL;
+    if (items && !PyList_Check(items)) { PyErr_SetString(PyExc_TypeError, "begin: items must be a list or None"); return NULL; }
+    Py_XSETREF(self->step_items, Py_XNewRef(items));
     self->step_delta = delta;
     unsigned char buf[11], *p = buf;
     *p++ = 0x08;

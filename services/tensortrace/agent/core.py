@@ -585,12 +585,9 @@ class CaptureAgent:
         self._groups = groups
         self._step_open = bool(entries)
         self._step_delta += delta
-        if self._step_items is not None:
-            # the plan's STEP frame requests are known: the first native slab writes the frame in C
-            self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True,
-                                                  self._step_items, self._step_delta)
-        else:
-            self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True)
+        # the plan's STEP frame requests, when known: the first native slab writes the frame in C
+        self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True,
+                                              self._step_items, self._step_delta)
 
     @property
     def step_open(self) -> bool:

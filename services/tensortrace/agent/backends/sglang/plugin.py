@@ -161,8 +161,8 @@ class SGLangCapture(Backend):
         self._idle = False         # the previous forward was answered by agent.idle_step()
         self._checked = False
         self._force_eager = False
-        self._eager_for = (None, None, False)
-        self._own_wants = (None, False, False)   # (step_hooks object, token_ids wanted, logits wanted)   # static mode: (wanted, static set, a tap not in the graph)
+        self._eager_for = (None, None, False)    # static mode: (wanted, static set, a tap not in the graph)
+        self._own_wants = (None, False, False)   # (step_hooks object, token_ids wanted, logits wanted)
         self._wrapped_graph_runner: int | None = None
         self._graph_runner_unwrap = None
         self.skipped_steps: dict[str, int] = {}
@@ -242,13 +242,10 @@ class SGLangCapture(Backend):
                  model_id, self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps),
                  len(self.taps.sites), len(self.unplaced))
 
-    def _wrap_graph_runner(self, runner) -> None:
+    def _wrap_graph_runner(self, graph_runner) -> None:
         """Make the decode graph runner's can_run_graph answer False while _force_eager is set: that
         step runs eagerly and every tap fires. The runner is built after load_model (graph capture),
-        so this is done on the first forward that sees it (and again if SGLang rebuilds it)."""
-        graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
-        if graph_runner is None or id(graph_runner) == self._wrapped_graph_runner:
-            return
+        so forward() calls this on the first forward that sees it (and again if SGLang rebuilds it)."""
         can_run = graph_runner.can_run_graph
         own = "can_run_graph" in vars(graph_runner)   # an instance attribute already (not the class's method)
         rt = self
@@ -387,7 +384,7 @@ class SGLangCapture(Backend):
                     self._force_eager = eager[2]
                 graph_runner = getattr(runner, "decode_cuda_graph_runner", None)
                 if graph_runner is not None and id(graph_runner) != self._wrapped_graph_runner:
-                    self._wrap_graph_runner(runner)
+                    self._wrap_graph_runner(graph_runner)
                 # with no graph runner (the CPU engine) no forward replays a graph: nothing to count
                 fired_before = taps.fired if self._wrapped_graph_runner is not None else None
             try:
