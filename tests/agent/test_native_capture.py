@@ -328,6 +328,7 @@ def _repeat_run(path, ring_dir):
     step(d)
     agent.end_request("a", generated_tokens=12)
     image, st = ring_image(agent), stats_of(agent)
+    st["steps"], st["repeat_steps"] = agent.stats().steps, agent.stats().repeat_steps
     got = drain(RingReader.open(agent.ring_path))
     agent.close()
     return image, st, got
@@ -339,13 +340,6 @@ def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, m
     requests) for a layout advanced from it, shifting positions in C and deferring the per-request
     accounting; the Python path plans every step afresh. Ring bytes, stats and summaries agree
     through every change that must end a plan."""
-    repeated = []
-    real = CaptureAgent._begin_repeat_step
-
-    def spy(self, layout, delta):
-        repeated.append((self.capture_path, self._step))
-        return real(self, layout, delta)
-    monkeypatch.setattr(CaptureAgent, "_begin_repeat_step", spy)
     asked = []   # steps whose STEP frame the native path asked the agent for
     real_frame = CaptureAgent._native_step_frame
 
@@ -355,11 +349,12 @@ def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, m
     monkeypatch.setattr(CaptureAgent, "_native_step_frame", frame_spy)
     runs = {p: _repeat_run(p, tmp_path / p) for p in ("python", "native")}
     (img_py, st_py, got_py), (img_nat, st_nat, got_nat) = runs["python"], runs["native"]
-    # the oracle never repeats; the native path repeats exactly the steps after which nothing changed
-    assert repeated == [("native", k) for k in (3, 4, 5, 7, 9, 12)]
-    # a repeat step's STEP frame is written in C (its requests are the plan's, shifted): the agent
-    # is asked for it only on the steps that planned afresh
+    # the oracle never repeats; the native path repeats exactly the steps after which nothing
+    # changed (3, 4, 5, 7, 9 and 12 of the 12), and writes a repeat step's STEP frame in C (its
+    # requests are the plan's, shifted): the agent is asked for it only on the steps that planned afresh
+    assert (st_py["repeat_steps"], st_nat["repeat_steps"], st_nat["steps"]) == (0, 6, 12)
     assert asked == [1, 2, 6, 8, 10, 11]
+    del st_py["repeat_steps"], st_nat["repeat_steps"]
     assert st_nat == st_py and st_py["dropped"] == 0 and st_py["written"] == 34 + 21 + 12
     assert img_nat == img_py
     s = got_nat.summaries
@@ -386,13 +381,15 @@ def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(t
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, **GEN).sequences
     eos = int(plain[1, ids.shape[1] + 2])   # request 1 feeds its EOS at the 3rd decode forward
     assert eos not in plain[0, ids.shape[1]:].tolist() + plain[2, ids.shape[1]:].tolist()
-    repeated = []
-    real = CaptureAgent._begin_repeat_step
+    repeated = []   # (path, step, requests) of every repeat step
+    real = CaptureAgent._begin_step
 
-    def spy(self, layout, delta):
-        repeated.append((self.capture_path, self._step, len(layout.requests)))
-        return real(self, layout, delta)
-    monkeypatch.setattr(CaptureAgent, "_begin_repeat_step", spy)
+    def spy(self, layout):
+        before = self._counters.scalars["repeat_steps"]
+        real(self, layout)
+        if self._counters.scalars["repeat_steps"] > before:
+            repeated.append((self.capture_path, self._step, len(layout.requests)))
+    monkeypatch.setattr(CaptureAgent, "_begin_step", spy)
     runs = {p: hf_run(p, tmp_path / p, "llama", 3, "full", 16 << 20, new_tokens=7, eos=eos)
             for p in ("python", "native")}
     (a_py, img_py, st_py, seq_py), (a_nat, img_nat, st_nat, seq_nat) = runs["python"], runs["native"]

@@ -479,7 +479,13 @@ class CaptureAgent:
 
     def _begin_step(self, layout: StepLayout) -> None:
         native = self._native
-        self._housekeeping()
+        if native is not None and not self._pending_summaries and not native.heartbeat():
+            # _housekeeping's every-step case, inline (no frame for it): heartbeat stored in C, the
+            # control block unchanged, no summary pending
+            self._step += 1
+            self._counters.scalars["steps"] += 1
+        else:
+            self._housekeeping()   # (a second heartbeat store after the one above: harmless)
         if native is None:
             self._step_field = _step_field(self._step)   # (native: begin() returns it, encoded in C)
         prev = self._layout
@@ -494,7 +500,32 @@ class CaptureAgent:
             else:
                 delta = rows[0].position_start - prev_rows[0].position_start
             if delta >= 0:
-                self._begin_repeat_step(layout, delta)
+                # A repeat step: the layout was advanced from the previous step's
+                # (StepLayout.advanced) while nothing the plan depends on changed (_epoch, the
+                # selection): the same entries, selection answers, STEP frame request indices and
+                # part groups, every position `delta` further on. The native groups re-encode
+                # their parts in C; nothing is rebuilt or read per request or per tap, so a repeat
+                # step costs the same at any batch size. (Inline: no frame of its own, every step.)
+                scalars = self._counters.scalars
+                scalars["repeat_steps"] += 1
+                if self._plan_unknown:
+                    scalars["unknown_request_rows"] += self._plan_unknown
+                # The entries stay the plan's (their RequestRows are its first step's: whoever needs
+                # this step's rows reads layout.requests[i], which an advanced layout makes when read).
+                entries = self._entries = self._plan_entries
+                groups = {}
+                one_row_each = layout.total_rows == layout.num_sequences
+                for key, group in self._native_groups.items():
+                    if one_row_each and key[0] is RowDomain.SEQUENCES:
+                        continue   # as in the full path: not reachable by the native taps this step
+                    group.parts_bytes = group.native.shift(delta)
+                    groups[key] = group
+                self._groups = groups
+                self._step_open = bool(entries)
+                self._step_delta += delta
+                # the plan's STEP frame requests, when known: the first native slab writes the frame in C
+                self._step_field = native.begin(self._step, layout.total_rows, layout.num_sequences, True,
+                                                self._step_items, self._step_delta)
                 return
         self._repeat = None
         self._fold_native()
@@ -563,31 +594,6 @@ class CaptureAgent:
         folds them at once unless the step's plan may repeat)."""
         for group in self._native_groups.values():
             group.account()
-
-    def _begin_repeat_step(self, layout: StepLayout, delta: int) -> None:
-        """begin_step of a layout advanced from the previous step's (StepLayout.advanced) while
-        nothing the plan depends on changed (_epoch, the selection): the same entries, selection
-        answers, STEP frame request indices and part groups, every position `delta` further on.
-        The native groups re-encode their parts in C; nothing is rebuilt or read per request or
-        per tap, so a repeat step costs the same at any batch size."""
-        if self._plan_unknown:
-            self._counters.scalars["unknown_request_rows"] += self._plan_unknown
-        # The entries stay the plan's (their RequestRows are its first step's: whoever needs this
-        # step's rows reads layout.requests[i], which an advanced layout makes only when read).
-        entries = self._entries = self._plan_entries
-        groups = {}
-        one_row_each = layout.total_rows == layout.num_sequences
-        for key, group in self._native_groups.items():
-            if one_row_each and key[0] is RowDomain.SEQUENCES:
-                continue   # as in the full path: not reachable by the native taps this step
-            group.parts_bytes = group.native.shift(delta)
-            groups[key] = group
-        self._groups = groups
-        self._step_open = bool(entries)
-        self._step_delta += delta
-        # the plan's STEP frame requests, when known: the first native slab writes the frame in C
-        self._step_field = self._native.begin(self._step, layout.total_rows, layout.num_sequences, True,
-                                              self._step_items, self._step_delta)
 
     @property
     def step_open(self) -> bool:
@@ -787,7 +793,10 @@ class CaptureAgent:
             self._step_open = False
             self._groups = {}
             self._entries = []
-            self._close_step_time(t0)
+            if self._native is not None:
+                self._native.finish(t0)   # (_close_step_time's native case, inline: every step)
+            else:
+                self._close_step_time(t0)
 
     def end_request(self, request_id: str, finish_reason: str = "stop", generated_tokens: int = 0,
                     prompt_tokens: int | None = None, incomplete_reason: str = "") -> records_pb2.RequestSummary | None:

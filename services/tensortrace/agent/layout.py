@@ -138,12 +138,14 @@ class StepLayout:
             shape = object()
             object.__setattr__(self, "shape", shape)
         rows = self.requests
+        view = object.__new__(ShiftedRows)   # (ShiftedRows(...) without its __init__'s frame: every decode step)
         if rows.__class__ is ShiftedRows:
-            rows = ShiftedRows(rows.base, rows.delta + delta)
+            view.base, view.delta = rows.base, rows.delta + delta
         else:
-            rows = ShiftedRows(rows, delta)
+            view.base, view.delta = rows, delta
+        view._made = {}
         out = object.__new__(StepLayout)
-        out.__dict__.update(requests=rows, total_rows=self.total_rows, num_sequences=self.num_sequences, shape=shape)
+        out.__dict__.update(requests=view, total_rows=self.total_rows, num_sequences=self.num_sequences, shape=shape)
         return out
 
     def validate(self) -> None:

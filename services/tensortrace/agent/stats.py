@@ -68,6 +68,7 @@ class AgentStats:
     bytes_written: int = 0
     steps: int = 0
     idle_steps: int = 0   # of those, forwards with no live sampled request (idle_step: no layout read)
+    repeat_steps: int = 0   # of those, steps that reused the previous step's plan (native path; docs/agent.md)
     requests_begun: int = 0
     requests_sampled: int = 0
     requests_untracked: int = 0   # begun while capture was switched off: no summary

@@ -24,18 +24,28 @@ it is unknown, EXTEND rows are PREFILL and DECODE rows DECODE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from operator import itemgetter
 from typing import Callable, Sequence
+
+from torch import Tensor as _Tensor
 
 from tensortrace.agent.backends.sglang import v0_5
 from tensortrace.agent.layout import Phase, RequestRows, StepLayout
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    mode: str                      # ForwardMode name
-    layout: StepLayout | None      # None: this forward is not captured
-    skip_reason: str = ""          # why, when layout is None
+class StepPlan(tuple):
+    """(mode, layout, skip_reason): the ForwardMode name, the StepLayout (None: this forward is not
+    captured) and why not. A tuple made by one C call, `StepPlan((mode, layout, reason))`, and read
+    through C properties: plan_step runs every forward, and a dataclass's __init__ would be one more
+    Python frame on the scheduler thread."""
+
+    __slots__ = ()
+    mode = property(itemgetter(0))
+    layout = property(itemgetter(1))
+    skip_reason = property(itemgetter(2))
+
+    def __repr__(self) -> str:
+        return f"StepPlan(mode={self[0]!r}, layout={self[1]!r}, skip_reason={self[2]!r})"
 
 
 class LayoutError(ValueError):
@@ -89,18 +99,20 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
         mode = _mode_name(fm)
         _last_mode[:] = (fm, mode)
     if mode not in v0_5.MODES_CAPTURED:
-        return StepPlan(mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured"))
+        return StepPlan((mode, None, v0_5.MODES_SKIPPED.get(mode, f"forward mode {mode} is not captured")))
     bs = int(fb.batch_size)
     rids = list(rids if rids is not None else (getattr(fb, "rids", None) or ()))
     if bs == 0:
-        return StepPlan(mode, None, "empty batch")
+        return StepPlan((mode, None, "empty batch"))
     if len(rids) != bs:
         raise LayoutError(f"{mode}: {len(rids)} request ids for batch_size {bs} (ForwardBatch.rids)")
     total_rows = int(fb.input_ids.shape[0])
     requests: list[RequestRows] = []
     shape = None   # DECODE: the layout's _DecodeShape
     if mode == "DECODE":
-        seq_lens = _as_list(fb.seq_lens_cpu)[:bs]  # padded graph batches carry extra entries
+        # padded graph batches carry extra entries (a CPU int tensor's tolist() is ints: no helper's frame)
+        seq_lens = fb.seq_lens_cpu
+        seq_lens = (seq_lens.tolist() if seq_lens.__class__ is _Tensor else _as_list(seq_lens))[:bs]
         if len(seq_lens) != bs:
             raise LayoutError(f"DECODE: seq_lens_cpu has {len(seq_lens)} entries for batch_size {bs}")
         if total_rows < bs:
@@ -111,7 +123,7 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
                     and shape.rids == rids and seq_lens == list(map(_PLUS_ONE, shape.last_seq_lens))):
                 layout = shape.last = previous.advanced(1)   # the same batch, one token further
                 shape.last_seq_lens = seq_lens
-                return StepPlan(mode, layout)
+                return StepPlan((mode, layout, ""))
             if previous.num_sequences == bs and len(previous.requests) == bs:
                 # (a row inside its prompt, or an unknown prompt length: phases checked one by one)
                 same = True
@@ -124,7 +136,7 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
                     layout = previous.advanced(1)
                     if shape.__class__ is _DecodeShape:
                         shape.last, shape.last_seq_lens = layout, seq_lens
-                    return StepPlan(mode, layout)
+                    return StepPlan((mode, layout, ""))
         all_decode = True   # every row past a known prompt length
         for i, (rid, n) in enumerate(zip(rids, seq_lens)):
             pos, prompt = n - 1, prompt_len(rid)
@@ -152,7 +164,7 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
         raise LayoutError(f"{mode}: {e}") from None
     if shape is not None:
         shape.last = layout
-    return StepPlan(mode, layout)
+    return StepPlan((mode, layout, ""))
 
 
 def _phase(position_start: int, prompt_tokens: int | None, default: Phase) -> Phase:

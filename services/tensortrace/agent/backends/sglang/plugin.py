@@ -164,6 +164,7 @@ class SGLangCapture(Backend):
         self._eager_for = (None, None, False)    # static mode: (wanted, static set, a tap not in the graph)
         self._own_wants = (None, False, False)   # (step_hooks object, token_ids wanted, logits wanted)
         self._wrapped_graph_runner: int | None = None
+        self._timer = None   # agent.timed(), kept (_block_timer): one object for the plugin's blocks, which never nest
         self._graph_runner_unwrap = None
         self.skipped_steps: dict[str, int] = {}
         self.layout_errors = 0
@@ -272,7 +273,7 @@ class SGLangCapture(Backend):
         forward, it calls no helper of its own.)"""
         if self.agent is None:
             return
-        with self.agent.timed():
+        with self._timer or self._block_timer():
             try:
                 reqs = list(getattr(batch, "reqs", None) or ())
                 if getattr(forward_batch, "rids", None) is None:
@@ -306,7 +307,7 @@ class SGLangCapture(Backend):
         finished it): its summary. Timed by the agent. (One frame, as observe_batch.)"""
         if self.agent is None:
             return
-        with self.agent.timed():
+        with self._timer or self._block_timer():
             for req in reqs or ():
                 try:
                     # Req.finished() is `finished_reason is not None` (v0_5.REQ_FINISHED): the field is
@@ -320,6 +321,12 @@ class SGLangCapture(Backend):
                                            prompt_tokens=info["prompt"], incomplete_reason=info["missed"])
                 except Exception:  # noqa: BLE001
                     log.exception("tensortrace: ending request %s failed", getattr(req, "rid", "?"))
+
+    def _block_timer(self):
+        """agent.timed(), kept for the plugin's blocks (observe_batch, forward, finish_requests), which
+        never nest: the native path's is one reusable C object, the Python path's one _Timed."""
+        timer = self._timer = self.agent.timed()
+        return timer
 
     def _prompt_len(self, rid: str):
         info = self._requests.get(rid)
@@ -337,7 +344,7 @@ class SGLangCapture(Backend):
             # No live request is sampled (capture off, or none sampled in flight): this forward
             # captures nothing whatever its layout, which is not read. A few µs instead of a plan.
             if not self._idle:   # the first idle forward: the taps of the last captured step go
-                with agent.timed():
+                with self._timer or self._block_timer():
                     self._idle = True
                     self._last_layout = None
                     if self.taps is not None:
@@ -346,14 +353,21 @@ class SGLangCapture(Backend):
                 self._batch_rids.pop(id(fb), None)
             return original(runner, fb, *args, **kwargs)
         self._idle = False
-        timer = agent.timed()   # (native: one reusable C object; entering it runs no Python)
+        timer = self._timer or self._block_timer()   # (native: a C object; entering it runs no Python)
         with timer:
-            plan = self._plan(fb)
-            if plan is not None:
-                agent.begin_step(plan.layout)
-        if plan is None:
+            try:
+                rids = self._batch_rids.pop(id(fb), None) if self._batch_rids else None   # (SGLang < 0.5.15)
+                plan = plan_step(fb, self._prompt_len, rids=rids, previous=self._last_layout)
+            except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
+                layout = self._unreadable(fb, e)
+            else:
+                layout = self._last_layout = plan.layout   # (None after a forward that is not captured)
+                if layout is None:
+                    self._skipped(fb, plan)
+                else:
+                    agent.begin_step(layout)
+        if layout is None:
             return original(runner, fb, *args, **kwargs)
-        layout = plan.layout
         taps = self.taps
         checking = False
         try:
@@ -410,26 +424,20 @@ class SGLangCapture(Backend):
                 taps.checking = False
             agent.end_step()   # times itself
 
-    def _plan(self, fb):
-        """The StepPlan of a forward to capture, or None (this forward is not captured: a mode that
-        is skipped, or a layout that cannot be read — its requests are then marked incomplete)."""
-        try:
-            plan = plan_step(fb, self._prompt_len, rids=self._batch_rids.pop(id(fb), None),
-                             previous=self._last_layout)
-        except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
-            self._last_layout = None
-            self.layout_errors += 1
-            if self.layout_errors == 1:
-                log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
-            self._mark_missed(getattr(fb, "rids", None), f"a forward's batch layout could not be read: {e}")
-            return None
-        self._last_layout = plan.layout   # (None after a forward that is not captured)
-        if plan.layout is None:
-            self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
-            # rows of these requests were computed but are not captured: say so in their summary
-            self._mark_missed(getattr(fb, "rids", None), f"{plan.mode} forwards are not captured ({plan.skip_reason})")
-            return None
-        return plan
+    def _unreadable(self, fb, e: Exception) -> None:
+        """plan_step raised: this forward's layout cannot be read, so it is not captured and its
+        requests are marked incomplete. Returns None (no layout)."""
+        self._last_layout = None
+        self.layout_errors += 1
+        if self.layout_errors == 1:
+            log.error("tensortrace: cannot read the batch layout (%s); such steps are not captured", e)
+        self._mark_missed(getattr(fb, "rids", None), f"a forward's batch layout could not be read: {e}")
+
+    def _skipped(self, fb, plan) -> None:
+        """A forward mode that is not captured: counted, its requests marked incomplete (their rows
+        were computed but are not captured: their summaries say so)."""
+        self.skipped_steps[plan.mode] = self.skipped_steps.get(plan.mode, 0) + 1
+        self._mark_missed(getattr(fb, "rids", None), f"{plan.mode} forwards are not captured ({plan.skip_reason})")
 
     def _mark_missed(self, rids, reason: str) -> None:
         for rid in rids or ():
