@@ -103,6 +103,36 @@ def _busiest_child(pgid) -> int:
     return max(group_pids(pgid), key=cpu)
 
 
+def _set_affinity(pid: int, cpus: set) -> None:
+    """Every thread of process `pid` onto `cpus` (sched_setaffinity of a pid moves one thread)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return   # gone meanwhile
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass
+
+
+def _pin(servers, drains, schedulers: set) -> None:
+    """--pin: every server's scheduler process (the thread that runs the model, and its helpers) on
+    the first CPU; everything else (the servers' tokenizer / detokenizer processes, the ring
+    consumers, this script and its client threads) on the others, as an inference host gives the
+    model's process cores of its own and runs the exporter and the HTTP front on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    model, rest = {cpus[0]}, set(cpus[1:])
+    for srv in servers.values():
+        for pid in group_pids(srv.proc.pid):
+            _set_affinity(pid, model if pid in schedulers else rest)
+    for d in drains.values():
+        _set_affinity(d.proc.pid, rest)
+    _set_affinity(os.getpid(), rest)
+
+
 def drain_main(ring_dir) -> None:
     import glob
 
@@ -221,6 +251,8 @@ def _measure(servers, drains, paths, a):
     for variant in variants.values():
         one_round(variant)  # warm-up (the first also runs the taps' self-check)
     sched_of = {id(srv): _busiest_child(srv.proc.pid) for srv in servers.values()}   # the scheduler process
+    if a.pin:
+        _pin(servers, drains, set(sched_of.values()))
     times = {v: [] for v in variants}
     agent_ns = {v: [] for v in variants}   # the agent's own inference-thread time in each round
     sched_s = {v: [] for v in variants}   # the server's scheduler process CPU seconds in each round
@@ -261,8 +293,10 @@ def _measure(servers, drains, paths, a):
                # the scheduler's CPU time per round over off's in the same round: where the
                # throughput cost is spent (in the scheduler process, or waiting elsewhere)
                "sched_cpu_paired_vs_off": median(c / o - 1 for c, o in zip(sched_s[v], sched_s[next(iter(times))])),
+               "sched_cpu_paired_vs_off_ci90": median_ci([c / o - 1 for c, o in
+                                                          zip(sched_s[v], sched_s[next(iter(times))])]),
                "sched_cpu_share_median": median(c / t for c, t in zip(sched_s[v], ts)),
-               "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v]}
+               "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v], "sched_s": sched_s[v]}
         vr = [o / t - 1 for o, t in zip(vanilla, ts)]
         row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
         rows.append(row)
@@ -293,6 +327,10 @@ def main(argv=None):
     ap.add_argument("--consumer-nice", type=int, default=0,
                     help="run the ring consumer at this nice level (19: below the server, as an exporter "
                          "deployed at a lower priority than inference on a node without spare cores)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin every server's scheduler process to the first CPU and everything else (tokenizer "
+                         "and detokenizer processes, ring consumers, this script's clients) to the others, as an "
+                         "inference host gives the model's process cores of its own")
     ap.add_argument("--drain", default="", help=argparse.SUPPRESS)   # the consumer process (RingDrain)
     a = ap.parse_args(argv)
     if a.drain:
@@ -305,7 +343,9 @@ def main(argv=None):
           f"requests, "
           f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
           f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
-          f"{a.path}; model threads {a.model_threads or 'torch default'}; consumer nice {a.consumer_nice}; load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
+          f"{a.path}; model threads {a.model_threads or 'torch default'}; consumer nice {a.consumer_nice}; "
+          f"{'pinned (scheduler: CPU 0, the rest: the others); ' if a.pin else ''}"
+          f"load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
     pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
     ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
