@@ -386,9 +386,11 @@ def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(t
 
     def spy(self, layout):
         before = self._counters.scalars["repeat_steps"]
-        real(self, layout)
-        if self._counters.scalars["repeat_steps"] > before:
+        repeats = real(self, layout)
+        assert repeats == (self._counters.scalars["repeat_steps"] > before)   # begin_step's answer
+        if repeats:
             repeated.append((self.capture_path, self._step, len(layout.requests)))
+        return repeats
     monkeypatch.setattr(CaptureAgent, "_begin_step", spy)
     runs = {p: hf_run(p, tmp_path / p, "llama", 3, "full", 16 << 20, new_tokens=7, eos=eos)
             for p in ("python", "native")}

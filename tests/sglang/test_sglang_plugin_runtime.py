@@ -368,6 +368,48 @@ def test_hooks_of_the_cuda_graph_static_set_stay_registered_whatever_the_step_se
     assert {(r.hook, r.layer) for r in ring.records if r.step == last} == {("mlp_in", 1), ("mlp_out", 1)}
 
 
+def test_repeat_steps_keep_the_previous_steps_taps_without_syncing_and_write_the_same_records(tmp_path, monkeypatch):
+    """A decode step the agent answers as a repeat (begin_step -> True: the previous step's plan
+    and selection answers) keeps the plugin's decisions of the previous step: SGLangTaps.sync and
+    the agent's selection are not asked. The same forwards, selection changes and control
+    documents, with every step synced (begin_step's answer ignored), write the same records."""
+    from tensortrace.agent.backends.sglang import taps as taps_mod
+    from tensortrace.agent.core import CaptureAgent
+    from tensortrace.agent.selection import Selection
+
+    steps = [None, None, None, Selection.preset("full", layers=frozenset({0})), None, None,
+             {"version": 1, "selection": {"preset": "hidden-states", "layers": "1"}}, None, None]
+    results = []
+    for honoured in (True, False):
+        ring_dir = tmp_path / ("repeat" if honoured else "synced")
+        if not honoured:
+            real_begin = CaptureAgent.begin_step
+            monkeypatch.setattr(CaptureAgent, "begin_step", lambda self, layout: real_begin(self, layout) and False)
+        runner = make_runner()
+        rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(ring_dir), ring_capacity=1 << 22,
+                                               selection="hidden-states"))
+        rt.attach(runner)
+        if rt.agent.capture_path != "native":
+            pytest.skip("repeat steps are the native path's (the Python path plans every step afresh)")
+        synced = []
+        real_sync = taps_mod.SGLangTaps.sync
+        monkeypatch.setattr(taps_mod.SGLangTaps, "sync", lambda self: (synced.append(1), real_sync(self))[1])
+        agent = rt.agent
+        seen = _serve(rt, runner, steps)
+        repeats = agent.stats().repeat_steps
+        results.append((_records(str(ring_dir)), seen, len(synced), repeats))
+        monkeypatch.undo()
+    (rec, seen, synced, repeats), (rec_all, seen_all, synced_all, repeats_all) = results
+    # prefill + 9 decode steps; decode steps 0 (a new plan after the prefill), 3 and 6 (new
+    # selections) plan afresh, the other six repeat: the plugin syncs on the four fresh plans only
+    assert (repeats, repeats_all) == (6, 6)
+    assert (synced, synced_all) == (4, 10)
+    assert seen == seen_all and rec and rec.keys() == rec_all.keys()
+    for key in rec:
+        assert rec[key] == rec_all[key], key
+    assert {k[1] for k in rec} >= {"resid_pre", "attn_q", "mlp_act", "resid_final", "logits"}
+
+
 def test_steps_capturing_nothing_in_a_row_do_not_touch_the_registration(tmp_path, monkeypatch):
     """A steady state costs one identity check per step, also when steps capture nothing (every
     empty step_hooks() answer is a new frozenset)."""

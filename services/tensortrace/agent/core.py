@@ -404,19 +404,23 @@ class CaptureAgent:
         self._sampled_live += int(sampled)
         return ctx
 
-    def begin_step(self, layout: StepLayout) -> None:
+    def begin_step(self, layout: StepLayout) -> bool:
         """Called by the backend on the inference thread before every forward pass, with the
         step's StepLayout; the forward's taps and the matching end_step() follow. Polls the control
         block (never blocks), retries pending summaries and decides what this step captures.
-        Times itself; never raises (an internal error disables the agent, not the model)."""
+        True: a repeat step (the previous step's plan and selection answers, step_hooks() the same
+        object; see "Repeat steps" in docs/agent.md). Times itself; never raises (an internal
+        error disables the agent, not the model)."""
         if self.disabled_reason:
-            return
+            return False
         t0 = _perf_ns()
         try:
-            self._begin_step(layout)
+            repeated = self._begin_step(layout)
         except Exception as e:  # noqa: BLE001 - failure isolation: the model must run on
             self._disable_agent(e)
+            repeated = False
         self._add_ns(t0)
+        return repeated
 
     def idle_step(self) -> bool:
         """Called by a backend on the inference thread before a forward, ahead of building its
@@ -477,7 +481,7 @@ class CaptureAgent:
         self._step += 1
         self._counters.scalars["steps"] += 1
 
-    def _begin_step(self, layout: StepLayout) -> None:
+    def _begin_step(self, layout: StepLayout) -> bool:
         native = self._native
         if native is not None and not self._pending_summaries and not native.heartbeat():
             # _housekeeping's every-step case, inline (no frame for it): heartbeat stored in C, the
@@ -526,7 +530,7 @@ class CaptureAgent:
                 # the plan's STEP frame requests, when known: the first native slab writes the frame in C
                 self._step_field = native.begin(self._step, layout.total_rows, layout.num_sequences, True,
                                                 self._step_items, self._step_delta)
-                return
+                return True
         self._repeat = None
         self._fold_native()
         self._groups = {}
@@ -588,6 +592,7 @@ class CaptureAgent:
                 self._repeat = (self._epoch, self.selection)
                 self._plan_entries = entries
                 self._plan_unknown = unknown
+        return False
 
     def _fold_native(self) -> None:
         """Account what the native groups wrote since their counters were last folded (end_step

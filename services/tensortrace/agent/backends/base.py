@@ -90,10 +90,13 @@ class AgentPort(Protocol):
         backend knows were computed but not captured. Returns the summary (None if never begun)."""
 
     # -- steps -------------------------------------------------------------------------------
-    def begin_step(self, layout: "StepLayout") -> None:
+    def begin_step(self, layout: "StepLayout") -> bool:
         """Called by the backend before every forward pass it wants captured, with that forward's
         StepLayout (rows -> requests). Polls the exporter's control block; decides what the step
-        captures. Must be followed by end_step() after the forward, also when it raised."""
+        captures. Must be followed by end_step() after the forward, also when it raised. Returns
+        True when the step repeats the previous step's plan (a layout advanced from it, nothing
+        changed since): every selection answer — step_hooks() (the same object), wants() — is the
+        previous step's, so a backend may keep the decisions it derived from them."""
 
     def step_hooks(self) -> frozenset:
         """Called by the backend right after begin_step: the hook names some request of this step

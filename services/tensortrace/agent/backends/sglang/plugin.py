@@ -163,6 +163,7 @@ class SGLangCapture(Backend):
         self._force_eager = False
         self._eager_for = (None, None, False)    # static mode: (wanted, static set, a tap not in the graph)
         self._own_wants = (None, False, False)   # (step_hooks object, token_ids wanted, logits wanted)
+        self._kept = (None, (), None)   # (taps, wanted, own wants) of the last step that synced the taps
         self._wrapped_graph_runner: int | None = None
         self._timer = None   # agent.timed(), kept (_block_timer): one object for the plugin's blocks, which never nest
         self._graph_runner_unwrap = None
@@ -206,6 +207,7 @@ class SGLangCapture(Backend):
             self._graph_runner_unwrap()
             self._graph_runner_unwrap = None
         self._wrapped_graph_runner = None
+        self._kept = (None, (), None)
         self._checked = False   # taps placed by a later attach get their own self-check
         self._runner_id = None
         self._runner = None
@@ -365,7 +367,7 @@ class SGLangCapture(Backend):
                 if layout is None:
                     self._skipped(fb, plan)
                 else:
-                    agent.begin_step(layout)
+                    repeated = agent.begin_step(layout)
         if layout is None:
             return original(runner, fb, *args, **kwargs)
         taps = self.taps
@@ -373,18 +375,25 @@ class SGLangCapture(Backend):
         try:
             with timer:
                 checking = not self._checked and layout.total_rows > 0
-                if checking:
-                    taps.begin_check(layout.total_rows)
-                # the taps this step selects (graph-mode decisions; none when it captures nothing),
-                # and only their modules' torch hooks registered (SGLangTaps.sync; after the self-check)
-                wanted = taps.sync()
-                # The plugin's own captures (token ids, logits): asked of the agent only when its
-                # selection answers were reset (a new step_hooks() object, which sync() just read)
-                own = self._own_wants
-                if own[0] is not taps.synced_for:
-                    own = self._own_wants = (taps.synced_for,
-                                             agent.wants("token_ids") and self._exports("token_ids"),
-                                             agent.wants("logits") and self._exports("logits"))
+                kept = self._kept
+                if repeated and kept[0] is taps and not checking:
+                    # A repeat step (begin_step's word): the previous step's selection answers, so
+                    # its taps, registrations and own captures. Nothing to sync or ask.
+                    wanted, own = kept[1], kept[2]
+                else:
+                    if checking:
+                        taps.begin_check(layout.total_rows)
+                    # the taps this step selects (graph-mode decisions; none when it captures nothing),
+                    # and only their modules' torch hooks registered (SGLangTaps.sync; after the self-check)
+                    wanted = taps.sync()
+                    # The plugin's own captures (token ids, logits): asked of the agent only when its
+                    # selection answers were reset (a new step_hooks() object, which sync() just read)
+                    own = self._own_wants
+                    if own[0] is not taps.synced_for:
+                        own = self._own_wants = (taps.synced_for,
+                                                 agent.wants("token_ids") and self._exports("token_ids"),
+                                                 agent.wants("logits") and self._exports("logits"))
+                    self._kept = (taps, wanted, own)
                 if own[1]:
                     agent.capture("token_ids", -1, fb.input_ids.view(-1, 1))
                 mode = self.config.cuda_graph
