@@ -7,7 +7,8 @@ generated, ignore_eos) alternate between variants chosen per request through cus
 full). Interleaving makes the shared machine's noise hit every variant alike; we report the median
 generated tokens/s per variant (variants in a new random order every round), and `paired`: the median over rounds of the variant's tokens/s over
 `off`'s in the same round (seconds apart, so slow drifts of the machine's load cancel), and
-`sched cpu`: the server's scheduler process CPU time in the round over its wall time, and `vs
+`sched cpu`: the server's scheduler process CPU time in the round (every thread's, in ns from
+/proc/<pid>/task/*/schedstat) over its wall time, and `vs
 off`: that CPU time over off's in the same round (the median over rounds): where a throughput cost
 is spent — in the scheduler, or in waiting. `consumer`: the ring consumer's CPU time in the round over its wall time (a process of its own,
 as an exporter is; it competes with the server for the machine's two cores, as an exporter would
@@ -57,7 +58,7 @@ import time
 from statistics import median
 from types import SimpleNamespace
 
-from _stats import cpu_s, median_ci, ring_tmpdir
+from _stats import cpu_s, median_ci, ring_tmpdir, task_cpu_ns
 from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer, group_pids
 from tensortrace.devstack.tiny_model import make_tiny_model
 
@@ -266,9 +267,9 @@ def _measure(servers, drains, paths, a):
         for v in names:
             drain = drain_of.get(id(variants[v][0]), no_drain)
             s0 = drain.stats()
-            cpu0 = cpu_s(sched_of[id(variants[v][0])])
+            cpu0 = task_cpu_ns(sched_of[id(variants[v][0])])
             times[v].append(one_round(variants[v]))
-            sched_s[v].append(cpu_s(sched_of[id(variants[v][0])]) - cpu0)
+            sched_s[v].append((task_cpu_ns(sched_of[id(variants[v][0])]) - cpu0) / 1e9)
             time.sleep(0.02)   # the agent stores its counter at a step's end: let the last step's land
             s1 = drain.stats()
             agent_ns[v].append(s1["thread_ns"] - s0["thread_ns"])

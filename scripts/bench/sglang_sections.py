@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Where the SGLang plugin's time per forward goes on a real SGLang server (CPU engine): each
+section of the plugin and the agent timed inside the scheduler process, cache-cold as in serving.
+
+One server (random Llama, hidden 512, 4 layers, float32, one model thread) with the plugin,
+`hidden-states` selected, and a ring consumer (sglang_overhead.py's); its scheduler process loads
+an instrumentation module (a generated `sitecustomize.py`, on the server's PYTHONPATH only, not
+part of the product) that wraps each section below with a perf_counter_ns pair and writes the
+totals to a file every second. Blocks of `--rounds` rounds (8 concurrent requests, 32 prompt + 48
+new tokens) run `hidden-states`, then capture off, then `hidden-states` again; reported per
+forward: each section's µs, its calls, and its µs per call.
+
+Sections: `SGLangCapture.observe_batch` / `finish_requests` (SGLang's per-forward request hooks),
+`forward, outside the model` (the plugin's AROUND hook minus the model's forward: everything the
+plugin does before and after it), and inside that `plan_step`, the agent's `idle_step`,
+`begin_step`, `SGLangTaps.sync` (with `step_hooks`), `capture` (the logits row), `end_step`;
+`begin_request` / `end_request` (inside observe_batch / finish_requests). `agent thread` is the
+agent's own counter (`stats().thread_seconds`: its timed blocks and the module taps inside the
+model), `taps, by difference` that minus the plugin's sections. Every wrapped call pays the
+wrapper's own frame (~1 µs cold), so a section is an upper bound; the sum of the wrapped ones
+over-counts by about that per call. The repeat-step count (`stats().repeat_steps`) says whether
+steady decode steps took the O(1) path.
+
+    PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
+        .cache/sglang-venv/bin/python scripts/bench/sglang_sections.py --rounds 20 --json sections.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _stats import ring_tmpdir  # noqa: E402
+from sglang_overhead import RingDrain  # noqa: E402
+
+from tensortrace.devstack.sglang_server import SGLangServer  # noqa: E402
+from tensortrace.devstack.tiny_model import make_tiny_model  # noqa: E402
+
+# Loaded by every process of the server (Python imports `sitecustomize` at start-up); it only acts
+# where the plugin has a runtime (the scheduler). Writes {section: [ns, calls]} to OUT/<pid>.json.
+INSTRUMENT = r'''
+import json, os, sys, threading, time
+
+def _install(out_dir):
+    from tensortrace.agent.backends.sglang import plugin, taps
+    from tensortrace.agent.core import CaptureAgent
+    acc, pc = {}, time.perf_counter_ns
+
+    def wrap(owner, name, key):
+        real = getattr(owner, name)
+        def timed(*a, **k):
+            t0 = pc()
+            try:
+                return real(*a, **k)
+            finally:
+                e = acc.get(key)
+                if e is None:
+                    e = acc[key] = [0, 0]
+                e[0] += pc() - t0
+                e[1] += 1
+        setattr(owner, name, timed)
+
+    for name in ("observe_batch", "finish_requests"):
+        wrap(plugin.SGLangCapture, name, name)
+    for name in ("idle_step", "begin_step", "capture", "end_step", "begin_request", "end_request", "step_hooks"):
+        wrap(CaptureAgent, name, name)
+    wrap(plugin, "plan_step", "plan_step")
+    wrap(taps.SGLangTaps, "sync", "sync")
+    real_forward = plugin.SGLangCapture.forward
+
+    def forward(self, original, runner, fb, *a, **k):
+        model = [0]
+        def run_model(*aa, **kk):
+            t0 = pc()
+            try:
+                return original(*aa, **kk)
+            finally:
+                model[0] = pc() - t0
+        t0 = pc()
+        try:
+            return real_forward(self, run_model, runner, fb, *a, **k)
+        finally:
+            for key, ns in (("outside_model", pc() - t0 - model[0]), ("model", model[0])):
+                e = acc.setdefault(key, [0, 0])
+                e[0] += ns
+                e[1] += 1
+    plugin.SGLangCapture.forward = forward
+
+    def dump():
+        while True:
+            time.sleep(1.0)
+            rt = plugin._RUNTIME
+            if rt is None or rt.agent is None:
+                continue
+            st = rt.agent.stats()
+            snap = dict(acc, agent_thread=[int(st.thread_seconds * 1e9), 0], steps=[st.steps, 0],
+                        repeat_steps=[st.repeat_steps, 0])
+            tmp = os.path.join(out_dir, f".{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(snap, f)
+            os.replace(tmp, os.path.join(out_dir, f"{os.getpid()}.json"))
+    threading.Thread(target=dump, daemon=True, name="tt-sections").start()
+
+if os.environ.get("TT_SECTIONS_OUT"):
+    try:
+        _install(os.environ["TT_SECTIONS_OUT"])
+    except Exception as e:  # noqa: BLE001
+        print("sglang_sections: instrumentation not installed:", e, file=sys.stderr)
+'''
+
+ROWS = [("agent thread", "agent_thread"), ("  observe_batch", "observe_batch"),
+        ("    begin_request", "begin_request"), ("  finish_requests", "finish_requests"),
+        ("    end_request", "end_request"), ("  forward, outside the model", "outside_model"),
+        ("    idle_step", "idle_step"), ("    plan_step", "plan_step"), ("    begin_step", "begin_step"),
+        ("    sync (step_hooks inside)", "sync"), ("      step_hooks", "step_hooks"),
+        ("    capture (logits)", "capture"), ("    end_step", "end_step")]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=20, help="rounds per block (three blocks)")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="tt-sections-")
+    rings = ring_tmpdir("tt-sections-rings-")
+    out_dir = os.path.join(work, "sections")
+    os.makedirs(out_dir)
+    site = os.path.join(work, "site")
+    os.makedirs(site)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(INSTRUMENT)
+    srv = drain = None
+    try:
+        model = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=4, hidden=512)
+        env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", "OMP_NUM_THREADS": "1",
+               "TT_SECTIONS_OUT": out_dir,
+               "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)}
+        srv = SGLangServer(model, ring_dir=rings, log_path=os.path.join(work, "server.log"), env_extra=env).start()
+        drain = RingDrain(rings)
+        rng = random.Random(1)
+        prompts = [[rng.randrange(4, 250) for _ in range(32)] for _ in range(8)]
+
+        def one_round(capture: bool) -> None:
+            body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
+                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "custom_params": {"tensortrace": {"capture": capture}}}}
+            threads = [threading.Thread(target=srv.post, args=("/generate", body(p))) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        def snapshot() -> dict:
+            time.sleep(1.5)   # the scheduler writes its totals every second
+            files = glob.glob(os.path.join(out_dir, "*.json"))
+            if len(files) != 1:
+                raise SystemExit(f"expected one instrumented scheduler process, found {len(files)} "
+                                 f"(server log: {srv.log_path})")
+            with open(files[0]) as f:
+                return json.load(f)
+
+        one_round(True)
+        one_round(False)   # warm-up: the taps' self-check, both paths once
+        blocks = {}
+        for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
+            s0 = snapshot()
+            for _ in range(a.rounds):
+                one_round(capture)
+            s1 = snapshot()
+            blocks[name] = {k: [v[0] - s0.get(k, [0, 0])[0], v[1] - s0.get(k, [0, 0])[1]] for k, v in s1.items()}
+    finally:
+        if drain is not None:
+            drain.close()
+        if srv is not None:
+            srv.stop()
+        shutil.rmtree(rings, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"SGLang plugin sections per forward (real server, CPU engine, one model thread; {a.rounds} rounds a block; "
+          f"load average {os.getloadavg()[0]:.2f}); µs per forward (calls, µs per call)")
+    names = list(blocks)
+    print(f"{'section':<32}" + "".join(f"{n:>30}" for n in names))
+    result = {}
+    for name, b in blocks.items():
+        forwards = b["model"][1] or 1
+        plugin_ns = sum(b.get(k, [0, 0])[0] for k in ("observe_batch", "finish_requests", "outside_model"))
+        r = {label.strip(): {"us_per_forward": b.get(k, [0, 0])[0] / forwards / 1e3, "calls": b.get(k, [0, 0])[1]}
+             for label, k in ROWS}
+        r["taps, by difference"] = {"us_per_forward": (b["agent_thread"][0] - plugin_ns) / forwards / 1e3, "calls": 0}
+        r["model forward"] = {"us_per_forward": b["model"][0] / forwards / 1e3, "calls": forwards}
+        r["steps"], r["repeat_steps"] = b["steps"][0], b["repeat_steps"][0]
+        result[name] = r
+    for label in [lbl for lbl, _ in ROWS] + ["taps, by difference", "model forward"]:
+        cells = []
+        for name in names:
+            c = result[name][label.strip()]
+            per_call = c["us_per_forward"] * (result[name]["model forward"]["calls"]) / c["calls"] if c["calls"] else 0
+            cells.append(f"{c['us_per_forward']:>9.1f} ({c['calls']:>5}, {per_call:>6.1f})" if c["calls"]
+                         else f"{c['us_per_forward']:>9.1f}{'':>16}")
+        print(f"{label:<32}" + "".join(f"{x:>30}" for x in cells))
+    print(f"{'steps (repeat steps)':<32}" + "".join(f"{str(result[n]['steps']) + ' (' + str(result[n]['repeat_steps']) + ')':>30}"
+                                                   for n in names))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": vars(a), "blocks": result, "raw": blocks}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
