@@ -410,6 +410,57 @@ def test_repeat_steps_keep_the_previous_steps_taps_without_syncing_and_write_the
     assert {k[1] for k in rec} >= {"resid_pre", "attn_q", "mlp_act", "resid_final", "logits"}
 
 
+def test_a_fresh_plan_of_the_same_selection_does_not_pass_over_the_modules_again(tmp_path, monkeypatch):
+    """Every request arrival or departure makes a fresh plan and a new step_hooks() object; when
+    the taps it selects are those already registered, SGLangTaps.sync touches no module (no
+    register / unregister call). A selection change still re-registers, and the records are
+    those of the model."""
+    from tensortrace.agent.backends.sglang import taps as taps_mod
+    from tensortrace.agent.selection import Selection
+
+    runner = make_runner()
+    rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 22, selection="hidden-states"))
+    rt.attach(runner)
+    calls = []   # (step, register | unregister) after the prefill's self-check
+    for name in ("register", "unregister"):
+        real = getattr(taps_mod._Site, name)
+        monkeypatch.setattr(taps_mod._Site, name, lambda self, *a, _real=real, _name=name:
+                            (calls.append((rt.agent.stats().steps, _name)) if rt.taps.selective else None,
+                             _real(self, *a))[1])
+    a, b = req("a", 3), req("b", 2)
+    fb = forward_batch("EXTEND", ["a"], seq_lens=[3], extend_lens=[3], prefix_lens=[0])
+    fb.input_ids = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        rt.observe_batch(fb, SimpleNamespace(reqs=[a]))
+        rt.forward(model_forward, runner, fb)                      # step 1: the self-check, then hidden-states
+        after_check = len(calls)
+        rt.forward(model_forward, runner, _decode(["a"], [4], [6]))   # 2: a fresh plan (decode after prefill)
+        fb = forward_batch("EXTEND", ["b"], seq_lens=[2], extend_lens=[2], prefix_lens=[0])
+        fb.input_ids = torch.tensor([4, 5])
+        rt.observe_batch(fb, SimpleNamespace(reqs=[b]))
+        rt.forward(model_forward, runner, fb)                      # 3: b arrives: a fresh plan
+        rt.forward(model_forward, runner, _decode(["a", "b"], [5, 3], [7, 8]))   # 4: the batch grew: fresh
+        assert calls[after_check:] == []                           # same selection: no module touched
+        rt.agent.set_selection(Selection.preset("attention", layers=frozenset({1})))
+        rt.forward(model_forward, runner, _decode(["a", "b"], [6, 4], [9, 10]))  # 5: a new selection
+    assert {n for step, n in calls[after_check:]} == {"register", "unregister"}
+    assert {step for step, n in calls[after_check:]} == {5}
+    assert rt.agent.stats().repeat_steps == 0   # every step here planned afresh
+    finish(a, 4), finish(b, 3)
+    rt.finish_requests([a, b])
+    rt.agent.close()
+    ring = read_rings(str(tmp_path))
+    got = {(r.request_id, r.hook, r.layer) for r in ring.records}
+    assert ("b", "resid_pre", 0) in got and ("a", "attn_q", 1) in got and ("b", "attn_out", 1) in got
+    assert ring.summaries["a"].complete and ring.summaries["b"].complete
+
+
+def _decode(rids, seq_lens, ids):
+    dec = forward_batch("DECODE", rids, seq_lens=seq_lens)
+    dec.input_ids = torch.tensor(ids)
+    return dec
+
+
 def test_steps_capturing_nothing_in_a_row_do_not_touch_the_registration(tmp_path, monkeypatch):
     """A steady state costs one identity check per step, also when steps capture nothing (every
     empty step_hooks() answer is a new frozenset)."""

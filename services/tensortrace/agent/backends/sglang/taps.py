@@ -156,6 +156,10 @@ class SGLangTaps:
         # exactly when the agent's selection answers were reset, so answers derived from them hold while it stays
         self.synced_for = None
         self._wanted: tuple = ()  # the (hook, layer) keys that step selects, placed here
+        # what the registrations were last made for by _apply: (wanted set, native site taps); None
+        # after anything that changes what _apply would do with them (placement, an entry dropped,
+        # the CUDA-graph static set frozen or shrunk, removal)
+        self._applied = None
         self._fired = 0        # firings of the Python hooks (the native taps count theirs: agent.native_tap_calls)
         # how a tap reaches its module: its forward wrapped (default) or PyTorch hooks (forward_wrap.py)
         self._mechanism = forward_wrap.mechanism_of(agent)
@@ -205,6 +209,7 @@ class SGLangTaps:
         for site in self.sites.values():
             site.active = tuple((t.hook, t.layer, t.extract) for t in site.entries)
             site.register()
+        self._applied = None
         return unplaced
 
     def _mod(self, named, key: str, L: int):
@@ -330,6 +335,7 @@ class SGLangTaps:
         if self.static_keys is None:  # first capture: freeze the graph's tap set from the selection
             sel = self.agent.selection
             self.static_keys = {k for k in self.taps if sel.enabled and sel.wants(*k)}
+            self._applied = None
         if key not in self.static_keys:
             return
         import torch
@@ -340,6 +346,7 @@ class SGLangTaps:
         if rows.shape[0] > buf.shape[0] or rows.shape[1:] != buf.shape[1:] or rows.dtype != buf.dtype:
             self.static_keys.discard(key)
             self.static_bufs.pop(key, None)
+            self._applied = None
             log.warning("tensortrace: %s@%d changed shape between CUDA-graph captures; it is captured "
                         "on eager steps only", *key)
             return
@@ -404,6 +411,7 @@ class SGLangTaps:
     def _drop_entry(self, t: _Tap) -> None:
         """Remove one entry; its module's torch hook goes with the module's last entry."""
         del self.taps[(t.hook, t.layer)]
+        self._applied = None
         site = t.site
         site.fast = None   # rebuilt without it
         site.entries.remove(t)
@@ -433,8 +441,12 @@ class SGLangTaps:
         return wanted
 
     def _apply(self, wanted: frozenset) -> None:
-        static = self.static_keys or ()
         native = self._native_site_taps()
+        if self._applied is not None and self._applied == (wanted, native):
+            # the registrations were made for exactly this (a fresh plan of the same selection:
+            # every request arrival or departure makes one): no pass over the sites
+            return
+        static = self.static_keys or ()
         for site in self.sites.values():
             active = tuple((t.hook, t.layer, t.extract) for t in site.entries if (t.hook, t.layer) in wanted)
             site.active = active
@@ -448,6 +460,7 @@ class SGLangTaps:
                     site.register()
             else:
                 site.unregister()
+        self._applied = (wanted, native)
 
     @property
     def registered_hooks(self) -> int:
@@ -460,3 +473,4 @@ class SGLangTaps:
         self.sites.clear()
         self.taps.clear()
         self.synced_for, self._wanted = None, ()
+        self._applied = None
