@@ -461,6 +461,41 @@ def _decode(rids, seq_lens, ids):
     return dec
 
 
+def test_a_batch_of_the_requests_last_observed_is_answered_without_reading_its_requests(runtime, monkeypatch):
+    """observe_batch runs before every forward: when the ForwardBatch's request ids are those of the
+    last batch it observed, whose requests were all begun, it reads no request; a batch with a new
+    request begins it; a batch whose begin failed is read again."""
+    rt, runner, ring_dir = runtime
+    begun = []
+    real_begin = rt.agent.begin_request
+    monkeypatch.setattr(rt.agent, "begin_request", lambda rid, **kw: (begun.append(rid), real_begin(rid, **kw))[1])
+
+    class Reqs:   # a ScheduleBatch whose requests are counted when read
+        def __init__(self, *reqs):
+            self.reads, self._reqs = 0, list(reqs)
+
+        @property
+        def reqs(self):
+            self.reads += 1
+            return self._reqs
+
+    a, b = req("a", 3), req("b", 2)
+    one, two = Reqs(a), Reqs(a, b)
+    rt.observe_batch(forward_batch("EXTEND", ["a"], seq_lens=[3], extend_lens=[3], prefix_lens=[0]), one)
+    for k in range(3):   # decode steps of the same batch
+        rt.observe_batch(forward_batch("DECODE", ["a"], seq_lens=[4 + k]), one)
+    assert begun == ["a"] and one.reads == 1
+    rt.observe_batch(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 3]), two)   # b joins
+    rt.observe_batch(forward_batch("DECODE", ["a", "b"], seq_lens=[8, 4]), two)
+    assert begun == ["a", "b"] and two.reads == 1
+    c = req("c", 2)
+    c.origin_input_ids = None   # its begin fails (len(None)): logged, and the batch is read again next time
+    three = Reqs(a, b, c)
+    for k in range(2):
+        rt.observe_batch(forward_batch("DECODE", ["a", "b", "c"], seq_lens=[9 + k, 5 + k, 3 + k]), three)
+    assert three.reads == 2 and "c" not in rt._requests
+
+
 def test_steps_capturing_nothing_in_a_row_do_not_touch_the_registration(tmp_path, monkeypatch):
     """A steady state costs one identity check per step, also when steps capture nothing (every
     empty step_hooks() answer is a new frozenset)."""

@@ -157,6 +157,7 @@ class SGLangCapture(Backend):
         self._runner_id: int | None = None
         self._requests: dict[str, dict] = {}   # rid -> {"prompt": n, "sampled": bool, "missed": str}
         self._batch_rids: dict[int, list[str]] = {}  # id(ForwardBatch) -> rids (SGLang < 0.5.15)
+        self._observed: list | None = None   # ForwardBatch.rids of the last batch whose requests were all begun
         self._last_layout = None   # the previous captured forward's layout (plan_step's `previous`)
         self._idle = False         # the previous forward was answered by agent.idle_step()
         self._checked = False
@@ -271,14 +272,19 @@ class SGLangCapture(Backend):
     # -- requests --------------------------------------------------------------------------
     def observe_batch(self, forward_batch, batch) -> None:
         """Begin every request of a ScheduleBatch the agent has not seen yet (ForwardBatch.init_new
-        AFTER hook, before that batch's forward). Timed by the agent. (One frame: called for every
-        forward, it calls no helper of its own.)"""
+        AFTER hook, before that batch's forward). A batch with the request ids of the last one
+        observed (every request begun) is answered by one list comparison. Timed by the agent.
+        (One frame: called for every forward, it calls no helper of its own.)"""
         if self.agent is None:
             return
         with self._timer or self._block_timer():
             try:
+                rids = getattr(forward_batch, "rids", None)
+                if rids is not None and rids == self._observed:
+                    return   # the last batch's requests, every one begun (a decode step of the same batch)
+                self._observed = None
                 reqs = list(getattr(batch, "reqs", None) or ())
-                if getattr(forward_batch, "rids", None) is None:
+                if rids is None:
                     if len(self._batch_rids) >= 64:  # batches built but never forwarded: bounded
                         self._batch_rids.clear()
                     self._batch_rids[id(forward_batch)] = [r.rid for r in reqs]
@@ -301,6 +307,8 @@ class SGLangCapture(Backend):
                         log.warning("tensortrace: request %s: %s; captured with the global selection", req.rid, e)
                         ctx = self.agent.begin_request(req.rid, traceparent=traceparent, prompt_tokens=prompt)
                     self._requests[req.rid] = {"prompt": prompt, "sampled": ctx.sampled, "missed": ""}
+                if rids is not None:
+                    self._observed = list(rids)   # (a copy: SGLang may reuse its list)
             except Exception:  # noqa: BLE001
                 log.exception("tensortrace: observing a batch failed (capture of its requests may be incomplete)")
 
