@@ -38,8 +38,13 @@ def admin(cluster):
 
 
 def _topic(admin, partitions=3, rf=3, **configs) -> str:
-    return create_topics(admin.config["bootstrap_servers"], partitions, prefix="tt-cluster", replication=rf,
+    name = create_topics(admin.config["bootstrap_servers"], partitions, prefix="tt-cluster", replication=rf,
                          configs={k.replace("_", "."): str(v) for k, v in configs.items()})
+    # create_topics saw every leader through its own client; this test's admin client may ask a
+    # broker that has not applied the new topic's metadata yet (describe_topics then answers nothing)
+    _wait(lambda: len([p for p in _partitions(admin, name) if p["leader"] >= 0]) == partitions, 30,
+          f"{name}'s {partitions} partitions with a leader, as this admin client sees them")
+    return name
 
 
 def _partitions(admin, topic) -> list[dict]:
