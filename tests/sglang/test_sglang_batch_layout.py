@@ -9,11 +9,22 @@ import pytest
 import torch
 
 from forward_batches import KIND, ForwardMode, forward_batch
-from tensortrace.agent.backends.sglang import v0_5
+from tensortrace.agent.backends.sglang import batch_layout, v0_5
 from tensortrace.agent.backends.sglang.batch_layout import LayoutError, plan_step
 from tensortrace.agent.layout import Phase
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def repeat_check(request, monkeypatch):
+    """Every test runs twice: with the steady decode step read by agent/_capture.c's next_decode,
+    and with plan_step's Python alone (the oracle); both must give the same plans."""
+    if request.param == "python":
+        monkeypatch.setattr(batch_layout, "_next_decode", None)
+    elif batch_layout._next_decode is None:
+        pytest.skip("the native extension (agent/_capture.c) is not built")
+    return request.param
 
 
 def request_rows(plan):
@@ -188,3 +199,54 @@ def test_a_decode_row_still_inside_its_prompt_repeats_until_its_phase_flips():
     assert f3.layout.shape is not f1.shape and request_rows(f3) == [("a", 0, 1, 7, "DECODE")]
     f4 = plan_step(forward_batch("DECODE", ["a"], seq_lens=[9]), prompt, previous=f3.layout)
     assert f4.layout.shape is f3.layout.shape and request_rows(f4) == [("a", 0, 1, 8, "DECODE")]
+
+
+def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_case_to_python():
+    """agent/_capture.c's next_decode: the new seq_lens when the forward is the shape's next decode
+    step (the same ForwardMode object, batch size, request ids and rows, every seq_len + 1), None
+    for anything else, including fields of unexpected types, which it never raises on."""
+    next_decode = batch_layout._load_next_decode()
+    if next_decode is None:
+        pytest.skip("the native extension (agent/_capture.c) is not built")
+    prompt = {"a": 5, "b": 3}.get
+    first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), prompt).layout
+    shape = first.shape
+    assert shape.mode is ForwardMode.DECODE and shape.last is first
+    assert next_decode(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), shape, first.total_rows) == [7, 10]
+
+    def fb(**change):
+        out = forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10])
+        for k, v in change.items():
+            setattr(out, k, v)
+        return out
+    misses = {
+        "a position jumped": fb(seq_lens_cpu=torch.tensor([8, 10])),
+        "a position repeated": fb(seq_lens_cpu=torch.tensor([6, 10])),
+        "another order": fb(rids=["b", "a"]),
+        "another request": fb(rids=["a", "c"]),
+        "another mode": fb(forward_mode=ForwardMode.EXTEND),
+        "batch size": fb(batch_size=3),
+        "a batch size of another type": fb(batch_size="2"),
+        "rids a tuple (plan_step's Python decides)": fb(rids=("a", "b")),
+        "no rids": fb(rids=None),
+        "seq_lens a list (no tolist)": fb(seq_lens_cpu=[7, 10]),
+        "too few seq_lens": fb(seq_lens_cpu=torch.tensor([7])),
+        "a seq_len past int64": fb(seq_lens_cpu=[2 ** 70, 10]),
+        "input rows": fb(input_ids=torch.arange(3)),
+    }
+    for why, batch in misses.items():
+        assert next_decode(batch, shape, first.total_rows) is None, why
+    del_rids = forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10], set_rids=False)
+    assert next_decode(del_rids, shape, first.total_rows) is None
+    assert next_decode(fb(), shape, first.total_rows + 1) is None   # the previous layout's rows differ
+    assert next_decode(fb(), object(), 2) is None                   # not a shape
+    with pytest.raises(TypeError):
+        next_decode(fb(), shape)
+    # CUDA-graph padding: rows and seq_lens past the batch size are read as plan_step reads them
+    padded = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9], padded_to=4), prompt).layout
+    got = next_decode(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10], padded_to=4), padded.shape, 4)
+    assert got == [7, 10]
+    # and plan_step takes the C answer: an advanced layout of the same shape
+    nxt = plan_step(fb(), prompt, previous=first)
+    assert nxt.mode == "DECODE" and nxt.layout.shape is shape and shape.last is nxt.layout
+    assert request_rows(nxt) == [("a", 0, 1, 6, "DECODE"), ("b", 1, 1, 9, "DECODE")]

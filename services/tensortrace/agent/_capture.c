@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -1692,6 +1693,68 @@ static PyObject *mod_crc32(PyObject *m, PyObject *arg) {
 
 static PyObject *mod_noop(PyObject *m, PyObject *const *args, Py_ssize_t nargs) { Py_RETURN_NONE; }
 
+/* ------------------------------------------------------- the SGLang plugin's repeat check ----- */
+static PyObject *s_forward_mode, *s_batch_size, *s_rids, *s_input_ids, *s_shape, *s_seq_lens_cpu, *s_tolist,
+    *s_mode, *s_last_seq_lens;
+
+/* next_decode(fb, shape, total_rows) -> the new seq_lens list when the SGLang ForwardBatch `fb` is
+ * the DECODE forward right after the one `shape` (batch_layout._DecodeShape) last described: the
+ * same ForwardMode object, batch_size and request ids (a list equal to shape.rids), `total_rows`
+ * input rows, and every seq_len one more than shape.last_seq_lens. Else None: the caller then runs
+ * plan_step's Python, which decides every case (and raises LayoutError on inconsistent fields).
+ * What plan_step's repeat path reads, in one C call: it runs before every steady decode step. */
+static PyObject *mod_next_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "next_decode(forward_batch, shape, total_rows)");
+        return NULL;
+    }
+    PyObject *fb = args[0], *shape = args[1];
+    long long total_rows = PyLong_AsLongLong(args[2]);
+    if (total_rows == -1 && PyErr_Occurred()) return NULL;
+    PyObject *out = NULL, *mode = NULL, *smode = NULL, *srids = NULL, *bso = NULL, *rids = NULL, *ii = NULL,
+             *shp = NULL, *sl = NULL, *lst = NULL, *last = NULL;
+    /* a missing attribute or an unexpected type is a miss (the Python path answers), never an error */
+#define TAKE(var, obj, name) if (!(var = PyObject_GetAttr(obj, name))) goto miss
+    TAKE(mode, fb, s_forward_mode);
+    TAKE(smode, shape, s_mode);
+    if (mode != smode) goto miss;
+    TAKE(srids, shape, s_rids);
+    if (!PyList_CheckExact(srids) || PyList_GET_SIZE(srids) == 0) goto miss;
+    Py_ssize_t bs = PyList_GET_SIZE(srids);
+    TAKE(bso, fb, s_batch_size);
+    if (!PyLong_Check(bso) || PyLong_AsLongLong(bso) != bs) goto miss;
+    TAKE(rids, fb, s_rids);
+    if (!PyList_CheckExact(rids)) goto miss;
+    int eq = PyObject_RichCompareBool(rids, srids, Py_EQ);
+    if (eq <= 0) goto miss;
+    TAKE(ii, fb, s_input_ids);
+    TAKE(shp, ii, s_shape);
+    if (!PyTuple_Check(shp) || PyTuple_GET_SIZE(shp) < 1 || PyLong_AsLongLong(PyTuple_GET_ITEM(shp, 0)) != total_rows)
+        goto miss;
+    TAKE(sl, fb, s_seq_lens_cpu);
+    if (!(lst = PyObject_CallMethodNoArgs(sl, s_tolist))) goto miss;
+    TAKE(last, shape, s_last_seq_lens);
+    if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) < bs || !PyList_CheckExact(last) || PyList_GET_SIZE(last) != bs)
+        goto miss;
+    for (Py_ssize_t i = 0; i < bs; i++) {
+        PyObject *a = PyList_GET_ITEM(lst, i), *b = PyList_GET_ITEM(last, i);
+        if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b)) goto miss;
+        long long x = PyLong_AsLongLong(a), y = PyLong_AsLongLong(b);
+        if ((x == -1 || y == -1) && PyErr_Occurred()) goto miss;
+        if (y == LLONG_MAX || x != y + 1) goto miss;
+    }
+    out = PyList_GET_SIZE(lst) == bs ? Py_NewRef(lst) : PyList_GetSlice(lst, 0, bs);
+    goto done;
+miss:
+    PyErr_Clear();
+    out = Py_NewRef(Py_None);
+done:
+#undef TAKE
+    Py_XDECREF(mode); Py_XDECREF(smode); Py_XDECREF(srids); Py_XDECREF(bso); Py_XDECREF(rids); Py_XDECREF(ii);
+    Py_XDECREF(shp); Py_XDECREF(sl); Py_XDECREF(lst); Py_XDECREF(last);
+    return out;
+}
+
 /* ---- protobuf encoders for the per-step messages (the same bytes as upb's SerializeToString:
  * fields in number order, proto3 zero values omitted; tests/agent/test_native_capture.py) ---- */
 static unsigned char *put_varint(unsigned char *p, unsigned long long v) {
@@ -1860,6 +1923,8 @@ static PyMethodDef mod_methods[] = {
     {"use_dlpack", (PyCFunction)mod_use_dlpack, METH_O,
      "use_dlpack(torch._C._to_dlpack or None): how taps read a tensor's geometry (None: its accessors)"},
     {"noop", (PyCFunction)(void (*)(void))mod_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
+    {"next_decode", (PyCFunction)(void (*)(void))mod_next_decode, METH_FASTCALL,
+     "next_decode(forward_batch, shape, total_rows) -> seq_lens when the forward is shape's next decode step, else None"},
     {"encode_parts", (PyCFunction)mod_encode_parts, METH_O, "RingSlab.parts (field 8) of [(idx, dst, count, pos)]"},
     {"encode_requests", (PyCFunction)(void (*)(void))mod_encode_requests, METH_FASTCALL,
      "RingStep.requests (field 3) of [(prefix, row_start, row_count, position_start, phase)][, delta]"},
@@ -1878,6 +1943,9 @@ PyMODINIT_FUNC PyInit__capture(void) {
     INTERN(s_hidden_states, "hidden_states"); INTERN(s_input, "input"); INTERN(s_native_wants, "_native_wants");
     INTERN(s_native_group, "_native_group"); INTERN(s_native_plan, "_native_plan"); INTERN(s_tap_body, "_tap_body");
     INTERN(s_tap_failed, "tap_failed"); INTERN(s_native_step_frame, "_native_step_frame");
+    INTERN(s_forward_mode, "forward_mode"); INTERN(s_batch_size, "batch_size"); INTERN(s_rids, "rids");
+    INTERN(s_input_ids, "input_ids"); INTERN(s_shape, "shape"); INTERN(s_seq_lens_cpu, "seq_lens_cpu");
+    INTERN(s_tolist, "tolist"); INTERN(s_mode, "mode"); INTERN(s_last_seq_lens, "last_seq_lens");
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 || PyType_Ready(&TimerType) < 0 ||
         PyType_Ready(&TapType) < 0 || PyType_Ready(&ForwardWrapType) < 0)
         return NULL;

@@ -67,15 +67,29 @@ def _as_list(v) -> list[int]:
 
 class _DecodeShape:
     """The StepLayout.shape token of a DECODE layout built here, shared by the layouts advanced
-    from it: its request ids, whether every row is past a known prompt length (phase DECODE: it
-    stays so, as positions only grow and a live request's prompt length is fixed), and the
-    seq_lens of the newest layout of the shape (`last`). plan_step recognises the next decode
-    step of the same batch with two list comparisons, reading no RequestRows."""
+    from it: the ForwardMode object it was built for, its request ids, whether every row is past a
+    known prompt length (phase DECODE: it stays so, as positions only grow and a live request's
+    prompt length is fixed), and the seq_lens of the newest layout of the shape (`last`).
+    plan_step recognises the next decode step of the same batch with two list comparisons,
+    reading no RequestRows (in one C call, `_next_decode`, where the native extension is built)."""
 
-    __slots__ = ("rids", "all_decode", "last", "last_seq_lens")
+    __slots__ = ("mode", "rids", "all_decode", "last", "last_seq_lens")
 
-    def __init__(self, rids: list, all_decode: bool, seq_lens: list):
-        self.rids, self.all_decode, self.last, self.last_seq_lens = rids, all_decode, None, seq_lens
+    def __init__(self, rids: list, all_decode: bool, seq_lens: list, mode=None):
+        self.mode, self.rids, self.all_decode, self.last, self.last_seq_lens = mode, rids, all_decode, None, seq_lens
+
+
+def _load_next_decode():
+    """agent/_capture.c's next_decode, or None (not built, a build without it, or
+    TENSORTRACE_NATIVE=0): plan_step's Python then reads the fields itself (the same answers;
+    tests/sglang/test_sglang_batch_layout.py checks both)."""
+    from tensortrace.agent import native
+
+    mod, _ = native.load()
+    return getattr(mod, "next_decode", None)
+
+
+_next_decode = _load_next_decode()
 
 
 _PLUS_ONE = (1).__add__
@@ -92,6 +106,17 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
     `previous.advanced(1)` (the agent then repeats the previous step's plan; docs/agent.md).
     `prompt_len`'s answer for a live request must not change once known (a request's prompt
     length is fixed; an unknown one, None, may become known)."""
+    if previous is not None and rids is None:
+        shape = previous.shape
+        if (shape.__class__ is _DecodeShape and shape.last is previous and shape.all_decode
+                and _next_decode is not None):
+            # The steady decode step (the same batch, one token further), read in one C call; any
+            # other answer (None) goes the Python way below, which decides every case.
+            seq_lens = _next_decode(fb, shape, previous.total_rows)
+            if seq_lens is not None:
+                layout = shape.last = previous.advanced(1)
+                shape.last_seq_lens = seq_lens
+                return StepPlan(("DECODE", layout, ""))
     fm = fb.forward_mode
     if fm is _last_mode[0]:
         mode = _last_mode[1]
@@ -143,7 +168,7 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
             phase = _phase(pos, prompt, Phase.DECODE)
             all_decode = all_decode and prompt is not None and phase is Phase.DECODE
             requests.append(RequestRows(rid, row_start=i, row_count=1, position_start=pos, phase=phase, seq_index=i))
-        shape = _DecodeShape(rids, all_decode, seq_lens)
+        shape = _DecodeShape(rids, all_decode, seq_lens, fm)
     else:  # EXTEND, MIXED
         ext = _as_list(fb.extend_seq_lens_cpu)
         pre = _as_list(fb.extend_prefix_lens_cpu)
