@@ -189,6 +189,8 @@ def run(model_path, work, a):
         # That flag switches the whole server into its hidden-states capture mode, so it gets a
         # server of its own (on the plugin's server it slowed every variant, `off` included).
         for name, args in ((VANILLA, ()), (SGLANG_HIDDEN, ("--enable-return-hidden-states",))):
+            if name not in a.variants:
+                continue
             servers[name] = SGLangServer(model_path, ring_dir=os.path.join(rings, name),
                                          log_path=os.path.join(work, f"server-{name}.log"),
                                          env_extra={"SGLANG_PLUGINS": "none", **threads}, args_extra=args)
@@ -223,11 +225,15 @@ def _measure(servers, drains, paths, a):
     variants = {}   # name -> (server, options, return_hidden_states)
     for i, path in enumerate(paths):
         for v, options in VARIANTS.items():
+            if v not in a.variants:
+                continue
             if i and v == "off" and path != "before":
                 continue   # one baseline: capture off on the first server (and on the earlier package's)
             variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
-    variants[SGLANG_HIDDEN] = (servers[SGLANG_HIDDEN], {"capture": False}, True)
-    variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
+    if SGLANG_HIDDEN in servers:
+        variants[SGLANG_HIDDEN] = (servers[SGLANG_HIDDEN], {"capture": False}, True)
+    if VANILLA in servers:
+        variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
     import random
 
     rng = random.Random(1)
@@ -279,7 +285,7 @@ def _measure(servers, drains, paths, a):
     tokens = a.concurrency * a.new
     rows = []
     off = times[next(iter(times))]   # "off" on the first server
-    vanilla = times[VANILLA]
+    vanilla = times.get(VANILLA)   # (None: --variants left the server without the plugin out)
     for v, ts in times.items():
         # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
         # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median
@@ -298,8 +304,9 @@ def _measure(servers, drains, paths, a):
                                                           zip(sched_s[v], sched_s[next(iter(times))])]),
                "sched_cpu_share_median": median(c / t for c, t in zip(sched_s[v], ts)),
                "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v], "sched_s": sched_s[v]}
-        vr = [o / t - 1 for o, t in zip(vanilla, ts)]
-        row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
+        if vanilla is not None:
+            vr = [o / t - 1 for o, t in zip(vanilla, ts)]
+            row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
         rows.append(row)
     last = [d.stats() for d in drains.values()]
     return rows, {"slabs_drained": sum(x["slabs"] for x in last),
@@ -332,10 +339,18 @@ def main(argv=None):
                     help="pin every server's scheduler process to the first CPU and everything else (tokenizer "
                          "and detokenizer processes, ring consumers, this script's clients) to the others, as an "
                          "inference host gives the model's process cores of its own")
+    ap.add_argument("--variants", default=",".join([*VARIANTS, SGLANG_HIDDEN, VANILLA]),
+                    help="the variants measured (off always): fewer variants make a round shorter, so more "
+                         "rounds fit the same time and the paired intervals narrow (e.g. off,hidden-states)")
     ap.add_argument("--drain", default="", help=argparse.SUPPRESS)   # the consumer process (RingDrain)
     a = ap.parse_args(argv)
     if a.drain:
         return drain_main(a.drain)
+    a.variants = set(a.variants.split(",")) | {"off"}
+    unknown = a.variants - {*VARIANTS, SGLANG_HIDDEN, VANILLA}
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from "
+                 f"{', '.join([*VARIANTS, SGLANG_HIDDEN, VANILLA])}")
     work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
     model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
     rows, ring = run(model_path, work, a)
@@ -361,14 +376,17 @@ def main(argv=None):
                 f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
                 f"{r['agent_share_median'] * 100:>10.2f}% {r['consumer_share_median'] * 100:>8.2f}% "
                 f"{r['sched_cpu_share_median'] * 100:>8.1f}% {pct(r['sched_cpu_paired_vs_off']):>7}")
-        line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
+        if "paired_vs_vanilla" in r:
+            line += f" {pct(r['paired_vs_vanilla']):>18} {ci(r['paired_vs_vanilla_ci90']):>14}"
+        else:
+            line += f" {'-':>18} {'-':>14}"
         if before:
             r["vs_off_before"] = med / before - 1
             line += f" {r['vs_off_before'] * 100:>+13.1f}%"
         print(line)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "rows": rows, "ring": ring,
+            json.dump({"config": dict(vars(a), variants=sorted(a.variants)), "rows": rows, "ring": ring,
                        "command": "scripts/bench/sglang_overhead.py " + " ".join(argv or [])}, f, indent=1)
     shutil.rmtree(work, ignore_errors=True)
 

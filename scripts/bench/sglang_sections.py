@@ -95,6 +95,39 @@ def _install(out_dir):
                 e[1] += 1
     plugin.SGLangCapture.forward = forward
 
+    # what the sections cannot see: the garbage collector's passes (gc.callbacks, per generation),
+    # the scheduler thread's own CPU time (schedstat, ns), its page faults and context switches
+    import gc
+    gc_t0 = [0]
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_t0[0] = pc()
+        else:
+            e = acc.setdefault(f"gc{info['generation']}", [0, 0])
+            e[0] += pc() - gc_t0[0]
+            e[1] += 1
+    gc.callbacks.append(on_gc)
+    main_tid = threading.get_native_id()
+
+    def thread_counters():
+        out = {}
+        try:
+            with open(f"/proc/self/task/{main_tid}/schedstat") as f:
+                out["main_thread_cpu"] = [int(f.read().split()[0]), 0]
+            with open(f"/proc/self/task/{main_tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out["minflt"] = [0, int(fields[7])]   # minflt, majflt: fields 10 and 12 of stat
+            out["majflt"] = [0, int(fields[9])]
+            with open(f"/proc/self/task/{main_tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches"):
+                        out["nvcsw"] = [0, int(line.split()[1])]
+                    elif line.startswith("voluntary_ctxt_switches"):
+                        out["vcsw"] = [0, int(line.split()[1])]
+        except OSError:
+            pass
+        return out
+
     def dump():
         while True:
             time.sleep(1.0)
@@ -103,7 +136,7 @@ def _install(out_dir):
                 continue
             st = rt.agent.stats()
             snap = dict(acc, agent_thread=[int(st.thread_seconds * 1e9), 0], steps=[st.steps, 0],
-                        repeat_steps=[st.repeat_steps, 0])
+                        repeat_steps=[st.repeat_steps, 0], **thread_counters())
             tmp = os.path.join(out_dir, f".{os.getpid()}.tmp")
             with open(tmp, "w") as f:
                 json.dump(snap, f)
@@ -122,7 +155,11 @@ ROWS = [("agent thread", "agent_thread"), ("  observe_batch", "observe_batch"),
         ("    end_request", "end_request"), ("  forward, outside the model", "outside_model"),
         ("    idle_step", "idle_step"), ("    plan_step", "plan_step"), ("    begin_step", "begin_step"),
         ("    sync (step_hooks inside)", "sync"), ("      step_hooks", "step_hooks"),
-        ("    capture (logits)", "capture"), ("    end_step", "end_step")]
+        ("    capture (logits)", "capture"), ("    end_step", "end_step"),
+        ("scheduler thread CPU", "main_thread_cpu"), ("gc generation 0", "gc0"), ("gc generation 1", "gc1"),
+        ("gc generation 2", "gc2")]
+COUNTS = [("minor page faults", "minflt"), ("major page faults", "majflt"),
+          ("involuntary ctx switches", "nvcsw"), ("voluntary ctx switches", "vcsw")]
 
 
 def main(argv=None) -> None:
@@ -187,7 +224,7 @@ def main(argv=None) -> None:
 
     print(f"SGLang plugin sections per forward (real server, CPU engine, one model thread; {a.rounds} rounds a block; "
           f"load average {os.getloadavg()[0]:.2f}); µs per forward (calls, µs per call)")
-    names = list(blocks)
+    names, raw = list(blocks), blocks
     print(f"{'section':<32}" + "".join(f"{n:>30}" for n in names))
     result = {}
     for name, b in blocks.items():
@@ -198,6 +235,8 @@ def main(argv=None) -> None:
         r["taps, by difference"] = {"us_per_forward": (b["agent_thread"][0] - plugin_ns) / forwards / 1e3, "calls": 0}
         r["model forward"] = {"us_per_forward": b["model"][0] / forwards / 1e3, "calls": forwards}
         r["steps"], r["repeat_steps"] = b["steps"][0], b["repeat_steps"][0]
+        for label, k in COUNTS:
+            r[label] = {"per_forward": b.get(k, [0, 0])[1] / forwards, "count": b.get(k, [0, 0])[1]}
         result[name] = r
     for label in [lbl for lbl, _ in ROWS] + ["taps, by difference", "model forward"]:
         cells = []
@@ -207,6 +246,9 @@ def main(argv=None) -> None:
             cells.append(f"{c['us_per_forward']:>9.1f} ({c['calls']:>5}, {per_call:>6.1f})" if c["calls"]
                          else f"{c['us_per_forward']:>9.1f}{'':>16}")
         print(f"{label:<32}" + "".join(f"{x:>30}" for x in cells))
+    for label, k in COUNTS:
+        print(f"{label + ', per forward':<32}" + "".join(
+            f"{raw[n].get(k, [0, 0])[1] / (raw[n]['model'][1] or 1):>30.3f}" for n in names))
     print(f"{'steps (repeat steps)':<32}" + "".join(f"{str(result[n]['steps']) + ' (' + str(result[n]['repeat_steps']) + ')':>30}"
                                                    for n in names))
     if a.json:
