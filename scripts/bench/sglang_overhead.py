@@ -38,7 +38,10 @@ enough rounds (`--rounds 40` narrows it to about ±1 point).
 `--before DIR`: one more server whose plugin and agent are imported from DIR (a copy of
 `services/` holding an earlier `tensortrace` package, e.g. with the previous SGLang taps), native
 path, rounds interleaved with the others (variants `off@before`, `hidden-states@before`,
-`full@before`): the change and its baseline side by side in one run. `--layers` / `--hidden` size
+`full@before`): the change and its baseline side by side in one run; the agent's own time per
+round is also paired with the same variant's `@before` round (`agent time vs ...@before`), a
+measure that leaves the model's noise out. `--variants off,hidden-states` measures fewer variants
+(shorter rounds: more of them in the same time). `--layers` / `--hidden` size
 the random Llama (more layers: more module hooks per forward).
 
     .cache/sglang-venv/bin/python scripts/bench/sglang_overhead.py --path native,python --out /tmp/sglang-overhead.json
@@ -308,6 +311,16 @@ def _measure(servers, drains, paths, a):
             vr = [o / t - 1 for o, t in zip(vanilla, ts)]
             row["paired_vs_vanilla"], row["paired_vs_vanilla_ci90"] = median(vr), median_ci(vr)
         rows.append(row)
+    # --before: the agent's own time per round against the same variant's on the earlier package,
+    # paired by round: far less noisy than throughput (it leaves the model out), so a change of a
+    # few µs a forward resolves where the tokens/s intervals are a few percent wide
+    by_name = {r["variant"]: r for r in rows}
+    for r in rows:
+        b = by_name.get(r["variant"] + "@before")
+        if b is not None:
+            ar = [x / y - 1 for x, y in zip(r["agent_ns"], b["agent_ns"]) if y]
+            if ar:
+                r["agent_paired_vs_before"], r["agent_paired_vs_before_ci90"] = median(ar), median_ci(ar)
     last = [d.stats() for d in drains.values()]
     return rows, {"slabs_drained": sum(x["slabs"] for x in last),
                   "records_dropped": sum(x["dropped"] for x in last),
@@ -383,6 +396,9 @@ def main(argv=None):
         if before:
             r["vs_off_before"] = med / before - 1
             line += f" {r['vs_off_before'] * 100:>+13.1f}%"
+            if "agent_paired_vs_before" in r:
+                line += (f"   agent time vs {r['variant']}@before {pct(r['agent_paired_vs_before'])} "
+                         f"{ci(r['agent_paired_vs_before_ci90'])}")
         print(line)
     if a.out:
         with open(a.out, "w") as f:
