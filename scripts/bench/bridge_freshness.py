@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=("separate", "composed"), default="separate",
                    help="separate: the bridge in its own process with its own chDB path (two services); composed: "
                         "loader and bridge in one process on one chDB engine (tensortrace loader --bridge)")
-    p.add_argument("--json", default="bridge_freshness.json")
+    p.add_argument("--json", default=".cache/bench/bridge_freshness.json")
     a = p.parse_args(argv)
     broker = None
     bootstrap = a.bootstrap
@@ -309,6 +309,7 @@ def main(argv=None) -> int:
     print(f"accounted: {b['capture_spans']:,} capture spans for {r['requests']:,} requests, "
           f"{lo['activation_rows']:,} rows for {r['records']:,} records: {'ok' if ok else 'MISMATCH'}")
     results["accounted"] = ok
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {a.json}")

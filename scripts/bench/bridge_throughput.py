@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-records", type=int, default=256, help="records per open request, memory phase")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--json", default="bridge_throughput.json")
+    ap.add_argument("--json", default=".cache/bench/bridge_throughput.json")
     args = ap.parse_args(argv)
 
     result: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
@@ -383,6 +383,7 @@ def main(argv=None) -> int:
                 print(f"{d:<14}{r['seconds']:>10.2f}{r['seconds_from_assignment']:>10.2f}{r['requests_per_s']:>12,.0f}"
                       f"{r['spans_per_s']:>12,.0f}  {b['decode']:.2f} / {b['derive']:.2f} / {b['write']:.2f}")
     result["machine"]["loadavg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.json}")

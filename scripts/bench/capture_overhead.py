@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
-    p.add_argument("--json", default="capture_overhead.json")
+    p.add_argument("--json", default=".cache/bench/capture_overhead.json")
     p.add_argument("--path", default="auto",
                    help="the agent's tap path(s): auto | native | python | native,python (every tt-* mode on "
                         "both, interleaved in one run: tt-x = native, tt-x@python = the Python path)")
@@ -448,6 +448,7 @@ def main(argv=None) -> int:
            "model": {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,
                      "intermediate": model.config.intermediate_size, "vocab": model.config.vocab_size,
                      "dtype": str(next(model.parameters()).dtype)}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"wrote {args.json}")

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
     p.add_argument("--dir", default=None, help="parent directory of the engine's path (default: the temp dir, "
                    "a disk here, as the loader benchmark; /dev/shm takes the disk out)")
-    p.add_argument("--json", default="chdb_insert.json")
+    p.add_argument("--json", default=".cache/bench/chdb_insert.json")
     a = p.parse_args(argv)
     names = list(VARIANTS) if a.variants == "all" else [v for v in a.variants.split(",") if v]
     for n in names:
@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     for n, br, nb, m, rs, c, la in rows_out:
         print(f"{n:<34}{br:>11,}{m:>10.1f}  {', '.join(f'{x:.0f}' for x in rs):<24}{c:>9.2f}{la:>6.1f}")
     print(f"load average {result['load_avg_start']} -> {result['load_avg_end']}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {a.json}")

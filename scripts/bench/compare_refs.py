@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--script-from", choices=("each", "current"), default="each",
                    help="each: every side runs its own copy of the script (default); current: both run this "
                         "tree's script, each over its own code (for a script newer than the baseline)")
-    p.add_argument("--json", default="compare_refs.json")
+    p.add_argument("--json", default=".cache/bench/compare_refs.json")
     p.add_argument("script", help="benchmark script, relative to the repository root; it must take --json FILE")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
@@ -94,6 +94,7 @@ def main(argv=None) -> int:
         change = f"{(c - b) / b * 100:+.1f}%" if b else ""
         print(f"{k:<52}{b:>14,.2f}{c:>14,.2f}{change:>9}")
     print(f"baseline {base_sha[:10]}  current {result['current'][:18]}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {a.json}")

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=40_000)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default="consume_decode.json")
+    p.add_argument("--json", default=".cache/bench/consume_decode.json")
     p.add_argument("--decoder", default="native,python", help="comma-separated: native, python (side by side)")
     a = p.parse_args(argv)
     load0 = os.getloadavg()
@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     first = result["decoders"][decoders[0]]
     result["path"], result["us_per_record"] = first["path"], first["us_per_record"]
     print(f"load average {load0} -> {result['load_avg_end']}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {a.json}")

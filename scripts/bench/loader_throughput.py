@@ -1,6 +1,6 @@
 """Loader benchmark: Kafka -> ClickHouse (embedded chDB) throughput, freshness, and read-back time.
 
-    .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--decoder native,python] [--json loader_throughput.json]
+    .venv/bin/python scripts/bench/loader_throughput.py [--bootstrap HOST:PORT] [--decoder native,python] [--json .cache/bench/loader_throughput.json]
 
 Without --bootstrap it starts a local Apache Kafka broker (tensortrace.devkafka). Phases:
   1. throughput: N records pre-produced to a fresh topic (4 KiB residual rows, 32 per envelope,
@@ -282,7 +282,7 @@ def phase_readback(bootstrap, client, repeats=5, insert="loader") -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bootstrap", help="existing Kafka broker; default: start a local one")
-    p.add_argument("--json", default="loader_throughput.json")
+    p.add_argument("--json", default=".cache/bench/loader_throughput.json")
     p.add_argument("--small-records", type=int, default=40_000, help="4 KiB records in phase 1 (0: skip them)")
     p.add_argument("--large-records", type=int, default=600, help="256 KiB records in phase 1 (0: skip them)")
     p.add_argument("--rate-mbps", type=float, default=20.0)
@@ -383,6 +383,7 @@ def main(argv=None) -> int:
         print(f"{'read-back 512x32, direct (ms, median)':<38}{r['direct']['median_ms']:>14,.0f}{'< 200':>14}")
         print(f"{'read-back 512x32, gRPC (ms, median)':<38}{r['grpc']['median_ms']:>14,.0f}{'< 200':>14}")
     results["load_avg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {a.json}")

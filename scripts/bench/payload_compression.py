@@ -123,7 +123,7 @@ def clickhouse_sizes(client, payloads: list[bytes], elem: int, tag: str) -> dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--json", default="payload_compression.json")
+    p.add_argument("--json", default=".cache/bench/payload_compression.json")
     a = p.parse_args(argv)
     import clickhouse_connect
 
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
                   f"{m['shuffle_zstd']['ratio']:>10.2f}{m['lz4']['ratio']:>8.2f}   "
                   f"{ch['raw+LZ4']['ratio']:>11.2f}{ch['raw+ZSTD(1)']['ratio']:>10.2f}{ch['raw+ZSTD(3)']['ratio']:>10.2f}"
                   f"{ch['shuffle_zstd+LZ4']['ratio']:>9.2f}   {m['shuffle_zstd']['encode_MBps']:>13.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"benchmark": "payload_compression", "results": results}, f, indent=1)
     print(f"wrote {a.json}")

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of every path")
     p.add_argument("--path", default="native,python", help="comma-separated: native, python")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--json", default="post_replay.json")
+    p.add_argument("--json", default=".cache/bench/post_replay.json")
     p.add_argument("--layouts", default="advanced", choices=["advanced", "same"],
                    help="advanced: each step's layout advanced from the previous (a steady decode batch, the "
                         "agent repeats its plan); same: one layout object every step (planned afresh)")
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
            "buffers": nbuf, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "layouts": args.layouts,
            "bare_copy_us": copy_us, "results": results,
            "command": "scripts/bench/post_replay.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"wrote {args.json}")

@@ -526,7 +526,7 @@ def phase_freshness_loader(bootstrap, a, layers) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bootstrap", help="existing Kafka broker; default: start a local one")
-    p.add_argument("--json", default="probes_service.json")
+    p.add_argument("--json", default=".cache/bench/probes_service.json")
     p.add_argument("--requests", type=int, default=5000, help="requests in phases 1a and 2a (1-layer stream)")
     p.add_argument("--wide-requests", type=int, default=200, help="requests in phases 1b and 2b (30-layer stream)")
     p.add_argument("--repeat", type=int, default=3, help="in-process runs (best is reported)")
@@ -606,6 +606,7 @@ def main(argv=None) -> int:
             broker.close()
         shutil.rmtree(probe_dir, ignore_errors=True)
     results["load_avg_end"] = os.getloadavg()
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=2)

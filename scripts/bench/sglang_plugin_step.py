@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--before", default="", help="a services/ directory with an earlier tensortrace package")
-    ap.add_argument("--json", default="sglang_plugin_step.json")
+    ap.add_argument("--json", default=".cache/bench/sglang_plugin_step.json")
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child-capture", default="1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -137,6 +137,7 @@ def main(argv=None) -> None:
         for variant in ("hidden-states", "off"):
             cells = [r for r in rows if r["code"] == name and r["variant"] == variant]
             print(f"{name:<8} {variant:<14} " + " ".join(f"{r['us_per_step_median']:>8.1f}µs" for r in cells))
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"benchmark": "sglang_plugin_step", "host": platform.node(), "cpus": os.cpu_count(),
                    "load_average": load, "rows": rows,

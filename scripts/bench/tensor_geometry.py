@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--cold-calls", type=int, default=400)
     ap.add_argument("--evict-mb", type=int, default=48)
     ap.add_argument("--no-cxx", action="store_true")
-    ap.add_argument("--json", default="tensor_geometry.json")
+    ap.add_argument("--json", default=".cache/bench/tensor_geometry.json")
     a = ap.parse_args(argv)
     import torch
 
@@ -158,6 +158,7 @@ def main(argv=None):
     print(f"{'method':<12} {'warm ns':>9} {'cold ns':>9}")
     for name, r in res.items():
         print(f"{name:<12} {r['warm_ns']:>9.0f} {r['cold_ns']:>9.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"benchmark": "tensor_geometry", "torch": torch.__version__, "host": platform.node(),
                    "cpus": os.cpu_count(), "load_average": load, "results": res,

@@ -74,7 +74,7 @@ def run_cli(dsn: str, tid: str, extra: list[str]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--json", default="trace_render.json")
+    ap.add_argument("--json", default=".cache/bench/trace_render.json")
     ap.add_argument("--workdir", help="keep the chDB path and the outputs here")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tt-trace-bench-"))
@@ -121,6 +121,7 @@ def measure(args, work: Path) -> int:
         print(f"{name:<10}{statistics.median(c):>18.2f} s ({min(c):.2f}){statistics.median(w):>14.2f} s ({min(w):.2f})"
               f"{(f'<= {target:g} s' if target else '-'):>10}{met:>6}")
     print(f"load average {os.getloadavg()[0]:.2f}; html {result['html_bytes'] / 1e3:.0f} kB, png {result['png_bytes'] / 1e3:.0f} kB")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}" + (f" (outputs in {work})" if args.workdir else ""))
