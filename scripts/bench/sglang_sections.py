@@ -12,8 +12,11 @@ forward: each section's µs, its calls, and its µs per call.
 
 Sections: `SGLangCapture.observe_batch` / `finish_requests` (SGLang's per-forward request hooks),
 `forward, outside the model` (the plugin's AROUND hook minus the model's forward: everything the
-plugin does before and after it), and inside that `plan_step`, the agent's `idle_step`,
-`begin_step`, `SGLangTaps.sync` (with `step_hooks`), `capture` (the logits row), `end_step`;
+plugin does before and after it), and inside that `advance_decode` (the steady step's layout, one
+C call), `plan_step` (every other layout), the agent's `idle_step`, `begin_step` (the Core's C
+method on the native path, which hands every case but a repeat step to the Python method, also
+timed on its own; likewise `idle_step`, `capture` and `end_step`), `SGLangTaps.sync` (with
+`step_hooks`), `capture` (the logits row), `end_step`;
 `begin_request` / `end_request` (inside observe_batch / finish_requests). `agent thread` is the
 agent's own counter (`stats().thread_seconds`: its timed blocks and the module taps inside the
 model), `taps, by difference` that minus the plugin's sections. Every wrapped call pays the
@@ -50,6 +53,8 @@ from tensortrace.devstack.tiny_model import make_tiny_model  # noqa: E402
 INSTRUMENT = r'''
 import json, os, sys, threading, time
 
+STEP_CALLS = ("idle_step", "begin_step", "capture", "end_step")
+
 def _install(out_dir):
     from tensortrace.agent.backends.sglang import plugin, taps
     from tensortrace.agent.core import CaptureAgent
@@ -71,9 +76,25 @@ def _install(out_dir):
 
     for name in ("observe_batch", "finish_requests"):
         wrap(plugin.SGLangCapture, name, name)
-    for name in ("idle_step", "begin_step", "capture", "end_step", "begin_request", "end_request", "step_hooks"):
+    for name in ("begin_request", "end_request", "step_hooks"):
         wrap(CaptureAgent, name, name)
+    # The per-step calls: the Python methods (key *_py: every call on the Python path, the cases
+    # the Core hands back on the native path), and the Core's C methods the native agent binds on
+    # itself (key without _py: every call there, the Python cases included)
+    for name in STEP_CALLS:
+        wrap(CaptureAgent, name, name + "_py")
+    real_setup = CaptureAgent._setup_native
+
+    def setup(self):
+        real_setup(self)
+        for name in STEP_CALLS:
+            if name in self.__dict__:
+                wrap(self, name, name)
+    CaptureAgent._setup_native = setup
     wrap(plugin, "plan_step", "plan_step")
+    from tensortrace.agent.backends.sglang import batch_layout
+    if batch_layout.advance_decode is not None:   # the steady step's layout, one C call (the plugin's first try)
+        wrap(batch_layout, "advance_decode", "advance_decode")
     wrap(taps.SGLangTaps, "sync", "sync")
     real_forward = plugin.SGLangCapture.forward
 
@@ -153,9 +174,12 @@ if os.environ.get("TT_SECTIONS_OUT"):
 ROWS = [("agent thread", "agent_thread"), ("  observe_batch", "observe_batch"),
         ("    begin_request", "begin_request"), ("  finish_requests", "finish_requests"),
         ("    end_request", "end_request"), ("  forward, outside the model", "outside_model"),
-        ("    idle_step", "idle_step"), ("    plan_step", "plan_step"), ("    begin_step", "begin_step"),
+        ("    idle_step (C, native)", "idle_step"), ("    idle_step (Python)", "idle_step_py"),
+        ("    advance_decode (C)", "advance_decode"), ("    plan_step", "plan_step"),
+        ("    begin_step (C, native)", "begin_step"), ("    begin_step (Python)", "begin_step_py"),
         ("    sync (step_hooks inside)", "sync"), ("      step_hooks", "step_hooks"),
-        ("    capture (logits)", "capture"), ("    end_step", "end_step"),
+        ("    capture (logits; C, native)", "capture"), ("    capture (Python)", "capture_py"),
+        ("    end_step (C, native)", "end_step"), ("    end_step (Python)", "end_step_py"),
         ("scheduler thread CPU", "main_thread_cpu"), ("gc generation 0", "gc0"), ("gc generation 1", "gc1"),
         ("gc generation 2", "gc2")]
 COUNTS = [("minor page faults", "minflt"), ("major page faults", "majflt"),

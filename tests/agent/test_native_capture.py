@@ -277,6 +277,19 @@ def test_tap_and_capture_of_one_hook_in_one_step(tmp_path, fixed_clock):
     assert images["native"] == images["python"]
 
 
+def _python_begin_step(monkeypatch):
+    """Native agents made from now on keep CaptureAgent's begin_step, idle_step, end_step and capture
+    (Python) instead of the Core's C methods (bind()): the C steady step's oracle on the native path."""
+    real = CaptureAgent._setup_native
+
+    def setup(self):
+        real(self)
+        if self._native is not None:
+            for name in ("begin_step", "idle_step", "end_step", "capture"):
+                assert self.__dict__.pop(name).__self__ is self._native   # bound to the Core
+    monkeypatch.setattr(CaptureAgent, "_setup_native", setup)
+
+
 def _repeat_run(path, ring_dir):
     """A step sequence with repeat steps (StepLayout.advanced) between every kind of change: the
     batch grows, a request finishes (the layout shrinks), a request ends while the next (advanced)
@@ -288,7 +301,9 @@ def _repeat_run(path, ring_dir):
     x = {n: torch.randn(n, 8) for n in (1, 2, 3, 7)}
 
     def step(layout, logits_rows=None):
-        agent.begin_step(layout)
+        before = agent._counters.scalars["repeat_steps"]
+        repeats = agent.begin_step(layout)
+        assert repeats == (agent._counters.scalars["repeat_steps"] > before)   # begin_step's answer
         agent.capture("resid_pre", 0, x[layout.total_rows])
         agent.capture("resid_pre", 1, x[layout.total_rows] + 1)
         agent.capture("logits", -1, x[logits_rows or layout.num_sequences] * 2)
@@ -335,11 +350,15 @@ def _repeat_run(path, ring_dir):
 
 
 @needs_native
-def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch):
+@pytest.mark.parametrize("step", ["c", "python"])
+def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch, step):
     """The native path reuses a step's plan (selection answers, part groups, the STEP frame's
     requests) for a layout advanced from it, shifting positions in C and deferring the per-request
     accounting; the Python path plans every step afresh. Ring bytes, stats and summaries agree
-    through every change that must end a plan."""
+    through every change that must end a plan, with begin_step's repeat case in C (`step="c"`,
+    the Core's begin_step) or in CaptureAgent.begin_step's Python."""
+    if step == "python":
+        _python_begin_step(monkeypatch)
     asked = []   # steps whose STEP frame the native path asked the agent for
     real_frame = CaptureAgent._native_step_frame
 
@@ -371,27 +390,97 @@ def test_repeat_steps_write_what_the_python_path_writes(tmp_path, fixed_clock, m
     assert got_nat.tensor("b", "resid_pre", 0)[1] == list(range(3 + 6))
 
 
+def _one_request_agent(ring_dir, cls=CaptureAgent):
+    agent = cls(AgentConfig(ring_dir=str(ring_dir), model_id="s", pod="one", ring_capacity=1 << 20,
+                            capture_path="native"), Selection(hooks=frozenset({"resid_pre"}), positions="all"))
+    agent.begin_request("a", traceparent=TRACE.format(1))
+    x = torch.randn(1, 8)
+
+    def step(layout):
+        repeats = agent.begin_step(layout)
+        agent.capture("resid_pre", 0, x)
+        agent.end_step()
+        return repeats
+    return agent, step
+
+
 @needs_native
-def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch):
+def test_a_c_repeat_step_that_fails_inside_disables_the_agent_and_the_model_runs_on(tmp_path, caplog):
+    """An internal error in the Core's begin_step, after it began changing the agent's state (here:
+    a plan's group whose native half is not a _capture.Group), is what an exception in
+    _begin_step is: the agent is disabled with the reason, begin_step answers False and nothing
+    raises into the model; later steps capture nothing."""
+    agent, step = _one_request_agent(tmp_path)
+    assert agent.begin_step.__self__ is agent._native   # the C begin_step is in use
+    d = StepLayout((RequestRows("a", 0, 1, 3, Phase.DECODE, 0),), total_rows=1, num_sequences=1)
+    assert step(d) is False                  # a new plan
+    d = d.advanced()
+    assert step(d) is True                   # repeated in C
+    frames = agent.writer._seq   # frames published in the ring
+    d = StepLayout(tuple(d.advanced().requests), total_rows=1, num_sequences=1)
+    assert step(d) is False                  # not an advanced layout: the Python method plans it
+    assert agent.writer._seq == frames + 2   # its STEP frame and slab
+    d = d.advanced()
+    assert step(d) is True
+    group = next(iter(agent._native_groups.values()))
+    group.native = object()                  # an internal inconsistency the C repeat case meets mid-way
+    with caplog.at_level(logging.ERROR, logger="tensortrace.agent"):
+        assert step(d.advanced()) is False
+    assert agent.disabled_reason.startswith("TypeError: begin_step: a native group without its _capture.Group")
+    assert "capture agent disabled" in caplog.text
+    frames = agent.writer._seq
+    assert step(d.advanced(2)) is False and agent.writer._seq == frames and agent.stats().agent_disabled
+    agent.close()
+
+
+@needs_native
+def test_an_agent_class_that_defines_a_step_attribute_keeps_the_python_begin_step(tmp_path):
+    """The Core reads and sets the agent's attributes in its instance dict; a subclass that makes one
+    of them a class attribute (a property, a default) is not bound: begin_step stays the class's
+    Python method, and repeat steps still happen there."""
+    class Odd(CaptureAgent):
+        _plan_unknown = 0   # a class default shadows nothing, but the Core would not see it the same way
+
+    agent, step = _one_request_agent(tmp_path, Odd)
+    assert agent.capture_path == "native" and "begin_step" not in agent.__dict__
+    assert agent.begin_step.__func__ is CaptureAgent.begin_step
+    d = StepLayout((RequestRows("a", 0, 1, 3, Phase.DECODE, 0),), total_rows=1, num_sequences=1)
+    assert [step(d), step(d.advanced()), step(d.advanced(2))] == [False, True, True]
+    assert agent.stats().repeat_steps == 2 and agent.writer._seq == 6   # a STEP frame and a slab a step
+    agent.close()
+
+
+@needs_native
+@pytest.mark.parametrize("step", ["c", "python"])
+def test_hf_decode_with_a_finishing_request_writes_what_the_python_path_writes(tmp_path, fixed_clock, monkeypatch,
+                                                                                step):
     """HF decode steps after a decode step with the same requests are advanced layouts (repeat
-    steps on the native path); a request that feeds its EOS leaves the batch (a new plan), then
-    the others repeat again. Ring bytes and summaries as on the Python path."""
+    steps on the native path: begin_step's repeat case in C, `step="c"`, or the Python method); a
+    request that feeds its EOS leaves the batch (a new plan), then the others repeat again. Ring
+    bytes and summaries as on the Python path."""
+    if step == "python":
+        _python_begin_step(monkeypatch)
     model = make("llama")
     ids, mask = left_padded(PROMPTS[:3])
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, **GEN).sequences
     eos = int(plain[1, ids.shape[1] + 2])   # request 1 feeds its EOS at the 3rd decode forward
     assert eos not in plain[0, ids.shape[1]:].tolist() + plain[2, ids.shape[1]:].tolist()
     repeated = []   # (path, step, requests) of every repeat step
-    real = CaptureAgent._begin_step
+    real_setup = CaptureAgent._setup_native
 
-    def spy(self, layout):
-        before = self._counters.scalars["repeat_steps"]
-        repeats = real(self, layout)
-        assert repeats == (self._counters.scalars["repeat_steps"] > before)   # begin_step's answer
-        if repeats:
-            repeated.append((self.capture_path, self._step, len(layout.requests)))
-        return repeats
-    monkeypatch.setattr(CaptureAgent, "_begin_step", spy)
+    def setup(self):   # every agent's begin_step (the Core's or the class's) answers through a spy
+        real_setup(self)
+        inner = self.begin_step
+
+        def begin_step(layout):
+            before = self._counters.scalars["repeat_steps"]
+            repeats = inner(layout)
+            assert repeats == (self._counters.scalars["repeat_steps"] > before)   # begin_step's answer
+            if repeats:
+                repeated.append((self.capture_path, self._step, len(layout.requests)))
+            return repeats
+        self.begin_step = begin_step
+    monkeypatch.setattr(CaptureAgent, "_setup_native", setup)
     runs = {p: hf_run(p, tmp_path / p, "llama", 3, "full", 16 << 20, new_tokens=7, eos=eos)
             for p in ("python", "native")}
     (a_py, img_py, st_py, seq_py), (a_nat, img_nat, st_nat, seq_nat) = runs["python"], runs["native"]

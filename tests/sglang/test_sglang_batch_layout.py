@@ -11,20 +11,28 @@ import torch
 from forward_batches import KIND, ForwardMode, forward_batch
 from tensortrace.agent.backends.sglang import batch_layout, v0_5
 from tensortrace.agent.backends.sglang.batch_layout import LayoutError, plan_step
-from tensortrace.agent.layout import Phase
+from tensortrace.agent import native
+from tensortrace.agent.layout import Phase, ShiftedRows, StepLayout
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(params=["native", "python"], autouse=True)
 def repeat_check(request, monkeypatch):
-    """Every test runs twice: with the steady decode step read by agent/_capture.c's next_decode,
-    and with plan_step's Python alone (the oracle); both must give the same plans."""
+    """Every test runs twice: with the steady decode step read and advanced by agent/_capture.c's
+    advance_decode, and with plan_step's Python alone (the oracle); both must give the same plans."""
     if request.param == "python":
-        monkeypatch.setattr(batch_layout, "_next_decode", None)
-    elif batch_layout._next_decode is None:
+        monkeypatch.setattr(batch_layout, "advance_decode", None)
+    elif batch_layout.advance_decode is None:
         pytest.skip("the native extension (agent/_capture.c) is not built")
     return request.param
+
+
+def _native():
+    mod, why = native.load()
+    if mod is None:
+        pytest.skip(why)
+    return mod
 
 
 def request_rows(plan):
@@ -205,9 +213,7 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
     """agent/_capture.c's next_decode: the new seq_lens when the forward is the shape's next decode
     step (the same ForwardMode object, batch size, request ids and rows, every seq_len + 1), None
     for anything else, including fields of unexpected types, which it never raises on."""
-    next_decode = batch_layout._load_next_decode()
-    if next_decode is None:
-        pytest.skip("the native extension (agent/_capture.c) is not built")
+    next_decode = _native().next_decode
     prompt = {"a": 5, "b": 3}.get
     first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), prompt).layout
     shape = first.shape
@@ -250,3 +256,36 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
     nxt = plan_step(fb(), prompt, previous=first)
     assert nxt.mode == "DECODE" and nxt.layout.shape is shape and shape.last is nxt.layout
     assert request_rows(nxt) == [("a", 0, 1, 6, "DECODE"), ("b", 1, 1, 9, "DECODE")]
+
+
+def test_advance_decode_is_plan_steps_steady_case_whole():
+    """agent/_capture.c's advance_decode(fb, previous): previous.advanced(1), recorded as its shape's
+    newest layout with the new seq_lens, when `fb` is the steady decode step after `previous`;
+    None (nothing recorded) for every other case, which plan_step's Python then decides."""
+    advance = _native().advance_decode   # (the fixture's "python" case leaves plan_step's use of it out)
+    prompt = {"a": 5, "b": 3}.get
+    first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), prompt).layout
+    shape = first.shape
+    nxt = advance(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), first)
+    # what StepLayout.advanced(1) makes: the same rows one position on, a ShiftedRows of the built rows
+    assert type(nxt) is StepLayout and nxt == first.advanced(1) and nxt.shape is shape
+    assert type(nxt.requests) is ShiftedRows and nxt.requests.base is first.requests and nxt.requests.delta == 1
+    assert (nxt.total_rows, nxt.num_sequences) == (first.total_rows, first.num_sequences)
+    assert shape.last is nxt and shape.last_seq_lens == [7, 10]
+    assert [r.position_start for r in nxt.requests] == [6, 9]
+    # advanced from an advanced layout: the built rows, two positions on
+    third = advance(forward_batch("DECODE", ["a", "b"], seq_lens=[8, 11]), nxt)
+    assert third.requests.base is first.requests and third.requests.delta == 2 and shape.last is third
+    assert [r.position_start for r in third.requests] == [7, 10]
+    # misses: nothing recorded, None
+    assert advance(forward_batch("DECODE", ["a", "b"], seq_lens=[8, 11]), nxt) is None   # not the newest layout
+    assert advance(forward_batch("DECODE", ["a", "b"], seq_lens=[10, 12]), third) is None   # a position jumped
+    assert advance(forward_batch("DECODE", ["a", "b"], seq_lens=[9, 12]), object()) is None
+    assert shape.last is third and shape.last_seq_lens == [8, 11]
+    prefill_rows = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[2, 9]), prompt).layout   # a inside its prompt
+    assert not prefill_rows.shape.all_decode
+    assert advance(forward_batch("DECODE", ["a", "b"], seq_lens=[3, 10]), prefill_rows) is None
+    extend = plan_step(forward_batch("EXTEND", ["a"], seq_lens=[5], extend_lens=[5], prefix_lens=[0]), prompt).layout
+    assert extend.shape is None and advance(forward_batch("DECODE", ["a"], seq_lens=[6]), extend) is None
+    with pytest.raises(TypeError):
+        advance(forward_batch("DECODE", ["a", "b"], seq_lens=[9, 12]))

@@ -374,7 +374,6 @@ def test_repeat_steps_keep_the_previous_steps_taps_without_syncing_and_write_the
     the agent's selection are not asked. The same forwards, selection changes and control
     documents, with every step synced (begin_step's answer ignored), write the same records."""
     from tensortrace.agent.backends.sglang import taps as taps_mod
-    from tensortrace.agent.core import CaptureAgent
     from tensortrace.agent.selection import Selection
 
     steps = [None, None, None, Selection.preset("full", layers=frozenset({0})), None, None,
@@ -382,15 +381,15 @@ def test_repeat_steps_keep_the_previous_steps_taps_without_syncing_and_write_the
     results = []
     for honoured in (True, False):
         ring_dir = tmp_path / ("repeat" if honoured else "synced")
-        if not honoured:
-            real_begin = CaptureAgent.begin_step
-            monkeypatch.setattr(CaptureAgent, "begin_step", lambda self, layout: real_begin(self, layout) and False)
         runner = make_runner()
         rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(ring_dir), ring_capacity=1 << 22,
                                                selection="hidden-states"))
         rt.attach(runner)
         if rt.agent.capture_path != "native":
             pytest.skip("repeat steps are the native path's (the Python path plans every step afresh)")
+        if not honoured:   # (the agent's begin_step: the Core's C method, bound on the instance)
+            real_begin = rt.agent.begin_step
+            rt.agent.begin_step = lambda layout: real_begin(layout) and False
         synced = []
         real_sync = taps_mod.SGLangTaps.sync
         monkeypatch.setattr(taps_mod.SGLangTaps, "sync", lambda self: (synced.append(1), real_sync(self))[1])
@@ -521,16 +520,20 @@ def test_forwards_with_no_sampled_request_skip_the_layout_and_leave_no_tap_regis
     """Once the last sampled request has ended, forwards of opted-out requests are answered by
     agent.idle_step(): no plan_step, no module tap registered or firing, steps still counted and
     control documents still applied; the next sampled request is captured as before."""
-    from tensortrace.agent.backends.sglang import plugin
+    from tensortrace.agent.backends.sglang import batch_layout, plugin
     from tensortrace.ring.format import RingReader
     from tensortrace.wire.codec import record_to_tensor
 
     runner = make_runner()
     rt = SGLangCapture(SGLangBackendConfig(ring_dir=str(tmp_path), ring_capacity=1 << 20, selection="hidden-states"))
     rt.attach(runner)
-    planned = []
+    planned = []   # layouts read: plan_step's, and the steady steps batch_layout.advance_decode answered
     real_plan = plugin.plan_step
     monkeypatch.setattr(plugin, "plan_step", lambda *a, **kw: (planned.append(1), real_plan(*a, **kw))[1])
+    real_advance = batch_layout.advance_decode
+    if real_advance is not None:
+        monkeypatch.setattr(batch_layout, "advance_decode",
+                            lambda *a: (lambda got: (got is not None and planned.append(1), got)[1])(real_advance(*a)))
     control = RingReader.open(rt.agent.ring_path)
 
     def serve(rid, options, decodes, prompt=(1, 2, 3)):

@@ -102,6 +102,8 @@ static inline int64_t now_ns(clockid_t id) {
 }
 
 static PyObject *s_element_size;
+static PyObject *s_forward_mode, *s_batch_size, *s_rids, *s_input_ids, *s_shape, *s_seq_lens_cpu, *s_tolist,
+    *s_mode, *s_last_seq_lens, *s_last, *s_all_decode, *s_made;
 static PyObject *s_reserved, *s_seq, *s_is_cpu, *s_size, *s_stride, *s_data_ptr, *s_dtype, *s_hidden_states,
     *s_input, *s_native_wants, *s_native_group, *s_native_plan, *s_tap_body, *s_tap_failed, *s_native_step_frame;
 
@@ -323,6 +325,13 @@ typedef struct {
     PyObject *step_items;      /* a repeat step's STEP frame requests (begin's items), or NULL: the agent writes it */
     PyObject *wdict;           /* the writer's instance dict holding _reserved/_seq, or NULL (attribute access) */
     long long step_delta;      /* their positions' shift this step */
+    /* begin_step's repeat case in C (bind()): */
+    PyObject *shifted_t;       /* agent/layout.py ShiftedRows */
+    PyObject *seq_domain;      /* RowDomain.SEQUENCES */
+    PyObject *step_py;         /* CaptureAgent.begin_step (the Python method: every other case) */
+    PyObject *idle_py, *end_py;   /* CaptureAgent.idle_step, .end_step (likewise) */
+    PyObject *identity;        /* capture()'s extractor when called with three arguments */
+    PyObject *adict;           /* the agent's instance dict (attributes read and set directly), or NULL */
 } Core;
 
 /* The rows of a tensor: row r lives at ptr + ((r / inner_n) * sa + (r % inner_n) * sb) elements. */
@@ -395,12 +404,16 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
 static int Core_traverse(Core *self, visitproc visit, void *arg) {
     Py_VISIT(self->writer); Py_VISIT(self->agent); Py_VISIT(self->clock); Py_VISIT(self->taps);
     Py_VISIT(self->is_compiling); Py_VISIT(self->step_items); Py_VISIT(self->wdict);
+    Py_VISIT(self->shifted_t); Py_VISIT(self->seq_domain); Py_VISIT(self->step_py); Py_VISIT(self->idle_py); Py_VISIT(self->end_py); Py_VISIT(self->identity);
+    Py_VISIT(self->adict);
     return 0;
 }
 
 static int Core_clear(Core *self) {
     Py_CLEAR(self->writer); Py_CLEAR(self->agent); Py_CLEAR(self->clock); Py_CLEAR(self->taps);
     Py_CLEAR(self->is_compiling); Py_CLEAR(self->step_items); Py_CLEAR(self->wdict);
+    Py_CLEAR(self->shifted_t); Py_CLEAR(self->seq_domain); Py_CLEAR(self->step_py); Py_CLEAR(self->idle_py); Py_CLEAR(self->end_py); Py_CLEAR(self->identity);
+    Py_CLEAR(self->adict);
     return 0;
 }
 
@@ -459,6 +472,253 @@ static PyObject *Core_heartbeat(Core *self, PyObject *unused) {
                      __ATOMIC_RELAXED);
     unsigned long long seq = __atomic_load_n((unsigned long long *)(self->base + 512), __ATOMIC_ACQUIRE);
     return PyBool_FromLong(seq != self->control_seen);
+}
+
+/* ---- begin_step's repeat case (CaptureAgent._begin_step, "Repeat steps" in docs/agent.md) ----
+ * bind(ShiftedRows, RowDomain.SEQUENCES, CaptureAgent.begin_step, identity): the agent then calls
+ * core.begin_step(layout) for its begin_step. The repeat case — a layout advanced from the previous
+ * step's while nothing the plan depends on changed — runs here, reading and setting the agent's
+ * attributes in its instance dict, as _begin_step's Python does; every other case (and an agent
+ * whose class defines any of those names as a descriptor) calls the Python method, which stays the
+ * oracle (tests/agent/test_native_capture.py runs the same steps both ways). */
+static PyObject *s_a_pending, *s_a_repeat, *s_a_layout, *s_a_epoch, *s_a_selection, *s_a_disabled, *s_a_counters,
+    *s_a_scalars, *s_a_step, *s_a_plan_unknown, *s_a_plan_entries, *s_a_native_groups, *s_a_frame_state,
+    *s_a_entries, *s_a_groups, *s_a_step_open, *s_a_step_delta, *s_a_step_items, *s_a_step_field, *s_l_requests,
+    *s_l_total_rows, *s_l_num_sequences, *s_r_base, *s_r_delta, *s_g_native, *s_g_parts_bytes, *s_c_steps,
+    *s_c_repeat_steps, *s_c_unknown_rows, *s_a_closed, *s_a_sampled_live, *s_a_staging, *s_g_written_slabs;
+
+static PyObject *Core_bind(PyObject *self_, PyObject *args) {
+    Core *c = (Core *)self_;
+    PyObject *shifted, *seq_domain, *step_py, *identity, *idle_py, *end_py;
+    if (!PyArg_ParseTuple(args, "O!OOOOO", &PyType_Type, &shifted, &seq_domain, &step_py, &identity, &idle_py, &end_py))
+        return NULL;
+    if (!PyCallable_Check(step_py) || !PyCallable_Check(identity) || !PyCallable_Check(idle_py) ||
+        !PyCallable_Check(end_py)) {
+        PyErr_SetString(PyExc_TypeError, "bind: begin_step, identity, idle_step and end_step must be callable");
+        return NULL;
+    }
+    Py_CLEAR(c->adict);
+    PyObject *names[] = {s_a_pending, s_a_repeat, s_a_layout, s_a_epoch, s_a_selection, s_a_disabled, s_a_counters,
+                         s_a_step, s_a_plan_unknown, s_a_plan_entries, s_a_native_groups, s_a_frame_state, s_a_entries,
+                         s_a_groups, s_a_step_open, s_a_step_delta, s_a_step_items, s_a_step_field, s_a_closed,
+                         s_a_sampled_live, s_a_staging};
+    int plain = c->agent != NULL;
+    for (size_t i = 0; plain && i < sizeof(names) / sizeof(names[0]); i++)
+        if (_PyType_Lookup(Py_TYPE(c->agent), names[i])) plain = 0;   /* a class attribute: not the dict's */
+    if (plain) {
+        PyObject *d = PyObject_GenericGetDict(c->agent, NULL);
+        if (d && PyDict_Check(d)) c->adict = d;
+        else Py_XDECREF(d);
+        PyErr_Clear();
+    }
+    Py_INCREF(shifted); Py_XSETREF(c->shifted_t, shifted);
+    Py_INCREF(seq_domain); Py_XSETREF(c->seq_domain, seq_domain);
+    Py_INCREF(step_py); Py_XSETREF(c->step_py, step_py);
+    Py_INCREF(identity); Py_XSETREF(c->identity, identity);
+    Py_INCREF(idle_py); Py_XSETREF(c->idle_py, idle_py);
+    Py_INCREF(end_py); Py_XSETREF(c->end_py, end_py);
+    return PyBool_FromLong(c->adict != NULL);
+}
+
+static int dict_add(PyObject *d, PyObject *key, long long n) {   /* d[key] += n (a missing key: 0) */
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (!v && PyErr_Occurred()) return -1;
+    long long x = v ? PyLong_AsLongLong(v) : 0;
+    if (x == -1 && PyErr_Occurred()) return -1;
+    PyObject *nv = PyLong_FromLongLong(x + n);
+    if (!nv) return -1;
+    int rc = PyDict_SetItem(d, key, nv);
+    Py_DECREF(nv);
+    return rc;
+}
+
+/* The (base, delta) a layout's requests stand for: a ShiftedRows' own, else the tuple itself, 0. */
+static int rows_base(Core *c, PyObject *layout, PyObject **base, long long *delta) {
+    PyObject *rows = PyObject_GetAttr(layout, s_l_requests);
+    if (!rows) return -1;
+    if ((PyObject *)Py_TYPE(rows) != c->shifted_t) { *base = rows; *delta = 0; return 0; }
+    PyObject *b = PyObject_GetAttr(rows, s_r_base), *d = b ? PyObject_GetAttr(rows, s_r_delta) : NULL;
+    Py_DECREF(rows);
+    if (!d) { Py_XDECREF(b); return -1; }
+    *delta = PyLong_AsLongLong(d);
+    Py_DECREF(d);
+    if (*delta == -1 && PyErr_Occurred()) { Py_DECREF(b); return -1; }
+    *base = b;
+    return 0;
+}
+
+static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs);
+
+/* begin_step(layout) -> True (a repeat step) / False: CaptureAgent.begin_step's contract */
+static PyObject *Core_begin_step(PyObject *self_, PyObject *layout) {
+    Core *c = (Core *)self_;
+    int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    PyObject *d = c->adict;
+    if (!d || !c->base) goto python;
+    /* -- every condition first, nothing changed yet (a miss: the Python method decides) -- */
+    PyObject *v = PyDict_GetItemWithError(d, s_a_disabled);   /* borrowed references from here */
+    if (!v || PyObject_IsTrue(v) != 0) goto python;
+    v = PyDict_GetItemWithError(d, s_a_pending);
+    if (!v || PyObject_IsTrue(v) != 0) goto python;
+    PyObject *repeat = PyDict_GetItemWithError(d, s_a_repeat), *prev = PyDict_GetItemWithError(d, s_a_layout);
+    if (!repeat || !PyTuple_CheckExact(repeat) || PyTuple_GET_SIZE(repeat) != 2 || !prev || prev == Py_None) goto python;
+    PyObject *epoch = PyDict_GetItemWithError(d, s_a_epoch), *sel = PyDict_GetItemWithError(d, s_a_selection);
+    if (!epoch || !sel || PyTuple_GET_ITEM(repeat, 1) != sel) goto python;
+    if (PyObject_RichCompareBool(PyTuple_GET_ITEM(repeat, 0), epoch, Py_EQ) != 1) goto python;
+    /* the heartbeat store and the control check (Core_heartbeat); the block moved: the Python way */
+    __atomic_store_n((unsigned long long *)(c->base + OFF_HEARTBEAT), (unsigned long long)now_ns(CLOCK_REALTIME),
+                     __ATOMIC_RELAXED);
+    if (__atomic_load_n((unsigned long long *)(c->base + 512), __ATOMIC_ACQUIRE) != c->control_seen) goto python;
+    PyObject *shape = PyObject_GetAttr(layout, s_shape), *pshape = shape ? PyObject_GetAttr(prev, s_shape) : NULL;
+    int same_shape = pshape && shape != Py_None && shape == pshape;
+    Py_XDECREF(shape); Py_XDECREF(pshape);
+    if (!same_shape) goto python;
+    PyObject *base, *pbase;
+    long long delta, pdelta;
+    if (rows_base(c, layout, &base, &delta) < 0) goto python;
+    if (rows_base(c, prev, &pbase, &pdelta) < 0) { Py_DECREF(base); goto python; }
+    int same_base = base == pbase && PyTuple_CheckExact(base) && PyTuple_GET_SIZE(base) > 0;
+    Py_DECREF(base); Py_DECREF(pbase);
+    if (!same_base || delta < pdelta) goto python;
+    delta -= pdelta;
+    PyObject *tro = PyObject_GetAttr(layout, s_l_total_rows), *nso = tro ? PyObject_GetAttr(layout, s_l_num_sequences) : NULL;
+    long long tr = tro ? PyLong_AsLongLong(tro) : -1, ns = nso ? PyLong_AsLongLong(nso) : -1;
+    Py_XDECREF(tro); Py_XDECREF(nso);
+    if (PyErr_Occurred()) goto python;
+    PyObject *counters = PyDict_GetItemWithError(d, s_a_counters);
+    PyObject *scalars = counters ? PyObject_GetAttr(counters, s_a_scalars) : NULL;   /* new reference */
+    if (!scalars) goto python;
+    if (!PyDict_Check(scalars)) { Py_DECREF(scalars); goto python; }
+    PyObject *step = PyDict_GetItemWithError(d, s_a_step), *unknown = PyDict_GetItemWithError(d, s_a_plan_unknown),
+             *entries = PyDict_GetItemWithError(d, s_a_plan_entries),
+             *ngroups = PyDict_GetItemWithError(d, s_a_native_groups),
+             *sdelta = PyDict_GetItemWithError(d, s_a_step_delta), *items = PyDict_GetItemWithError(d, s_a_step_items);
+    if (!step || !unknown || !entries || !ngroups || !PyDict_Check(ngroups) || !sdelta || !items) {
+        Py_DECREF(scalars);
+        goto python;
+    }
+    long long stepn = PyLong_AsLongLong(step), unk = PyLong_AsLongLong(unknown), sd = PyLong_AsLongLong(sdelta);
+    int has_entries = PyObject_IsTrue(entries);
+    if (PyErr_Occurred() || has_entries < 0) { Py_DECREF(scalars); goto python; }
+    /* -- a repeat step: the agent's state as _begin_step's repeat branch leaves it (an error from
+     * here on disables the agent, as an exception in _begin_step does) -- */
+    Py_INCREF(entries); Py_INCREF(ngroups); Py_INCREF(items); Py_INCREF(layout);
+    PyObject *groups = NULL, *o = NULL, *sf = NULL;
+    if (!(o = PyLong_FromLongLong(stepn + 1)) || PyDict_SetItem(d, s_a_step, o) < 0) goto fail;
+    if (dict_add(scalars, s_c_steps, 1) < 0 || dict_add(scalars, s_c_repeat_steps, 1) < 0) goto fail;
+    if (unk && dict_add(scalars, s_c_unknown_rows, unk) < 0) goto fail;
+    if (PyDict_SetItem(d, s_a_layout, layout) < 0 || PyDict_SetItem(d, s_a_frame_state, Py_None) < 0 ||
+        PyDict_SetItem(d, s_a_entries, entries) < 0)
+        goto fail;
+    if (!(groups = PyDict_New())) goto fail;
+    {
+        PyObject *key, *group, *dl = PyLong_FromLongLong(delta);
+        Py_ssize_t pos = 0;
+        if (!dl) goto fail;
+        while (PyDict_Next(ngroups, &pos, &key, &group)) {
+            if (tr == ns && PyTuple_Check(key) && PyTuple_GET_SIZE(key) > 0 && PyTuple_GET_ITEM(key, 0) == c->seq_domain)
+                continue;   /* as the full path: not reachable by the native taps this step */
+            PyObject *ng = PyObject_GetAttr(group, s_g_native), *pb = NULL;
+            if (ng && Py_TYPE(ng) == &GroupType) pb = Group_shift((Group *)ng, dl);
+            else if (ng) PyErr_SetString(PyExc_TypeError, "begin_step: a native group without its _capture.Group");
+            Py_XDECREF(ng);
+            int rc = pb ? PyObject_SetAttr(group, s_g_parts_bytes, pb) : -1;
+            Py_XDECREF(pb);
+            if (rc < 0 || PyDict_SetItem(groups, key, group) < 0) { Py_DECREF(dl); goto fail; }
+        }
+        Py_DECREF(dl);
+    }
+    if (PyDict_SetItem(d, s_a_groups, groups) < 0 || PyDict_SetItem(d, s_a_step_open, has_entries ? Py_True : Py_False) < 0)
+        goto fail;
+    Py_SETREF(o, PyLong_FromLongLong(sd + delta));
+    if (!o || PyDict_SetItem(d, s_a_step_delta, o) < 0) goto fail;
+    {
+        PyObject *bargs[6] = {NULL, NULL, NULL, Py_True, items, o};
+        PyObject *stepo = PyLong_FromLongLong(stepn + 1), *tro2 = PyLong_FromLongLong(tr), *nso2 = PyLong_FromLongLong(ns);
+        bargs[0] = stepo; bargs[1] = tro2; bargs[2] = nso2;
+        sf = stepo && tro2 && nso2 ? Core_begin(self_, bargs, 6) : NULL;
+        Py_XDECREF(stepo); Py_XDECREF(tro2); Py_XDECREF(nso2);
+    }
+    if (!sf || PyDict_SetItem(d, s_a_step_field, sf) < 0) goto fail;
+    Py_DECREF(sf); Py_DECREF(o); Py_DECREF(groups); Py_DECREF(scalars);
+    Py_DECREF(entries); Py_DECREF(ngroups); Py_DECREF(items); Py_DECREF(layout);
+    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    Py_RETURN_TRUE;
+fail:
+    Py_XDECREF(sf); Py_XDECREF(o); Py_XDECREF(groups); Py_DECREF(scalars);
+    Py_DECREF(entries); Py_DECREF(ngroups); Py_DECREF(items); Py_DECREF(layout);
+    {
+        PyObject *et, *exc, *tb;   /* _disable_agent(error), as begin_step's except does */
+        PyErr_Fetch(&et, &exc, &tb);
+        PyErr_NormalizeException(&et, &exc, &tb);
+        PyObject *r = exc ? PyObject_CallMethod(c->agent, "_disable_agent", "O", exc) : NULL;
+        Py_XDECREF(et); Py_XDECREF(exc); Py_XDECREF(tb);
+        if (!r) PyErr_Clear();   /* never raises */
+        Py_XDECREF(r);
+    }
+    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    Py_RETURN_FALSE;
+python:
+    if (PyErr_Occurred()) PyErr_Clear();
+    if (!c->step_py) { PyErr_SetString(PyExc_RuntimeError, "begin_step: bind() was not called"); return NULL; }
+    PyObject *pargs[2] = {c->agent, layout};
+    return PyObject_Vectorcall(c->step_py, pargs, 2, NULL);
+}
+
+/* idle_step() -> False while a live request is sampled (the agent open, not disabled): the common
+ * answer of CaptureAgent.idle_step without its frame; every other case is the Python method's. */
+static PyObject *Core_idle_step(PyObject *self_, PyObject *unused) {
+    Core *c = (Core *)self_;
+    PyObject *d = c->adict;
+    if (d && c->idle_py) {
+        PyObject *dis = PyDict_GetItemWithError(d, s_a_disabled), *closed = PyDict_GetItemWithError(d, s_a_closed),
+                 *live = PyDict_GetItemWithError(d, s_a_sampled_live);
+        if (dis && closed == Py_False && live && PyLong_CheckExact(live) && PyObject_IsTrue(dis) == 0) {
+            long long n = PyLong_AsLongLong(live);
+            if (n > 0) Py_RETURN_FALSE;
+        }
+        PyErr_Clear();
+    }
+    if (!c->idle_py) { PyErr_SetString(PyExc_RuntimeError, "idle_step: bind() was not called"); return NULL; }
+    return PyObject_CallOneArg(c->idle_py, c->agent);
+}
+
+/* end_step(): CaptureAgent.end_step for a step of a plan the next step may repeat (its native
+ * groups' counters keep adding up; nothing written by the Python path to fold, no CUDA staging):
+ * the step's state reset and its time closed. Every other case is the Python method's. */
+static PyObject *Core_end_step(PyObject *self_, PyObject *unused) {
+    Core *c = (Core *)self_;
+    int64_t t0 = now_ns(CLOCK_MONOTONIC);
+    PyObject *d = c->adict;
+    if (!d || !c->end_py) goto python;
+    PyObject *dis = PyDict_GetItemWithError(d, s_a_disabled), *repeat = PyDict_GetItemWithError(d, s_a_repeat),
+             *staging = PyDict_GetItemWithError(d, s_a_staging), *groups = PyDict_GetItemWithError(d, s_a_groups);
+    if (!dis || !repeat || repeat == Py_None || staging != Py_None || !groups || !PyDict_CheckExact(groups) ||
+        PyObject_IsTrue(dis) != 0)
+        goto python;
+    PyObject *key, *group;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(groups, &pos, &key, &group)) {   /* slabs the Python path wrote: folded in Python */
+        PyObject *w = PyObject_GetAttr(group, s_g_written_slabs);
+        int some = w ? PyObject_IsTrue(w) : -1;
+        Py_XDECREF(w);
+        if (some != 0) goto python;
+    }
+    PyObject *ng = PyDict_New(), *ne = ng ? PyList_New(0) : NULL;
+    int rc = !ne || PyDict_SetItem(d, s_a_step_open, Py_False) < 0 || PyDict_SetItem(d, s_a_groups, ng) < 0 ||
+             PyDict_SetItem(d, s_a_entries, ne) < 0;
+    Py_XDECREF(ng); Py_XDECREF(ne);
+    c->open = 0;
+    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;   /* Core_finish(t0) */
+    if (c->base)
+        __atomic_store_n((unsigned long long *)(c->base + OFF_THREAD_NS), (unsigned long long)c->thread_ns,
+                         __ATOMIC_RELAXED);
+    if (rc) PyErr_Clear();   /* (out of memory resetting three attributes: the next begin_step sets them) */
+    Py_RETURN_NONE;
+python:
+    PyErr_Clear();
+    if (!c->end_py) { PyErr_SetString(PyExc_RuntimeError, "end_step: bind() was not called"); return NULL; }
+    return PyObject_CallOneArg(c->end_py, c->agent);
 }
 
 /* finish(t0): end of the step: thread_ns += now - t0 (CLOCK_MONOTONIC = time.perf_counter_ns),
@@ -1517,11 +1777,12 @@ static PyObject *Core_tap(PyObject *self_, PyObject *const *args, Py_ssize_t nar
 static PyObject *Core_capture(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
     Core *c = (Core *)self_;
     if (!c->open) Py_RETURN_NONE;
-    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "capture(hook, layer, rows, identity)"); return NULL; }
-    Tap *t = tap_for(c, args[0], args[1], K_ROWS, args[3]);
+    PyObject *ident = nargs == 4 ? args[3] : nargs == 3 ? c->identity : NULL;   /* 3: bind()'s identity */
+    if (!ident) { PyErr_SetString(PyExc_TypeError, "capture(hook, layer, rows[, identity])"); return NULL; }
+    Tap *t = tap_for(c, args[0], args[1], K_ROWS, ident);
     if (!t) return NULL;
     Entry *e = &t->e[0];
-    if (run_entry(t, e, args[3], NULL, 0, args[2], -1) < 0) {
+    if (run_entry(t, e, ident, NULL, 0, args[2], -1) < 0) {
         int64_t t0 = now_ns(CLOCK_MONOTONIC);
         report_failure(t, e);
         c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
@@ -1577,7 +1838,14 @@ static PyMethodDef Core_methods[] = {
     {"invalidate", (PyCFunction)Core_invalidate, METH_NOARGS, "forget the step's cached answers"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "the ring is about to be unmapped"},
     {"tap", (PyCFunction)(void (*)(void))Core_tap, METH_FASTCALL, "tap(hook, layer, extract, *args)"},
-    {"capture", (PyCFunction)(void (*)(void))Core_capture, METH_FASTCALL, "capture(hook, layer, rows, identity)"},
+    {"capture", (PyCFunction)(void (*)(void))Core_capture, METH_FASTCALL,
+     "capture(hook, layer, rows[, identity]): rows the backend holds (identity: bind()'s when left out)"},
+    {"bind", (PyCFunction)Core_bind, METH_VARARGS,
+     "bind(ShiftedRows, RowDomain.SEQUENCES, CaptureAgent.begin_step, identity, CaptureAgent.idle_step, "
+     "CaptureAgent.end_step) -> whether their common cases run in C"},
+    {"begin_step", (PyCFunction)Core_begin_step, METH_O, "begin_step(layout) -> True for a repeat step (CaptureAgent.begin_step)"},
+    {"idle_step", (PyCFunction)Core_idle_step, METH_NOARGS, "idle_step() -> bool (CaptureAgent.idle_step)"},
+    {"end_step", (PyCFunction)Core_end_step, METH_NOARGS, "end_step() (CaptureAgent.end_step)"},
     {"capture_static", (PyCFunction)(void (*)(void))Core_capture_static, METH_FASTCALL,
      "capture_static([(hook, layer, buffer)], rows, identity)"},
     {"noop", (PyCFunction)(void (*)(void))Core_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
@@ -1694,8 +1962,6 @@ static PyObject *mod_crc32(PyObject *m, PyObject *arg) {
 static PyObject *mod_noop(PyObject *m, PyObject *const *args, Py_ssize_t nargs) { Py_RETURN_NONE; }
 
 /* ------------------------------------------------------- the SGLang plugin's repeat check ----- */
-static PyObject *s_forward_mode, *s_batch_size, *s_rids, *s_input_ids, *s_shape, *s_seq_lens_cpu, *s_tolist,
-    *s_mode, *s_last_seq_lens;
 
 /* next_decode(fb, shape, total_rows) -> the new seq_lens list when the SGLang ForwardBatch `fb` is
  * the DECODE forward right after the one `shape` (batch_layout._DecodeShape) last described: the
@@ -1703,14 +1969,19 @@ static PyObject *s_forward_mode, *s_batch_size, *s_rids, *s_input_ids, *s_shape,
  * input rows, and every seq_len one more than shape.last_seq_lens. Else None: the caller then runs
  * plan_step's Python, which decides every case (and raises LayoutError on inconsistent fields).
  * What plan_step's repeat path reads, in one C call: it runs before every steady decode step. */
+static PyObject *next_decode_of(PyObject *fb, PyObject *shape, long long total_rows);
+
 static PyObject *mod_next_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "next_decode(forward_batch, shape, total_rows)");
         return NULL;
     }
-    PyObject *fb = args[0], *shape = args[1];
     long long total_rows = PyLong_AsLongLong(args[2]);
     if (total_rows == -1 && PyErr_Occurred()) return NULL;
+    return next_decode_of(args[0], args[1], total_rows);
+}
+
+static PyObject *next_decode_of(PyObject *fb, PyObject *shape, long long total_rows) {
     PyObject *out = NULL, *mode = NULL, *smode = NULL, *srids = NULL, *bso = NULL, *rids = NULL, *ii = NULL,
              *shp = NULL, *sl = NULL, *lst = NULL, *last = NULL;
     /* a missing attribute or an unexpected type is a miss (the Python path answers), never an error */
@@ -1753,6 +2024,78 @@ done:
     Py_XDECREF(mode); Py_XDECREF(smode); Py_XDECREF(srids); Py_XDECREF(bso); Py_XDECREF(rids); Py_XDECREF(ii);
     Py_XDECREF(shp); Py_XDECREF(sl); Py_XDECREF(lst); Py_XDECREF(last);
     return out;
+}
+
+/* layout_types(StepLayout, ShiftedRows, _DecodeShape): the classes advance_decode makes and reads */
+static PyObject *g_layout_t, *g_shifted_t, *g_shape_t, *g_empty;
+
+static PyObject *mod_layout_types(PyObject *m, PyObject *args) {
+    PyObject *lt, *st, *dt;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyType_Type, &lt, &PyType_Type, &st, &PyType_Type, &dt)) return NULL;
+    Py_INCREF(lt); Py_XSETREF(g_layout_t, lt);
+    Py_INCREF(st); Py_XSETREF(g_shifted_t, st);
+    Py_INCREF(dt); Py_XSETREF(g_shape_t, dt);
+    Py_RETURN_NONE;
+}
+
+/* advance_decode(fb, previous) -> previous.advanced(1), recorded as its shape's newest layout (with
+ * the new seq_lens), when `fb` is the steady decode step after `previous` (a layout plan_step built
+ * or advanced, whose shape is a _DecodeShape of rows all past their prompts, and next_decode's
+ * answer is yes); else None, and plan_step's Python decides. plan_step's steady case whole, so
+ * the SGLang plugin calls it before plan_step: no Python frame on such a step. */
+static PyObject *mod_advance_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "advance_decode(forward_batch, previous)"); return NULL; }
+    PyObject *fb = args[0], *prev = args[1];
+    if (!g_layout_t || (PyObject *)Py_TYPE(prev) != g_layout_t) Py_RETURN_NONE;
+    PyObject *shape = NULL, *last = NULL, *all = NULL, *tro = NULL, *seq = NULL, *rows = NULL, *base = NULL,
+             *dl = NULL, *view = NULL, *made = NULL, *out = NULL, *od = NULL, *res = NULL;
+    if (!(shape = PyObject_GetAttr(prev, s_shape)) || (PyObject *)Py_TYPE(shape) != g_shape_t) goto miss;
+    if (!(last = PyObject_GetAttr(shape, s_last)) || last != prev) goto miss;
+    if (!(all = PyObject_GetAttr(shape, s_all_decode)) || all != Py_True) goto miss;
+    if (!(tro = PyObject_GetAttr(prev, s_l_total_rows)) || !PyLong_CheckExact(tro)) goto miss;
+    long long tr = PyLong_AsLongLong(tro);
+    if (tr == -1 && PyErr_Occurred()) goto miss;
+    if (!(seq = next_decode_of(fb, shape, tr)) || seq == Py_None) goto miss;
+    if (!(rows = PyObject_GetAttr(prev, s_l_requests))) goto miss;
+    long long delta = 1;
+    if ((PyObject *)Py_TYPE(rows) == g_shifted_t) {
+        PyObject *d0 = PyObject_GetAttr(rows, s_r_delta);
+        delta = d0 ? PyLong_AsLongLong(d0) : -1;
+        Py_XDECREF(d0);
+        if (delta < 0 || !(base = PyObject_GetAttr(rows, s_r_base))) goto miss;
+        delta += 1;
+    } else {
+        base = Py_NewRef(rows);
+    }
+    /* ShiftedRows(base, delta) and the StepLayout, made as StepLayout.advanced makes them */
+    PyTypeObject *vt = (PyTypeObject *)g_shifted_t, *lt = (PyTypeObject *)g_layout_t;
+    if (!(dl = PyLong_FromLongLong(delta)) || !(made = PyDict_New())) goto fail;
+    if (!g_empty && !(g_empty = PyTuple_New(0))) goto fail;
+    /* object.__new__(cls), as StepLayout.advanced calls it (its instance dict set up as Python's) */
+    if (!(view = PyBaseObject_Type.tp_new(vt, g_empty, NULL))) goto fail;
+    if (PyObject_SetAttr(view, s_r_base, base) < 0 || PyObject_SetAttr(view, s_r_delta, dl) < 0 ||
+        PyObject_SetAttr(view, s_made, made) < 0)
+        goto fail;
+    if (!(out = PyBaseObject_Type.tp_new(lt, g_empty, NULL)) || !(od = PyObject_GenericGetDict(out, NULL))) goto fail;
+    PyObject *nso = PyObject_GetAttr(prev, s_l_num_sequences);
+    if (!nso) goto fail;
+    int rc = PyDict_SetItem(od, s_l_requests, view) < 0 || PyDict_SetItem(od, s_l_total_rows, tro) < 0 ||
+             PyDict_SetItem(od, s_l_num_sequences, nso) < 0 || PyDict_SetItem(od, s_shape, shape) < 0;
+    Py_DECREF(nso);
+    if (rc) goto fail;
+    if (PyObject_SetAttr(shape, s_last, out) < 0 || PyObject_SetAttr(shape, s_last_seq_lens, seq) < 0) goto fail;
+    res = Py_NewRef(out);
+    goto done;
+miss:
+    PyErr_Clear();   /* a missing attribute or an unexpected type: the Python way decides */
+    res = Py_NewRef(Py_None);
+    goto done;
+fail:
+    res = NULL;   /* out of memory, or a class that refuses its own attributes: raised */
+done:
+    Py_XDECREF(shape); Py_XDECREF(last); Py_XDECREF(all); Py_XDECREF(tro); Py_XDECREF(seq); Py_XDECREF(rows);
+    Py_XDECREF(base); Py_XDECREF(dl); Py_XDECREF(view); Py_XDECREF(made); Py_XDECREF(out); Py_XDECREF(od);
+    return res;
 }
 
 /* ---- protobuf encoders for the per-step messages (the same bytes as upb's SerializeToString:
@@ -1925,6 +2268,10 @@ static PyMethodDef mod_methods[] = {
     {"noop", (PyCFunction)(void (*)(void))mod_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
     {"next_decode", (PyCFunction)(void (*)(void))mod_next_decode, METH_FASTCALL,
      "next_decode(forward_batch, shape, total_rows) -> seq_lens when the forward is shape's next decode step, else None"},
+    {"layout_types", (PyCFunction)mod_layout_types, METH_VARARGS,
+     "layout_types(StepLayout, ShiftedRows, _DecodeShape): the classes advance_decode makes and reads"},
+    {"advance_decode", (PyCFunction)(void (*)(void))mod_advance_decode, METH_FASTCALL,
+     "advance_decode(forward_batch, previous) -> previous.advanced(1) for the steady decode step, else None"},
     {"encode_parts", (PyCFunction)mod_encode_parts, METH_O, "RingSlab.parts (field 8) of [(idx, dst, count, pos)]"},
     {"encode_requests", (PyCFunction)(void (*)(void))mod_encode_requests, METH_FASTCALL,
      "RingStep.requests (field 3) of [(prefix, row_start, row_count, position_start, phase)][, delta]"},
@@ -1946,6 +2293,19 @@ PyMODINIT_FUNC PyInit__capture(void) {
     INTERN(s_forward_mode, "forward_mode"); INTERN(s_batch_size, "batch_size"); INTERN(s_rids, "rids");
     INTERN(s_input_ids, "input_ids"); INTERN(s_shape, "shape"); INTERN(s_seq_lens_cpu, "seq_lens_cpu");
     INTERN(s_tolist, "tolist"); INTERN(s_mode, "mode"); INTERN(s_last_seq_lens, "last_seq_lens");
+    INTERN(s_a_pending, "_pending_summaries"); INTERN(s_a_repeat, "_repeat"); INTERN(s_a_layout, "_layout");
+    INTERN(s_a_epoch, "_epoch"); INTERN(s_a_selection, "selection"); INTERN(s_a_disabled, "disabled_reason");
+    INTERN(s_a_counters, "_counters"); INTERN(s_a_scalars, "scalars"); INTERN(s_a_step, "_step");
+    INTERN(s_a_plan_unknown, "_plan_unknown"); INTERN(s_a_plan_entries, "_plan_entries");
+    INTERN(s_a_native_groups, "_native_groups"); INTERN(s_a_frame_state, "_step_frame_state");
+    INTERN(s_a_entries, "_entries"); INTERN(s_a_groups, "_groups"); INTERN(s_a_step_open, "_step_open");
+    INTERN(s_a_step_delta, "_step_delta"); INTERN(s_a_step_items, "_step_items"); INTERN(s_a_step_field, "_step_field");
+    INTERN(s_l_requests, "requests"); INTERN(s_l_total_rows, "total_rows"); INTERN(s_l_num_sequences, "num_sequences");
+    INTERN(s_r_base, "base"); INTERN(s_r_delta, "delta"); INTERN(s_g_native, "native");
+    INTERN(s_g_parts_bytes, "parts_bytes"); INTERN(s_c_steps, "steps"); INTERN(s_c_repeat_steps, "repeat_steps");
+    INTERN(s_c_unknown_rows, "unknown_request_rows"); INTERN(s_last, "last"); INTERN(s_all_decode, "all_decode");
+    INTERN(s_made, "_made"); INTERN(s_a_closed, "_closed"); INTERN(s_a_sampled_live, "_sampled_live");
+    INTERN(s_a_staging, "_staging"); INTERN(s_g_written_slabs, "written_slabs");
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 || PyType_Ready(&TimerType) < 0 ||
         PyType_Ready(&TapType) < 0 || PyType_Ready(&ForwardWrapType) < 0)
         return NULL;
@@ -1974,6 +2334,6 @@ PyMODINIT_FUNC PyInit__capture(void) {
     PyModule_AddIntConstant(m, "W_NO", W_NO);
     PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
     PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);
-    PyModule_AddIntConstant(m, "ABI", 3);
+    PyModule_AddIntConstant(m, "ABI", 4);
     return m;
 }

@@ -296,6 +296,17 @@ class CaptureAgent:
         self.capture_path = "native"
         # The generic taps (SGLang's, and any backend's agent.tap) run natively too.
         self.tap = core.tap
+        cls = type(self)
+        if core.bind(ShiftedRows, RowDomain.SEQUENCES, cls.begin_step, _identity, cls.idle_step, cls.end_step):
+            # A steady step's agent calls are C calls, no Python frame ("Repeat steps", docs/agent.md):
+            # the Core reads and sets this agent's attributes (its instance dict) as the Python
+            # methods do for begin_step's repeat case, idle_step's "a sampled request is live" and
+            # end_step's step of a plan that may repeat, and calls the class's method for every
+            # other case. capture(): the Core's step is open exactly while _step_open is True.
+            self.begin_step = core.begin_step
+            self.idle_step = core.idle_step
+            self.end_step = core.end_step
+            self.capture = core.capture
 
     def _add_ns_py(self, t0: int) -> None:
         self._tns.thread_ns += _perf_ns() - t0

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 from torch import Tensor as _Tensor
 
 from tensortrace.agent.backends.sglang import v0_5
-from tensortrace.agent.layout import Phase, RequestRows, StepLayout
+from tensortrace.agent.layout import Phase, RequestRows, ShiftedRows, StepLayout
 
 
 class StepPlan(tuple):
@@ -71,7 +71,7 @@ class _DecodeShape:
     known prompt length (phase DECODE: it stays so, as positions only grow and a live request's
     prompt length is fixed), and the seq_lens of the newest layout of the shape (`last`).
     plan_step recognises the next decode step of the same batch with two list comparisons,
-    reading no RequestRows (in one C call, `_next_decode`, where the native extension is built)."""
+    reading no RequestRows (in one C call, `advance_decode`, where the native extension is built)."""
 
     __slots__ = ("mode", "rids", "all_decode", "last", "last_seq_lens")
 
@@ -79,17 +79,23 @@ class _DecodeShape:
         self.mode, self.rids, self.all_decode, self.last, self.last_seq_lens = mode, rids, all_decode, None, seq_lens
 
 
-def _load_next_decode():
-    """agent/_capture.c's next_decode, or None (not built, a build without it, or
-    TENSORTRACE_NATIVE=0): plan_step's Python then reads the fields itself (the same answers;
+def _load_advance_decode():
+    """agent/_capture.c's advance_decode (told this module's layout classes), or None (not built,
+    or TENSORTRACE_NATIVE=0): plan_step's Python then reads the fields itself (the same answers;
     tests/sglang/test_sglang_batch_layout.py checks both)."""
     from tensortrace.agent import native
 
     mod, _ = native.load()
-    return getattr(mod, "next_decode", None)
+    if mod is None:
+        return None
+    mod.layout_types(StepLayout, ShiftedRows, _DecodeShape)
+    return mod.advance_decode
 
 
-_next_decode = _load_next_decode()
+# advance_decode(fb, previous) -> previous.advanced(1) (recorded in its shape) when `fb` is the steady
+# decode step after `previous`, else None: plan_step's steady case in one C call. The SGLang plugin
+# calls it itself before plan_step, so such a step runs no Python frame of this module.
+advance_decode = _load_advance_decode()
 
 
 _PLUS_ONE = (1).__add__
@@ -108,14 +114,11 @@ def plan_step(fb, prompt_len: Callable[[str], int | None] = lambda rid: None,
     length is fixed; an unknown one, None, may become known)."""
     if previous is not None and rids is None:
         shape = previous.shape
-        if (shape.__class__ is _DecodeShape and shape.last is previous and shape.all_decode
-                and _next_decode is not None):
-            # The steady decode step (the same batch, one token further), read in one C call; any
-            # other answer (None) goes the Python way below, which decides every case.
-            seq_lens = _next_decode(fb, shape, previous.total_rows)
-            if seq_lens is not None:
-                layout = shape.last = previous.advanced(1)
-                shape.last_seq_lens = seq_lens
+        if shape.__class__ is _DecodeShape and shape.last is previous and shape.all_decode and advance_decode:
+            # The steady decode step (the same batch, one token further), read and advanced in one
+            # C call; any other answer (None) goes the Python way below, which decides every case.
+            layout = advance_decode(fb, previous)
+            if layout is not None:
                 return StepPlan(("DECODE", layout, ""))
     fm = fb.forward_mode
     if fm is _last_mode[0]:

@@ -39,10 +39,13 @@ import sys
 
 from tensortrace.agent.backends.base import Backend
 from tensortrace.agent.backends.sglang import v0_5
-from tensortrace.agent.backends.sglang.batch_layout import plan_step
+from tensortrace.agent.backends.sglang import batch_layout
+from tensortrace.agent.backends.sglang.batch_layout import StepPlan, plan_step
 from tensortrace.agent.backends.sglang.config import SGLangBackendConfig
 from tensortrace.agent.backends.sglang.request_options import options_of, stamp_request
 from tensortrace.agent.backends.sglang.taps import REPLICATED_HOOKS, SGLangTaps
+
+_STEADY = StepPlan(("DECODE", None, ""))   # the plan of a step batch_layout.advance_decode answered (its mode)
 
 log = logging.getLogger("tensortrace.sglang")
 
@@ -367,11 +370,23 @@ class SGLangCapture(Backend):
         with timer:
             try:
                 rids = self._batch_rids.pop(id(fb), None) if self._batch_rids else None   # (SGLang < 0.5.15)
-                plan = plan_step(fb, self._prompt_len, rids=rids, previous=self._last_layout)
+                prev = self._last_layout
+                layout = None
+                if prev is not None and rids is None:
+                    # the steady decode step (the same batch, one token further): plan_step's answer
+                    # in one C call (batch_layout.advance_decode), no Python frame
+                    advance = batch_layout.advance_decode
+                    if advance is not None:
+                        layout = advance(fb, prev)
+                if layout is not None:
+                    plan = _STEADY
+                else:
+                    plan = plan_step(fb, self._prompt_len, rids=rids, previous=prev)
+                    layout = plan.layout   # (None for a forward that is not captured)
             except Exception as e:  # noqa: BLE001 - a layout we cannot read is not captured, never fatal
                 layout = self._unreadable(fb, e)
             else:
-                layout = self._last_layout = plan.layout   # (None after a forward that is not captured)
+                self._last_layout = layout
                 if layout is None:
                     self._skipped(fb, plan)
                 else:
@@ -425,7 +440,7 @@ class SGLangCapture(Backend):
             with timer:
                 if (wanted and fired_before is not None and getattr(out, "can_run_graph", False)
                         and taps.fired == fired_before):
-                    self._after_graph_replay(plan, layout, wanted)
+                    self._after_graph_replay(plan.mode, layout, wanted)
                 if own[2]:
                     logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
                     if logits is not None:
@@ -465,12 +480,12 @@ class SGLangCapture(Backend):
     def _exports(self, hook: str) -> bool:
         return self.tp_size == 1 or self.tp_rank == 0 or hook not in REPLICATED_HOOKS
 
-    def _after_graph_replay(self, plan, layout, wanted) -> None:
+    def _after_graph_replay(self, mode: str, layout, wanted) -> None:
         """The forward replayed a CUDA graph, so no module tap fired. `static`: hand the agent the
         real rows of the buffers the graph wrote; otherwise the rows are not captured and the
         requests say so in their summaries."""
         rids = [rr.request_id for rr in layout.requests]
-        if plan.mode == "DECODE" and self.config.cuda_graph == "static" and \
+        if mode == "DECODE" and self.config.cuda_graph == "static" and \
                 all(self.taps.static_ready(k) for k in wanted):
             # one agent call for every buffer (native: no Python per buffer; agent.capture_static)
             key = tuple(wanted)
@@ -481,6 +496,6 @@ class SGLangCapture(Backend):
             self.agent.capture_static(items, layout.total_rows)
             return
         why = ("decode steps replayed under a CUDA graph were not captured (TENSORTRACE_CUDA_GRAPH=skip)"
-               if plan.mode == "DECODE" else
-               f"{plan.mode} forwards ran under a CUDA graph (piecewise prefill graphs) and were not captured")
+               if mode == "DECODE" else
+               f"{mode} forwards ran under a CUDA graph (piecewise prefill graphs) and were not captured")
         self._mark_missed(rids, why)
