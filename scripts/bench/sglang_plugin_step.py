@@ -37,8 +37,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def measure(batch: int, steps: int, capture: bool) -> float:
-    """Mean µs per steady decode step of the plugin's host work at `batch` (one repeat)."""
+def measure(batch: int, steps: int, capture: bool, cold_mb: int = 0) -> float:
+    """Mean µs per steady decode step of the plugin's host work at `batch` (one repeat). cold_mb: the
+    no-op forward reads that many MiB first (its time not counted), so the plugin's work runs with
+    the caches as a real model's forward leaves them."""
     sys.path.insert(0, os.path.join(ROOT, "tests", "sglang"))
     from types import SimpleNamespace
 
@@ -65,7 +67,15 @@ def measure(batch: int, steps: int, capture: bool) -> float:
         logits = torch.randn(batch, 64)
         out = SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits), can_run_graph=False)
 
+        import numpy as np
+        sweep = np.ones((cold_mb << 20) // 8) if cold_mb else None
+        model_ns = [0]
+
         def no_model(runner, fb):
+            if sweep is not None:   # what a model's forward does to the caches: its weights read through
+                t = time.perf_counter_ns()
+                sweep.sum()
+                model_ns[0] += time.perf_counter_ns() - t
             return out
 
         fb = forward_batch("EXTEND", rids, seq_lens=[4] * batch, extend_lens=[4] * batch, prefix_lens=[0] * batch)
@@ -81,12 +91,13 @@ def measure(batch: int, steps: int, capture: bool) -> float:
             rt.observe_batch(dec, batch_obj)
             rt.forward(no_model, runner, dec)
             rt.finish_requests(reqs)
+        model_ns[0] = 0
         t0 = time.perf_counter_ns()
         for dec in decodes[50:]:
             rt.observe_batch(dec, batch_obj)
             rt.forward(no_model, runner, dec)
             rt.finish_requests(reqs)
-        per_step = (time.perf_counter_ns() - t0) / steps / 1e3
+        per_step = (time.perf_counter_ns() - t0 - model_ns[0]) / steps / 1e3
         for r in reqs:
             finish(r, steps + 51)
         rt.finish_requests(reqs)
@@ -97,7 +108,7 @@ def measure(batch: int, steps: int, capture: bool) -> float:
 
 
 def _child(a) -> None:
-    print(json.dumps([measure(a.child_batch, a.steps, a.child_capture == "1") for _ in range(a.repeats)]))
+    print(json.dumps([measure(a.child_batch, a.steps, a.child_capture == "1", a.cold) for _ in range(a.repeats)]))
 
 
 def _run(services: str, batch: int, capture: bool, a) -> list[float]:
@@ -105,7 +116,7 @@ def _run(services: str, batch: int, capture: bool, a) -> list[float]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (services, env.get("PYTHONPATH", "")) if p)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-batch", str(batch),
                           "--child-capture", "1" if capture else "0", "--steps", str(a.steps),
-                          "--repeats", str(a.repeats)], env=env, capture_output=True, text=True, check=True)
+                          "--repeats", str(a.repeats), "--cold", str(a.cold)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,6 +125,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="8,64,256")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--cold", type=int, default=0, metavar="MIB",
+                    help="the no-op forward first reads MIB MiB (not timed): the plugin's work cache-cold, as "
+                         "between a real model's kernels (48: more than this machine's 32 MiB L3)")
     ap.add_argument("--before", default="", help="a services/ directory with an earlier tensortrace package")
     ap.add_argument("--json", default=".cache/bench/sglang_plugin_step.json")
     ap.add_argument("--child-batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -130,7 +144,7 @@ def main(argv=None) -> None:
                 rows.append({"code": name, "batch": batch, "variant": "hidden-states" if capture else "off",
                              "us_per_step_median": runs[len(runs) // 2], "us_per_step_best": runs[0], "runs": runs})
     load = os.getloadavg()
-    print(f"SGLang plugin host work per steady decode step (no-op model; {platform.node()}, {os.cpu_count()} cpus, "
+    print(f"SGLang plugin host work per steady decode step (no-op model{f', {a.cold} MiB read per forward' if a.cold else ''}; {platform.node()}, {os.cpu_count()} cpus, "
           f"load {load[0]:.2f}; {a.steps} steps x {a.repeats} repeats, median of the repeats' means)")
     print(f"{'code':<8} {'variant':<14} " + " ".join(f"{'B=' + b:>10}" for b in a.batches.split(",")))
     for name, _ in codes:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from statistics import median
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _stats import ring_tmpdir  # noqa: E402
@@ -93,7 +94,7 @@ def _install(out_dir):
     CaptureAgent._setup_native = setup
     wrap(plugin, "plan_step", "plan_step")
     from tensortrace.agent.backends.sglang import batch_layout
-    if batch_layout.advance_decode is not None:   # the steady step's layout, one C call (the plugin's first try)
+    if getattr(batch_layout, "advance_decode", None) is not None:   # the steady step's layout, one C call (the plugin's first try)
         wrap(batch_layout, "advance_decode", "advance_decode")
     wrap(taps.SGLangTaps, "sync", "sync")
     real_forward = plugin.SGLangCapture.forward
@@ -149,15 +150,18 @@ def _install(out_dir):
             pass
         return out
 
+    every = float(os.environ.get("TT_SECTIONS_EVERY", "1.0"))
+
     def dump():
         while True:
-            time.sleep(1.0)
+            time.sleep(every)
             rt = plugin._RUNTIME
             if rt is None or rt.agent is None:
                 continue
             st = rt.agent.stats()
             snap = dict(acc, agent_thread=[int(st.thread_seconds * 1e9), 0], steps=[st.steps, 0],
                         repeat_steps=[st.repeat_steps, 0], **thread_counters())
+            snap["_t"] = [time.time(), 0]   # when this snapshot was taken (a reader waits for a fresh one)
             tmp = os.path.join(out_dir, f".{os.getpid()}.tmp")
             with open(tmp, "w") as f:
                 json.dump(snap, f)
@@ -190,6 +194,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds per block (three blocks)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="instead of blocks: this many pairs of rounds, capture on and off in a random order "
+                         "within each pair, every round measured alone; reports the per-pair difference "
+                         "(on - off, µs per forward) of each section, of the model's forward and of the "
+                         "scheduler thread's CPU, with 90%% intervals: where capture's cost goes")
     a = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="tt-sections-")
     rings = ring_tmpdir("tt-sections-rings-")
@@ -203,7 +212,7 @@ def main(argv=None) -> None:
     try:
         model = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=4, hidden=512)
         env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", "OMP_NUM_THREADS": "1",
-               "TT_SECTIONS_OUT": out_dir,
+               "TT_SECTIONS_OUT": out_dir, "TT_SECTIONS_EVERY": "0.1" if a.paired else "1.0",
                "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)}
         srv = SGLangServer(model, ring_dir=rings, log_path=os.path.join(work, "server.log"), env_extra=env).start()
         drain = RingDrain(rings)
@@ -221,23 +230,43 @@ def main(argv=None) -> None:
                 t.join()
 
         def snapshot() -> dict:
-            time.sleep(1.5)   # the scheduler writes its totals every second
-            files = glob.glob(os.path.join(out_dir, "*.json"))
-            if len(files) != 1:
-                raise SystemExit(f"expected one instrumented scheduler process, found {len(files)} "
-                                 f"(server log: {srv.log_path})")
-            with open(files[0]) as f:
-                return json.load(f)
+            # the scheduler writes its totals every second (--paired: every 0.1 s): wait for one
+            # taken after now
+            after = time.time()
+            deadline = after + 30
+            while True:
+                time.sleep(0.15 if a.paired else 1.5)
+                files = glob.glob(os.path.join(out_dir, "*.json"))
+                if len(files) != 1:
+                    raise SystemExit(f"expected one instrumented scheduler process, found {len(files)} "
+                                     f"(server log: {srv.log_path})")
+                with open(files[0]) as f:
+                    snap = json.load(f)
+                if snap.get("_t", [0])[0] > after or time.time() > deadline:
+                    return snap
+
+        def delta(s0, s1):
+            return {k: [v[0] - s0.get(k, [0, 0])[0], v[1] - s0.get(k, [0, 0])[1]] for k, v in s1.items()}
 
         one_round(True)
         one_round(False)   # warm-up: the taps' self-check, both paths once
         blocks = {}
-        for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
-            s0 = snapshot()
-            for _ in range(a.rounds):
-                one_round(capture)
-            s1 = snapshot()
-            blocks[name] = {k: [v[0] - s0.get(k, [0, 0])[0], v[1] - s0.get(k, [0, 0])[1]] for k, v in s1.items()}
+        if a.paired:
+            pairs = []
+            order = random.Random(2)
+            for _ in range(a.paired):
+                pair = {}
+                for capture in order.sample([True, False], 2):
+                    s0 = snapshot()
+                    one_round(capture)
+                    pair["on" if capture else "off"] = delta(s0, snapshot())
+                pairs.append(pair)
+        else:
+            for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
+                s0 = snapshot()
+                for _ in range(a.rounds):
+                    one_round(capture)
+                blocks[name] = delta(s0, snapshot())
     finally:
         if drain is not None:
             drain.close()
@@ -246,6 +275,9 @@ def main(argv=None) -> None:
         shutil.rmtree(rings, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
+    if a.paired:
+        report_paired(a, pairs)
+        return
     print(f"SGLang plugin sections per forward (real server, CPU engine, one model thread; {a.rounds} rounds a block; "
           f"load average {os.getloadavg()[0]:.2f}); µs per forward (calls, µs per call)")
     names, raw = list(blocks), blocks
@@ -278,6 +310,50 @@ def main(argv=None) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "blocks": result, "raw": blocks}, f, indent=1)
+
+
+PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps inside)", "model"),
+          ("agent thread", "agent_thread"), ("forward, outside the model", "outside_model"),
+          ("observe_batch", "observe_batch"), ("finish_requests", "finish_requests")]
+
+
+def report_paired(a, pairs) -> None:
+    """Per pair of rounds: on - off, µs per forward, of each measure; the median over pairs and its
+    90% bootstrap interval. Derived rows: the taps (the agent's counter minus the plugin's timed
+    sections), the model without the taps (model forward - taps: what capture does to the model's
+    own kernels), and the rest of the scheduler thread (its CPU minus the model and the plugin's
+    sections: SGLang's own scheduling work)."""
+    from _stats import median_ci
+
+    def per_forward(b, key):
+        return b.get(key, [0, 0])[0] / (b["model"][1] or 1) / 1e3
+
+    def derived(b):
+        out = {label: per_forward(b, key) for label, key in PAIRED}
+        plugin = out["forward, outside the model"] + out["observe_batch"] + out["finish_requests"]
+        out["taps (agent thread - plugin sections)"] = out["agent thread"] - plugin
+        out["model without the taps"] = out["model forward (taps inside)"] - out["taps (agent thread - plugin sections)"]
+        out["scheduler thread, rest (SGLang)"] = out["scheduler thread CPU"] - out["model forward (taps inside)"] - plugin
+        return out
+
+    rows = {}
+    on = [derived(p["on"]) for p in pairs]
+    off = [derived(p["off"]) for p in pairs]
+    print(f"SGLang capture cost by section: {len(pairs)} pairs of rounds (hidden-states on / off, random order "
+          f"within a pair), µs per forward; load average {os.getloadavg()[0]:.2f}")
+    print(f"{'measure':<40}{'on':>10}{'off':>10}{'on - off':>11}   90% interval")
+    for label in on[0]:
+        diffs = [x[label] - y[label] for x, y in zip(on, off)]
+        m_on, m_off, m = median(x[label] for x in on), median(y[label] for y in off), median(diffs)
+        lo, hi = median_ci(diffs)
+        rows[label] = {"on": m_on, "off": m_off, "diff": m, "diff_ci90": [lo, hi]}
+        print(f"{label:<40}{m_on:>10.1f}{m_off:>10.1f}{m:>+11.1f}   [{lo:+.1f}, {hi:+.1f}]")
+    forwards = median(p["on"]["model"][1] for p in pairs)
+    print(f"(forwards a round: {forwards:.0f}; steps (repeat steps) in the capture rounds: "
+          f"{sum(p['on']['steps'][0] for p in pairs)} ({sum(p['on']['repeat_steps'][0] for p in pairs)}))")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": vars(a), "paired": rows, "raw": pairs}, f, indent=1)
 
 
 if __name__ == "__main__":

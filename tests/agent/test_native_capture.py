@@ -404,6 +404,48 @@ def _one_request_agent(ring_dir, cls=CaptureAgent):
     return agent, step
 
 
+def _idle_run(ring_dir):
+    """Forwards with and without a sampled request live, a control document arriving while idle, a
+    summary and a plan's counters to fold at the first idle step: what idle_step answers and counts."""
+    agent, step = _one_request_agent(ring_dir)
+    reader = RingReader.open(agent.ring_path)
+    answers = [agent.idle_step()]                    # "a" is live and sampled: False
+    d = StepLayout((RequestRows("a", 0, 1, 3, Phase.DECODE, 0),), total_rows=1, num_sequences=1)
+    step(d)
+    step(d.advanced())                               # a plan that may repeat: its counters deferred
+    agent.end_request("a", generated_tokens=2)
+    answers += [agent.idle_step() for _ in range(3)]  # nothing live: the first folds the plan
+    reader.write_control({"version": 1, "selection": {"preset": "hidden-states"}})
+    answers += [agent.idle_step() for _ in range(2)]  # the control block moved: applied at the first
+    agent.begin_request("b", traceparent=TRACE.format(2), options={"capture": False})
+    answers.append(agent.idle_step())               # b is not sampled: still idle
+    st = agent.stats()
+    out = (answers, st.steps, st.idle_steps, st.repeat_steps, st.control_docs_applied, st.written,
+           agent.selection.hooks)
+    reader.close()
+    agent.close()
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("step", ["c", "python"])
+def test_idle_steps_answer_and_count_as_the_python_method_does(tmp_path, monkeypatch, step):
+    """idle_step's two common cases run in the Core (False while a sampled request is live; True,
+    counted, for a forward with none); a pending control document or a plan to fold goes the Python
+    method. Both ways answer and count the same."""
+    if step == "python":
+        _python_begin_step(monkeypatch)
+    python_calls = []
+    real = CaptureAgent.idle_step
+    monkeypatch.setattr(CaptureAgent, "idle_step", lambda self: (python_calls.append(1), real(self))[1])
+    answers, steps, idle, repeats, applied, written, hooks = _idle_run(tmp_path)
+    assert answers == [False, True, True, True, True, True, True]
+    assert (steps, idle, repeats, applied, written) == (8, 6, 1, 1, 2)
+    # the Core hands back the idle step that folds the plan and the one that reads the control block
+    assert len(python_calls) == (2 if step == "c" else 7)
+    assert hooks == frozenset({"resid_pre", "resid_final", "logits"})
+
+
 @needs_native
 def test_a_c_repeat_step_that_fails_inside_disables_the_agent_and_the_model_runs_on(tmp_path, caplog):
     """An internal error in the Core's begin_step, after it began changing the agent's state (here:

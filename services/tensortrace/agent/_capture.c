@@ -485,7 +485,7 @@ static PyObject *s_a_pending, *s_a_repeat, *s_a_layout, *s_a_epoch, *s_a_selecti
     *s_a_scalars, *s_a_step, *s_a_plan_unknown, *s_a_plan_entries, *s_a_native_groups, *s_a_frame_state,
     *s_a_entries, *s_a_groups, *s_a_step_open, *s_a_step_delta, *s_a_step_items, *s_a_step_field, *s_l_requests,
     *s_l_total_rows, *s_l_num_sequences, *s_r_base, *s_r_delta, *s_g_native, *s_g_parts_bytes, *s_c_steps,
-    *s_c_repeat_steps, *s_c_unknown_rows, *s_a_closed, *s_a_sampled_live, *s_a_staging, *s_g_written_slabs;
+    *s_c_repeat_steps, *s_c_unknown_rows, *s_a_closed, *s_a_sampled_live, *s_a_staging, *s_g_written_slabs, *s_c_idle_steps;
 
 static PyObject *Core_bind(PyObject *self_, PyObject *args) {
     Core *c = (Core *)self_;
@@ -665,17 +665,47 @@ python:
     return PyObject_Vectorcall(c->step_py, pargs, 2, NULL);
 }
 
-/* idle_step() -> False while a live request is sampled (the agent open, not disabled): the common
- * answer of CaptureAgent.idle_step without its frame; every other case is the Python method's. */
+/* idle_step() -> bool, CaptureAgent.idle_step's two common cases without its frame: False while a
+ * live request is sampled (the agent open, not disabled), and True for a forward with none, when no
+ * summary is pending, the control block did not move and no plan's counters wait to be folded (the
+ * step counted as an idle step, its time closed). Every other case is the Python method's. */
 static PyObject *Core_idle_step(PyObject *self_, PyObject *unused) {
     Core *c = (Core *)self_;
     PyObject *d = c->adict;
-    if (d && c->idle_py) {
+    if (d && c->idle_py && c->base) {
+        int64_t t0 = now_ns(CLOCK_MONOTONIC);
         PyObject *dis = PyDict_GetItemWithError(d, s_a_disabled), *closed = PyDict_GetItemWithError(d, s_a_closed),
                  *live = PyDict_GetItemWithError(d, s_a_sampled_live);
         if (dis && closed == Py_False && live && PyLong_CheckExact(live) && PyObject_IsTrue(dis) == 0) {
             long long n = PyLong_AsLongLong(live);
             if (n > 0) Py_RETURN_FALSE;
+            PyObject *pending = PyDict_GetItemWithError(d, s_a_pending), *repeat = PyDict_GetItemWithError(d, s_a_repeat),
+                     *step = PyDict_GetItemWithError(d, s_a_step), *counters = PyDict_GetItemWithError(d, s_a_counters);
+            if (n == 0 && pending && PyObject_IsTrue(pending) == 0 && repeat == Py_None && step &&
+                PyLong_CheckExact(step) && counters) {
+                __atomic_store_n((unsigned long long *)(c->base + OFF_HEARTBEAT),
+                                 (unsigned long long)now_ns(CLOCK_REALTIME), __ATOMIC_RELAXED);
+                PyObject *scalars = NULL;
+                if (__atomic_load_n((unsigned long long *)(c->base + 512), __ATOMIC_ACQUIRE) == c->control_seen &&
+                    (scalars = PyObject_GetAttr(counters, s_a_scalars)) && PyDict_Check(scalars)) {
+                    long long sn = PyLong_AsLongLong(step);
+                    PyObject *o = sn == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(sn + 1);
+                    int rc = !o || PyDict_SetItem(d, s_a_step, o) < 0 || dict_add(scalars, s_c_steps, 1) < 0 ||
+                             PyDict_SetItem(d, s_a_layout, Py_None) < 0 || dict_add(scalars, s_c_idle_steps, 1) < 0;
+                    Py_XDECREF(o);
+                    Py_DECREF(scalars);
+                    if (!rc) {
+                        c->open = 0;   /* Core_finish(t0) */
+                        c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+                        __atomic_store_n((unsigned long long *)(c->base + OFF_THREAD_NS),
+                                         (unsigned long long)c->thread_ns, __ATOMIC_RELAXED);
+                        Py_RETURN_TRUE;
+                    }
+                    /* (out of memory mid-way: the Python method's own error handling decides) */
+                } else {
+                    Py_XDECREF(scalars);
+                }
+            }
         }
         PyErr_Clear();
     }
@@ -2305,7 +2335,7 @@ PyMODINIT_FUNC PyInit__capture(void) {
     INTERN(s_g_parts_bytes, "parts_bytes"); INTERN(s_c_steps, "steps"); INTERN(s_c_repeat_steps, "repeat_steps");
     INTERN(s_c_unknown_rows, "unknown_request_rows"); INTERN(s_last, "last"); INTERN(s_all_decode, "all_decode");
     INTERN(s_made, "_made"); INTERN(s_a_closed, "_closed"); INTERN(s_a_sampled_live, "_sampled_live");
-    INTERN(s_a_staging, "_staging"); INTERN(s_g_written_slabs, "written_slabs");
+    INTERN(s_a_staging, "_staging"); INTERN(s_g_written_slabs, "written_slabs"); INTERN(s_c_idle_steps, "idle_steps");
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 || PyType_Ready(&TimerType) < 0 ||
         PyType_Ready(&TapType) < 0 || PyType_Ready(&ForwardWrapType) < 0)
         return NULL;
