@@ -2,7 +2,7 @@
 """Where the SGLang plugin's time per forward goes on a real SGLang server (CPU engine): each
 section of the plugin and the agent timed inside the scheduler process, cache-cold as in serving.
 
-One server (random Llama, hidden 512, 4 layers, float32, one model thread) with the plugin,
+One server (random Llama, hidden 512, 4 layers, float32 by default: `--layers`, `--hidden`; one model thread) with the plugin,
 `hidden-states` selected, and a ring consumer (sglang_overhead.py's); its scheduler process loads
 an instrumentation module (a generated `sitecustomize.py`, on the server's PYTHONPATH only, not
 part of the product) that wraps each section below with a perf_counter_ns pair and writes the
@@ -194,6 +194,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds per block (three blocks)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--layers", type=int, default=4, help="the random Llama's layers (4: ~37 MB of float32 weights, "
+                                                          "about this machine's 32 MiB L3)")
+    ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--paired", type=int, default=0,
                     help="instead of blocks: this many pairs of rounds, capture on and off in a random order "
                          "within each pair, every round measured alone; reports the per-pair difference "
@@ -210,7 +213,7 @@ def main(argv=None) -> None:
         f.write(INSTRUMENT)
     srv = drain = None
     try:
-        model = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=4, hidden=512)
+        model = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
         env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", "OMP_NUM_THREADS": "1",
                "TT_SECTIONS_OUT": out_dir, "TT_SECTIONS_EVERY": "0.1" if a.paired else "1.0",
                "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)}
@@ -339,8 +342,8 @@ def report_paired(a, pairs) -> None:
     rows = {}
     on = [derived(p["on"]) for p in pairs]
     off = [derived(p["off"]) for p in pairs]
-    print(f"SGLang capture cost by section: {len(pairs)} pairs of rounds (hidden-states on / off, random order "
-          f"within a pair), µs per forward; load average {os.getloadavg()[0]:.2f}")
+    print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(pairs)} pairs of rounds "
+          f"(hidden-states on / off, random order within a pair), µs per forward; load average {os.getloadavg()[0]:.2f}")
     print(f"{'measure':<40}{'on':>10}{'off':>10}{'on - off':>11}   90% interval")
     for label in on[0]:
         diffs = [x[label] - y[label] for x, y in zip(on, off)]

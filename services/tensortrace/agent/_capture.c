@@ -2310,32 +2310,34 @@ static PyMethodDef mod_methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_capture",
                                     "The capture agent's native fast path (agent/_capture.c).", -1, mod_methods, NULL, NULL, NULL, NULL};
 
-#define INTERN(var, s) if (!(var = PyUnicode_InternFromString(s))) return NULL
+/* the attribute names the module reads and sets, interned once */
+static const struct { PyObject **var; const char *name; } INTERNED[] = {
+    {&s_element_size, "element_size"}, {&s_reserved, "_reserved"}, {&s_seq, "_seq"}, {&s_is_cpu, "is_cpu"},
+    {&s_size, "size"}, {&s_stride, "stride"}, {&s_data_ptr, "data_ptr"}, {&s_dtype, "dtype"},
+    {&s_hidden_states, "hidden_states"}, {&s_input, "input"}, {&s_native_wants, "_native_wants"},
+    {&s_native_group, "_native_group"}, {&s_native_plan, "_native_plan"}, {&s_tap_body, "_tap_body"},
+    {&s_tap_failed, "tap_failed"}, {&s_native_step_frame, "_native_step_frame"}, {&s_forward_mode, "forward_mode"},
+    {&s_batch_size, "batch_size"}, {&s_rids, "rids"}, {&s_input_ids, "input_ids"}, {&s_shape, "shape"},
+    {&s_seq_lens_cpu, "seq_lens_cpu"}, {&s_tolist, "tolist"}, {&s_mode, "mode"},
+    {&s_last_seq_lens, "last_seq_lens"}, {&s_a_pending, "_pending_summaries"}, {&s_a_repeat, "_repeat"},
+    {&s_a_layout, "_layout"}, {&s_a_epoch, "_epoch"}, {&s_a_selection, "selection"},
+    {&s_a_disabled, "disabled_reason"}, {&s_a_counters, "_counters"}, {&s_a_scalars, "scalars"},
+    {&s_a_step, "_step"}, {&s_a_plan_unknown, "_plan_unknown"}, {&s_a_plan_entries, "_plan_entries"},
+    {&s_a_native_groups, "_native_groups"}, {&s_a_frame_state, "_step_frame_state"}, {&s_a_entries, "_entries"},
+    {&s_a_groups, "_groups"}, {&s_a_step_open, "_step_open"}, {&s_a_step_delta, "_step_delta"},
+    {&s_a_step_items, "_step_items"}, {&s_a_step_field, "_step_field"}, {&s_l_requests, "requests"},
+    {&s_l_total_rows, "total_rows"}, {&s_l_num_sequences, "num_sequences"}, {&s_r_base, "base"},
+    {&s_r_delta, "delta"}, {&s_g_native, "native"}, {&s_g_parts_bytes, "parts_bytes"}, {&s_c_steps, "steps"},
+    {&s_c_repeat_steps, "repeat_steps"}, {&s_c_unknown_rows, "unknown_request_rows"}, {&s_last, "last"},
+    {&s_all_decode, "all_decode"}, {&s_made, "_made"}, {&s_a_closed, "_closed"},
+    {&s_a_sampled_live, "_sampled_live"}, {&s_a_staging, "_staging"}, {&s_g_written_slabs, "written_slabs"},
+    {&s_c_idle_steps, "idle_steps"},
+};
 
 PyMODINIT_FUNC PyInit__capture(void) {
     crc_init();
-    INTERN(s_element_size, "element_size");
-    INTERN(s_reserved, "_reserved"); INTERN(s_seq, "_seq"); INTERN(s_is_cpu, "is_cpu"); INTERN(s_size, "size");
-    INTERN(s_stride, "stride"); INTERN(s_data_ptr, "data_ptr"); INTERN(s_dtype, "dtype");
-    INTERN(s_hidden_states, "hidden_states"); INTERN(s_input, "input"); INTERN(s_native_wants, "_native_wants");
-    INTERN(s_native_group, "_native_group"); INTERN(s_native_plan, "_native_plan"); INTERN(s_tap_body, "_tap_body");
-    INTERN(s_tap_failed, "tap_failed"); INTERN(s_native_step_frame, "_native_step_frame");
-    INTERN(s_forward_mode, "forward_mode"); INTERN(s_batch_size, "batch_size"); INTERN(s_rids, "rids");
-    INTERN(s_input_ids, "input_ids"); INTERN(s_shape, "shape"); INTERN(s_seq_lens_cpu, "seq_lens_cpu");
-    INTERN(s_tolist, "tolist"); INTERN(s_mode, "mode"); INTERN(s_last_seq_lens, "last_seq_lens");
-    INTERN(s_a_pending, "_pending_summaries"); INTERN(s_a_repeat, "_repeat"); INTERN(s_a_layout, "_layout");
-    INTERN(s_a_epoch, "_epoch"); INTERN(s_a_selection, "selection"); INTERN(s_a_disabled, "disabled_reason");
-    INTERN(s_a_counters, "_counters"); INTERN(s_a_scalars, "scalars"); INTERN(s_a_step, "_step");
-    INTERN(s_a_plan_unknown, "_plan_unknown"); INTERN(s_a_plan_entries, "_plan_entries");
-    INTERN(s_a_native_groups, "_native_groups"); INTERN(s_a_frame_state, "_step_frame_state");
-    INTERN(s_a_entries, "_entries"); INTERN(s_a_groups, "_groups"); INTERN(s_a_step_open, "_step_open");
-    INTERN(s_a_step_delta, "_step_delta"); INTERN(s_a_step_items, "_step_items"); INTERN(s_a_step_field, "_step_field");
-    INTERN(s_l_requests, "requests"); INTERN(s_l_total_rows, "total_rows"); INTERN(s_l_num_sequences, "num_sequences");
-    INTERN(s_r_base, "base"); INTERN(s_r_delta, "delta"); INTERN(s_g_native, "native");
-    INTERN(s_g_parts_bytes, "parts_bytes"); INTERN(s_c_steps, "steps"); INTERN(s_c_repeat_steps, "repeat_steps");
-    INTERN(s_c_unknown_rows, "unknown_request_rows"); INTERN(s_last, "last"); INTERN(s_all_decode, "all_decode");
-    INTERN(s_made, "_made"); INTERN(s_a_closed, "_closed"); INTERN(s_a_sampled_live, "_sampled_live");
-    INTERN(s_a_staging, "_staging"); INTERN(s_g_written_slabs, "written_slabs"); INTERN(s_c_idle_steps, "idle_steps");
+    for (size_t i = 0; i < sizeof(INTERNED) / sizeof(INTERNED[0]); i++)
+        if (!(*INTERNED[i].var = PyUnicode_InternFromString(INTERNED[i].name))) return NULL;
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&GroupType) < 0 || PyType_Ready(&CoreType) < 0 || PyType_Ready(&TimerType) < 0 ||
         PyType_Ready(&TapType) < 0 || PyType_Ready(&ForwardWrapType) < 0)
         return NULL;
