@@ -2,9 +2,9 @@
 """Where the SGLang plugin's time per forward goes on a real SGLang server (CPU engine): each
 section of the plugin and the agent timed inside the scheduler process, cache-cold as in serving.
 
-One server (random Llama, hidden 512, 4 layers, float32 by default: `--layers`, `--hidden`; one model thread) with the plugin,
-`hidden-states` selected, and a ring consumer (sglang_overhead.py's); its scheduler process loads
-an instrumentation module (a generated `sitecustomize.py`, on the server's PYTHONPATH only, not
+One server (random Llama, hidden 512, 4 layers, float32 by default: `--layers`, `--hidden`; one
+model thread) with the plugin, `hidden-states` selected, and a ring consumer (sglang_overhead.py's;
+`--no-drain`: none); its scheduler process loads an instrumentation module (a generated `sitecustomize.py`, on the server's PYTHONPATH only, not
 part of the product) that wraps each section below with a perf_counter_ns pair and writes the
 totals to a file every second. Blocks of `--rounds` rounds (8 concurrent requests, 32 prompt + 48
 new tokens) run `hidden-states`, then capture off, then `hidden-states` again; reported per
@@ -23,6 +23,13 @@ model), `taps, by difference` that minus the plugin's sections. Every wrapped ca
 wrapper's own frame (~1 µs cold), so a section is an upper bound; the sum of the wrapped ones
 over-counts by about that per call. The repeat-step count (`stats().repeat_steps`) says whether
 steady decode steps took the O(1) path.
+
+`--paired N` (instead of the blocks): N pairs of rounds, capture on and off in a random order
+within a pair, each round measured alone, and per pair on - off of the scheduler thread's CPU, the
+model's forward, the agent's counter and the plugin's sections, with 90% intervals: how much of
+capture's cost is the agent's own work, the model running slower, or SGLang's scheduling.
+`--logits-only` adds a third round to each group: capture on with only the logits selected (the
+plugin's per-step work, no module tap inside the model).
 
     PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
         .cache/sglang-venv/bin/python scripts/bench/sglang_sections.py --rounds 20 --json sections.json
@@ -160,7 +167,7 @@ def _install(out_dir):
                 continue
             st = rt.agent.stats()
             snap = dict(acc, agent_thread=[int(st.thread_seconds * 1e9), 0], steps=[st.steps, 0],
-                        repeat_steps=[st.repeat_steps, 0], **thread_counters())
+                        repeat_steps=[st.repeat_steps, 0], dropped=[st.dropped, 0], **thread_counters())
             snap["_t"] = [time.time(), 0]   # when this snapshot was taken (a reader waits for a fresh one)
             tmp = os.path.join(out_dir, f".{os.getpid()}.tmp")
             with open(tmp, "w") as f:
@@ -194,6 +201,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="rounds per block (three blocks)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--logits-only", action="store_true",
+                    help="--paired: a third round in each group, capture on with only the logits selected (the "
+                         "plugin's per-step work and one capture, no module tap inside the model)")
+    ap.add_argument("--no-drain", action="store_true",
+                    help="no ring consumer: the ring (256 MiB) takes what the rounds write (about 40 pairs of "
+                         "hidden-states rounds); the run fails if the agent dropped anything")
     ap.add_argument("--layers", type=int, default=4, help="the random Llama's layers (4: ~37 MB of float32 weights, "
                                                           "about this machine's 32 MiB L3)")
     ap.add_argument("--hidden", type=int, default=512)
@@ -218,14 +231,16 @@ def main(argv=None) -> None:
                "TT_SECTIONS_OUT": out_dir, "TT_SECTIONS_EVERY": "0.1" if a.paired else "1.0",
                "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)}
         srv = SGLangServer(model, ring_dir=rings, log_path=os.path.join(work, "server.log"), env_extra=env).start()
-        drain = RingDrain(rings)
+        drain = None if a.no_drain else RingDrain(rings)
         rng = random.Random(1)
         prompts = [[rng.randrange(4, 250) for _ in range(32)] for _ in range(8)]
 
-        def one_round(capture: bool) -> None:
+        def one_round(capture) -> None:
+            # capture: True (the server's hidden-states), False (off), or the request's own options
+            options = capture if isinstance(capture, dict) else {"capture": capture}
             body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
                 "max_new_tokens": 48, "temperature": 0, "ignore_eos": True,
-                "custom_params": {"tensortrace": {"capture": capture}}}}
+                "custom_params": {"tensortrace": options}}}
             threads = [threading.Thread(target=srv.post, args=("/generate", body(p))) for p in prompts]
             for t in threads:
                 t.start()
@@ -259,10 +274,10 @@ def main(argv=None) -> None:
             order = random.Random(2)
             for _ in range(a.paired):
                 pair = {}
-                for capture in order.sample([True, False], 2):
+                for kind in order.sample(list(KINDS[:3 if a.logits_only else 2]), 3 if a.logits_only else 2):
                     s0 = snapshot()
-                    one_round(capture)
-                    pair["on" if capture else "off"] = delta(s0, snapshot())
+                    one_round(KINDS[kind])
+                    pair[kind] = delta(s0, snapshot())
                 pairs.append(pair)
         else:
             for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
@@ -315,14 +330,15 @@ def main(argv=None) -> None:
             json.dump({"config": vars(a), "blocks": result, "raw": blocks}, f, indent=1)
 
 
+KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}}   # --paired's round kinds
 PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps inside)", "model"),
           ("agent thread", "agent_thread"), ("forward, outside the model", "outside_model"),
           ("observe_batch", "observe_batch"), ("finish_requests", "finish_requests")]
 
 
 def report_paired(a, pairs) -> None:
-    """Per pair of rounds: on - off, µs per forward, of each measure; the median over pairs and its
-    90% bootstrap interval. Derived rows: the taps (the agent's counter minus the plugin's timed
+    """Per group of rounds: on - off (and logits - off with --logits-only), µs per forward, of each
+    measure; the median over groups and its 90% bootstrap interval. Derived rows: the taps (the agent's counter minus the plugin's timed
     sections), the model without the taps (model forward - taps: what capture does to the model's
     own kernels), and the rest of the scheduler thread (its CPU minus the model and the plugin's
     sections: SGLang's own scheduling work)."""
@@ -339,24 +355,35 @@ def report_paired(a, pairs) -> None:
         out["scheduler thread, rest (SGLang)"] = out["scheduler thread CPU"] - out["model forward (taps inside)"] - plugin
         return out
 
-    rows = {}
-    on = [derived(p["on"]) for p in pairs]
+    tables = {}
     off = [derived(p["off"]) for p in pairs]
-    print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(pairs)} pairs of rounds "
-          f"(hidden-states on / off, random order within a pair), µs per forward; load average {os.getloadavg()[0]:.2f}")
-    print(f"{'measure':<40}{'on':>10}{'off':>10}{'on - off':>11}   90% interval")
-    for label in on[0]:
-        diffs = [x[label] - y[label] for x, y in zip(on, off)]
-        m_on, m_off, m = median(x[label] for x in on), median(y[label] for y in off), median(diffs)
-        lo, hi = median_ci(diffs)
-        rows[label] = {"on": m_on, "off": m_off, "diff": m, "diff_ci90": [lo, hi]}
-        print(f"{label:<40}{m_on:>10.1f}{m_off:>10.1f}{m:>+11.1f}   [{lo:+.1f}, {hi:+.1f}]")
+    for kind, what in (("on", "hidden-states"), ("logits", "the logits alone")):
+        if kind not in pairs[0]:
+            continue
+        rows = tables[kind] = {}
+        on = [derived(p[kind]) for p in pairs]
+        print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(pairs)} groups of "
+              f"rounds ({what} / off, random order within a group), µs per forward; load average "
+              f"{os.getloadavg()[0]:.2f}")
+        print(f"{'measure':<40}{kind:>10}{'off':>10}{'diff':>11}   90% interval")
+        for label in on[0]:
+            diffs = [x[label] - y[label] for x, y in zip(on, off)]
+            m_on, m_off, m = median(x[label] for x in on), median(y[label] for y in off), median(diffs)
+            lo, hi = median_ci(diffs)
+            rows[label] = {"on": m_on, "off": m_off, "diff": m, "diff_ci90": [lo, hi]}
+            print(f"{label:<40}{m_on:>10.1f}{m_off:>10.1f}{m:>+11.1f}   [{lo:+.1f}, {hi:+.1f}]")
+    dropped = sum(b.get("dropped", [0, 0])[0] for p in pairs for b in p.values())
+    consumer = "no ring consumer" if a.no_drain else "a ring consumer draining"
+    print(f"({consumer}; records dropped: {dropped})")
+    if dropped and a.no_drain:
+        raise SystemExit("the ring filled without a consumer: fewer --paired pairs")
     forwards = median(p["on"]["model"][1] for p in pairs)
     print(f"(forwards a round: {forwards:.0f}; steps (repeat steps) in the capture rounds: "
           f"{sum(p['on']['steps'][0] for p in pairs)} ({sum(p['on']['repeat_steps'][0] for p in pairs)}))")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"config": vars(a), "paired": rows, "raw": pairs}, f, indent=1)
+            json.dump({"config": vars(a), "paired": tables["on"], "paired_logits": tables.get("logits"),
+                       "raw": pairs}, f, indent=1)
 
 
 if __name__ == "__main__":
