@@ -29,7 +29,8 @@ within a pair, each round measured alone, and per pair on - off of the scheduler
 model's forward, the agent's counter and the plugin's sections, with 90% intervals: how much of
 capture's cost is the agent's own work, the model running slower, or SGLang's scheduling.
 `--logits-only` adds a third round to each group: capture on with only the logits selected (the
-plugin's per-step work, no module tap inside the model).
+plugin's per-step work, no module tap inside the model); `--pause-consumer` one more: hidden-states
+with the ring consumer stopped for the round (SIGSTOP, then SIGCONT and a second to catch up).
 
     PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
         .cache/sglang-venv/bin/python scripts/bench/sglang_sections.py --rounds 20 --json sections.json
@@ -43,6 +44,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -204,6 +206,9 @@ def main(argv=None) -> None:
     ap.add_argument("--logits-only", action="store_true",
                     help="--paired: a third round in each group, capture on with only the logits selected (the "
                          "plugin's per-step work and one capture, no module tap inside the model)")
+    ap.add_argument("--pause-consumer", action="store_true",
+                    help="--paired: a round more in each group, hidden-states with the ring consumer stopped "
+                         "(SIGSTOP) for the round and caught up after it: the consumer's effect on the model")
     ap.add_argument("--no-drain", action="store_true",
                     help="no ring consumer: the ring (256 MiB) takes what the rounds write (about 40 pairs of "
                          "hidden-states rounds); the run fails if the agent dropped anything")
@@ -274,10 +279,18 @@ def main(argv=None) -> None:
             order = random.Random(2)
             for _ in range(a.paired):
                 pair = {}
-                for kind in order.sample(list(KINDS[:3 if a.logits_only else 2]), 3 if a.logits_only else 2):
+                kinds = ["on", "off"] + ["logits"] * a.logits_only + ["paused"] * a.pause_consumer
+                for kind in order.sample(kinds, len(kinds)):
                     s0 = snapshot()
-                    one_round(KINDS[kind])
-                    pair[kind] = delta(s0, snapshot())
+                    if kind == "paused":   # the ring consumer stopped for this round, then caught up
+                        os.kill(drain.proc.pid, signal.SIGSTOP)
+                    try:
+                        one_round(KINDS[kind])
+                        pair[kind] = delta(s0, snapshot())
+                    finally:
+                        if kind == "paused":
+                            os.kill(drain.proc.pid, signal.SIGCONT)
+                            time.sleep(1.0)   # (it drains the round's frames before the next round)
                 pairs.append(pair)
         else:
             for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
@@ -330,7 +343,8 @@ def main(argv=None) -> None:
             json.dump({"config": vars(a), "blocks": result, "raw": blocks}, f, indent=1)
 
 
-KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}}   # --paired's round kinds
+# --paired's round kinds: the request options of each ("paused": hidden-states, the consumer stopped)
+KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}, "paused": True}
 PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps inside)", "model"),
           ("agent thread", "agent_thread"), ("forward, outside the model", "outside_model"),
           ("observe_batch", "observe_batch"), ("finish_requests", "finish_requests")]
@@ -357,7 +371,8 @@ def report_paired(a, pairs) -> None:
 
     tables = {}
     off = [derived(p["off"]) for p in pairs]
-    for kind, what in (("on", "hidden-states"), ("logits", "the logits alone")):
+    for kind, what in (("on", "hidden-states"), ("logits", "the logits alone"),
+                       ("paused", "hidden-states, the ring consumer stopped")):
         if kind not in pairs[0]:
             continue
         rows = tables[kind] = {}
@@ -383,6 +398,7 @@ def report_paired(a, pairs) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "paired": tables["on"], "paired_logits": tables.get("logits"),
+                       "paired_paused": tables.get("paused"),
                        "raw": pairs}, f, indent=1)
 
 
