@@ -298,11 +298,12 @@ class CaptureAgent:
         self.tap = core.tap
         cls = type(self)
         if core.bind(ShiftedRows, RowDomain.SEQUENCES, cls.begin_step, _identity, cls.idle_step, cls.end_step):
-            # A steady step's agent calls are C calls, no Python frame ("Repeat steps", docs/agent.md):
-            # the Core reads and sets this agent's attributes (its instance dict) as the Python
-            # methods do for begin_step's repeat case, idle_step's "a sampled request is live" and
-            # end_step's step of a plan that may repeat, and calls the class's method for every
-            # other case. capture(): the Core's step is open exactly while _step_open is True.
+            # A steady step's agent calls are C calls, no Python frame (docs/agent.md, "A steady
+            # step's agent calls are C calls"): the Core reads and sets this agent's attributes (its
+            # instance dict) as the Python methods do for begin_step's repeat case, idle_step's two
+            # common answers and end_step's step of a plan that may repeat, and calls the class's
+            # method for every other case. capture(): the Core's step is open exactly while
+            # _step_open is True.
             self.begin_step = core.begin_step
             self.idle_step = core.idle_step
             self.end_step = core.end_step
