@@ -30,7 +30,9 @@ model's forward, the agent's counter and the plugin's sections, with 90% interva
 capture's cost is the agent's own work, the model running slower, or SGLang's scheduling.
 `--logits-only` adds a third round to each group: capture on with only the logits selected (the
 plugin's per-step work, no module tap inside the model); `--pause-consumer` one more: hidden-states
-with the ring consumer stopped for the round (SIGSTOP, then SIGCONT and a second to catch up).
+with the ring consumer stopped for the round (SIGSTOP, then SIGCONT and a second to catch up);
+`--synthetic` one more: capture off while a second agent of the instrument's own does a
+logits-only step's work around every forward (its footprint on the model's caches, the plugin idle).
 
     PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
         .cache/sglang-venv/bin/python scripts/bench/sglang_sections.py --rounds 20 --json sections.json
@@ -108,6 +110,26 @@ def _install(out_dir):
     wrap(taps.SGLangTaps, "sync", "sync")
     real_forward = plugin.SGLangCapture.forward
 
+    # --synthetic's rounds (capture off; a flag file the dump thread watches): a second agent of
+    # its own, on a ring of its own, does what a logits-only capture step does around each forward
+    # (the layout's torch reads, begin_step before; the logits row and end_step after), so its
+    # footprint lands on the model's caches with the real agent idle
+    synth = {"on": False, "agent": None, "layout": None}
+    flag = os.path.join(out_dir, "synthetic")
+
+    def synth_agent():
+        from tensortrace.agent import AgentConfig, Phase, RequestRows, Selection, StepLayout
+        agent = CaptureAgent(AgentConfig(ring_dir=os.environ["TT_SECTIONS_SYNTH_RING"], model_id="synthetic",
+                                         pod="synthetic", ring_capacity=256 << 20),
+                             Selection(hooks=frozenset({"logits"}), positions="all"))
+        rids = [f"synthetic-{i}" for i in range(8)]
+        for r in rids:
+            agent.begin_request(r)
+        synth["layout"] = StepLayout(tuple(RequestRows(r, i, 1, 40, Phase.DECODE, i) for i, r in enumerate(rids)),
+                                     total_rows=8, num_sequences=8)
+        synth["agent"] = agent
+        return agent
+
     def forward(self, original, runner, fb, *a, **k):
         model = [0]
         def run_model(*aa, **kk):
@@ -117,10 +139,28 @@ def _install(out_dir):
             finally:
                 model[0] = pc() - t0
         t0 = pc()
+        extra = 0
+        agent = None
+        if synth["on"]:
+            agent = synth["agent"] or synth_agent()
+            fb.seq_lens_cpu.tolist(), fb.input_ids.shape
+            synth["layout"] = layout = synth["layout"].advanced()
+            agent.begin_step(layout)
+            extra = pc() - t0
+        out = None
         try:
-            return real_forward(self, run_model, runner, fb, *a, **k)
+            out = real_forward(self, run_model, runner, fb, *a, **k)
+            return out
         finally:
-            for key, ns in (("outside_model", pc() - t0 - model[0]), ("model", model[0])):
+            if agent is not None:
+                t1 = pc()
+                logits = getattr(getattr(out, "logits_output", None), "next_token_logits", None)
+                if logits is not None:
+                    agent.capture("logits", -1, logits)
+                agent.end_step()
+                extra += pc() - t1
+            for key, ns in (("outside_model", pc() - t0 - model[0] - extra), ("model", model[0]),
+                            ("synthetic", extra)):
                 e = acc.setdefault(key, [0, 0])
                 e[0] += ns
                 e[1] += 1
@@ -164,6 +204,7 @@ def _install(out_dir):
     def dump():
         while True:
             time.sleep(every)
+            synth["on"] = os.path.exists(flag)
             rt = plugin._RUNTIME
             if rt is None or rt.agent is None:
                 continue
@@ -209,6 +250,11 @@ def main(argv=None) -> None:
     ap.add_argument("--pause-consumer", action="store_true",
                     help="--paired: a round more in each group, hidden-states with the ring consumer stopped "
                          "(SIGSTOP) for the round and caught up after it: the consumer's effect on the model")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="--paired: a round more in each group, capture off while a second agent of the "
+                         "instrument's own (its own ring, not drained: about 100 groups fit) does a logits-only "
+                         "step's work around every forward: that footprint's effect on the model, the real "
+                         "agent idle")
     ap.add_argument("--no-drain", action="store_true",
                     help="no ring consumer: the ring (256 MiB) takes what the rounds write (about 40 pairs of "
                          "hidden-states rounds); the run fails if the agent dropped anything")
@@ -234,6 +280,7 @@ def main(argv=None) -> None:
         model = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
         env = {"TENSORTRACE_SELECTION": "hidden-states", "TENSORTRACE_RING_CAPACITY": "256M", "OMP_NUM_THREADS": "1",
                "TT_SECTIONS_OUT": out_dir, "TT_SECTIONS_EVERY": "0.1" if a.paired else "1.0",
+               "TT_SECTIONS_SYNTH_RING": os.path.join(rings, "synthetic"),
                "PYTHONPATH": os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)}
         srv = SGLangServer(model, ring_dir=rings, log_path=os.path.join(work, "server.log"), env_extra=env).start()
         drain = None if a.no_drain else RingDrain(rings)
@@ -279,8 +326,12 @@ def main(argv=None) -> None:
             order = random.Random(2)
             for _ in range(a.paired):
                 pair = {}
-                kinds = ["on", "off"] + ["logits"] * a.logits_only + ["paused"] * a.pause_consumer
+                kinds = (["on", "off"] + ["logits"] * a.logits_only + ["paused"] * a.pause_consumer
+                         + ["synthetic"] * a.synthetic)
                 for kind in order.sample(kinds, len(kinds)):
+                    if kind == "synthetic":   # the instrumented scheduler sees the flag within 0.1 s
+                        open(os.path.join(out_dir, "synthetic"), "w").close()
+                        time.sleep(0.3)
                     s0 = snapshot()
                     if kind == "paused":   # the ring consumer stopped for this round, then caught up
                         os.kill(drain.proc.pid, signal.SIGSTOP)
@@ -291,6 +342,9 @@ def main(argv=None) -> None:
                         if kind == "paused":
                             os.kill(drain.proc.pid, signal.SIGCONT)
                             time.sleep(1.0)   # (it drains the round's frames before the next round)
+                        if kind == "synthetic":
+                            os.remove(os.path.join(out_dir, "synthetic"))
+                            time.sleep(0.3)
                 pairs.append(pair)
         else:
             for name, capture in (("hidden-states", True), ("off", False), ("hidden-states, again", True)):
@@ -344,8 +398,10 @@ def main(argv=None) -> None:
 
 
 # --paired's round kinds: the request options of each ("paused": hidden-states, the consumer stopped)
-KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}, "paused": True}
+KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}, "paused": True,
+         "synthetic": False}
 PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps inside)", "model"),
+          ("synthetic step (--synthetic)", "synthetic"),
           ("agent thread", "agent_thread"), ("forward, outside the model", "outside_model"),
           ("observe_batch", "observe_batch"), ("finish_requests", "finish_requests")]
 
@@ -366,13 +422,15 @@ def report_paired(a, pairs) -> None:
         plugin = out["forward, outside the model"] + out["observe_batch"] + out["finish_requests"]
         out["taps (agent thread - plugin sections)"] = out["agent thread"] - plugin
         out["model without the taps"] = out["model forward (taps inside)"] - out["taps (agent thread - plugin sections)"]
-        out["scheduler thread, rest (SGLang)"] = out["scheduler thread CPU"] - out["model forward (taps inside)"] - plugin
+        out["scheduler thread, rest (SGLang)"] = (out["scheduler thread CPU"] - out["model forward (taps inside)"] - plugin
+                                                  - out["synthetic step (--synthetic)"])
         return out
 
     tables = {}
     off = [derived(p["off"]) for p in pairs]
     for kind, what in (("on", "hidden-states"), ("logits", "the logits alone"),
-                       ("paused", "hidden-states, the ring consumer stopped")):
+                       ("paused", "hidden-states, the ring consumer stopped"),
+                       ("synthetic", "capture off, a second agent's logits-only step around each forward")):
         if kind not in pairs[0]:
             continue
         rows = tables[kind] = {}
@@ -398,7 +456,7 @@ def report_paired(a, pairs) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "paired": tables["on"], "paired_logits": tables.get("logits"),
-                       "paired_paused": tables.get("paused"),
+                       "paired_paused": tables.get("paused"), "paired_synthetic": tables.get("synthetic"),
                        "raw": pairs}, f, indent=1)
 
 
