@@ -33,6 +33,7 @@ plugin's per-step work, no module tap inside the model); `--pause-consumer` one 
 with the ring consumer stopped for the round (SIGSTOP, then SIGCONT and a second to catch up);
 `--synthetic` one more: capture off while a second agent of the instrument's own does a
 logits-only step's work around every forward (its footprint on the model's caches, the plugin idle).
+`--pool A.json,B.json` prints the tables of several such runs' rounds together (no server).
 
     PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
         .cache/sglang-venv/bin/python scripts/bench/sglang_sections.py --rounds 20 --json sections.json
@@ -266,7 +267,16 @@ def main(argv=None) -> None:
                          "within each pair, every round measured alone; reports the per-pair difference "
                          "(on - off, µs per forward) of each section, of the model's forward and of the "
                          "scheduler thread's CPU, with 90%% intervals: where capture's cost goes")
+    ap.add_argument("--pool", default="", metavar="JSON,...",
+                    help="no server: the --paired tables of these runs' rounds together (their JSON `raw`)")
     a = ap.parse_args(argv)
+    if a.pool:
+        pairs = []
+        for path in a.pool.split(","):
+            with open(path) as f:
+                pairs += json.load(f)["raw"]
+        report_paired(a, pairs)
+        return
     work = tempfile.mkdtemp(prefix="tt-sections-")
     rings = ring_tmpdir("tt-sections-rings-")
     out_dir = os.path.join(work, "sections")
@@ -407,8 +417,9 @@ PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps ins
 
 
 def report_paired(a, pairs) -> None:
-    """Per group of rounds: on - off (and logits - off with --logits-only), µs per forward, of each
-    measure; the median over groups and its 90% bootstrap interval. Derived rows: the taps (the agent's counter minus the plugin's timed
+    """Per group of rounds: each round kind - off (hidden-states `on`; `logits`, `paused`,
+    `synthetic` where run), µs per forward, of each measure; the median over groups and its 90%
+    bootstrap interval. Derived rows: the taps (the agent's counter minus the plugin's timed
     sections), the model without the taps (model forward - taps: what capture does to the model's
     own kernels), and the rest of the scheduler thread (its CPU minus the model and the plugin's
     sections: SGLang's own scheduling work)."""
@@ -427,15 +438,16 @@ def report_paired(a, pairs) -> None:
         return out
 
     tables = {}
-    off = [derived(p["off"]) for p in pairs]
     for kind, what in (("on", "hidden-states"), ("logits", "the logits alone"),
                        ("paused", "hidden-states, the ring consumer stopped"),
                        ("synthetic", "capture off, a second agent's logits-only step around each forward")):
-        if kind not in pairs[0]:
+        groups = [p for p in pairs if kind in p]   # (--pool: files with different round kinds)
+        if not groups:
             continue
         rows = tables[kind] = {}
-        on = [derived(p[kind]) for p in pairs]
-        print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(pairs)} groups of "
+        on = [derived(p[kind]) for p in groups]
+        off = [derived(p["off"]) for p in groups]
+        print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(groups)} groups of "
               f"rounds ({what} / off, random order within a group), µs per forward; load average "
               f"{os.getloadavg()[0]:.2f}")
         print(f"{'measure':<40}{kind:>10}{'off':>10}{'diff':>11}   90% interval")
@@ -450,9 +462,10 @@ def report_paired(a, pairs) -> None:
     print(f"({consumer}; records dropped: {dropped})")
     if dropped and a.no_drain:
         raise SystemExit("the ring filled without a consumer: fewer --paired pairs")
-    forwards = median(p["on"]["model"][1] for p in pairs)
+    forwards = median(p["on"]["model"][1] for p in pairs if "on" in p)
     print(f"(forwards a round: {forwards:.0f}; steps (repeat steps) in the capture rounds: "
-          f"{sum(p['on']['steps'][0] for p in pairs)} ({sum(p['on']['repeat_steps'][0] for p in pairs)}))")
+          f"{sum(p['on']['steps'][0] for p in pairs if 'on' in p)} "
+          f"({sum(p['on']['repeat_steps'][0] for p in pairs if 'on' in p)}))")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "paired": tables["on"], "paired_logits": tables.get("logits"),
