@@ -434,19 +434,8 @@ static unsigned char *put_varint(unsigned char *p, unsigned long long v);
  * groups (reset or shifted in place by the agent). items, delta (a repeat step of a plan whose
  * STEP frame requests are known, as write_step takes them; items None: not known): the first slab
  * writes the STEP frame here, without asking the agent (_native_step_frame) */
-static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
-    Core *self = (Core *)self_;
-    if (nargs != 4 && nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "begin(step, total_rows, num_sequences, keep[, items, delta])");
-        return NULL;
-    }
-    unsigned long long step = PyLong_AsUnsignedLongLong(args[0]);
-    long long tr = PyLong_AsLongLong(args[1]), ns = PyLong_AsLongLong(args[2]);
-    int keep = PyObject_IsTrue(args[3]);
-    long long delta = nargs == 6 ? PyLong_AsLongLong(args[5]) : 0;
-    if (PyErr_Occurred()) return NULL;
-    PyObject *items = nargs == 6 && args[4] != Py_None ? args[4] : NULL;
-    if (items && !PyList_Check(items)) { PyErr_SetString(PyExc_TypeError, "begin: items must be a list or None"); return NULL; }
+static PyObject *begin_step_field(Core *self, unsigned long long step, long long tr, long long ns, int keep,
+                                  PyObject *items, long long delta) {   /* begin()'s work; items: a list or NULL */
     Py_XSETREF(self->step_items, Py_XNewRef(items));
     self->step_delta = delta;
     unsigned char buf[11], *p = buf;
@@ -464,14 +453,43 @@ static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t n
     return sf;
 }
 
+static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs) {
+    Core *self = (Core *)self_;
+    if (nargs != 4 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "begin(step, total_rows, num_sequences, keep[, items, delta])");
+        return NULL;
+    }
+    unsigned long long step = PyLong_AsUnsignedLongLong(args[0]);
+    long long tr = PyLong_AsLongLong(args[1]), ns = PyLong_AsLongLong(args[2]);
+    int keep = PyObject_IsTrue(args[3]);
+    long long delta = nargs == 6 ? PyLong_AsLongLong(args[5]) : 0;
+    if (PyErr_Occurred()) return NULL;
+    PyObject *items = nargs == 6 && args[4] != Py_None ? args[4] : NULL;
+    if (items && !PyList_Check(items)) { PyErr_SetString(PyExc_TypeError, "begin: items must be a list or None"); return NULL; }
+    return begin_step_field(self, step, tr, ns, keep, items, delta);
+}
+
 /* heartbeat() -> True when the control block's seq moved since control_seen (the agent then
  * polls it in Python): the producer heartbeat store and the control check of every begin_step */
+static int heartbeat_moved(Core *c) {   /* (c->base set) the heartbeat stored; the control block moved? */
+    __atomic_store_n((unsigned long long *)(c->base + OFF_HEARTBEAT), (unsigned long long)now_ns(CLOCK_REALTIME),
+                     __ATOMIC_RELAXED);
+    return __atomic_load_n((unsigned long long *)(c->base + 512), __ATOMIC_ACQUIRE) != c->control_seen;
+}
+
 static PyObject *Core_heartbeat(Core *self, PyObject *unused) {
     if (!self->base) Py_RETURN_FALSE;
-    __atomic_store_n((unsigned long long *)(self->base + OFF_HEARTBEAT), (unsigned long long)now_ns(CLOCK_REALTIME),
-                     __ATOMIC_RELAXED);
-    unsigned long long seq = __atomic_load_n((unsigned long long *)(self->base + 512), __ATOMIC_ACQUIRE);
-    return PyBool_FromLong(seq != self->control_seen);
+    return PyBool_FromLong(heartbeat_moved(self));
+}
+
+/* The step ends: thread_ns += now - t0 (CLOCK_MONOTONIC = time.perf_counter_ns), stored in the ring
+ * header (the exporter's metric); the step is closed. finish(), and the C idle_step / end_step. */
+static void close_step(Core *c, int64_t t0) {
+    c->open = 0;
+    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
+    if (c->base)
+        __atomic_store_n((unsigned long long *)(c->base + OFF_THREAD_NS), (unsigned long long)c->thread_ns,
+                         __ATOMIC_RELAXED);
 }
 
 /* ---- begin_step's repeat case (CaptureAgent._begin_step, "Repeat steps" in docs/agent.md) ----
@@ -547,8 +565,6 @@ static int rows_base(Core *c, PyObject *layout, PyObject **base, long long *delt
     return 0;
 }
 
-static PyObject *Core_begin(PyObject *self_, PyObject *const *args, Py_ssize_t nargs);
-
 /* begin_step(layout) -> True (a repeat step) / False: CaptureAgent.begin_step's contract */
 static PyObject *Core_begin_step(PyObject *self_, PyObject *layout) {
     Core *c = (Core *)self_;
@@ -565,10 +581,7 @@ static PyObject *Core_begin_step(PyObject *self_, PyObject *layout) {
     PyObject *epoch = PyDict_GetItemWithError(d, s_a_epoch), *sel = PyDict_GetItemWithError(d, s_a_selection);
     if (!epoch || !sel || PyTuple_GET_ITEM(repeat, 1) != sel) goto python;
     if (PyObject_RichCompareBool(PyTuple_GET_ITEM(repeat, 0), epoch, Py_EQ) != 1) goto python;
-    /* the heartbeat store and the control check (Core_heartbeat); the block moved: the Python way */
-    __atomic_store_n((unsigned long long *)(c->base + OFF_HEARTBEAT), (unsigned long long)now_ns(CLOCK_REALTIME),
-                     __ATOMIC_RELAXED);
-    if (__atomic_load_n((unsigned long long *)(c->base + 512), __ATOMIC_ACQUIRE) != c->control_seen) goto python;
+    if (heartbeat_moved(c)) goto python;   /* the control block moved: the Python way polls it */
     PyObject *shape = PyObject_GetAttr(layout, s_shape), *pshape = shape ? PyObject_GetAttr(prev, s_shape) : NULL;
     int same_shape = pshape && shape != Py_None && shape == pshape;
     Py_XDECREF(shape); Py_XDECREF(pshape);
@@ -632,13 +645,11 @@ static PyObject *Core_begin_step(PyObject *self_, PyObject *layout) {
         goto fail;
     Py_SETREF(o, PyLong_FromLongLong(sd + delta));
     if (!o || PyDict_SetItem(d, s_a_step_delta, o) < 0) goto fail;
-    {
-        PyObject *bargs[6] = {NULL, NULL, NULL, Py_True, items, o};
-        PyObject *stepo = PyLong_FromLongLong(stepn + 1), *tro2 = PyLong_FromLongLong(tr), *nso2 = PyLong_FromLongLong(ns);
-        bargs[0] = stepo; bargs[1] = tro2; bargs[2] = nso2;
-        sf = stepo && tro2 && nso2 ? Core_begin(self_, bargs, 6) : NULL;
-        Py_XDECREF(stepo); Py_XDECREF(tro2); Py_XDECREF(nso2);
+    if (items != Py_None && !PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "begin_step: _step_items must be a list or None");
+        goto fail;
     }
+    sf = begin_step_field(c, (unsigned long long)(stepn + 1), tr, ns, 1, items == Py_None ? NULL : items, sd + delta);
     if (!sf || PyDict_SetItem(d, s_a_step_field, sf) < 0) goto fail;
     Py_DECREF(sf); Py_DECREF(o); Py_DECREF(groups); Py_DECREF(scalars);
     Py_DECREF(entries); Py_DECREF(ngroups); Py_DECREF(items); Py_DECREF(layout);
@@ -683,11 +694,8 @@ static PyObject *Core_idle_step(PyObject *self_, PyObject *unused) {
                      *step = PyDict_GetItemWithError(d, s_a_step), *counters = PyDict_GetItemWithError(d, s_a_counters);
             if (n == 0 && pending && PyObject_IsTrue(pending) == 0 && repeat == Py_None && step &&
                 PyLong_CheckExact(step) && counters) {
-                __atomic_store_n((unsigned long long *)(c->base + OFF_HEARTBEAT),
-                                 (unsigned long long)now_ns(CLOCK_REALTIME), __ATOMIC_RELAXED);
                 PyObject *scalars = NULL;
-                if (__atomic_load_n((unsigned long long *)(c->base + 512), __ATOMIC_ACQUIRE) == c->control_seen &&
-                    (scalars = PyObject_GetAttr(counters, s_a_scalars)) && PyDict_Check(scalars)) {
+                if (!heartbeat_moved(c) && (scalars = PyObject_GetAttr(counters, s_a_scalars)) && PyDict_Check(scalars)) {
                     long long sn = PyLong_AsLongLong(step);
                     PyObject *o = sn == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(sn + 1);
                     int rc = !o || PyDict_SetItem(d, s_a_step, o) < 0 || dict_add(scalars, s_c_steps, 1) < 0 ||
@@ -695,10 +703,7 @@ static PyObject *Core_idle_step(PyObject *self_, PyObject *unused) {
                     Py_XDECREF(o);
                     Py_DECREF(scalars);
                     if (!rc) {
-                        c->open = 0;   /* Core_finish(t0) */
-                        c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
-                        __atomic_store_n((unsigned long long *)(c->base + OFF_THREAD_NS),
-                                         (unsigned long long)c->thread_ns, __ATOMIC_RELAXED);
+                        close_step(c, t0);
                         Py_RETURN_TRUE;
                     }
                     /* (out of memory mid-way: the Python method's own error handling decides) */
@@ -738,11 +743,7 @@ static PyObject *Core_end_step(PyObject *self_, PyObject *unused) {
     int rc = !ne || PyDict_SetItem(d, s_a_step_open, Py_False) < 0 || PyDict_SetItem(d, s_a_groups, ng) < 0 ||
              PyDict_SetItem(d, s_a_entries, ne) < 0;
     Py_XDECREF(ng); Py_XDECREF(ne);
-    c->open = 0;
-    c->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;   /* Core_finish(t0) */
-    if (c->base)
-        __atomic_store_n((unsigned long long *)(c->base + OFF_THREAD_NS), (unsigned long long)c->thread_ns,
-                         __ATOMIC_RELAXED);
+    close_step(c, t0);
     if (rc) PyErr_Clear();   /* (out of memory resetting three attributes: the next begin_step sets them) */
     Py_RETURN_NONE;
 python:
@@ -756,11 +757,7 @@ python:
 static PyObject *Core_finish(Core *self, PyObject *arg) {
     long long t0 = PyLong_AsLongLong(arg);
     if (t0 == -1 && PyErr_Occurred()) return NULL;
-    self->open = 0;
-    self->thread_ns += now_ns(CLOCK_MONOTONIC) - t0;
-    if (self->base)
-        __atomic_store_n((unsigned long long *)(self->base + OFF_THREAD_NS), (unsigned long long)self->thread_ns,
-                         __ATOMIC_RELAXED);
+    close_step(self, t0);
     Py_RETURN_NONE;
 }
 
