@@ -15,7 +15,7 @@ all: setup
 
 # A project virtualenv with the package (editable) and its dev deps; re-runs when pyproject, setup.py or
 # a native extension's C source changes (the editable install rebuilds them in place; setup.py NATIVE).
-NATIVE_SRC := $(wildcard services/tensortrace/*/*.c)
+NATIVE_SRC := $(wildcard services/tensortrace/*/*.c services/tensortrace/*/*.h)
 $(STAMP): pyproject.toml setup.py $(NATIVE_SRC)
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (need Python >= 3.10)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ $(KAFKA_STAMP): scripts/kafka/pom.xml
 	mvn -q -B -f scripts/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath $(KAFKA_LIBS))
 	@touch $@
 
-setup: $(STAMP) $(KAFKA_STAMP)
+# The native taps' tensor-geometry reader, compiled against this venv's torch headers (one build per torch
+# version; agent/geometry.py). Without a C++ compiler it says so and the taps use DLPack instead.
+GEOM_STAMP := $(VENV)/.geometry-built
+$(GEOM_STAMP): $(STAMP) services/tensortrace/agent/_tensorgeom.cpp services/tensortrace/agent/tensorgeom.h
+	$(PY) -m tensortrace.agent.geometry build
+	@touch $@
+
+setup: $(STAMP) $(KAFKA_STAMP) $(GEOM_STAMP)
 kafka-jars: $(KAFKA_STAMP)
 
 # helm, built from the Go module proxy (a pinned release, no binary download; ~5-15 min once, then

@@ -15,7 +15,9 @@ floor). Rows:
   answer, the oracle);
 - the agent's steady step on a batch of 8 decode rows (`hidden-states`-like: one 8 x 512 float32
   capture): `begin_step` of a repeat step, `capture`, `end_step`, each the Core's C method vs the
-  Python method (`python`: CaptureAgent's methods on the same native agent).
+  Python method (`python`: CaptureAgent's methods on the same native agent); `C` reads the
+  tensor's geometry from its TensorImpl (agent/_tensorgeom, where built for this torch), `C,
+  geometry via DLPack` from a DLPack export (TENSORTRACE_GEOMETRY=0).
 
     .venv/bin/python scripts/bench/cold_calls.py --calls 300 --json .cache/bench/cold_calls.json
 """
@@ -41,6 +43,7 @@ from _stats import ring_tmpdir  # noqa: E402
 from forward_batches import forward_batch  # noqa: E402
 
 from tensortrace.agent import AgentConfig, CaptureAgent, Phase, RequestRows, Selection, StepLayout  # noqa: E402
+from tensortrace.agent import geometry as tensor_geometry  # noqa: E402
 from tensortrace.agent.backends.sglang import batch_layout  # noqa: E402
 from tensortrace.agent.backends.sglang.batch_layout import plan_step  # noqa: E402
 
@@ -104,9 +107,17 @@ def main(argv=None) -> None:
         rows[name] = median(ts) / 1e3
 
     # the agent's steady step, the Core's methods and the Python ones on one native agent
+    # the agent's steady step: three agents stepped in turn, step for step, so the host's drift
+    # falls on all three alike (C with geometry from the TensorImpl, C with it from DLPack, the
+    # Python methods); the taps' geometry source is the capture module's, set before each step
     ring_dir = ring_tmpdir("tt-cold-calls-")
+    paths = ("C", "C, geometry via DLPack", "python")
+    agents, layouts, ts = {}, {}, {}
+    geometry_cap, why = tensor_geometry.load()
+    if geometry_cap is None:
+        print(f"note: C taps read geometry through DLPack here too: {why}")
     try:
-        for path in ("C", "python"):
+        for path in paths:
             agent = CaptureAgent(AgentConfig(ring_dir=os.path.join(ring_dir, path), model_id="m", pod=path,
                                              ring_capacity=256 << 20, capture_path="native"),
                                  Selection(hooks=frozenset({"resid_pre"}), positions="all"))
@@ -117,32 +128,39 @@ def main(argv=None) -> None:
                     agent.__dict__.pop(name, None)
             for r in rids:
                 agent.begin_request(r, traceparent=TRACE.format(1))
-            layout = StepLayout(tuple(RequestRows(r, i, 1, 4, Phase.DECODE, i) for i, r in enumerate(rids)),
-                                total_rows=B, num_sequences=B)
-            ts = {"begin_step": [], "capture": [], "end_step": []}
-            for k in range(a.calls + 2):
-                for call, args in (("begin_step", (layout,)), ("capture", ("resid_pre", 0, x)), ("end_step", ())):
+            agents[path] = agent
+            layouts[path] = StepLayout(tuple(RequestRows(r, i, 1, 4, Phase.DECODE, i) for i, r in enumerate(rids)),
+                                       total_rows=B, num_sequences=B)
+            ts[path] = {"begin_step": [], "capture": [], "end_step": []}
+        mod = agents["C"]._native_mod
+        for k in range(a.calls + 2):
+            for path in paths:
+                agent = agents[path]
+                mod.use_geometry(None if path == "C, geometry via DLPack" else geometry_cap)
+                for call, args in (("begin_step", (layouts[path],)), ("capture", ("resid_pre", 0, x)), ("end_step", ())):
                     fn = getattr(agent, call)
                     if sweep is not None:
                         sweep.sum()
                     t = pc()
                     fn(*args)
                     if k >= 2:   # (the first steps plan)
-                        ts[call].append(pc() - t)
-                layout = layout.advanced()
-            if agent.stats().repeat_steps < a.calls:
-                raise SystemExit(f"{path}: only {agent.stats().repeat_steps} repeat steps")
-            for call, v in ts.items():
+                        ts[path][call].append(pc() - t)
+                layouts[path] = layouts[path].advanced()
+        for path in paths:
+            if agents[path].stats().repeat_steps < a.calls:
+                raise SystemExit(f"{path}: only {agents[path].stats().repeat_steps} repeat steps")
+            for call, v in ts[path].items():
                 rows[f"agent.{call}, repeat step ({path})"] = median(v) / 1e3
-            agent.close()
     finally:
+        for agent in agents.values():
+            agent.close()
         shutil.rmtree(ring_dir, ignore_errors=True)
 
     load = os.getloadavg()
     print(f"Single calls on the inference thread, {'cache-cold (' + str(a.cold) + ' MiB read before each)' if a.cold else 'warm'}"
           f"; median of {a.calls} calls, µs ({platform.node()}, load {load[0]:.2f})")
     for name, us in rows.items():
-        print(f"  {name:<44} {us:8.2f}")
+        print(f"  {name:<58} {us:8.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"benchmark": "cold_calls", "cold_mib": a.cold, "calls": a.calls, "host": platform.node(),

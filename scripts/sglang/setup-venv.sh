@@ -20,7 +20,11 @@ VENV="${SGLANG_VENV:-$ROOT/.cache/sglang-venv}"
 PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.installed-sglang-$SGLANG_VERSION-tracing"
 # The stamp also depends on pyproject.toml (entry points are installed from it).
+# The native taps' tensor-geometry reader is compiled against this venv's own torch (agent/geometry.py;
+# a no-op when current, a message and the DLPack route without a C++ compiler).
+build_geometry() { "$VENV/bin/python" -m tensortrace.agent.geometry build; }
 if [[ -f "$STAMP" && "$STAMP" -nt "$ROOT/pyproject.toml" ]]; then
+  build_geometry
   echo "sglang venv ready: $VENV (sglang $SGLANG_VERSION)"
   exit 0
 fi
@@ -46,5 +50,6 @@ fi
 "$VENV/bin/pip" install -q --no-deps -e "$ROOT"
 "$VENV/bin/pip" install -q pytest pytest-timeout crc32c zstandard lz4 protobuf numpy opentelemetry-api 2>/dev/null \
   || "$VENV/bin/pip" install -q pytest pytest-timeout crc32c zstandard lz4
+build_geometry
 touch "$STAMP"
 echo "sglang venv built in $(( $(date +%s) - t0 )) s: $VENV (sglang $SGLANG_VERSION)"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tensortrace.agent import AgentConfig, CaptureAgent, Phase, RequestRows, Selection, StepLayout, core, native
+from tensortrace.agent import geometry as tensor_geometry
 from tensortrace.agent.backends.hf import HFBackend
 from tensortrace.devstack.ringread import drain
 from tensortrace.ring.format import HEADER_SIZE, OFF_PRODUCER_STATS, RingReader
@@ -108,12 +109,21 @@ def _synthetic(path, ring_dir):
     return agent, layout
 
 
-@pytest.fixture(params=["dlpack", "accessors"])
-def geometry(request):
-    """How the native taps read a tensor's pointer, shape and strides: one DLPack export (the
-    default where torch has torch._C._to_dlpack) or the tensor's accessors (the fallback)."""
+@pytest.fixture(params=["tensorimpl", "dlpack", "accessors"])
+def geometry(request, monkeypatch):
+    """How the native taps read a tensor's pointer, shape and strides: from its TensorImpl (the
+    agent/_tensorgeom module built for this torch, the default where built), one DLPack export
+    (where it is not) or the tensor's accessors (torch without _to_dlpack)."""
     if NATIVE is None:
         pytest.skip(f"native path not built: {WHY_NOT}")
+    if request.param == "tensorimpl":
+        cap, why = tensor_geometry.load()
+        if cap is None:
+            pytest.skip(f"tensor-geometry module not usable: {why}")
+        yield request.param
+        return
+    monkeypatch.setenv(tensor_geometry.ENV, "0")   # every agent start-up then hands use_geometry(None)
+    NATIVE.use_geometry(None)
     if request.param == "accessors":
         # every agent hands the native module torch._C._to_dlpack at start-up: hide it from them
         saved = torch._C._to_dlpack
@@ -126,6 +136,30 @@ def geometry(request):
             NATIVE.use_dlpack(saved)
         return
     yield request.param
+
+
+@needs_native
+@pytest.mark.skipif(tensor_geometry.load()[0] is None, reason="tensor-geometry module not built")
+def test_a_native_tap_reads_through_the_geometry_module_and_writes_what_dlpack_writes(tmp_path, fixed_clock,
+                                                                                      monkeypatch):
+    """The same tensors captured with the module and with it switched off write the same ring
+    bytes (the ring-byte oracles here that take the `geometry` fixture run every source too)."""
+    base = torch.randn(9, 6)
+    images = {}
+    for mode in ("tensorimpl", "dlpack"):
+        if mode == "dlpack":
+            monkeypatch.setenv(tensor_geometry.ENV, "0")
+        agent, layout = _synthetic("native", tmp_path / mode)
+        assert agent.geometry_reason == ("" if mode == "tensorimpl" else f"disabled by {tensor_geometry.ENV}=0")
+        for t in (base[:7], base[1:8, ::2], base.t()[:, :7].t()):
+            assert sys.modules[tensor_geometry.MODULE].describe(t) is not None   # the module reads it
+            agent.begin_step(layout)
+            agent.capture("resid_pre", 0, t)
+            agent.end_step()
+        images[mode] = (ring_image(agent), stats_of(agent))
+        agent.close()
+    assert images["tensorimpl"] == images["dlpack"]
+    assert images["tensorimpl"][1]["written"] == 2 * 3   # a slab per request per step
 
 
 @needs_native

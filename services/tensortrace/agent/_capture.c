@@ -28,6 +28,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "tensorgeom.h"   /* the interface of agent/_tensorgeom.cpp (built per torch version) */
+
 #define HEADER_SIZE 4096
 #define ALIGN_MASK 63
 #define FRAME_HEADER_SIZE 40
@@ -998,6 +1000,10 @@ typedef struct DLManagedTensor_ {
     void (*deleter)(struct DLManagedTensor_ *);
 } DLManagedTensor_;
 static PyObject *g_to_dlpack;   /* torch._C._to_dlpack, or NULL: the accessors (use_dlpack()) */
+/* agent/_tensorgeom.cpp's reader, or NULL (use_geometry()): a plain dense CPU tensor's geometry as
+ * loads from its TensorImpl, no torch call and no export; it declines everything else (DLPack then). */
+static TTGeometryFn g_geometry;
+static PyObject *g_geometry_cap;   /* the capsule (and so its module) held while g_geometry is set */
 
 static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *v);
 
@@ -1019,6 +1025,19 @@ static int write_step_frame(Core *c, PyObject *items, long long delta);
 /* 1: view filled; 0: not a case for the native path (use the Python path); -1: error set. */
 static int rows_view(PyObject *t, int flatten, long long limit, RowsView *v) {
     v->dtype = NULL;
+    if (g_geometry) {
+        TTGeometry g;
+        if (g_geometry(t, &g)) {
+            if (g.ndim < 1 || g.ndim > MAX_ROW_DIMS + 1) return 0;
+            long long sz[MAX_ROW_DIMS + 2], st[MAX_ROW_DIMS + 2];
+            for (int i = 0; i < g.ndim; i++) { sz[i] = g.sizes[i]; st[i] = g.strides[i]; }
+            if (!fill_view(v, g.ndim, sz, st, flatten, limit)) return 0;
+            v->ptr = (unsigned char *)g.data;
+            v->elem = g.elem;
+            v->dtype = Py_NewRef(g.dtype);
+            return 1;
+        }
+    }
     if (!g_to_dlpack) return rows_view_attrs(t, flatten, limit, v);
     PyObject *cap = PyObject_CallOneArg(g_to_dlpack, t);
     if (!cap) { PyErr_Clear(); return rows_view_attrs(t, flatten, limit, v); }
@@ -1058,6 +1077,20 @@ static PyObject *mod_use_dlpack(PyObject *m, PyObject *fn) {
         Py_INCREF(fn);
         Py_XSETREF(g_to_dlpack, fn);
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_use_geometry(PyObject *m, PyObject *cap) {
+    if (cap == Py_None) {
+        g_geometry = NULL;
+        Py_CLEAR(g_geometry_cap);
+        Py_RETURN_NONE;
+    }
+    void *fn = PyCapsule_GetPointer(cap, TT_GEOMETRY_CAPSULE);
+    if (!fn) return NULL;   /* not the capsule of this interface version: PyCapsule's error says which */
+    g_geometry = (TTGeometryFn)fn;
+    Py_INCREF(cap);
+    Py_XSETREF(g_geometry_cap, cap);
     Py_RETURN_NONE;
 }
 
@@ -2290,6 +2323,8 @@ static PyObject *Core_step_fields(PyObject *self_, PyObject *args) {
 
 static PyMethodDef mod_methods[] = {
     {"crc32", (PyCFunction)mod_crc32, METH_O, "zlib.crc32 of a buffer (self-test)"},
+    {"use_geometry", (PyCFunction)mod_use_geometry, METH_O,
+     "use_geometry(agent._tensorgeom.geometry capsule or None): taps read a plain tensor's geometry from its TensorImpl"},
     {"use_dlpack", (PyCFunction)mod_use_dlpack, METH_O,
      "use_dlpack(torch._C._to_dlpack or None): how taps read a tensor's geometry (None: its accessors)"},
     {"noop", (PyCFunction)(void (*)(void))mod_noop, METH_FASTCALL, "does nothing (call-overhead benchmark)"},
@@ -2363,6 +2398,6 @@ PyMODINIT_FUNC PyInit__capture(void) {
     PyModule_AddIntConstant(m, "W_NO", W_NO);
     PyModule_AddIntConstant(m, "W_NATIVE", W_NATIVE);
     PyModule_AddIntConstant(m, "W_SLOW", W_SLOW);
-    PyModule_AddIntConstant(m, "ABI", 4);
+    PyModule_AddIntConstant(m, "ABI", 5);
     return m;
 }

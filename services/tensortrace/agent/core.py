@@ -256,12 +256,13 @@ class CaptureAgent:
         self._native_plans: list = []
         self.capture_path = "python"
         self.native_reason = ""
+        self.geometry_reason = "the Python path reads tensors through torch"   # "" once _tensorgeom is used
         self._setup_native()
         if config.device.startswith("cuda"):
             self._staging_for(torch.device(config.device))
 
     def _setup_native(self) -> None:
-        from tensortrace.agent import native
+        from tensortrace.agent import geometry, native
 
         mode = self.config.capture_path
         if mode == "python":
@@ -288,6 +289,13 @@ class CaptureAgent:
         # Taps read a tensor's data pointer, device, shape and strides from one DLPack export
         # (agent/_capture.c rows_view) when torch has it, else from four accessor calls.
         mod.use_dlpack(getattr(self._torch._C, "_to_dlpack", None))
+        # A plain dense CPU tensor's geometry is read from its TensorImpl where the module built
+        # for this torch is present (agent/geometry.py; docs/agent.md "Tensor geometry without a
+        # torch call"); it declines every other tensor, which then takes the DLPack route above.
+        cap, self.geometry_reason = geometry.load()
+        mod.use_geometry(cap)
+        if cap is None:
+            geometry.log_unused(self.geometry_reason)
         self._native_mod = mod
         self._native = self._tns = core
         self._add_ns = core.add_ns

@@ -18,7 +18,7 @@ import os
 log = logging.getLogger("tensortrace.agent")
 
 ENV = "TENSORTRACE_NATIVE"
-ABI = 4   # _capture.ABI this Python code speaks
+ABI = 5   # _capture.ABI this Python code speaks
 _logged: set = set()
 
 
