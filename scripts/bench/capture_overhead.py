@@ -20,6 +20,8 @@ output, logits), on a random Llama from a config:
   tt-*@python      with --path native,python: the same TensorTrace mode on the agent's pure-Python tap
                    path (AgentConfig.capture_path="python"), side by side with the native fast path
                    (plain tt-* names are the native path then; docs/agent.md "Native fast path")
+  tt-*@dlpack      with --path native,dlpack: the native path with the taps reading tensor geometry
+                   through a DLPack export instead of the TensorImpl (agent/_tensorgeom switched off)
   tt-*@hooks       with --module-taps forward,hooks: the same mode with its taps as PyTorch hooks
                    (AgentConfig.module_taps="hooks") instead of wrapped forwards (docs/agent.md "Module taps")
   nnsight          nnsight LanguageModel + .save() of the same tensors
@@ -229,12 +231,21 @@ def run_one(model, mode, batch, prompt_len, new_tokens, device, ring_dir, nnsigh
                   "tt-full-nc": "full"}[base]
         taps = "hooks" if path == "hooks" else "forward"
         path = "" if path == "hooks" else path
+        # dlpack: the native path with the taps reading tensor geometry through a DLPack export instead
+        # of the TensorImpl (agent/_tensorgeom switched off for this agent; each agent sets it at start)
+        if path == "dlpack":
+            os.environ["TENSORTRACE_GEOMETRY"] = "0"
+        else:
+            os.environ.pop("TENSORTRACE_GEOMETRY", None)
         agent = CaptureAgent(AgentConfig(ring_dir=ring_dir, model_id="bench", ring_capacity=(1 << 30) if device == "cuda" else (512 << 20),
-                                         device_staging_bytes=1 << 30, capture_path=path or CAPTURE_PATH,
+                                         device_staging_bytes=1 << 30,
+                                         capture_path="native" if path == "dlpack" else (path or CAPTURE_PATH),
                                          module_taps=taps,
                                          pod=f"bench{batch}{mode.replace('@', '-')}", device=device),
                              Selection.preset(preset))
+        os.environ.pop("TENSORTRACE_GEOMETRY", None)
         extra["capture_path"] = agent.capture_path
+        extra["geometry"] = "tensorimpl" if agent.capture_path == "native" and not agent.geometry_reason else "dlpack/accessors"
         consumer = None if base.endswith("-nc") else start_consumer(agent.ring_path)
         backend = HFBackend(model, agent)
         stamp.agent = agent
@@ -314,7 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=".cache/bench/capture_overhead.json")
     p.add_argument("--path", default="auto",
                    help="the agent's tap path(s): auto | native | python | native,python (every tt-* mode on "
-                        "both, interleaved in one run: tt-x = native, tt-x@python = the Python path)")
+                        "both, interleaved in one run: tt-x = native, tt-x@python = the Python path); dlpack: "
+                        "the native path with tensor geometry through DLPack, not the TensorImpl (tt-x@dlpack)")
     p.add_argument("--module-taps", default="forward",
                    help="forward | forward,hooks: with hooks, every tt-* mode also as tt-x@hooks (the first "
                         "path, taps as PyTorch hooks instead of wrapped forwards; agent/forward_wrap.py)")
@@ -322,8 +334,8 @@ def main(argv=None) -> int:
     global CAPTURE_PATH
     paths = args.path.split(",")
     for x in paths:
-        if x not in ("auto", "native", "python"):
-            p.error(f"--path {x!r}: choose from auto, native, python")
+        if x not in ("auto", "native", "python", "dlpack"):
+            p.error(f"--path {x!r}: choose from auto, native, python, dlpack")
     CAPTURE_PATH = paths[0]
     if args.threads:
         torch.set_num_threads(args.threads)

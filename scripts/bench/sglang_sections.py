@@ -33,6 +33,9 @@ plugin's per-step work, no module tap inside the model); `--pause-consumer` one 
 with the ring consumer stopped for the round (SIGSTOP, then SIGCONT and a second to catch up);
 `--synthetic` one more: capture off while a second agent of the instrument's own does a
 logits-only step's work around every forward (its footprint on the model's caches, the plugin idle).
+`--dlpack` one more: hidden-states with the taps reading tensor geometry through DLPack instead of
+the TensorImpl (agent/_tensorgeom switched off in the scheduler for the round; a flag file), and a
+table of hidden-states minus it: what the geometry module changes, paired within a group.
 `--pool A.json,B.json` prints the tables of several such runs' rounds together (no server).
 
     PYTHONPATH=scripts/sglang/sgl_kernel_stub:services SGLANG_USE_CPU_ENGINE=1 \\
@@ -201,11 +204,20 @@ def _install(out_dir):
         return out
 
     every = float(os.environ.get("TT_SECTIONS_EVERY", "1.0"))
+    # --dlpack's rounds (a flag file): the native taps read geometry through DLPack, not the TensorImpl
+    geo = {"dlpack": False}
+    dlpack_flag = os.path.join(out_dir, "dlpack")
 
     def dump():
         while True:
             time.sleep(every)
             synth["on"] = os.path.exists(flag)
+            want = os.path.exists(dlpack_flag)
+            mod = sys.modules.get("tensortrace.agent._capture")
+            if want != geo["dlpack"] and mod is not None:
+                from tensortrace.agent import geometry
+                mod.use_geometry(None if want else geometry.load()[0])
+                geo["dlpack"] = want
             rt = plugin._RUNTIME
             if rt is None or rt.agent is None:
                 continue
@@ -251,6 +263,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pause-consumer", action="store_true",
                     help="--paired: a round more in each group, hidden-states with the ring consumer stopped "
                          "(SIGSTOP) for the round and caught up after it: the consumer's effect on the model")
+    ap.add_argument("--dlpack", action="store_true",
+                    help="--paired: one more round a group, hidden-states with tensor geometry through DLPack "
+                         "(agent/_tensorgeom off), and a table of hidden-states minus it")
     ap.add_argument("--synthetic", action="store_true",
                     help="--paired: a round more in each group, capture off while a second agent of the "
                          "instrument's own (its own ring, not drained: about 100 groups fit) does a logits-only "
@@ -337,10 +352,10 @@ def main(argv=None) -> None:
             for _ in range(a.paired):
                 pair = {}
                 kinds = (["on", "off"] + ["logits"] * a.logits_only + ["paused"] * a.pause_consumer
-                         + ["synthetic"] * a.synthetic)
+                         + ["synthetic"] * a.synthetic + ["dlpack"] * a.dlpack)
                 for kind in order.sample(kinds, len(kinds)):
-                    if kind == "synthetic":   # the instrumented scheduler sees the flag within 0.1 s
-                        open(os.path.join(out_dir, "synthetic"), "w").close()
+                    if kind in ("synthetic", "dlpack"):   # the instrumented scheduler sees the flag within 0.1 s
+                        open(os.path.join(out_dir, kind), "w").close()
                         time.sleep(0.3)
                     s0 = snapshot()
                     if kind == "paused":   # the ring consumer stopped for this round, then caught up
@@ -352,8 +367,8 @@ def main(argv=None) -> None:
                         if kind == "paused":
                             os.kill(drain.proc.pid, signal.SIGCONT)
                             time.sleep(1.0)   # (it drains the round's frames before the next round)
-                        if kind == "synthetic":
-                            os.remove(os.path.join(out_dir, "synthetic"))
+                        if kind in ("synthetic", "dlpack"):
+                            os.remove(os.path.join(out_dir, kind))
                             time.sleep(0.3)
                 pairs.append(pair)
         else:
@@ -409,7 +424,7 @@ def main(argv=None) -> None:
 
 # --paired's round kinds: the request options of each ("paused": hidden-states, the consumer stopped)
 KINDS = {"on": True, "off": False, "logits": {"capture": True, "hooks": ["logits"]}, "paused": True,
-         "synthetic": False}
+         "synthetic": False, "dlpack": True}
 PAIRED = [("scheduler thread CPU", "main_thread_cpu"), ("model forward (taps inside)", "model"),
           ("synthetic step (--synthetic)", "synthetic"),
           ("agent thread", "agent_thread"), ("forward, outside the model", "outside_model"),
@@ -438,19 +453,21 @@ def report_paired(a, pairs) -> None:
         return out
 
     tables = {}
-    for kind, what in (("on", "hidden-states"), ("logits", "the logits alone"),
-                       ("paused", "hidden-states, the ring consumer stopped"),
-                       ("synthetic", "capture off, a second agent's logits-only step around each forward")):
-        groups = [p for p in pairs if kind in p]   # (--pool: files with different round kinds)
+    for kind, base, what in (("on", "off", "hidden-states"), ("logits", "off", "the logits alone"),
+                             ("paused", "off", "hidden-states, the ring consumer stopped"),
+                             ("synthetic", "off", "capture off, a second agent's logits-only step around each forward"),
+                             ("dlpack", "off", "hidden-states, geometry through DLPack"),
+                             ("on", "dlpack", "hidden-states, geometry from the TensorImpl")):
+        groups = [p for p in pairs if kind in p and base in p]   # (--pool: files with different round kinds)
         if not groups:
             continue
-        rows = tables[kind] = {}
+        rows = tables[kind if base == "off" else f"{kind}-{base}"] = {}
         on = [derived(p[kind]) for p in groups]
-        off = [derived(p["off"]) for p in groups]
+        off = [derived(p[base]) for p in groups]
         print(f"SGLang capture cost by section: Llama {a.layers} layers x hidden {a.hidden}, {len(groups)} groups of "
-              f"rounds ({what} / off, random order within a group), µs per forward; load average "
+              f"rounds ({what} / {base}, random order within a group), µs per forward; load average "
               f"{os.getloadavg()[0]:.2f}")
-        print(f"{'measure':<40}{kind:>10}{'off':>10}{'diff':>11}   90% interval")
+        print(f"{'measure':<40}{kind:>10}{base:>10}{'diff':>11}   90% interval")
         for label in on[0]:
             diffs = [x[label] - y[label] for x, y in zip(on, off)]
             m_on, m_off, m = median(x[label] for x in on), median(y[label] for y in off), median(diffs)
@@ -470,6 +487,7 @@ def report_paired(a, pairs) -> None:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "paired": tables["on"], "paired_logits": tables.get("logits"),
                        "paired_paused": tables.get("paused"), "paired_synthetic": tables.get("synthetic"),
+                       "paired_dlpack": tables.get("dlpack"), "paired_on_minus_dlpack": tables.get("on-dlpack"),
                        "raw": pairs}, f, indent=1)
 
 
