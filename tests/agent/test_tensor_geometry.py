@@ -72,6 +72,7 @@ def _declined():
     yield "conjugate view", c.conj()
     yield "negative view", torch._neg_view(c)
     yield "meta device", torch.empty(3, 2, device="meta")
+    yield "functionalization wrapper", torch._to_functional_tensor(torch.randn(3, 2))   # a torch.Tensor, no data of its own
     yield "sparse", torch.eye(3).to_sparse()
     yield "eleven dims", torch.zeros([1] * 10 + [2])
     yield "not a tensor", [1.0, 2.0]

@@ -10,14 +10,18 @@
 // module is built per torch version (agent/geometry.py) and refuses to load under another.
 //
 // The function answers only the plain case: an exact torch.Tensor or Parameter (no subclass), dense,
-// strided, on the CPU, not conjugated or negated, no Python dispatch, with storage. Everything else
-// answers 0 and the caller takes its DLPack/accessor path, as it does today.
+// strided, on the CPU, with storage and only the dispatch keys a plain CPU tensor has (so no
+// conjugate/negative view, no Python dispatch, no functionalization wrapper). Everything else
+// answers 0 and the caller takes its DLPack/accessor path.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/DynamicTypes.h>
 
 #include "tensorgeom.h"
 
 namespace {
+
+const c10::DispatchKeySet kPlainCpuKeys({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                          c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
 
 int geometry(PyObject *obj, TTGeometry *g) noexcept {
     if (!THPVariable_CheckExact(obj)) return 0;
@@ -26,6 +30,10 @@ int geometry(PyObject *obj, TTGeometry *g) noexcept {
         const c10::TensorImpl *impl = t.unsafeGetTensorImpl();
         if (impl == nullptr || !impl->is_cpu() || impl->layout() != c10::kStrided) return 0;
         if (impl->is_python_dispatch() || impl->is_conj() || impl->is_neg() || !impl->has_storage()) return 0;
+        // Only the keys a plain CPU tensor carries: any other (Functionalize, a wrapper's, a
+        // backend's) means the TensorImpl is not the data's owner and the pointer may not be real.
+        // (bitwise: DispatchKeySet's `-` keeps backend bits, so a subset test on the raw bits)
+        if ((impl->key_set().raw_repr() & ~kPlainCpuKeys.raw_repr()) != 0) return 0;
         const int64_t nd = impl->dim();
         if (nd < 0 || nd > TT_GEOMETRY_MAX_DIMS) return 0;
         c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
@@ -37,6 +45,7 @@ int geometry(PyObject *obj, TTGeometry *g) noexcept {
         // data() const: the pointer with the storage offset applied, without materialising a
         // copy-on-write storage (mutable access would); the tap only reads.
         g->data = impl->data();
+        if (g->data == nullptr && impl->numel() != 0) return 0;
         g->elem = (int)impl->itemsize();
         // torch's own table of torch.dtype objects (borrowed references, alive as long as torch)
         g->dtype = reinterpret_cast<PyObject *>(torch::getTHPDtype(impl->dtype().toScalarType()));
