@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """What reading a tensor's geometry costs a native tap, warm and cache-cold: the question behind
 the per-tap half of the agent's remaining time on the SGLang scheduler (docs/BENCHMARKS.md,
-"Session 9"), and whether a torch C++ reader would pay for what it costs to ship.
+"Session 9"), and whether a torch C++ reader would pay for what it costs to ship. (Since session
+13 the agent ships one, agent/_tensorgeom.cpp; this script keeps session 9's bare-call comparison.
+The agent-level and real-server comparisons are `cold_calls.py` and `sglang_sections.py --dlpack`.)
 
 A native tap needs a CPU tensor's data pointer, shape, strides and dtype. `_capture.c` (C-API,
 no torch headers) takes them from one DLPack export (`torch._C._to_dlpack`: an export object, a
