@@ -33,9 +33,10 @@ $(KAFKA_STAMP): scripts/kafka/pom.xml
 # The native taps' tensor-geometry reader, compiled against this venv's torch headers (one build per torch
 # version; agent/geometry.py). Without a C++ compiler it says so and the taps use DLPack instead.
 GEOM_STAMP := $(VENV)/.geometry-built
+# The stamp only once the module is in use, so a build declined (no compiler yet) is retried.
 $(GEOM_STAMP): $(STAMP) services/tensortrace/agent/_tensorgeom.cpp services/tensortrace/agent/tensorgeom.h
 	$(PY) -m tensortrace.agent.geometry build
-	@touch $@
+	@if $(PY) -m tensortrace.agent.geometry status >/dev/null; then touch $@; fi
 
 setup: $(STAMP) $(KAFKA_STAMP) $(GEOM_STAMP)
 kafka-jars: $(KAFKA_STAMP)

@@ -16,5 +16,9 @@ NATIVE = [
     ("tensortrace.agent._capture", ["services/tensortrace/agent/_capture.c"]),
 ]
 
-setup(ext_modules=[Extension(name, sources, optional=True, extra_compile_args=["-O3", "-std=c11"])
+# headers a module's C source includes (a change rebuilds it)
+DEPENDS = {"tensortrace.agent._capture": ["services/tensortrace/agent/tensorgeom.h"]}
+
+setup(ext_modules=[Extension(name, sources, optional=True, extra_compile_args=["-O3", "-std=c11"],
+                             depends=DEPENDS.get(name, []))
                    for name, sources in NATIVE])

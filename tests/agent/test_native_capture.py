@@ -151,15 +151,22 @@ def test_a_native_tap_reads_through_the_geometry_module_and_writes_what_dlpack_w
             monkeypatch.setenv(tensor_geometry.ENV, "0")
         agent, layout = _synthetic("native", tmp_path / mode)
         assert agent.geometry_reason == ("" if mode == "tensorimpl" else f"disabled by {tensor_geometry.ENV}=0")
-        for t in (base[:7], base[1:8, ::2], base.t()[:, :7].t()):
-            assert sys.modules[tensor_geometry.MODULE].describe(t) is not None   # the module reads it
-            agent.begin_step(layout)
-            agent.capture("resid_pre", 0, t)
-            agent.end_step()
+        exports = []   # the DLPack route, counted: the TensorImpl route must not take it
+        NATIVE.use_dlpack(lambda t: (exports.append(1), torch._C._to_dlpack(t))[1])
+        try:
+            # contiguous; rows strided apart (a column slice); a transposed-back view
+            for t in (base[:7], base[1:8, :4], base.t()[:, :7].t()):
+                assert sys.modules[tensor_geometry.MODULE].describe(t) is not None   # the module reads it
+                agent.begin_step(layout)
+                agent.capture("resid_pre", 0, t)
+                agent.end_step()
+        finally:
+            NATIVE.use_dlpack(torch._C._to_dlpack)
+        assert len(exports) == (0 if mode == "tensorimpl" else 3)
         images[mode] = (ring_image(agent), stats_of(agent))
         agent.close()
     assert images["tensorimpl"] == images["dlpack"]
-    assert images["tensorimpl"][1]["written"] == 2 * 3   # a slab per request per step
+    assert images["tensorimpl"][1]["written"] == 2 * 3   # a slab per request per step, all native
 
 
 @needs_native

@@ -1003,7 +1003,8 @@ static PyObject *g_to_dlpack;   /* torch._C._to_dlpack, or NULL: the accessors (
 /* agent/_tensorgeom.cpp's reader, or NULL (use_geometry()): a plain dense CPU tensor's geometry as
  * loads from its TensorImpl, no torch call and no export; it declines everything else (DLPack then). */
 static TTGeometryFn g_geometry;
-static PyObject *g_geometry_cap;   /* the capsule (and so its module) held while g_geometry is set */
+static PyObject *g_geometry_cap;   /* the capsule, held while g_geometry is set (the module that made it
+                                     stays in sys.modules: extension modules are never unloaded) */
 
 static int rows_view_attrs(PyObject *t, int flatten, long long limit, RowsView *v);
 

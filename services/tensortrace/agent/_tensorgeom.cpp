@@ -10,9 +10,10 @@
 // module is built per torch version (agent/geometry.py) and refuses to load under another.
 //
 // The function answers only the plain case: an exact torch.Tensor or Parameter (no subclass), dense,
-// strided, on the CPU, with storage and only the dispatch keys a plain CPU tensor has (so no
-// conjugate/negative view, no Python dispatch, no functionalization wrapper). Everything else
-// answers 0 and the caller takes its DLPack/accessor path.
+// strided, on the CPU, with only the dispatch keys a plain CPU tensor has (so no conjugate/negative
+// view, no Python dispatch, no functionalization wrapper), at most TT_GEOMETRY_MAX_DIMS dimensions,
+// and an allocated storage that holds every element the view can reach. Everything else answers 0
+// and the caller takes its DLPack/accessor path.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/DynamicTypes.h>
 
@@ -37,16 +38,32 @@ int geometry(PyObject *obj, TTGeometry *g) noexcept {
         const int64_t nd = impl->dim();
         if (nd < 0 || nd > TT_GEOMETRY_MAX_DIMS) return 0;
         c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
+        const int64_t itemsize = (int64_t)impl->itemsize();
+        // The elements the view can reach, from its first: 1 + sum((size - 1) * stride).
+        int64_t extent = 1;
         for (int64_t i = 0; i < nd; i++) {
             g->sizes[i] = sizes[i];
             g->strides[i] = strides[i];
+            if (sizes[i] == 0) extent = 0;
+            int64_t step = 0;
+            if (strides[i] < 0 || __builtin_mul_overflow(sizes[i] > 0 ? sizes[i] - 1 : 0, strides[i], &step) ||
+                (extent != 0 && __builtin_add_overflow(extent, step, &extent))) return 0;
         }
         g->ndim = (int)nd;
+        if (extent != 0) {
+            // A storage that was freed (resize_(0), as offloaders and FSDP do) or is too small for
+            // the view: data() would still return base + offset; the accessors' data_ptr() raises,
+            // and so the tap takes the general route, which handles it.
+            if (!impl->storage_initialized()) return 0;
+            int64_t end = 0;
+            if (__builtin_add_overflow(impl->storage_offset(), extent, &end) ||
+                __builtin_mul_overflow(end, itemsize, &end) || (uint64_t)end > impl->storage().nbytes()) return 0;
+        }
         // data() const: the pointer with the storage offset applied, without materialising a
         // copy-on-write storage (mutable access would); the tap only reads.
         g->data = impl->data();
-        if (g->data == nullptr && impl->numel() != 0) return 0;
-        g->elem = (int)impl->itemsize();
+        if (g->data == nullptr && extent != 0) return 0;
+        g->elem = (int)itemsize;
         // torch's own table of torch.dtype objects (borrowed references, alive as long as torch)
         g->dtype = reinterpret_cast<PyObject *>(torch::getTHPDtype(impl->dtype().toScalarType()));
         return g->dtype != nullptr;
@@ -93,6 +110,8 @@ PyMODINIT_FUNC PyInit__tensorgeom(void) {
         return nullptr;
     }
     if (PyModule_AddStringConstant(m, "TORCH_VERSION", TT_TORCH_VERSION) < 0 ||
+        PyModule_AddStringConstant(m, "TORCH_BUILD", TT_TORCH_BUILD) < 0 ||
+        PyModule_AddStringConstant(m, "SOURCE_SHA", TT_SOURCE_SHA) < 0 ||
         PyModule_AddIntConstant(m, "ABI", TT_GEOMETRY_ABI) < 0) {
         Py_DECREF(m);
         return nullptr;

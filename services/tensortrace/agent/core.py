@@ -293,7 +293,11 @@ class CaptureAgent:
         # for this torch is present (agent/geometry.py; docs/agent.md "Tensor geometry without a
         # torch call"); it declines every other tensor, which then takes the DLPack route above.
         cap, self.geometry_reason = geometry.load()
-        mod.use_geometry(cap)
+        try:
+            mod.use_geometry(cap)
+        except (TypeError, ValueError) as e:   # not this interface's capsule: DLPack, and say why
+            mod.use_geometry(None)
+            cap, self.geometry_reason = None, f"the geometry capsule is not this interface's ({e})"
         if cap is None:
             geometry.log_unused(self.geometry_reason)
         self._native_mod = mod

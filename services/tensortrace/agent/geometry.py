@@ -9,12 +9,14 @@ one build per torch version, and refuses to load under any other:
 
     python -m tensortrace.agent.geometry build    # for this interpreter's torch (make setup /
                                                   # make sglang-env / the SGLang image run it)
-    python -m tensortrace.agent.geometry status   # built? used? why not?
+    python -m tensortrace.agent.geometry status   # used here? why not? (exit 0: used, 1: not)
     TENSORTRACE_GEOMETRY=0                        # the environment switch: DLPack even where built
 
 Without a C++ compiler, or with a torch that ships no headers, `build` says so and exits 0: the
-agent works as before, on DLPack. The build lives beside this file, under _geom/<torch version>/
-(TENSORTRACE_GEOMETRY_DIR overrides the root, for read-only installs).
+agent works as before, on DLPack. The build lives beside this file, under _geom/torch-<build>/
+(TENSORTRACE_GEOMETRY_DIR overrides the root, for read-only installs), one folder per torch
+build (version, source commit, C++ string ABI); a build from other sources than this checkout's
+(a stale one) is refused too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 ENV = "TENSORTRACE_GEOMETRY"
@@ -44,12 +47,24 @@ def root() -> Path:
     return Path(os.environ[ENV_DIR]) if os.environ.get(ENV_DIR) else HERE / "_geom"
 
 
-def build_dir(torch_version: str) -> Path:
-    return root() / f"torch-{torch_version}"
+def torch_build(torch) -> str:
+    """What a build is for: the torch version, its source commit and its C++ string ABI. Two
+    installs with one version string (a pip and a conda 2.14.0) differ in the others."""
+    git = (getattr(getattr(torch, "version", None), "git_version", None) or "unknown")[:12]
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    return f"{torch.__version__}-{git}-cxx11abi{abi}"
 
 
-def module_path(torch_version: str) -> Path:
-    return build_dir(torch_version) / ("_tensorgeom" + sysconfig.get_config_var("EXT_SUFFIX"))
+def module_path(build: str) -> Path:
+    return root() / f"torch-{build}" / ("_tensorgeom" + sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def source_sha() -> str:
+    """The sources this checkout has; a build compiled from others (a stale one) is not loaded."""
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _command(torch, out: Path) -> list[str]:
@@ -63,56 +78,70 @@ def _command(torch, out: Path) -> list[str]:
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
     return [cxx, "-O2", "-fPIC", "-shared", "-std=c++20", "-fvisibility=hidden",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f'-DTT_TORCH_VERSION="{torch.__version__}"',
+            f'-DTT_TORCH_BUILD="{torch_build(torch)}"', f'-DTT_SOURCE_SHA="{source_sha()}"',
             *(f"-I{p}" for p in includes), str(SOURCES[0]), "-o", str(out),
             *(f"-L{p}" for p in libs), "-lc10", "-ltorch_python",
             *(f"-Wl,-rpath,{p}" for p in libs)]
 
 
-def _fingerprint(cmd: list[str]) -> str:
-    h = hashlib.sha256(" ".join(cmd).replace(".tmp", "").encode())
-    for s in SOURCES:
-        h.update(s.read_bytes())
-    return h.hexdigest()
-
-
 def build(force: bool = False) -> tuple[Path | None, str]:
-    """(path, "") once the module for this interpreter's torch is built (or already was), else (None, why)."""
+    """(path, "") once the module for this interpreter's torch is built (or already was), else (None, why).
+    Never raises for what a machine may lack or refuse (no torch, no compiler, no headers, a
+    read-only or full disk): the taps then read geometry through DLPack."""
     try:
         import torch
+        from torch.utils import cpp_extension
     except ImportError as e:
         return None, f"torch is not importable here ({e})"
-    out = module_path(torch.__version__)
-    tmp = out.with_name(out.name + ".tmp")
+    out = module_path(torch_build(torch))
     try:
-        cmd = _command(torch, tmp)
-    except (FileNotFoundError, ImportError) as e:
+        cmd = _command(torch, out)
+    except FileNotFoundError as e:
         return None, str(e)
-    from torch.utils import cpp_extension
     if not any(Path(p, "torch/csrc/autograd/python_variable.h").exists() for p in cpp_extension.include_paths()):
         return None, "this torch ships no C++ headers (torch/include)"
     stamp = out.with_name(out.name + ".sha256")
-    want = _fingerprint(cmd)
-    if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == want:
+    want = hashlib.sha256(" ".join(cmd).encode()).hexdigest()   # (the command names the sources' hash)
+    tmp = None
+    try:
+        if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == want:
+            return out, ""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)   # one per build
+        os.close(fd)
+        cmd[cmd.index("-o") + 1] = tmp
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-12:])
+            return None, f"the compiler failed ({cmd[0]}, exit {r.returncode}):\n{tail}"
+        os.replace(tmp, out)   # atomic: a process that has the old build mapped keeps it
+        tmp = None
+        stamp.write_text(want + "\n")
         return out, ""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-12:])
-        return None, f"the compiler failed ({cmd[0]}, exit {r.returncode}):\n{tail}"
-    os.replace(tmp, out)   # atomic: a process loading the old build keeps its mapping
-    stamp.write_text(want + "\n")
-    return out, ""
+    except OSError as e:
+        return None, f"cannot write the build under {out.parent} ({e}); {ENV_DIR} moves it"
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def load():
-    """(the geometry capsule, "") for this process's torch, or (None, a one-line reason)."""
+    """(the geometry capsule, "") for this process's torch, or (None, a one-line reason). Never
+    raises: whatever goes wrong here, the taps read geometry through DLPack."""
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return None, f"disabled by {ENV}={os.environ[ENV]}"
+    try:
+        return _load()
+    except Exception as e:  # noqa: BLE001 - an agent starts whatever this module's state is
+        return None, f"the tensor-geometry module could not be loaded ({type(e).__name__}: {e})"
+
+
+def _load():
     import torch
-    path = module_path(torch.__version__)
+    want = torch_build(torch)
+    path = module_path(want)
     if not path.exists():
-        return None, (f"not built for torch {torch.__version__} ({path}); "
+        return None, (f"not built for torch {want} ({path}); "
                       "`python -m tensortrace.agent.geometry build` builds it")
     mod = sys.modules.get(MODULE)
     if mod is None or getattr(mod, "__file__", None) != str(path):
@@ -124,9 +153,11 @@ def load():
         except ImportError as e:
             return None, f"{path} does not load ({e}); rebuild it (`python -m tensortrace.agent.geometry build`)"
         sys.modules[MODULE] = mod
-    if getattr(mod, "ABI", None) != ABI or getattr(mod, "TORCH_VERSION", None) != torch.__version__:
-        return None, (f"{path} was built for torch {getattr(mod, 'TORCH_VERSION', None)} with ABI "
-                      f"{getattr(mod, 'ABI', None)}, this process has torch {torch.__version__} and needs ABI {ABI}: rebuild it")
+    got = (getattr(mod, "ABI", None), getattr(mod, "TORCH_BUILD", None), getattr(mod, "SOURCE_SHA", None))
+    if got != (ABI, want, source_sha()):
+        return None, (f"{path} was built for torch {got[1]} from sources {got[2]} (ABI {got[0]}); this process "
+                      f"has torch {want} and sources {source_sha()} (ABI {ABI}): rebuild it "
+                      "(`python -m tensortrace.agent.geometry build`)")
     return mod.geometry, ""
 
 
@@ -153,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cap, why = load()
     print("tensortrace: tensor geometry from the TensorImpl" if cap is not None else f"tensortrace: tensor geometry through DLPack: {why}")
-    return 0
+    return 0 if cap is not None else 1
 
 
 if __name__ == "__main__":
