@@ -231,6 +231,21 @@ def test_every_captured_row_matches_hf_and_its_request(served):
           f"across {len(cases)} requests; {exact} float records bit-identical to HF; max |diff| {max_abs:.2e}")
 
 
+def test_the_scheduler_names_its_tap_path_and_where_its_taps_read_tensors(served):
+    """The plugin's start-up line says how the agent captures. With this venv's tensor-geometry
+    reader built (make sglang-env), the rows the test above checks bit-exact against HF were read
+    from the TensorImpl by native taps."""
+    from tensortrace.agent import geometry
+
+    _, _, server = served
+    with open(server.log_path) as f:
+        lines = [ln for ln in f if "tensortrace: capturing" in ln]
+    assert lines, f"no start-up line of the plugin in {server.log_path}"
+    assert "native tap path" in lines[0], lines[0]
+    if geometry.load()[0] is not None:
+        assert "tensor geometry from the TensorImpl" in lines[0], lines[0]
+
+
 def test_bad_capture_options_are_rejected_with_400_and_the_server_keeps_serving(served):
     _, _, server = served
     st, out = server.post("/generate", {"input_ids": [5, 6, 7], "sampling_params": {

@@ -245,9 +245,13 @@ class SGLangCapture(Backend):
         self.agent.report_placement(self.unplaced)
         self._runner_id = id(runner)
         self._runner = runner
-        log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed on %d module hooks, %d unplaced",
-                 model_id, self.tp_rank, self.tp_size, self.agent.ring_path, len(self.taps.taps),
-                 len(self.taps.sites), len(self.unplaced))
+        agent = self.agent
+        log.info("tensortrace: capturing %s (TP %d/%d) into %s; %d taps placed on %d module hooks, %d unplaced; "
+                 "%s tap path, tensor geometry %s",
+                 model_id, self.tp_rank, self.tp_size, agent.ring_path, len(self.taps.taps),
+                 len(self.taps.sites), len(self.unplaced), getattr(agent, "capture_path", "?"),
+                 "from the TensorImpl" if getattr(agent, "geometry_reason", "?") == ""
+                 else f"through torch ({getattr(agent, 'geometry_reason', '?')})")
 
     def _wrap_graph_runner(self, graph_runner) -> None:
         """Make the decode graph runner's can_run_graph answer False while _force_eager is set: that
