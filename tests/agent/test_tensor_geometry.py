@@ -6,7 +6,6 @@ one-line reason with DLPack taking over."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 
 import pytest
@@ -20,13 +19,12 @@ pytestmark = pytest.mark.unit
 CAP, WHY = geometry.load()
 MOD = geometry.sys.modules.get(geometry.MODULE)
 needs_module = pytest.mark.skipif(CAP is None, reason=f"tensor-geometry module not usable: {WHY}")
-HAS_CXX = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
 
 
 def test_setup_built_the_module_for_this_torch_where_a_compiler_is_present():
     """`make setup` runs `python -m tensortrace.agent.geometry build`: with a C++ compiler and
     torch's headers on this machine, the module for this exact torch is there and loads."""
-    if not (HAS_CXX and _has_headers()):
+    if geometry.compiler()[0] is None or not geometry.has_headers():
         pytest.skip("no C++ compiler or no torch headers here: the DLPack route is the expected one")
     assert CAP is not None, WHY
     assert MOD.TORCH_VERSION == torch.__version__ and MOD.ABI == geometry.ABI
@@ -167,15 +165,9 @@ def test_a_file_that_is_not_the_module_is_a_reason_not_a_crash(tmp_path, monkeyp
     assert cap is None and "does not load" in why and "rebuild" in why
 
 
-def _has_headers():
-    from torch.utils import cpp_extension
-    return any(os.path.exists(os.path.join(p, "torch/csrc/autograd/python_variable.h"))
-               for p in cpp_extension.include_paths())
-
-
 @pytest.mark.parametrize("cxx,expect", [("/nonexistent/c++", "no C++ compiler"), ("/bin/false", "the compiler failed")])
 def test_a_build_without_a_working_compiler_says_why_and_exits_zero(tmp_path, monkeypatch, capsys, cxx, expect):
-    if expect == "the compiler failed" and not _has_headers():
+    if expect == "the compiler failed" and not geometry.has_headers():
         pytest.skip("this torch ships no headers: the build stops before the compiler")
     monkeypatch.setenv(geometry.ENV_DIR, str(tmp_path))
     monkeypatch.setenv("CXX", cxx)

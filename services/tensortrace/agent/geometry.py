@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.machinery
-import logging
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -67,12 +67,26 @@ def source_sha() -> str:
     return h.hexdigest()[:16]
 
 
-def _command(torch, out: Path) -> list[str]:
-    from torch.utils import cpp_extension
+def compiler() -> tuple[str | None, str]:
+    """(the C++ compiler's path, "") or (None, why there is none): $CXX, else c++ or g++ on PATH."""
     want = os.environ.get("CXX")
     cxx = shutil.which(want) if want else (shutil.which("c++") or shutil.which("g++"))
+    if cxx:
+        return cxx, ""
+    return None, f"no C++ compiler ({'$CXX=' + want + ' is not an executable' if want else 'c++/g++ not on PATH'})"
+
+
+def has_headers() -> bool:
+    """This torch ships the C++ headers the module is compiled against (torch/include)."""
+    from torch.utils import cpp_extension
+    return any(Path(p, "torch/csrc/autograd/python_variable.h").exists() for p in cpp_extension.include_paths())
+
+
+def _command(torch, out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+    cxx, why = compiler()
     if not cxx:
-        raise FileNotFoundError(f"no C++ compiler ({'$CXX=' + want + ' is not an executable' if want else 'c++/g++ not on PATH'})")
+        raise FileNotFoundError(why)
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(HERE)]
     libs = cpp_extension.library_paths()
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
@@ -90,7 +104,6 @@ def build(force: bool = False) -> tuple[Path | None, str]:
     read-only or full disk): the taps then read geometry through DLPack."""
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError as e:
         return None, f"torch is not importable here ({e})"
     out = module_path(torch_build(torch))
@@ -98,7 +111,7 @@ def build(force: bool = False) -> tuple[Path | None, str]:
         cmd = _command(torch, out)
     except FileNotFoundError as e:
         return None, str(e)
-    if not any(Path(p, "torch/csrc/autograd/python_variable.h").exists() for p in cpp_extension.include_paths()):
+    if not has_headers():
         return None, "this torch ships no C++ headers (torch/include)"
     stamp = out.with_name(out.name + ".sha256")
     want = hashlib.sha256(" ".join(cmd).encode()).hexdigest()   # (the command names the sources' hash)
