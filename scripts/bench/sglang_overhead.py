@@ -61,7 +61,7 @@ import time
 from statistics import median
 from types import SimpleNamespace
 
-from _stats import cpu_s, median_ci, ring_tmpdir, task_cpu_ns
+from _stats import cpu_s, median_ci, ratio_gmean_ci, ring_tmpdir, task_cpu_ns
 from tensortrace.devstack.sglang_server import STUB_DIR, SGLangServer, group_pids
 from tensortrace.devstack.tiny_model import make_tiny_model
 
@@ -135,6 +135,19 @@ def _pin(servers, drains, schedulers: set) -> None:
     for d in drains.values():
         _set_affinity(d.proc.pid, rest)
     _set_affinity(os.getpid(), rest)
+
+
+def _renice(pid: int, nice: int) -> None:
+    """Every thread of process `pid` to `nice` (setpriority of a pid changes one thread). Lowering
+    a nice value needs root or CAP_SYS_NICE."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:
+            continue   # a thread gone meanwhile
+        except PermissionError:
+            raise SystemExit(f"--consumer-nice: cannot set the ring consumer's nice to {nice} (lowering it "
+                             "needs root or CAP_SYS_NICE); give one level") from None
 
 
 def drain_main(ring_dir) -> None:
@@ -211,7 +224,7 @@ def run(model_path, work, a):
             servers[path] = SGLangServer(model_path, ring_dir=ring_dir, log_path=os.path.join(work, f"server-{path}.log"),
                                          env_extra=env)
             servers[path].start()
-            drains[path] = RingDrain(ring_dir, a.consumer_nice)
+            drains[path] = RingDrain(ring_dir, a.nices[0])
         return _measure(servers, drains, paths, a)
     finally:
         for d in drains.values():
@@ -225,18 +238,21 @@ def run(model_path, work, a):
 
 
 def _measure(servers, drains, paths, a):
-    variants = {}   # name -> (server, options, return_hidden_states)
+    variants = {}   # name -> (server, options, return_hidden_states, the ring consumer's nice in its rounds)
     for i, path in enumerate(paths):
         for v, options in VARIANTS.items():
             if v not in a.variants:
                 continue
             if i and v == "off" and path != "before":
                 continue   # one baseline: capture off on the first server (and on the earlier package's)
-            variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False)
+            variants[v if i == 0 else f"{v}@{path}"] = (servers[path], options, False, a.nices[0])
+    for n in a.nices[1:]:   # --consumer-nice A,B: the first server's variants again, its consumer reniced
+        for v in [v for v in variants if "@" not in v]:
+            variants[f"{v}@nice{n}"] = (*variants[v][:3], n)
     if SGLANG_HIDDEN in servers:
-        variants[SGLANG_HIDDEN] = (servers[SGLANG_HIDDEN], {"capture": False}, True)
+        variants[SGLANG_HIDDEN] = (servers[SGLANG_HIDDEN], {"capture": False}, True, None)
     if VANILLA in servers:
-        variants[VANILLA] = (servers[VANILLA], {"capture": False}, False)
+        variants[VANILLA] = (servers[VANILLA], {"capture": False}, False, None)
     import random
 
     rng = random.Random(1)
@@ -246,11 +262,14 @@ def _measure(servers, drains, paths, a):
     no_drain = SimpleNamespace(stats=lambda: {"thread_ns": 0, "cpu_ns": 0})   # the servers without the plugin
 
     def one_round(variant):
-        server, options, hidden = variant
+        server, options, hidden, _ = variant
         body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
             "max_new_tokens": a.new, "temperature": 0, "ignore_eos": True,
             "custom_params": {"tensortrace": options}}, **({"return_hidden_states": True} if hidden else {})}
-        threads = [threading.Thread(target=server.post, args=("/generate", body(p))) for p in prompts]
+        if a.batched:   # one /generate for the whole round: its requests reach the scheduler together
+            threads = [threading.Thread(target=server.post, args=("/generate", body(prompts)))]
+        else:
+            threads = [threading.Thread(target=server.post, args=("/generate", body(p))) for p in prompts]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -275,6 +294,8 @@ def _measure(servers, drains, paths, a):
         rng.shuffle(names)
         for v in names:
             drain = drain_of.get(id(variants[v][0]), no_drain)
+            if len(a.nices) > 1 and drain is not no_drain:
+                _renice(drain.proc.pid, variants[v][3])
             s0 = drain.stats()
             cpu0 = task_cpu_ns(sched_of[id(variants[v][0])])
             times[v].append(one_round(variants[v]))
@@ -285,26 +306,43 @@ def _measure(servers, drains, paths, a):
             consumer_ns[v].append(s1["cpu_ns"] - s0["cpu_ns"])
     load.append(os.getloadavg())
     time.sleep(1.0)
-    tokens = a.concurrency * a.new
+    rows = summarize(times, agent_ns, sched_s, consumer_ns, a.concurrency * a.new)
+    last = [d.stats() for d in drains.values()]
+    return rows, {"slabs_drained": sum(x["slabs"] for x in last),
+                  "records_dropped": sum(x["dropped"] for x in last),
+                  "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
+
+
+def summarize(times, agent_ns, sched_s, consumer_ns, tokens) -> list[dict]:
+    """One row per variant from the rounds' measures (dicts variant -> per-round lists, the first
+    variant `off` on the first server): medians, paired ratios against `off` in the same round
+    (median and geometric mean, each with a bootstrap 90% interval), shares of the round."""
     rows = []
-    off = times[next(iter(times))]   # "off" on the first server
+    first = next(iter(times))
     vanilla = times.get(VANILLA)   # (None: --variants left the server without the plugin out)
     for v, ts in times.items():
+        # the baseline: "off" on the first server; a variant run with the consumer reniced
+        # (`@niceN`), off in the rounds with the same consumer priority
+        base = "off" + v[v.index("@nice"):] if "@nice" in v and "off" + v[v.index("@nice"):] in times else first
+        off = times[base]
         # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
-        # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median
+        # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median;
+        # and the geometric mean of the same ratios (the more efficient estimate, ratio_gmean_ci)
         ratios = [o / t - 1 for o, t in zip(off, ts)]
+        gmean, gmean_ci = ratio_gmean_ci(off, ts)
         ts_sorted = sorted(ts)
         shares = sorted(ns / 1e9 / t for ns, t in zip(agent_ns[v], ts))
-        row = {"variant": v, "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
+        cpu_ratios = [c / o - 1 for c, o in zip(sched_s[v], sched_s[base]) if o]
+        row = {"variant": v, "rounds": len(ts), "tokens_per_s_median": tokens / ts_sorted[len(ts) // 2],
                "tokens_per_s_best": tokens / ts_sorted[0], "paired_vs_off": median(ratios),
                "paired_vs_off_ci90": median_ci(ratios),
+               "paired_vs_off_gmean": gmean, "paired_vs_off_gmean_ci90": gmean_ci,
                "agent_share_median": shares[len(shares) // 2],
                "consumer_share_median": median(ns / 1e9 / t for ns, t in zip(consumer_ns[v], ts)),
                # the scheduler's CPU time per round over off's in the same round: where the
                # throughput cost is spent (in the scheduler process, or waiting elsewhere)
-               "sched_cpu_paired_vs_off": median(c / o - 1 for c, o in zip(sched_s[v], sched_s[next(iter(times))])),
-               "sched_cpu_paired_vs_off_ci90": median_ci([c / o - 1 for c, o in
-                                                          zip(sched_s[v], sched_s[next(iter(times))])]),
+               "sched_cpu_paired_vs_off": median(cpu_ratios) if cpu_ratios else 0.0,
+               "sched_cpu_paired_vs_off_ci90": median_ci(cpu_ratios) if cpu_ratios else [0.0, 0.0],
                "sched_cpu_share_median": median(c / t for c, t in zip(sched_s[v], ts)),
                "round_s": ts, "agent_ns": agent_ns[v], "consumer_ns": consumer_ns[v], "sched_s": sched_s[v]}
         if vanilla is not None:
@@ -321,10 +359,31 @@ def _measure(servers, drains, paths, a):
             ar = [x / y - 1 for x, y in zip(r["agent_ns"], b["agent_ns"]) if y]
             if ar:
                 r["agent_paired_vs_before"], r["agent_paired_vs_before_ci90"] = median(ar), median_ci(ar)
-    last = [d.stats() for d in drains.values()]
-    return rows, {"slabs_drained": sum(x["slabs"] for x in last),
-                  "records_dropped": sum(x["dropped"] for x in last),
-                  "startup_s": {p: s.startup_s for p, s in servers.items()}, "load_average": load}
+    return rows
+
+
+def pool(paths) -> tuple[list[dict], dict]:
+    """--pool: the rounds of several runs' JSON (the same variants), summarised as one run: every
+    round is paired within its own run, as summarize pairs it, and the statistics are taken over all."""
+    times, agent_ns, sched_s, consumer_ns = {}, {}, {}, {}
+    tokens, configs = None, []
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        cfg = doc["config"]
+        configs.append(cfg)
+        t = cfg["concurrency"] * cfg["new"]
+        if tokens not in (None, t):
+            raise SystemExit(f"--pool: {path} has {t} tokens a round, the others {tokens}")
+        tokens = t
+        names = [r["variant"] for r in doc["rows"]]
+        if times and names != list(times):
+            raise SystemExit(f"--pool: {path} has variants {names}, the others {list(times)}")
+        for r in doc["rows"]:
+            for store, key in ((times, "round_s"), (agent_ns, "agent_ns"), (sched_s, "sched_s"),
+                               (consumer_ns, "consumer_ns")):
+                store.setdefault(r["variant"], []).extend(r[key])
+    return summarize(times, agent_ns, sched_s, consumer_ns, tokens), {"configs": configs, "runs": list(paths)}
 
 
 def main(argv=None):
@@ -345,9 +404,11 @@ def main(argv=None):
                     help="torch intra-op threads of every server (OMP_NUM_THREADS). By default torch takes "
                          "every core, so the model competes with everything else on the machine; 1 leaves "
                          "this 2-core machine a core for the rest, as a GPU server's host has spare cores")
-    ap.add_argument("--consumer-nice", type=int, default=0,
+    ap.add_argument("--consumer-nice", default="0",
                     help="run the ring consumer at this nice level (19: below the server, as an exporter "
-                         "deployed at a lower priority than inference on a node without spare cores)")
+                         "deployed at a lower priority than inference on a node without spare cores); "
+                         "A,B: both in one run, the consumer reniced between rounds (variants @niceB, "
+                         "paired with off@niceB; needs root or CAP_SYS_NICE to lower it back)")
     ap.add_argument("--pin", action="store_true",
                     help="pin every server's scheduler process to the first CPU and everything else (tokenizer "
                          "and detokenizer processes, ring consumers, this script's clients) to the others, as an "
@@ -355,31 +416,44 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join([*VARIANTS, SGLANG_HIDDEN, VANILLA]),
                     help="the variants measured (off always): fewer variants make a round shorter, so more "
                          "rounds fit the same time and the paired intervals narrow (e.g. off,hidden-states)")
+    ap.add_argument("--batched", action="store_true",
+                    help="send each round's --concurrency prompts as one batched /generate (a list of input_ids) "
+                         "instead of one HTTP request per prompt")
+    ap.add_argument("--pool", default="", metavar="JSON,...",
+                    help="no server: the tables of several runs' JSON (the same variants) over all their rounds, "
+                         "each round paired within its own run")
     ap.add_argument("--drain", default="", help=argparse.SUPPRESS)   # the consumer process (RingDrain)
     a = ap.parse_args(argv)
     if a.drain:
         return drain_main(a.drain)
-    a.variants = set(a.variants.split(",")) | {"off"}
-    unknown = a.variants - {*VARIANTS, SGLANG_HIDDEN, VANILLA}
-    if unknown:
-        ap.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from "
-                 f"{', '.join([*VARIANTS, SGLANG_HIDDEN, VANILLA])}")
-    work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
-    model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
-    rows, ring = run(model_path, work, a)
+    a.nices = [int(n) for n in str(a.consumer_nice).split(",")]
+    if a.pool:
+        rows, info = pool(a.pool.split(","))
+        print(f"pooled: {len(a.pool.split(','))} runs, {rows[0]['rounds']} rounds per variant "
+              f"({', '.join(a.pool.split(','))})")
+        work = ""
+    else:
+        a.variants = set(a.variants.split(",")) | {"off"}
+        unknown = a.variants - {*VARIANTS, SGLANG_HIDDEN, VANILLA}
+        if unknown:
+            ap.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join([*VARIANTS, SGLANG_HIDDEN, VANILLA])}")
+        work = tempfile.mkdtemp(prefix="tt-sglang-bench-")
+        model_path = make_tiny_model(os.path.join(work, "model"), arch="llama", layers=a.layers, hidden=a.hidden)
+        rows, ring = run(model_path, work, a)
+        print(f"SGLang 0.5.23 CPU engine, Llama hidden {a.hidden} x {a.layers} layers fp32, {a.concurrency} "
+              f"{'prompts a batched request' if a.batched else 'concurrent requests'}, "
+              f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
+              f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
+              f"{a.path}; model threads {a.model_threads or 'torch default'}; consumer nice {a.consumer_nice}; "
+              f"{'pinned (scheduler: CPU 0, the rest: the others); ' if a.pin else ''}"
+              f"load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     base = rows[0]["tokens_per_s_median"]   # "off" on the first server
-    print(f"SGLang 0.5.23 CPU engine, Llama hidden {a.hidden} x {a.layers} layers fp32, {a.concurrency} concurrent "
-          f"requests, "
-          f"{a.prompt} prompt + {a.new} new tokens; {a.rounds} interleaved rounds per variant; ring drained "
-          f"concurrently ({ring['slabs_drained']} slabs, {ring['records_dropped']} records dropped); tap path(s) "
-          f"{a.path}; model threads {a.model_threads or 'torch default'}; consumer nice {a.consumer_nice}; "
-          f"{'pinned (scheduler: CPU 0, the rest: the others); ' if a.pin else ''}"
-          f"load average {ring['load_average'][0][0]:.2f} -> {ring['load_average'][-1][0]:.2f}")
     before = {r["variant"]: r["tokens_per_s_median"] for r in rows}.get("off@before")
     pct = lambda x: f"{x * 100:+.1f}%"   # noqa: E731
     ci = lambda c: f"[{c[0] * 100:+.1f}, {c[1] * 100:+.1f}]"   # noqa: E731
     print(f"{'variant':<22} {'tok/s median':>12} {'tok/s best':>10} {'median vs off':>14} {'paired vs off':>14} "
-          f"{'90% interval':>14} {'agent/round':>11} {'consumer':>9} {'sched cpu':>9} {'vs off':>7}"
+          f"{'90% interval':>14} {'paired, gmean':>14} {'90% interval':>14} {'agent/round':>11} {'consumer':>9} {'sched cpu':>9} {'vs off':>7}"
           + f" {'paired vs vanilla':>18} {'90% interval':>14}"
           + (f" {'vs off@before':>14}" if before else ""))
     for r in rows:
@@ -387,6 +461,7 @@ def main(argv=None):
         r["vs_off"] = med / base - 1
         line = (f"{r['variant']:<22} {med:>12.1f} {r['tokens_per_s_best']:>10.1f} {pct(r['vs_off']):>14} "
                 f"{pct(r['paired_vs_off']):>14} {ci(r['paired_vs_off_ci90']):>14} "
+                f"{pct(r['paired_vs_off_gmean']):>14} {ci(r['paired_vs_off_gmean_ci90']):>14} "
                 f"{r['agent_share_median'] * 100:>10.2f}% {r['consumer_share_median'] * 100:>8.2f}% "
                 f"{r['sched_cpu_share_median'] * 100:>8.1f}% {pct(r['sched_cpu_paired_vs_off']):>7}")
         if "paired_vs_vanilla" in r:
@@ -401,10 +476,12 @@ def main(argv=None):
                          f"{ci(r['agent_paired_vs_before_ci90'])}")
         print(line)
     if a.out:
+        doc = ({"config": dict(vars(a)), "rows": rows, "pooled": info} if a.pool else
+               {"config": dict(vars(a), variants=sorted(a.variants)), "rows": rows, "ring": ring})
         with open(a.out, "w") as f:
-            json.dump({"config": dict(vars(a), variants=sorted(a.variants)), "rows": rows, "ring": ring,
-                       "command": "scripts/bench/sglang_overhead.py " + " ".join(argv or [])}, f, indent=1)
-    shutil.rmtree(work, ignore_errors=True)
+            json.dump({**doc, "command": "scripts/bench/sglang_overhead.py " + " ".join(argv or [])}, f, indent=1)
+    if work:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -277,6 +277,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="the random Llama's layers (4: ~37 MB of float32 weights, "
                                                           "about this machine's 32 MiB L3)")
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--new", type=int, default=48, help="tokens generated per request (a round: 8 requests)")
+    ap.add_argument("--batched", action="store_true",
+                    help="a round's 8 prompts as one batched /generate instead of 8 concurrent requests")
     ap.add_argument("--paired", type=int, default=0,
                     help="instead of blocks: this many pairs of rounds, capture on and off in a random order "
                          "within each pair, every round measured alone; reports the per-pair difference "
@@ -316,9 +319,10 @@ def main(argv=None) -> None:
             # capture: True (the server's hidden-states), False (off), or the request's own options
             options = capture if isinstance(capture, dict) else {"capture": capture}
             body = lambda p: {"input_ids": p, "sampling_params": {  # noqa: E731
-                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "max_new_tokens": a.new, "temperature": 0, "ignore_eos": True,
                 "custom_params": {"tensortrace": options}}}
-            threads = [threading.Thread(target=srv.post, args=("/generate", body(p))) for p in prompts]
+            threads = ([threading.Thread(target=srv.post, args=("/generate", body(prompts)))] if a.batched else
+                       [threading.Thread(target=srv.post, args=("/generate", body(p))) for p in prompts])
             for t in threads:
                 t.start()
             for t in threads:
