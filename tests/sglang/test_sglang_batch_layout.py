@@ -209,7 +209,25 @@ def test_a_decode_row_still_inside_its_prompt_repeats_until_its_phase_flips():
     assert f4.layout.shape is f3.layout.shape and request_rows(f4) == [("a", 0, 1, 8, "DECODE")]
 
 
-def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_case_to_python():
+@pytest.fixture(params=["tensorimpl", "torch"])
+def seq_lens_read(request):
+    """How next_decode reads input_ids' rows and seq_lens_cpu: in place from the TensorImpl (the
+    agent/_tensorgeom module built for this torch, as every agent start-up hands it over), or through
+    torch (`.shape`, `.tolist()`); the module's state is put back as an agent would leave it."""
+    from tensortrace.agent import geometry
+
+    mod = _native()
+    cap, why = geometry.load()
+    if request.param == "tensorimpl" and cap is None:
+        pytest.skip(f"tensor-geometry module not usable: {why}")
+    mod.use_geometry(cap if request.param == "tensorimpl" else None)
+    try:
+        yield request.param
+    finally:
+        mod.use_geometry(cap)
+
+
+def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_case_to_python(seq_lens_read):
     """agent/_capture.c's next_decode: the new seq_lens when the forward is the shape's next decode
     step (the same ForwardMode object, batch size, request ids and rows, every seq_len + 1), None
     for anything else, including fields of unexpected types, which it never raises on."""
@@ -238,7 +256,10 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
         "seq_lens a list (no tolist)": fb(seq_lens_cpu=[7, 10]),
         "too few seq_lens": fb(seq_lens_cpu=torch.tensor([7])),
         "a seq_len past int64": fb(seq_lens_cpu=[2 ** 70, 10]),
+        "a jump in a strided seq_lens": fb(seq_lens_cpu=torch.tensor([7, 0, 11, 0])[::2]),
+        "a jump in int32 seq_lens (tolist)": fb(seq_lens_cpu=torch.tensor([7, 11], dtype=torch.int32)),
         "input rows": fb(input_ids=torch.arange(3)),
+        "input rows of a 2-D input": fb(input_ids=torch.zeros(3, 1)),
     }
     for why, batch in misses.items():
         assert next_decode(batch, shape, first.total_rows) is None, why
@@ -248,6 +269,10 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
     assert next_decode(fb(), object(), 2) is None                   # not a shape
     with pytest.raises(TypeError):
         next_decode(fb(), shape)
+    # seq_lens as other views and dtypes: the same answer, in place or through tolist()
+    for view in (torch.tensor([7, 0, 10, 0])[::2], torch.tensor([7, 10], dtype=torch.int32),
+                 torch.tensor([[7, 10]])[0], torch.tensor([7, 10, 12])):
+        assert next_decode(fb(seq_lens_cpu=view), shape, first.total_rows) == [7, 10], view
     # CUDA-graph padding: rows and seq_lens past the batch size are read as plan_step reads them
     padded = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9], padded_to=4), prompt).layout
     got = next_decode(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10], padded_to=4), padded.shape, 4)
@@ -256,6 +281,18 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
     nxt = plan_step(fb(), prompt, previous=first)
     assert nxt.mode == "DECODE" and nxt.layout.shape is shape and shape.last is nxt.layout
     assert request_rows(nxt) == [("a", 0, 1, 6, "DECODE"), ("b", 1, 1, 9, "DECODE")]
+
+
+def test_next_decode_reads_int64_seq_lens_in_place_with_the_geometry_module(seq_lens_read, monkeypatch):
+    """With the TensorImpl reader, a steady step's int64 seq_lens_cpu is read in place: no tolist()
+    call, no torch.Size; through torch, one tolist() a step. The answers are the same."""
+    next_decode = _native().next_decode
+    first = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9]), {"a": 5, "b": 3}.get).layout
+    calls = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real(self))
+    assert next_decode(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10]), first.shape, first.total_rows) == [7, 10]
+    assert len(calls) == (0 if seq_lens_read == "tensorimpl" else 1)
 
 
 def test_advance_decode_is_plan_steps_steady_case_whole():

@@ -1003,6 +1003,7 @@ static PyObject *g_to_dlpack;   /* torch._C._to_dlpack, or NULL: the accessors (
 /* agent/_tensorgeom.cpp's reader, or NULL (use_geometry()): a plain dense CPU tensor's geometry as
  * loads from its TensorImpl, no torch call and no export; it declines everything else (DLPack then). */
 static TTGeometryFn g_geometry;
+static PyObject *g_int64;   /* torch.int64, while g_geometry is set (next_decode reads seq_lens_cpu in place) */
 static PyObject *g_geometry_cap;   /* the capsule, held while g_geometry is set (the module that made it
                                      stays in sys.modules: extension modules are never unloaded) */
 
@@ -1085,10 +1086,16 @@ static PyObject *mod_use_geometry(PyObject *m, PyObject *cap) {
     if (cap == Py_None) {
         g_geometry = NULL;
         Py_CLEAR(g_geometry_cap);
+        Py_CLEAR(g_int64);
         Py_RETURN_NONE;
     }
     void *fn = PyCapsule_GetPointer(cap, TT_GEOMETRY_CAPSULE);
     if (!fn) return NULL;   /* not the capsule of this interface version: PyCapsule's error says which */
+    PyObject *torch = PyImport_ImportModule("torch");   /* (loaded: the capsule's module links it) */
+    PyObject *i64 = torch ? PyObject_GetAttrString(torch, "int64") : NULL;
+    Py_XDECREF(torch);
+    if (!i64) return NULL;
+    Py_XSETREF(g_int64, i64);
     g_geometry = (TTGeometryFn)fn;
     Py_INCREF(cap);
     Py_XSETREF(g_geometry_cap, cap);
@@ -2029,7 +2036,9 @@ static PyObject *mod_noop(PyObject *m, PyObject *const *args, Py_ssize_t nargs) 
  * same ForwardMode object, batch_size and request ids (a list equal to shape.rids), `total_rows`
  * input rows, and every seq_len one more than shape.last_seq_lens. Else None: the caller then runs
  * plan_step's Python, which decides every case (and raises LayoutError on inconsistent fields).
- * What plan_step's repeat path reads, in one C call: it runs before every steady decode step. */
+ * What plan_step's repeat path reads, in one C call: it runs before every steady decode step. With
+ * the TensorImpl reader (use_geometry), a CPU input_ids' rows and an int64 seq_lens_cpu are read in
+ * place: no torch.Size and no tolist() dispatch on the step (every other case asks torch). */
 static PyObject *next_decode_of(PyObject *fb, PyObject *shape, long long total_rows);
 
 static PyObject *mod_next_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
@@ -2060,14 +2069,38 @@ static PyObject *next_decode_of(PyObject *fb, PyObject *shape, long long total_r
     int eq = PyObject_RichCompareBool(rids, srids, Py_EQ);
     if (eq <= 0) goto miss;
     TAKE(ii, fb, s_input_ids);
-    TAKE(shp, ii, s_shape);
-    if (!PyTuple_Check(shp) || PyTuple_GET_SIZE(shp) < 1 || PyLong_AsLongLong(PyTuple_GET_ITEM(shp, 0)) != total_rows)
-        goto miss;
+    TTGeometry g;
+    if (g_geometry && g_geometry(ii, &g)) {   /* a CPU tensor: its rows from the TensorImpl, no torch.Size */
+        if (g.ndim < 1 || g.sizes[0] != total_rows) goto miss;
+    } else {
+        TAKE(shp, ii, s_shape);
+        if (!PyTuple_Check(shp) || PyTuple_GET_SIZE(shp) < 1 ||
+            PyLong_AsLongLong(PyTuple_GET_ITEM(shp, 0)) != total_rows)
+            goto miss;
+    }
     TAKE(sl, fb, s_seq_lens_cpu);
-    if (!(lst = PyObject_CallMethodNoArgs(sl, s_tolist))) goto miss;
     TAKE(last, shape, s_last_seq_lens);
-    if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) < bs || !PyList_CheckExact(last) || PyList_GET_SIZE(last) != bs)
-        goto miss;
+    if (!PyList_CheckExact(last) || PyList_GET_SIZE(last) != bs) goto miss;
+    if (g_geometry && g_int64 && g_geometry(sl, &g) && g.dtype == g_int64 && g.ndim == 1 && g.sizes[0] >= bs) {
+        /* seq_lens_cpu read in place (the reader checked its storage holds the view): the list that
+         * tolist() would make, without torch's dispatch, compared as it is built */
+        const int64_t *d = (const int64_t *)g.data;
+        int64_t st = g.strides[0];
+        if (!(lst = PyList_New(bs))) goto miss;
+        for (Py_ssize_t i = 0; i < bs; i++) {
+            PyObject *b = PyList_GET_ITEM(last, i);
+            if (!PyLong_CheckExact(b)) goto miss;
+            long long x = (long long)d[i * st], y = PyLong_AsLongLong(b);
+            if ((y == -1 && PyErr_Occurred()) || y == LLONG_MAX || x != y + 1) goto miss;
+            PyObject *v = PyLong_FromLongLong(x);
+            if (!v) goto miss;
+            PyList_SET_ITEM(lst, i, v);
+        }
+        out = Py_NewRef(lst);
+        goto done;
+    }
+    if (!(lst = PyObject_CallMethodNoArgs(sl, s_tolist))) goto miss;
+    if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) < bs) goto miss;
     for (Py_ssize_t i = 0; i < bs; i++) {
         PyObject *a = PyList_GET_ITEM(lst, i), *b = PyList_GET_ITEM(last, i);
         if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b)) goto miss;
