@@ -11,8 +11,9 @@ floor). Rows:
 - torch's entries a step of capture makes: `input_ids.shape`, `seq_lens.tolist()` (the steady
   decode check reads both), `torch._C._to_dlpack(t)` (a native tap's view of a tensor's geometry,
   every tap), `t.data_ptr()` (one of the four accessors it replaces);
-- the SGLang steady decode layout: `advance_decode` (one C call) vs `plan_step`'s Python (the same
-  answer, the oracle);
+- the SGLang steady decode layout: `advance_decode` (one C call), reading input_ids' rows and
+  `seq_lens_cpu` in place (with the TensorImpl reader) or through torch, vs `plan_step`'s Python
+  (the same answer, the oracle), the three chains stepped in turn;
 - the agent's steady step on a batch of 8 decode rows (`hidden-states`-like: one 8 x 512 float32
   capture): `begin_step` of a repeat step, `capture`, `end_step`, each the Core's C method vs the
   Python method (`python`: CaptureAgent's methods on the same native agent); `C` reads the
@@ -82,29 +83,44 @@ def main(argv=None) -> None:
     timed("torch._C._to_dlpack(t)", lambda: torch._C._to_dlpack(x))
     timed("t.data_ptr()", lambda: x.data_ptr())
 
-    # the steady decode layout, C and Python, each over its own chain of steps
+    # the steady decode layout, each way over its own chain of steps, the chains stepped in turn:
+    # C reading input_ids' rows and seq_lens_cpu in place (the TensorImpl reader set, as every agent
+    # start-up sets it), C reading them through torch (.shape, .tolist()), plan_step's Python
+    from tensortrace.agent import native
+
+    mod, why = native.load()
+    if mod is None:
+        raise SystemExit(f"the native path is not built: {why}")
+    geometry_cap, why = tensor_geometry.load()
+    if geometry_cap is None:
+        print(f"note: C taps and next_decode read through torch here: {why}")
     prompt = {r: 4 for r in rids}.get
-    decs = [forward_batch("DECODE", rids, seq_lens=[5 + k] * B) for k in range(a.calls + 1)]
     advance = batch_layout.advance_decode
-    for name, use_c in (("advance_decode (C)", True), ("plan_step, steady case (Python)", False)):
-        prev = plan_step(decs[0], prompt).layout
-        saved = batch_layout.advance_decode
-        batch_layout.advance_decode = advance if use_c else None
-        ts = []
-        try:
-            for d in decs[1:]:
+    ways = ("advance_decode (C, seq_lens in place)", "advance_decode (C, seq_lens through torch)",
+            "plan_step, steady case (Python)")
+    chains = {w: [forward_batch("DECODE", rids, seq_lens=[5 + k] * B) for k in range(a.calls + 1)] for w in ways}
+    prev = {w: plan_step(chains[w][0], prompt).layout for w in ways}
+    lts = {w: [] for w in ways}
+    saved = batch_layout.advance_decode
+    try:
+        for k in range(1, a.calls + 1):
+            for w in ways:
+                d = chains[w][k]
+                mod.use_geometry(geometry_cap if w == ways[0] else None)
+                batch_layout.advance_decode = None if w == ways[2] else advance
                 if sweep is not None:
                     sweep.sum()
                 t = pc()
-                if use_c:
-                    nxt = advance(d, prev)
-                else:
-                    nxt = plan_step(d, prompt, previous=prev).layout
-                ts.append(pc() - t)
-                prev = nxt
-        finally:
-            batch_layout.advance_decode = saved
-        rows[name] = median(ts) / 1e3
+                nxt = advance(d, prev[w]) if w != ways[2] else plan_step(d, prompt, previous=prev[w]).layout
+                lts[w].append(pc() - t)
+                if nxt is None:
+                    raise SystemExit(f"{w}: not the steady case at step {k}")
+                prev[w] = nxt
+    finally:
+        batch_layout.advance_decode = saved
+        mod.use_geometry(geometry_cap)
+    for w in ways:
+        rows[w] = median(lts[w]) / 1e3
 
     # the agent's steady step, the Core's methods and the Python ones on one native agent
     # the agent's steady step: three agents stepped in turn, step for step, so the host's drift
@@ -113,9 +129,6 @@ def main(argv=None) -> None:
     ring_dir = ring_tmpdir("tt-cold-calls-")
     paths = ("C", "C, geometry via DLPack", "python")
     agents, layouts, ts = {}, {}, {}
-    geometry_cap, why = tensor_geometry.load()
-    if geometry_cap is None:
-        print(f"note: C taps read geometry through DLPack here too: {why}")
     try:
         for path in paths:
             agent = CaptureAgent(AgentConfig(ring_dir=os.path.join(ring_dir, path), model_id="m", pod=path,

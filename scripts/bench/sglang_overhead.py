@@ -44,6 +44,14 @@ measure that leaves the model's noise out. `--variants off,hidden-states` measur
 (shorter rounds: more of them in the same time). `--layers` / `--hidden` size
 the random Llama (more layers: more module hooks per forward).
 
+Statistics: `paired vs off` is the median of the rounds' ratios; `paired, gmean` their geometric
+mean (the total time's ratio), each with a bootstrap 90% interval. The median can miss a cost that
+shows as a minority of slow rounds, so targets are read on the geometric mean (docs/BENCHMARKS.md
+"Session 14"). `--batched` sends a round's prompts as one batched /generate. `--consumer-nice 0,19`
+measures both ring-consumer priorities in one run: the consumer is reniced between rounds, and
+variants `@nice19` are paired with `off@nice19`. `--pool A.json,B.json[:SUFFIX]` summarises
+several runs' rounds as one (no server).
+
     .cache/sglang-venv/bin/python scripts/bench/sglang_overhead.py --path native,python --out /tmp/sglang-overhead.json
 (PYTHONPATH must hold scripts/sglang/sgl_kernel_stub; scripts/sglang/run-tests.sh shows how.)
 """
@@ -364,12 +372,22 @@ def summarize(times, agent_ns, sched_s, consumer_ns, tokens) -> list[dict]:
 
 def pool(paths) -> tuple[list[dict], dict]:
     """--pool: the rounds of several runs' JSON (the same variants), summarised as one run: every
-    round is paired within its own run, as summarize pairs it, and the statistics are taken over all."""
+    round is paired within its own run, as summarize pairs it, and the statistics are taken over all.
+    `FILE:SUFFIX` takes that run's variants named with SUFFIX (e.g. `:@nice19`), the suffix dropped;
+    `FILE:@` its plain variants only (those without a suffix)."""
     times, agent_ns, sched_s, consumer_ns = {}, {}, {}, {}
     tokens, configs = None, []
-    for path in paths:
+    for spec in paths:
+        path, _, suffix = spec.partition(":")
         with open(path) as f:
             doc = json.load(f)
+        if suffix == "@":   # FILE:@ -> the run's plain variants only
+            doc["rows"] = [r for r in doc["rows"] if "@" not in r["variant"]]
+        elif suffix:
+            doc["rows"] = [dict(r, variant=r["variant"][:-len(suffix)]) for r in doc["rows"]
+                           if r["variant"].endswith(suffix)]
+            if not doc["rows"]:
+                raise SystemExit(f"--pool: {path} has no variant named with {suffix}")
         cfg = doc["config"]
         configs.append(cfg)
         t = cfg["concurrency"] * cfg["new"]
@@ -421,7 +439,8 @@ def main(argv=None):
                          "instead of one HTTP request per prompt")
     ap.add_argument("--pool", default="", metavar="JSON,...",
                     help="no server: the tables of several runs' JSON (the same variants) over all their rounds, "
-                         "each round paired within its own run")
+                         "each round paired within its own run; FILE:SUFFIX takes that run's variants named "
+                         "with SUFFIX (e.g. run.json:@nice19), the suffix dropped; FILE:@ its plain variants only")
     ap.add_argument("--drain", default="", help=argparse.SUPPRESS)   # the consumer process (RingDrain)
     a = ap.parse_args(argv)
     if a.drain:

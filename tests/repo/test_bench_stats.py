@@ -94,6 +94,19 @@ def test_pool_pairs_each_round_within_its_run(tmp_path):
     other.write_text(json.dumps({"config": {"concurrency": 8, "new": 96}, "rows": both[0]}))
     with pytest.raises(SystemExit, match="tokens a round"):
         sglang_overhead.pool([paths[0], str(other)])
+    # FILE:SUFFIX: a run's reniced-consumer variants pooled as the plain ones of the others
+    both_levels = tmp_path / "levels.json"
+    both_levels.write_text(json.dumps({"config": {"concurrency": 8, "new": 48}, "rows": both[1] + [
+        dict(r, variant=r["variant"] + "@nice19") for r in both[0]]}))
+    rows2, _ = sglang_overhead.pool([paths[1], f"{both_levels}:@nice19"])
+    assert [r["variant"] for r in rows2] == ["off", "hidden-states"]
+    assert {r["variant"]: r for r in rows2}["hidden-states"]["paired_vs_off_gmean"] == pytest.approx(
+        hs["paired_vs_off_gmean"])   # the same 200 pairs as pooling the two plain runs
+    plain, _ = sglang_overhead.pool([paths[0], f"{both_levels}:@"])   # its plain variants: run 1's
+    assert {r["variant"]: r for r in plain}["hidden-states"]["paired_vs_off_gmean"] == pytest.approx(
+        hs["paired_vs_off_gmean"])
+    with pytest.raises(SystemExit, match="no variant named"):
+        sglang_overhead.pool([f"{both_levels}:@nice5"])
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps({"config": {"concurrency": 8, "new": 48},
                                    "rows": [dict(both[0][0], variant="full"), both[0][1]]}))
