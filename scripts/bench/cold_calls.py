@@ -96,8 +96,9 @@ def main(argv=None) -> None:
         print(f"note: C taps and next_decode read through torch here: {why}")
     prompt = {r: 4 for r in rids}.get
     advance = batch_layout.advance_decode
-    ways = ("advance_decode (C, seq_lens in place)", "advance_decode (C, seq_lens through torch)",
-            "plan_step, steady case (Python)")
+    ways = ("advance_decode (C, seq_lens in place)" if geometry_cap is not None else
+            "advance_decode (C, through torch: no tensor-geometry module)",
+            "advance_decode (C, seq_lens through torch)", "plan_step, steady case (Python)")
     chains = {w: [forward_batch("DECODE", rids, seq_lens=[5 + k] * B) for k in range(a.calls + 1)] for w in ways}
     prev = {w: plan_step(chains[w][0], prompt).layout for w in ways}
     lts = {w: [] for w in ways}

@@ -495,10 +495,12 @@ def main(argv=None):
                          f"{ci(r['agent_paired_vs_before_ci90'])}")
         print(line)
     if a.out:
-        doc = ({"config": dict(vars(a)), "rows": rows, "pooled": info} if a.pool else
+        # a pool's own configuration is its runs' (info["configs"]); this invocation's flags did not apply
+        doc = ({"rows": rows, "pooled": info} if a.pool else
                {"config": dict(vars(a), variants=sorted(a.variants)), "rows": rows, "ring": ring})
+        args = sys.argv[1:] if argv is None else argv
         with open(a.out, "w") as f:
-            json.dump({**doc, "command": "scripts/bench/sglang_overhead.py " + " ".join(argv or [])}, f, indent=1)
+            json.dump({**doc, "command": "scripts/bench/sglang_overhead.py " + " ".join(args)}, f, indent=1)
     if work:
         shutil.rmtree(work, ignore_errors=True)
 

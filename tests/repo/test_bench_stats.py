@@ -53,25 +53,34 @@ def test_gmean_is_not_fooled_by_skew_the_median_misses():
 
 
 def _measures(variants, n=200):
+    """Every variant's rounds paired with one `off` series: off x (1 + cost) x noise."""
+    rng = random.Random(10)
+    off = [0.8 * math.exp(rng.gauss(0, 0.15)) for _ in range(n)]
     times, agent, sched, consumer = {}, {}, {}, {}
-    for i, (v, cost) in enumerate(variants.items()):
-        _, ts = _rounds(n, cost, 0.05, seed=10 + i)
-        times[v], agent[v], sched[v], consumer[v] = ts, [1e6] * n, ts, [2e6] * n
+    for v, cost in variants.items():
+        ts = off if v == "off" else [o * (1 + cost) * math.exp(rng.gauss(0, 0.01)) for o in off]
+        times[v], agent[v], sched[v], consumer[v] = ts, [1e6] * n, list(ts), [2e6] * n
     return times, agent, sched, consumer
 
 
 def test_summarize_pairs_a_reniced_consumers_variants_with_off_at_the_same_priority():
     # the same off rounds under both priorities would hide the pairing: give them different costs
-    times, agent, sched, consumer = _measures({"off": 0.0, "hidden-states": 0.01, "off@nice19": 0.05,
-                                              "hidden-states@nice19": 0.05})
-    times["off@nice19"] = [t * 1.05 for t in times["off"]]
-    times["hidden-states@nice19"] = [t * 1.05 for t in times["off"]]   # no cost against its own off
+    times, agent, sched, consumer = _measures({"off": 0.0, "hidden-states": 0.01})
+    # at nice 19 every round 5% slower, capture on or off: no cost against its own off
+    for v in ("off", "hidden-states"):
+        times[v + "@nice19"] = [t * 1.05 for t in times["off"]]
+        sched[v + "@nice19"] = [t * 1.05 for t in sched["off"]]
+        agent[v + "@nice19"], consumer[v + "@nice19"] = agent[v], consumer[v]
     rows = {r["variant"]: r for r in sglang_overhead.summarize(times, agent, sched, consumer, tokens=384)}
-    assert rows["hidden-states@nice19"]["paired_vs_off_gmean"] == pytest.approx(0.0, abs=1e-12)
-    assert rows["hidden-states@nice19"]["paired_vs_off"] == pytest.approx(0.0, abs=1e-12)
+    at19 = rows["hidden-states@nice19"]
+    assert at19["paired_vs_off_gmean"] == pytest.approx(0.0, abs=1e-12)
+    assert at19["paired_vs_off"] == pytest.approx(0.0, abs=1e-12)
+    assert at19["sched_cpu_paired_vs_off"] == pytest.approx(0.0, abs=1e-12)   # off@nice19's CPU the baseline
     assert rows["off@nice19"]["paired_vs_off"] == pytest.approx(0.0, abs=1e-12)
-    assert rows["hidden-states"]["paired_vs_off_gmean"] < 0   # against plain off
-    assert rows["hidden-states"]["rounds"] == 200
+    hs = rows["hidden-states"]   # against plain off: 1% slower, 1% more scheduler CPU
+    assert hs["paired_vs_off_gmean"] == pytest.approx(1 / 1.01 - 1, abs=0.002)
+    assert hs["sched_cpu_paired_vs_off"] == pytest.approx(0.01, abs=0.002)
+    assert hs["rounds"] == 200
 
 
 def test_pool_pairs_each_round_within_its_run(tmp_path):

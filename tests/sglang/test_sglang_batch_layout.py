@@ -259,7 +259,7 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
         "a jump in a strided seq_lens": fb(seq_lens_cpu=torch.tensor([7, 0, 11, 0])[::2]),
         "a jump in int32 seq_lens (tolist)": fb(seq_lens_cpu=torch.tensor([7, 11], dtype=torch.int32)),
         "input rows": fb(input_ids=torch.arange(3)),
-        "input rows of a 2-D input": fb(input_ids=torch.zeros(3, 1)),
+        "input rows of a 2-D input": fb(input_ids=torch.zeros(3, 2)),
     }
     for why, batch in misses.items():
         assert next_decode(batch, shape, first.total_rows) is None, why
@@ -273,6 +273,7 @@ def test_next_decode_reads_the_steady_decode_step_in_c_and_leaves_every_other_ca
     for view in (torch.tensor([7, 0, 10, 0])[::2], torch.tensor([7, 10], dtype=torch.int32),
                  torch.tensor([[7, 10]])[0], torch.tensor([7, 10, 12])):
         assert next_decode(fb(seq_lens_cpu=view), shape, first.total_rows) == [7, 10], view
+    assert next_decode(fb(input_ids=torch.zeros(2, 3)), shape, first.total_rows) == [7, 10]   # rows: dim 0
     # CUDA-graph padding: rows and seq_lens past the batch size are read as plan_step reads them
     padded = plan_step(forward_batch("DECODE", ["a", "b"], seq_lens=[6, 9], padded_to=4), prompt).layout
     got = next_decode(forward_batch("DECODE", ["a", "b"], seq_lens=[7, 10], padded_to=4), padded.shape, 4)
