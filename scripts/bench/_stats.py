@@ -9,28 +9,30 @@ import random
 from statistics import fmean, median
 
 
-def median_ci(xs, level: float = 0.90, resamples: int = 4000) -> list[float]:
-    """Percentile-bootstrap interval of the median of xs (the samples resampled with replacement;
-    a fixed seed, so a rerun on the same JSON gives the same interval)."""
+def _bootstrap_ci(xs, stat, level: float, resamples: int) -> list[float]:
+    """Percentile-bootstrap interval of stat(xs): the samples resampled with replacement, a fixed
+    seed, so a rerun on the same JSON gives the same interval."""
     rng = random.Random(7)
-    meds = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    stats = sorted(stat(rng.choices(xs, k=len(xs))) for _ in range(resamples))
     tail = (1 - level) / 2
-    return [meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]]
+    return [stats[int(tail * resamples)], stats[int((1 - tail) * resamples) - 1]]
+
+
+def median_ci(xs, level: float = 0.90, resamples: int = 4000) -> list[float]:
+    """Percentile-bootstrap interval of the median of xs."""
+    return _bootstrap_ci(xs, median, level, resamples)
 
 
 def ratio_gmean_ci(nums, dens, level: float = 0.90, resamples: int = 4000) -> tuple[float, list[float]]:
     """The geometric mean of the paired ratios nums[i] / dens[i], minus 1, and its percentile-bootstrap
-    interval (the pairs resampled; a fixed seed). On a round-to-round scatter that is close to
-    normal in the log, the mean of the log ratios is a more efficient estimate than their median
-    (about 1.5x fewer rounds for the same interval); both are reported where both are printed."""
+    interval (the pairs resampled). On a round-to-round scatter that is close to normal in the log,
+    the mean of the log ratios is a more efficient estimate than their median (about 1.5x fewer
+    rounds for the same interval); both are reported where both are printed."""
     logs = [math.log(n / d) for n, d in zip(nums, dens) if n > 0 and d > 0]
     if not logs:
         return 0.0, [0.0, 0.0]
-    rng = random.Random(7)
-    means = sorted(fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return (math.exp(fmean(logs)) - 1,
-            [math.exp(means[int(tail * resamples)]) - 1, math.exp(means[int((1 - tail) * resamples) - 1]) - 1])
+    lo, hi = _bootstrap_ci(logs, fmean, level, resamples)
+    return math.exp(fmean(logs)) - 1, [math.exp(lo) - 1, math.exp(hi) - 1]
 
 
 def cpu_s(pid=None) -> float:

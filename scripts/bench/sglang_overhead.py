@@ -331,7 +331,8 @@ def summarize(times, agent_ns, sched_s, consumer_ns, tokens) -> list[dict]:
     for v, ts in times.items():
         # the baseline: "off" on the first server; a variant run with the consumer reniced
         # (`@niceN`), off in the rounds with the same consumer priority
-        base = "off" + v[v.index("@nice"):] if "@nice" in v and "off" + v[v.index("@nice"):] in times else first
+        own_off = "off" + v[v.index("@nice"):] if "@nice" in v else None
+        base = own_off if own_off in times else first
         off = times[base]
         # paired: this variant's tokens/s over off's in the same round (seconds apart: the machine's
         # slow drifts cancel), the median over rounds, with a bootstrap 90% interval of that median;
@@ -447,9 +448,9 @@ def main(argv=None):
         return drain_main(a.drain)
     a.nices = [int(n) for n in str(a.consumer_nice).split(",")]
     if a.pool:
-        rows, info = pool(a.pool.split(","))
-        print(f"pooled: {len(a.pool.split(','))} runs, {rows[0]['rounds']} rounds per variant "
-              f"({', '.join(a.pool.split(','))})")
+        specs = a.pool.split(",")
+        rows, info = pool(specs)
+        print(f"pooled: {len(specs)} runs, {rows[0]['rounds']} rounds per variant ({', '.join(specs)})")
         work = ""
     else:
         a.variants = set(a.variants.split(",")) | {"off"}

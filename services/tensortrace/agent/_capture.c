@@ -2082,24 +2082,18 @@ static PyObject *next_decode_of(PyObject *fb, PyObject *shape, long long total_r
     TAKE(last, shape, s_last_seq_lens);
     if (!PyList_CheckExact(last) || PyList_GET_SIZE(last) != bs) goto miss;
     if (g_geometry && g_int64 && g_geometry(sl, &g) && g.dtype == g_int64 && g.ndim == 1 && g.sizes[0] >= bs) {
-        /* seq_lens_cpu read in place (the reader checked its storage holds the view): the list that
-         * tolist() would make, without torch's dispatch, compared as it is built */
+        /* seq_lens_cpu read in place (the reader checked its storage holds the view): the first bs
+         * entries of the list tolist() would make, without torch's dispatch */
         const int64_t *d = (const int64_t *)g.data;
-        int64_t st = g.strides[0];
         if (!(lst = PyList_New(bs))) goto miss;
         for (Py_ssize_t i = 0; i < bs; i++) {
-            PyObject *b = PyList_GET_ITEM(last, i);
-            if (!PyLong_CheckExact(b)) goto miss;
-            long long x = (long long)d[i * st], y = PyLong_AsLongLong(b);
-            if ((y == -1 && PyErr_Occurred()) || y == LLONG_MAX || x != y + 1) goto miss;
-            PyObject *v = PyLong_FromLongLong(x);
+            PyObject *v = PyLong_FromLongLong((long long)d[i * g.strides[0]]);
             if (!v) goto miss;
             PyList_SET_ITEM(lst, i, v);
         }
-        out = Py_NewRef(lst);
-        goto done;
+    } else if (!(lst = PyObject_CallMethodNoArgs(sl, s_tolist))) {
+        goto miss;
     }
-    if (!(lst = PyObject_CallMethodNoArgs(sl, s_tolist))) goto miss;
     if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) < bs) goto miss;
     for (Py_ssize_t i = 0; i < bs; i++) {
         PyObject *a = PyList_GET_ITEM(lst, i), *b = PyList_GET_ITEM(last, i);
