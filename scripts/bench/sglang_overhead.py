@@ -76,7 +76,8 @@ from tensortrace.devstack.tiny_model import make_tiny_model
 
 class RingDrain:
     """A consumer process that releases every frame as it appears (what the exporter does on a
-    node), started with this script's `--drain RING_DIR`. A process of its own, as an exporter is:
+    node, with the exporter's main-loop wait: 5 ms after work, doubling to 50 ms while the ring is
+    empty; a fixed 5 ms poll before session 15), started with this script's `--drain RING_DIR`. A process of its own, as an exporter is:
     a consumer thread in this process would compete for the GIL with the client threads and slow
     every round of its server on the client side. `stats()` asks it for the agent's own
     inference-thread time so far (the ring's producer counter, stored once a step by the agent in
@@ -161,6 +162,7 @@ def _renice(pid: int, nice: int) -> None:
 def drain_main(ring_dir) -> None:
     import glob
 
+    from tensortrace.exporter.config import ExporterConfig
     from tensortrace.ring.format import FrameKind, RingReader
     from tensortrace.v1 import records_pb2
 
@@ -177,6 +179,8 @@ def drain_main(ring_dir) -> None:
         stop.set()
     threading.Thread(target=answer, daemon=True).start()
     print("ready", flush=True)
+    policy = ExporterConfig()   # the exporter's main-loop wait: poll_s after work, doubling to idle_poll_max_s
+    wait = policy.poll_s
     while not stop.is_set():
         end = None
         for f in reader.frames():
@@ -186,9 +190,11 @@ def drain_main(ring_dir) -> None:
             elif f.kind == FrameKind.SUMMARY:
                 counts["dropped"] += records_pb2.RequestSummary.FromString(bytes(f.meta)).records_dropped
         if end is None:
-            time.sleep(0.005)
+            time.sleep(wait)
+            wait = policy.next_wait(wait)
         else:
             reader.release(end)
+            wait = policy.poll_s
     reader.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 
 import pytest
 
@@ -123,4 +124,40 @@ def test_sigterm_delivers_what_is_in_flight_releases_it_and_exits_zero(kafka_bro
     recs = consume_all(kafka_broker.bootstrap, topic,
                        lambda rs: want <= {x.tensor.seq for _, x in rs if x.HasField("tensor")}, timeout_s=30)
     assert want <= {x.tensor.seq for _, x in recs if x.HasField("tensor")}
+    w.close()
+
+
+def _passes(exp, result: str) -> float:
+    for line in exp.http("/metrics")[1].splitlines():
+        if line.startswith(f'tensortrace_exporter_main_loop_passes_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_an_idle_exporter_backs_off_and_still_delivers_the_first_frames_after_idle(kafka_broker, fresh_topic, ring_dir,
+                                                                                   exporter_factory, tmp_path):
+    """With nothing to read the main loop's wait doubles each empty pass up to idle_poll_max_s
+    (0.05 s: ~20 wakes a second), where a fixed poll (idle_poll_max_s = poll_s = 5 ms) wakes ~200
+    times; traffic written after the idle spell is read and delivered as before."""
+    topic = fresh_topic(partitions=1)
+    w = RingWriter.create(os.path.join(ring_dir, "pod-i-r0.ring"), 1 << 20, RingIdentity(pod="pod-i"))
+    fixed_dir = tmp_path / "fixed-rings"
+    fixed_dir.mkdir(mode=0o700)
+    adaptive = exporter_factory(ring_dir, kafka_broker.bootstrap, topic)
+    fixed = exporter_factory(str(fixed_dir), kafka_broker.bootstrap, topic, extra=["--idle-poll-max-s", "0.005"])
+    for exp in (adaptive, fixed):
+        exp.wait_for(lambda exp=exp: exp.http("/readyz")[0] == 200, what="readiness")
+    adaptive.wait_for(lambda: adaptive.ring("pod-i-r0.ring"), what="ring attached")
+    before = {e: _passes(e, "empty") for e in (adaptive, fixed)}
+    time.sleep(2.0)
+    empty = {e: _passes(e, "empty") - before[e] for e in (adaptive, fixed)}
+    # 2 s at <= 20 wakes/s (+ the scan/housekeeping passes that count as work, and some slack);
+    # a loaded machine only oversleeps, which lowers both counts
+    assert empty[adaptive] <= 2.0 / 0.05 + 15, empty
+    assert empty[fixed] > 3 * empty[adaptive], empty
+    gen = TrafficGen(w, n_requests=2, prefix="i")
+    gen.run(steps=3)
+    adaptive.wait_for(lambda: (r := adaptive.ring("pod-i-r0.ring")) and r.frames_pending == 0
+                      and r.records_published == len(gen.expected) + len(gen.summaries), what="all published")
+    assert _passes(adaptive, "work") > 0
     w.close()

@@ -51,6 +51,10 @@ class ExporterConfig:
     cleanup_grace_s: float = option(30.0, "a drained ring of a gone producer is deleted this long after it was detached")
     max_steps_kept: int = option(64, "STEP metas kept per ring to resolve SLAB frames (bounded)")
     idle_release_s: float = option(1.0, "a ring with no new frame for this long also releases its newest STEP frame")
+    poll_s: float = option(0.005, "the main loop's wait after a pass that found work (an acknowledgement wakes it early)")
+    idle_poll_max_s: float = option(0.05, "after each pass that finds nothing to do the wait doubles, up to this: an "
+                                          "idle exporter wakes ~20 times a second instead of 200, and the first frame "
+                                          "after an idle spell waits at most this long (= poll_s: a fixed poll)")
 
     # Kafka
     kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap-servers", "--bootstrap")})
@@ -127,6 +131,9 @@ class ExporterConfig:
                 f"{self.max_inflight_bytes} is smaller than one message ({self.max_message_bytes})")
         p.check(self.idle_release_s >= 0, "idle_release_s", f"must be >= 0, got {self.idle_release_s}")
         p.check(self.scan_interval_s > 0, "scan_interval_s", f"must be > 0, got {self.scan_interval_s}")
+        if p.check(0 < self.poll_s <= 1, "poll_s", f"must be in (0, 1] seconds, got {self.poll_s}"):
+            p.check(self.poll_s <= self.idle_poll_max_s <= 1, "idle_poll_max_s",
+                    f"must be in [poll_s={self.poll_s}, 1] seconds, got {self.idle_poll_max_s}")
         p.check(self.cleanup_grace_s >= 0, "cleanup_grace_s", f"must be >= 0, got {self.cleanup_grace_s}")
         p.check(-1 <= self.control_port <= 65535, "control_port",
                 f"{self.control_port} is not a port (0 = ephemeral, -1 = disabled)")
@@ -143,6 +150,24 @@ class ExporterConfig:
     def listen_ports(self) -> dict[str, int]:
         """Ports this configuration listens on (besides the runtime's HTTP port); -1: none."""
         return {"control": self.control_port}
+
+    def next_wait(self, wait: float) -> float:
+        """The main loop's wait after another pass that found nothing to do: twice the last, at most
+        `idle_poll_max_s`; a pass that finds work sets it back to `poll_s`. An idle exporter wakes
+        ~1/idle_poll_max_s times a second instead of 1/poll_s, and a frame waits at most
+        min(idle_poll_max_s, about the time since the previous work) to be read: the wait in which
+        it arrives is at most twice the previous one, and the waits since the previous work add up
+        to about as much.
+
+        >>> cfg = ExporterConfig(poll_s=0.005, idle_poll_max_s=0.05)
+        >>> w, seq = cfg.poll_s, []
+        >>> for _ in range(6):
+        ...     seq.append(w)
+        ...     w = cfg.next_wait(w)
+        >>> seq
+        [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]
+        """
+        return min(self.idle_poll_max_s, wait * 2)
 
     @property
     def payload_encoding_code(self) -> int:

@@ -53,6 +53,9 @@ class ExporterMetrics:
         self.inflight_messages = Gauge(P + "inflight_messages", "Messages sent and not yet acknowledged", registry=r)
         self.oldest_undelivered_age = Gauge(P + "oldest_undelivered_age_seconds",
                                             "Age (since capture) of the oldest record read but not yet acknowledged", registry=r)
+        self.passes = Counter(P + "main_loop_passes", "Main-loop passes: `work` (acknowledgements handled or frames "
+                              "read), `empty` (followed by a wait that doubles up to idle_poll_max_s)", ["result"],
+                              registry=r)
         self.backpressure = Counter(P + "backpressure_passes", "Drain passes skipped because the in-flight buffer was full", registry=r)
         self.rewinds = Counter(P + "ring_rewinds", "Rings re-read from their tail after a failed delivery", ["ring"], registry=r)
         self.passes_record_limited = Counter(P + "pass_record_limited", "Drain passes stopped at max_pass_records "

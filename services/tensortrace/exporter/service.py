@@ -122,10 +122,18 @@ class Exporter:
     def run(self) -> None:
         try:
             wake = self.publisher.wake
+            passes = self.metrics.passes
+            worked_pass, empty_pass = passes.labels("work"), passes.labels("empty")
+            wait = self.cfg.poll_s
             while not self._stop.is_set():
                 wake.clear()
-                if not self.step():
-                    wake.wait(0.005)   # an acknowledgement (or stop()) wakes it early
+                if self.step():
+                    worked_pass.inc()
+                    wait = self.cfg.poll_s
+                else:
+                    empty_pass.inc()
+                    wake.wait(wait)   # an acknowledgement (or stop()) wakes it early
+                    wait = self.cfg.next_wait(wait)
         finally:
             self.shutdown()
 

@@ -1,0 +1,215 @@
+"""The exporter's own CPU when idle and under light traffic, and its delivery latency after an idle
+spell: a fixed 5 ms poll (`--idle-poll-max-s 0.005`, the exporter before session 15) and the
+adaptive wait (the default: the wait doubles each empty pass up to `idle_poll_max_s`, 50 ms, and
+falls back to `poll_s`, 5 ms, after any work), side by side in one run.
+
+Two real exporter processes (`tensortrace exporter`), one ring each, one real local Kafka broker
+(tensortrace.devkafka.LocalKafka unless --bootstrap), both running at once, so every phase measures
+both under the same load:
+
+  idle     no frames: each process's CPU time (utime + stime, /proc/<pid>/stat) over wall time, and
+           its main-loop passes a second (tensortrace_exporter_main_loop_passes_total)
+  traffic  a step every --step-ms (one STEP + 4 SLAB frames of 8 requests, 2 KiB rows) into both
+           rings from one writer thread, the rate of a CPU decode step: CPU and passes per step
+  latency  after `--idle-s` of silence, one step (+ its requests' summaries) into one ring, and the
+           time until a Kafka consumer of that exporter's topic holds the first record of the step's
+           requests (keyed by request id: a late message of an earlier trial does not count):
+           ring write -> exporter pass -> Kafka -> consumer (both exporters, alternating)
+
+    .venv/bin/python scripts/bench/exporter_idle.py [--windows 6] [--window-s 5] [--trials 12] \
+        [--json .cache/bench/exporter_idle.json]
+
+Prints a table; JSON (default .cache/bench/exporter_idle.json). Results: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from statistics import median
+
+from _stats import cpu_s, median_ci
+
+VARIANTS = {"fixed 5 ms": ["--idle-poll-max-s", "0.005"], "adaptive": []}
+
+
+def _passes(exp) -> dict:
+    out = {"work": 0.0, "empty": 0.0}
+    for line in exp.http("/metrics")[1].splitlines():
+        if line.startswith("tensortrace_exporter_main_loop_passes_total{"):
+            out[line.split('result="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def _window(exporters, seconds: float) -> dict:
+    """CPU share and passes/s of each exporter over `seconds` (all measured over the same window)."""
+    c0 = {n: cpu_s(e.proc.pid) for n, e in exporters.items()}
+    p0 = {n: _passes(e) for n, e in exporters.items()}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    out = {}
+    for n, e in exporters.items():
+        p1 = _passes(e)
+        out[n] = {"cpu_share": (cpu_s(e.proc.pid) - c0[n]) / wall,
+                  "passes_per_s": sum(p1[k] - p0[n][k] for k in p1) / wall,
+                  "empty_passes_per_s": (p1["empty"] - p0[n]["empty"]) / wall}
+    return out
+
+
+def _consumer(bootstrap: str, topic: str):
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1,
+                      max_partition_fetch_bytes=4 << 20)
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_end(tp)
+    c.position(tp)
+    return c
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bootstrap", help="Kafka bootstrap servers (default: start a local broker)")
+    ap.add_argument("--windows", type=int, default=6, help="idle and traffic windows per phase")
+    ap.add_argument("--window-s", type=float, default=5.0)
+    ap.add_argument("--step-ms", type=float, default=15.0, help="traffic: one step this often (a CPU decode step)")
+    ap.add_argument("--trials", type=int, default=12, help="latency trials per exporter")
+    ap.add_argument("--idle-s", type=float, default=1.0, help="silence before each latency trial")
+    ap.add_argument("--json", default=".cache/bench/exporter_idle.json")
+    a = ap.parse_args(argv)
+
+    from tensortrace.devstack.processes import ExporterProcess
+    from tensortrace.ring.format import RingIdentity, RingWriter
+    from tensortrace.testing.ringgen import TrafficGen
+    from tensortrace.v1 import records_pb2 as pb
+
+    broker = None
+    if not a.bootstrap:
+        from tensortrace.devkafka import LocalKafka
+        broker = LocalKafka().start()
+        a.bootstrap = broker.bootstrap
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    work = tempfile.mkdtemp(prefix="tt-exporter-idle-", dir=base)
+    exporters, writers, gens, consumers = {}, {}, {}, {}
+    try:
+        for i, (name, extra) in enumerate(VARIANTS.items()):
+            d = os.path.join(work, f"rings{i}")
+            os.makedirs(d, mode=0o700)
+            wd = os.path.join(work, f"exp{i}")
+            os.makedirs(wd)
+            topic = f"tt-idle-bench-{os.getpid()}-{i}"
+            writers[name] = RingWriter.create(os.path.join(d, "pod-b-r0.ring"), 64 << 20, RingIdentity(pod="pod-b"))
+            gens[name] = TrafficGen(writers[name], n_requests=8, prefix=f"b{i}", hooks=("resid_pre",) * 4,
+                                    row_shape=(512,), dtype=pb.FLOAT32)
+            # the production scan interval (ExporterProcess lists the directory every 0.1 s for tests)
+            exporters[name] = ExporterProcess(d, a.bootstrap, topic, wd, ["--partitions", "1", "--scan-interval-s", "0.5",
+                                                                         *extra]).start()
+        for name, e in exporters.items():
+            e.wait_for(lambda e=e: e.ring("pod-b-r0.ring") and e.http("/readyz")[0] == 200, what=f"{name} ready")
+        # topics exist once the exporters are ready: open the latency consumers now
+        for name, e in exporters.items():
+            consumers[name] = _consumer(a.bootstrap, e.topic)
+        time.sleep(1.0)
+
+        res = {"config": vars(a), "load_average_at_start": os.getloadavg(), "idle": [], "traffic": [], "latency_s": {}}
+        for _ in range(a.windows):
+            res["idle"].append(_window(exporters, a.window_s))
+
+        stop = threading.Event()
+        steps = [0]
+
+        def write_steps():
+            nxt = time.monotonic()
+            while not stop.is_set():
+                for g in gens.values():
+                    g.step()
+                steps[0] += 1
+                if steps[0] % 64 == 0:   # requests finish (summaries) and new ones start
+                    for g in gens.values():
+                        g.finish()
+                        g.prefix += "x"
+                        g._pos.clear()
+                nxt += a.step_ms / 1000
+                time.sleep(max(0.0, nxt - time.monotonic()))
+        writer = threading.Thread(target=write_steps, daemon=True)
+        writer.start()
+        time.sleep(1.0)
+        for _ in range(a.windows):
+            s0 = steps[0]
+            w = _window(exporters, a.window_s)
+            for v in w.values():
+                v["steps_per_s"] = (steps[0] - s0) / a.window_s
+            res["traffic"].append(w)
+        stop.set()
+        writer.join()
+        for g in gens.values():
+            g.finish()
+
+        for c in consumers.values():   # drain what the traffic phase left
+            c.poll(timeout_ms=2000)
+        for trial in range(-1, a.trials):   # trial -1 warms each consumer's fetch path up (~0.3 s), not counted
+            for name in (list(VARIANTS) if trial % 2 == 0 else list(VARIANTS)[::-1]):
+                c = consumers[name]
+                time.sleep(a.idle_s)
+                g = gens[name]
+                g.prefix = f"lat{trial + 1}-{name[:1]}"
+                g._pos.clear()
+                t0 = time.monotonic()
+                g.step()
+                g.finish()
+                got, mine = False, g.prefix.encode()
+                while not got and time.monotonic() - t0 < 10:   # this trial's records (keys: its request ids)
+                    got = any(m.key and m.key.startswith(mine) for batch in c.poll(timeout_ms=1).values() for m in batch)
+                if trial >= 0:
+                    res["latency_s"].setdefault(name, []).append(time.monotonic() - t0 if got else float("inf"))
+        _report(res)
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        res["command"] = " ".join([os.path.relpath(sys.executable), *sys.argv])
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"JSON: {a.json}")
+    finally:
+        for c in consumers.values():
+            c.close()
+        for e in exporters.values():
+            e.stop()
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(work, ignore_errors=True)
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _report(res) -> None:
+    def col(phase, name, key):
+        vals = [w[name][key] for w in res[phase]]
+        return (median(vals), *median_ci(vals))
+
+    print(f"{'exporter':<12} {'idle cpu':>18} {'idle passes/s':>14} {'traffic cpu':>18} {'passes/step':>12} "
+          f"{'latency after idle (median, max)':>34}")
+    res["summary"] = {}
+    for name in VARIANTS:
+        ic = col("idle", name, "cpu_share")
+        ip = col("idle", name, "passes_per_s")
+        tc = col("traffic", name, "cpu_share")
+        pps = median(w[name]["passes_per_s"] / max(1e-9, w[name]["steps_per_s"]) for w in res["traffic"])
+        lat = res["latency_s"][name]
+        res["summary"][name] = {"idle_cpu_share": ic, "idle_passes_per_s": ip, "traffic_cpu_share": tc,
+                                "traffic_passes_per_step": pps, "latency_median_s": median(lat),
+                                "latency_max_s": max(lat)}
+        print(f"{name:<12} {ic[0]:>7.2%} [{ic[1]:.2%},{ic[2]:.2%}] {ip[0]:>14.0f} {tc[0]:>7.2%} [{tc[1]:.2%},{tc[2]:.2%}] "
+              f"{pps:>12.2f} {1e3 * median(lat):>22.1f} ms, {1e3 * max(lat):.1f} ms")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(main())
