@@ -1,7 +1,7 @@
 """The exporter's own CPU when idle and under light traffic, and its delivery latency after an idle
 spell: a fixed 5 ms poll (`--idle-poll-max-s 0.005`, the exporter before session 15) and the
-adaptive wait (the default: the wait doubles each empty pass up to `idle_poll_max_s`, 50 ms, and
-falls back to `poll_s`, 5 ms, after any work), side by side in one run.
+adaptive wait (the default, ExporterConfig.next_wait: a wait that brought frames halves the next,
+one that brought none doubles it, within [5 ms, 50 ms]), side by side in one run.
 
 Two real exporter processes (`tensortrace exporter`), one ring each, one real local Kafka broker
 (tensortrace.devkafka.LocalKafka unless --bootstrap), both running at once, so every phase measures
@@ -10,7 +10,8 @@ both under the same load:
   idle     no frames: each process's CPU time (utime + stime, /proc/<pid>/stat) over wall time, and
            its main-loop passes a second (tensortrace_exporter_main_loop_passes_total)
   traffic  a step every --step-ms (one STEP + 4 SLAB frames of 8 requests, 2 KiB rows) into both
-           rings from one writer thread, the rate of a CPU decode step: CPU and passes per step
+           rings from one writer thread, the rate of a CPU decode step: CPU and passes per step, and
+           each step's delivery latency (written -> its first record at a Kafka consumer)
   latency  after `--idle-s` of silence, one step (+ its requests' summaries) into one ring, and the
            time until a Kafka consumer of that exporter's topic holds the first record of the step's
            requests (keyed by request id: a late message of an earlier trial does not count):
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     from tensortrace.ring.format import RingIdentity, RingWriter
     from tensortrace.testing.ringgen import TrafficGen
     from tensortrace.v1 import records_pb2 as pb
+    from tensortrace.wire import codec
 
     broker = None
     if not a.bootstrap:
@@ -125,11 +127,14 @@ def main(argv=None) -> int:
 
         stop = threading.Event()
         steps = [0]
+        written = {name: {} for name in gens}   # step number -> when it was written
+        seen = {name: {} for name in gens}      # step number -> when its first record reached the consumer
 
         def write_steps():
             nxt = time.monotonic()
             while not stop.is_set():
-                for g in gens.values():
+                for name, g in gens.items():
+                    written[name][g._step] = time.monotonic()
                     g.step()
                 steps[0] += 1
                 if steps[0] % 64 == 0:   # requests finish (summaries) and new ones start
@@ -139,6 +144,18 @@ def main(argv=None) -> int:
                         g._pos.clear()
                 nxt += a.step_ms / 1000
                 time.sleep(max(0.0, nxt - time.monotonic()))
+        def watch(name):   # the traffic's delivery latency: step written -> its first record consumed
+            c = consumers[name]
+            while not stop.is_set():
+                for batch in c.poll(timeout_ms=5).values():
+                    now = time.monotonic()
+                    for m in batch:
+                        for r in codec.decode_envelope(m.value):
+                            if not r.HasField("summary"):
+                                seen[name].setdefault(r.tensor.step, now)
+        watchers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in gens]
+        for t in watchers:
+            t.start()
         writer = threading.Thread(target=write_steps, daemon=True)
         writer.start()
         time.sleep(1.0)
@@ -148,8 +165,13 @@ def main(argv=None) -> int:
             for v in w.values():
                 v["steps_per_s"] = (steps[0] - s0) / a.window_s
             res["traffic"].append(w)
+        time.sleep(0.5)   # the last steps' records
         stop.set()
         writer.join()
+        for t in watchers:
+            t.join()
+        res["traffic_latency_s"] = {n: sorted(seen[n][k] - written[n][k] for k in seen[n] if k in written[n])
+                                    for n in gens}
         for g in gens.values():
             g.finish()
 
@@ -195,7 +217,7 @@ def _report(res) -> None:
         return (median(vals), *median_ci(vals))
 
     print(f"{'exporter':<12} {'idle cpu':>18} {'idle passes/s':>14} {'traffic cpu':>18} {'passes/step':>12} "
-          f"{'latency after idle (median, max)':>34}")
+          f"{'traffic latency p50, p99':>25} {'latency after idle (median, max)':>34}")
     res["summary"] = {}
     for name in VARIANTS:
         ic = col("idle", name, "cpu_share")
@@ -203,11 +225,14 @@ def _report(res) -> None:
         tc = col("traffic", name, "cpu_share")
         pps = median(w[name]["passes_per_s"] / max(1e-9, w[name]["steps_per_s"]) for w in res["traffic"])
         lat = res["latency_s"][name]
+        tl = res["traffic_latency_s"][name] or [float("nan")]
+        p50, p99 = tl[len(tl) // 2], tl[min(len(tl) - 1, int(0.99 * len(tl)))]
         res["summary"][name] = {"idle_cpu_share": ic, "idle_passes_per_s": ip, "traffic_cpu_share": tc,
-                                "traffic_passes_per_step": pps, "latency_median_s": median(lat),
-                                "latency_max_s": max(lat)}
+                                "traffic_passes_per_step": pps, "traffic_latency_p50_s": p50,
+                                "traffic_latency_p99_s": p99, "traffic_steps_seen": len(tl),
+                                "latency_median_s": median(lat), "latency_max_s": max(lat)}
         print(f"{name:<12} {ic[0]:>7.2%} [{ic[1]:.2%},{ic[2]:.2%}] {ip[0]:>14.0f} {tc[0]:>7.2%} [{tc[1]:.2%},{tc[2]:.2%}] "
-              f"{pps:>12.2f} {1e3 * median(lat):>22.1f} ms, {1e3 * max(lat):.1f} ms")
+              f"{pps:>12.2f} {1e3 * p50:>12.1f} ms, {1e3 * p99:.1f} ms {1e3 * median(lat):>22.1f} ms, {1e3 * max(lat):.1f} ms")
 
 
 if __name__ == "__main__":

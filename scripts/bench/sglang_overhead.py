@@ -76,8 +76,8 @@ from tensortrace.devstack.tiny_model import make_tiny_model
 
 class RingDrain:
     """A consumer process that releases every frame as it appears (what the exporter does on a
-    node, with the exporter's main-loop wait: 5 ms after work, doubling to 50 ms while the ring is
-    empty; a fixed 5 ms poll before session 15), started with this script's `--drain RING_DIR`. A process of its own, as an exporter is:
+    node, with the exporter's main-loop wait: halved after a wait that brought frames, doubled
+    after one that did not, within [5 ms, 50 ms]; a fixed 5 ms poll before session 15), started with this script's `--drain RING_DIR`. A process of its own, as an exporter is:
     a consumer thread in this process would compete for the GIL with the client threads and slow
     every round of its server on the client side. `stats()` asks it for the agent's own
     inference-thread time so far (the ring's producer counter, stored once a step by the agent in
@@ -104,6 +104,20 @@ class RingDrain:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
         return last
+
+
+def _scheduler_pid(pgid) -> int:
+    """SGLang's scheduler process in group `pgid`: the one titled `sglang::scheduler...`
+    (setproctitle in SGLang's run_scheduler_process), else the busiest (one session-15 run picked
+    another process by CPU alone, and its `sched cpu` column read 0.7%)."""
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"sglang::scheduler"):
+                    return pid
+        except OSError:
+            continue   # gone meanwhile
+    return _busiest_child(pgid)
 
 
 def _busiest_child(pgid) -> int:
@@ -179,8 +193,8 @@ def drain_main(ring_dir) -> None:
         stop.set()
     threading.Thread(target=answer, daemon=True).start()
     print("ready", flush=True)
-    policy = ExporterConfig()   # the exporter's main-loop wait: poll_s after work, doubling to idle_poll_max_s
-    wait = policy.poll_s
+    policy = ExporterConfig()   # the exporter's main-loop wait (ExporterConfig.next_wait)
+    wait, read = policy.poll_s, False
     while not stop.is_set():
         end = None
         for f in reader.frames():
@@ -189,12 +203,13 @@ def drain_main(ring_dir) -> None:
                 counts["slabs"] += 1
             elif f.kind == FrameKind.SUMMARY:
                 counts["dropped"] += records_pb2.RequestSummary.FromString(bytes(f.meta)).records_dropped
-        if end is None:
-            time.sleep(wait)
-            wait = policy.next_wait(wait)
-        else:
+        if end is not None:   # passes until one finds nothing, as the exporter's main loop
             reader.release(end)
-            wait = policy.poll_s
+            read = True
+            continue
+        wait = policy.next_wait(wait, read)
+        read = False
+        time.sleep(wait)
     reader.close()
 
 
@@ -293,7 +308,7 @@ def _measure(servers, drains, paths, a):
 
     for variant in variants.values():
         one_round(variant)  # warm-up (the first also runs the taps' self-check)
-    sched_of = {id(srv): _busiest_child(srv.proc.pid) for srv in servers.values()}   # the scheduler process
+    sched_of = {id(srv): _scheduler_pid(srv.proc.pid) for srv in servers.values()}   # the scheduler process
     if a.pin:
         _pin(servers, drains, set(sched_of.values()))
     times = {v: [] for v in variants}

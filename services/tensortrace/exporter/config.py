@@ -51,10 +51,10 @@ class ExporterConfig:
     cleanup_grace_s: float = option(30.0, "a drained ring of a gone producer is deleted this long after it was detached")
     max_steps_kept: int = option(64, "STEP metas kept per ring to resolve SLAB frames (bounded)")
     idle_release_s: float = option(1.0, "a ring with no new frame for this long also releases its newest STEP frame")
-    poll_s: float = option(0.005, "the main loop's wait after a pass that found work (an acknowledgement wakes it early)")
-    idle_poll_max_s: float = option(0.05, "after each pass that finds nothing to do the wait doubles, up to this: an "
-                                          "idle exporter wakes ~20 times a second instead of 200, and the first frame "
-                                          "after an idle spell waits at most this long (= poll_s: a fixed poll)")
+    poll_s: float = option(0.005, "the main loop's shortest wait between passes (an acknowledgement wakes it early)")
+    idle_poll_max_s: float = option(0.05, "its longest: a wait that brought frames halves the next, one that brought "
+                                          "none doubles it, within [poll_s, this]; idle, the exporter wakes ~20 times a "
+                                          "second, and no frame waits longer than this to be read (= poll_s: a fixed poll)")
 
     # Kafka
     kafka: KafkaConfig = option(factory=KafkaConfig, aliases={"bootstrap_servers": ("--bootstrap-servers", "--bootstrap")})
@@ -151,23 +151,26 @@ class ExporterConfig:
         """Ports this configuration listens on (besides the runtime's HTTP port); -1: none."""
         return {"control": self.control_port}
 
-    def next_wait(self, wait: float) -> float:
-        """The main loop's wait after another pass that found nothing to do: twice the last, at most
-        `idle_poll_max_s`; a pass that finds work sets it back to `poll_s`. An idle exporter wakes
-        ~1/idle_poll_max_s times a second instead of 1/poll_s, and a frame waits at most
-        min(idle_poll_max_s, about the time since the previous work) to be read: the wait in which
-        it arrives is at most twice the previous one, and the waits since the previous work add up
-        to about as much.
+    def next_wait(self, wait: float, read: bool) -> float:
+        """The main loop's next wait, after a wait of `wait` seconds that ran its course (one cut
+        short by an acknowledgement or a stop keeps its length): half as long, at least `poll_s`,
+        when frames came in it (`read`); twice as long, at most `idle_poll_max_s`, when none did.
+
+        Under steady traffic the wait settles near the time between the producer's steps, so the
+        exporter wakes about once a step instead of every `poll_s`, and a frame waits at most about
+        one such gap (never more than `idle_poll_max_s`). Idle, it wakes 1/idle_poll_max_s times a
+        second. A burst is read at once: a pass that finds work is followed by another without a
+        wait, until one finds nothing.
 
         >>> cfg = ExporterConfig(poll_s=0.005, idle_poll_max_s=0.05)
         >>> w, seq = cfg.poll_s, []
-        >>> for _ in range(6):
+        >>> for read in (False, False, False, False, False, True, True, True, True):
+        ...     w = cfg.next_wait(w, read)
         ...     seq.append(w)
-        ...     w = cfg.next_wait(w)
         >>> seq
-        [0.005, 0.01, 0.02, 0.04, 0.05, 0.05]
+        [0.01, 0.02, 0.04, 0.05, 0.05, 0.025, 0.0125, 0.00625, 0.005]
         """
-        return min(self.idle_poll_max_s, wait * 2)
+        return max(self.poll_s, wait / 2) if read else min(self.idle_poll_max_s, wait * 2)
 
     @property
     def payload_encoding_code(self) -> int:

@@ -77,6 +77,7 @@ class Exporter:
         self._last_scan = 0.0
         self._last_housekeeping = 0.0
         self._heartbeat = time.monotonic()
+        self._frames_read = 0   # frames read over the exporter's life (the main loop's wait adapts to it)
         self._started = time.monotonic()
         self.control_server = None
         self.control_port = -1
@@ -124,16 +125,21 @@ class Exporter:
             wake = self.publisher.wake
             passes = self.metrics.passes
             worked_pass, empty_pass = passes.labels("work"), passes.labels("empty")
-            wait = self.cfg.poll_s
+            wait, woken = self.cfg.poll_s, True
             while not self._stop.is_set():
-                wake.clear()
-                if self.step():
+                before = self._frames_read
+                while True:   # passes until one finds nothing to do
+                    wake.clear()
+                    worked = self.step()
+                    if not worked or self._stop.is_set():
+                        break
                     worked_pass.inc()
-                    wait = self.cfg.poll_s
-                else:
-                    empty_pass.inc()
-                    wake.wait(wait)   # an acknowledgement (or stop()) wakes it early
-                    wait = self.cfg.next_wait(wait)
+                if self._stop.is_set():
+                    break
+                empty_pass.inc()
+                if not woken:   # the last wait ran its course: adapt it to whether frames came in it
+                    wait = self.cfg.next_wait(wait, self._frames_read > before)
+                woken = wake.wait(wait)   # an acknowledgement (or stop()) wakes it early
         finally:
             self.shutdown()
 
@@ -158,8 +164,10 @@ class Exporter:
                 self.metrics.backpressure.inc()
                 break
             try:
-                if ring.drain_pass(pub):
+                n = ring.drain_pass(pub)
+                if n:
                     worked = True
+                    self._frames_read += n
             except Exception as e:  # a bug or an unforeseen frame must not stop the other rings
                 self._ring_failed(ring, "draining", e)
         return worked
