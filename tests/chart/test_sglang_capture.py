@@ -155,6 +155,21 @@ def test_the_quick_start_runs_sglang_non_root_in_the_ring_group_with_its_spans_t
     kubernetes_validate.validate(quickstart, KUBE_VERSION, strict=True)
 
 
+def _cpu(quantity) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def test_the_quick_start_server_requests_far_more_cpu_than_the_exporter():
+    """Under CPU contention the kernel shares a core by the pods' CPU requests: the server (its
+    scheduler, tokenizer, detokenizer) must outweigh the node's exporter, at least 1:8 (the
+    ratio measured in docs/BENCHMARKS.md "Session 15"); without a request its weight is the minimum."""
+    docs = render(values=[EXAMPLES / "nonroot-sglang.yaml"])
+    server = _by_name(pod_spec(one(docs, "Deployment", "sglang"))["containers"])["sglang"]
+    exporter = _by_name(pod_spec(one(docs, "DaemonSet", "exporter"))["containers"])["exporter"]
+    assert _cpu(server["resources"]["requests"]["cpu"]) >= 8 * _cpu(exporter["resources"]["requests"]["cpu"])
+
+
 def test_the_quick_start_arguments_are_accepted_by_sglangs_own_parser(quickstart):
     if not SGLANG_PY.is_file():
         pytest.skip(f"no SGLang here ({SGLANG_PY}; `make sglang-env` builds it): SGLang's parser not run")
