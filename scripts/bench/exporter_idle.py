@@ -35,7 +35,7 @@ import threading
 import time
 from statistics import median
 
-from _stats import cpu_s, median_ci
+from _stats import median_ci, task_cpu_ns
 
 VARIANTS = {"fixed 5 ms": ["--idle-poll-max-s", "0.005"], "adaptive": []}
 
@@ -48,19 +48,22 @@ def _passes(exp) -> dict:
     return out
 
 
-def _window(exporters, seconds: float) -> dict:
-    """CPU share and passes/s of each exporter over `seconds` (all measured over the same window)."""
-    c0 = {n: cpu_s(e.proc.pid) for n, e in exporters.items()}
+def _window(exporters, seconds: float, steps=lambda: 0) -> dict:
+    """CPU share (every thread's, in ns from schedstat: /proc/<pid>/stat counts 10 ms ticks, 0.2% of
+    a 5 s window), passes/s and steps/s of each exporter over `seconds`, all over the same window."""
+    c0 = {n: task_cpu_ns(e.proc.pid) for n, e in exporters.items()}
     p0 = {n: _passes(e) for n, e in exporters.items()}
-    t0 = time.monotonic()
+    s0, t0 = steps(), time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - t0
+    done = steps() - s0
     out = {}
     for n, e in exporters.items():
         p1 = _passes(e)
-        out[n] = {"cpu_share": (cpu_s(e.proc.pid) - c0[n]) / wall,
+        out[n] = {"cpu_share": (task_cpu_ns(e.proc.pid) - c0[n]) / 1e9 / wall,
                   "passes_per_s": sum(p1[k] - p0[n][k] for k in p1) / wall,
-                  "empty_passes_per_s": (p1["empty"] - p0[n]["empty"]) / wall}
+                  "empty_passes_per_s": (p1["empty"] - p0[n]["empty"]) / wall,
+                  "steps_per_s": done / wall}
     return out
 
 
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     work = tempfile.mkdtemp(prefix="tt-exporter-idle-", dir=base)
     exporters, writers, gens, consumers = {}, {}, {}, {}
+    stop = threading.Event()
+    threads, errors = [], []
     try:
         for i, (name, extra) in enumerate(VARIANTS.items()):
             d = os.path.join(work, f"rings{i}")
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
                                     row_shape=(512,), dtype=pb.FLOAT32)
             # the production scan interval (ExporterProcess lists the directory every 0.1 s for tests)
             exporters[name] = ExporterProcess(d, a.bootstrap, topic, wd, ["--partitions", "1", "--scan-interval-s", "0.5",
-                                                                         *extra]).start()
+                                                                         *extra])
+            exporters[name].start()   # (registered first: stopped in `finally` even if its start fails)
         for name, e in exporters.items():
             e.wait_for(lambda e=e: e.ring("pod-b-r0.ring") and e.http("/readyz")[0] == 200, what=f"{name} ready")
         # topics exist once the exporters are ready: open the latency consumers now
@@ -125,7 +131,6 @@ def main(argv=None) -> int:
         for _ in range(a.windows):
             res["idle"].append(_window(exporters, a.window_s))
 
-        stop = threading.Event()
         steps = [0]
         written = {name: {} for name in gens}   # step number -> when it was written
         seen = {name: {} for name in gens}      # step number -> when its first record reached the consumer
@@ -153,23 +158,26 @@ def main(argv=None) -> int:
                         for r in codec.decode_envelope(m.value):
                             if not r.HasField("summary"):
                                 seen[name].setdefault(r.tensor.step, now)
-        watchers = [threading.Thread(target=watch, args=(n,), daemon=True) for n in gens]
-        for t in watchers:
+
+        def guarded(fn, *args):   # a thread's failure is reported, not lost
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{fn.__name__}{args}: {type(e).__name__}: {e}")
+                stop.set()
+        threads.extend(threading.Thread(target=guarded, args=(watch, n), daemon=True) for n in gens)
+        threads.append(threading.Thread(target=guarded, args=(write_steps,), daemon=True))
+        for t in threads:
             t.start()
-        writer = threading.Thread(target=write_steps, daemon=True)
-        writer.start()
         time.sleep(1.0)
         for _ in range(a.windows):
-            s0 = steps[0]
-            w = _window(exporters, a.window_s)
-            for v in w.values():
-                v["steps_per_s"] = (steps[0] - s0) / a.window_s
-            res["traffic"].append(w)
+            res["traffic"].append(_window(exporters, a.window_s, steps=lambda: steps[0]))
         time.sleep(0.5)   # the last steps' records
         stop.set()
-        writer.join()
-        for t in watchers:
-            t.join()
+        for t in threads:
+            t.join(timeout=10)
+        if errors:
+            raise RuntimeError("traffic phase: " + "; ".join(errors))
         res["traffic_latency_s"] = {n: sorted(seen[n][k] - written[n][k] for k in seen[n] if k in written[n])
                                     for n in gens}
         for g in gens.values():
@@ -199,12 +207,14 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=1)
         print(f"JSON: {a.json}")
     finally:
-        for c in consumers.values():
-            c.close()
-        for e in exporters.values():
-            e.stop()
-        for w in writers.values():
-            w.close()
+        stop.set()   # the traffic threads first: they use the consumers and rings closed below
+        for t in threads:
+            t.join(timeout=10)
+        for what in (*consumers.values(), *exporters.values(), *writers.values()):
+            try:   # each on its own: one failure must not leave the rest running or in /dev/shm
+                what.close() if hasattr(what, "close") else what.stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"cleanup: {what!r}: {type(e).__name__}: {e}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
         if broker is not None:
             broker.stop()

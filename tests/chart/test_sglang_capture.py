@@ -162,12 +162,13 @@ def _cpu(quantity) -> float:
 
 def test_the_quick_start_server_requests_far_more_cpu_than_the_exporter():
     """Under CPU contention the kernel shares a core by the pods' CPU requests: the server (its
-    scheduler, tokenizer, detokenizer) must outweigh the node's exporter, at least 1:8 (the
-    ratio measured in docs/BENCHMARKS.md "Session 15"); without a request its weight is the minimum."""
+    scheduler, tokenizer, detokenizer) must outweigh the node's exporter (docs/operations.md "CPU:
+    keep the exporter below inference"); without a request its weight is the minimum, below the
+    exporter's. 4:1 while fitting a 4-vCPU one-GPU node."""
     docs = render(values=[EXAMPLES / "nonroot-sglang.yaml"])
     server = _by_name(pod_spec(one(docs, "Deployment", "sglang"))["containers"])["sglang"]
     exporter = _by_name(pod_spec(one(docs, "DaemonSet", "exporter"))["containers"])["exporter"]
-    assert _cpu(server["resources"]["requests"]["cpu"]) >= 8 * _cpu(exporter["resources"]["requests"]["cpu"])
+    assert _cpu(server["resources"]["requests"]["cpu"]) >= 4 * _cpu(exporter["resources"]["requests"]["cpu"])
 
 
 def test_the_quick_start_arguments_are_accepted_by_sglangs_own_parser(quickstart):

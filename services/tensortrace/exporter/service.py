@@ -102,7 +102,7 @@ class Exporter:
         return {"control": self.control_port} if self.control_port >= 0 else {}
 
     def live(self) -> bool:
-        """The main loop turns (it beats every pass, at least every few ms)."""
+        """The main loop turns (it beats every pass: at least every `idle_poll_max_s`, 50 ms by default)."""
         return time.monotonic() - self._heartbeat < 30.0
 
     def not_live_reason(self) -> str:
