@@ -7,7 +7,7 @@ Two real exporter processes (`tensortrace exporter`), one ring each, one real lo
 (tensortrace.devkafka.LocalKafka unless --bootstrap), both running at once, so every phase measures
 both under the same load:
 
-  idle     no frames: each process's CPU time (utime + stime, /proc/<pid>/stat) over wall time, and
+  idle     no frames: each process's CPU time (every thread's, ns from schedstat) over wall time, and
            its main-loop passes a second (tensortrace_exporter_main_loop_passes_total)
   traffic  a step every --step-ms (one STEP + 4 SLAB frames of 8 requests, 2 KiB rows) into both
            rings from one writer thread, the rate of a CPU decode step: CPU and passes per step, and
@@ -41,11 +41,8 @@ VARIANTS = {"fixed 5 ms": ["--idle-poll-max-s", "0.005"], "adaptive": []}
 
 
 def _passes(exp) -> dict:
-    out = {"work": 0.0, "empty": 0.0}
-    for line in exp.http("/metrics")[1].splitlines():
-        if line.startswith("tensortrace_exporter_main_loop_passes_total{"):
-            out[line.split('result="')[1].split('"')[0]] = float(line.split()[-1])
-    return out
+    m = exp.metrics("tensortrace_exporter_main_loop_passes_total")
+    return {r: m.get(f'tensortrace_exporter_main_loop_passes_total{{result="{r}"}}', 0.0) for r in ("work", "empty")}
 
 
 def _window(exporters, seconds: float, steps=lambda: 0) -> dict:

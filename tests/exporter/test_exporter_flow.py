@@ -128,16 +128,13 @@ def test_sigterm_delivers_what_is_in_flight_releases_it_and_exits_zero(kafka_bro
 
 
 def _passes(exp, result: str) -> float:
-    for line in exp.http("/metrics")[1].splitlines():
-        if line.startswith(f'tensortrace_exporter_main_loop_passes_total{{result="{result}"}}'):
-            return float(line.split()[-1])
-    return 0.0
+    return exp.metrics().get(f'tensortrace_exporter_main_loop_passes_total{{result="{result}"}}', 0.0)
 
 
 def test_an_idle_exporter_backs_off_and_still_delivers_the_first_frames_after_idle(kafka_broker, fresh_topic, ring_dir,
                                                                                    exporter_factory, tmp_path):
-    """With nothing to read the main loop's wait doubles each empty pass up to idle_poll_max_s
-    (0.05 s: ~20 wakes a second), where a fixed poll (idle_poll_max_s = poll_s = 5 ms) wakes ~200
+    """With nothing to read the main loop's wait doubles after each wait that brought no frame, up
+    to idle_poll_max_s (0.05 s: ~20 wakes a second), where a fixed poll (idle_poll_max_s = poll_s = 5 ms) wakes ~200
     times; traffic written after the idle spell is read and delivered as before."""
     topic = fresh_topic(partitions=1)
     w = RingWriter.create(os.path.join(ring_dir, "pod-i-r0.ring"), 1 << 20, RingIdentity(pod="pod-i"))

@@ -25,6 +25,17 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+def samples(exposition: str, prefix: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition whose names start with `prefix`:
+    {'name{labels}': value}."""
+    out: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(prefix) and " " in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 class ExporterProcess:
     """`tensortrace exporter` as a subprocess, with its control and metrics endpoints (ports from its
     status file)."""
@@ -115,6 +126,11 @@ class ExporterProcess:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
+
+    def metrics(self, prefix: str = "tensortrace_exporter_") -> dict[str, float]:
+        """Its /metrics samples whose names start with `prefix` ({'name{labels}': value})."""
+        status, body = self.http("/metrics")
+        return samples(body, prefix) if status == 200 else {}
 
     def wait_for(self, cond, timeout_s: float = 60.0, what: str = "condition"):
         deadline = time.monotonic() + timeout_s
@@ -209,12 +225,7 @@ class LoaderProcess:
                 body = resp.read().decode()
         except OSError:
             return {}
-        out: dict[str, float] = {}
-        for line in body.splitlines():
-            if line.startswith(prefix) and " " in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return samples(body, prefix)
 
     def kill(self, sig=signal.SIGKILL):
         if self.proc.poll() is None:
@@ -276,13 +287,7 @@ class ServiceProcess:
 
     def metrics(self, prefix: str = "tensortrace_") -> dict[str, float]:
         status, body = self.http("/metrics")
-        out: dict[str, float] = {}
-        if status == 200:
-            for line in body.splitlines():
-                if line.startswith(prefix) and " " in line:
-                    name, value = line.rsplit(" ", 1)
-                    out[name] = float(value)
-        return out
+        return samples(body, prefix) if status == 200 else {}
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

@@ -54,7 +54,7 @@ class ExporterMetrics:
         self.oldest_undelivered_age = Gauge(P + "oldest_undelivered_age_seconds",
                                             "Age (since capture) of the oldest record read but not yet acknowledged", registry=r)
         self.passes = Counter(P + "main_loop_passes", "Main-loop passes: `work` (acknowledgements handled or frames "
-                              "read), `empty` (followed by a wait that doubles up to idle_poll_max_s)", ["result"],
+                              "read), `empty` (the pass that ends a run of passes; a wait follows it)", ["result"],
                               registry=r)
         self.backpressure = Counter(P + "backpressure_passes", "Drain passes skipped because the in-flight buffer was full", registry=r)
         self.rewinds = Counter(P + "ring_rewinds", "Rings re-read from their tail after a failed delivery", ["ring"], registry=r)
